@@ -1,0 +1,1 @@
+"""Evaluations of pretrained ViTs (few-shot linear probes)."""

@@ -1,0 +1,277 @@
+"""Few-shot linear evaluation of frozen ViT features (the ViT paper's protocol, arXiv 2010.11929).
+
+k images per class are embedded (the final-norm class token, "pre_logits"), and a regularised
+least-squares classifier to {-1,+1} one-hot targets is solved in closed form, as big_vision's
+`fewshot_lsr.py`. Usage: `python eval/fewshot.py --run runs/mpp` (add `--random-init` for the
+untrained baseline of the same architecture).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python eval/fewshot.py`: make the repo root (mpp, eval) importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from mpp.checkpoint import CKPT_RE, load_run, write_json
+from mpp.data import DEFAULT_DATASET, build_dataset, normalize
+from mpp.errors import UsageError, cli_main
+from mpp.model import ViT, ViTConfig, vit_config
+
+BIAS = 100.0  # the constant feature: large, so the bias weight is (almost) not regularised
+STD_KIND = "population (ddof=0) over seeds"
+
+
+def _f64(x) -> np.ndarray:  # torch or numpy -> float64 numpy
+    return np.asarray(x.detach().cpu().numpy() if torch.is_tensor(x) else x, dtype=np.float64)
+
+
+def _labels(y) -> np.ndarray:  # torch or numpy -> int64 numpy [n]
+    return np.asarray(y.detach().cpu().numpy() if torch.is_tensor(y) else y).astype(np.int64).reshape(-1)
+
+
+def lsr_predict(train_x, train_y, test_x, l2s, num_classes: int | None = None) -> dict[float, np.ndarray]:
+    """Predicted test classes for each l2, from ONE eigendecomposition (the only copy of the math)."""
+    x, xt, y = _f64(train_x), _f64(test_x), _labels(train_y)  # (n, d), (m, d), (n,)
+    if x.ndim != 2 or xt.ndim != 2 or x.shape[1] != xt.shape[1] or len(x) != len(y) or not len(x):
+        raise UsageError(f"few-shot probe got train features {x.shape}, labels {y.shape}, test features {xt.shape}: "
+                         "pass non-empty [n, d] features with one label each and the same d for train and test")
+    mean, std = x.mean(0), x.std(0) + 1e-5  # train statistics only: the test set never shapes the probe
+    x = np.concatenate([(x - mean) / std, np.full((len(x), 1), BIAS)], 1)  # (n, d+1)
+    xt = np.concatenate([(xt - mean) / std, np.full((len(xt), 1), BIAS)], 1)  # (m, d+1)
+    k = int(num_classes or y.max() + 1)
+    targets = 2.0 * np.eye(k)[y] - 1.0  # (n, K) one-hot in {-1, +1}
+    # w = (XᵀX + l2·I)⁻¹ Xᵀy = Xᵀ(XXᵀ + l2·I)⁻¹ y; decompose the smaller Gram matrix once and
+    # every l2 is then a diagonal rescaling.
+    if len(x) >= x.shape[1]:
+        eigs, q = np.linalg.eigh(x.T @ x)  # (d+1,), (d+1, d+1)
+        rhs, lhs = q.T @ (x.T @ targets), q  # (d+1, K), (d+1, d+1)
+    else:
+        eigs, q = np.linalg.eigh(x @ x.T)  # (n,), (n, n)
+        rhs, lhs = q.T @ targets, x.T @ q  # (n, K), (d+1, n)
+    out = {}
+    for l2 in l2s:
+        w = (lhs * (1.0 / (eigs + l2))) @ rhs  # (d+1, K)
+        out[float(l2)] = (xt @ w).argmax(1)  # (m,)
+    return out
+
+
+def fewshot_probe_grid(train_x, train_y, test_x, test_y, l2s, num_classes: int | None = None) -> dict[float, float]:
+    """Test accuracy in [0, 1] for every l2 in `l2s`."""
+    y_test = _labels(test_y)
+    k = num_classes or int(max(_labels(train_y).max(), y_test.max(initial=0))) + 1
+    preds = lsr_predict(train_x, train_y, test_x, l2s, num_classes=k)
+    return {l2: float((p == y_test).mean()) for l2, p in preds.items()}
+
+
+def fewshot_probe(train_x, train_y, test_x, test_y, l2: float = 2**10, num_classes: int | None = None) -> float:
+    """Test accuracy in [0, 1] of the closed-form least-squares probe fit on (train_x, train_y)."""
+    return fewshot_probe_grid(train_x, train_y, test_x, test_y, [l2], num_classes)[float(l2)]
+
+
+def sample_shots(labels, shots: int, seed: int, num_classes: int | None = None, class_names=None) -> np.ndarray:
+    """Indices of `shots` examples of every class, drawn without replacement (deterministic per seed)."""
+    labels = _labels(labels)
+    rng = np.random.default_rng(seed)
+    classes = range(num_classes) if num_classes else np.unique(labels)
+    picked = []
+    for c in classes:
+        pool = np.flatnonzero(labels == c)
+        if len(pool) < shots:
+            name = f" ('{class_names[c]}')" if class_names is not None else ""
+            raise UsageError(f"class {c}{name} has {len(pool)} training examples, fewer than {shots} shots: "
+                             "pass smaller --shots or a dataset with more examples per class")
+        picked.append(rng.choice(pool, size=shots, replace=False))
+    return np.concatenate(picked).astype(np.int64)
+
+
+@torch.no_grad()
+def extract_features(vit, dataset, batch_size: int = 256, device="cpu", indices=None, num_workers: int = 0,
+                     progress: bool = True, desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+    """(features float32 [n, D], labels long [n]) of `dataset` (or of its `indices` only), in order."""
+    if indices is not None:
+        dataset = Subset(dataset, [int(i) for i in indices])
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    was_training = vit.training
+    vit.eval().to(device)
+    feats, labels = [], []
+    for images, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        out = vit.forward_features(normalize(images.to(device)))["pre_logits"]  # (B, D)
+        feats.append(out.float().cpu())
+        labels.append(torch.as_tensor(y).reshape(-1))
+    vit.train(was_training)
+    if not feats:
+        raise UsageError("few-shot evaluation got an empty dataset: pass a dataset with images in both splits")
+    return torch.cat(feats), torch.cat(labels).long()  # (n, D), (n,)
+
+
+def dataset_labels(dataset) -> np.ndarray:
+    """All labels, read without decoding any image where the dataset allows it."""
+    if hasattr(dataset, "table") and hasattr(dataset, "label_column"):  # mpp.data.HubImages: one column read
+        return _labels(dataset.table[dataset.label_column])
+    for attr in ("labels", "targets"):  # mpp.data.TensorImages, torchvision datasets
+        if isinstance(getattr(dataset, attr, None), (list, tuple, np.ndarray, torch.Tensor)):
+            return _labels(getattr(dataset, attr))
+    return _labels([int(dataset[i][1]) for i in range(len(dataset))])  # fallback: decodes every image
+
+
+def run_fewshot(vit, dataset_spec: str, image_size: int, shots=(1, 5, 10, 25), seeds: int = 3, l2s=(2**10,),
+                batch_size: int = 256, device="cpu", max_test: int = 0, num_workers: int = 0,
+                progress: bool = True) -> dict:
+    """Few-shot accuracies of `vit`'s features for every shot count, over seeds 0..seeds-1."""
+    shots, l2s = list(dict.fromkeys(int(k) for k in shots)), list(dict.fromkeys(float(v) for v in l2s))  # dedupe
+    train_set, info = build_dataset(dataset_spec, "train", image_size, train=False)
+    test_set, _ = build_dataset(dataset_spec, "test", image_size, train=False)
+    train_labels = dataset_labels(train_set)
+    picks = {(k, s): sample_shots(train_labels, k, s, info.num_classes, info.class_names)
+             for k in shots for s in range(seeds)}
+    # Embed each sampled training image once (the union over all cells), not the whole split.
+    union = np.unique(np.concatenate(list(picks.values())))
+    train_x, train_y = extract_features(vit, train_set, batch_size, device, union, num_workers, progress, "train")
+    test_idx = None
+    if 0 < max_test < len(test_set):  # a fixed random subset, sorted to read the split in order
+        test_idx = np.sort(np.random.default_rng(0).permutation(len(test_set))[:max_test])
+    test_x, test_y = extract_features(vit, test_set, batch_size, device, test_idx, num_workers, progress, "test")
+
+    results = {}
+    for k in shots:
+        per_seed = []  # one {l2: accuracy} per seed
+        for s in range(seeds):
+            rows = np.searchsorted(union, picks[k, s])
+            per_seed.append(fewshot_probe_grid(train_x[rows], train_y[rows], test_x, test_y, l2s, info.num_classes))
+        grid = {f"{l2:.12g}": [acc[l2] for acc in per_seed] for l2 in l2s}  # JSON keys: "1024", "0.1"
+        head = grid[f"{l2s[0]:.12g}"]  # the headline is fixed in advance: picking the best l2 would use the test set
+        results[str(k)] = {"shots": k, "mean": float(np.mean(head)), "std": float(np.std(head)), "per_seed": head,
+                           "l2_grid": {key: {"mean": float(np.mean(v)), "std": float(np.std(v)), "per_seed": v}
+                                       for key, v in grid.items()}}
+    return {"dataset": {"spec": dataset_spec, "image_size": image_size, "num_classes": info.num_classes,
+                        "train_size": len(train_set), "test_size": len(test_set), "test_used": len(test_x),
+                        "train_embedded": len(union)},
+            "shots": list(shots), "seeds": list(range(seeds)), "l2_grid": l2s, "headline_l2": l2s[0],
+            "std": STD_KIND, "feature_dim": int(train_x.shape[1]), "results": results}
+
+
+def dataset_name(spec: str) -> str:
+    """A TensorBoard-safe short name: "hf:cifar10" → "cifar10", "/data/pets/" → "pets"."""
+    name = Path(spec.removeprefix("hf:").rstrip("/")).name or spec
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def checkpoint_step(path: Path) -> int:
+    if match := CKPT_RE.search(Path(path).name):  # ckpt-<step>.pt: no second load needed
+        return int(match.group(1))
+    try:  # mmap: reads the small "step" entry without pulling the tensors into memory
+        return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("step", 0))
+    except Exception:
+        return 0
+
+
+def build_model(args) -> tuple[dict | None, torch.nn.Module, Path | None, Path | None]:
+    """(run config or None, ViT, run dir or None, checkpoint path or None) from the flags."""
+    if args.model:  # a preset: the random-init baseline without any run
+        if not args.random_init or args.run:
+            raise UsageError("--model builds an untrained preset: add --random-init and drop --run "
+                             "(a trained model comes from --run alone)")
+        torch.manual_seed(args.seed or 0)
+        return None, ViT(vit_config(args.model, image_size=args.image_size)), None, None
+    run = Path(args.run or "runs/mpp")
+    size = {"image_size": args.image_size} if args.image_size else {}
+    if not args.random_init:
+        config, vit, path = load_run(run, **size)
+        return config, vit, run_dir_of(run), path
+    if run.is_dir() and (run / "config.json").is_file():  # a run that has not saved a checkpoint yet
+        config = json.loads((run / "config.json").read_text())
+    else:
+        config = load_run(run)[0]  # the run's errors for a missing dir or a run without checkpoints
+    torch.manual_seed(config["train"]["seed"] if args.seed is None else args.seed)
+    return config, ViT(ViTConfig(**{**config["vit"], **size})), run_dir_of(run), None
+
+
+def run_dir_of(run: Path) -> Path:
+    """The run directory of `--run`, which may name a checkpoint file (RUN/checkpoints/ckpt-N.pt)."""
+    if run.is_dir():
+        return run
+    return run.parent.parent if run.parent.name == "checkpoints" else run.parent
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", metavar="RUN_DIR", help="run directory or checkpoint file (default: runs/mpp)")
+    p.add_argument("--random-init", action="store_true", help="evaluate an untrained ViT of the run's architecture")
+    p.add_argument("--model", metavar="PRESET", help="with --random-init and no --run: an untrained preset (Micro/4)")
+    p.add_argument("--seed", type=int, help="initialisation seed of --random-init (default: the run's seed, or 0)")
+    p.add_argument("--dataset", metavar="SPEC", help="dataset spec (default: the run's training dataset)")
+    p.add_argument("--image-size", type=int, metavar="S", help="input pixels (default: the run's or the preset's)")
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25], help="examples per class (1 5 10 25)")
+    p.add_argument("--seeds", type=int, default=3, help="few-shot draws per shot count, seeds 0..N-1 (3)")
+    p.add_argument("--l2", type=float, nargs="+", default=[2.0**10], help="ridge penalties, the first is the headline "
+                   "(1024); the others are only reported: choosing by test accuracy would leak the test set")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (256)")
+    p.add_argument("--max-test", type=int, default=0, metavar="N", help="test on a fixed random N images; 0 = all (0)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (0)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda if there is one")
+    p.add_argument("--output", metavar="PATH", help="results JSON (default: RUN_DIR/fewshot[-random-init].json)")
+    args = p.parse_args(argv)
+    checks = [("--shots", args.shots, min(args.shots) >= 1, "pass 1 or more examples per class"),
+              ("--seeds", args.seeds, args.seeds >= 1, "pass 1 or more seeds"),
+              ("--l2", args.l2, min(args.l2) > 0, "pass positive penalties, e.g. --l2 1024"),
+              ("--batch-size", args.batch_size, args.batch_size >= 1, "pass 1 or more"),
+              ("--max-test", args.max_test, args.max_test >= 0, "pass 0 (all test images) or a positive cap")]
+    for flag, value, ok, fix in checks:
+        if not ok:
+            raise UsageError(f"{flag} {value} is out of range: {fix}")
+    if args.model and not args.output:
+        raise UsageError("--model has no run directory to write to: pass --output PATH for the results JSON")
+    return args
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    config, vit, run_dir, ckpt_path = build_model(args)
+    train_cfg = (config or {}).get("train", {})
+    dataset = args.dataset or train_cfg.get("dataset", DEFAULT_DATASET)
+    image_size = vit.config.image_size
+    prefix = "fewshot_random_init" if args.random_init else "fewshot"
+    step = checkpoint_step(ckpt_path) if ckpt_path else 0
+    out = run_fewshot(vit, dataset, image_size, tuple(args.shots), args.seeds, tuple(args.l2), args.batch_size,
+                      args.device, args.max_test, args.num_workers)
+
+    print(f"{prefix}: {dataset} at {image_size} px, {out['feature_dim']}-d features, "
+          f"l2={args.l2[0]:g}, {args.seeds} seed(s)")
+    print(f"{'shots':>5} | {'accuracy (%)':>15} | per seed")
+    for k, r in out["results"].items():
+        seeds = " ".join(f"{100 * a:.1f}" for a in r["per_seed"])
+        print(f"{k:>5} | {100 * r['mean']:6.2f} ± {100 * r['std']:5.2f} | {seeds}")
+
+    report = {"init": "random" if args.random_init else "trained", "run": str(run_dir) if run_dir else None,
+              "checkpoint": str(ckpt_path) if ckpt_path else None, "step": step,
+              "run_config": {k: train_cfg.get(k) for k in ("objective", "model", "dataset", "image_size", "seed")}
+              if config else None,
+              "model": args.model, "vit": dataclasses.asdict(vit.config), **out}
+    output = Path(args.output) if args.output else run_dir / f"{prefix.replace('_', '-')}.json"  # fewshot[-random-init]
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_json(output, report)
+    except OSError as e:
+        raise UsageError(f"cannot write '{output}' ({e.strerror}): pass a writable --output") from e
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str((run_dir or output.parent) / "tensorboard" / "fewshot")) as tb:  # beside the run's curves
+        for k, r in out["results"].items():
+            tb.add_scalar(f"{prefix}/{dataset_name(dataset)}/{k}shot", r["mean"], global_step=step)
+    print(f"wrote {output}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

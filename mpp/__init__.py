@@ -1,0 +1,1 @@
+"""Masked patch prediction: pretraining Vision Transformers by predicting masked patches."""

@@ -1,0 +1,184 @@
+"""The two training objectives: masked patch prediction (the paper's, App. B.1.2) and supervised.
+
+Both are modules that own the ViT (`.vit`) and map a batch of images in [0, 1] (and labels) to
+a loss and detached metrics, so one training loop serves both. MPP targets are computed from the
+un-normalised images; the ViT sees `mpp.data.normalize(images)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mpp.data import normalize
+from mpp.errors import UsageError
+from mpp.model import ViT
+
+TARGETS = ("mean_color", "downsample", "l2")
+
+
+@dataclass(frozen=True)
+class MPPConfig:
+    target: str = "mean_color"  # mean_color: 3-bit mean colour, 512 classes | downsample: 4×4 cells × 512 classes | l2: regress the pixels
+    corrupt_rate: float = 0.5  # fraction of patches corrupted per image (exact count); BERT used 0.15
+    mask_prob: float = 0.8  # of the corrupted: replaced by the learnable [mask] embedding
+    random_prob: float = 0.1  # of the corrupted: replaced by the embedding of a random other patch of the batch
+    keep_prob: float = 0.1  # of the corrupted: left unchanged (still predicted)
+    bits: int = 3  # colour bits per channel for the class targets: 2**(3*bits) classes
+    cells: int = 4  # the downsample target predicts a cells×cells version of each patch
+
+    def validate(self) -> "MPPConfig":
+        if self.target not in TARGETS:
+            raise UsageError(f"unknown MPP target '{self.target}': use one of {', '.join(TARGETS)}")
+        if not 0.0 < self.corrupt_rate <= 1.0:
+            raise UsageError(f"corrupt rate {self.corrupt_rate} is outside (0, 1]: pass e.g. --corrupt-rate 0.5")
+        probs = (self.mask_prob, self.random_prob, self.keep_prob)
+        if min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-6:
+            raise UsageError(
+                f"corruption split mask/random/keep = {probs} must be non-negative and sum to 1: "
+                "e.g. --mask-prob 0.8 --random-prob 0.1 --keep-prob 0.1"
+            )
+        if not 1 <= self.bits <= 8:
+            raise UsageError(f"--bits {self.bits} is outside 1..8")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets, from images in [0, 1]
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) → (B, N, P*P*C), patches in row-major order, pixels as (row, col, channel)."""
+    B, C, H, W = images.shape
+    P = patch_size
+    x = images.reshape(B, C, H // P, P, W // P, P)  # (B, C, h, P, w, P)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // P) * (W // P), P * P * C)
+
+
+def _color_classes(colors: torch.Tensor, bits: int) -> torch.Tensor:
+    """(B, 3, ...) colours in [0, 1] → (B, ...) classes r·L² + g·L + b, each level min(floor(c·L), L−1)."""
+    L = 2**bits
+    levels = (colors.float() * L).floor().clamp_(0, L - 1).long()  # (B, 3, ...)
+    return (levels[:, 0] * L + levels[:, 1]) * L + levels[:, 2]
+
+
+def mean_color_target(images: torch.Tensor, patch_size: int, bits: int = 3) -> torch.Tensor:
+    """The paper's target: each patch's mean colour quantised to `bits` per channel. → LongTensor (B, N)."""
+    means = F.avg_pool2d(images.float(), patch_size)  # (B, 3, h, w)
+    return _color_classes(means, bits).flatten(1)  # (B, N)
+
+
+def downsample_target(images: torch.Tensor, patch_size: int, cells: int = 4, bits: int = 3) -> torch.Tensor:
+    """Each patch averaged down to cells×cells, each cell a colour class. → LongTensor (B, N, cells²)."""
+    B, _, H, W = images.shape
+    h, w = H // patch_size, W // patch_size
+    small = F.adaptive_avg_pool2d(images.float(), (h * cells, w * cells))  # (B, 3, h·c, w·c)
+    classes = _color_classes(small, bits)  # (B, h·c, w·c)
+    classes = classes.reshape(B, h, cells, w, cells).permute(0, 1, 3, 2, 4)  # (B, h, w, c, c)
+    return classes.reshape(B, h * w, cells * cells)
+
+
+# ---------------------------------------------------------------------------------------------
+# Corruption, in patch-embedding space
+
+
+def corrupt_patches(
+    patches: torch.Tensor, mask_token: torch.Tensor, config: MPPConfig, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Corrupt an exact `corrupt_rate` of each image's patch embeddings, BERT-style.
+
+    patches: (B, N, D); mask_token: (1, 1, D).
+    Returns (corrupted patches (B, N, D), the corrupted indices (B, n) sorted, kind (B, N) int8:
+    0 untouched, 1 [mask], 2 random other patch, 3 corrupted but kept).
+    Fixed-size indices rather than a boolean mask so callers gather without a device sync.
+    """
+    B, N, D = patches.shape
+    if B * N < 2:
+        raise UsageError("MPP needs at least two patches per batch to pick random replacements: use a larger batch or image")
+    dev = patches.device
+    n_corrupt = max(1, round(config.corrupt_rate * N))
+    # Exactly n_corrupt per image: the n smallest of N uniform draws (as MAE's random_masking).
+    noise = torch.rand(B, N, device=dev, generator=generator)  # (B, N)
+    chosen = noise.argsort(dim=1)[:, :n_corrupt].sort(dim=1).values  # (B, n)
+    corrupted = torch.zeros(B, N, dtype=torch.bool, device=dev).scatter_(1, chosen, True)
+    # Each corrupted patch independently becomes [mask] / random / kept with the configured split.
+    u = torch.rand(B, N, device=dev, generator=generator)  # (B, N)
+    to_mask = corrupted & (u < config.mask_prob)
+    to_random = corrupted & ~to_mask & (u < config.mask_prob + config.random_prob)
+    # A random other patch of the batch: uniform over the B·N − 1 others, so never itself.
+    own = torch.arange(B * N, device=dev).view(B, N)
+    other = torch.randint(0, B * N - 1, (B, N), device=dev, generator=generator)
+    other = other + (other >= own)  # (B, N) flat indices ≠ own
+    x = torch.where(to_random[..., None], patches.reshape(B * N, D)[other], patches)  # (B, N, D)
+    x = torch.where(to_mask[..., None], mask_token.to(x.dtype).expand(B, N, D), x)
+    kind = torch.where(to_mask, 1, torch.where(to_random, 2, torch.where(corrupted, 3, 0))).to(torch.int8)
+    return x, chosen, kind
+
+
+def gather_patches(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x: (B, N, ...) , index: (B, n) → (B, n, ...)."""
+    index = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return x.gather(1, index)
+
+
+# ---------------------------------------------------------------------------------------------
+# The objectives
+
+
+class MPPObjective(nn.Module):
+    """ViT + [mask] embedding + a linear prediction head on each patch's output token."""
+
+    def __init__(self, vit: ViT, config: MPPConfig = MPPConfig()):
+        super().__init__()
+        self.config = config.validate()
+        self.vit = vit
+        D, P = vit.config.embed_dim, vit.config.patch_size
+        num_classes = 2 ** (3 * config.bits)
+        out = {"mean_color": num_classes, "downsample": config.cells**2 * num_classes, "l2": P * P * vit.config.in_chans}
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.head = nn.Linear(D, out[config.target])
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def targets(self, images: torch.Tensor) -> torch.Tensor:
+        P, c = self.vit.config.patch_size, self.config
+        if c.target == "mean_color":
+            return mean_color_target(images, P, c.bits)  # (B, N)
+        if c.target == "downsample":
+            return downsample_target(images, P, c.cells, c.bits)  # (B, N, cells²)
+        return patchify(images.float(), P)  # (B, N, P·P·3)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """images: (B, 3, H, W) in [0, 1]; labels unused (MPP needs none). → (loss, metrics)."""
+        target = self.targets(images)
+        patches = self.vit.embed_patches(normalize(images))  # (B, N, D)
+        patches, chosen, _ = corrupt_patches(patches, self.mask_token, self.config)  # chosen: (B, n)
+        tokens = self.vit.forward_tokens(patches)["tokens"][:, 1:]  # (B, N, D)
+        tokens = gather_patches(tokens, chosen)  # (B, n, D): the loss sees corrupted patches only
+        pred = self.head(tokens).float().flatten(0, 1)  # (M, out), M = B·n
+        target = gather_patches(target, chosen).flatten(0, 1)  # (M,) | (M, cells²) | (M, P·P·3)
+        if self.config.target == "l2":
+            loss = F.mse_loss(pred, target)
+            return loss, {"loss": loss.detach(), "mse": loss.detach()}
+        pred = pred.reshape(*target.shape, -1)  # (M, [cells²,] classes)
+        loss = F.cross_entropy(pred.flatten(0, -2), target.flatten())
+        accuracy = (pred.argmax(-1) == target).float().mean()
+        return loss, {"loss": loss.detach(), "accuracy": accuracy.detach()}
+
+
+class SupervisedObjective(nn.Module):
+    """ViT with its classification head, cross-entropy on the labels (the supervised / from-scratch baseline)."""
+
+    def __init__(self, vit: ViT, label_smoothing: float = 0.0):
+        super().__init__()
+        self.vit = vit
+        self.label_smoothing = label_smoothing
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        logits = self.vit(normalize(images)).float()  # (B, K)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        accuracy = (logits.argmax(-1) == labels).float().mean()
+        return loss, {"loss": loss.detach(), "accuracy": accuracy.detach()}

@@ -1,0 +1,374 @@
+"""One training loop for both objectives: MPP pretraining and supervised (pre)training.
+
+Reads top to bottom: config → Accelerator → data → model → optimizer → loop → logging →
+checkpoint. Accelerate handles devices, processes, mixed precision and gradient accumulation,
+so the same code runs on one CPU, one GPU or many machines under `accelerate launch`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from mpp import checkpoint as ckpt_io
+from mpp.data import build_dataset
+from mpp.errors import UsageError
+from mpp.model import ViT, vit_config
+from mpp.objective import MPPConfig, MPPObjective, SupervisedObjective
+
+OBJECTIVES = ("mpp", "supervised")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    objective: str = "mpp"  # mpp (self-supervised, no labels) | supervised (labels; also the from-scratch baseline)
+    dataset: str = "digits"  # digits (offline default) | PATH to an image folder (train/<class>/...) | hf:NAME
+    model: str = "Micro/4"  # ViT preset: Micro/4, Ti/4, S/4 (32 px), Ti/16, S/16, B/16, L/16, H/14, or SIZE/PATCH
+    image_size: int = 0  # training resolution in pixels, divisible by the patch size; 0: the preset's (Micro 16, /4 32, else 224)
+    dropout: float = 0.0  # ViT dropout (the paper used 0.1 for supervised training on smaller datasets)
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area range (inception crop)
+    hflip: bool = True  # random horizontal flips
+    streaming: bool = False  # stream hf: datasets instead of downloading them whole
+    num_workers: int = 2  # DataLoader worker processes per training process
+    batch_size: int = 128  # global batch: across all processes and accumulation steps
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1500  # optimizer steps (ignored when --epochs is set)
+    epochs: float = 0.0  # if > 0: train this many passes over the training set instead of --max-steps
+    lr: float = 1e-3  # peak learning rate, reached after the warmup
+    min_lr: float = 0.0  # learning rate at the end of the decay
+    warmup_steps: int = 100  # linear warmup from 0
+    schedule: str = "cosine"  # decay after warmup: cosine | linear
+    weight_decay: float = 0.05  # AdamW decoupled decay; never on norms, biases, embeddings or the [mask] token
+    beta1: float = 0.9  # Adam β1 (the paper's)
+    beta2: float = 0.999  # Adam β2 (the paper's)
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables
+    label_smoothing: float = 0.0  # supervised objective only
+    mixed_precision: str = ""  # no | fp16 | bf16; empty: what `accelerate launch` / `accelerate config` says
+    output_dir: str = "runs/mpp"  # the run directory: config, TensorBoard events, metrics, checkpoints
+    seed: int = 0  # seeds initialisation, data order, augmentation and corruption
+    resume: bool = False  # continue the run in --output-dir from its newest checkpoint
+    log_every: int = 25  # steps between logged metrics
+    save_every: int = 500  # steps between checkpoints (one is always written at the end)
+    keep_checkpoints: int = 3  # the newest K checkpoints are kept
+    eval_every: int = 0  # steps between held-out evaluations; 0: only at the end
+
+    def validate(self) -> "TrainConfig":
+        if self.objective not in OBJECTIVES:
+            raise UsageError(f"unknown objective '{self.objective}': use one of {', '.join(OBJECTIVES)}")
+        if self.schedule not in ("cosine", "linear"):
+            raise UsageError(f"unknown schedule '{self.schedule}': use cosine or linear")
+        if self.mixed_precision not in ("", "no", "fp16", "bf16"):
+            raise UsageError(f"unknown --mixed-precision '{self.mixed_precision}': use no, fp16 or bf16")
+        if self.batch_size < 1 or self.grad_accum_steps < 1:
+            raise UsageError("--batch-size and --grad-accum-steps must be positive")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise UsageError(f"--crop-scale {self.crop_scale} must satisfy 0 < min <= max <= 1")
+        return self
+
+
+def lr_factor(step: int, config: TrainConfig, total_steps: int) -> float:
+    """Multiplier of the peak lr at `step`: linear warmup, then cosine or linear decay to min_lr."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1 - progress
+    floor = config.min_lr / config.lr
+    return floor + (1 - floor) * decay
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: norms, biases, embeddings and tokens are left undecayed."""
+    no_decay_names = ("pos_embed", "cls_token", "mask_token")
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.split(".")[-1] in no_decay_names else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def run_config(config: TrainConfig, mpp: MPPConfig, vit: ViT, data_info) -> dict:
+    """Everything needed to rebuild and compare this run, saved in config.json and every checkpoint."""
+    return {
+        "train": dataclasses.asdict(config),
+        "mpp": dataclasses.asdict(mpp),
+        "vit": dataclasses.asdict(vit.config),
+        "data": {"num_classes": data_info.num_classes, "class_names": list(data_info.class_names)},
+        "command": " ".join(sys.argv),
+        "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
+    }
+
+
+def prepare_run_dir(config: TrainConfig) -> Path:
+    """Refuse to overwrite a run, and to resume one that has nothing to resume from."""
+    run_dir = Path(config.output_dir)
+    has_ckpt = bool(ckpt_io.list_checkpoints(run_dir))
+    if has_ckpt and not config.resume:
+        raise UsageError(
+            f"run directory '{run_dir}' already holds checkpoints: pass --resume to continue it "
+            "or --output-dir for a new run"
+        )
+    if config.resume and not has_ckpt:
+        raise UsageError(f"--resume: no checkpoint in '{ckpt_io.checkpoint_dir(run_dir)}': drop --resume to start this run")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"cannot write to output directory '{run_dir}' ({e.strerror}): pass a writable --output-dir") from e
+    return run_dir
+
+
+@torch.no_grad()
+def evaluate(objective: torch.nn.Module, loader: DataLoader, accelerator, seed: int) -> dict[str, float]:
+    """Mean metrics over the held-out split, gathered from every process. MPP's corruption is
+    drawn from a fixed seed so evaluations are comparable, without touching the training RNG."""
+    objective.eval()
+    sums: dict[str, torch.Tensor] = {}
+    count = torch.zeros((), device=accelerator.device)
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed + accelerator.process_index)
+        for images, labels in loader:
+            with accelerator.autocast():
+                _, metrics = objective(images, labels)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v.float() * len(images)
+            count += len(images)
+    objective.train()
+    count = accelerator.reduce(count, "sum")
+    return {k: (accelerator.reduce(v, "sum") / count).item() for k, v in sums.items()}
+
+
+def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
+    """Train, log and checkpoint one run; returns its directory."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from tqdm.auto import tqdm
+
+    # ---- config
+    config.validate()
+    mpp_config.validate()
+    vit_cfg = vit_config(config.model, image_size=config.image_size or None, dropout=config.dropout)
+
+    # ---- accelerator
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision or None,
+        gradient_accumulation_steps=config.grad_accum_steps,
+        log_with="tensorboard",
+        project_dir=config.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    run_dir = prepare_run_dir(config) if accelerator.is_main_process else Path(config.output_dir)
+    accelerator.wait_for_everyone()
+    set_seed(config.seed, device_specific=False)
+    world = accelerator.num_processes * config.grad_accum_steps
+    if config.batch_size % world:
+        raise UsageError(
+            f"--batch-size {config.batch_size} is not divisible by processes × accumulation steps = {world}: "
+            f"pass a multiple of {world}"
+        )
+
+    # ---- data
+    train_set, info = build_dataset(
+        config.dataset, "train", vit_cfg.image_size, train=True, crop_scale=config.crop_scale,
+        hflip=config.hflip, streaming=config.streaming, seed=config.seed,
+    )
+    eval_set, _ = build_dataset(config.dataset, "test", vit_cfg.image_size, train=False, streaming=config.streaming)
+    micro_batch = config.batch_size // world
+    loader_kw = dict(
+        batch_size=micro_batch, num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
+        persistent_workers=config.num_workers > 0,
+    )
+    streaming = not hasattr(train_set, "__len__")
+    train_loader = DataLoader(train_set, shuffle=not streaming, drop_last=True, **loader_kw)
+    eval_loader = DataLoader(eval_set, **loader_kw)
+
+    # ---- model and objective
+    if config.objective == "mpp":
+        vit = ViT(dataclasses.replace(vit_cfg, num_classes=0))  # MPP predicts from patch tokens: no class head
+        objective = MPPObjective(vit, mpp_config)
+    else:
+        vit = ViT(dataclasses.replace(vit_cfg, num_classes=info.num_classes))
+        objective = SupervisedObjective(vit, config.label_smoothing)
+    run_cfg = run_config(config, mpp_config, vit, info)
+
+    # ---- optimizer and schedule
+    if streaming and config.epochs > 0:
+        raise UsageError("--epochs needs a dataset of known length: use --max-steps with --streaming")
+    train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)  # shards the data across processes
+    # Optimizer steps per pass over this process's shard (a trailing partial accumulation also steps).
+    steps_per_epoch = 0 if streaming else math.ceil(len(train_loader) / config.grad_accum_steps)
+    if not streaming and steps_per_epoch == 0:
+        raise UsageError(
+            f"the training set ({len(train_set)} images) is smaller than one batch ({config.batch_size}): "
+            "pass a smaller --batch-size"
+        )
+    total_steps = math.ceil(config.epochs * steps_per_epoch) if config.epochs > 0 else config.max_steps
+    optimizer = torch.optim.AdamW(
+        param_groups(objective, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2)
+    )
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    # Stepped by hand once per optimizer step (not prepared: accelerate would step it once per process).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config, total_steps))
+    model = accelerator.unwrap_model(objective)
+
+    # ---- resume
+    step, elapsed = 0, 0.0
+    if config.resume:
+        found = ckpt_io.load_latest(run_dir)
+        if found is None:
+            raise UsageError(f"--resume: no readable checkpoint in '{ckpt_io.checkpoint_dir(run_dir)}': drop --resume")
+        state, path = found
+        saved = state["config"]["train"]
+        weights = {**state["objective"], **{f"vit.{k}": v for k, v in state["model"].items()}}
+        ckpt_io.check_shapes(model, weights, str(path), hint=(
+            f"resume with the settings the run was trained with (--model {saved['model']} "
+            f"--image-size {saved['image_size']} --objective {saved['objective']}) or pass a new --output-dir"))
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ckpt_io.set_rng_state(state["rng"])
+        step, elapsed = state["step"], state["elapsed"]
+        accelerator.print(f"resumed {run_dir} at step {step} from {path.name}")
+
+    # ---- logging
+    if accelerator.is_main_process:
+        ckpt_io.write_json(run_dir / "config.json", run_cfg)
+    accelerator.init_trackers("tensorboard", config=flat_hparams(run_cfg))
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None
+
+    def log(values: dict, at: int) -> None:
+        accelerator.log(values, step=at)
+        if metrics_file:
+            metrics_file.write(json.dumps({"step": at, **values}) + "\n")
+            metrics_file.flush()
+
+    def save(at: int) -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state = {
+                "config": run_cfg,
+                "model": model.vit.state_dict(),
+                "objective": {k: v for k, v in model.state_dict().items() if not k.startswith("vit.")},
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "step": at,
+                "elapsed": elapsed + time.perf_counter() - started,
+                "rng": ckpt_io.rng_state(),
+            }
+            ckpt_io.save_checkpoint(run_dir, at, state, keep=config.keep_checkpoints)
+
+    def run_eval(at: int) -> dict:
+        results = evaluate(objective, eval_loader, accelerator, config.seed)
+        log({f"eval/{k}": v for k, v in results.items()}, at)
+        return results
+
+    # ---- loop
+    bar = tqdm(total=total_steps, initial=step, desc=f"{config.objective} {run_dir.name}",
+               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    started = time.perf_counter()
+    window = {"t": time.perf_counter(), "steps": 0, "sums": {}}
+    values: dict = {}  # the last logged training metrics
+    epoch = step // steps_per_epoch if steps_per_epoch else 0
+    objective.train()
+    while step < total_steps:
+        train_loader.set_epoch(epoch)
+        # A resumed run skips the batches of this epoch it has already trained on.
+        skip = (step - epoch * steps_per_epoch) * config.grad_accum_steps if steps_per_epoch else 0
+        batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        for images, labels in batches:
+            with accelerator.accumulate(objective):
+                loss, metrics = objective(images, labels)
+                if not torch.isfinite(loss):
+                    last = ckpt_io.list_checkpoints(run_dir)
+                    raise UsageError(
+                        f"loss is {loss.item()} at step {step}; the last good checkpoint is "
+                        f"{last[-1] if last else 'none'}: try a lower --lr, --mixed-precision no, or --grad-clip 1"
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.grad_clip > 0:
+                    metrics["grad_norm"] = accelerator.clip_grad_norm_(objective.parameters(), config.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for k, v in metrics.items():
+                window["sums"][k] = window["sums"].get(k, 0) + v.detach().float()
+            if not accelerator.sync_gradients:
+                continue
+            # ---- one optimizer step done
+            scheduler.step()
+            step += 1
+            window["steps"] += 1
+            bar.update(1)
+            if step % config.log_every == 0 or step == total_steps:
+                now = time.perf_counter()
+                n_micro = window["steps"] * config.grad_accum_steps
+                values = {f"train/{k}": accelerator.reduce(v, "mean").item() / (n_micro if k != "grad_norm" else window["steps"])
+                          for k, v in window["sums"].items()}
+                values["train/lr"] = scheduler.get_last_lr()[0]
+                values["train/images_per_s"] = window["steps"] * config.batch_size / (now - window["t"])
+                log(values, step)
+                bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}")
+                window = {"t": time.perf_counter(), "steps": 0, "sums": {}}
+            if config.eval_every and step % config.eval_every == 0 and step < total_steps:
+                run_eval(step)
+            if step % config.save_every == 0 and step < total_steps:
+                save(step)
+            if step >= total_steps:
+                break
+        epoch += 1
+    bar.close()
+
+    # ---- final evaluation and checkpoint
+    results = run_eval(step)
+    save(step)
+    if accelerator.is_main_process:
+        summary = {
+            "objective": config.objective, "steps": step, "wall_time_s": elapsed + time.perf_counter() - started,
+            "eval": results, "last_train": values,
+        }
+        ckpt_io.write_json(run_dir / "summary.json", summary)
+        metrics_file.close()
+        accelerator.print(f"done: {run_dir} ({step} steps; eval {json.dumps({k: round(v, 4) for k, v in results.items()})})")
+    accelerator.end_training()
+    return run_dir
+
+
+def flat_hparams(run_cfg: dict) -> dict:
+    """TensorBoard's hparams accept scalars and strings only."""
+    flat = {}
+    for section in ("train", "mpp", "vit"):
+        for k, v in run_cfg[section].items():
+            flat[f"{section}.{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return flat
+
+
+def parse_args(objective: str, argv: list[str] | None = None) -> tuple[TrainConfig, MPPConfig]:
+    """Flags for one objective's entry point: every TrainConfig field, plus MPPConfig's for MPP."""
+    import argparse
+
+    from mpp.config import add_dataclass_flags, dataclass_from_args
+
+    parser = argparse.ArgumentParser(
+        description=f"{objective} training of a ViT (run it with `accelerate launch` for several GPUs or machines)",
+    )
+    add_dataclass_flags(parser, TrainConfig, defaults={"output_dir": f"runs/{objective}"}, skip=("objective",))
+    if objective == "mpp":
+        add_dataclass_flags(parser, MPPConfig)
+    args = parser.parse_args(argv)
+    config = dataclasses.replace(dataclass_from_args(TrainConfig, args), objective=objective)
+    return config, dataclass_from_args(MPPConfig, args)
+
+
+def main(objective: str, argv: list[str] | None = None) -> None:
+    from mpp.errors import cli_main
+
+    cli_main(lambda: train(*parse_args(objective, argv)))()

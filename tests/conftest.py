@@ -1,0 +1,73 @@
+"""Shared test helpers: small slices of the real image data in ../shared/data."""
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# The real data sits beside the repo, never inside it; a user's machine may not have it.
+SHARED_DATA = REPO.parent / "shared" / "data"
+SLICE_CACHE = REPO / ".cache" / "shared-slices"  # git-ignored (.cache/)
+
+
+def shared_slice(archive: str, per_class: dict[str, int], root_in_archive: str = "") -> Path:
+    """Extract at most `per_class[split]` images per class of each split in `per_class` from
+    ../shared/data/<archive> (members `<root_in_archive>/<split>/<class>/<image>`), and return
+    the folder holding `<split>/<class>/<image>`. Reused once complete; skips the test when absent."""
+    source = SHARED_DATA / archive
+    if not source.is_file():
+        pytest.skip(f"../shared/data/{archive} not found: real-data tests need the shared data folder beside the repo")
+    name = source.name.removesuffix(".tar.gz").removesuffix(".tgz")
+    counts = "-".join(f"{split}{n}" for split, n in sorted(per_class.items()))
+    final = SLICE_CACHE / f"{name}-{counts}"
+    if final.is_dir():  # only ever created by the rename below, so it is complete
+        return final
+
+    SLICE_CACHE.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=SLICE_CACHE))
+    prefix = root_in_archive.strip("/") + "/" if root_in_archive.strip("/") else ""
+    taken: Counter[tuple[str, str]] = Counter()
+    try:
+        # gzip cannot seek, and the archive's order is not guaranteed: stream through it once.
+        with tarfile.open(source, mode="r:gz") as tar:
+            for member in tar:
+                if not member.isfile() or not member.name.startswith(prefix):
+                    continue
+                parts = member.name[len(prefix):].split("/")
+                if len(parts) != 3 or parts[0] not in per_class or ".." in parts:
+                    continue
+                split, cls, file_name = parts
+                if taken[split, cls] >= per_class[split]:
+                    continue
+                taken[split, cls] += 1
+                target = work / split / cls / file_name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with tar.extractfile(member) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        work.chmod(0o755)  # mkdtemp makes it private
+        try:
+            os.rename(work, final)  # atomic: an interrupted extraction never looks complete
+        except OSError:  # another process finished the same slice first
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
+@pytest.fixture
+def cifar10_slice() -> Path:
+    """20 train + 10 test CIFAR-10 JPEGs per class, as a `train/<class>/`, `test/<class>/` folder."""
+    return shared_slice("cifar10/cifar10_jpg.tar.gz", {"train": 20, "test": 10})
+
+
+@pytest.fixture
+def imagenette_slice() -> Path:
+    """2 train + 2 val Imagenette JPEGs (128 px) per class, as a `train/<wnid>/`, `val/<wnid>/` folder."""
+    return shared_slice("imagenette/imagenette_128px.tar.gz", {"train": 2, "val": 2}, root_in_archive="imagenette")

@@ -1,0 +1,352 @@
+"""Tests for mpp.data: the digits default, image folders, transforms, errors, and a slice of real CIFAR-10."""
+from __future__ import annotations
+
+import pickle
+from collections import Counter
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset
+
+from mpp.data import (
+    DEFAULT_DATASET,
+    MEAN,
+    STD,
+    build_dataset,
+    eval_transform,
+    load_split,
+    normalize,
+    rgb_tensor,
+    train_transform,
+)
+from mpp.errors import UsageError
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@pytest.fixture
+def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Keep imagefolder's Arrow cache (normally ~/.cache/huggingface/datasets) in the test's tmp dir."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    return tmp_path / "hf-cache"
+
+
+def assert_usage_error(excinfo: pytest.ExceptionInfo, *needles: str) -> None:
+    """The message is one line and names the problem and the fix (each of `needles`)."""
+    message = str(excinfo.value)
+    assert "\n" not in message, message
+    for needle in needles:
+        assert needle in message, f"{needle!r} not in {message!r}"
+
+
+# ---- digits
+
+
+def test_digits_splits_are_fixed_stratified_and_three_channel() -> None:
+    assert DEFAULT_DATASET == "digits"
+    train, info = load_split("digits", "train")
+    test, test_info = load_split("digits", "test")
+    assert (len(train), len(test)) == (1437, 360)
+    assert info.spec == "digits" and info.num_classes == 10 and list(info.class_names) == [str(d) for d in range(10)]
+    assert test_info == info
+    images = torch.stack([train[i][0] for i in range(len(train))])  # uint8 [1437, 3, 8, 8]
+    assert images.dtype == torch.uint8 and images.shape == (1437, 3, 8, 8)
+    assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 0], images[:, 2])
+    assert images.min() == 0 and images.max() == 255  # 0..16 scaled to the full byte range
+    label_counts = Counter(train[i][1] for i in range(len(train)))
+    test_counts = Counter(test[i][1] for i in range(len(test)))
+    assert all(isinstance(train[i][1], int) for i in range(5))
+    for digit in range(10):  # stratified: every class splits 80/20 (within one image)
+        total = label_counts[digit] + test_counts[digit]
+        assert abs(test_counts[digit] - 0.2 * total) <= 1
+
+
+def test_digits_are_deterministic_across_loads() -> None:
+    first, _ = load_split("digits", "test")
+    second, _ = load_split("digits", "test")
+    assert all(torch.equal(first[i][0], second[i][0]) and first[i][1] == second[i][1] for i in range(len(first)))
+
+
+def test_build_dataset_digits_train_items() -> None:
+    dataset, info = build_dataset("digits", "train", 32, train=True)
+    assert len(dataset) == 1437 and info.num_classes == 10
+    for i in range(0, 1437, 300):
+        image, label = dataset[i]
+        assert image.dtype == torch.float32 and image.shape == (3, 32, 32)
+        assert 0.0 <= image.min() and image.max() <= 1.0
+        assert label in range(10)
+    images, labels = next(iter(DataLoader(dataset, batch_size=8)))
+    assert images.shape == (8, 3, 32, 32) and labels.dtype == torch.int64
+    restored = pickle.loads(pickle.dumps(dataset))  # what DataLoader workers get under spawn
+    assert len(restored) == 1437 and restored[0][0].shape == (3, 32, 32)
+
+
+def test_streamed_digits_shuffle_by_seed_and_epoch() -> None:
+    stream, info = build_dataset("digits", "train", 16, train=False, streaming=False)
+    map_labels = Counter(stream[i][1] for i in range(len(stream)))
+    stream, info = build_dataset("digits", "train", 16, train=True, streaming=True, shuffle_buffer=500, seed=1)
+    assert isinstance(stream, IterableDataset) and not hasattr(stream, "__len__")
+    items = list(stream)
+    assert len(items) == 1437 and Counter(label for _, label in items) == map_labels
+    assert all(image.shape == (3, 16, 16) and image.dtype == torch.float32 for image, _ in items[:20])
+    again, _ = build_dataset("digits", "train", 16, train=True, streaming=True, shuffle_buffer=500, seed=1)
+    order = [label for _, label in items[:100]]
+    assert [label for _, label in islice(again, 100)] == order  # same seed, same order
+    again.set_epoch(1)
+    assert [label for _, label in islice(again, 100)] != order  # a new epoch reshuffles
+
+
+# ---- transforms
+
+
+@pytest.mark.parametrize("size", [16, 32])
+@pytest.mark.parametrize("shape", [(3, 8, 8), (3, 20, 37)])
+def test_transforms_give_float_square_images_in_unit_range(size: int, shape: tuple[int, int, int]) -> None:
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, shape, dtype=torch.uint8)
+    for transform in (train_transform(size), train_transform(size, (0.5, 1.0), hflip=False), eval_transform(size)):
+        out = transform(image)
+        assert out.dtype == torch.float32 and out.shape == (3, size, size)
+        assert 0.0 <= out.min() and out.max() <= 1.0
+
+
+def test_eval_transform_is_deterministic_and_exact_at_its_own_size() -> None:
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 24, 40), dtype=torch.uint8)
+    transform = eval_transform(16)
+    assert torch.equal(transform(image), transform(image))
+    square = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    torch.testing.assert_close(transform(square), square.float() / 255)
+    # Non-square: the shorter side goes to S and the centre survives, so a centred stripe stays centred.
+    stripe = torch.zeros(3, 20, 60, dtype=torch.uint8)
+    stripe[:, :, 25:35] = 255
+    out = eval_transform(20)(stripe)  # [3, 20, 20]
+    assert out[:, :, 8:12].min() > 0.99 and out[:, :, :3].max() < 0.01 and out[:, :, -3:].max() < 0.01
+
+
+def test_train_transform_flips_only_when_asked() -> None:
+    image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    plain, flipped = image.float() / 255, image.flip(-1).float() / 255
+    # scale (1, 1) keeps the whole square image, so each output is the image or its mirror.
+    torch.manual_seed(0)
+    with_flip = [train_transform(16, (1.0, 1.0), hflip=True)(image) for _ in range(20)]
+    assert all(torch.allclose(out, plain) or torch.allclose(out, flipped) for out in with_flip)
+    assert any(torch.allclose(out, flipped) for out in with_flip)
+    assert any(torch.allclose(out, plain) for out in with_flip)
+    without_flip = [train_transform(16, (1.0, 1.0), hflip=False)(image) for _ in range(20)]
+    assert all(torch.allclose(out, plain) for out in without_flip)
+
+
+def test_train_transform_crops_randomly_and_transforms_pickle() -> None:
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    transform = train_transform(16)
+    assert not torch.equal(transform(image), transform(image))
+    for made in (train_transform(16), eval_transform(16)):
+        restored = pickle.loads(pickle.dumps(made))
+        assert restored(image).shape == (3, 16, 16)
+    assert torch.equal(pickle.loads(pickle.dumps(eval_transform(16)))(image), eval_transform(16)(image))
+
+
+def test_normalize_maps_unit_range_to_minus_one_one() -> None:
+    assert MEAN == (0.5, 0.5, 0.5) and STD == (0.5, 0.5, 0.5)
+    images = torch.tensor([0.0, 0.5, 1.0]).view(1, 3, 1, 1).expand(2, 3, 4, 4)  # [2, 3, 4, 4]
+    out = normalize(images)
+    assert out.shape == (2, 3, 4, 4)
+    torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([-1.0, 0.0, 1.0]))
+    half = normalize(images.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16 and half[1, 2, 3, 3] == 1.0
+
+
+# ---- decoding any image mode
+
+
+@pytest.mark.parametrize(
+    "image, expected",
+    [
+        (Image.new("L", (5, 3), 100), (100, 100, 100)),
+        (Image.new("1", (5, 3), 1), (255, 255, 255)),
+        (Image.new("LA", (5, 3), (70, 0)), (70, 70, 70)),
+        (Image.new("RGB", (5, 3), (10, 20, 30)), (10, 20, 30)),
+        (Image.new("RGBA", (5, 3), (10, 20, 30, 0)), (10, 20, 30)),
+        (Image.new("CMYK", (5, 3), (0, 0, 0, 0)), (255, 255, 255)),
+        (Image.fromarray(np.full((3, 5), 40000, dtype=np.uint16)), (156, 156, 156)),  # 16-bit: top byte
+        (np.full((3, 5, 3), 7, dtype=np.uint8), (7, 7, 7)),  # an array column
+    ],
+)
+def test_rgb_tensor_converts_every_mode(image: object, expected: tuple[int, int, int]) -> None:
+    out = rgb_tensor(image)
+    assert out.dtype == torch.uint8 and out.shape == (3, 3, 5)
+    assert out[:, 1, 2].tolist() == list(expected)
+
+
+def test_rgb_tensor_palette_with_transparency() -> None:
+    image = Image.new("P", (4, 2), 1)
+    image.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+    image.info["transparency"] = 0
+    with_transparency = rgb_tensor(image)
+    assert with_transparency.shape == (3, 2, 4) and with_transparency[:, 0, 0].tolist() == [200, 100, 50]
+
+
+# ---- image folders
+
+
+def save_image(path: Path, mode: str, size: tuple[int, int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "P":
+        image = Image.new("P", size, 1)
+        image.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+    else:
+        image = Image.new(mode, size, {"L": 90, "RGB": (1, 2, 3), "RGBA": (9, 8, 7, 6), "CMYK": (0, 50, 0, 0)}[mode])
+    image.save(path)
+
+
+def make_folder(root: Path, counts: dict[str, dict[str, int]]) -> Path:
+    """root/<split>/<class>/<i>.<ext>, cycling through image modes, formats and sizes."""
+    kinds = [("L", "png"), ("RGBA", "png"), ("RGB", "jpg"), ("P", "png"), ("CMYK", "jpg")]
+    for split, per_class in counts.items():
+        for cls, n in per_class.items():
+            for i in range(n):
+                mode, ext = kinds[i % len(kinds)]
+                save_image(root / split / cls / f"{i}.{ext}", mode, (6 + 3 * i, 5 + 2 * (i % 3)))
+    return root
+
+
+def test_image_folder_mixed_modes_and_val_fallback(tmp_path: Path, hf_cache: Path) -> None:
+    root = make_folder(tmp_path / "pets", {"train": {"cat": 5, "dog": 3}, "val": {"cat": 2, "dog": 1}})
+    train, info = load_split(str(root), "train")
+    test, test_info = load_split(str(root), "test")  # no test/: falls back to val/
+    assert (len(train), len(test)) == (8, 3)
+    assert info.class_names == test_info.class_names == ["cat", "dog"] and info.num_classes == 2
+    assert info.spec == str(root)
+    items = [train[i] for i in range(len(train))]
+    for image, _ in items:
+        assert image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] == 3
+    assert {tuple(image.shape[1:]) for image, _ in items} == {(5, 6), (7, 9), (9, 12), (5, 15), (7, 18)}
+    assert Counter(label for _, label in items) == {0: 5, 1: 3}  # labels follow the folder names
+    assert Counter(test[i][1] for i in range(len(test))) == {0: 2, 1: 1}
+    assert list(hf_cache.iterdir())  # the Arrow cache went where the fixture put it
+    dataset, _ = build_dataset(str(root), "train", 16, train=True)
+    images, labels = next(iter(DataLoader(dataset, batch_size=8)))  # mixed sizes collate once transformed
+    assert images.shape == (8, 3, 16, 16) and images.dtype == torch.float32 and sorted(labels.tolist()) == [0] * 5 + [1] * 3
+
+
+def test_image_folder_labels_agree_across_splits(tmp_path: Path, hf_cache: Path) -> None:
+    # test/ has only "dog" (and val/ exists too): its labels must still use train's numbering.
+    counts = {"train": {"ant": 2, "bee": 2, "dog": 2}, "test": {"dog": 3}, "val": {"ant": 1}}
+    root = make_folder(tmp_path / "bugs", counts)
+    test, info = load_split(str(root), "test")  # test/ wins over val/
+    assert info.class_names == ["ant", "bee", "dog"] and len(test) == 3
+    assert {test[i][1] for i in range(len(test))} == {2}
+
+
+def test_image_folder_streams(tmp_path: Path, hf_cache: Path) -> None:
+    root = make_folder(tmp_path / "pets", {"train": {"cat": 4, "dog": 2}, "test": {"cat": 1, "dog": 1}})
+    stream, info = build_dataset(str(root), "train", 16, train=True, streaming=True, shuffle_buffer=4)
+    assert not hasattr(stream, "__len__") and info.class_names == ["cat", "dog"]
+    items = list(stream)
+    assert Counter(label for _, label in items) == {0: 4, 1: 2}
+    assert all(image.shape == (3, 16, 16) and image.dtype == torch.float32 for image, _ in items)
+
+
+def test_hub_format_columns_and_unlabelled_test_split(tmp_path: Path, hf_cache: Path) -> None:
+    """`hf:` on a local copy in the hub's parquet layout: the same code path as a downloaded dataset."""
+    import datasets
+
+    features = datasets.Features(
+        {"note": datasets.Value("string"), "img": datasets.Image(), "fine_label": datasets.ClassLabel(names=["a", "b", "c"])}
+    )
+    for split, labels in {"train": [0, 1, 2, 2], "test": [-1, -1], "validation": [2, 0, 1]}.items():
+        rows = {"note": ["x"] * len(labels), "img": [Image.new("L", (6, 4), 50)] * len(labels), "fine_label": labels}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(tmp_path / "hub" / "data" / f"{split}-00000-of-00001.parquet")
+    spec = f"hf:{tmp_path / 'hub'}"
+    train, info = load_split(spec, "train")
+    assert len(train) == 4 and info.class_names == ["a", "b", "c"] and info.num_classes == 3
+    image, label = train[3]
+    assert image.dtype == torch.uint8 and image.shape == (3, 4, 6) and label == 2
+    test, _ = load_split(spec, "test")  # test's labels are all -1: use validation instead
+    assert [test[i][1] for i in range(len(test))] == [2, 0, 1]
+    stream, _ = build_dataset(spec, "test", 8, train=False, streaming=True)
+    assert [label for _, label in stream] == [2, 0, 1]
+
+
+# ---- errors
+
+
+def test_missing_or_malformed_folders_are_usage_errors(tmp_path: Path) -> None:
+    with pytest.raises(UsageError) as excinfo:
+        load_split(str(tmp_path / "nowhere"), "train")
+    assert_usage_error(excinfo, "does not exist", "--dataset digits", "hf:NAME")
+    with pytest.raises(UsageError) as excinfo:
+        load_split("./no/such/folder", "train")
+    assert_usage_error(excinfo, "'./no/such/folder' does not exist")
+
+    (tmp_path / "flat" / "images").mkdir(parents=True)
+    with pytest.raises(UsageError) as excinfo:
+        load_split(str(tmp_path / "flat"), "train")
+    assert_usage_error(excinfo, "no train/ subfolder", "images/", "train/<class>/<image>")
+
+    (tmp_path / "empty" / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "empty" / "train" / "cat" / "notes.txt").write_text("not an image")
+    with pytest.raises(UsageError) as excinfo:
+        load_split(str(tmp_path / "empty"), "train")
+    assert_usage_error(excinfo, "no images found", "subfolder")
+
+
+def test_folder_without_test_split_is_a_usage_error(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "only-train", {"train": {"cat": 1, "dog": 1}})
+    (root / "extra").mkdir()
+    with pytest.raises(UsageError) as excinfo:
+        load_split(str(root), "test")
+    assert_usage_error(excinfo, "no test split", "extra/, train/", "val/<class>/<image>")
+
+
+def test_unknown_spec_is_a_usage_error() -> None:
+    with pytest.raises(UsageError) as excinfo:
+        load_split("dgits", "train")
+    assert_usage_error(excinfo, "unknown dataset 'dgits'", "digits", "train/<class>/<image>", "hf:NAME")
+    with pytest.raises(UsageError) as excinfo:
+        load_split("hf:", "train")
+    assert_usage_error(excinfo, "hf:NAME")
+    with pytest.raises(ValueError):
+        load_split("digits", "validation")
+
+
+def test_unknown_hub_dataset_fails_fast_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+    import huggingface_hub.constants
+
+    # The flag is read at import time, so set the imported copies as well as the environment.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UsageError) as excinfo:
+        load_split("hf:no-such-user/no-such-dataset", "train")
+    assert_usage_error(excinfo, "could not load hub dataset 'no-such-user/no-such-dataset'", "network", "local image folder")
+
+
+# ---- real data (skipped without ../shared/data)
+
+
+def test_cifar10_slice_builds_with_class_names(cifar10_slice: Path, hf_cache: Path) -> None:
+    train, info = build_dataset(str(cifar10_slice), "train", 32, train=True)
+    assert len(train) == 200 and info.num_classes == 10 and info.class_names == CIFAR10_CLASSES
+    images, labels = next(iter(DataLoader(train, batch_size=200)))
+    assert images.shape == (200, 3, 32, 32) and images.dtype == torch.float32
+    assert 0.0 <= images.min() and images.max() <= 1.0 and images.std() > 0.1  # real, varied pixels
+    assert Counter(labels.tolist()) == {c: 20 for c in range(10)}
+    test, test_info = build_dataset(str(cifar10_slice), "test", 32, train=False)
+    assert len(test) == 100 and test_info.class_names == CIFAR10_CLASSES
+
+
+def test_imagenette_slice_falls_back_to_val(imagenette_slice: Path, hf_cache: Path) -> None:
+    test, info = load_split(str(imagenette_slice), "test")  # .JPEG files under val/<wnid>/
+    assert len(test) == 20 and info.num_classes == 10 and info.class_names[0] == "n01440764"
+    image, label = test[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, 128, 128) and label in range(10)
