@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ class TrainConfig:
     hflip: bool = True  # random horizontal flips
     streaming: bool = False  # stream hf: datasets instead of downloading them whole
     num_workers: int = 2  # DataLoader worker processes per training process
+    cpu_threads: int = 0  # torch threads per process when training on CPU; 0: available cores / local processes
     batch_size: int = 128  # global batch: across all processes and accumulation steps
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     max_steps: int = 1500  # optimizer steps (ignored when --epochs is set)
@@ -167,6 +169,10 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
         project_dir=config.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    if accelerator.device.type == "cpu":
+        # `accelerate launch` without --cpu pins OMP_NUM_THREADS=1, which halves a 2-core machine.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # processes on this machine
+        torch.set_num_threads(config.cpu_threads or max(1, len(os.sched_getaffinity(0)) // local))
     run_dir = prepare_run_dir(config) if accelerator.is_main_process else Path(config.output_dir)
     accelerator.wait_for_everyone()
     set_seed(config.seed, device_specific=False)
@@ -280,52 +286,54 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
     values: dict = {}  # the last logged training metrics
     epoch = step // steps_per_epoch if steps_per_epoch else 0
     objective.train()
-    while step < total_steps:
-        train_loader.set_epoch(epoch)
-        # A resumed run skips the batches of this epoch it has already trained on.
-        skip = (step - epoch * steps_per_epoch) * config.grad_accum_steps if steps_per_epoch else 0
-        batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        for images, labels in batches:
-            with accelerator.accumulate(objective):
-                loss, metrics = objective(images, labels)
-                if not torch.isfinite(loss):
-                    last = ckpt_io.list_checkpoints(run_dir)
-                    raise UsageError(
-                        f"loss is {loss.item()} at step {step}; the last good checkpoint is "
-                        f"{last[-1] if last else 'none'}: try a lower --lr, --mixed-precision no, or --grad-clip 1"
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.grad_clip > 0:
-                    metrics["grad_norm"] = accelerator.clip_grad_norm_(objective.parameters(), config.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            for k, v in metrics.items():
-                window["sums"][k] = window["sums"].get(k, 0) + v.detach().float()
-            if not accelerator.sync_gradients:
-                continue
-            # ---- one optimizer step done
-            scheduler.step()
-            step += 1
-            window["steps"] += 1
-            bar.update(1)
-            if step % config.log_every == 0 or step == total_steps:
-                now = time.perf_counter()
-                n_micro = window["steps"] * config.grad_accum_steps
-                values = {f"train/{k}": accelerator.reduce(v, "mean").item() / (n_micro if k != "grad_norm" else window["steps"])
-                          for k, v in window["sums"].items()}
-                values["train/lr"] = scheduler.get_last_lr()[0]
-                values["train/images_per_s"] = window["steps"] * config.batch_size / (now - window["t"])
-                log(values, step)
-                bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}")
-                window = {"t": time.perf_counter(), "steps": 0, "sums": {}}
-            if config.eval_every and step % config.eval_every == 0 and step < total_steps:
-                run_eval(step)
-            if step % config.save_every == 0 and step < total_steps:
-                save(step)
-            if step >= total_steps:
-                break
-        epoch += 1
-    bar.close()
+    try:
+        while step < total_steps:
+            train_loader.set_epoch(epoch)
+            # A resumed run skips the batches of this epoch it has already trained on.
+            skip = (step - epoch * steps_per_epoch) * config.grad_accum_steps if steps_per_epoch else 0
+            batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+            for images, labels in batches:
+                with accelerator.accumulate(objective):
+                    loss, metrics = objective(images, labels)
+                    if not torch.isfinite(loss):
+                        last = ckpt_io.list_checkpoints(run_dir)
+                        raise UsageError(
+                            f"loss is {loss.item()} at step {step + 1}; the last good checkpoint is "
+                            f"{last[-1] if last else 'none'}: try a lower --lr, --mixed-precision no, or --grad-clip 1"
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.grad_clip > 0:
+                        metrics["grad_norm"] = accelerator.clip_grad_norm_(objective.parameters(), config.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for k, v in metrics.items():
+                    window["sums"][k] = window["sums"].get(k, 0) + v.detach().float()
+                if not accelerator.sync_gradients:
+                    continue
+                # ---- one optimizer step done
+                scheduler.step()
+                step += 1
+                window["steps"] += 1
+                bar.update(1)
+                if step % config.log_every == 0 or step == total_steps:
+                    now = time.perf_counter()
+                    n_micro = window["steps"] * config.grad_accum_steps
+                    values = {f"train/{k}": accelerator.reduce(v, "mean").item() / (n_micro if k != "grad_norm" else window["steps"])
+                              for k, v in window["sums"].items()}
+                    values["train/lr"] = scheduler.get_last_lr()[0]
+                    values["train/images_per_s"] = window["steps"] * config.batch_size / (now - window["t"])
+                    log(values, step)
+                    bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}")
+                    window = {"t": time.perf_counter(), "steps": 0, "sums": {}}
+                if config.eval_every and step % config.eval_every == 0 and step < total_steps:
+                    run_eval(step)
+                if step % config.save_every == 0 and step < total_steps:
+                    save(step)
+                if step >= total_steps:
+                    break
+            epoch += 1
+    finally:
+        bar.close()  # ends the bar's line, so an error message starts on a line of its own
 
     # ---- final evaluation and checkpoint
     results = run_eval(step)

@@ -11,7 +11,7 @@ from mpp.model import PRESETS, SIZES, ViT, resample_pos_embed, timm_kwargs, vit_
 
 
 def small(name="Micro/4", **kw):
-    return vit_config(name, **{"depth": 2, **kw})
+    return vit_config(name, **{"depth": 2, "image_size": 32, **kw})
 
 
 @pytest.mark.parametrize(
@@ -32,6 +32,7 @@ def test_every_preset_parses_and_small_image_presets_are_32px():
         c = vit_config(name)
         assert c.image_size % c.patch_size == 0
     assert vit_config("Ti/4").image_size == 32 and vit_config("S/4").embed_dim == 384
+    assert vit_config("Micro/4").image_size == 16  # the offline default: 8×8 digits upsampled
     assert vit_config("B/32").patch_size == 32  # any SIZE/PATCH
     assert set(SIZES) >= {"Ti", "S", "B", "L", "H"}
 
@@ -69,7 +70,7 @@ def test_shapes_and_every_parameter_gets_a_gradient():
 
 @pytest.mark.parametrize("name, image", [("Micro/4", 32), ("Ti/16", 224)])
 def test_timm_state_dict_round_trip_and_equal_outputs(name, image):
-    c = vit_config(name, depth=2, num_classes=10)
+    c = vit_config(name, depth=2, num_classes=10, image_size=image)
     ours = ViT(c).eval()
     theirs = timm_vit.VisionTransformer(**timm_kwargs(c)).eval()
     assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
@@ -116,12 +117,12 @@ def test_resample_keeps_same_grid_identical():
 
 def test_checkpoint_of_another_shape_names_the_parameters():
     model = ViT(small())
-    other = ViT(vit_config("Ti/4", depth=2)).state_dict()
+    other = ViT(vit_config("Ti/4", depth=2, image_size=16)).state_dict()
     with pytest.raises(UsageError) as e:
         load_vit_weights(model, other, "ckpt.pt", hint="pass --model Ti/4")
     msg = str(e.value)
     assert "\n" not in msg and "ckpt.pt holds a model of another shape" in msg
     assert "pos_embed" in msg and "pass --model Ti/4" in msg
-    deeper = ViT(vit_config("Micro/4", depth=3)).state_dict()
+    deeper = ViT(vit_config("Micro/4", depth=3, image_size=32)).state_dict()
     with pytest.raises(UsageError, match=r"unexpected blocks\.2\."):
         check_shapes(model, deeper, "x")

@@ -1,0 +1,178 @@
+"""The training loop: schedule, flags, bad input, and end-to-end runs (kill → resume → few-shot,
+two processes under `accelerate launch`, real CIFAR-10 images)."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpp.checkpoint import list_checkpoints, load_checkpoint
+from mpp.model import ViT, vit_config
+from mpp.objective import MPPObjective
+from mpp.train import TrainConfig, lr_factor, main, param_groups, parse_args, train
+
+REPO = Path(__file__).resolve().parents[1]
+# A few seconds per run: 2-block Micro at 16 px, small batches, no worker processes.
+FAST = ["--batch-size", "32", "--num-workers", "0", "--log-every", "5", "--warmup-steps", "5"]
+
+
+def run_script(*args, timeout=300, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=env, **kw)
+
+
+def read_metrics(run):
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lr_schedule_warmup_then_decay():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    f = [lr_factor(s, cfg, 100) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[9:], f[10:]))  # monotone decay after warmup
+    assert lr_factor(100, cfg, 100) == pytest.approx(0.1)  # ends at min_lr / lr
+    assert lr_factor(55, cfg, 100) == pytest.approx(0.1 + 0.9 * 0.5)  # cosine midpoint
+    lin = TrainConfig(lr=1e-3, warmup_steps=0, schedule="linear")
+    assert lr_factor(25, lin, 100) == pytest.approx(0.75)
+
+
+def test_no_weight_decay_on_norms_biases_embeddings():
+    obj = MPPObjective(ViT(vit_config("Micro/4", depth=1, num_classes=0)))
+    decay, no_decay = param_groups(obj, 0.1)
+    names = {id(p): n for n, p in obj.named_parameters()}
+    undecayed = {names[id(p)] for p in no_decay["params"]}
+    assert {"mask_token", "vit.cls_token", "vit.pos_embed", "vit.norm.weight", "vit.blocks.0.attn.qkv.bias"} <= undecayed
+    assert {names[id(p)] for p in decay["params"]} == {
+        n for n, p in obj.named_parameters() if p.ndim >= 2 and n not in ("vit.cls_token", "vit.pos_embed", "mask_token")}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+def test_flags_come_from_the_dataclasses():
+    cfg, mpp = parse_args("mpp", ["--crop-scale", "0.3", "1.0", "--no-hflip", "--corrupt-rate", "0.15",
+                                  "--target", "l2", "--batch-size", "64"])
+    assert cfg.objective == "mpp" and cfg.crop_scale == (0.3, 1.0) and cfg.hflip is False and cfg.batch_size == 64
+    assert mpp.corrupt_rate == 0.15 and mpp.target == "l2" and cfg.output_dir == "runs/mpp"
+    sup, _ = parse_args("supervised", [])
+    assert sup.objective == "supervised" and sup.output_dir == "runs/supervised"
+    with pytest.raises(SystemExit):  # MPP flags are not offered to the supervised script
+        parse_args("supervised", ["--corrupt-rate", "0.5"])
+
+
+def one_line_error(capsys, objective, argv):
+    with pytest.raises(SystemExit) as e:
+        main(objective, argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    # one error line, the last thing printed (after any progress bar), and no traceback
+    assert len(lines) == 1 and err.rstrip().endswith(lines[0]) and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [(["--dataset", "no/such/folder"], "does not exist"),
+     (["--model", "Q/16"], "unknown model preset"),
+     (["--image-size", "30"], "not divisible by the patch size"),
+     (["--corrupt-rate", "1.5"], "corrupt rate"),
+     (["--mask-prob", "0.5"], "sum to 1"),
+     (["--resume"], "no checkpoint"),
+     (["--batch-size", "1000000"], "smaller than one batch")],
+)
+def test_bad_input_is_one_line(tmp_path, capsys, argv, expected):
+    msg = one_line_error(capsys, "mpp", ["--output-dir", str(tmp_path / "run"), *FAST, *argv])
+    assert expected in msg
+
+
+def test_output_dir_not_writable(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert "pass a writable --output-dir" in one_line_error(capsys, "mpp", ["--output-dir", str(blocker / "run")])
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path, capsys):
+    msg = one_line_error(capsys, "supervised", ["--output-dir", str(tmp_path / "run"), *FAST, "--max-steps", "20",
+                                                "--lr", "1e30", "--grad-clip", "0", "--warmup-steps", "0"])
+    assert "at step" in msg and "lower --lr" in msg
+
+
+@pytest.mark.slow
+def test_pretrain_kill_resume_then_fewshot(tmp_path):
+    run = tmp_path / "run"
+    args = ["scripts/pretrain_mpp.py", "--output-dir", str(run), *FAST, "--max-steps", "60", "--save-every", "10"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not list_checkpoints(run) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up: what is on disk must be enough
+    proc.wait()
+    saved = list_checkpoints(run)
+    assert saved, "the run was killed before its first checkpoint"
+    killed_at = load_checkpoint(saved[-1])["step"]
+    assert killed_at < 60
+
+    # Without --resume the run directory is protected.
+    again = run_script(*args)
+    assert again.returncode == 2 and "pass --resume" in again.stderr and "Traceback" not in again.stderr
+
+    resumed = run_script(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed {run} at step {killed_at}" in resumed.stdout + resumed.stderr
+    final = load_checkpoint(list_checkpoints(run)[-1])
+    assert final["step"] == 60 and len(list_checkpoints(run)) <= 3
+    steps = [m["step"] for m in read_metrics(run) if "train/loss" in m]
+    assert steps[-1] == 60 and all(s > killed_at for s in steps[steps.index(killed_at + 5):])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 60 and 0 <= summary["eval"]["accuracy"] <= 1
+    assert (run / "config.json").is_file() and list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    # the schedule continued: the lr at the end is the cosine's end, not a restarted warmup
+    assert read_metrics(run)[-2]["train/lr"] < 1e-4
+
+    # A checkpoint of another shape is refused with the parameters named.
+    other = run_script(*args, "--resume", "--model", "Ti/4")
+    assert other.returncode == 2 and "another shape" in other.stderr and "--model Micro/4" in other.stderr
+
+    fs = run_script("eval/fewshot.py", "--run", str(run), "--shots", "1", "5", "--seeds", "2")
+    assert fs.returncode == 0, fs.stderr[-2000:]
+    result = json.loads((run / "fewshot.json").read_text())
+    assert set(result["results"]) == {"1", "5"} and result["step"] == 60
+
+
+@pytest.mark.slow
+def test_two_processes_through_accelerate_launch(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        ["accelerate", "launch", "--num_processes", "2", "--cpu", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "scripts/pretrain_mpp.py", "--output-dir", str(run), *FAST, "--max-steps", "10"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = load_checkpoint(list_checkpoints(run)[-1])
+    assert ckpt["step"] == 10
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics if "train/loss" in m] == [5, 10]  # one writer, not two
+    # 2 processes × 16 images = the global batch of 32; the data is sharded, not duplicated
+    assert ckpt["config"]["train"]["batch_size"] == 32
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["mpp", "supervised"])
+def test_short_run_on_real_cifar10_images(tmp_path, cifar10_slice, objective):
+    cfg, mpp = parse_args(objective, ["--dataset", str(cifar10_slice), "--model", "Micro/4", "--image-size", "32",
+                                      "--output-dir", str(tmp_path / objective), *FAST, "--max-steps", "6"])
+    run = train(cfg, mpp)
+    summary = json.loads((run / "summary.json").read_text())
+    config = json.loads((run / "config.json").read_text())
+    assert summary["steps"] == 6 and math.isfinite(summary["eval"]["loss"])
+    assert config["data"]["class_names"][:2] == ["airplane", "automobile"]
+    assert torch.isfinite(torch.tensor(read_metrics(run)[0]["train/loss"]))
