@@ -11,11 +11,7 @@ import argparse
 import dataclasses
 import json
 import re
-import sys
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python eval/fewshot.py`: make the repo root (mpp, eval) importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
@@ -26,6 +22,7 @@ from mpp.checkpoint import CKPT_RE, load_run, write_json
 from mpp.data import DEFAULT_DATASET, build_dataset, normalize
 from mpp.errors import UsageError, cli_main
 from mpp.model import ViT, ViTConfig, vit_config
+from triton_kernels.gate import set_kernel_mode
 
 BIAS = 100.0  # the constant feature: large, so the bias weight is (almost) not regularised
 STD_KIND = "population (ddof=0) over seeds"
@@ -219,6 +216,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-test", type=int, default=0, metavar="N", help="test on a fixed random N images; 0 = all (0)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda if there is one")
+    p.add_argument("--kernels", default="", help="attention/LayerNorm: auto | triton | torch ($MPP_KERNELS or auto)")
     p.add_argument("--output", metavar="PATH", help="results JSON (default: RUN_DIR/fewshot[-random-init].json)")
     args = p.parse_args(argv)
     checks = [("--shots", args.shots, min(args.shots) >= 1, "pass 1 or more examples per class"),
@@ -237,6 +235,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @cli_main
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.kernels:
+        set_kernel_mode(args.kernels)
     config, vit, run_dir, ckpt_path = build_model(args)
     train_cfg = (config or {}).get("train", {})
     dataset = args.dataset or train_cfg.get("dataset", DEFAULT_DATASET)

@@ -13,7 +13,6 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from mpp import ops
 from mpp.errors import UsageError

@@ -23,6 +23,7 @@ from mpp.data import build_dataset
 from mpp.errors import UsageError
 from mpp.model import ViT, vit_config
 from mpp.objective import MPPConfig, MPPObjective, SupervisedObjective
+from triton_kernels.gate import decisions, set_kernel_mode
 
 OBJECTIVES = ("mpp", "supervised")
 
@@ -52,6 +53,7 @@ class TrainConfig:
     beta2: float = 0.999  # Adam β2 (the paper's)
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables
     label_smoothing: float = 0.0  # supervised objective only
+    kernels: str = ""  # attention/LayerNorm: auto (our Triton kernels where supported) | triton | torch; empty: $MPP_KERNELS or auto
     mixed_precision: str = ""  # no | fp16 | bf16; empty: what `accelerate launch` / `accelerate config` says
     output_dir: str = "runs/mpp"  # the run directory: config, TensorBoard events, metrics, checkpoints
     seed: int = 0  # seeds initialisation, data order, augmentation and corruption
@@ -159,6 +161,8 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
     # ---- config
     config.validate()
     mpp_config.validate()
+    if config.kernels:
+        set_kernel_mode(config.kernels)
     vit_cfg = vit_config(config.model, image_size=config.image_size or None, dropout=config.dropout)
 
     # ---- accelerator
@@ -284,6 +288,7 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
     started = time.perf_counter()
     window = {"t": time.perf_counter(), "steps": 0, "sums": {}}
     values: dict = {}  # the last logged training metrics
+    start_step = step
     epoch = step // steps_per_epoch if steps_per_epoch else 0
     objective.train()
     try:
@@ -315,6 +320,8 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
                 step += 1
                 window["steps"] += 1
                 bar.update(1)
+                if step == start_step + 1:  # the first step of this process: say which kernels run
+                    accelerator.print(f"kernels: {decisions()}")
                 if step % config.log_every == 0 or step == total_steps:
                     now = time.perf_counter()
                     n_micro = window["steps"] * config.grad_accum_steps

@@ -1,4 +1,4 @@
-"""Shared test helpers: small slices of the real image data in ../shared/data."""
+"""Shared test set-up: the kernel mode, and small slices of the real image data in ../shared/data."""
 from __future__ import annotations
 
 import os
@@ -9,11 +9,24 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter. Triton reads
+# this when a kernel is defined, so it is set before any test module imports triton_kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 # The real data sits beside the repo, never inside it; a user's machine may not have it.
 SHARED_DATA = REPO.parent / "shared" / "data"
 SLICE_CACHE = REPO / ".cache" / "shared-slices"  # git-ignored (.cache/)
+
+
+@pytest.fixture(autouse=True)
+def torch_kernels_by_default(monkeypatch):
+    """Tests run the PyTorch ops unless they ask for the kernels (MPP_KERNELS=triton): under the
+    interpreter the kernels are exact but far too slow for training tests."""
+    monkeypatch.setenv("MPP_KERNELS", "torch")
 
 
 def shared_slice(archive: str, per_class: dict[str, int], root_in_archive: str = "") -> Path:
