@@ -155,7 +155,7 @@ def evaluate(objective: torch.nn.Module, loader: DataLoader, accelerator, seed: 
 def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
     """Train, log and checkpoint one run; returns its directory."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
     from tqdm.auto import tqdm
 
     # ---- config
@@ -177,8 +177,18 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
         # `accelerate launch` without --cpu pins OMP_NUM_THREADS=1, which halves a 2-core machine.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # processes on this machine
         torch.set_num_threads(config.cpu_threads or max(1, len(os.sched_getaffinity(0)) // local))
-    run_dir = prepare_run_dir(config) if accelerator.is_main_process else Path(config.output_dir)
-    accelerator.wait_for_everyone()
+    # The main process checks and creates the run directory; every process learns the verdict, so a
+    # bad --output-dir stops them all instead of leaving the others waiting.
+    verdict = [None]
+    if accelerator.is_main_process:
+        try:
+            prepare_run_dir(config)
+        except UsageError as e:
+            verdict[0] = str(e)
+    broadcast_object_list(verdict)
+    if verdict[0]:
+        raise UsageError(verdict[0])
+    run_dir = Path(config.output_dir)
     set_seed(config.seed, device_specific=False)
     world = accelerator.num_processes * config.grad_accum_steps
     if config.batch_size % world:
@@ -238,11 +248,11 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
         if found is None:
             raise UsageError(f"--resume: no readable checkpoint in '{ckpt_io.checkpoint_dir(run_dir)}': drop --resume")
         state, path = found
-        saved = state["config"]["train"]
+        saved = state["config"]
         weights = {**state["objective"], **{f"vit.{k}": v for k, v in state["model"].items()}}
         ckpt_io.check_shapes(model, weights, str(path), hint=(
-            f"resume with the settings the run was trained with (--model {saved['model']} "
-            f"--image-size {saved['image_size']} --objective {saved['objective']}) or pass a new --output-dir"))
+            f"resume with what the run was trained with (scripts/pretrain_{saved['train']['objective']}.py "
+            f"--model {saved['train']['model']} --image-size {saved['vit']['image_size']}) or pass a new --output-dir"))
         model.load_state_dict(weights)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
