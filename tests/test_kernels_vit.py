@@ -37,6 +37,15 @@ def test_gate_modes_and_reasons(monkeypatch):
         gate.kernel_mode()
 
 
+@needs_triton
+def test_public_api_names_the_functions_not_the_submodules():
+    import triton_kernels.attention  # noqa: F401  (a submodule import must not shadow the function)
+    import triton_kernels.layer_norm  # noqa: F401
+    from triton_kernels import attention, layer_norm
+
+    assert callable(attention) and callable(layer_norm)
+
+
 def test_triton_missing_falls_back(monkeypatch):
     monkeypatch.setenv("MPP_KERNELS", "auto")
     monkeypatch.setattr(gate, "TRITON_MISSING", "triton is not installed (pip install triton)")

@@ -4,21 +4,21 @@
 
 Each op's file holds the `@triton.jit` kernels, the launchers, the autograd wiring, a functional
 API, a thin module and the pure-PyTorch reference the tests check against. `gate.use_triton`
-decides per call whether the kernel or PyTorch runs (see `triton_kernels/gate.py`). Attributes
-are imported lazily so `import triton_kernels` works on machines without Triton.
+decides per call whether the kernel or PyTorch runs (see `triton_kernels/gate.py`). Without
+Triton installed the package still imports (the gate then always picks PyTorch).
 """
-import importlib
+from triton_kernels.gate import TRITON_MISSING
 
-_EXPORTS = {
-    "attention": "attention", "attention_ref": "attention", "attention_supported": "attention",
-    "FlashAttention": "attention",
-    "layer_norm": "layer_norm", "layer_norm_ref": "layer_norm", "layer_norm_supported": "layer_norm",
-    "LayerNorm": "layer_norm",
-}
-__all__ = sorted(_EXPORTS)
+if TRITON_MISSING is None:
+    # Importing the functions binds the package attributes `attention` / `layer_norm` to them,
+    # not to the submodules of the same name.
+    from triton_kernels.attention import FlashAttention, attention, attention_ref, attention_supported
+    from triton_kernels.layer_norm import LayerNorm, layer_norm, layer_norm_ref, layer_norm_supported
 
+    __all__ = ["FlashAttention", "LayerNorm", "attention", "attention_ref", "attention_supported",
+               "layer_norm", "layer_norm_ref", "layer_norm_supported"]
+else:
+    __all__ = []
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"triton_kernels.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'triton_kernels' has no attribute {name!r}")
+    def __getattr__(name):
+        raise AttributeError(f"triton_kernels.{name} is unavailable: {TRITON_MISSING}")

@@ -1,0 +1,469 @@
+"""Non-causal softmax attention, FlashAttention-2 style (forward + backward), for the ViT.
+
+Public API: `attention(q, k, v, scale=None)` (differentiable), the `FlashAttention` module,
+`attention_ref` (the op's definition: softmax in fp32, output in q.dtype) and
+`attention_supported(q, k, v)` (None, or why the kernel cannot take these inputs).
+
+q: [B, H, Nq, D], k, v: [B, H, Nk, D], any strides (the ViT's permuted qkv views go in as they are;
+strides are kernel arguments). Output: [B, H, Nq, D] contiguous, in q.dtype. Nq, Nk >= 1.
+Head dims 1..128; a non-power-of-two D is padded to BLOCK_D = max(16, next_power_of_2(D)) lanes
+with masked loads and stores (zeros in the pad change no dot product). fp16 / bf16 use tensor cores
+with fp32 accumulation; fp32 uses exact IEEE products (`input_precision="ieee"`, never tf32).
+
+Forward: one program per (query block, batch*head) walks all key blocks with an online softmax
+(running max m_i, running sum l_i, fp32 accumulator) in base 2: scale*log2(e) is folded into the
+scores so each exponential is one exp2. It saves LSE = logsumexp_j(scale * q.k_j) (natural log,
+[B, H, Nq] fp32). Backward: delta = rowsum(dO * O), then a dk/dv kernel (one program per key block,
+looping over query blocks) and a dq kernel (one program per query block, looping over key blocks),
+both recomputing P = exp(scale * q k^T - LSE). No atomics: deterministic.
+
+Tails: every tile load is masked (rows past N read as 0). Key columns past Nk get -inf before the
+exponential, so they weigh exactly 0. A fully masked row cannot occur: each key block of the loop
+starts below Nk, so it holds at least one real key and every row's running max is finite after the
+first block, even for the pad rows past Nq (q = 0 there: scores 0, finite), whose results are
+simply never stored.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+MAX_HEAD_DIM = 128
+MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1, where batch*heads goes
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _mma(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b. IEEE (fp32 inputs): exact fp32 products; else fp16/bf16 tensor cores."""
+    if IEEE:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _head_mask(offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Lanes < HEAD_DIM. Power-of-two head dims get an all-true constant: masks stay uniform along D,
+    so the compiler keeps vectorized loads and stores."""
+    if HEAD_DIM == BLOCK_D:
+        mask = tl.full([BLOCK_D], 1, tl.int1)
+    else:
+        mask = offs_d < HEAD_DIM
+    return mask
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q,  # *[B, H, Nq, D] queries, any strides
+    K,  # *[B, H, Nk, D] keys, any strides
+    V,  # *[B, H, Nk, D] values, any strides
+    Out,  # *[B, H, Nq, D] output, q.dtype
+    LSE,  # *[B, H, Nq] fp32, contiguous: natural-log logsumexp of the scaled scores of each row
+    qk_scale,  # softmax scale * log2(e): scaled scores go straight into exp2
+    stride_qb, stride_qh, stride_qn, stride_qd,  # Q strides, in elements
+    stride_kb, stride_kh, stride_kn, stride_kd,  # K strides
+    stride_vb, stride_vh, stride_vn, stride_vd,  # V strides
+    stride_ob, stride_oh, stride_on, stride_od,  # Out strides
+    H,  # heads: program_id(1) = b * H + h
+    N_Q,  # query rows (tail block masked)
+    N_K,  # key rows (tail block masked, scores set to -inf)
+    HEAD_DIM: tl.constexpr,  # true head dim D (<= BLOCK_D; lanes past it are masked)
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # key rows per loop step
+    BLOCK_D: tl.constexpr,  # max(16, next_power_of_2(D))
+    IEEE: tl.constexpr,  # fp32 inputs: IEEE-exact dot products
+):
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)  # int64 base offsets: B*H*N*D may pass 2**31
+    off_h = (off_bh % H).to(tl.int64)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    Out += off_b * stride_ob + off_h * stride_oh
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < N_Q
+    mask_d = _head_mask(offs_d, HEAD_DIM, BLOCK_D)
+    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, N_K, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < N_K
+        kT = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=mask_n[None, :] & mask_d[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        s = _mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE) * qk_scale
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the block holds >= 1 real key
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)  # 0 on the first step (m_i = -inf)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]  # l_i >= 1: the row max contributes exp2(0)
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
+    tl.store(LSE + off_bh.to(tl.int64) * N_Q + offs_m, lse, mask=mask_m)
+    tl.store(Out + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+             acc.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    Out,  # *[B, H, N, D] forward output
+    DO,  # *[B, H, N, D] upstream gradient, any strides
+    Delta,  # *[B, H, N] fp32 out: rowsum(dO * O)
+    stride_ob, stride_oh, stride_on, stride_od,  # Out strides
+    stride_dob, stride_doh, stride_don, stride_dod,  # DO strides
+    H,  # heads: program_id(1) = b * H + h
+    N_Q,  # query rows
+    HEAD_DIM: tl.constexpr,  # true head dim
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_D: tl.constexpr,  # padded head dim
+):
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < N_Q
+    mask = mask_m[:, None] & _head_mask(offs_d, HEAD_DIM, BLOCK_D)[None, :]
+    o = tl.load(Out + off_b * stride_ob + off_h * stride_oh
+                + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od, mask=mask, other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh
+                 + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + off_bh.to(tl.int64) * N_Q + offs_m, delta, mask=mask_m)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V,  # *[B, H, N, D] forward inputs, any strides
+    DO,  # *[B, H, Nq, D] upstream gradient, any strides
+    LSE,  # *[B, H, Nq] fp32 natural-log logsumexp saved by the forward
+    Delta,  # *[B, H, Nq] fp32 rowsum(dO * O)
+    DK, DV,  # *[B, H, Nk, D] gradient outputs, k.dtype
+    qk_scale,  # softmax scale * log2(e)
+    sm_scale,  # softmax scale (dS -> dK)
+    stride_qb, stride_qh, stride_qn, stride_qd,  # Q strides
+    stride_kb, stride_kh, stride_kn, stride_kd,  # K strides
+    stride_vb, stride_vh, stride_vn, stride_vd,  # V strides
+    stride_dob, stride_doh, stride_don, stride_dod,  # DO strides
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,  # DK strides (DV shares them)
+    H,  # heads: program_id(1) = b * H + h
+    N_Q,  # query rows
+    N_K,  # key rows
+    HEAD_DIM: tl.constexpr,  # true head dim
+    BLOCK_M: tl.constexpr,  # query rows per loop step
+    BLOCK_N: tl.constexpr,  # key rows per program
+    BLOCK_D: tl.constexpr,  # padded head dim
+    IEEE: tl.constexpr,  # fp32 inputs: IEEE-exact dot products
+):
+    start_n = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    DO += off_b * stride_dob + off_h * stride_doh
+    LSE += off_bh.to(tl.int64) * N_Q
+    Delta += off_bh.to(tl.int64) * N_Q
+
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N_K
+    mask_d = _head_mask(offs_d, HEAD_DIM, BLOCK_D)
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=mask_nd, other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=mask_nd, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, N_Q, BLOCK_M):
+        rows = start_m + offs_m
+        mask_m = rows < N_Q
+        qT = tl.load(Q + rows[None, :] * stride_qn + offs_d[:, None] * stride_qd,
+                     mask=mask_m[None, :] & mask_d[:, None], other=0.0)  # [BLOCK_D, BLOCK_M]
+        lse = tl.load(LSE + rows, mask=mask_m, other=0.0) * 1.4426950408889634  # log2 domain
+        sT = _mma(k, qT, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), IEEE) * qk_scale
+        # P^T; pad query columns and pad key rows weigh 0 (pad rows would give exp2(0 - lse) otherwise)
+        sT = tl.where(mask_n[:, None] & mask_m[None, :], sT, float("-inf"))
+        pT = tl.exp2(sT - lse[None, :])
+        do = tl.load(DO + rows[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+        dv = _mma(pT.to(do.dtype), do, dv, IEEE)
+        delta = tl.load(Delta + rows, mask=mask_m, other=0.0)
+        dpT = _mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), IEEE)
+        dsT = pT * (dpT - delta[None, :])
+        dk = _mma(dsT.to(qT.dtype), tl.trans(qT), dk, IEEE)
+    dk = dk * sm_scale
+    dk_offs = off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    tl.store(DK + dk_offs, dk.to(DK.dtype.element_ty), mask=mask_nd)
+    tl.store(DV + dk_offs, dv.to(DV.dtype.element_ty), mask=mask_nd)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V,  # *[B, H, N, D] forward inputs, any strides
+    DO,  # *[B, H, Nq, D] upstream gradient, any strides
+    LSE,  # *[B, H, Nq] fp32 natural-log logsumexp saved by the forward
+    Delta,  # *[B, H, Nq] fp32 rowsum(dO * O)
+    DQ,  # *[B, H, Nq, D] gradient output, q.dtype
+    qk_scale,  # softmax scale * log2(e)
+    sm_scale,  # softmax scale (dS -> dQ)
+    stride_qb, stride_qh, stride_qn, stride_qd,  # Q strides
+    stride_kb, stride_kh, stride_kn, stride_kd,  # K strides
+    stride_vb, stride_vh, stride_vn, stride_vd,  # V strides
+    stride_dob, stride_doh, stride_don, stride_dod,  # DO strides
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,  # DQ strides
+    H,  # heads: program_id(1) = b * H + h
+    N_Q,  # query rows
+    N_K,  # key rows
+    HEAD_DIM: tl.constexpr,  # true head dim
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # key rows per loop step
+    BLOCK_D: tl.constexpr,  # padded head dim
+    IEEE: tl.constexpr,  # fp32 inputs: IEEE-exact dot products
+):
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    DO += off_b * stride_dob + off_h * stride_doh
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < N_Q
+    mask_d = _head_mask(offs_d, HEAD_DIM, BLOCK_D)
+    mask_md = mask_m[:, None] & mask_d[None, :]
+    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=mask_md, other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod, mask=mask_md, other=0.0)
+    lse = tl.load(LSE + off_bh.to(tl.int64) * N_Q + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+    delta = tl.load(Delta + off_bh.to(tl.int64) * N_Q + offs_m, mask=mask_m, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, N_K, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < N_K
+        mask_dn = mask_d[:, None] & mask_n[None, :]
+        kT = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=mask_dn, other=0.0)
+        vT = tl.load(V + cols[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=mask_dn, other=0.0)
+        s = _mma(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE) * qk_scale
+        s = tl.where(mask_n[None, :], s, float("-inf"))  # pad keys: P = 0, not exp2(0 - lse)
+        p = tl.exp2(s - lse[:, None])
+        dp = _mma(do, vT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
+        ds = p * (dp - delta[:, None])
+        dq = _mma(ds.to(kT.dtype), tl.trans(kT), dq, IEEE)
+    dq = dq * sm_scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqn
+             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=mask_md)
+
+
+# Launch configurations (fixed heuristics, no autotuning), keyed on the padded head dim and dtype.
+# GPU (chosen for H100/H200, also fine on A100; checked by compiling for sm_90 and sm_80 with
+# ptxas -v: no register spills, shared memory <= 128 KB; speed not measured):
+#   forward: BLOCK_M=128 queries x BLOCK_N=64 keys (the FA2 / Triton-tutorial shape), 8 warps (two
+#     Hopper warpgroups of 64 rows each; ~120-180 registers/thread, where 4 warps need ~230 at D=64),
+#     3 stages to pipeline the K/V loads (128 KB of shared memory at D=128).
+#   backward: the looped-over operand is the small one (tutorial shape): dk/dv programs hold
+#     BLOCK_N=128 keys (64 at D=128) and step 32 queries, 8 warps; dq programs hold 128 queries
+#     (64 at D=128) and step 32 keys, 4 warps; 3 stages. D=128 halves the held block because the
+#     dk+dv fp32 accumulators plus k, v otherwise run out of registers.
+#   fp32 (the IEEE test path: FMA, not tensor cores): 64/32-row tiles, 8 warps, 2 stages; larger
+#     fp32 tiles spill.
+# Interpreter: 64 x 32 tiles (valid GPU shapes; fewer, larger numpy ops run faster there than
+#   small tiles), with BLOCK_M != BLOCK_N so a mix-up of the two shows up in the tests.
+def _configs(block_d: int, dtype: torch.dtype) -> dict[str, dict[str, int]]:
+    if _interpreting():
+        return {"fwd": dict(BLOCK_M=64, BLOCK_N=32), "dkdv": dict(BLOCK_M=32, BLOCK_N=64),
+                "dq": dict(BLOCK_M=64, BLOCK_N=32), "pre": dict(BLOCK_M=64)}
+    if dtype == torch.float32:
+        return {"fwd": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
+                "dkdv": dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2),
+                "dq": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
+                "pre": dict(BLOCK_M=64, num_warps=4)}
+    held = 128 if block_d <= 64 else 64
+    return {"fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+            "dkdv": dict(BLOCK_M=32, BLOCK_N=held, num_warps=8, num_stages=3),
+            "dq": dict(BLOCK_M=held, BLOCK_N=32, num_warps=4, num_stages=3),
+            "pre": dict(BLOCK_M=128, num_warps=4)}
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+# With torch.library.triton_op, torch.compile sees the kernels themselves (not an opaque custom op)
+# and the same function serves as the fake (meta) implementation; `wrap_triton` makes each launch
+# traceable. Without it (torch < 2.6) the same functions run as plain Python.
+try:
+    from torch.library import triton_op as _triton_op, wrap_triton as _wrap_triton
+except ImportError:  # old torch: plain calls
+    _triton_op = None
+
+    def _wrap_triton(kernel):
+        return kernel
+
+
+def _maybe_op(name: str):
+    return (lambda fn: fn) if _triton_op is None else _triton_op(name, mutates_args=())
+
+
+@_maybe_op("mpp_kernels::attention_fwd")
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, H, Nq, D] contiguous q.dtype, lse [B, H, Nq] fp32 natural-log logsumexp of scaled scores)."""
+    B, H, n_q, d = q.shape
+    n_k = k.shape[2]
+    out = torch.empty((B, H, n_q, d), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32)
+    block_d = _block_d(d)
+    cfg = _configs(block_d, q.dtype)["fwd"]
+    grid = (triton.cdiv(n_q, cfg["BLOCK_M"]), B * H)
+    _wrap_triton(_attn_fwd_kernel)[grid](
+        q, k, v, out, lse, scale * _LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        H, n_q, n_k, HEAD_DIM=d, BLOCK_D=block_d, IEEE=q.dtype == torch.float32, **cfg)
+    return out, lse
+
+
+@_maybe_op("mpp_kernels::attention_bwd")
+def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), each contiguous in its input's dtype. do: any strides; out, lse: from attention_fwd."""
+    B, H, n_q, d = q.shape
+    n_k = k.shape[2]
+    block_d = _block_d(d)
+    cfgs = _configs(block_d, q.dtype)
+    ieee = q.dtype == torch.float32
+    delta = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32)
+    dq = torch.empty((B, H, n_q, d), device=q.device, dtype=q.dtype)
+    dk = torch.empty((B, H, n_k, d), device=k.device, dtype=k.dtype)
+    dv = torch.empty((B, H, n_k, d), device=v.device, dtype=v.dtype)
+
+    cfg = cfgs["pre"]
+    _wrap_triton(_attn_bwd_preprocess_kernel)[(triton.cdiv(n_q, cfg["BLOCK_M"]), B * H)](
+        out, do, delta, *out.stride(), *do.stride(), H, n_q, HEAD_DIM=d, BLOCK_D=block_d, **cfg)
+    cfg = cfgs["dkdv"]
+    _wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(n_k, cfg["BLOCK_N"]), B * H)](
+        q, k, v, do, lse, delta, dk, dv, scale * _LOG2E, scale,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
+        H, n_q, n_k, HEAD_DIM=d, BLOCK_D=block_d, IEEE=ieee, **cfg)
+    cfg = cfgs["dq"]
+    _wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(n_q, cfg["BLOCK_M"]), B * H)](
+        q, k, v, do, lse, delta, dq, scale * _LOG2E, scale,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        H, n_q, n_k, HEAD_DIM=d, BLOCK_D=block_d, IEEE=ieee, **cfg)
+    return dq, dk, dv
+
+
+# Autograd: `register_autograd` on the forward op rather than a torch.autograd.Function, so the op
+# itself carries its derivative: eager, torch.compile(fullgraph=True) and torch.export all see one
+# op whose backward is the attention_bwd op (no Function for dynamo to trace). Old torch: a Function.
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+if _triton_op is not None:
+    torch.library.register_autograd("mpp_kernels::attention_fwd", _backward, setup_context=_setup_context)
+    _attention_fn = attention_fwd
+else:
+    class _Attention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, scale):
+            out, lse = attention_fwd(q, k, v, scale)
+            _setup_context(ctx, (q, k, v, scale), (out, lse))
+            return out, lse
+
+        @staticmethod
+        def backward(ctx, grad_out, grad_lse):
+            return _backward(ctx, grad_out, grad_lse)
+
+    _attention_fn = _Attention.apply
+
+
+def attention_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """None when the kernel handles (q, k, v), else a short reason (the gate then uses PyTorch)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return f"q, k, v must be 4-D [B, H, N, D], got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D"
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        return f"mismatched shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtype {q.dtype}/{k.dtype}/{v.dtype} (the kernel takes fp16, bf16 or fp32, all the same)"
+    if not (q.device == k.device == v.device):
+        return "q, k, v on different devices"
+    if _interpreting():
+        if q.device.type != "cpu":
+            return "TRITON_INTERPRET=1 runs the kernels on CPU tensors only"
+        if q.dtype == torch.bfloat16:
+            return "bfloat16 is not supported by the Triton interpreter (it runs on GPU)"
+    elif q.device.type != "cuda":
+        return f"{q.device.type} tensors (the kernel runs on CUDA, or on CPU under TRITON_INTERPRET=1)"
+    d = q.shape[3]
+    if not 1 <= d <= MAX_HEAD_DIM:
+        return f"head dim {d} (the kernel takes 1..{MAX_HEAD_DIM}; non-powers of two are padded)"
+    if q.shape[0] * q.shape[1] > MAX_GRID_Y:
+        return f"batch*heads {q.shape[0] * q.shape[1]} exceeds the grid limit {MAX_GRID_Y}"
+    if q.numel() == 0 or k.numel() == 0:
+        return "empty tensor"
+    return None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """softmax(scale * q k^T) v, non-causal, no dropout. q: [B, H, Nq, D]; k, v: [B, H, Nk, D], any
+    strides → [B, H, Nq, D] contiguous in q.dtype. scale defaults to D**-0.5. Differentiable."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _attention_fn(q, k, v, scale)[0]
+
+
+class FlashAttention(nn.Module):
+    """Module form of `attention`: forward(q, k, v) with a fixed softmax scale (default D**-0.5)."""
+
+    def __init__(self, scale: float | None = None):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attention(q, k, v, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """The op's definition in PyTorch: scores and softmax in fp32, output in q.dtype."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    return torch.matmul(torch.softmax(s, dim=-1), v.float()).to(q.dtype)

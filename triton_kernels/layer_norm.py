@@ -1,0 +1,291 @@
+"""Fused LayerNorm over the last dimension (forward + backward), Liger-Kernel style.
+
+Public API: `layer_norm(x, weight, bias, eps)`, the `LayerNorm` module, `layer_norm_ref` (the op's
+definition: statistics in fp32, output in x.dtype) and `layer_norm_supported` (None or a reason).
+
+Forward: one program per row; the whole row sits in one block of BLOCK_D = next_power_of_2(D)
+lanes, masked past D. mean and rstd are computed in fp32 and saved ([rows] fp32) for the backward.
+Backward: each program walks a contiguous chunk of rows, writes dx per row and accumulates dweight,
+dbias in fp32 registers; it stores one row of a [num_programs, D] fp32 buffer, which is summed with
+torch afterwards. No atomics: for a given device and shape the result is bitwise reproducible.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+MAX_WIDTH = 65536  # one row must fit one block; wider rows would need a multi-pass kernel
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INTERPRETER_PROGRAMS = 4  # backward programs under TRITON_INTERPRET=1: few, so each gets many rows
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X,  # *[rows, D] input, x.dtype, unit column stride
+    Y,  # *[rows, D] output, x.dtype, unit column stride
+    W,  # *[D] weight (x.dtype or fp32)
+    B,  # *[D] bias (x.dtype or fp32)
+    Mean,  # *[rows] fp32: per-row mean, saved for the backward
+    Rstd,  # *[rows] fp32: per-row 1 / sqrt(var + eps), saved for the backward
+    stride_x,  # elements between consecutive rows of X
+    stride_y,  # elements between consecutive rows of Y
+    n_cols,  # D, the normalized width
+    eps,  # variance epsilon (fp32)
+    BLOCK_D: tl.constexpr,  # next_power_of_2(D): lanes per row, masked past D
+):
+    row = tl.program_id(0).to(tl.int64)  # int64: rows * D may exceed 2**31
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < n_cols
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / n_cols
+    xc = tl.where(mask, x - mean, 0.0)  # masked lanes must not enter the variance
+    var = tl.sum(xc * xc, axis=0) / n_cols
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    y = xc * rstd * w + b
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + row, mean)
+    tl.store(Rstd + row, rstd)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    X,  # *[rows, D] forward input, unit column stride
+    W,  # *[D] weight (x.dtype or fp32)
+    DY,  # *[rows, D] upstream gradient, unit column stride
+    DX,  # *[rows, D] output: gradient w.r.t. X, x.dtype, unit column stride
+    Mean,  # *[rows] fp32 per-row mean from the forward
+    Rstd,  # *[rows] fp32 per-row rstd from the forward
+    DW_partial,  # *[num_programs, D] fp32 output: this program's sum of dy * xhat over its rows
+    DB_partial,  # *[num_programs, D] fp32 output: this program's sum of dy over its rows
+    stride_x,  # elements between consecutive rows of X
+    stride_dy,  # elements between consecutive rows of DY
+    stride_dx,  # elements between consecutive rows of DX
+    stride_partial,  # elements between consecutive rows of DW_partial / DB_partial
+    n_rows,  # number of rows
+    n_cols,  # D, the normalized width
+    rows_per_program,  # rows in each program's contiguous chunk (the last one may get fewer)
+    BLOCK_D: tl.constexpr,  # next_power_of_2(D): lanes per row, masked past D
+):
+    pid = tl.program_id(0)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < n_cols
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    # Pointers advance row by row: 64-bit pointer arithmetic, no int32 row * stride overflow.
+    start = row_start.to(tl.int64)
+    x_ptr = X + start * stride_x
+    dy_ptr = DY + start * stride_dy
+    dx_ptr = DX + start * stride_dx
+    mean_ptr = Mean + start
+    rstd_ptr = Rstd + start
+    for _ in range(row_start, row_end):
+        x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr)
+        rstd = tl.load(rstd_ptr)
+        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+        wdy = w * dy  # zero on masked lanes (w and dy load as 0 there)
+        c1 = tl.sum(xhat * wdy, axis=0) / n_cols  # mean(w * dy * xhat)
+        c2 = tl.sum(wdy, axis=0) / n_cols  # mean(w * dy)
+        dx = (wdy - c2 - xhat * c1) * rstd
+        tl.store(dx_ptr + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        dw_acc += dy * xhat
+        db_acc += dy
+        x_ptr += stride_x
+        dy_ptr += stride_dy
+        dx_ptr += stride_dx
+        mean_ptr += 1
+        rstd_ptr += 1
+    out = pid.to(tl.int64) * stride_partial + cols
+    tl.store(DW_partial + out, dw_acc, mask=mask)
+    tl.store(DB_partial + out, db_acc, mask=mask)
+
+
+_INTERPRETED = type(_layer_norm_fwd_kernel).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1
+# torch.library.triton_op (torch >= 2.6) makes torch.compile trace into the kernels; older torch
+# falls back to plain Python calls of the same launchers (still differentiable, see below).
+_HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+_wrap = torch.library.wrap_triton if _HAS_TRITON_OP else (lambda kernel: kernel)
+
+
+def _num_warps(block_d: int) -> int:
+    # ~4-16 elements per thread: 16-byte vector loads, bounded registers, cheap tree reductions.
+    if block_d <= 1024:
+        return 4
+    if block_d <= 4096:
+        return 8
+    if block_d <= 16384:
+        return 16
+    return 32
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _bwd_num_programs(rows: int, device: torch.device, num_warps: int) -> int:
+    if device.type == "cuda" and not _INTERPRETED:
+        # 16 warps (512 threads) per SM: all programs are resident at once at <= 128 registers per
+        # thread, so no second wave runs a whole chunk after the first (each program loops over
+        # ~rows / programs rows); the partial buffer stays small (e.g. 528 x D fp32 on an H100).
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        target = _sm_count(index) * max(1, 16 // num_warps)
+    else:
+        target = _INTERPRETER_PROGRAMS
+    return min(rows, target)
+
+
+def _layer_norm_fwd(
+    x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x2d [rows, D] -> (y [rows, D] in x.dtype, mean [rows] fp32, rstd [rows] fp32)."""
+    x2d, weight, bias = x2d.contiguous(), weight.contiguous(), bias.contiguous()
+    rows, d = x2d.shape
+    y = torch.empty_like(x2d)
+    mean = torch.empty(rows, dtype=torch.float32, device=x2d.device)
+    rstd = torch.empty(rows, dtype=torch.float32, device=x2d.device)
+    if rows == 0:
+        return y, mean, rstd
+    block_d = triton.next_power_of_2(d)
+    _wrap(_layer_norm_fwd_kernel)[(rows,)](
+        x2d, y, weight, bias, mean, rstd, x2d.stride(0), y.stride(0), d, eps,
+        BLOCK_D=block_d, num_warps=_num_warps(block_d),
+    )
+    return y, mean, rstd
+
+
+def _layer_norm_bwd(
+    dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dx [rows, D] in x.dtype, dweight [D] fp32, dbias [D] fp32)."""
+    dy2d, x2d, weight = dy2d.contiguous(), x2d.contiguous(), weight.contiguous()
+    rows, d = x2d.shape
+    dx = torch.empty_like(x2d)
+    if rows == 0:
+        zeros = torch.zeros(d, dtype=torch.float32, device=x2d.device)
+        return dx, zeros, zeros.clone()
+    block_d = triton.next_power_of_2(d)
+    num_warps = _num_warps(block_d)
+    rows_per_program = triton.cdiv(rows, _bwd_num_programs(rows, x2d.device, num_warps))
+    programs = triton.cdiv(rows, rows_per_program)  # no program left with an empty chunk
+    dw_partial = torch.empty((programs, d), dtype=torch.float32, device=x2d.device)
+    db_partial = torch.empty((programs, d), dtype=torch.float32, device=x2d.device)
+    _wrap(_layer_norm_bwd_kernel)[(programs,)](
+        x2d, weight, dy2d, dx, mean, rstd, dw_partial, db_partial,
+        x2d.stride(0), dy2d.stride(0), dx.stride(0), dw_partial.stride(0),
+        rows, d, rows_per_program,
+        BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return dx, dw_partial.sum(0), db_partial.sum(0)  # fixed-order reduction: deterministic
+
+
+if _HAS_TRITON_OP and not _INTERPRETED:
+    _fwd_op = torch.library.triton_op("mpp_kernels::layer_norm_fwd", _layer_norm_fwd, mutates_args=())
+    _bwd_op = torch.library.triton_op("mpp_kernels::layer_norm_bwd", _layer_norm_bwd, mutates_args=())
+elif _HAS_TRITON_OP:
+    # Interpreter: wrap_triton cannot trace an InterpretedFunction with fake tensors, so the same
+    # launchers become opaque custom ops with fake impls; torch.compile (e.g. backend="aot_eager")
+    # can then still trace the autograd.Function below on CPU.
+    _fwd_op = torch.library.custom_op("mpp_kernels::layer_norm_fwd", _layer_norm_fwd, mutates_args=())
+    _bwd_op = torch.library.custom_op("mpp_kernels::layer_norm_bwd", _layer_norm_bwd, mutates_args=())
+
+    @_fwd_op.register_fake
+    def _(x2d, weight, bias, eps):
+        stats = x2d.new_empty(x2d.shape[0], dtype=torch.float32)
+        return torch.empty_like(x2d), stats, torch.empty_like(stats)
+
+    @_bwd_op.register_fake
+    def _(dy2d, x2d, weight, mean, rstd):
+        dw = x2d.new_empty(x2d.shape[1], dtype=torch.float32)
+        return torch.empty_like(x2d), dw, torch.empty_like(dw)
+else:
+    _fwd_op, _bwd_op = _layer_norm_fwd, _layer_norm_bwd
+
+
+class _LayerNormFunction(torch.autograd.Function):
+    # Design: an autograd.Function that calls the two ops, rather than register_autograd on the
+    # forward op. It is one code path whether the ops are triton_ops (torch >= 2.6) or plain
+    # launchers (older torch), it owns the [..., D] <-> [rows, D] reshapes and the cast of the
+    # fp32 dweight/dbias to the parameters' dtypes, and torch.compile(fullgraph=True) traces
+    # autograd.Functions, seeing the ops (and through them the Triton kernels) in both graphs.
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        x2d = x.reshape(-1, x.shape[-1]).contiguous()
+        y, mean, rstd = _fwd_op(x2d, weight, bias, eps)
+        ctx.save_for_backward(x2d, weight, mean, rstd)
+        ctx.x_shape, ctx.bias_dtype = x.shape, bias.dtype
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, weight, mean, rstd = ctx.saved_tensors
+        dy2d = dy.reshape(-1, x2d.shape[-1]).contiguous()
+        dx, dw, db = _bwd_op(dy2d, x2d, weight, mean, rstd)
+        return (
+            dx.view(ctx.x_shape) if ctx.needs_input_grad[0] else None,
+            dw.to(weight.dtype) if ctx.needs_input_grad[1] else None,
+            db.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None,
+            None,
+        )
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """LayerNorm of x [..., D] over its last dim with weight, bias [D]; differentiable in all three.
+    Inputs must pass `layer_norm_supported` (this function does not check)."""
+    return _LayerNormFunction.apply(x, weight, bias, float(eps))
+
+
+def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The op's definition in plain PyTorch: statistics and affine in fp32, output cast to x.dtype."""
+    xf = x.float()
+    mean = xf.mean(-1, keepdim=True)
+    var = (xf - mean).square().mean(-1, keepdim=True)
+    y = (xf - mean) * torch.rsqrt(var + eps) * weight.float() + bias.float()
+    return y.to(x.dtype)
+
+
+def layer_norm_supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> str | None:
+    """None when `layer_norm` handles these inputs, else a short reason why not."""
+    if x.dim() == 0:
+        return "x is a scalar: it needs a last dimension to normalize"
+    if x.dtype not in _DTYPES:
+        return f"dtype {str(x.dtype).removeprefix('torch.')} is not supported: fp32/fp16/bf16"
+    d = x.shape[-1]
+    if d == 0:
+        return "width 0: nothing to normalize"
+    if d > MAX_WIDTH:
+        return f"width {d} exceeds the {MAX_WIDTH} one-block limit"
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            return f"{name} is required"
+        if tuple(p.shape) != (d,):
+            return f"{name} shape {tuple(p.shape)} is not ({d},)"
+        if p.dtype not in (x.dtype, torch.float32):
+            return f"{name} dtype {str(p.dtype).removeprefix('torch.')} is neither x's dtype nor float32"
+        if p.device != x.device:
+            return f"{name} is on {p.device}, x on {x.device}"
+    if x.device.type != "cuda" and not _INTERPRETED:
+        return f"device {x.device.type} needs CUDA (or TRITON_INTERPRET=1 before triton is imported)"
+    return None
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters and state_dict) over the last dim, running the Triton kernels."""
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device=device, dtype=dtype)
+        if len(self.normalized_shape) != 1 or not elementwise_affine or not bias:
+            raise ValueError("LayerNorm: needs a single normalized dim with weight and bias")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(x, self.weight, self.bias, self.eps)
