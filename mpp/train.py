@@ -330,8 +330,8 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
                 step += 1
                 window["steps"] += 1
                 bar.update(1)
-                if step == start_step + 1:  # the first step of this process: say which kernels run
-                    accelerator.print(f"kernels: {decisions()}")
+                if step == start_step + 1 and accelerator.is_local_main_process:  # say which kernels run, and why
+                    bar.write(f"kernels: {decisions()}")
                 if step % config.log_every == 0 or step == total_steps:
                     now = time.perf_counter()
                     n_micro = window["steps"] * config.grad_accum_steps
