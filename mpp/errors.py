@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import Callable, TypeVar
 
@@ -23,7 +24,8 @@ def cli_main(main: F) -> F:
         try:
             return main(*args, **kwargs)
         except UsageError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            if os.environ.get("RANK", "0") == "0":  # one line, not one per process under accelerate launch
+                print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]

@@ -71,13 +71,14 @@ def mean_color_target(images: torch.Tensor, patch_size: int, bits: int = 3) -> t
 
 
 def downsample_target(images: torch.Tensor, patch_size: int, cells: int = 4, bits: int = 3) -> torch.Tensor:
-    """Each patch averaged down to cells×cells, each cell a colour class. → LongTensor (B, N, cells²)."""
-    B, _, H, W = images.shape
-    h, w = H // patch_size, W // patch_size
-    small = F.adaptive_avg_pool2d(images.float(), (h * cells, w * cells))  # (B, 3, h·c, w·c)
-    classes = _color_classes(small, bits)  # (B, h·c, w·c)
-    classes = classes.reshape(B, h, cells, w, cells).permute(0, 1, 3, 2, 4)  # (B, h, w, c, c)
-    return classes.reshape(B, h * w, cells * cells)
+    """Each patch averaged down to cells×cells, each cell a colour class. → LongTensor (B, N, cells²).
+
+    Pooled patch by patch, so with P not a multiple of `cells` (e.g. 14) no cell mixes two patches."""
+    B, C, H, W = images.shape
+    P = patch_size
+    patches = patchify(images.float(), P).reshape(-1, P, P, C).permute(0, 3, 1, 2)  # (B·N, C, P, P)
+    small = F.adaptive_avg_pool2d(patches, cells)  # (B·N, C, c, c)
+    return _color_classes(small, bits).reshape(B, -1, cells * cells)  # (B, N, c²)
 
 
 # ---------------------------------------------------------------------------------------------

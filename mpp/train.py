@@ -72,6 +72,12 @@ class TrainConfig:
             raise UsageError(f"unknown --mixed-precision '{self.mixed_precision}': use no, fp16 or bf16")
         if self.batch_size < 1 or self.grad_accum_steps < 1:
             raise UsageError("--batch-size and --grad-accum-steps must be positive")
+        for flag, value in (("--lr", self.lr), ("--log-every", self.log_every), ("--save-every", self.save_every),
+                            ("--keep-checkpoints", self.keep_checkpoints), ("--max-steps", self.max_steps)):
+            if value <= 0:
+                raise UsageError(f"{flag} {value} must be positive")
+        if self.eval_every < 0 or self.warmup_steps < 0 or self.min_lr < 0:
+            raise UsageError("--eval-every, --warmup-steps and --min-lr must not be negative")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise UsageError(f"--crop-scale {self.crop_scale} must satisfy 0 < min <= max <= 1")
         return self
@@ -152,10 +158,28 @@ def evaluate(objective: torch.nn.Module, loader: DataLoader, accelerator, seed: 
     return {k: (accelerator.reduce(v, "sum") / count).item() for k, v in sums.items()}
 
 
+# Settings a resumed run may change: they do not alter what it computes, only how long and how it reports.
+RESUMABLE = {"max_steps", "epochs", "log_every", "save_every", "keep_checkpoints", "eval_every", "num_workers",
+             "cpu_threads", "kernels", "resume", "output_dir"}
+
+
+def check_resume(saved: dict, run_cfg: dict, num_processes: int, source: str) -> None:
+    """Refuse to resume a run with settings that would make it a different run."""
+    changed = [f"--{k.replace('_', '-')} {saved['train'][k]} → {v}" for k, v in run_cfg["train"].items()
+               if k not in RESUMABLE and saved["train"].get(k) != v]
+    changed += [f"--{k.replace('_', '-')} {saved['mpp'][k]} → {v}" for k, v in run_cfg["mpp"].items()
+                if run_cfg["train"]["objective"] == "mpp" and saved["mpp"].get(k) != v]
+    if saved.get("num_processes", num_processes) != num_processes:
+        changed.append(f"processes {saved['num_processes']} → {num_processes}")
+    if changed:
+        raise UsageError(f"{source} was trained with other settings ({'; '.join(changed)}): resume with the "
+                         "run's own settings (see its config.json) or pass a new --output-dir")
+
+
 def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
     """Train, log and checkpoint one run; returns its directory."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
+    from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, gather_object, set_seed
     from tqdm.auto import tqdm
 
     # ---- config
@@ -167,6 +191,9 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
 
     # ---- accelerator
     accelerator = Accelerator(
+        # Processes started by torchrun (`accelerate launch --multi_gpu`) on a machine without CUDA
+        # would each train alone; cpu=True makes them one gloo process group instead.
+        cpu="LOCAL_RANK" in os.environ and not torch.cuda.is_available(),
         mixed_precision=config.mixed_precision or None,
         gradient_accumulation_steps=config.grad_accum_steps,
         log_with="tensorboard",
@@ -240,9 +267,13 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
     # Stepped by hand once per optimizer step (not prepared: accelerate would step it once per process).
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config, total_steps))
     model = accelerator.unwrap_model(objective)
+    # Every process draws its own corruption, dropout and augmentation from here on (the model was
+    # initialised identically everywhere; the data order was seeded when the loaders were prepared).
+    set_seed(config.seed, device_specific=True)
+    run_cfg["num_processes"] = accelerator.num_processes
 
     # ---- resume
-    step, elapsed = 0, 0.0
+    step, elapsed, epoch, batch_in_epoch = 0, 0.0, 0, 0  # batch_in_epoch: micro-batches of this process
     if config.resume:
         found = ckpt_io.load_latest(run_dir)
         if found is None:
@@ -253,16 +284,26 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
         ckpt_io.check_shapes(model, weights, str(path), hint=(
             f"resume with what the run was trained with (scripts/pretrain_{saved['train']['objective']}.py "
             f"--model {saved['train']['model']} --image-size {saved['vit']['image_size']}) or pass a new --output-dir"))
+        check_resume(saved, run_cfg, accelerator.num_processes, str(path))  # after the shapes: names parameters
         model.load_state_dict(weights)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        ckpt_io.set_rng_state(state["rng"])
+        if accelerator.scaler is not None and state.get("scaler"):
+            accelerator.scaler.load_state_dict(state["scaler"])
+        ckpt_io.set_rng_state(state["rng"][accelerator.process_index])
         step, elapsed = state["step"], state["elapsed"]
+        epoch, batch_in_epoch = state["data"]["epoch"], state["data"]["batch_in_epoch"]
         accelerator.print(f"resumed {run_dir} at step {step} from {path.name}")
 
     # ---- logging
     if accelerator.is_main_process:
-        ckpt_io.write_json(run_dir / "config.json", run_cfg)
+        if config.resume:  # the run keeps its original config; each resume is recorded in it
+            original = json.loads((run_dir / "config.json").read_text())
+            original.setdefault("resumed", []).append({"step": step, "command": run_cfg["command"]})
+            ckpt_io.write_json(run_dir / "config.json", original)
+            trim_metrics(run_dir / "metrics.jsonl", step)
+        else:
+            ckpt_io.write_json(run_dir / "config.json", run_cfg)
     accelerator.init_trackers("tensorboard", config=flat_hparams(run_cfg))
     metrics_file = open(run_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None
 
@@ -273,7 +314,8 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
             metrics_file.flush()
 
     def save(at: int) -> None:
-        accelerator.wait_for_everyone()
+        rngs = gather_object([ckpt_io.rng_state()])  # one per process: each resumes its own streams
+        problem = [None]
         if accelerator.is_main_process:
             state = {
                 "config": run_cfg,
@@ -283,9 +325,18 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
                 "scheduler": scheduler.state_dict(),
                 "step": at,
                 "elapsed": elapsed + time.perf_counter() - started,
-                "rng": ckpt_io.rng_state(),
+                "rng": rngs,
+                "data": {"epoch": epoch, "batch_in_epoch": batch_in_epoch},
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             }
-            ckpt_io.save_checkpoint(run_dir, at, state, keep=config.keep_checkpoints)
+            try:
+                ckpt_io.save_checkpoint(run_dir, at, state, keep=config.keep_checkpoints)
+            except OSError as e:  # every process stops, not just the one that failed to write
+                problem[0] = f"could not write the step-{at} checkpoint in {run_dir} ({e.strerror or e}): " \
+                             "free disk space or fix the folder's permissions, then --resume"
+        broadcast_object_list(problem)
+        if problem[0]:
+            raise UsageError(problem[0])
 
     def run_eval(at: int) -> dict:
         results = evaluate(objective, eval_loader, accelerator, config.seed)
@@ -299,22 +350,25 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
     window = {"t": time.perf_counter(), "steps": 0, "sums": {}}
     values: dict = {}  # the last logged training metrics
     start_step = step
-    epoch = step // steps_per_epoch if steps_per_epoch else 0
     objective.train()
     try:
         while step < total_steps:
             train_loader.set_epoch(epoch)
             # A resumed run skips the batches of this epoch it has already trained on.
-            skip = (step - epoch * steps_per_epoch) * config.grad_accum_steps if steps_per_epoch else 0
-            batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+            batches = accelerator.skip_first_batches(train_loader, batch_in_epoch) if batch_in_epoch else train_loader
             for images, labels in batches:
+                batch_in_epoch += 1
                 with accelerator.accumulate(objective):
                     loss, metrics = objective(images, labels)
-                    if not torch.isfinite(loss):
+                    bad = ~torch.isfinite(loss.detach())
+                    if accelerator.num_processes > 1:  # all processes stop together, none is left waiting
+                        bad = accelerator.reduce(bad.float(), "sum") > 0
+                    if bad:
                         last = ckpt_io.list_checkpoints(run_dir)
                         raise UsageError(
-                            f"loss is {loss.item()} at step {step + 1}; the last good checkpoint is "
-                            f"{last[-1] if last else 'none'}: try a lower --lr, --mixed-precision no, or --grad-clip 1"
+                            f"the loss is not finite at step {step + 1}; the last good checkpoint is "
+                            f"{last[-1] if last else 'none'}: try a lower --lr, --mixed-precision no (fp32), "
+                            "or a smaller --grad-clip"
                         )
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and config.grad_clip > 0:
@@ -326,7 +380,9 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
                 if not accelerator.sync_gradients:
                     continue
                 # ---- one optimizer step done
-                scheduler.step()
+                lr = scheduler.get_last_lr()[0]  # the rate this step used
+                if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the schedule waits too
+                    scheduler.step()
                 step += 1
                 window["steps"] += 1
                 bar.update(1)
@@ -337,7 +393,7 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
                     n_micro = window["steps"] * config.grad_accum_steps
                     values = {f"train/{k}": accelerator.reduce(v, "mean").item() / (n_micro if k != "grad_norm" else window["steps"])
                               for k, v in window["sums"].items()}
-                    values["train/lr"] = scheduler.get_last_lr()[0]
+                    values["train/lr"] = lr
                     values["train/images_per_s"] = window["steps"] * config.batch_size / (now - window["t"])
                     log(values, step)
                     bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}")
@@ -348,7 +404,8 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
                     save(step)
                 if step >= total_steps:
                     break
-            epoch += 1
+            else:  # the epoch ran out (not the step budget): the next one starts from its first batch
+                epoch, batch_in_epoch = epoch + 1, 0
     finally:
         bar.close()  # ends the bar's line, so an error message starts on a line of its own
 
@@ -365,6 +422,13 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
         accelerator.print(f"done: {run_dir} ({step} steps; eval {json.dumps({k: round(v, 4) for k, v in results.items()})})")
     accelerator.end_training()
     return run_dir
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop metrics logged after the checkpoint a run resumes from: those steps are trained again."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        ckpt_io.atomic_write(path, lambda f: f.write("".join(f"{line}\n" for line in kept).encode()))
 
 
 def flat_hparams(run_cfg: dict) -> dict:

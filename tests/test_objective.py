@@ -86,6 +86,14 @@ def test_downsample_target_cells():
     assert cells.tolist() == [[0, 0, red, red], [0, 0, red, red], [0, 0, red, red], [blue, blue, both, both]]
 
 
+def test_downsample_cells_stay_inside_their_patch_when_p_is_not_a_multiple():
+    P = 14  # H/14: 14 pixels do not split into 4 equal cells
+    img = torch.zeros(1, 3, P, 2 * P)
+    img[:, :, :, P:] = 1.0  # second patch white, first black
+    t = downsample_target(img, P, cells=4)
+    assert (t[0, 0] == 0).all() and (t[0, 1] == 511).all()
+
+
 def test_patchify_order_matches_patch_embed_order():
     images = torch.rand(2, 3, 8, 12)
     p = patchify(images, 4)  # (B, 6, 48)

@@ -84,7 +84,9 @@ def one_line_error(capsys, objective, argv):
      (["--corrupt-rate", "1.5"], "corrupt rate"),
      (["--mask-prob", "0.5"], "sum to 1"),
      (["--resume"], "no checkpoint"),
-     (["--batch-size", "1000000"], "smaller than one batch")],
+     (["--batch-size", "1000000"], "smaller than one batch"),
+     (["--save-every", "0"], "--save-every 0 must be positive"),
+     (["--lr", "0"], "--lr 0.0 must be positive")],
 )
 def test_bad_input_is_one_line(tmp_path, capsys, argv, expected):
     msg = one_line_error(capsys, "mpp", ["--output-dir", str(tmp_path / "run"), *FAST, *argv])
@@ -100,7 +102,7 @@ def test_output_dir_not_writable(tmp_path, capsys):
 def test_non_finite_loss_stops_with_the_step(tmp_path, capsys):
     msg = one_line_error(capsys, "supervised", ["--output-dir", str(tmp_path / "run"), *FAST, "--max-steps", "20",
                                                 "--lr", "1e30", "--grad-clip", "0", "--warmup-steps", "0"])
-    assert "at step" in msg and "lower --lr" in msg
+    assert "not finite at step 2" in msg  # step 1 makes the weights blow up and "lower --lr" in msg
 
 
 @pytest.mark.slow
@@ -130,15 +132,19 @@ def test_pretrain_kill_resume_then_fewshot(tmp_path):
     final = load_checkpoint(list_checkpoints(run)[-1])
     assert final["step"] == 60 and len(list_checkpoints(run)) <= 3
     steps = [m["step"] for m in read_metrics(run) if "train/loss" in m]
-    assert steps[-1] == 60 and all(s > killed_at for s in steps[steps.index(killed_at + 5):])
+    assert steps == list(range(5, 61, 5))  # steps logged after the checkpoint were dropped, then redone once
+    assert json.loads((run / "config.json").read_text())["resumed"][0]["step"] == killed_at
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 60 and 0 <= summary["eval"]["accuracy"] <= 1
     assert (run / "config.json").is_file() and list((run / "tensorboard").rglob("events.out.tfevents.*"))
     # the schedule continued: the lr at the end is the cosine's end, not a restarted warmup
     assert read_metrics(run)[-2]["train/lr"] < 1e-4
 
+    # Settings that would make it another run are refused; length flags may change.
+    changed = run_script(*args, "--resume", "--batch-size", "16")
+    assert changed.returncode == 2 and "--batch-size 32 → 16" in changed.stderr
     # A checkpoint of another shape is refused with the parameters named.
-    other = run_script(*args, "--resume", "--model", "Ti/4")
+    other = run_script(*args, "--resume", "--model", "Ti/4", "--max-steps", "70")
     assert other.returncode == 2 and "another shape" in other.stderr and "--model Micro/4" in other.stderr
 
     fs = run_script("eval/fewshot.py", "--run", str(run), "--shots", "1", "5", "--seeds", "2")
@@ -149,20 +155,31 @@ def test_pretrain_kill_resume_then_fewshot(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_through_accelerate_launch(tmp_path):
+    # On a machine without CUDA, `--multi_gpu` is accelerate's torchrun launcher; the trainer then
+    # joins the processes in one gloo group (a plain `--cpu --num_processes 2` starts one process).
     run = tmp_path / "run"
-    proc = subprocess.run(
-        ["accelerate", "launch", "--num_processes", "2", "--cpu", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "scripts/pretrain_mpp.py", "--output-dir", str(run), *FAST, "--max-steps", "10"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
-    )
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "scripts/pretrain_mpp.py",
+              "--output-dir", str(run), *FAST, "--save-every", "5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([*launch, "--max-steps", "10"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = load_checkpoint(list_checkpoints(run)[-1])
-    assert ckpt["step"] == 10
+    assert ckpt["step"] == 10 and ckpt["config"]["num_processes"] == 2
+    # each process has its own random streams (corruption, augmentation), saved for resuming
+    assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
+    # 2 processes × 16 images = the global batch of 32: 10 micro-batches of this epoch per process
+    assert ckpt["data"] == {"epoch": 0, "batch_in_epoch": 10}
     metrics = read_metrics(run)
     assert [m["step"] for m in metrics if "train/loss" in m] == [5, 10]  # one writer, not two
-    # 2 processes × 16 images = the global batch of 32; the data is sharded, not duplicated
-    assert ckpt["config"]["train"]["batch_size"] == 32
+    resumed = subprocess.run([*launch, "--max-steps", "15", "--resume"], cwd=REPO, capture_output=True, text=True,
+                             timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert load_checkpoint(list_checkpoints(run)[-1])["step"] == 15
+    # the same run with one process would see other batches: refused, with a single error line
+    single = run_script("scripts/pretrain_mpp.py", "--output-dir", str(run), *FAST, "--save-every", "5",
+                        "--max-steps", "20", "--resume")
+    assert single.returncode == 2 and "processes 2 → 1" in single.stderr
 
 
 @pytest.mark.slow
