@@ -165,10 +165,10 @@ RESUMABLE = {"max_steps", "epochs", "log_every", "save_every", "keep_checkpoints
 
 def check_resume(saved: dict, run_cfg: dict, num_processes: int, source: str) -> None:
     """Refuse to resume a run with settings that would make it a different run."""
-    changed = [f"--{k.replace('_', '-')} {saved['train'][k]} → {v}" for k, v in run_cfg["train"].items()
-               if k not in RESUMABLE and saved["train"].get(k) != v]
-    changed += [f"--{k.replace('_', '-')} {saved['mpp'][k]} → {v}" for k, v in run_cfg["mpp"].items()
-                if run_cfg["train"]["objective"] == "mpp" and saved["mpp"].get(k) != v]
+    sections = ("train", "mpp") if run_cfg["train"]["objective"] == "mpp" else ("train",)
+    changed = [f"--{k.replace('_', '-')} {saved[section].get(k)} → {v}"
+               for section in sections for k, v in run_cfg[section].items()
+               if k not in RESUMABLE and saved[section].get(k) != v]
     if saved.get("num_processes", num_processes) != num_processes:
         changed.append(f"processes {saved['num_processes']} → {num_processes}")
     if changed:
