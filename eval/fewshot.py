@@ -200,35 +200,49 @@ def run_dir_of(run: Path) -> Path:
     return run.parent.parent if run.parent.name == "checkpoints" else run.parent
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that pick the model and the data (shared with eval/linear_probe.py)."""
     p.add_argument("--run", metavar="RUN_DIR", help="run directory or checkpoint file (default: runs/mpp)")
     p.add_argument("--random-init", action="store_true", help="evaluate an untrained ViT of the run's architecture")
     p.add_argument("--model", metavar="PRESET", help="with --random-init and no --run: an untrained preset (Micro/4)")
     p.add_argument("--seed", type=int, help="initialisation seed of --random-init (default: the run's seed, or 0)")
     p.add_argument("--dataset", metavar="SPEC", help="dataset spec (default: the run's training dataset)")
     p.add_argument("--image-size", type=int, metavar="S", help="input pixels (default: the run's or the preset's)")
-    p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25], help="examples per class (1 5 10 25)")
-    p.add_argument("--seeds", type=int, default=3, help="few-shot draws per shot count, seeds 0..N-1 (3)")
-    p.add_argument("--l2", type=float, nargs="+", default=[2.0**10], help="ridge penalties, the first is the headline "
-                   "(1024); the others are only reported: choosing by test accuracy would leak the test set")
+
+
+def add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that say how features are computed (shared with eval/linear_probe.py)."""
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (256)")
-    p.add_argument("--max-test", type=int, default=0, metavar="N", help="test on a fixed random N images; 0 = all (0)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda if there is one")
     p.add_argument("--kernels", default="", help="attention/LayerNorm: auto | triton | torch ($MPP_KERNELS or auto)")
-    p.add_argument("--output", metavar="PATH", help="results JSON (default: RUN_DIR/fewshot[-random-init].json)")
-    args = p.parse_args(argv)
-    checks = [("--shots", args.shots, min(args.shots) >= 1, "pass 1 or more examples per class"),
-              ("--seeds", args.seeds, args.seeds >= 1, "pass 1 or more seeds"),
-              ("--l2", args.l2, min(args.l2) > 0, "pass positive penalties, e.g. --l2 1024"),
-              ("--batch-size", args.batch_size, args.batch_size >= 1, "pass 1 or more"),
-              ("--max-test", args.max_test, args.max_test >= 0, "pass 0 (all test images) or a positive cap")]
+
+
+def check_flags(args: argparse.Namespace, checks: list[tuple[str, object, bool, str]]) -> None:
+    """One UsageError for the first failed (flag, value, ok, fix) check, then the shared flags' checks."""
+    checks = checks + [("--batch-size", args.batch_size, args.batch_size >= 1, "pass 1 or more")]
     for flag, value, ok, fix in checks:
         if not ok:
             raise UsageError(f"{flag} {value} is out of range: {fix}")
     if args.model and not args.output:
         raise UsageError("--model has no run directory to write to: pass --output PATH for the results JSON")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_flags(p)
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25], help="examples per class (1 5 10 25)")
+    p.add_argument("--seeds", type=int, default=3, help="few-shot draws per shot count, seeds 0..N-1 (3)")
+    p.add_argument("--l2", type=float, nargs="+", default=[2.0**10], help="ridge penalties, the first is the headline "
+                   "(1024); the others are only reported: choosing by test accuracy would leak the test set")
+    p.add_argument("--max-test", type=int, default=0, metavar="N", help="test on a fixed random N images; 0 = all (0)")
+    add_runtime_flags(p)
+    p.add_argument("--output", metavar="PATH", help="results JSON (default: RUN_DIR/fewshot[-random-init].json)")
+    args = p.parse_args(argv)
+    check_flags(args, [("--shots", args.shots, min(args.shots) >= 1, "pass 1 or more examples per class"),
+                       ("--seeds", args.seeds, args.seeds >= 1, "pass 1 or more seeds"),
+                       ("--l2", args.l2, min(args.l2) > 0, "pass positive penalties, e.g. --l2 1024"),
+                       ("--max-test", args.max_test, args.max_test >= 0, "pass 0 (all test images) or a positive cap")])
     return args
 
 

@@ -49,8 +49,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, defaults: di
         origin, args = typing.get_origin(kind), typing.get_args(kind)
         if kind is bool:
             group.add_argument(flag, dest=f.name, default=default, action=argparse.BooleanOptionalAction, help=help_)
-        elif origin is tuple:
-            group.add_argument(flag, dest=f.name, default=default, type=args[0], nargs=len(args), help=help_)
+        elif origin is tuple:  # tuple[float, float]: exactly two values; tuple[float, ...]: one or more
+            nargs = "+" if args[-1] is Ellipsis else len(args)
+            group.add_argument(flag, dest=f.name, default=default, type=args[0], nargs=nargs, help=help_)
         else:
             if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":  # Optional[X] / X | None
                 kind = next(a for a in args if a is not type(None))

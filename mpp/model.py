@@ -212,6 +212,13 @@ class ViT(nn.Module):
         else:
             self.head = nn.Identity()
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups by depth, as timm's ViT: lets timm's layer-wise lr decay read this model."""
+        return {"stem": r"^cls_token|pos_embed|patch_embed", "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))]}
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
     def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images → patch embeddings (B, N, D), before class token and positions.
 

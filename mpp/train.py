@@ -176,10 +176,29 @@ def check_resume(saved: dict, run_cfg: dict, num_processes: int, source: str) ->
                          "run's own settings (see its config.json) or pass a new --output-dir")
 
 
+def make_accelerator(mixed_precision: str = "", cpu_threads: int = 0, **kwargs):
+    """An Accelerator for this machine: processes of one launch form one group, CPU threads are shared fairly."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    accelerator = Accelerator(
+        # Processes started by torchrun (`accelerate launch --multi_gpu`) on a machine without CUDA
+        # would each train alone; cpu=True makes them one gloo process group instead.
+        cpu="LOCAL_RANK" in os.environ and not torch.cuda.is_available(),
+        mixed_precision=mixed_precision or None,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        **kwargs,
+    )
+    if accelerator.device.type == "cpu":
+        # `accelerate launch` without --cpu pins OMP_NUM_THREADS=1, which halves a 2-core machine.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # processes on this machine
+        torch.set_num_threads(cpu_threads or max(1, len(os.sched_getaffinity(0)) // local))
+    return accelerator
+
+
 def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
     """Train, log and checkpoint one run; returns its directory."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, gather_object, set_seed
+    from accelerate.utils import broadcast_object_list, gather_object, set_seed
     from tqdm.auto import tqdm
 
     # ---- config
@@ -190,20 +209,10 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
     vit_cfg = vit_config(config.model, image_size=config.image_size or None, dropout=config.dropout)
 
     # ---- accelerator
-    accelerator = Accelerator(
-        # Processes started by torchrun (`accelerate launch --multi_gpu`) on a machine without CUDA
-        # would each train alone; cpu=True makes them one gloo process group instead.
-        cpu="LOCAL_RANK" in os.environ and not torch.cuda.is_available(),
-        mixed_precision=config.mixed_precision or None,
-        gradient_accumulation_steps=config.grad_accum_steps,
-        log_with="tensorboard",
-        project_dir=config.output_dir,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    accelerator = make_accelerator(
+        config.mixed_precision, config.cpu_threads, gradient_accumulation_steps=config.grad_accum_steps,
+        log_with="tensorboard", project_dir=config.output_dir,
     )
-    if accelerator.device.type == "cpu":
-        # `accelerate launch` without --cpu pins OMP_NUM_THREADS=1, which halves a 2-core machine.
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # processes on this machine
-        torch.set_num_threads(config.cpu_threads or max(1, len(os.sched_getaffinity(0)) // local))
     # The main process checks and creates the run directory; every process learns the verdict, so a
     # bad --output-dir stops them all instead of leaving the others waiting.
     verdict = [None]

@@ -1,0 +1,247 @@
+"""MPP vs supervised pretraining vs training from scratch, from one command.
+
+Stages, each one command of this repository (printed, and saved to ROOT/commands.sh so every number
+can be rerun by hand):
+  1. pretrain on the training images: MPP without labels, supervised with labels; with --ablations
+     also the other MPP targets (4×4 downsample, L2 pixels) and a 15% corruption rate (the paper's);
+  2. fine-tune on a labelled subset (--train-fraction) from MPP, from supervised, and from scratch;
+     lr from a grid on a dev split of that subset, then --seeds trainings scored on the test split;
+  3. few-shot probes (1/5/10/25 shots × --fewshot-seeds draws) and full linear probes of every model
+     and of a random init, on the dataset and, with --transfer, on another dataset;
+  4. eval/compare.py: one table and the plots, in --output.
+
+A stage whose result is already in ROOT is skipped (an interrupted stage resumes), so rerunning the
+command after a crash finishes the comparison. `--budget` picks model size and lengths:
+smoke (seconds, for tests), cpu (the CIFAR-10 run on 2 CPU cores in results/cifar10), gpu (larger).
+
+    python scripts/compare_pretraining.py --dataset data/cifar10 --transfer data/imagenette --budget cpu
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a script from any folder
+
+from mpp.errors import UsageError, cli_main  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Budget:
+    model: str  # ViT preset of every model
+    image_size: int  # pretraining and fine-tuning resolution
+    pretrain_epochs: float  # passes over the training images, MPP and supervised alike
+    pretrain_batch: int
+    pretrain_lr: float  # AdamW peak lr (both objectives)
+    pretrain_warmup: int  # warmup steps
+    crop_scale: tuple[float, float]  # random-resized-crop area range, pretraining and fine-tuning
+    finetune_epochs: float  # passes over the labelled subset, per training (grid and final)
+    finetune_batch: int
+    finetune_lrs: tuple[float, ...]  # SGD lr grid
+    finetune_warmup: int
+    fewshot_max_test: int  # 0: the whole test split
+
+
+BUDGETS = {
+    # A few steps of everything: checks the pipeline, not the science.
+    "smoke": Budget("Micro/4", 16, 0.5, 64, 1e-3, 2, (0.35, 1.0), 1, 32, (0.01, 0.03), 1, 0),
+    # CIFAR-10 on 2 CPU cores in about an hour and a half: 17 tokens per image (8×8 patches at 32 px).
+    "cpu": Budget("Micro/8", 32, 4, 256, 1e-3, 100, (0.35, 1.0), 8, 128, (0.01, 0.03, 0.1), 20, 0),
+    # One GPU: the paper's small-image model (Ti/4, 65 tokens) for far longer.
+    "gpu": Budget("Ti/4", 32, 100, 512, 1e-3, 2000, (0.35, 1.0), 30, 256, (0.003, 0.01, 0.03, 0.1), 100, 0),
+}
+# name → (pretraining script, extra flags); the first two are the comparison, the rest the paper's ablations.
+PRETRAININGS = {
+    "mpp": ("mpp", []),
+    "supervised": ("supervised", []),
+    "mpp-4x4": ("mpp", ["--target", "downsample"]),
+    "mpp-l2": ("mpp", ["--target", "l2"]),
+    "mpp-15pct": ("mpp", ["--corrupt-rate", "0.15"]),
+}
+
+
+def dataset_folder(spec: str) -> str:
+    """A folder, an hf: name or digits as given; a .tar.gz archive is unpacked once beside the data."""
+    if not spec.endswith((".tar.gz", ".tgz")):
+        return spec
+    archive = Path(spec)
+    if not archive.is_file():
+        raise UsageError(f"dataset archive '{spec}' does not exist: pass an image folder or an existing archive")
+    target = REPO / "data" / archive.name.split(".")[0].removesuffix("_jpg").removesuffix("_128px")
+    if not (target / "train").is_dir():
+        with tarfile.open(archive) as tar:
+            members = tar.getmembers()
+            # Archives hold train/... directly or one top folder around it.
+            top = {m.name.split("/")[0] for m in members}
+            strip = len(top) == 1 and not {"train", "test", "val"} & top
+            for m in members:
+                if strip:
+                    m.name = m.name.partition("/")[2]
+                if m.name:
+                    tar.extract(m, target, filter="data")
+    return str(target)
+
+
+class Pipeline:
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.budget = args, BUDGETS[args.budget]
+        self.root = Path(args.root)
+        self.launch = shlex.split(args.launch) if args.launch else [sys.executable]
+        self.commands: list[str] = []
+
+    def run(self, argv: list[str], launched: bool = False) -> None:
+        """Run one stage command (printed and recorded); its failure stops the pipeline."""
+        cmd = (self.launch if launched else [sys.executable]) + argv
+        text = shlex.join(cmd).replace(shlex.quote(sys.executable), "python", 1)
+        self.commands.append(text)
+        print(f"\n$ {text}", flush=True)
+        if self.args.dry_run:
+            return
+        done = subprocess.run(cmd, cwd=REPO)
+        if done.returncode:
+            raise UsageError(f"stage failed (exit {done.returncode}): {text}: fix what it printed above, "
+                             "then rerun this command; finished stages are kept")
+
+    def pretrain_flags(self, name: str) -> list[str]:
+        b, script_flags = self.budget, PRETRAININGS[name][1]
+        return ["--dataset", self.args.dataset, "--model", b.model, "--image-size", str(b.image_size),
+                "--batch-size", str(b.pretrain_batch), "--epochs", f"{b.pretrain_epochs:g}",
+                "--lr", f"{b.pretrain_lr:g}", "--warmup-steps", str(b.pretrain_warmup),
+                "--crop-scale", *(f"{c:g}" for c in b.crop_scale), "--log-every", "20", "--save-every", "200",
+                "--seed", "0", *script_flags, "--output-dir", str(self.root / name)]
+
+    def pretrain(self, name: str) -> None:
+        run = self.root / name
+        flags = self.pretrain_flags(name)
+        if (run / "summary.json").is_file():
+            check_same(run, PRETRAININGS[name][0], flags)
+            print(f"[skip] {run} is trained")
+            return
+        resume = ["--resume"] if (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("ckpt-*.pt")) else []
+        self.run([f"scripts/pretrain_{PRETRAININGS[name][0]}.py", *flags, *resume], launched=True)
+
+    def finetune(self, name: str) -> Path:
+        b = self.budget
+        out = self.root / name / "finetune" if name != "scratch" else self.root / "scratch"
+        start = ["--run", str(self.root / name)] if name != "scratch" else ["--model", b.model, "--image-size",
+                                                                            str(b.image_size)]
+        flags = [*start, "--dataset", self.args.dataset, "--train-fraction", f"{self.args.train_fraction:g}",
+                 "--dev-fraction", f"{self.args.dev_fraction:g}", "--lrs", *(f"{lr:g}" for lr in b.finetune_lrs),
+                 "--seeds", str(self.args.seeds), "--batch-size", str(b.finetune_batch),
+                 "--epochs", f"{b.finetune_epochs:g}", "--warmup-steps", str(b.finetune_warmup),
+                 "--crop-scale", *(f"{c:g}" for c in b.crop_scale), "--output-dir", str(out)]
+        results = out / "finetune.json"
+        if results.is_file() and "test_accuracy" in json.loads(results.read_text()):
+            print(f"[skip] {out} is fine-tuned")
+            return out
+        self.run(["eval/finetune.py", *flags, *(["--resume"] if results.is_file() else [])], launched=True)
+        return out
+
+    def probe(self, run: Path, random_init: bool = False) -> None:
+        """Few-shot (and a linear probe) of `run`'s model on the dataset, and few-shot on --transfer."""
+        suffix = "-random-init" if random_init else ""
+        init = ["--random-init"] if random_init else []
+        b = self.budget
+        jobs = [("eval/fewshot.py", run / f"fewshot{suffix}.json", self.args.dataset,
+                 ["--seeds", str(self.args.fewshot_seeds), "--max-test", str(b.fewshot_max_test)]),
+                ("eval/linear_probe.py", run / f"linear-probe{suffix}.json", self.args.dataset, [])]
+        if self.args.transfer:
+            jobs.append(("eval/fewshot.py", run / f"fewshot-{transfer_name(self.args.transfer)}{suffix}.json",
+                         self.args.transfer, ["--seeds", str(self.args.fewshot_seeds), "--image-size",
+                                              str(b.image_size), "--max-test", str(b.fewshot_max_test)]))
+        for script, output, dataset, extra in jobs:
+            if output.is_file():
+                print(f"[skip] {output} exists")
+                continue
+            self.run([script, "--run", str(run), *init, "--dataset", dataset, *extra, "--output", str(output)])
+
+    def __call__(self) -> None:
+        # The comparison first (pretrain, fine-tune, probe), the ablations after it: a run cut short
+        # still answers the main question.
+        for name in ("mpp", "supervised"):
+            self.pretrain(name)
+        scratch = self.finetune("scratch")
+        for name in ("mpp", "supervised"):
+            self.finetune(name)
+        for run in (self.root / "mpp", self.root / "supervised", scratch):
+            self.probe(run)
+        self.probe(self.root / "mpp", random_init=True)  # the untrained architecture
+        ablations = [name for name in PRETRAININGS if name not in ("mpp", "supervised")] if self.args.ablations else []
+        for name in ablations:
+            self.pretrain(name)
+            self.probe(self.root / name)
+        runs = [self.root / "mpp", self.root / "supervised", scratch, *(self.root / n for n in ablations)]
+        self.run(["eval/compare.py", *map(str, runs), "--output", self.args.output])
+        if not self.args.dry_run:
+            (self.root / "commands.sh").write_text("# written by scripts/compare_pretraining.py\n"
+                                                   + "\n".join(self.commands) + "\n")
+
+
+def transfer_name(spec: str) -> str:
+    from eval.fewshot import dataset_name
+
+    return dataset_name(spec)
+
+
+def check_same(run: Path, objective: str, flags: list[str]) -> None:
+    """Refuse to reuse a finished pretraining trained with other settings than this budget's."""
+    from mpp.train import RESUMABLE, parse_args
+
+    ignored = RESUMABLE - {"max_steps", "epochs"}  # a finished run of another length is another run
+    wanted = dataclasses.asdict(parse_args(objective, flags)[0])
+    saved = json.loads((run / "config.json").read_text())["train"]
+    changed = [f"{k} {saved.get(k)} → {v}" for k, v in wanted.items()
+               if k not in ignored and saved.get(k) != (list(v) if isinstance(v, tuple) else v)]
+    if changed:
+        more = f"; {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise UsageError(f"{run} was pretrained with other settings ({'; '.join(changed[:4])}{more}): "
+                         "pass another --root or the --budget it was trained with")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="digits", help="digits | image folder (train/, test/) | .tar.gz of one | hf:NAME")
+    p.add_argument("--transfer", default="", help="second dataset for a few-shot transfer check (folder or .tar.gz)")
+    p.add_argument("--budget", default="cpu", choices=sorted(BUDGETS), help="model size and training lengths")
+    p.add_argument("--train-fraction", type=float, default=0.1, help="labelled subset fine-tuned on")
+    p.add_argument("--dev-fraction", type=float, default=0.1, help="of the labelled subset, held out to pick the lr")
+    p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per model")
+    p.add_argument("--fewshot-seeds", type=int, default=3, help="few-shot draws per shot count")
+    p.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True,
+                   help="also the MPP targets 4×4 and L2 and 15%% corruption (few-shot and linear probes)")
+    p.add_argument("--root", default="", help="run directories (default: runs/compare-<dataset>-<budget>)")
+    p.add_argument("--output", default="", help="table and plots (default: ROOT/compare)")
+    p.add_argument("--launch", default="", help="prefix for training stages, e.g. 'accelerate launch' "
+                   "(default: this Python)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+    args = p.parse_args(argv)
+    args.dataset = dataset_folder(args.dataset)
+    if args.transfer:
+        args.transfer = dataset_folder(args.transfer)
+    if not 0 < args.train_fraction <= 1 or not 0 < args.dev_fraction < 1:
+        raise UsageError("--train-fraction must be in (0, 1] and --dev-fraction in (0, 1)")
+    if args.seeds < 1 or args.fewshot_seeds < 1:
+        raise UsageError("--seeds and --fewshot-seeds must be at least 1")
+    from eval.fewshot import dataset_name
+
+    args.root = args.root or f"runs/compare-{dataset_name(args.dataset)}-{args.budget}"
+    args.output = args.output or str(Path(args.root) / "compare")
+    return args
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    Pipeline(parse_args(argv))()
+
+
+if __name__ == "__main__":
+    main()

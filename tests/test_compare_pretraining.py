@@ -1,0 +1,106 @@
+"""The one-command comparison: its stages, skipping finished work, archives, and a whole smoke run."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from mpp.checkpoint import write_json
+from mpp.train import parse_args
+
+REPO = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("compare_pretraining", REPO / "scripts" / "compare_pretraining.py")
+cp = importlib.util.module_from_spec(spec)
+sys.modules["compare_pretraining"] = cp  # dataclasses look their module up while the script loads
+spec.loader.exec_module(cp)
+
+
+def commands(capsys, argv) -> list[str]:
+    cp.main(argv)
+    return [line[2:] for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
+
+
+def test_dry_run_lists_every_stage_in_order(tmp_path, capsys):
+    root = tmp_path / "root"
+    cmds = commands(capsys, ["--budget", "smoke", "--root", str(root), "--transfer", "digits", "--dry-run"])
+    scripts = [c.split()[1] for c in cmds]
+    assert scripts[:5] == ["scripts/pretrain_mpp.py", "scripts/pretrain_supervised.py"] + ["eval/finetune.py"] * 3
+    assert scripts[-1] == "eval/compare.py"
+    finetunes = [c for c in cmds if "eval/finetune.py" in c]
+    assert "--model Micro/4" in finetunes[0] and f"--run {root}/mpp " in finetunes[1]
+    assert all("--train-fraction 0.1 " in c and "--seeds 3 " in c for c in finetunes)
+    ablations = [c for c in cmds if "--target downsample" in c or "--target l2" in c or "--corrupt-rate 0.15" in c]
+    assert len(ablations) == 3
+    # probes of MPP, supervised, scratch, random init and the ablations: few-shot, linear and transfer each
+    assert sum("eval/fewshot.py" in c for c in cmds) == 2 * 7 and sum("eval/linear_probe.py" in c for c in cmds) == 7
+    assert sum("--random-init" in c for c in cmds) == 3
+    assert not root.exists()  # a dry run writes nothing
+    no_ablations = commands(capsys, ["--budget", "smoke", "--root", str(root), "--no-ablations", "--dry-run"])
+    assert not any("--target" in c or "--corrupt-rate" in c for c in no_ablations)
+
+
+def test_finished_pretraining_with_other_settings_is_refused(tmp_path, capsys):
+    root = tmp_path / "root"
+    run = root / "mpp"
+    run.mkdir(parents=True)
+    write_json(run / "summary.json", {"steps": 1})
+    pipeline = cp.Pipeline(cp.parse_args(["--budget", "smoke", "--root", str(root)]))
+    trained = dataclasses.asdict(parse_args("mpp", pipeline.pretrain_flags("mpp"))[0])
+    write_json(run / "config.json", {"train": {**trained, "epochs": 99.0, "num_workers": 7}})
+    with pytest.raises(SystemExit) as e:
+        cp.main(["--budget", "smoke", "--root", str(root), "--dry-run"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "was pretrained with other settings (epochs 99.0 → 0.5):" in err and "Traceback" not in err
+    write_json(run / "config.json", {"train": {**trained, "num_workers": 7}})  # a setting that changes nothing
+    cp.main(["--budget", "smoke", "--root", str(root), "--dry-run"])
+    assert "[skip] " in capsys.readouterr().out
+
+
+def test_archive_is_unpacked_once_with_or_without_a_top_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(cp, "REPO", tmp_path)
+    source = tmp_path / "src"
+    for split in ("train", "test"):
+        (source / "pets" / split / "cat").mkdir(parents=True)
+        (source / "pets" / split / "cat" / "a.jpg").write_bytes(b"x")
+    with tarfile.open(tmp_path / "pets_jpg.tar.gz", "w:gz") as tar:
+        tar.add(source / "pets", arcname="pets")  # one top folder around train/ and test/
+    folder = cp.dataset_folder(str(tmp_path / "pets_jpg.tar.gz"))
+    assert folder == str(tmp_path / "data" / "pets") and (Path(folder) / "train" / "cat" / "a.jpg").is_file()
+    (Path(folder) / "train" / "cat" / "a.jpg").unlink()
+    assert cp.dataset_folder(str(tmp_path / "pets_jpg.tar.gz")) == folder  # already there: not unpacked again
+    assert not (Path(folder) / "train" / "cat" / "a.jpg").exists()
+    with pytest.raises(cp.UsageError, match="does not exist"):
+        cp.dataset_folder(str(tmp_path / "missing.tar.gz"))
+    assert cp.dataset_folder("digits") == "digits"
+
+
+@pytest.mark.slow
+def test_smoke_comparison_end_to_end_then_everything_is_skipped(tmp_path):
+    root, out = tmp_path / "root", tmp_path / "compare"
+    argv = [sys.executable, "scripts/compare_pretraining.py", "--budget", "smoke", "--no-ablations", "--seeds", "1",
+            "--fewshot-seeds", "1", "--root", str(root), "--output", str(out)]
+    env_kw = {"cwd": REPO, "capture_output": True, "text": True, "timeout": 900}
+    first = subprocess.run(argv, **env_kw)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for run in ("mpp", "supervised", "scratch"):
+        assert (root / run / "fewshot.json").is_file() and (root / run / "linear-probe.json").is_file()
+    assert (root / "mpp" / "fewshot-random-init.json").is_file()
+    for run in ("mpp", "supervised"):
+        results = json.loads((root / run / "finetune" / "finetune.json").read_text())
+        assert results["init"] == "pretrained" and len(results["grid"]) == 2 and results["seeds"] == [0]
+    assert json.loads((root / "scratch" / "finetune.json").read_text())["init"] == "scratch"
+    assert (out / "compare.md").is_file() and (out / "fewshot.png").is_file()
+    recorded = (root / "commands.sh").read_text()
+    assert recorded.count("scripts/pretrain_") == 2 and "eval/compare.py" in recorded
+
+    again = subprocess.run(argv, **env_kw)  # everything is there: only the table is made again
+    assert again.returncode == 0, again.stderr[-3000:]
+    ran = [line for line in again.stdout.splitlines() if line.startswith("$ ")]
+    assert len(ran) == 1 and "eval/compare.py" in ran[0]

@@ -1,0 +1,190 @@
+"""Fine-tuning: the labelled subset and dev split, lr selection on dev only, new resolutions, resume, options."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from eval import finetune as ft
+from mpp.checkpoint import load_checkpoint, load_run, save_checkpoint, write_json
+from mpp.model import ViT, ViTConfig, resample_pos_embed
+
+TINY = dict(image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_dim=64)
+# A few seconds per fine-tune: tiny model, small batches, no worker processes.
+FAST = dict(steps=4, batch_size=32, warmup_steps=1, num_workers=0, log_every=2, lrs=(0.01, 0.1), seeds=2)
+
+
+@pytest.fixture
+def pretrained(tmp_path):
+    """A pretrained MPP run in miniature (no head, like MPP's): config.json and a checkpoint at step 5."""
+    torch.manual_seed(0)
+    vit = ViT(ViTConfig(**TINY, num_classes=0))
+    config = {"train": {"dataset": "digits", "image_size": 16, "model": "tiny", "seed": 0, "objective": "mpp"},
+              "vit": dataclasses.asdict(vit.config)}
+    run = tmp_path / "mpp"
+    run.mkdir()
+    write_json(run / "config.json", config)
+    save_checkpoint(run, 5, {"config": config, "model": vit.state_dict(), "step": 5})
+    return run
+
+
+def spy_trainings(monkeypatch) -> list[dict]:
+    """Record every training the Finetuner runs: what it trained on, where it scored, what it got."""
+    calls = []
+    original = ft.Finetuner.train
+
+    def train(self, indices, lr, seed, tag, score_on):
+        score, model = original(self, indices, lr, seed, tag, score_on)
+        calls.append({"tag": tag, "lr": lr, "seed": seed, "indices": np.asarray(indices), "score_on": score_on,
+                      "score": score, "scored_set": self.eval_sets[score_on], "start": self.start_state})
+        return score, model
+
+    monkeypatch.setattr(ft.Finetuner, "train", train)
+    return calls
+
+
+def test_labelled_subset_and_dev_split_are_stratified_disjoint_and_fixed():
+    labels = np.repeat(np.arange(5), 40)  # 5 classes × 40
+    config = ft.FinetuneConfig(train_fraction=0.25, dev_fraction=0.2)
+    split = ft.split_labelled(labels, config)
+    assert np.bincount(labels[split["train"]]).tolist() == [10] * 5  # 25% of each class
+    assert np.bincount(labels[split["dev"]]).tolist() == [2] * 5  # 20% of that, per class
+    assert not set(split["dev"]) & set(split["fit"])
+    assert sorted([*split["dev"], *split["fit"]]) == sorted(split["train"])
+    again = ft.split_labelled(labels, dataclasses.replace(config, seeds=1, lrs=(0.5,)))
+    assert all(np.array_equal(split[k], again[k]) for k in split)  # the same labels for every model and seed
+    per_class = ft.split_labelled(labels, ft.FinetuneConfig(train_per_class=4, dev_fraction=0.25))
+    assert np.bincount(labels[per_class["train"]]).tolist() == [4] * 5
+    with pytest.raises(ft.UsageError, match="fewer than 41"):
+        ft.split_labelled(labels, ft.FinetuneConfig(train_per_class=41))
+
+
+def test_select_lr_best_dev_accuracy_ties_to_smaller():
+    assert ft.select_lr({"0.01": {"dev_accuracy": 0.5}, "0.03": {"dev_accuracy": 0.7}}) == 0.03
+    assert ft.select_lr({"0.1": {"dev_accuracy": 0.7}, "0.03": {"dev_accuracy": 0.7}}) == 0.03
+
+
+def test_layer_decay_scales_lr_by_depth():
+    vit = ViT(ViTConfig(**TINY, num_classes=10))
+    opt = ft.optimizer_for(vit, ft.FinetuneConfig(layer_decay=0.5), lr=1.0)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    # depth 2: stem (layer 0) gets 0.5^3, block 1 (layer 2) 0.5^1, the head (layer 3) the full rate
+    assert lr_of[id(vit.pos_embed)] == pytest.approx(0.125)
+    assert lr_of[id(vit.blocks[1].mlp.fc1.weight)] == pytest.approx(0.5)
+    assert lr_of[id(vit.head.weight)] == pytest.approx(1.0)
+    assert all(g["weight_decay"] == 0 and g["momentum"] == 0.9 for g in opt.param_groups)
+    plain = ft.optimizer_for(vit, ft.FinetuneConfig(), lr=0.3)
+    assert [g["lr"] for g in plain.param_groups] == [0.3] and isinstance(plain, torch.optim.SGD)
+
+
+def test_lr_grid_sees_only_the_dev_split_then_scores_test_once(pretrained, tmp_path, monkeypatch):
+    calls = spy_trainings(monkeypatch)
+    out = tmp_path / "ft"
+    results = ft.finetune(ft.FinetuneConfig(run=str(pretrained), output_dir=str(out), dev_fraction=0.2, **FAST))
+
+    grid, final = calls[:2], calls[2:]
+    assert [c["tag"] for c in calls] == ["grid-lr0.01", "grid-lr0.1", "seed0", "seed1"]
+    test_set = final[0]["scored_set"]
+    dev_set = grid[0]["scored_set"]
+    for c in grid:  # the grid never touches the test split: it trains on "fit" and scores on "dev"
+        assert c["score_on"] == "dev" and c["scored_set"] is not test_set
+        assert not set(c["indices"]) & set(dev_set.indices)  # and never trains on what it scores
+    assert all(c["score_on"] == "test" for c in final)
+    best = max(grid, key=lambda c: (c["score"], -c["lr"]))["lr"]
+    assert results["lr"] == best and all(c["lr"] == best for c in final)  # chosen by dev accuracy alone
+    assert len(final[0]["indices"]) == results["dataset"]["train_size"] == 1437  # then all the labelled data
+    assert results["dataset"]["dev_size"] == len(dev_set.indices)
+    assert results["test_accuracy"]["per_seed"] == [c["score"] for c in final]
+
+    saved = json.loads((out / "finetune.json").read_text())
+    assert saved["grid"] == {"0.01": {"dev_accuracy": grid[0]["score"]}, "0.1": {"dev_accuracy": grid[1]["score"]}}
+    assert saved["init"] == "pretrained" and saved["pretrained"] == str(pretrained)
+    # the zero-initialised head of the paper, and the pretrained body
+    start = calls[0]["start"]
+    assert torch.count_nonzero(start["head.weight"]) == 0 and start["head.weight"].shape == (10, 32)
+    body = load_checkpoint(next((pretrained / "checkpoints").iterdir()))["model"]
+    assert torch.equal(start["blocks.0.attn.qkv.weight"], body["blocks.0.attn.qkv.weight"])
+    # seed 0's model is a run checkpoint the probes read; TensorBoard has one folder per training
+    config, vit, _ = load_run(out)
+    assert config["train"]["objective"] == "finetune" and vit.config.num_classes == 10
+    assert {p.name for p in (out / "tensorboard").iterdir()} >= {"grid-lr0.01", "grid-lr0.1", "seed0", "seed1"}
+
+
+def test_new_resolution_resamples_position_embeddings(pretrained, tmp_path, monkeypatch):
+    calls = spy_trainings(monkeypatch)
+    out = tmp_path / "ft32"
+    results = ft.finetune(ft.FinetuneConfig(run=str(pretrained), output_dir=str(out), image_size=32,
+                                            **{**FAST, "lrs": (0.01,), "seeds": 1, "steps": 2}))
+    assert [c["tag"] for c in calls] == ["seed0"]  # one lr: no grid
+    assert results["dataset"]["image_size"] == 32 and results["vit"]["image_size"] == 32
+    pretrained_pos = load_checkpoint(next((pretrained / "checkpoints").iterdir()))["model"]["pos_embed"]  # [1, 17, D]
+    start_pos = calls[0]["start"]["pos_embed"]  # [1, 65, D]: 8×8 patches of 4 px + the class token
+    assert start_pos.shape == (1, 65, 32)
+    torch.testing.assert_close(start_pos, resample_pos_embed(pretrained_pos, 8))
+    assert torch.equal(start_pos[:, 0], pretrained_pos[:, 0])  # the class token's embedding is kept
+
+
+def test_from_scratch_with_augmentations_and_resume(tmp_path, monkeypatch):
+    out = tmp_path / "scratch"
+    config = ft.FinetuneConfig(model="Micro/4", output_dir=str(out), train_per_class=20, dev_fraction=0.25,
+                               mixup=0.8, cutmix=1.0, label_smoothing=0.1, randaugment="rand-m9-mstd0.5-inc1",
+                               layer_decay=0.75, **FAST)
+    first = ft.finetune(config)
+    assert first["init"] == "scratch" and first["dataset"]["train_size"] == 200 and first["dataset"]["dev_size"] == 50
+    assert 0 <= first["test_accuracy"]["mean"] <= 1
+
+    # An interruption after the grid and seed 0: --resume trains only what is missing, with the same result file.
+    results = json.loads((out / "finetune.json").read_text())
+    del results["trainings"]["seed1"], results["test_accuracy"]
+    write_json(out / "finetune.json", results)
+    calls = spy_trainings(monkeypatch)
+    again = ft.finetune(dataclasses.replace(config, resume=True))
+    assert [c["tag"] for c in calls] == ["seed1"]
+    assert again["trainings"]["seed0"] == first["trainings"]["seed0"]
+    assert again["test_accuracy"]["per_seed"][1] == pytest.approx(first["test_accuracy"]["per_seed"][1])
+
+
+def test_short_finetune_on_real_cifar10_images(tmp_path, cifar10_slice):
+    results = ft.finetune(ft.FinetuneConfig(model="Micro/8", image_size=32, dataset=str(cifar10_slice),
+                                            output_dir=str(tmp_path / "ft"), train_fraction=0.5, **FAST))
+    assert results["dataset"]["num_classes"] == 10 and results["dataset"]["train_size"] == 100
+    assert results["dataset"]["test_size"] == 100 and len(results["test_accuracy"]["per_seed"]) == 2
+
+
+def one_line_error(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        ft.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and err.rstrip().endswith(lines[0]) and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--dev-fraction", "1.5"], "--dev-fraction 1.5 must be in (0, 1)"),
+    (["--train-per-class", "10000"], "pass a smaller --train-per-class"),
+    (["--lrs", "0.1", "-1"], "must be positive learning rates"),
+    (["--mixup", "0.8", "--batch-size", "33"], "even --batch-size"),
+    (["--randaugment", "foo-m9"], "not a timm RandAugment spec"),
+    (["--resume"], "drop --resume"),
+    (["--run", "no/such/run"], "does not exist"),
+    (["--model", "Q/16"], "unknown model preset"),
+    (["--image-size", "30"], "not divisible by the patch size"),
+    (["--dataset", "no/such/folder"], "does not exist"),
+    (["--lrs", "1e30", "--grad-clip", "0", "--warmup-steps", "0"], "not finite"),
+])
+def test_bad_input_is_one_line(tmp_path, capsys, argv, expected):
+    fast = ["--steps", "3", "--batch-size", "32", "--num-workers", "0", "--seeds", "1", "--lrs", "0.01"]
+    msg = one_line_error(capsys, ["--output-dir", str(tmp_path / "ft"), *fast, *argv])
+    assert expected in msg
+
+
+def test_existing_results_need_resume(tmp_path, capsys):
+    out = tmp_path / "ft"
+    out.mkdir()
+    write_json(out / "finetune.json", {"config": {}})
+    assert "pass --resume" in one_line_error(capsys, ["--output-dir", str(out), "--steps", "1", "--num-workers", "0"])
