@@ -1,0 +1,329 @@
+"""eval/compare.py: the table, the plots, TensorBoard, and bad input, on hand-written runs and one real tiny run."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from eval.compare import compare, main, mosaic, pos_embed_similarity, read_curves
+from mpp.checkpoint import save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+# Micro/4 at 16 px: the architecture the real tiny run trains, so its random-init row and the
+# hand-written runs' are the same baseline.
+MICRO = {"image_size": 16, "patch_size": 4, "in_chans": 3, "embed_dim": 128, "depth": 6, "num_heads": 4,
+         "mlp_dim": 512, "num_classes": 0, "dropout": 0.0, "attn_dropout": 0.0, "ln_eps": 1e-6}
+DASH = "–"
+
+
+def write(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj) if not isinstance(obj, str) else obj)
+
+
+def config(objective: str, **sections) -> dict:
+    return {"train": {"objective": objective, "dataset": "digits", "model": "Micro/4", "image_size": 0, "seed": 0},
+            "vit": {**MICRO, "num_classes": 0 if objective == "mpp" else 10}, **sections}
+
+
+def fewshot(spec: str, results: dict[int, tuple[float, float]], init: str = "trained", step: int = 0) -> dict:
+    """A report shaped as eval/fewshot.py writes it (only the fields compare reads, plus a few)."""
+    return {"init": init, "step": step, "run_config": {"objective": "mpp", "model": "Micro/4"}, "vit": MICRO,
+            "dataset": {"spec": spec, "image_size": 16}, "shots": list(results), "seeds": [0, 1],
+            "results": {str(k): {"shots": k, "mean": m, "std": s, "per_seed": [m - s, m + s]}
+                        for k, (m, s) in results.items()}}
+
+
+def finetune(spec: str, mean: float, std: float, lr: float, init: str = "pretrained") -> dict:
+    return {"pretrained": None if init == "scratch" else "runs/x/mpp", "init": init,
+            "dataset": {"spec": spec, "train_size": 1437, "dev_size": 100, "test_size": 360}, "lr": lr,
+            "grid": {str(lr): {"dev_accuracy": mean}}, "test_accuracy": {"mean": mean, "std": std,
+                                                                          "per_seed": [mean]},
+            "seeds": [0], "steps": 300, "wall_time_s": 60.0}
+
+
+def one_hot_pos_embed() -> torch.Tensor:
+    """[1, 17, 16]: patch p's embedding is e_p, so patches are only similar to themselves; the class
+    token's is large and similar to every patch, so a plot that kept it would show it."""
+    pos = torch.zeros(1, 17, 16)
+    pos[0, 0] = 5.0
+    pos[0, 1:] = torch.eye(16)
+    return pos
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """Three hand-written run directories under one root: an MPP run with every kind of result, a
+    supervised run with TensorBoard events, and a from-scratch fine-tune."""
+    root = tmp_path_factory.mktemp("compare") / "runs"
+    mpp = root / "mpp"
+    mpp_cfg = config("mpp", mpp={"target": "mean_color", "corrupt_rate": 0.5})
+    write(mpp / "config.json", mpp_cfg)
+    write(mpp / "summary.json", {"objective": "mpp", "steps": 1500, "wall_time_s": 376.0, "eval": {}, "last_train": {}})
+    write(mpp / "fewshot.json", fewshot("digits", {1: (0.2778, 0.0068), 5: (0.483, 0.022)}, step=1500))
+    write(mpp / "fewshot-random-init.json", fewshot("digits", {1: (0.137, 0.021), 5: (0.275, 0.016)}, "random"))
+    write(mpp / "fewshot-imagenette.json", fewshot("/data/imagenette/", {1: (0.15, 0.01), 10: (0.3, 0.02)}, step=1500))
+    write(mpp / "linear-probe.json", {"init": "trained", "dataset": {"spec": "digits"}, "feature_dim": 128,
+                                      "l2": 1.0, "accuracy": 0.71, "dev_accuracy": {"1.0": 0.7}})
+    write(mpp / "linear-probe-random-init.json", {"init": "random", "dataset": {"spec": "digits"}, "accuracy": 0.35})
+    write(mpp / "finetune-cifar" / "finetune.json", finetune("hf:cifar10", 0.5, 0.0, 1e-4))
+    write(mpp / "finetune-digits" / "finetune.json", finetune("digits", 0.9, 0.01, 1e-3))
+    write(mpp / "metrics.jsonl", '{"step": 1, "train/loss": 6.0}\n{"step": 2, "train/loss": 5.0}\n{"step": 3, "tr')
+    save_checkpoint(mpp, 5, {"config": mpp_cfg, "model": {"pos_embed": one_hot_pos_embed()}, "step": 5,
+                             "rng": np.random.get_state()})  # numpy inside: weights_only refuses it
+
+    sup = root / "sup"
+    write(sup / "config.json", config("supervised"))
+    write(sup / "summary.json", {"objective": "supervised", "steps": 200, "wall_time_s": 7300.0})
+    write(sup / "fewshot.json", fewshot("digits", {1: (0.4, 0.01), 5: (0.6, 0.02), 25: (0.8, 0.005)}, step=100))
+    write(sup / "fewshot-random-init.json", fewshot("digits", {1: (0.9, 0.0)}, "random"))  # the same baseline
+    write(sup / "metrics.jsonl", '{"step": 1, "train/loss": 9.0}\n')  # TensorBoard comes first
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(sup / "tensorboard")) as tb:
+        for step, loss in [(1, 2.0), (2, 1.5)]:
+            tb.add_scalar("train/loss", loss, step)
+            tb.add_scalar("train/lr", 0.1, step)  # not a curve compare draws
+        tb.add_scalar("eval/accuracy", 0.4, 2)
+
+    scratch = root / "scratch"
+    write(scratch / "config.json", {"train": {"objective": "finetune", "dataset": "digits", "model": "Micro/4"},
+                                    "vit": MICRO, "finetune": {"pretrained": None}})
+    write(scratch / "finetune.json", finetune("digits", 0.55, 0.02, 3e-4, init="scratch"))
+    for training, loss in [("grid-lr0.001", 7.0), ("seed0", 3.0)]:  # eval/finetune.py: a folder per training
+        with SummaryWriter(str(scratch / "tensorboard" / training)) as tb:
+            tb.add_scalar("train/loss", loss, 10)
+    return root
+
+
+@pytest.fixture(scope="module")
+def compared(runs) -> dict:
+    return compare([runs / "mpp", runs / "sup", runs / "scratch"])  # default output: runs/compare
+
+
+def rows_by_name(table: dict) -> dict[str, dict[str, str]]:
+    return {row[0]: dict(zip(table["columns"], row)) for row in table["rows"]}
+
+
+def check_png(path: Path, min_size=(200, 150)) -> tuple[int, int]:
+    with Image.open(path) as image:
+        image.verify()  # a complete, uncorrupted PNG
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] >= min_size[0] and image.size[1] >= min_size[1]
+        low, high = image.convert("L").getextrema()
+        assert high - low > 50  # something is drawn, not a blank canvas
+        return image.size
+
+
+def test_main_table_rows(compared, runs):
+    main_table = compared["tables"][0]
+    assert main_table["title"] == "Runs (few-shot on digits)"
+    assert main_table["columns"] == ["run", "objective", "data", "1-shot", "5-shot", "25-shot", "linear probe (digits)",
+                                     "fine-tune (digits)", "steps", "wall time"]
+    rows = rows_by_name(main_table)
+    assert list(rows) == ["mpp", "sup", "scratch", "random init (Micro/4, 16 px)"]
+    assert rows["mpp"] == {"run": "mpp", "objective": "mpp (mean_color, 50%)", "data": "digits",
+                           "1-shot": "27.8 ± 0.7", "5-shot": "48.3 ± 2.2", "25-shot": DASH,
+                           "linear probe (digits)": "71.0", "fine-tune (digits)": "90.0 ± 1.0, lr 0.001",
+                           "steps": "1,500", "wall time": "6.3 min"}
+    assert rows["sup"]["objective"] == "supervised" and rows["sup"]["25-shot"] == "80.0 ± 0.5"
+    assert rows["sup"]["linear probe (digits)"] == DASH and rows["sup"]["fine-tune (digits)"] == DASH
+    assert rows["sup"]["wall time"] == "2.0 h"
+    # A fine-tune directory: its own result, steps and time come from finetune.json.
+    assert rows["scratch"]["objective"] == "finetune (scratch)"
+    assert rows["scratch"]["fine-tune (digits)"] == "55.0 ± 2.0, lr 0.0003"
+    assert (rows["scratch"]["1-shot"], rows["scratch"]["steps"], rows["scratch"]["wall time"]) == (DASH, "300", "60 s")
+    # The random-init baseline is shown once for both runs, with the first run's numbers.
+    assert rows["random init (Micro/4, 16 px)"]["1-shot"] == "13.7 ± 2.1"
+    assert rows["random init (Micro/4, 16 px)"]["linear probe (digits)"] == "35.0"
+    assert len(compared["random_init"]) == 1 and compared["random_init"][0]["sources"] == ["mpp", "sup"]
+
+
+def test_markdown_json_and_notes(compared, runs, capsys):
+    output = runs / "compare"
+    markdown = (output / "compare.md").read_text()
+    assert markdown == compared["markdown"]
+    assert "| mpp | mpp (mean_color, 50%) | digits | 27.8 ± 0.7 | 48.3 ± 2.2 | – | 71.0 |" in markdown
+    saved = json.loads((output / "compare.json").read_text())
+    assert saved["tables"] == compared["tables"] and saved["main_dataset"] == "digits"
+    assert saved["runs"][0]["fewshot"]["digits"]["results"]["1"] == {"mean": 0.2778, "std": 0.0068}
+    notes = "\n".join(compared["notes"])
+    assert "mpp: 2 fine-tune results (finetune-cifar/finetune.json, finetune-digits/finetune.json); " \
+           "shown: finetune-digits/finetune.json (it is on the run's data)" in notes
+    assert "random init (Micro/4, 16 px) on digits: shown once, from mpp (sup has the same" in notes
+    assert "sup: fewshot.json evaluated the step-100 checkpoint of 200 steps" in notes
+    assert "Notes:" in markdown and "shown once" in markdown
+
+
+def test_fewshot_on_a_second_dataset_gets_its_own_table_and_panel(compared):
+    assert [t["title"] for t in compared["tables"]] == ["Runs (few-shot on digits)", "Few-shot on imagenette"]
+    transfer = compared["tables"][1]
+    assert transfer["columns"] == ["run", "objective", "1-shot", "10-shot"]
+    assert transfer["rows"] == [["mpp", "mpp (mean_color, 50%)", "15.0 ± 1.0", "30.0 ± 2.0"]]
+    assert compared["plots"]["fewshot"] == {"file": "fewshot.png", "panels": ["digits", "imagenette"]}
+    width, _ = check_png(Path(compared["output"]) / "fewshot.png")
+    assert width >= 2 * 400  # two panels side by side
+
+
+def test_curves_come_from_tensorboard_events(compared, runs):
+    source, curves = read_curves(runs / "sup")
+    assert source == "tensorboard"
+    assert curves == {"train/loss": [(1, 2.0), (2, 1.5)], "eval/accuracy": [(2, pytest.approx(0.4))]}
+    source, curves = read_curves(runs / "mpp")  # no events: metrics.jsonl, its torn last line skipped
+    assert source == "metrics.jsonl" and curves == {"train/loss": [(1, 6.0), (2, 5.0)]}
+    assert read_curves(runs / "scratch") == ("tensorboard/seed0", {"train/loss": [(10, 3.0)]})  # the final training
+    plots = compared["plots"]["curves"]
+    assert plots["sources"] == {"mpp": "metrics.jsonl", "sup": "tensorboard", "scratch": "tensorboard/seed0"}
+    assert plots["panels"] == 4  # train/loss per loss scale (mpp mean_color, supervised, finetune), eval/accuracy
+    check_png(Path(compared["output"]) / "curves.png")
+
+
+def test_pos_embed_similarity_math():
+    sim = pos_embed_similarity(one_hot_pos_embed(), (4, 4))
+    assert sim.shape == (4, 4, 4, 4)
+    np.testing.assert_allclose(sim.reshape(16, 16), np.eye(16))  # the class token's embedding is left out
+    pos = torch.randn(1, 1 + 6, 8)  # a 2×3 grid, any D
+    expected = torch.nn.functional.cosine_similarity(pos[0, 1:, None], pos[0, None, 1:], dim=-1)
+    np.testing.assert_allclose(pos_embed_similarity(pos, (2, 3)).reshape(6, 6), expected.numpy(), atol=1e-6)
+    np.testing.assert_allclose(pos_embed_similarity(pos[0, 1:].bfloat16(), (2, 3)).shape, (2, 3, 2, 3))
+    with pytest.raises(ValueError, match="4×4"):
+        pos_embed_similarity(pos, (4, 4))
+
+
+def test_mosaic_tiles():
+    sim = np.arange(2 * 3 * 2 * 3, dtype=float).reshape(2, 3, 2, 3)
+    image = mosaic(sim)
+    assert image.shape == (2 * 3 - 1, 3 * 4 - 1)
+    np.testing.assert_array_equal(image[3:5, 4:7], sim[1, 1])  # tile (1, 1) after one gap row and column
+    assert np.isnan(image[2]).all() and np.isnan(image[:, 3]).all()
+
+
+def test_pos_embed_figure_from_the_checkpoint(compared, runs):
+    found = compared["plots"]["pos_embed"]
+    assert list(found) == ["mpp"]  # the other runs have no checkpoint
+    assert found["mpp"]["checkpoint"] == str(runs / "mpp" / "checkpoints" / "ckpt-00000005.pt")
+    assert found["mpp"]["step"] == 5 and found["mpp"]["grid"] == [4, 4]
+    check_png(Path(compared["output"]) / "pos_embed-mpp.png")
+
+
+def test_tensorboard_text_and_command(compared, runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folder = Path(compared["output"]) / "tensorboard"
+    acc = EventAccumulator(str(folder)).Reload()
+    (tag,) = acc.Tags()["tensors"]
+    assert tag.startswith("compare")
+    assert acc.Tensors(tag)[0].tensor_proto.string_val[0].decode() == compared["markdown"]
+    assert compared["tensorboard"]["logdir"] == str(runs.resolve())
+    assert compared["tensorboard"]["command"].startswith("tensorboard --logdir ")
+    assert compared["tensorboard"]["command"].endswith(str(runs.resolve()).removeprefix(str(Path.cwd()) + "/"))
+
+
+def test_rerun_with_names_replaces_the_tensorboard_text_and_skips_the_output_folder(compared, runs, tmp_path):
+    again = compare([runs / "sup", runs / "compare"], tmp_path / "out")  # `runs/*` includes the last output
+    assert [r["name"] for r in again["runs"]] == ["sup"]
+    assert "skipped " + str(runs / "compare") + ": a comparison's output, not a run" in again["notes"]
+    assert "--logdir_spec runs:" in again["tensorboard"]["command"]  # the output is not below the runs
+    named = compare([runs / "sup"], tmp_path / "out", names=["baseline"])
+    assert rows_by_name(named["tables"][0])["baseline"]["objective"] == "supervised"
+    assert len(list((tmp_path / "out" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
+def test_clashing_directory_names_become_paths(tmp_path):
+    for parent in ("a", "b"):
+        write(tmp_path / parent / "mpp" / "config.json", config("mpp"))
+    report = compare([tmp_path / "a" / "mpp", tmp_path / "b" / "mpp"], tmp_path / "out")
+    assert [r["name"] for r in report["runs"]] == ["a/mpp", "b/mpp"]
+    assert report["plots"] == {"fewshot": None, "curves": None, "pos_embed": {}}  # nothing to draw: no files
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["compare.json", "compare.md", "tensorboard"]
+    assert "–" in report["tables"][0]["rows"][0]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist"),
+    ("empty", "holds nothing to compare: expected config.json or a result"),
+    ("unwritable", "cannot write to output directory"),
+    ("names", "--names has 1 name(s) for 2 run(s)"),
+    ("bad-json", "cannot read"),
+    ("twice", "is given twice"),
+])
+def test_usage_errors(case, message, tmp_path, capsys):
+    run = tmp_path / "run"
+    write(run / "config.json", config("mpp"))
+    argv = [str(run), "--output", str(tmp_path / "out")]
+    if case == "missing":
+        argv[0] = str(tmp_path / "nope")
+    elif case == "empty":
+        (tmp_path / "empty").mkdir()
+        argv = [str(run), str(tmp_path / "empty")]
+    elif case == "unwritable":
+        write(tmp_path / "file", "x")
+        argv = [str(run), "--output", str(tmp_path / "file" / "out")]  # below a file: root can't write there either
+    elif case == "names":
+        argv = [str(run), str(run.parent), "--names", "a"]
+        write(tmp_path / "fewshot.json", fewshot("digits", {1: (0.5, 0.0)}))
+    elif case == "bad-json":
+        write(run / "fewshot.json", '{"results": ')
+    elif case == "twice":
+        argv = [str(run), str(run / ".." / "run"), "--output", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error:") and err.count("\n") == 1, err
+    assert message in err
+    if case in ("missing", "empty"):
+        assert str(tmp_path / ("nope" if case == "missing" else "empty")) in err
+
+
+def test_script_error_is_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "eval/compare.py", str(tmp_path / "nope")], cwd=REPO, check=False,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("error:") and done.stderr.count("\n") == 1
+    assert "Traceback" not in done.stderr and str(tmp_path / "nope") in done.stderr
+
+
+def run_script(*args):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MPP_KERNELS": "torch"}
+    done = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, check=False, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+@pytest.mark.slow
+def test_real_tiny_run_end_to_end(runs, tmp_path):
+    """A real 3-step MPP run, few-shot evaluated with its random-init baseline, compared through the CLI
+    with the hand-written supervised run of the same architecture."""
+    real = runs.parent / "real" / "mpp"
+    run_script("scripts/pretrain_mpp.py", "--max-steps", "3", "--batch-size", "32", "--save-every", "3",
+               "--log-every", "1", "--num-workers", "0", "--output-dir", real)
+    for extra in ([], ["--random-init"]):
+        run_script("eval/fewshot.py", "--run", real, "--shots", "1", "5", "--seeds", "2", "--max-test", "100", *extra)
+    out = tmp_path / "out"
+    done = run_script("eval/compare.py", real, runs / "sup", "--output", out)
+    assert done.stdout.startswith("### Runs (few-shot on digits)")
+    assert "overlay the runs: tensorboard --logdir" in done.stdout
+    report = json.loads((out / "compare.json").read_text())
+    rows = rows_by_name(report["tables"][0])
+    assert list(rows) == ["mpp", "sup", "random init (Micro/4, 16 px)"]  # one baseline for both runs
+    trained = json.loads((real / "fewshot.json").read_text())["results"]["5"]
+    assert rows["mpp"]["5-shot"] == f"{100 * trained['mean']:.1f} ± {100 * trained['std']:.1f}"
+    assert rows["mpp"]["objective"] == "mpp (mean_color, 50%)" and rows["mpp"]["steps"] == "3"
+    assert rows["mpp"]["25-shot"] == DASH and rows["mpp"]["linear probe"] == DASH  # sup has 25 shots, no run a probe
+    baseline = json.loads((real / "fewshot-random-init.json").read_text())["results"]["1"]
+    assert rows["random init (Micro/4, 16 px)"]["1-shot"] == f"{100 * baseline['mean']:.1f} ± {100 * baseline['std']:.1f}"
+    # Curves: the run's own TensorBoard events, one point per step.
+    assert report["plots"]["curves"]["sources"]["mpp"] == "tensorboard"
+    source, curves = read_curves(real)
+    assert source == "tensorboard" and [step for step, _ in curves["train/loss"]] == [1, 2, 3] and "eval/loss" in curves
+    # The position-embedding figure: the run's checkpoint, a 4×4 grid of patches (16 px, patch 4).
+    pos = report["plots"]["pos_embed"]["mpp"]
+    assert pos["checkpoint"].endswith("ckpt-00000003.pt") and pos["step"] == 3 and pos["grid"] == [4, 4]
+    for name in ("fewshot.png", "curves.png", "pos_embed-mpp.png"):
+        check_png(out / name)
+    assert not (out / "pos_embed-sup.png").exists()  # sup has no checkpoint
