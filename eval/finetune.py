@@ -168,8 +168,9 @@ def optimizer_for(vit: ViT, config: FinetuneConfig, lr: float) -> torch.optim.Op
 
 
 @torch.no_grad()
-def accuracy(vit: torch.nn.Module, loader: DataLoader, accelerator) -> float:
-    """Top-1 accuracy over the loader, gathered from every process (without the padding duplicates)."""
+def accuracy(vit: torch.nn.Module, loader: DataLoader, accelerator) -> tuple[float, int]:
+    """(top-1 accuracy, images scored) over the loader, gathered from every process without the
+    duplicates that even batches pad the last one with."""
     vit.eval()
     correct, total = 0, 0
     for images, labels in loader:
@@ -179,7 +180,7 @@ def accuracy(vit: torch.nn.Module, loader: DataLoader, accelerator) -> float:
         correct += int((preds == labels).sum())
         total += len(labels)
     vit.train()
-    return correct / max(1, total)
+    return correct / max(1, total), total
 
 
 class Finetuner:
@@ -204,7 +205,8 @@ class Finetuner:
         return torch.nn.functional.cross_entropy(logits.float(), labels, label_smoothing=self.config.label_smoothing)
 
     def train(self, indices: np.ndarray, lr: float, seed: int, tag: str, score_on: str) -> tuple[float, ViT]:
-        """Train from the starting weights on `indices` of the training split; accuracy on `score_on`."""
+        """Train from the starting weights on `indices` of the training split; accuracy on `score_on`
+        (the number of images scored is kept in `self.scored`)."""
         from accelerate.utils import set_seed
         from torch.utils.tensorboard import SummaryWriter
         from tqdm.auto import tqdm
@@ -260,7 +262,7 @@ class Finetuner:
                 epoch += 1
         finally:
             bar.close()  # ends the bar's line, so an error message starts on a line of its own
-        score = accuracy(vit, eval_loader, acc)
+        score, self.scored = accuracy(vit, eval_loader, acc)
         if tb:
             tb.add_scalar(f"{score_on}/accuracy", score, step)
             tb.close()
@@ -358,7 +360,7 @@ def finetune(config: FinetuneConfig) -> dict:
         tag = f"grid-lr{lr:g}"
         if tag not in trainings:
             score, _ = tuner.train(split["fit"], lr, 0, tag, "dev")
-            record(tag, {"lr": lr, "seed": 0, "dev_accuracy": score})
+            record(tag, {"lr": lr, "seed": 0, "dev_accuracy": score, "scored": tuner.scored})
         grid[f"{lr:g}"] = {"dev_accuracy": trainings[tag]["dev_accuracy"]}
     lr = select_lr(grid) if grid else lrs[0]
     accelerator.print(f"lr {lr:g} chosen on the dev split ({len(split['dev'])} images): "
@@ -372,7 +374,7 @@ def finetune(config: FinetuneConfig) -> dict:
             if seed == 0 and accelerator.is_main_process:
                 ckpt_io.save_checkpoint(out, steps, {"config": run_cfg, "model": model.state_dict(), "step": steps},
                                         keep=1)  # seed 0's weights: the probes read this directory as a run
-            record(tag, {"lr": lr, "seed": seed, "test_accuracy": score})
+            record(tag, {"lr": lr, "seed": seed, "test_accuracy": score, "scored": tuner.scored})
     per_seed = [trainings[f"seed{s}"]["test_accuracy"] for s in range(config.seeds)]
     results.update({
         "lr": lr, "grid": grid, "seeds": list(range(config.seeds)),

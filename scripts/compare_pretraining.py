@@ -87,7 +87,8 @@ def dataset_folder(spec: str) -> str:
                     m.name = m.name.partition("/")[2]
                 if m.name:
                     tar.extract(m, target, filter="data")
-    return str(target)
+    # Relative to the working directory when inside it ("data/cifar10"): run configs stay portable.
+    return str(target.relative_to(Path.cwd())) if target.is_relative_to(Path.cwd()) else str(target)
 
 
 class Pipeline:
@@ -99,13 +100,14 @@ class Pipeline:
 
     def run(self, argv: list[str], launched: bool = False) -> None:
         """Run one stage command (printed and recorded); its failure stops the pipeline."""
-        cmd = (self.launch if launched else [sys.executable]) + argv
+        script = argv[0] if Path.cwd() == REPO else str(REPO / argv[0])  # stages run where this was started
+        cmd = (self.launch if launched else [sys.executable]) + [script, *argv[1:]]
         text = shlex.join(cmd).replace(shlex.quote(sys.executable), "python", 1)
         self.commands.append(text)
         print(f"\n$ {text}", flush=True)
         if self.args.dry_run:
             return
-        done = subprocess.run(cmd, cwd=REPO)
+        done = subprocess.run(cmd)
         if done.returncode:
             raise UsageError(f"stage failed (exit {done.returncode}): {text}: fix what it printed above, "
                              "then rerun this command; finished stages are kept")

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from eval import finetune as ft
 from mpp.checkpoint import load_checkpoint, load_run, save_checkpoint, write_json
 from mpp.model import ViT, ViTConfig, resample_pos_embed
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = dict(image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_dim=64)
 # A few seconds per fine-tune: tiny model, small batches, no worker processes.
 FAST = dict(steps=4, batch_size=32, warmup_steps=1, num_workers=0, log_every=2, lrs=(0.01, 0.1), seeds=2)
@@ -188,3 +192,20 @@ def test_existing_results_need_resume(tmp_path, capsys):
     out.mkdir()
     write_json(out / "finetune.json", {"config": {}})
     assert "pass --resume" in one_line_error(capsys, ["--output-dir", str(out), "--steps", "1", "--num-workers", "0"])
+
+
+@pytest.mark.slow
+def test_two_processes_score_every_test_image_once(tmp_path):
+    # `--multi_gpu` on a machine without CUDA: two gloo CPU processes (see test_train.py).
+    out = tmp_path / "ft"
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "eval/finetune.py", "--model", "Micro/4",
+              "--steps", "3", "--batch-size", "32", "--num-workers", "0", "--lrs", "0.01", "0.1", "--seeds", "1",
+              "--output-dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(launch, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "finetune.json").read_text())
+    # 360 test and 142 dev images split over 2 processes: gathered without the even-batch padding
+    assert results["trainings"]["seed0"]["scored"] == results["dataset"]["test_size"] == 360
+    assert results["trainings"]["grid-lr0.01"]["scored"] == results["dataset"]["dev_size"] == 142
