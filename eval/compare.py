@@ -303,18 +303,6 @@ def common_parent(paths: list[Path]) -> Path:
     return Path(os.path.commonpath([p.resolve() for p in paths]))
 
 
-def prepare_output(path: Path) -> Path:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"cannot write to output directory '{path}' ({e.strerror or e}): "
-                         "pass a writable --output") from e
-    return path
-
-
 def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "run"
 
@@ -684,7 +672,7 @@ def compare(run_dirs: list[str | Path], output_dir: str | Path | None = None, na
         raise UsageError("--names cannot be matched to the runs when a comparison folder is among them: leave it out")
     names = run_names(paths, names)
     parent = common_parent(paths)
-    output = prepare_output(Path(output_dir) if output_dir else parent / "compare")
+    output = ckpt_io.writable_dir(Path(output_dir) if output_dir else parent / "compare", "--output")
 
     runs, randoms = [], []
     for path, name in zip(paths, names):

@@ -246,17 +246,57 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-@cli_main
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+@dataclasses.dataclass
+class ProbeTarget:
+    """What a probe CLI evaluates, from its flags: the model, where it came from, where results go."""
+    config: dict | None  # the run's config (None for a bare --model preset)
+    vit: torch.nn.Module
+    run_dir: Path | None
+    checkpoint: Path | None
+    dataset: str  # --dataset, else the run's training dataset
+    prefix: str  # e.g. "fewshot" or "fewshot_random_init": TensorBoard tag and default file name
+    step: int  # the checkpoint's step (0 for a random init)
+
+    def report_head(self, args) -> dict:
+        return {"init": "random" if args.random_init else "trained", "run": str(self.run_dir) if self.run_dir else None,
+                "checkpoint": str(self.checkpoint) if self.checkpoint else None, "step": self.step}
+
+    def output(self, args) -> Path:  # RUN_DIR/<prefix with dashes>.json unless --output
+        return Path(args.output) if args.output else self.run_dir / f"{self.prefix.replace('_', '-')}.json"
+
+
+def probe_target(args, name: str) -> ProbeTarget:
+    """The model and settings a probe CLI (`name`: fewshot, linear_probe) evaluates."""
     if args.kernels:
         set_kernel_mode(args.kernels)
     config, vit, run_dir, ckpt_path = build_model(args)
-    train_cfg = (config or {}).get("train", {})
-    dataset = args.dataset or train_cfg.get("dataset", DEFAULT_DATASET)
+    dataset = args.dataset or (config or {}).get("train", {}).get("dataset", DEFAULT_DATASET)
+    prefix = f"{name}_random_init" if args.random_init else name
+    return ProbeTarget(config, vit, run_dir, ckpt_path, dataset, prefix, checkpoint_step(ckpt_path) if ckpt_path else 0)
+
+
+def save_report(target: ProbeTarget, output: Path, report: dict, scalars: dict[str, float], folder: str) -> None:
+    """Write the JSON report, and its headline scalars to TensorBoard beside the run's own curves,
+    at the checkpoint's step so probes of successive checkpoints line up."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_json(output, report)
+    except OSError as e:
+        raise UsageError(f"cannot write '{output}' ({e.strerror}): pass a writable --output") from e
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str((target.run_dir or output.parent) / "tensorboard" / folder)) as tb:
+        for tag, value in scalars.items():
+            tb.add_scalar(tag, value, global_step=target.step)
+    print(f"wrote {output}")
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    target = probe_target(args, "fewshot")
+    vit, dataset, prefix = target.vit, target.dataset, target.prefix
     image_size = vit.config.image_size
-    prefix = "fewshot_random_init" if args.random_init else "fewshot"
-    step = checkpoint_step(ckpt_path) if ckpt_path else 0
     out = run_fewshot(vit, dataset, image_size, tuple(args.shots), args.seeds, tuple(args.l2), args.batch_size,
                       args.device, args.max_test, args.num_workers)
 
@@ -267,23 +307,13 @@ def main(argv: list[str] | None = None) -> dict:
         seeds = " ".join(f"{100 * a:.1f}" for a in r["per_seed"])
         print(f"{k:>5} | {100 * r['mean']:6.2f} ± {100 * r['std']:5.2f} | {seeds}")
 
-    report = {"init": "random" if args.random_init else "trained", "run": str(run_dir) if run_dir else None,
-              "checkpoint": str(ckpt_path) if ckpt_path else None, "step": step,
+    train_cfg = (target.config or {}).get("train", {})
+    report = {**target.report_head(args),
               "run_config": {k: train_cfg.get(k) for k in ("objective", "model", "dataset", "image_size", "seed")}
-              if config else None,
+              if target.config else None,
               "model": args.model, "vit": dataclasses.asdict(vit.config), **out}
-    output = Path(args.output) if args.output else run_dir / f"{prefix.replace('_', '-')}.json"  # fewshot[-random-init]
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        write_json(output, report)
-    except OSError as e:
-        raise UsageError(f"cannot write '{output}' ({e.strerror}): pass a writable --output") from e
-    from torch.utils.tensorboard import SummaryWriter
-
-    with SummaryWriter(str((run_dir or output.parent) / "tensorboard" / "fewshot")) as tb:  # beside the run's curves
-        for k, r in out["results"].items():
-            tb.add_scalar(f"{prefix}/{dataset_name(dataset)}/{k}shot", r["mean"], global_step=step)
-    print(f"wrote {output}")
+    scalars = {f"{prefix}/{dataset_name(dataset)}/{k}shot": r["mean"] for k, r in out["results"].items()}
+    save_report(target, target.output(args), report, scalars, "fewshot")
     return report
 
 

@@ -414,11 +414,7 @@ def prepare_output(out: Path, config: FinetuneConfig, settings: dict, run_cfg: d
             raise UsageError(f"'{out}' was fine-tuned with other settings ({'; '.join(changed)}): resume with "
                              "the same flags or pass a new --output-dir")
     if accelerator.is_main_process and not config.resume:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            ckpt_io.write_json(out / "config.json", run_cfg)
-        except OSError as e:
-            raise UsageError(f"cannot write to output directory '{out}' ({e.strerror}): pass a writable --output-dir") from e
+        ckpt_io.write_json(ckpt_io.writable_dir(out, "--output-dir") / "config.json", run_cfg)
     return results
 
 

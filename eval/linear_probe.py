@@ -22,18 +22,16 @@ from eval.fewshot import (
     _labels,
     add_model_flags,
     add_runtime_flags,
-    build_model,
     check_flags,
-    checkpoint_step,
     dataset_labels,
     dataset_name,
     extract_features,
     fewshot_probe_grid,
+    probe_target,
+    save_report,
 )
-from mpp.checkpoint import write_json
-from mpp.data import DEFAULT_DATASET, build_dataset
+from mpp.data import build_dataset
 from mpp.errors import UsageError, cli_main
-from triton_kernels.gate import set_kernel_mode
 
 # Wide enough to span "almost unregularised" to "class-mean classifier" on standardised features.
 DEFAULT_L2S = tuple(2.0**k for k in range(-4, 16, 2))  # 2^-4 .. 2^14
@@ -156,15 +154,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @cli_main
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.kernels:
-        set_kernel_mode(args.kernels)
-    config, vit, run_dir, ckpt_path = build_model(args)
-    dataset = args.dataset or (config or {}).get("train", {}).get("dataset", DEFAULT_DATASET)
+    target = probe_target(args, "linear_probe")
+    vit, dataset, prefix = target.vit, target.dataset, target.prefix
     image_size = vit.config.image_size
-    prefix = "linear_probe_random_init" if args.random_init else "linear_probe"
-    output = Path(args.output) if args.output else run_dir / f"{prefix.replace('_', '-')}.json"
+    output = target.output(args)
     check_writable(output)
-    step = checkpoint_step(ckpt_path) if ckpt_path else 0
     out = run_linear_probe(vit, dataset, image_size, tuple(args.l2), args.dev_fraction, args.batch_size,
                            args.device, args.max_train, args.max_test, args.num_workers)
 
@@ -183,19 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
         edge = "smallest" if out["l2"] == min(out["l2_grid"]) else "largest"
         print(f"note: the chosen l2 is the grid's {edge}; a wider --l2 grid may do better on dev")
 
-    report = {"init": "random" if args.random_init else "trained", "run": str(run_dir) if run_dir else None,
-              "checkpoint": str(ckpt_path) if ckpt_path else None, "step": step, **out,
-              "vit": dataclasses.asdict(vit.config)}
-    try:
-        write_json(output, report)
-    except OSError as e:
-        raise UsageError(f"cannot write '{output}' ({e.strerror}): pass a writable --output") from e
-    from torch.utils.tensorboard import SummaryWriter
-
-    # Beside the run's own curves, at the checkpoint's step, so probes of successive checkpoints line up.
-    with SummaryWriter(str((run_dir or output.parent) / "tensorboard" / "linear_probe")) as tb:
-        tb.add_scalar(f"{prefix}/{dataset_name(dataset)}", out["accuracy"], global_step=step)
-    print(f"wrote {output}")
+    report = {**target.report_head(args), **out, "vit": dataclasses.asdict(vit.config)}
+    save_report(target, output, report, {f"{prefix}/{dataset_name(dataset)}": out["accuracy"]}, "linear_probe")
     return report
 
 

@@ -47,6 +47,18 @@ def atomic_write(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def writable_dir(path: Path, flag: str) -> Path:
+    """Create `path` and prove it takes files now, not after hours of work; else a one-line error."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"cannot write to output directory '{path}' ({e.strerror or e}): pass a writable {flag}") from e
+    return path
+
+
 def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, default=str) + "\n").encode()))
 

@@ -127,14 +127,7 @@ def prepare_run_dir(config: TrainConfig) -> Path:
         )
     if config.resume and not has_ckpt:
         raise UsageError(f"--resume: no checkpoint in '{ckpt_io.checkpoint_dir(run_dir)}': drop --resume to start this run")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"cannot write to output directory '{run_dir}' ({e.strerror}): pass a writable --output-dir") from e
-    return run_dir
+    return ckpt_io.writable_dir(run_dir, "--output-dir")
 
 
 @torch.no_grad()
