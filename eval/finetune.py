@@ -353,14 +353,15 @@ def finetune(config: FinetuneConfig) -> dict:
             ckpt_io.write_json(out / RESULTS, results)
 
     # ---- the lr grid: train on "fit", score on "dev" only
-    started = time.perf_counter()
     lrs = list(dict.fromkeys(float(lr) for lr in config.lrs))
     grid = {}
     for lr in lrs if len(lrs) > 1 else []:
         tag = f"grid-lr{lr:g}"
         if tag not in trainings:
+            started = time.perf_counter()
             score, _ = tuner.train(split["fit"], lr, 0, tag, "dev")
-            record(tag, {"lr": lr, "seed": 0, "dev_accuracy": score, "scored": tuner.scored})
+            record(tag, {"lr": lr, "seed": 0, "dev_accuracy": score, "scored": tuner.scored,
+                         "wall_time_s": time.perf_counter() - started})
         grid[f"{lr:g}"] = {"dev_accuracy": trainings[tag]["dev_accuracy"]}
     lr = select_lr(grid) if grid else lrs[0]
     accelerator.print(f"lr {lr:g} chosen on the dev split ({len(split['dev'])} images): "
@@ -370,17 +371,19 @@ def finetune(config: FinetuneConfig) -> dict:
     for seed in range(config.seeds):
         tag = f"seed{seed}"
         if tag not in trainings or trainings[tag]["lr"] != lr:
+            started = time.perf_counter()
             score, model = tuner.train(split["train"], lr, seed, tag, "test")
             if seed == 0 and accelerator.is_main_process:
                 ckpt_io.save_checkpoint(out, steps, {"config": run_cfg, "model": model.state_dict(), "step": steps},
                                         keep=1)  # seed 0's weights: the probes read this directory as a run
-            record(tag, {"lr": lr, "seed": seed, "test_accuracy": score, "scored": tuner.scored})
+            record(tag, {"lr": lr, "seed": seed, "test_accuracy": score, "scored": tuner.scored,
+                         "wall_time_s": time.perf_counter() - started})
     per_seed = [trainings[f"seed{s}"]["test_accuracy"] for s in range(config.seeds)]
     results.update({
         "lr": lr, "grid": grid, "seeds": list(range(config.seeds)),
         "test_accuracy": {"mean": float(np.mean(per_seed)), "std": float(np.std(per_seed)), "per_seed": per_seed},
         "std": "population (ddof=0) over seeds",
-        "wall_time_s": results.get("wall_time_s", 0.0) + time.perf_counter() - started,
+        "wall_time_s": sum(t.get("wall_time_s", 0.0) for t in trainings.values()),  # every training, resumed or not
     })
     if accelerator.is_main_process:
         from torch.utils.tensorboard import SummaryWriter
