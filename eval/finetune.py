@@ -220,7 +220,8 @@ class Finetuner:
             vit.reset_head(self.num_classes)
         micro = config.batch_size // acc.num_processes
         loader_kw = {"batch_size": micro, "num_workers": config.num_workers, "pin_memory": torch.cuda.is_available()}
-        train_loader = DataLoader(Subset(self.train_set, indices.tolist()), shuffle=True, drop_last=True, **loader_kw)
+        train_loader = DataLoader(Subset(self.train_set, indices.tolist()), shuffle=True, drop_last=True,
+                                  persistent_workers=config.num_workers > 0, **loader_kw)  # no restart per epoch
         eval_loader = DataLoader(self.eval_sets[score_on], **loader_kw)
         optimizer = optimizer_for(vit, config, lr)
         vit, optimizer, train_loader, eval_loader = acc.prepare(vit, optimizer, train_loader, eval_loader)
