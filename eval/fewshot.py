@@ -91,9 +91,23 @@ def sample_shots(labels, shots: int, seed: int, num_classes: int | None = None, 
     return np.concatenate(picked).astype(np.int64)
 
 
+FEATURES = ("token", "avg")  # the paper's class-token pre-logits | the mean of the final-norm patch tokens
+
+
+def pool(outputs: dict[str, torch.Tensor], features: str) -> torch.Tensor:
+    """(B, D) features from `ViT.forward_features` outputs: the class token (the paper's
+    representation) or the average patch token (MPP trains the patch tokens, not the class token)."""
+    if features == "token":
+        return outputs["pre_logits"]  # (B, D)
+    if features == "avg":
+        return outputs["tokens"][:, 1:].mean(1)  # (B, N, D) -> (B, D)
+    raise UsageError(f"unknown --features '{features}': use {' or '.join(FEATURES)}")
+
+
 @torch.no_grad()
 def extract_features(vit, dataset, batch_size: int = 256, device="cpu", indices=None, num_workers: int = 0,
-                     progress: bool = True, desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+                     progress: bool = True, desc: str = "features",
+                     features: str = "token") -> tuple[torch.Tensor, torch.Tensor]:
     """(features float32 [n, D], labels long [n]) of `dataset` (or of its `indices` only), in order."""
     if indices is not None:
         dataset = Subset(dataset, [int(i) for i in indices])
@@ -102,7 +116,7 @@ def extract_features(vit, dataset, batch_size: int = 256, device="cpu", indices=
     vit.eval().to(device)
     feats, labels = [], []
     for images, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        out = vit.forward_features(normalize(images.to(device)))["pre_logits"]  # (B, D)
+        out = pool(vit.forward_features(normalize(images.to(device))), features)  # (B, D)
         feats.append(out.float().cpu())
         labels.append(torch.as_tensor(y).reshape(-1))
     vit.train(was_training)
@@ -123,7 +137,7 @@ def dataset_labels(dataset) -> np.ndarray:
 
 def run_fewshot(vit, dataset_spec: str, image_size: int, shots=(1, 5, 10, 25), seeds: int = 3, l2s=(2**10,),
                 batch_size: int = 256, device="cpu", max_test: int = 0, num_workers: int = 0,
-                progress: bool = True) -> dict:
+                progress: bool = True, features: str = "token") -> dict:
     """Few-shot accuracies of `vit`'s features for every shot count, over seeds 0..seeds-1."""
     shots, l2s = list(dict.fromkeys(int(k) for k in shots)), list(dict.fromkeys(float(v) for v in l2s))  # dedupe
     train_set, info = build_dataset(dataset_spec, "train", image_size, train=False)
@@ -133,11 +147,13 @@ def run_fewshot(vit, dataset_spec: str, image_size: int, shots=(1, 5, 10, 25), s
              for k in shots for s in range(seeds)}
     # Embed each sampled training image once (the union over all cells), not the whole split.
     union = np.unique(np.concatenate(list(picks.values())))
-    train_x, train_y = extract_features(vit, train_set, batch_size, device, union, num_workers, progress, "train")
+    train_x, train_y = extract_features(vit, train_set, batch_size, device, union, num_workers, progress, "train",
+                                        features)
     test_idx = None
     if 0 < max_test < len(test_set):  # a fixed random subset, sorted to read the split in order
         test_idx = np.sort(np.random.default_rng(0).permutation(len(test_set))[:max_test])
-    test_x, test_y = extract_features(vit, test_set, batch_size, device, test_idx, num_workers, progress, "test")
+    test_x, test_y = extract_features(vit, test_set, batch_size, device, test_idx, num_workers, progress, "test",
+                                      features)
 
     results = {}
     for k in shots:
@@ -216,6 +232,8 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda if there is one")
     p.add_argument("--kernels", default="", help="attention/LayerNorm: auto | triton | torch ($MPP_KERNELS or auto)")
+    p.add_argument("--features", default="token", choices=FEATURES, help="token: the class token's pre-logits (the "
+                   "paper's); avg: the mean patch token (default files get an -avg suffix)")
 
 
 def check_flags(args: argparse.Namespace, checks: list[tuple[str, object, bool, str]]) -> None:
@@ -259,7 +277,8 @@ class ProbeTarget:
 
     def report_head(self, args) -> dict:
         return {"init": "random" if args.random_init else "trained", "run": str(self.run_dir) if self.run_dir else None,
-                "checkpoint": str(self.checkpoint) if self.checkpoint else None, "step": self.step}
+                "checkpoint": str(self.checkpoint) if self.checkpoint else None, "step": self.step,
+                "features": args.features}
 
     def output(self, args) -> Path:  # RUN_DIR/<prefix with dashes>.json unless --output
         return Path(args.output) if args.output else self.run_dir / f"{self.prefix.replace('_', '-')}.json"
@@ -272,6 +291,7 @@ def probe_target(args, name: str) -> ProbeTarget:
     config, vit, run_dir, ckpt_path = build_model(args)
     dataset = args.dataset or (config or {}).get("train", {}).get("dataset", DEFAULT_DATASET)
     prefix = f"{name}_random_init" if args.random_init else name
+    prefix += "_avg" if args.features == "avg" else ""
     return ProbeTarget(config, vit, run_dir, ckpt_path, dataset, prefix, checkpoint_step(ckpt_path) if ckpt_path else 0)
 
 
@@ -298,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
     vit, dataset, prefix = target.vit, target.dataset, target.prefix
     image_size = vit.config.image_size
     out = run_fewshot(vit, dataset, image_size, tuple(args.shots), args.seeds, tuple(args.l2), args.batch_size,
-                      args.device, args.max_test, args.num_workers)
+                      args.device, args.max_test, args.num_workers, features=args.features)
 
     print(f"{prefix}: {dataset} at {image_size} px, {out['feature_dim']}-d features, "
           f"l2={args.l2[0]:g}, {args.seeds} seed(s)")

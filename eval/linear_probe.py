@@ -97,7 +97,7 @@ def fixed_subset(n: int, cap: int) -> np.ndarray | None:
 
 def run_linear_probe(vit, dataset_spec: str, image_size: int, l2s=DEFAULT_L2S, dev_fraction: float = 0.1,
                      batch_size: int = 256, device="cpu", max_train: int = 0, max_test: int = 0,
-                     num_workers: int = 0, progress: bool = True) -> dict:
+                     num_workers: int = 0, progress: bool = True, features: str = "token") -> dict:
     """The linear probe of `vit`'s features on `dataset_spec`: the report's data part (see main)."""
     train_set, info = build_dataset(dataset_spec, "train", image_size, train=False)
     test_set, _ = build_dataset(dataset_spec, "test", image_size, train=False)
@@ -107,8 +107,10 @@ def run_linear_probe(vit, dataset_spec: str, image_size: int, l2s=DEFAULT_L2S, d
     # too small for it stops the run before the (long) embedding.
     stratified_dev_split(labels if train_idx is None else labels[train_idx], dev_fraction,
                          num_classes=info.num_classes, class_names=info.class_names)
-    train_x, train_y = extract_features(vit, train_set, batch_size, device, train_idx, num_workers, progress, "train")
-    test_x, test_y = extract_features(vit, test_set, batch_size, device, test_idx, num_workers, progress, "test")
+    train_x, train_y = extract_features(vit, train_set, batch_size, device, train_idx, num_workers, progress, "train",
+                                        features)
+    test_x, test_y = extract_features(vit, test_set, batch_size, device, test_idx, num_workers, progress, "test",
+                                      features)
     out = linear_probe(train_x, train_y, test_x, test_y, l2s, dev_fraction, info.num_classes, info.class_names)
     return {"dataset": {"spec": dataset_spec, "image_size": image_size, "num_classes": info.num_classes,
                         "train_size": out["train_size"], "dev_size": out["dev_size"], "test_size": out["test_size"]},
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     output = target.output(args)
     check_writable(output)
     out = run_linear_probe(vit, dataset, image_size, tuple(args.l2), args.dev_fraction, args.batch_size,
-                           args.device, args.max_train, args.max_test, args.num_workers)
+                           args.device, args.max_train, args.max_test, args.num_workers, features=args.features)
 
     data = out["dataset"]
     print(f"{prefix}: {dataset} at {image_size} px, {out['feature_dim']}-d features, "

@@ -237,3 +237,21 @@ def test_dataset_name_for_tensorboard():
     assert fewshot.dataset_name("digits") == "digits"
     assert fewshot.dataset_name("hf:uoft-cs/cifar10") == "cifar10"
     assert fewshot.dataset_name("/data/my pets/") == "my_pets"
+
+
+def test_features_token_or_average_patch_token():
+    from eval.fewshot import pool
+
+    torch.manual_seed(0)
+    vit = ViT(ViTConfig(**TINY)).eval()
+    out = vit.forward_features(torch.randn(3, 3, 16, 16))
+    assert torch.equal(pool(out, "token"), out["pre_logits"])
+    torch.testing.assert_close(pool(out, "avg"), out["tokens"][:, 1:].mean(1))  # the 16 patch tokens, not the class token
+    with pytest.raises(UsageError, match="unknown --features"):
+        pool(out, "max")
+
+
+def test_cli_average_patch_features_get_their_own_file(run_dir):
+    report = main(["--run", str(run_dir), "--shots", "2", "--seeds", "1", "--max-test", "30", "--features", "avg"])
+    assert report["features"] == "avg" and (run_dir / "fewshot-avg.json").is_file()
+    assert not (run_dir / "fewshot.json").exists()
