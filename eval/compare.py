@@ -194,7 +194,10 @@ def arch_of(vit: dict | None, model: str | None) -> tuple[tuple, str]:
 
 
 def read_reports(run_dir: Path, pattern: str) -> list[tuple[Path, dict]]:
-    return [(path, read_json(path)) for path in sorted(run_dir.glob(pattern))]
+    """The run's reports matching `pattern`; probes of other features than the paper's class token
+    (`--features avg`) are left out, so every row compares the same representation."""
+    found = [(path, read_json(path)) for path in sorted(run_dir.glob(pattern))]
+    return [(path, report) for path, report in found if report.get("features", "token") == "token"]
 
 
 def read_run(run_dir: Path, name: str, notes: list[str]) -> tuple[Row, list[tuple]]:

@@ -71,6 +71,10 @@ def runs(tmp_path_factory) -> Path:
     write(mpp / "linear-probe.json", {"init": "trained", "dataset": {"spec": "digits"}, "feature_dim": 128,
                                       "l2": 1.0, "accuracy": 0.71, "dev_accuracy": {"1.0": 0.7}})
     write(mpp / "linear-probe-random-init.json", {"init": "random", "dataset": {"spec": "digits"}, "accuracy": 0.35})
+    # Probes of the mean patch token (--features avg) stay out of the table, which compares class tokens.
+    write(mpp / "fewshot-avg.json", {**fewshot("digits", {1: (0.99, 0.0), 5: (0.99, 0.0)}, step=1500), "features": "avg"})
+    write(mpp / "linear-probe-avg.json", {"init": "trained", "dataset": {"spec": "digits"}, "accuracy": 0.99,
+                                          "features": "avg"})
     write(mpp / "finetune-cifar" / "finetune.json", finetune("hf:cifar10", 0.5, 0.0, 1e-4))
     write(mpp / "finetune-digits" / "finetune.json", finetune("digits", 0.9, 0.01, 1e-3))
     write(mpp / "metrics.jsonl", '{"step": 1, "train/loss": 6.0}\n{"step": 2, "train/loss": 5.0}\n{"step": 3, "tr')
