@@ -325,9 +325,11 @@ def duration(seconds: float | None) -> str:
 
 
 def main_dataset(rows: list[Row]) -> str | None:
-    """The few-shot dataset most rows were evaluated on (ties: the first seen)."""
+    """The few-shot dataset most rows were evaluated on; ties go to the one most rows trained on
+    (a transfer check on a second dataset never displaces the runs' own), then to the first seen."""
     counts = Counter(ds for row in rows for ds in row.fewshot)
-    return counts.most_common(1)[0][0] if counts else None
+    trained = Counter(row.dataset for row in rows)
+    return max(counts, key=lambda ds: (counts[ds], trained[ds])) if counts else None
 
 
 def shot_counts(rows: list[Row], dataset: str) -> list[int]:

@@ -331,3 +331,14 @@ def test_real_tiny_run_end_to_end(runs, tmp_path):
     for name in ("fewshot.png", "curves.png", "pos_embed-mpp.png"):
         check_png(out / name)
     assert not (out / "pos_embed-sup.png").exists()  # sup has no checkpoint
+
+
+def test_main_fewshot_dataset_is_the_runs_own_not_a_transfer_check():
+    from eval.compare import Row, main_dataset
+
+    # both runs probed on their own data and on a transfer set: the tie goes to the data they trained on,
+    # even when the transfer report is read first
+    rows = [Row(name=n, dataset="cifar10", fewshot={"imagenette": {}, "cifar10": {}}) for n in ("a", "b")]
+    assert main_dataset(rows) == "cifar10"
+    rows.append(Row(name="c", dataset="cifar10", fewshot={"imagenette": {}}))
+    assert main_dataset(rows) == "imagenette"  # more rows were evaluated on it
