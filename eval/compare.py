@@ -566,11 +566,20 @@ def plot_fewshot(rows: list[Row], datasets: list[str], path: Path, colors: dict[
 
 
 def curve_panels(runs: list[Row], curves: dict[str, dict]) -> list[tuple[str, str]]:
-    """(tag, loss scale) pairs: train/loss first, then the eval tags, each per loss scale."""
+    """(tag, loss scale) pairs: train/loss first, then the eval tags, each per loss scale.
+
+    An eval tag whose every run logged one point (the end-of-training evaluation, which the table
+    already gives) is a lone dot, not a curve: it gets no panel.
+    """
     tags = sorted({t for c in curves.values() for t in c}, key=lambda t: (t != "train/loss", t))
     scales = list(dict.fromkeys(r.loss_scale or "unknown" for r in runs))
+
+    def series(tag: str, scale: str) -> list[list]:
+        return [curves[r.name][tag] for r in runs
+                if tag in curves.get(r.name, {}) and (r.loss_scale or "unknown") == scale]
+
     return [(t, s) for t in tags for s in scales
-            if any(t in curves.get(r.name, {}) and (r.loss_scale or "unknown") == s for r in runs)]
+            if (found := series(t, s)) and (t == "train/loss" or max(map(len, found)) > 1)]
 
 
 def plot_curves(runs: list[Row], curves: dict[str, dict], path: Path, colors: dict[str, str]) -> int:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.compare import compare, main, mosaic, pos_embed_similarity, read_curves
+from eval.compare import Row, compare, curve_panels, main, mosaic, pos_embed_similarity, read_curves
 from mpp.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,8 +183,16 @@ def test_curves_come_from_tensorboard_events(compared, runs):
     assert read_curves(runs / "scratch") == ("tensorboard/seed0", {"train/loss": [(10, 3.0)]})  # the final training
     plots = compared["plots"]["curves"]
     assert plots["sources"] == {"mpp": "metrics.jsonl", "sup": "tensorboard", "scratch": "tensorboard/seed0"}
-    assert plots["panels"] == 4  # train/loss per loss scale (mpp mean_color, supervised, finetune), eval/accuracy
-    check_png(Path(compared["output"]) / "curves.png")
+    assert plots["panels"] == 3  # train/loss per loss scale (mpp mean_color, supervised, finetune); eval/accuracy
+    check_png(Path(compared["output"]) / "curves.png")  # is one final point, already in the table: no panel
+
+
+def test_an_eval_tag_gets_a_panel_once_some_run_logged_it_more_than_once():
+    runs = [Row("a", loss_scale="supervised"), Row("b", loss_scale="supervised")]
+    once = {"a": {"train/loss": [(1, 2.0)], "eval/accuracy": [(1, 0.3)]}, "b": {"eval/accuracy": [(1, 0.4)]}}
+    assert curve_panels(runs, once) == [("train/loss", "supervised")]  # a one-point train/loss still shows
+    twice = {**once, "b": {"eval/accuracy": [(1, 0.4), (2, 0.5)]}}
+    assert curve_panels(runs, twice) == [("train/loss", "supervised"), ("eval/accuracy", "supervised")]
 
 
 def test_pos_embed_similarity_math():
