@@ -726,7 +726,7 @@ def compare(run_dirs: list[str | Path], output_dir: str | Path | None = None, na
     report = {"runs": [asdict(r) for r in runs], "random_init": [asdict(r) for r in baselines],
               "main_dataset": tables[0]["dataset"], "tables": tables, "notes": notes, "plots": plots,
               "markdown": markdown, "output": str(output),
-              "tensorboard": {"logdir": str(parent), "command": command, "text": str(output / "tensorboard")},
+              "tensorboard": {"logdir": shown_path(parent), "command": command, "text": str(output / "tensorboard")},
               "files": [str(f) for f in files]}
     ckpt_io.atomic_write(output / "compare.md", lambda f: f.write(markdown.encode()))
     ckpt_io.write_json(output / "compare.json", report)
