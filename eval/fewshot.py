@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 from pathlib import Path
 
@@ -105,13 +106,34 @@ def pool(outputs: dict[str, torch.Tensor], features: str) -> torch.Tensor:
 
 
 @torch.no_grad()
+def process_group():
+    """accelerate's process state when started as several processes (`accelerate launch`), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())  # gloo on a machine without CUDA
+
+
+def is_main_process() -> bool:
+    return (state := process_group()) is None or state.is_main_process
+
+
+@torch.no_grad()
 def extract_features(vit, dataset, batch_size: int = 256, device="cpu", indices=None, num_workers: int = 0,
                      progress: bool = True, desc: str = "features",
                      features: str = "token") -> tuple[torch.Tensor, torch.Tensor]:
-    """(features float32 [n, D], labels long [n]) of `dataset` (or of its `indices` only), in order."""
-    if indices is not None:
-        dataset = Subset(dataset, [int(i) for i in indices])
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    """(features float32 [n, D], labels long [n]) of `dataset` (or of its `indices` only), in order.
+
+    Under `accelerate launch` each process embeds a contiguous share and every process gets all
+    the features back, in dataset order: no image is embedded twice or dropped."""
+    order = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
+    state = process_group()
+    if state is not None:
+        order = [int(i) for i in np.array_split(np.asarray(order, dtype=np.int64), state.num_processes)[state.process_index]]
+        device = state.device if str(device).startswith("cuda") else device  # one GPU per process
+        progress = progress and state.is_main_process
+    loader = DataLoader(Subset(dataset, order), batch_size=batch_size, shuffle=False, num_workers=num_workers)
     was_training = vit.training
     vit.eval().to(device)
     feats, labels = [], []
@@ -120,6 +142,12 @@ def extract_features(vit, dataset, batch_size: int = 256, device="cpu", indices=
         feats.append(out.float().cpu())
         labels.append(torch.as_tensor(y).reshape(-1))
     vit.train(was_training)
+    if state is not None:  # [(features, labels) of process 0, of process 1, ...]: contiguous shares in order
+        from accelerate.utils import gather_object
+
+        shares = gather_object([(feats, labels)])
+        feats = [f for share, _ in shares for f in share]
+        labels = [y for _, share in shares for y in share]
     if not feats:
         raise UsageError("few-shot evaluation got an empty dataset: pass a dataset with images in both splits")
     return torch.cat(feats), torch.cat(labels).long()  # (n, D), (n,)
@@ -320,6 +348,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = run_fewshot(vit, dataset, image_size, tuple(args.shots), args.seeds, tuple(args.l2), args.batch_size,
                       args.device, args.max_test, args.num_workers, features=args.features)
 
+    if not is_main_process():  # every process helped embed; one reports
+        return {}
     print(f"{prefix}: {dataset} at {image_size} px, {out['feature_dim']}-d features, "
           f"l2={args.l2[0]:g}, {args.seeds} seed(s)")
     print(f"{'shots':>5} | {'accuracy (%)':>15} | per seed")

@@ -27,6 +27,7 @@ from eval.fewshot import (
     dataset_name,
     extract_features,
     fewshot_probe_grid,
+    is_main_process,
     probe_target,
     save_report,
 )
@@ -165,6 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
                            args.device, args.max_train, args.max_test, args.num_workers, features=args.features)
 
     data = out["dataset"]
+    if not is_main_process():  # every process helped embed; one reports
+        return {}
     print(f"{prefix}: {dataset} at {image_size} px, {out['feature_dim']}-d features, "
           f"{data['train_size'] - data['dev_size']} fit + {data['dev_size']} dev training images, "
           f"{data['test_size']} test images")

@@ -10,7 +10,7 @@ import json
 import os
 import random
 import re
-import warnings
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -85,12 +85,14 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def load_latest(run_dir: str | Path) -> tuple[dict, Path] | None:
-    """The newest readable checkpoint of a run; an unreadable newest one is reported and skipped."""
+    """The newest readable checkpoint of a run; an unreadable newer one is reported (one line on
+    stderr, from the main process) and skipped: the run resumes from the one before."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
             return load_checkpoint(path), path
         except UsageError as e:
-            warnings.warn(f"{e}; falling back to the previous checkpoint", stacklevel=2)
+            if os.environ.get("RANK", "0") == "0":
+                print(f"warning: {e}; falling back to the previous checkpoint", file=sys.stderr, flush=True)
     return None
 
 

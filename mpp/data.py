@@ -8,7 +8,10 @@ float32 [3, S, S] in [0, 1], and `normalize` maps a batch to the model's [-1, 1]
 """
 from __future__ import annotations
 
+import abc
+import io
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -31,6 +34,8 @@ TEST_SPLITS = ("test", "validation", "val")
 TEST_FOLDERS = ("test", "val", "validation")  # the folder names imagefolder turns into those splits
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 TransformFn = Callable[[torch.Tensor], torch.Tensor]
+# What PIL raises for a file that is not a readable image: unknown format, truncated data, bad headers.
+UNREADABLE = (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -56,40 +61,128 @@ class TensorImages(Dataset):
         return (self.transform(image) if self.transform else image), int(self.labels[index])
 
 
-class HubImages(Dataset):
-    """A map-style `datasets.Dataset` (hub or image folder) whose images decode to uint8 RGB tensors."""
+class ImageReader(abc.ABC):
+    """Decodes a `datasets` image column itself, so that an unreadable file is caught with its path:
+    skipped with a warning and counted, or, when `strict`, a one-line error.
 
-    def __init__(self, table: Any, image_column: str, label_column: str, transform: TransformFn | None = None):
-        self.table = table.select_columns([image_column, label_column])  # don't decode columns we drop
+    The record of unreadable images lives in shared memory, so DataLoader worker processes add to it."""
+
+    def __init__(self, table: Any, image_column: str, label_column: str, strict: bool):
+        import datasets
+
+        table = table.select_columns([image_column, label_column])  # don't decode columns we drop
+        if isinstance((table.features or {}).get(image_column), datasets.Image):  # cells become {"path", "bytes"}
+            table = table.cast_column(image_column, datasets.Image(decode=False))
+        self.table = table
         self.image_column, self.label_column = image_column, label_column
+        self.strict = strict
+
+    @abc.abstractmethod
+    def skipped_images(self) -> int:
+        """How many distinct images were skipped as unreadable so far, over all worker processes."""
+
+    def read(self, row: dict) -> torch.Tensor | None:
+        """uint8 [3, H, W] RGB of the row's image; None (after a warning) when it is unreadable."""
+        cell = row[self.image_column]
+        try:
+            return rgb_tensor(open_image(cell))
+        except UNREADABLE as e:
+            name = (cell.get("path") if isinstance(cell, dict) else None) or f"row with label {row[self.label_column]}"
+            reason = (str(e).strip().splitlines() or [""])[0] or type(e).__name__
+            if self.strict:
+                raise UsageError(f"image '{name}' cannot be read ({reason}): remove or replace it, "
+                                 "or drop --strict-images to skip unreadable images") from e
+            self.record_skip(name)
+            print(f"warning: skipping unreadable image '{name}' ({reason}); {self.skipped_images()} skipped so far: "
+                  "pass --strict-images to stop instead", file=sys.stderr, flush=True)
+            return None
+
+    @abc.abstractmethod
+    def record_skip(self, name: str) -> None:
+        """Remember that the image being read, `name`, is unreadable."""
+
+
+class HubImages(ImageReader, Dataset):
+    """A map-style `datasets.Dataset` (hub or image folder) whose images decode to uint8 RGB tensors.
+
+    An unreadable image is replaced by the next readable one (deterministically, wrapping around)
+    and marked, so it is reported and decoded once, not each time a neighbour falls back on it."""
+
+    def __init__(self, table: Any, image_column: str, label_column: str, transform: TransformFn | None = None,
+                 strict: bool = False):
+        super().__init__(table, image_column, label_column, strict)
         self.transform = transform  # set by build_dataset
+        self.unreadable = torch.zeros(len(self.table), dtype=torch.bool).share_memory_()  # bool [N]: 1 MB per million
+        self._current = -1  # the index being read, for record_skip
 
     def __len__(self) -> int:
         return len(self.table)
 
+    def skipped_images(self) -> int:
+        return int(self.unreadable.sum())
+
+    def record_skip(self, name: str) -> None:
+        self.unreadable[self._current] = True
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        row = self.table[int(index)]
-        image = rgb_tensor(row[self.image_column])  # uint8 [3, H, W]
-        return (self.transform(image) if self.transform else image), int(row[self.label_column])
+        for offset in range(len(self)):
+            self._current = (int(index) + offset) % len(self)
+            if self.unreadable[self._current]:
+                continue
+            row = self.table[self._current]
+            image = self.read(row)  # uint8 [3, H, W] | None
+            if image is not None:
+                return (self.transform(image) if self.transform else image), int(row[self.label_column])
+        raise UsageError("no image of the dataset can be read: check the files (see the warnings above)")
 
 
-class HubImageStream(IterableDataset):
+class HubImageStream(ImageReader, IterableDataset):
     """A streamed `datasets.IterableDataset`. It has no __len__: callers use that to tell streams apart.
 
-    DataLoader workers each read their own shards (the wrapped stream checks the worker info itself)."""
+    DataLoader workers each read their own shards (the wrapped stream checks the worker info itself).
+    An unreadable image is dropped from the stream, and counted once however many epochs meet it."""
 
-    def __init__(self, stream: Any, image_column: str, label_column: str, transform: TransformFn | None = None):
-        self.stream = stream.select_columns([image_column, label_column])  # build_dataset may shuffle it
-        self.image_column, self.label_column = image_column, label_column
+    def __init__(self, stream: Any, image_column: str, label_column: str, transform: TransformFn | None = None,
+                 strict: bool = False):
+        super().__init__(stream, image_column, label_column, strict)
         self.transform = transform  # set by build_dataset
+        self.skipped = torch.zeros((), dtype=torch.int64).share_memory_()  # int64 []: distinct images skipped
+        self._seen: set[str] = set()  # this process's skipped names (each worker reads its own shards)
+
+    @property
+    def stream(self) -> Any:  # build_dataset may shuffle it
+        return self.table
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        self.table = value
+
+    def skipped_images(self) -> int:
+        return int(self.skipped)
+
+    def record_skip(self, name: str) -> None:
+        if name not in self._seen:
+            self._seen.add(name)
+            self.skipped.add_(1)
 
     def set_epoch(self, epoch: int) -> None:
         self.stream.set_epoch(epoch)  # a shuffled stream reshuffles with seed + epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         for row in self.stream:
-            image = rgb_tensor(row[self.image_column])  # uint8 [3, H, W]
-            yield (self.transform(image) if self.transform else image), int(row[self.label_column])
+            image = self.read(row)  # uint8 [3, H, W] | None
+            if image is not None:
+                yield (self.transform(image) if self.transform else image), int(row[self.label_column])
+
+
+def open_image(cell: Any) -> Any:
+    """A `datasets` image cell stored undecoded ({"path", "bytes"}) → a PIL image decoded now, so a
+    truncated file fails here and not in a transform; anything else (PIL image, array) as it is."""
+    if not isinstance(cell, dict):
+        return cell
+    image = PIL.Image.open(io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"])
+    image.load()
+    return image
 
 
 def rgb_tensor(image: Any) -> torch.Tensor:
@@ -105,19 +198,24 @@ def rgb_tensor(image: Any) -> torch.Tensor:
     return pil_to_tensor(image.convert("RGB"))  # uint8 [3, H, W]
 
 
-def load_split(spec: str, split: str, *, streaming: bool = False) -> tuple[Dataset, DatasetInfo]:
+def load_split(spec: str, split: str, *, streaming: bool = False, strict: bool = False) -> tuple[Dataset, DatasetInfo]:
     """The raw `split` ("train" or "test") of the dataset `spec`: items (uint8 [3, H, W] RGB, int label).
 
-    Map-style (has __len__) unless `streaming`, then a torch IterableDataset."""
+    Map-style (has __len__) unless `streaming`, then a torch IterableDataset. Unreadable image files
+    are skipped with a warning and counted (`skipped_images()`), or with `strict` stop the run."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
     if spec == "digits":
-        return _load_digits(spec, split, streaming)
-    if spec.startswith("hf:"):
-        return _load_hub(spec, split, streaming)
-    if spec.startswith((".", "/", "~")) or "/" in spec or os.sep in spec or os.path.exists(spec):
-        return _load_folder(spec, split, streaming)
-    raise UsageError(f"unknown dataset '{spec}': {SPEC_FORMS}")
+        dataset, info = _load_digits(spec, split, streaming)
+    elif spec.startswith("hf:"):
+        dataset, info = _load_hub(spec, split, streaming)
+    elif spec.startswith((".", "/", "~")) or "/" in spec or os.sep in spec or os.path.exists(spec):
+        dataset, info = _load_folder(spec, split, streaming)
+    else:
+        raise UsageError(f"unknown dataset '{spec}': {SPEC_FORMS}")
+    if isinstance(dataset, ImageReader):
+        dataset.strict = strict
+    return dataset, info
 
 
 def _load_digits(spec: str, split: str, streaming: bool) -> tuple[Dataset, DatasetInfo]:
@@ -247,13 +345,13 @@ def eval_transform(image_size: int) -> TransformFn:
 
 def build_dataset(
     spec: str, split: str, image_size: int, *, train: bool, crop_scale: tuple[float, float] = (0.08, 1.0),
-    hflip: bool = True, streaming: bool = False, shuffle_buffer: int = 10_000, seed: int = 0,
+    hflip: bool = True, streaming: bool = False, shuffle_buffer: int = 10_000, seed: int = 0, strict: bool = False,
 ) -> tuple[Dataset, DatasetInfo]:
     """`load_split` plus the train or eval transform: items (float32 [3, S, S] in [0, 1], int label).
 
     A streamed train split is shuffled through a buffer of `shuffle_buffer` items (seeded by `seed`);
     map-style splits are shuffled by the DataLoader instead."""
-    dataset, info = load_split(spec, split, streaming=streaming)
+    dataset, info = load_split(spec, split, streaming=streaming, strict=strict)
     # Every wrapper above applies its `transform` attribute to each raw image.
     dataset.transform = train_transform(image_size, crop_scale, hflip) if train else eval_transform(image_size)
     if streaming and train:

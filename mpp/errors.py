@@ -13,6 +13,13 @@ class UsageError(Exception):
     """Bad input the user can fix. The message is one line: the problem, then what to do."""
 
 
+def one_line(error: UsageError) -> str:
+    """The error's own line. Raised in a DataLoader worker, it comes back re-raised by PyTorch with
+    the worker's traceback in front ("Caught UsageError in DataLoader worker ... Traceback ...")."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1].removeprefix(f"{UsageError.__module__}.{UsageError.__name__}: ") if lines else str(error)
+
+
 def cli_main(main: F) -> F:
     """Wrap an entry point so a `UsageError` ends the process with its one line and exit code 2.
 
@@ -25,7 +32,7 @@ def cli_main(main: F) -> F:
             return main(*args, **kwargs)
         except UsageError as e:
             if os.environ.get("RANK", "0") == "0":  # one line, not one per process under accelerate launch
-                print(f"error: {e}", file=sys.stderr, flush=True)
+                print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]

@@ -23,6 +23,8 @@ from mpp.data import build_dataset
 from mpp.errors import UsageError
 from mpp.model import ViT, vit_config
 from mpp.objective import MPPConfig, MPPObjective, SupervisedObjective
+from mpp.reproducible import SeededSamples, ignore_stop_signals, seed_step
+from mpp.stopping import StopRequest
 from triton_kernels.gate import decisions, set_kernel_mode
 
 OBJECTIVES = ("mpp", "supervised")
@@ -38,6 +40,7 @@ class TrainConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area range (inception crop)
     hflip: bool = True  # random horizontal flips
     streaming: bool = False  # stream hf: datasets instead of downloading them whole
+    strict_images: bool = False  # stop at the first unreadable image instead of skipping it (skips are counted)
     num_workers: int = 2  # DataLoader worker processes per training process
     cpu_threads: int = 0  # torch threads per process when training on CPU; 0: available cores / local processes
     batch_size: int = 128  # global batch: across all processes and accumulation steps
@@ -131,29 +134,38 @@ def prepare_run_dir(config: TrainConfig) -> Path:
 
 
 @torch.no_grad()
-def evaluate(objective: torch.nn.Module, loader: DataLoader, accelerator, seed: int) -> dict[str, float]:
-    """Mean metrics over the held-out split, gathered from every process. MPP's corruption is
-    drawn from a fixed seed so evaluations are comparable, without touching the training RNG."""
-    objective.eval()
-    sums: dict[str, torch.Tensor] = {}
-    count = torch.zeros((), device=accelerator.device)
+def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator, seed: int) -> dict[str, float]:
+    """Mean metrics over the held-out split: every image once, gathered from every process.
+
+    `model` is the unwrapped objective (no DDP: no collective per batch, so processes may hold
+    unequal shares). MPP's corruption is drawn from a fixed seed so evaluations are comparable,
+    without touching the training RNG."""
+    from accelerate.utils import gather_object
+
+    model.eval()
+    sums: dict[str, float] = {}
+    count = 0
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed + accelerator.process_index)
         for images, labels in loader:
             with accelerator.autocast():
-                _, metrics = objective(images, labels)
+                _, metrics = model(images, labels)
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0) + v.float() * len(images)
+                sums[k] = sums.get(k, 0.0) + v.float().item() * len(images)
             count += len(images)
-    objective.train()
-    count = accelerator.reduce(count, "sum")
-    return {k: (accelerator.reduce(v, "sum") / count).item() for k, v in sums.items()}
+    model.train()
+    shares = gather_object([(sums, count)])  # one (sums, count) per process
+    total = sum(n for _, n in shares)
+    if total == 0:
+        raise UsageError("the held-out split has no images: pass a dataset with images in its test or val split")
+    keys = dict.fromkeys(k for s, _ in shares for k in s)  # a process with no images has no keys
+    return {k: sum(s.get(k, 0.0) for s, _ in shares) / total for k in keys}
 
 
 # Settings a resumed run may change: they do not alter what it computes, only how long and how it reports.
 RESUMABLE = {"max_steps", "epochs", "log_every", "save_every", "keep_checkpoints", "eval_every", "num_workers",
-             "cpu_threads", "kernels", "resume", "output_dir"}
+             "cpu_threads", "kernels", "resume", "output_dir", "strict_images"}
 
 
 def check_resume(saved: dict, run_cfg: dict, num_processes: int, source: str) -> None:
@@ -187,6 +199,24 @@ def make_accelerator(mixed_precision: str = "", cpu_threads: int = 0, **kwargs):
         local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # processes on this machine
         torch.set_num_threads(cpu_threads or max(1, len(os.sched_getaffinity(0)) // local))
     return accelerator
+
+
+def data_loaders(train_set, eval_set, micro_batch: int, num_workers: int, accelerator) -> tuple[DataLoader, DataLoader]:
+    """The prepared (sharded) training and evaluation loaders of one process.
+
+    Training: one seeded shuffle (seed + epoch) split into per-process batches, so each image is seen
+    at most once per epoch across processes (a last partial batch is dropped), and the global batch
+    of step t holds the same images whatever the process count. Evaluation: each held-out image
+    exactly once, none repeated to even out the processes' shares."""
+    kw = {"batch_size": micro_batch, "num_workers": num_workers, "pin_memory": torch.cuda.is_available(),
+          "persistent_workers": num_workers > 0, "worker_init_fn": ignore_stop_signals}
+    streaming = not hasattr(train_set, "__len__")
+    train_loader = accelerator.prepare(DataLoader(train_set, shuffle=not streaming, drop_last=True, **kw))
+    even = accelerator.even_batches
+    accelerator.even_batches = False
+    eval_loader = accelerator.prepare(DataLoader(eval_set, **kw))
+    accelerator.even_batches = even
+    return train_loader, eval_loader
 
 
 def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
@@ -229,17 +259,15 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
     # ---- data
     train_set, info = build_dataset(
         config.dataset, "train", vit_cfg.image_size, train=True, crop_scale=config.crop_scale,
-        hflip=config.hflip, streaming=config.streaming, seed=config.seed,
+        hflip=config.hflip, streaming=config.streaming, seed=config.seed, strict=config.strict_images,
     )
-    eval_set, _ = build_dataset(config.dataset, "test", vit_cfg.image_size, train=False, streaming=config.streaming)
-    micro_batch = config.batch_size // world
-    loader_kw = dict(
-        batch_size=micro_batch, num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
-        persistent_workers=config.num_workers > 0,
-    )
+    eval_set, _ = build_dataset(config.dataset, "test", vit_cfg.image_size, train=False, streaming=config.streaming,
+                                strict=config.strict_images)
     streaming = not hasattr(train_set, "__len__")
-    train_loader = DataLoader(train_set, shuffle=not streaming, drop_last=True, **loader_kw)
-    eval_loader = DataLoader(eval_set, **loader_kw)
+    if not streaming:  # each image's augmentation from (seed, epoch, index): the same after a resume or on N processes
+        train_set = SeededSamples(train_set, config.seed)
+    train_loader, eval_loader = data_loaders(train_set, eval_set, config.batch_size // world, config.num_workers,
+                                             accelerator)
 
     # ---- model and objective
     if config.objective == "mpp":
@@ -253,7 +281,6 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
     # ---- optimizer and schedule
     if streaming and config.epochs > 0:
         raise UsageError("--epochs needs a dataset of known length: use --max-steps with --streaming")
-    train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)  # shards the data across processes
     # Optimizer steps per pass over this process's shard (a trailing partial accumulation also steps).
     steps_per_epoch = 0 if streaming else math.ceil(len(train_loader) / config.grad_accum_steps)
     if not streaming and steps_per_epoch == 0:
@@ -269,9 +296,9 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
     # Stepped by hand once per optimizer step (not prepared: accelerate would step it once per process).
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config, total_steps))
     model = accelerator.unwrap_model(objective)
-    # Every process draws its own corruption, dropout and augmentation from here on (the model was
-    # initialised identically everywhere; the data order was seeded when the loaders were prepared).
-    set_seed(config.seed, device_specific=True)
+    # From here on each micro-batch reseeds every generator from (seed, step, micro-batch, process):
+    # corruption and dropout then repeat exactly after a resume (mpp/reproducible.py). The model was
+    # initialised identically everywhere; the data order is seeded by seed + epoch.
     run_cfg["num_processes"] = accelerator.num_processes
 
     # ---- resume
@@ -341,7 +368,7 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
             raise UsageError(problem[0])
 
     def run_eval(at: int) -> dict:
-        results = evaluate(objective, eval_loader, accelerator, config.seed)
+        results = evaluate(model, eval_loader, accelerator, config.seed)
         log({f"eval/{k}": v for k, v in results.items()}, at)
         return results
 
@@ -352,19 +379,31 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
     window = {"t": time.perf_counter(), "steps": 0, "sums": {}}
     values: dict = {}  # the last logged training metrics
     start_step = step
+    micro = 0  # micro-batches into the current optimizer step (checkpoints fall between steps: 0 on resume)
     objective.train()
+    stop = StopRequest()
+    stopping = False
     try:
-        while step < total_steps:
+        stop.__enter__()
+        while step < total_steps and not stopping:
             train_loader.set_epoch(epoch)
+            if isinstance(train_set, SeededSamples):
+                train_set.set_epoch(epoch)  # the augmentations' epoch, shared with the loader's workers
             # A resumed run skips the batches of this epoch it has already trained on.
             batches = accelerator.skip_first_batches(train_loader, batch_in_epoch) if batch_in_epoch else train_loader
             for images, labels in batches:
                 batch_in_epoch += 1
                 with accelerator.accumulate(objective):
+                    seed_step(config.seed, step, micro, accelerator.process_index)
+                    micro += 1
                     loss, metrics = objective(images, labels)
-                    bad = ~torch.isfinite(loss.detach())
-                    if accelerator.num_processes > 1:  # all processes stop together, none is left waiting
-                        bad = accelerator.reduce(bad.float(), "sum") > 0
+                    # [non-finite loss, stop signal received]: summed over processes, so all of them
+                    # raise, or stop after the same step, together and none is left waiting.
+                    flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
+                                         torch.tensor(float(stop.requested), device=loss.device)])  # [2]
+                    if accelerator.num_processes > 1:
+                        flags = accelerator.reduce(flags, "sum")
+                    bad, stopping = bool(flags[0] > 0), stopping or bool(flags[1] > 0)
                     if bad:
                         last = ckpt_io.list_checkpoints(run_dir)
                         raise UsageError(
@@ -382,6 +421,7 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
                 if not accelerator.sync_gradients:
                     continue
                 # ---- one optimizer step done
+                micro = 0
                 lr = scheduler.get_last_lr()[0]  # the rate this step used
                 if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the schedule waits too
                     scheduler.step()
@@ -402,14 +442,23 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
                     window = {"t": time.perf_counter(), "steps": 0, "sums": {}}
                 if config.eval_every and step % config.eval_every == 0 and step < total_steps:
                     run_eval(step)
-                if step % config.save_every == 0 and step < total_steps:
+                if (step % config.save_every == 0 and step < total_steps) or stopping:
                     save(step)
-                if step >= total_steps:
+                if step >= total_steps or stopping:
                     break
             else:  # the epoch ran out (not the step budget): the next one starts from its first batch
                 epoch, batch_in_epoch = epoch + 1, 0
     finally:
+        stop.__exit__()
         bar.close()  # ends the bar's line, so an error message starts on a line of its own
+
+    if stopping and step < total_steps:  # a signal: the checkpoint of this step is saved, nothing else runs
+        if metrics_file:
+            metrics_file.close()
+        accelerator.end_training()
+        accelerator.print(f"stopped at step {step} of {total_steps}; checkpoint saved in "
+                          f"{ckpt_io.checkpoint_dir(run_dir)}: rerun the same command with --resume to continue")
+        sys.exit(stop.exit_code)
 
     # ---- final evaluation and checkpoint
     results = run_eval(step)
@@ -418,6 +467,9 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
         summary = {
             "objective": config.objective, "steps": step, "wall_time_s": elapsed + time.perf_counter() - started,
             "eval": results, "last_train": values,
+            # this process's share of the unreadable images skipped (the warnings name them)
+            "skipped_images": {name: data.skipped_images() for name, data in (("train", train_set), ("eval", eval_set))
+                               if hasattr(data, "skipped_images")},
         }
         ckpt_io.write_json(run_dir / "summary.json", summary)
         metrics_file.close()

@@ -23,7 +23,7 @@ from mpp.data import (
     rgb_tensor,
     train_transform,
 )
-from mpp.errors import UsageError
+from mpp.errors import UsageError, one_line
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -350,3 +350,58 @@ def test_imagenette_slice_falls_back_to_val(imagenette_slice: Path, hf_cache: Pa
     assert len(test) == 20 and info.num_classes == 10 and info.class_names[0] == "n01440764"
     image, label = test[0]
     assert image.dtype == torch.uint8 and image.shape == (3, 128, 128) and label in range(10)
+
+
+# ---- unreadable images
+
+
+def folder_with_bad_images(root: Path, bad: dict[str, bytes]) -> Path:
+    """make_folder's 4 cats and 2 dogs, plus files that are not readable images, in train/cat/."""
+    make_folder(root, {"train": {"cat": 4, "dog": 2}, "test": {"cat": 1, "dog": 1}})
+    good = (root / "train" / "cat" / "2.jpg").read_bytes()
+    for name, data in bad.items():
+        (root / "train" / "cat" / name).write_bytes(data if data != b"HALF" else good[: len(good) // 2])
+    return root
+
+
+BAD_FILES = {"empty.png": b"", "text.jpg": b"not an image at all", "torn.jpg": b"HALF"}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unreadable_images_are_skipped_with_a_warning_and_counted(tmp_path, hf_cache, capfd, workers):
+    root = folder_with_bad_images(tmp_path / "pets", BAD_FILES)
+    dataset, _ = build_dataset(str(root), "train", 8, train=False)
+    assert len(dataset) == 9  # listed: nothing is read before it is needed
+    labels = [int(y) for _, ys in DataLoader(dataset, batch_size=3, num_workers=workers) for y in ys]
+    assert len(labels) == 9  # each unreadable file replaced by the next readable image
+    assert dataset.skipped_images() == 3  # counted across the worker processes too
+    warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning: skipping")]
+    assert len(warnings) == 3 and all("--strict-images" in w for w in warnings)
+    assert {name for name in BAD_FILES if any(name in w for w in warnings)} == set(BAD_FILES)
+
+
+def test_unreadable_images_are_dropped_from_a_stream(tmp_path, hf_cache, capfd):
+    root = folder_with_bad_images(tmp_path / "pets", BAD_FILES)
+    stream, _ = load_split(str(root), "train", streaming=True)
+    assert len(list(stream)) == 6 and stream.skipped_images() == 3
+
+
+def test_strict_images_stop_at_the_first_unreadable_one(tmp_path, hf_cache):
+    root = folder_with_bad_images(tmp_path / "pets", {"torn.jpg": b"HALF"})
+    dataset, _ = build_dataset(str(root), "train", 8, train=False, strict=True)
+    with pytest.raises(UsageError, match=r"image '.*torn\.jpg' cannot be read .*drop --strict-images"):
+        [dataset[i] for i in range(len(dataset))]
+    # Raised in a DataLoader worker, PyTorch wraps it in the worker's traceback; the CLI shows one line.
+    with pytest.raises(UsageError) as caught:
+        list(DataLoader(dataset, batch_size=9, num_workers=1))
+    assert "\n" in str(caught.value) and one_line(caught.value).startswith("image '") and "\n" not in one_line(caught.value)
+
+
+def test_a_split_of_only_unreadable_images_is_an_error_not_a_hang(tmp_path, hf_cache):
+    root = tmp_path / "broken"
+    for split in ("train", "test"):
+        (root / split / "a").mkdir(parents=True)
+        (root / split / "a" / "0.png").write_bytes(b"junk")
+    dataset, _ = load_split(str(root), "train")
+    with pytest.raises(UsageError, match="no image of the dataset can be read"):
+        dataset[0]

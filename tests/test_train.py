@@ -7,29 +7,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
+from helpers.runs import FAST, LAUNCH_2, REPO, read_metrics, run_script
 
 from mpp.checkpoint import list_checkpoints, load_checkpoint
 from mpp.model import ViT, vit_config
 from mpp.objective import MPPObjective
 from mpp.train import TrainConfig, lr_factor, main, param_groups, parse_args, train
-
-REPO = Path(__file__).resolve().parents[1]
-# A few seconds per run: 2-block Micro at 16 px, small batches, no worker processes.
-FAST = ["--batch-size", "32", "--num-workers", "0", "--log-every", "5", "--warmup-steps", "5"]
-
-
-def run_script(*args, timeout=300, **kw):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=env, **kw)
-
-
-def read_metrics(run):
-    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_lr_schedule_warmup_then_decay():
@@ -86,10 +73,21 @@ def one_line_error(capsys, objective, argv):
      (["--resume"], "no checkpoint"),
      (["--batch-size", "1000000"], "smaller than one batch"),
      (["--save-every", "0"], "--save-every 0 must be positive"),
-     (["--lr", "0"], "--lr 0.0 must be positive")],
+     (["--lr", "0"], "--lr 0.0 must be positive"),
+     (["--batch-size", "30", "--grad-accum-steps", "4"], "not divisible by processes × accumulation steps = 4"),
+     (["--dataset", "{empty}"], "no images found"),
+     (["--dataset", "{torn}", "--strict-images", "--batch-size", "2"], "torn.png' cannot be read"),
+     (["--dataset", "{file}"], "is not a folder")],
 )
 def test_bad_input_is_one_line(tmp_path, capsys, argv, expected):
-    msg = one_line_error(capsys, "mpp", ["--output-dir", str(tmp_path / "run"), *FAST, *argv])
+    (tmp_path / "empty" / "train" / "a").mkdir(parents=True)  # class folders, no images
+    for split in ("train", "test"):  # one good image and one torn one per split
+        (tmp_path / "torn" / split / "a").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "torn" / split / "a" / "good.png")
+        (tmp_path / "torn" / split / "a" / "torn.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (tmp_path / "file").write_text("not a dataset")
+    argv = [a.format(**{k: tmp_path / k for k in ("empty", "torn", "file")}) for a in argv]
+    msg = one_line_error(capsys, "mpp", ["--output-dir", str(tmp_path / "run"), *FAST, "--max-steps", "2", *argv])
     assert expected in msg
 
 
@@ -158,9 +156,7 @@ def test_two_processes_through_accelerate_launch(tmp_path):
     # On a machine without CUDA, `--multi_gpu` is accelerate's torchrun launcher; the trainer then
     # joins the processes in one gloo group (a plain `--cpu --num_processes 2` starts one process).
     run = tmp_path / "run"
-    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "scripts/pretrain_mpp.py",
-              "--output-dir", str(run), *FAST, "--save-every", "5"]
+    launch = [*LAUNCH_2, "scripts/pretrain_mpp.py", "--output-dir", str(run), *FAST, "--save-every", "5"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([*launch, "--max-steps", "10"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

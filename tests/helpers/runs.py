@@ -1,0 +1,44 @@
+"""Running the entry points from tests: as subprocesses, alone or under `accelerate launch`."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from mpp.checkpoint import list_checkpoints, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+# A few seconds per run: 2-block Micro at 16 px, small batches, no worker processes.
+FAST = ["--batch-size", "32", "--num-workers", "0", "--log-every", "5", "--warmup-steps", "5"]
+# Every process on one thread: two of them share the 2 cores, and the results do not depend on it.
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+# `accelerate launch` with 2 processes; without CUDA `--multi_gpu` is torchrun, and the trainer
+# joins the processes in one gloo group.
+LAUNCH_2 = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def run_script(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=ENV, **kw)
+
+
+def launch_2(*args, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([*LAUNCH_2, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def read_metrics(run) -> list[dict]:
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(run) -> dict[str, torch.Tensor]:
+    """Every trained tensor of a run's newest checkpoint: the ViT's and the objective's own ([mask], head)."""
+    state = load_checkpoint(list_checkpoints(run)[-1])
+    return {**state["model"], **{f"objective.{k}": v for k, v in state["objective"].items()}}
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
