@@ -147,6 +147,7 @@ class HubImageStream(ImageReader, IterableDataset):
         super().__init__(stream, image_column, label_column, strict)
         self.transform = transform  # set by build_dataset
         self.skipped = torch.zeros((), dtype=torch.int64).share_memory_()  # int64 []: distinct images skipped
+        self.seed = 0  # of the augmentations; build_dataset sets it
         self._seen: set[str] = set()  # this process's skipped names (each worker reads its own shards)
 
     @property
@@ -169,10 +170,20 @@ class HubImageStream(ImageReader, IterableDataset):
         self.stream.set_epoch(epoch)  # a shuffled stream reshuffles with seed + epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
-        for row in self.stream:
+        from mpp.reproducible import seed_of
+
+        # The k-th item of a worker's share draws its augmentation from (seed, epoch, worker, k): a
+        # resumed run, which reads its way back to the same position, repeats the same crops.
+        info = torch.utils.data.get_worker_info()
+        worker, epoch = (info.id if info else 0), getattr(self.stream, "epoch", 0)
+        for k, row in enumerate(self.stream):
             image = self.read(row)  # uint8 [3, H, W] | None
-            if image is not None:
-                yield (self.transform(image) if self.transform else image), int(row[self.label_column])
+            if image is None:
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed_of(self.seed, epoch, worker, k))
+                image = self.transform(image) if self.transform else image
+            yield image, int(row[self.label_column])
 
 
 def open_image(cell: Any) -> Any:
@@ -356,6 +367,7 @@ def build_dataset(
     dataset.transform = train_transform(image_size, crop_scale, hflip) if train else eval_transform(image_size)
     if streaming and train:
         dataset.stream = dataset.stream.shuffle(seed=seed, buffer_size=shuffle_buffer)
+        dataset.seed = seed
     return dataset, info
 
 

@@ -39,7 +39,8 @@ class TrainConfig:
     dropout: float = 0.0  # ViT dropout (the paper used 0.1 for supervised training on smaller datasets)
     crop_scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area range (inception crop)
     hflip: bool = True  # random horizontal flips
-    streaming: bool = False  # stream hf: datasets instead of downloading them whole
+    streaming: bool = False  # stream the dataset (hf: or a folder) instead of loading or listing it whole
+    shuffle_buffer: int = 10_000  # with --streaming: images held to shuffle the stream (memory grows with it)
     strict_images: bool = False  # stop at the first unreadable image instead of skipping it (skips are counted)
     num_workers: int = 2  # DataLoader worker processes per training process
     cpu_threads: int = 0  # torch threads per process when training on CPU; 0: available cores / local processes
@@ -79,6 +80,8 @@ class TrainConfig:
                             ("--keep-checkpoints", self.keep_checkpoints), ("--max-steps", self.max_steps)):
             if value <= 0:
                 raise UsageError(f"{flag} {value} must be positive")
+        if self.shuffle_buffer < 1:
+            raise UsageError(f"--shuffle-buffer {self.shuffle_buffer} must be at least 1 (1: no shuffling)")
         if self.eval_every < 0 or self.warmup_steps < 0 or self.min_lr < 0:
             raise UsageError("--eval-every, --warmup-steps and --min-lr must not be negative")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
@@ -259,7 +262,8 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
     # ---- data
     train_set, info = build_dataset(
         config.dataset, "train", vit_cfg.image_size, train=True, crop_scale=config.crop_scale,
-        hflip=config.hflip, streaming=config.streaming, seed=config.seed, strict=config.strict_images,
+        hflip=config.hflip, streaming=config.streaming, shuffle_buffer=config.shuffle_buffer, seed=config.seed,
+        strict=config.strict_images,
     )
     eval_set, _ = build_dataset(config.dataset, "test", vit_cfg.image_size, train=False, streaming=config.streaming,
                                 strict=config.strict_images)

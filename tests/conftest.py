@@ -22,6 +22,17 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 SLICE_CACHE = REPO / ".cache" / "shared-slices"  # git-ignored (.cache/)
 
 
+@pytest.fixture
+def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Keep imagefolder's Arrow cache (normally ~/.cache/huggingface/datasets) in the test's tmp dir,
+    here and in the subprocesses the test starts."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    return tmp_path / "hf-cache"
+
+
 @pytest.fixture(autouse=True)
 def torch_kernels_by_default(monkeypatch):
     """Tests run the PyTorch ops unless they ask for the kernels (MPP_KERNELS=triton): under the

@@ -28,15 +28,6 @@ from mpp.errors import UsageError, one_line
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-@pytest.fixture
-def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Keep imagefolder's Arrow cache (normally ~/.cache/huggingface/datasets) in the test's tmp dir."""
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
-    return tmp_path / "hf-cache"
-
-
 def assert_usage_error(excinfo: pytest.ExceptionInfo, *needles: str) -> None:
     """The message is one line and names the problem and the fix (each of `needles`)."""
     message = str(excinfo.value)

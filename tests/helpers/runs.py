@@ -12,8 +12,10 @@ from mpp.checkpoint import list_checkpoints, load_checkpoint
 REPO = Path(__file__).resolve().parents[2]
 # A few seconds per run: 2-block Micro at 16 px, small batches, no worker processes.
 FAST = ["--batch-size", "32", "--num-workers", "0", "--log-every", "5", "--warmup-steps", "5"]
-# Every process on one thread: two of them share the 2 cores, and the results do not depend on it.
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+# The PyTorch ops, not the Triton kernels (which run under Triton's slow interpreter without a GPU):
+# conftest sets MPP_KERNELS per test, which a module-scoped fixture's subprocess would not see.
+# A run uses the machine's 2 cores; runs compared bitwise use the same thread count.
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", "MPP_KERNELS": "torch"}
 # `accelerate launch` with 2 processes; without CUDA `--multi_gpu` is torchrun, and the trainer
 # joins the processes in one gloo group.
 LAUNCH_2 = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -22,11 +24,13 @@ LAUNCH_2 = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--nu
 
 def run_script(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=ENV, **kw)
+                          env={**os.environ, **ENV}, **kw)
 
 
 def launch_2(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([*LAUNCH_2, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=ENV)
+    """2 processes on one thread each: they share the 2 cores."""
+    return subprocess.run([*LAUNCH_2, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **ENV, "OMP_NUM_THREADS": "1"})
 
 
 def read_metrics(run) -> list[dict]:
