@@ -246,6 +246,22 @@ def test_image_folder_streams(tmp_path: Path, hf_cache: Path) -> None:
     assert all(image.shape == (3, 16, 16) and image.dtype == torch.float32 for image, _ in items)
 
 
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_streamed_folder_yields_what_the_loaded_one_holds(tmp_path: Path, hf_cache: Path, split: str) -> None:
+    # The stream lists the folder itself (not through imagefolder): same classes, labels and images.
+    counts = {"train": {"ant": 3, "bee": 2, "dog": 2}, "test": {"dog": 2, "cat": 1}, "val": {"ant": 1}}
+    root = make_folder(tmp_path / "bugs", counts)
+    loaded, info = load_split(str(root), split)
+    stream, stream_info = load_split(str(root), split, streaming=True)
+    assert stream_info.class_names == info.class_names == ["ant", "bee", "cat", "dog"]
+
+    def key(item):
+        image, label = item
+        return label, tuple(image.shape), image.sum().item()
+
+    assert sorted(map(key, stream)) == sorted(key(loaded[i]) for i in range(len(loaded)))
+
+
 def test_hub_format_columns_and_unlabelled_test_split(tmp_path: Path, hf_cache: Path) -> None:
     """`hf:` on a local copy in the hub's parquet layout: the same code path as a downloaded dataset."""
     import datasets
