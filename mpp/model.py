@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from mpp import ops
 from mpp.errors import UsageError
@@ -134,13 +135,23 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.embed_dim, config.embed_dim)
         self.proj_drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, N, D) → (B, N, D). With `queries` (B, n) token indices, only those tokens' outputs
+        are computed → (B, n, D); keys and values still come from every token."""
         B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, hd)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, N, hd)
+        H, hd = self.num_heads, self.head_dim
+        if queries is None:
+            qkv = self.qkv(x).reshape(B, N, 3, H, hd)  # (B, N, 3, H, hd)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, N, hd)
+        else:  # the rows of qkv's weight are [q; k; v]: project queries for the chosen tokens only
+            w, b = self.qkv.weight, self.qkv.bias  # (3D, D), (3D,)
+            q = F.linear(gather_tokens(x, queries), w[:D], b[:D])  # (B, n, D)
+            q = q.reshape(B, -1, H, hd).transpose(1, 2)  # (B, H, n, hd)
+            kv = F.linear(x, w[D:], b[D:]).reshape(B, N, 2, H, hd)  # (B, N, 2, H, hd)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 × (B, H, N, hd)
         dropout = self.attn_dropout if self.training else 0.0
-        x = ops.attention(q, k, v, dropout_p=dropout)  # (B, H, N, hd)
-        x = x.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
+        x = ops.attention(q, k, v, dropout_p=dropout)  # (B, H, n, hd)
+        x = x.transpose(1, 2).reshape(B, -1, D)  # (B, n, D)
         return self.proj_drop(self.proj(x))
 
 
@@ -166,8 +177,12 @@ class Block(nn.Module):
         self.norm2 = LayerNorm(config.embed_dim, eps=config.ln_eps)
         self.mlp = Mlp(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, N, D) → (B, N, D), or with `keep` (B, n) token indices only those tokens → (B, n, D)."""
+        if keep is None:
+            x = x + self.attn(self.norm1(x))
+        else:
+            x = gather_tokens(x, keep) + self.attn(self.norm1(x), queries=keep)  # (B, n, D)
         return x + self.mlp(self.norm2(x))
 
 
@@ -226,8 +241,15 @@ class ViT(nn.Module):
         """
         return self.patch_embed(images)
 
-    def forward_tokens(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Patch embeddings (B, N, D) → {"tokens": (B, N+1, D) after the final norm, "pre_logits": (B, D)}."""
+    def forward_tokens(self, patches: torch.Tensor, keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Patch embeddings (B, N, D) → {"tokens": (B, N+1, D) after the final norm, "pre_logits": (B, D)}.
+
+        keep: (B, n) indices of the tokens whose outputs are wanted (0: the class token, i: patch i−1).
+        Then "tokens" is (B, n, D), those tokens in that order (and "pre_logits" is absent), and the
+        last block computes queries, MLP and norm for them alone; its keys and values still span
+        every token, so the values are the same. Supervised training needs only the class token and
+        MPP only the corrupted patches: the last block costs 1/(N+1) or about half as much.
+        """
         B, N, D = patches.shape
         pos_embed = self.pos_embed
         if N + 1 != pos_embed.shape[1]:
@@ -235,16 +257,19 @@ class ViT(nn.Module):
             pos_embed = resample_pos_embed(pos_embed, grid)
         x = torch.cat([self.cls_token.expand(B, -1, -1), patches], dim=1)  # (B, N+1, D)
         x = self.pos_drop(x + pos_embed)
-        for block in self.blocks:
-            x = block(x)
-        tokens = self.norm(x)  # (B, N+1, D)
-        return {"tokens": tokens, "pre_logits": tokens[:, 0]}
+        for i, block in enumerate(self.blocks):
+            x = block(x, keep if i == len(self.blocks) - 1 else None)
+        tokens = self.norm(x)  # (B, N+1, D) | (B, n, D)
+        return {"tokens": tokens} if keep is not None else {"tokens": tokens, "pre_logits": tokens[:, 0]}
 
     def forward_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.forward_tokens(self.embed_patches(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(images)["pre_logits"])  # (B, num_classes)
+        patches = self.embed_patches(images)  # (B, N, D)
+        cls = torch.zeros(len(patches), 1, dtype=torch.long, device=patches.device)  # (B, 1): the class token
+        pre_logits = self.forward_tokens(patches, keep=cls)["tokens"][:, 0]  # (B, D)
+        return self.head(pre_logits)  # (B, num_classes)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load ours or timm's weights; position embeddings of another grid are resampled in 2-D."""
@@ -253,6 +278,12 @@ class ViT(nn.Module):
         if pos is not None and pos.shape != self.pos_embed.shape and pos.shape[-1] == self.pos_embed.shape[-1]:
             state_dict["pos_embed"] = resample_pos_embed(pos, self.config.grid_size)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x: (B, N, ...), index: (B, n) → (B, n, ...): each row's chosen tokens, in index order."""
+    index = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return x.gather(1, index)
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int) -> torch.Tensor:

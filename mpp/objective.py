@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from mpp.data import normalize
 from mpp.errors import UsageError
-from mpp.model import ViT
+from mpp.model import ViT, gather_tokens
 
 TARGETS = ("mean_color", "downsample", "l2")
 
@@ -118,12 +118,6 @@ def corrupt_patches(
     return x, chosen, kind
 
 
-def gather_patches(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x: (B, N, ...) , index: (B, n) → (B, n, ...)."""
-    index = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
-    return x.gather(1, index)
-
-
 # ---------------------------------------------------------------------------------------------
 # The objectives
 
@@ -157,10 +151,10 @@ class MPPObjective(nn.Module):
         target = self.targets(images)
         patches = self.vit.embed_patches(normalize(images))  # (B, N, D)
         patches, chosen, _ = corrupt_patches(patches, self.mask_token, self.config)  # chosen: (B, n)
-        tokens = self.vit.forward_tokens(patches)["tokens"][:, 1:]  # (B, N, D)
-        tokens = gather_patches(tokens, chosen)  # (B, n, D): the loss sees corrupted patches only
+        # The loss sees the corrupted patches only (token i + 1 is patch i): the ViT computes no more.
+        tokens = self.vit.forward_tokens(patches, keep=chosen + 1)["tokens"]  # (B, n, D)
         pred = self.head(tokens).float().flatten(0, 1)  # (M, out), M = B·n
-        target = gather_patches(target, chosen).flatten(0, 1)  # (M,) | (M, cells²) | (M, P·P·3)
+        target = gather_tokens(target, chosen).flatten(0, 1)  # (M,) | (M, cells²) | (M, P·P·3)
         if self.config.target == "l2":
             loss = F.mse_loss(pred, target)
             return loss, {"loss": loss.detach(), "mse": loss.detach()}

@@ -204,6 +204,12 @@ def make_accelerator(mixed_precision: str = "", cpu_threads: int = 0, **kwargs):
     return accelerator
 
 
+def loader_kwargs(micro_batch: int, num_workers: int) -> dict:
+    """DataLoader settings of training and evaluation (also what scripts/bench_train.py times)."""
+    return {"batch_size": micro_batch, "num_workers": num_workers, "pin_memory": torch.cuda.is_available(),
+            "persistent_workers": num_workers > 0, "worker_init_fn": ignore_stop_signals}
+
+
 def data_loaders(train_set, eval_set, micro_batch: int, num_workers: int, accelerator) -> tuple[DataLoader, DataLoader]:
     """The prepared (sharded) training and evaluation loaders of one process.
 
@@ -211,8 +217,7 @@ def data_loaders(train_set, eval_set, micro_batch: int, num_workers: int, accele
     at most once per epoch across processes (a last partial batch is dropped), and the global batch
     of step t holds the same images whatever the process count. Evaluation: each held-out image
     exactly once, none repeated to even out the processes' shares."""
-    kw = {"batch_size": micro_batch, "num_workers": num_workers, "pin_memory": torch.cuda.is_available(),
-          "persistent_workers": num_workers > 0, "worker_init_fn": ignore_stop_signals}
+    kw = loader_kwargs(micro_batch, num_workers)
     streaming = not hasattr(train_set, "__len__")
     train_loader = accelerator.prepare(DataLoader(train_set, shuffle=not streaming, drop_last=True, **kw))
     even = accelerator.even_batches

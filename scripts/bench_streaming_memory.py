@@ -85,12 +85,16 @@ def main() -> None:
            "--num-workers", str(args.num_workers), "--log-every", "5", "--save-every", str(10 * steps),
            "--shuffle-buffer", "10000", "--output-dir", str(run)]
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # stderr (progress bar, warnings) to a file: a pipe nobody reads fills up and stalls the run.
+    log = run.with_suffix(".stderr")
+    stderr = open(log, "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     samples = []  # (seconds, step, PSS MB)
     while proc.poll() is None:
         samples.append((time.perf_counter() - started, last_step(run), pss_mb(proc.pid)))
         time.sleep(0.25)
-    err = proc.stderr.read()
+    stderr.close()
+    err = log.read_text()
     if proc.returncode != 0:
         sys.exit(f"the streamed run failed ({proc.returncode}):\n{err[-3000:]}")
     wall = time.perf_counter() - started

@@ -86,6 +86,8 @@ FP32_CASES = [
     (1, 1, 65, 65, 48, None, "vit"),
     (1, 2, 50, 50, 80, None, "vit"),
     (1, 1, 3, 3, 8, None, "contiguous"),
+    (2, 3, 1, 65, 64, None, "contiguous"),  # the class token's query alone (ViT.forward's last block)
+    (1, 2, 33, 65, 32, None, "contiguous"),  # some queries (MPP's corrupted patches) over all keys
     (1, 1, 17, 17, 16, 0.7, "strided_d"),
     (1, 1, 17, 65, 64, None, "contiguous"),
     (1, 2, 65, 33, 96, 0.05, "strided_d"),

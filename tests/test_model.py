@@ -68,6 +68,24 @@ def test_shapes_and_every_parameter_gets_a_gradient():
     assert ViT(small(num_classes=0))(x).shape == (3, c.embed_dim)
 
 
+def test_keeping_some_tokens_computes_the_same_values_and_gradients():
+    c = small(num_classes=5)
+    model = ViT(c)
+    x = torch.randn(3, 3, 32, 32)
+    keep = torch.tensor([[0, 5, 2], [7, 1, 0], [3, 3, 9]])  # (B, n): any tokens, any order, repeats
+    full = model.forward_features(x)["tokens"]  # (B, N+1, D)
+    part = model.forward_tokens(model.embed_patches(x), keep=keep)["tokens"]  # (B, n, D)
+    torch.testing.assert_close(part, full.gather(1, keep[..., None].expand(-1, -1, c.embed_dim)), rtol=1e-5, atol=1e-5)
+    grads = []
+    for logits in (model.head(full[:, 0]), model(x)):  # forward() keeps only the class token
+        model.zero_grad()
+        logits.square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(model(x), model.head(full[:, 0]), rtol=1e-5, atol=1e-5)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("name, image", [("Micro/4", 32), ("Ti/16", 224)])
 def test_timm_state_dict_round_trip_and_equal_outputs(name, image):
     c = vit_config(name, depth=2, num_classes=10, image_size=image)

@@ -1,0 +1,354 @@
+"""Training throughput: our ViT against timm's same-config VisionTransformer, for MPP and supervised.
+
+    python scripts/bench_train.py --model Ti/4 --batch-size 128 --dataset data/cifar10      # CPU, fp32
+    python scripts/bench_train.py --model S/16 --batch-size 32 --dataset data/imagenette
+    python scripts/bench_train.py --model B/16 --batch-size 128 --dtype bf16 --compile      # GPU
+
+One training step is what `mpp/train.py` does per batch: forward, backward, gradient clipping and
+an AdamW step, here on a fixed batch of random images so that only the model is timed. The four
+cases (ours and timm, each MPP and supervised) take turns, one round after another in one process,
+and every ratio is the median of per-round ratios: on a shared, noisy machine a slow spell hits
+both sides of a ratio alike. timm's model is wrapped only to expose its patch embedding and its
+blocks to the same MPP objective; both sides run the same objective, optimizer and clipping.
+
+Reported per case: step time, images/s, peak memory of a step (parameters, optimizer state and
+everything the step allocates), model FLOPs per image (counted by PyTorch's FLOP counter over a
+forward and backward) and MFU against a matmul of the same dtype measured in this run. The data
+pipeline is timed alone: images/s delivered by the training DataLoader with the real augmentation,
+to show that it outruns the model. Writes benchmarks/results/train-<device>-<model>-<size>px-<dtype>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from statistics import median
+
+import torch
+import torch.nn as nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
+
+from mpp.model import ViT, ViTConfig, gather_tokens, timm_kwargs, vit_config  # noqa: E402
+from mpp.objective import MPPConfig, MPPObjective, SupervisedObjective  # noqa: E402
+from mpp.train import param_groups  # noqa: E402
+
+IMPLS = ("ours", "timm")
+OBJECTIVES = ("mpp", "supervised")
+NUM_CLASSES = 10  # the supervised head: CIFAR-10 / Imagenette sized (it barely costs anything)
+
+
+class TimmTokens(nn.Module):
+    """timm's `VisionTransformer`, exposing the two calls `MPPObjective` makes of our ViT.
+
+    Supervised training calls `forward`, timm's own. For MPP the patch embeddings come from timm's
+    patch_embed and go through timm's class token, position embedding, blocks and final norm."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        from timm.models.vision_transformer import VisionTransformer
+
+        self.config = config
+        self.model = VisionTransformer(**timm_kwargs(config))
+
+    def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.patch_embed(images)  # (B, N, D)
+
+    def forward_tokens(self, patches: torch.Tensor, keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        m = self.model
+        x = m.norm(m.blocks(m.norm_pre(m.patch_drop(m._pos_embed(patches)))))  # (B, N+1, D)
+        return {"tokens": x, "pre_logits": x[:, 0]} if keep is None else {"tokens": gather_tokens(x, keep)}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)  # (B, K)
+
+
+def build_objective(impl: str, objective: str, config: ViTConfig) -> nn.Module:
+    config = dataclasses.replace(config, num_classes=0 if objective == "mpp" else NUM_CLASSES)
+    vit = ViT(config) if impl == "ours" else TimmTokens(config)
+    return MPPObjective(vit, MPPConfig()) if objective == "mpp" else SupervisedObjective(vit)
+
+
+class Case:
+    """One (impl, objective): its model, optimizer and a `step()` on a fixed batch."""
+
+    def __init__(self, impl: str, objective: str, config: ViTConfig, images: torch.Tensor, labels: torch.Tensor,
+                 dtype: torch.dtype, compile_model: bool):
+        self.impl, self.objective = impl, objective
+        self.module = build_objective(impl, objective, config).to(images.device)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(param_groups(self.module, 0.05), lr=1e-4)
+        self.forward = torch.compile(self.module) if compile_model else self.module
+        self.images, self.labels = images, labels
+        autocast = dtype != torch.float32
+        self.autocast = (lambda: torch.autocast(images.device.type, dtype=dtype)) if autocast else nullcontext
+        self.step_ms: list[float] = []
+
+    @property
+    def name(self) -> str:
+        return f"{self.impl} {self.objective}"
+
+    def loss(self) -> torch.Tensor:
+        with self.autocast():
+            return self.forward(self.images, self.labels)[0]
+
+    def step(self) -> None:
+        self.loss().backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def resident_bytes(self) -> int:
+        """Parameters and optimizer state: what stays allocated between steps (gradients are freed)."""
+        state = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in self.params + state)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(case: Case, steps: int) -> float:
+    """Milliseconds per step over `steps` back-to-back steps."""
+    device = case.images.device
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        case.step()
+    sync(device)
+    return (time.perf_counter() - started) * 1e3 / steps
+
+
+def step_peak_bytes(case: Case) -> int:
+    """Peak bytes of one step: resident state plus the most the step holds allocated at once."""
+    device = case.images.device
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        case.step()
+        sync(device)
+        return case.resident_bytes() + torch.cuda.max_memory_allocated(device) - before
+    # CPU has no allocator statistics: replay the profiler's allocation and free events in time order.
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        case.step()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return case.resident_bytes() + peak
+
+
+def flops_per_image(case: Case) -> float:
+    """Model FLOPs of one forward and backward pass, per image (matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    # PyTorch's counter knows the GPU attention kernels but not the CPU one: count it the same way.
+    cpu_sdpa = {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *args, out_shape=None, **kw: sdpa_flop_count(q, k, v),
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda grad, q, k, v, *args, out_shape=None, **kw: sdpa_backward_flop_count(grad, q, k, v),
+    }
+    module = case.module  # eager: the counter does not see inside a compiled graph
+    with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
+        with case.autocast():
+            loss = module(case.images, case.labels)[0]
+        loss.backward()
+    module.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(case.images)
+
+
+def matmul_ceiling(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matmul in `dtype`: what a step could reach if it were all matmul."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    times = []
+    for _ in range(6):
+        sync(device)
+        started = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - started)
+    return 2 * n**3 / median(times[1:])
+
+
+def loader_rate(spec: str, image_size: int, batch: int, workers: int, batches: int) -> dict:
+    """Images/s the training DataLoader delivers, as `mpp/train.py` builds it, after its first batch."""
+    from torch.utils.data import DataLoader
+
+    from mpp.data import build_dataset
+    from mpp.reproducible import SeededSamples
+    from mpp.train import loader_kwargs
+
+    dataset, _ = build_dataset(spec, "train", image_size, train=True)
+    dataset = SeededSamples(dataset, seed=0)
+    if len(dataset) < batch:
+        raise SystemExit(f"--dataset {spec} has {len(dataset)} training images, fewer than one batch ({batch})")
+    loader = DataLoader(dataset, shuffle=True, drop_last=True, **loader_kwargs(batch, workers))
+    epoch, images, started = 0, 0, None
+    while started is None or images < batches * batch:
+        dataset.set_epoch(epoch)
+        for x, _ in loader:  # float32 [B, 3, S, S]
+            if started is None:  # worker start-up and the first batch are not counted
+                started = time.perf_counter()
+                continue
+            images += len(x)
+            if images >= batches * batch:
+                break
+        epoch += 1
+    return {"dataset": spec, "num_workers": workers, "batch_size": batch, "images": images,
+            "images_per_s": images / (time.perf_counter() - started)}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def versions() -> dict:
+    import timm
+
+    found = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__}
+    try:
+        import triton
+
+        found["triton"] = triton.__version__
+    except ImportError:
+        found["triton"] = None
+    return found
+
+
+def markdown(result: dict) -> str:
+    """The README table rows of one result."""
+    a = result["args"]
+    setup = f"{a['model']} {result['image_size']} px, batch {a['batch_size']}, {a['dtype']}" + (
+        ", compile" if a["compile"] else "")
+    rows = []
+    for c in result["cases"]:
+        rows.append(f"| {result['device']} | {setup} | {c['impl']} {c['objective']} | {c['images_per_s']:.1f} | "
+                    f"{c['step_ms']:.1f} | {c['peak_mb']:.0f} | {c['gflops_per_image']:.2f} | {100 * c['mfu']:.1f}% |")
+    r = result["ratios"]
+    rows.append(f"| | | ours/timm: MPP {r['ours/timm mpp']:.3f}×, supervised {r['ours/timm supervised']:.3f}×; "
+                f"MPP/supervised step (ours) {r['mpp/supervised step ours']:.3f}× | | | | | |")
+    if result.get("loader"):
+        rows.append(f"| | | loader {result['loader']['images_per_s']:.0f} images/s = "
+                    f"{result['loader_headroom']:.1f}× the fastest case | | | | | |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="Ti/4", help="ViT preset, e.g. Ti/4 (32 px), S/16, B/16 (224 px)")
+    p.add_argument("--image-size", type=int, default=0, help="0: the preset's")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast, as --mixed-precision bf16")
+    p.add_argument("--compile", action="store_true", help="torch.compile each model")
+    p.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto", help="ours: attention/LayerNorm path")
+    p.add_argument("--rounds", type=int, default=7, help="rounds of timing; each times every case in turn")
+    p.add_argument("--steps", type=int, default=3, help="steps per case per round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per case first (compilation happens here)")
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    p.add_argument("--dataset", default="digits", help="for the loader timing: digits | image folder | hf:NAME")
+    p.add_argument("--num-workers", type=int, default=2, help="loader worker processes, as --num-workers of training")
+    p.add_argument("--loader-batches", type=int, default=20, help="batches timed from the loader; 0 skips it")
+    p.add_argument("--threads", type=int, default=0, help="CPU: torch threads; 0: all cores")
+    p.add_argument("--output", default="", help="JSON path; default benchmarks/results/train-<device>-<setup>.json")
+    args = p.parse_args()
+
+    from triton_kernels.gate import decisions, set_kernel_mode
+
+    set_kernel_mode(args.kernels)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    config = vit_config(args.model, image_size=args.image_size or None)
+    S = config.image_size
+    torch.manual_seed(0)
+    images = torch.rand(args.batch_size, 3, S, S, device=device)  # float32 [B, 3, S, S] in [0, 1], as the loader's
+    labels = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)  # int64 [B]
+
+    cases = [Case(i, o, config, images, labels, dtype, args.compile) for i in args.impls for o in OBJECTIVES]
+    for case in cases:
+        for _ in range(args.warmup):
+            case.step()
+    for r in range(args.rounds):  # a different case goes first each round
+        for case in cases[r % len(cases):] + cases[:r % len(cases)]:
+            case.step_ms.append(time_steps(case, args.steps))
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{c.name} {c.step_ms[-1]:.1f} ms" for c in cases),
+              flush=True)
+
+    ceiling = matmul_ceiling(device, dtype)
+    by_name = {c.name: c for c in cases}
+    rows = []
+    for case in cases:
+        step_ms = median(case.step_ms)
+        flops = flops_per_image(case)
+        images_per_s = args.batch_size / (step_ms * 1e-3)
+        rows.append({"impl": case.impl, "objective": case.objective, "step_ms": step_ms, "step_ms_rounds": case.step_ms,
+                     "images_per_s": images_per_s, "peak_mb": step_peak_bytes(case) / 2**20,
+                     "resident_mb": case.resident_bytes() / 2**20,
+                     "gflops_per_image": flops / 1e9, "mfu": flops * images_per_s / ceiling})
+
+    def ratio(slow: str, fast: str) -> float | None:
+        """Median over rounds of step time `slow` / `fast`: how many times faster `fast` is."""
+        if slow not in by_name or fast not in by_name:
+            return None
+        return median(s / f for s, f in zip(by_name[slow].step_ms, by_name[fast].step_ms))
+
+    ratios = {
+        "ours/timm mpp": ratio("timm mpp", "ours mpp"),  # > 1: ours trains more images/s
+        "ours/timm supervised": ratio("timm supervised", "ours supervised"),
+        "mpp/supervised step ours": ratio("ours mpp", "ours supervised"),  # MPP step cost, supervised = 1
+        "mpp/supervised step timm": ratio("timm mpp", "timm supervised"),
+    }
+    result = {
+        "device": device_name(device), "versions": versions(), "args": vars(args), "image_size": S,
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                 text=True).stdout.strip(),
+        "kernels": decisions(), f"matmul_ceiling_{args.dtype}_TFLOPs": ceiling / 1e12,
+        "cases": rows, "ratios": ratios,
+    }
+    if args.loader_batches > 0:
+        result["loader"] = loader_rate(args.dataset, S, args.batch_size, args.num_workers, args.loader_batches)
+        result["loader_headroom"] = result["loader"]["images_per_s"] / max(r["images_per_s"] for r in rows)
+
+    name = f"train-{slug(device_name(device).split(' (')[0])}-{slug(args.model)}-{S}px-{args.dtype}"
+    out = Path(args.output or REPO / "benchmarks" / "results" / f"{name}{'-compile' if args.compile else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"\n{result['device']}, torch {torch.__version__}; {args.model} {S} px, batch {args.batch_size}, "
+          f"{args.dtype}{', compile' if args.compile else ''}; kernels: {decisions() or 'n/a'}")
+    print(f"{'case':<16}{'images/s':>10}{'step ms':>10}{'peak MB':>10}{'GFLOP/img':>11}{'MFU':>8}")
+    for r in rows:
+        print(f"{r['impl'] + ' ' + r['objective']:<16}{r['images_per_s']:>10.1f}{r['step_ms']:>10.1f}"
+              f"{r['peak_mb']:>10.0f}{r['gflops_per_image']:>11.3f}{100 * r['mfu']:>7.1f}%")
+    print("ratios (median over rounds): " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items() if v is not None))
+    if "loader" in result:
+        print(f"loader: {result['loader']['images_per_s']:.0f} images/s with {args.num_workers} workers = "
+              f"{result['loader_headroom']:.1f}× the fastest case")
+    print(f"README rows:\n{markdown(result) if None not in ratios.values() else '(needs both impls)'}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""scripts/bench_train.py: a tiny run writes every figure, and its FLOP count matches the ViT's arithmetic."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import bench_train  # noqa: E402
+
+from mpp.model import vit_config  # noqa: E402
+
+
+def test_flops_per_image_match_the_vit_arithmetic():
+    config = vit_config("Micro/4")  # 16 px: N = 16 patches, T = 17 tokens
+    B, T, N, D, M, K = 4, 17, 16, config.embed_dim, config.mlp_dim, bench_train.NUM_CLASSES
+    images, labels = torch.rand(B, 3, 16, 16), torch.randint(0, K, (B,))
+    case = bench_train.Case("ours", "supervised", config, images, labels, torch.float32, compile_model=False)
+    per_block = 2 * T * (3 * D * D + D * D + 2 * D * M)  # qkv, proj, fc1, fc2 (forward)
+    attention = 4 * T * T * D  # q·kᵀ and attention·v (forward)
+    # The last block computes the class token's output alone: keys and values for all T tokens.
+    last_block = 2 * T * 2 * D * D + 2 * (D * D + D * D + 2 * D * M)
+    last_attention = 4 * T * D
+    patch_embed = 2 * N * (3 * 4 * 4) * D
+    # Backward doubles every matmul, except the patch embedding's (no gradient for the images);
+    # attention's backward counts 2.5 forwards.
+    expected = ((config.depth - 1) * (3 * per_block + 3.5 * attention) + 3 * last_block + 3.5 * last_attention
+                + 2 * patch_embed + 3 * 2 * D * K)
+    assert bench_train.flops_per_image(case) == pytest.approx(expected, rel=1e-6)
+
+
+def test_timm_case_runs_the_same_mpp_objective():
+    config = vit_config("Micro/4")
+    images, labels = torch.rand(2, 3, 16, 16), torch.zeros(2, dtype=torch.long)
+    ours = bench_train.Case("ours", "mpp", config, images, labels, torch.float32, compile_model=False)
+    timm = bench_train.Case("timm", "mpp", config, images, labels, torch.float32, compile_model=False)
+    timm.module.vit.model.load_state_dict(ours.module.vit.state_dict())  # same names: loads strictly
+    timm.module.head.load_state_dict(ours.module.head.state_dict())
+    timm.module.mask_token.data.copy_(ours.module.mask_token)
+    torch.manual_seed(1)
+    a = ours.loss()
+    torch.manual_seed(1)
+    b = timm.loss()
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_tiny_run_writes_every_figure(tmp_path):
+    out = tmp_path / "train.json"
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_train.py", "--model", "Micro/4", "--batch-size", "8", "--rounds", "2",
+         "--steps", "1", "--warmup", "1", "--loader-batches", "2", "--num-workers", "0", "--output", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert {"device", "versions", "commit", "kernels", "cases", "ratios", "loader", "loader_headroom"} <= set(result)
+    assert {(c["impl"], c["objective"]) for c in result["cases"]} == {
+        (i, o) for i in ("ours", "timm") for o in ("mpp", "supervised")}
+    for c in result["cases"]:
+        assert len(c["step_ms_rounds"]) == 2 and c["step_ms"] > 0 and c["images_per_s"] > 0
+        assert c["gflops_per_image"] > 0 and 0 < c["mfu"] < 1
+        assert c["peak_mb"] > c["resident_mb"] > 0  # a step allocates activations and gradients
+    assert all(v > 0 for v in result["ratios"].values())
+    assert result["loader"]["images"] == 16 and result["loader"]["images_per_s"] > 0
+    assert "| ours mpp |" in proc.stdout and "wrote" in proc.stdout
