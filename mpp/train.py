@@ -184,6 +184,26 @@ def check_resume(saved: dict, run_cfg: dict, num_processes: int, source: str) ->
                          "run's own settings (see its config.json) or pass a new --output-dir")
 
 
+def reuse_freed_memory() -> bool:
+    """Keep freed memory in the process for reuse (Linux, glibc); True when done.
+
+    By default glibc serves each large block (above 128 KB, rising to at most 32 MB) with fresh
+    pages from the OS and hands them back when freed, so on CPU every activation of every step is
+    page-faulted and zeroed by the kernel again: a bias broadcast into a new 6304 x 1536 tensor
+    takes 11.9 ms instead of 0.9 ms. Raising the mmap and trim thresholds serves large blocks from
+    the heap and keeps them there. The process then holds its peak memory, which training
+    needs again at the next step anyway.
+    """
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from malloc.h
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
+
+
 def make_accelerator(mixed_precision: str = "", cpu_threads: int = 0, **kwargs):
     """An Accelerator for this machine: processes of one launch form one group, CPU threads are shared fairly."""
     from accelerate import Accelerator
@@ -201,6 +221,7 @@ def make_accelerator(mixed_precision: str = "", cpu_threads: int = 0, **kwargs):
         # `accelerate launch` without --cpu pins OMP_NUM_THREADS=1, which halves a 2-core machine.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # processes on this machine
         torch.set_num_threads(cpu_threads or max(1, len(os.sched_getaffinity(0)) // local))
+        reuse_freed_memory()  # CPU steps are otherwise dominated by page faults on fresh activations
     return accelerator
 
 

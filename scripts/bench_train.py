@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from mpp.model import ViT, ViTConfig, gather_tokens, timm_kwargs, vit_config  # noqa: E402
 from mpp.objective import MPPConfig, MPPObjective, SupervisedObjective  # noqa: E402
-from mpp.train import param_groups  # noqa: E402
+from mpp.train import param_groups, reuse_freed_memory  # noqa: E402
 
 IMPLS = ("ours", "timm")
 OBJECTIVES = ("mpp", "supervised")
@@ -172,17 +172,18 @@ def flops_per_image(case: Case) -> float:
 
 
 def matmul_ceiling(device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s of a large square matmul in `dtype`: what a step could reach if it were all matmul."""
+    """FLOP/s of a large square matmul in `dtype`: what a step could reach if it were all matmul.
+    The best of several tries: a ceiling measured in a slow moment would inflate MFU."""
     n = 8192 if device.type == "cuda" else 2048
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     times = []
-    for _ in range(6):
+    for _ in range(11):
         sync(device)
         started = time.perf_counter()
         a @ b
         sync(device)
         times.append(time.perf_counter() - started)
-    return 2 * n**3 / median(times[1:])
+    return 2 * n**3 / min(times[1:])
 
 
 def loader_rate(spec: str, image_size: int, batch: int, workers: int, batches: int) -> dict:
@@ -270,6 +271,8 @@ def main() -> None:
     p.add_argument("--num-workers", type=int, default=2, help="loader worker processes, as --num-workers of training")
     p.add_argument("--loader-batches", type=int, default=20, help="batches timed from the loader; 0 skips it")
     p.add_argument("--threads", type=int, default=0, help="CPU: torch threads; 0: all cores")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="CPU: leave glibc's malloc as it is instead of what training does (mpp.train.reuse_freed_memory)")
     p.add_argument("--output", default="", help="JSON path; default benchmarks/results/train-<device>-<setup>.json")
     args = p.parse_args()
 
@@ -279,6 +282,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # As the trainer does on CPU; process-wide, so it applies to both sides of every ratio.
+    reused = device.type == "cpu" and not args.default_malloc and reuse_freed_memory()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     config = vit_config(args.model, image_size=args.image_size or None)
     S = config.image_size
@@ -286,6 +291,7 @@ def main() -> None:
     images = torch.rand(args.batch_size, 3, S, S, device=device)  # float32 [B, 3, S, S] in [0, 1], as the loader's
     labels = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)  # int64 [B]
 
+    ceiling = matmul_ceiling(device, dtype)
     cases = [Case(i, o, config, images, labels, dtype, args.compile) for i in args.impls for o in OBJECTIVES]
     for case in cases:
         for _ in range(args.warmup):
@@ -296,7 +302,7 @@ def main() -> None:
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{c.name} {c.step_ms[-1]:.1f} ms" for c in cases),
               flush=True)
 
-    ceiling = matmul_ceiling(device, dtype)
+    ceiling = max(ceiling, matmul_ceiling(device, dtype))  # before and after the rounds
     by_name = {c.name: c for c in cases}
     rows = []
     for case in cases:
@@ -324,7 +330,7 @@ def main() -> None:
         "device": device_name(device), "versions": versions(), "args": vars(args), "image_size": S,
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                  text=True).stdout.strip(),
-        "kernels": decisions(), f"matmul_ceiling_{args.dtype}_TFLOPs": ceiling / 1e12,
+        "kernels": decisions(), "malloc_reuses_freed_memory": reused, f"matmul_ceiling_{args.dtype}_TFLOPs": ceiling / 1e12,
         "cases": rows, "ratios": ratios,
     }
     if args.loader_batches > 0:
@@ -332,7 +338,9 @@ def main() -> None:
         result["loader_headroom"] = result["loader"]["images_per_s"] / max(r["images_per_s"] for r in rows)
 
     name = f"train-{slug(device_name(device).split(' (')[0])}-{slug(args.model)}-{S}px-{args.dtype}"
-    out = Path(args.output or REPO / "benchmarks" / "results" / f"{name}{'-compile' if args.compile else ''}.json")
+    name += "-compile" if args.compile else ""
+    name += "-default-malloc" if args.default_malloc else ""
+    out = Path(args.output or REPO / "benchmarks" / "results" / f"{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 

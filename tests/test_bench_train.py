@@ -67,3 +67,14 @@ def test_a_tiny_run_writes_every_figure(tmp_path):
     assert all(v > 0 for v in result["ratios"].values())
     assert result["loader"]["images"] == 16 and result["loader"]["images_per_s"] > 0
     assert "| ours mpp |" in proc.stdout and "wrote" in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_malloc_comparison_runs_both_settings(tmp_path):
+    out = tmp_path / "malloc.json"
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_cpu_malloc.py", "--model", "Micro/4", "--batch-size", "8", "--rounds", "1",
+         "--steps", "1", "--output", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["rounds_ms"][0]) == {"default", "reuse"} and result["speedup_median"] > 0

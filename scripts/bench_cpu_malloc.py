@@ -1,0 +1,78 @@
+"""What `mpp.train.reuse_freed_memory` is worth on CPU: training steps with glibc's malloc as it
+comes against malloc keeping freed memory, in fresh processes taking turns.
+
+glibc's default cannot be restored inside a process once changed, so each measurement is a new
+process: build the model, warm up, time a few steps of our ViT. Rounds alternate which setting goes
+first; the ratio is the median over rounds. Writes benchmarks/results/cpu_malloc-<model>.json.
+
+    python scripts/bench_cpu_malloc.py --model Ti/4 --batch-size 128
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from statistics import median
+
+REPO = Path(__file__).resolve().parents[1]
+
+CHILD = """
+import sys, torch
+sys.path.insert(0, {scripts!r})
+import bench_train
+from mpp.model import vit_config
+from mpp.train import reuse_freed_memory
+if {reuse}:
+    assert reuse_freed_memory()
+config = vit_config({model!r})
+torch.manual_seed(0)
+S, B = config.image_size, {batch}
+case = bench_train.Case("ours", {objective!r}, config, torch.rand(B, 3, S, S), torch.randint(0, 10, (B,)),
+                        torch.float32, compile_model=False)
+for _ in range(2):
+    case.step()
+print(bench_train.time_steps(case, {steps}))
+"""
+
+
+def step_ms(args, reuse: bool) -> float:
+    code = CHILD.format(scripts=str(REPO / "scripts"), reuse=reuse, model=args.model, batch=args.batch_size,
+                        objective=args.objective, steps=args.steps)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="Ti/4")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--objective", choices=("mpp", "supervised"), default="mpp")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per process")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--output", default="", help="JSON path; default benchmarks/results/cpu_malloc-<model>.json")
+    args = p.parse_args()
+
+    rounds = []
+    for r in range(args.rounds):
+        ms = {}
+        for reuse in ((True, False) if r % 2 else (False, True)):
+            ms["reuse" if reuse else "default"] = step_ms(args, reuse)
+        rounds.append(ms)
+        print(f"round {r + 1}/{args.rounds}: glibc default {ms['default']:.0f} ms, reusing {ms['reuse']:.0f} ms",
+              flush=True)
+    speedup = median(m["default"] / m["reuse"] for m in rounds)
+    result = {"args": vars(args), "cores": len(os.sched_getaffinity(0)), "rounds_ms": rounds,
+              "speedup_median": speedup,
+              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                       text=True).stdout.strip()}
+    out = Path(args.output or REPO / "benchmarks" / "results" / f"cpu_malloc-{args.model.replace('/', '-').lower()}.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"keeping freed memory: {speedup:.3f}x the steps/s of glibc's default (median of {args.rounds} rounds)")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
