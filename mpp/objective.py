@@ -112,8 +112,11 @@ def corrupt_patches(
     own = torch.arange(B * N, device=dev).view(B, N)
     other = torch.randint(0, B * N - 1, (B, N), device=dev, generator=generator)
     other = other + (other >= own)  # (B, N) flat indices ≠ own
-    x = torch.where(to_random[..., None], patches.reshape(B * N, D)[other], patches)  # (B, N, D)
-    x = torch.where(to_mask[..., None], mask_token.to(x.dtype).expand(B, N, D), x)
+    # One gather builds the result: row B·N of the table is the [mask] embedding. Its backward is
+    # one scatter-add, where chained torch.where calls cost several passes over (B, N, D) each way.
+    table = torch.cat([patches.reshape(B * N, D), mask_token.reshape(1, D).to(patches.dtype)])  # (B·N + 1, D)
+    source = torch.where(to_mask, B * N, torch.where(to_random, other, own))  # (B, N) rows of the table
+    x = table[source]  # (B, N, D)
     kind = torch.where(to_mask, 1, torch.where(to_random, 2, torch.where(corrupted, 3, 0))).to(torch.int8)
     return x, chosen, kind
 

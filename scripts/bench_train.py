@@ -156,14 +156,24 @@ def flops_per_image(case: Case) -> float:
     from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
     # PyTorch's counter knows the GPU attention kernels but not the CPU one: count it the same way.
-    cpu_sdpa = {
+    custom = {
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
             lambda q, k, v, *args, out_shape=None, **kw: sdpa_flop_count(q, k, v),
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
             lambda grad, q, k, v, *args, out_shape=None, **kw: sdpa_backward_flop_count(grad, q, k, v),
     }
+    try:  # our Triton attention launches kernels, not aten ops: count its two ops the same way too
+        from triton_kernels import attention as triton_attention
+
+        if triton_attention._triton_op is not None:
+            ops = torch.ops.mpp_kernels
+            custom[ops.attention_fwd] = lambda q, k, v, *args, out_shape=None, **kw: sdpa_flop_count(q, k, v)
+            custom[ops.attention_bwd] = (
+                lambda grad, q, k, v, *args, out_shape=None, **kw: sdpa_backward_flop_count(grad, q, k, v))
+    except (ImportError, AttributeError):  # no triton: PyTorch's attention runs, already counted
+        pass
     module = case.module  # eager: the counter does not see inside a compiled graph
-    with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
+    with FlopCounterMode(display=False, custom_mapping=custom) as counter:
         with case.autocast():
             loss = module(case.images, case.labels)[0]
         loss.backward()

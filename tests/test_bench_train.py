@@ -78,3 +78,32 @@ def test_the_malloc_comparison_runs_both_settings(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert set(result["rounds_ms"][0]) == {"default", "reuse"} and result["speedup_median"] > 0
+
+
+FLOPS = """
+import sys, torch
+sys.path.insert(0, "scripts")
+import bench_train
+from mpp.model import vit_config
+from triton_kernels.gate import decisions
+torch.manual_seed(0)
+case = bench_train.Case("ours", "mpp", vit_config("Micro/4"), torch.rand(2, 3, 16, 16), torch.zeros(2, dtype=torch.long),
+                        torch.float32, compile_model=False)
+print(bench_train.flops_per_image(case), decisions()["attention"])
+"""
+
+
+@pytest.mark.slow
+def test_flops_count_our_triton_attention_like_pytorchs():
+    import os
+
+    counted = {}
+    for kernels in ("torch", "triton"):
+        env = {**os.environ, "MPP_KERNELS": kernels, "TRITON_INTERPRET": "1"}
+        out = subprocess.run([sys.executable, "-c", FLOPS], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        flops, decision = out.stdout.split(maxsplit=1)
+        assert decision.startswith(kernels)
+        counted[kernels] = float(flops)
+    assert counted["triton"] == counted["torch"] > 0

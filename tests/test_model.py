@@ -70,6 +70,7 @@ def test_shapes_and_every_parameter_gets_a_gradient():
 
 def test_keeping_some_tokens_computes_the_same_values_and_gradients():
     c = small(num_classes=5)
+    torch.manual_seed(0)
     model = ViT(c)
     x = torch.randn(3, 3, 32, 32)
     keep = torch.tensor([[0, 5, 2], [7, 1, 0], [3, 3, 9]])  # (B, n): any tokens, any order, repeats
@@ -83,7 +84,8 @@ def test_keeping_some_tokens_computes_the_same_values_and_gradients():
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     torch.testing.assert_close(model(x), model.head(full[:, 0]), rtol=1e-5, atol=1e-5)
     for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+        # float rounding of sums over other shapes: up to 3e-6 on gradients of order 1–10 (40 seeds tried)
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("name, image", [("Micro/4", 32), ("Ti/16", 224)])
