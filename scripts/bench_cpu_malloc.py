@@ -66,7 +66,7 @@ def main() -> None:
     speedup = median(m["default"] / m["reuse"] for m in rounds)
     result = {"args": vars(args), "cores": len(os.sched_getaffinity(0)), "rounds_ms": rounds,
               "speedup_median": speedup,
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, check=False, capture_output=True,
                                        text=True).stdout.strip()}
     out = Path(args.output or REPO / "benchmarks" / "results" / f"cpu_malloc-{args.model.replace('/', '-').lower()}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import platform
 import re
 import subprocess
@@ -33,14 +32,14 @@ from pathlib import Path
 from statistics import median
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
-from mpp.model import ViT, ViTConfig, gather_tokens, timm_kwargs, vit_config  # noqa: E402
-from mpp.objective import MPPConfig, MPPObjective, SupervisedObjective  # noqa: E402
-from mpp.train import param_groups, reuse_freed_memory  # noqa: E402
+from mpp.model import ViT, ViTConfig, gather_tokens, timm_kwargs, vit_config
+from mpp.objective import MPPConfig, MPPObjective, SupervisedObjective
+from mpp.train import param_groups, reuse_freed_memory
 
 IMPLS = ("ours", "timm")
 OBJECTIVES = ("mpp", "supervised")
@@ -153,7 +152,11 @@ def step_peak_bytes(case: Case) -> int:
 
 def flops_per_image(case: Case) -> float:
     """Model FLOPs of one forward and backward pass, per image (matmuls, convolutions, attention)."""
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+    from torch.utils.flop_counter import (
+        FlopCounterMode,
+        sdpa_backward_flop_count,
+        sdpa_flop_count,
+    )
 
     # PyTorch's counter knows the GPU attention kernels but not the CPU one: count it the same way.
     custom = {
@@ -338,7 +341,7 @@ def main() -> None:
     }
     result = {
         "device": device_name(device), "versions": versions(), "args": vars(args), "image_size": S,
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, check=False, capture_output=True,
                                  text=True).stdout.strip(),
         "kernels": decisions(), "malloc_reuses_freed_memory": reused, f"matmul_ceiling_{args.dtype}_TFLOPs": ceiling / 1e12,
         "cases": rows, "ratios": ratios,
