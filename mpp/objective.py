@@ -114,9 +114,11 @@ def corrupt_patches(
     other = other + (other >= own)  # (B, N) flat indices ≠ own
     # One gather builds the result: row B·N of the table is the [mask] embedding. Its backward is
     # one scatter-add, where chained torch.where calls cost several passes over (B, N, D) each way.
+    # F.embedding, not table[source]: on CPU its scatter-add is deterministic (indexing's is not, and
+    # the [mask] row repeats thousands of times), so runs and resumes stay bitwise reproducible.
     table = torch.cat([patches.reshape(B * N, D), mask_token.reshape(1, D).to(patches.dtype)])  # (B·N + 1, D)
     source = torch.where(to_mask, B * N, torch.where(to_random, other, own))  # (B, N) rows of the table
-    x = table[source]  # (B, N, D)
+    x = F.embedding(source, table)  # (B, N, D)
     kind = torch.where(to_mask, 1, torch.where(to_random, 2, torch.where(corrupted, 3, 0))).to(torch.int8)
     return x, chosen, kind
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import re
 import subprocess
@@ -40,6 +41,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 from mpp.model import ViT, ViTConfig, gather_tokens, timm_kwargs, vit_config
 from mpp.objective import MPPConfig, MPPObjective, SupervisedObjective
 from mpp.train import param_groups, reuse_freed_memory
+from triton_kernels.gate import ENV
 
 IMPLS = ("ours", "timm")
 OBJECTIVES = ("mpp", "supervised")
@@ -165,21 +167,21 @@ def flops_per_image(case: Case) -> float:
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
             lambda grad, q, k, v, *args, out_shape=None, **kw: sdpa_backward_flop_count(grad, q, k, v),
     }
-    try:  # our Triton attention launches kernels, not aten ops: count its two ops the same way too
-        from triton_kernels import attention as triton_attention
-
-        if triton_attention._triton_op is not None:
-            ops = torch.ops.mpp_kernels
-            custom[ops.attention_fwd] = lambda q, k, v, *args, out_shape=None, **kw: sdpa_flop_count(q, k, v)
-            custom[ops.attention_bwd] = (
-                lambda grad, q, k, v, *args, out_shape=None, **kw: sdpa_backward_flop_count(grad, q, k, v))
-    except (ImportError, AttributeError):  # no triton: PyTorch's attention runs, already counted
-        pass
     module = case.module  # eager: the counter does not see inside a compiled graph
-    with FlopCounterMode(display=False, custom_mapping=custom) as counter:
-        with case.autocast():
-            loss = module(case.images, case.labels)[0]
-        loss.backward()
+    # Our Triton kernels launch no aten ops for the counter to see; the model's FLOPs do not depend
+    # on which kernel computes them, so count them through PyTorch's ops.
+    mode = os.environ.get(ENV)
+    os.environ[ENV] = "torch"
+    try:
+        with FlopCounterMode(display=False, custom_mapping=custom) as counter:
+            with case.autocast():
+                loss = module(case.images, case.labels)[0]
+            loss.backward()
+    finally:
+        if mode is None:
+            del os.environ[ENV]
+        else:
+            os.environ[ENV] = mode
     module.zero_grad(set_to_none=True)
     return counter.get_total_flops() / len(case.images)
 
