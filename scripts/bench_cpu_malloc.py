@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from statistics import median
 
+from mpp.provenance import git_commit
+
 REPO = Path(__file__).resolve().parents[1]
 
 CHILD = """
@@ -66,8 +68,7 @@ def main() -> None:
     speedup = median(m["default"] / m["reuse"] for m in rounds)
     result = {"args": vars(args), "cores": len(os.sched_getaffinity(0)), "rounds_ms": rounds,
               "speedup_median": speedup,
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, check=False, capture_output=True,
-                                       text=True).stdout.strip()}
+              "commit": git_commit(REPO)}
     out = Path(args.output or REPO / "benchmarks" / "results" / f"cpu_malloc-{args.model.replace('/', '-').lower()}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"keeping freed memory: {speedup:.3f}x the steps/s of glibc's default (median of {args.rounds} rounds)")

@@ -15,13 +15,14 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from mpp.provenance import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
 # ViT-Ti/S/B at 224 px: N = 197 tokens, head dim 64; then longer sequences (384 px and beyond).
@@ -143,14 +144,6 @@ def print_table(rows: list[dict], unit: str) -> None:
                   + "".join(f"{r[f'{k}_{unit}']:9.1f}" for k in ("fwd", "bwd", "fwd+bwd")))
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through Triton's interpreter")
@@ -169,7 +162,7 @@ def main() -> None:
 
     gpu = torch.cuda.get_device_name() if cuda else f"cpu-interpreter-{platform.machine()}"
     info = {"device": gpu, "torch": torch.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda, "commit": git_commit(), "dtype": str(dtype).removeprefix("torch."),
+            "cuda": torch.version.cuda, "commit": git_commit(REPO), "dtype": str(dtype).removeprefix("torch."),
             "timing": "triton.testing.do_bench median" if cuda else "perf_counter median of 3 (smoke)"}
     print(" ".join(f"{k}={v}" for k, v in info.items()))
     ceiling = ceilings(device, cuda, args.smoke)

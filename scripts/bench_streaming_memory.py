@@ -23,6 +23,8 @@ import numpy as np
 import PIL.Image
 import torch
 
+from mpp.provenance import git_commit
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -112,8 +114,7 @@ def main() -> None:
         "command": " ".join(cmd[1:]),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
                     "torch": torch.__version__, "python": platform.python_version()},
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                 text=True).stdout.strip(),
+        "commit": git_commit(REPO),
     }
     out = REPO / args.output
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,9 +7,10 @@
 One training step is what `mpp/train.py` does per batch: forward, backward, gradient clipping and
 an AdamW step, here on a fixed batch of random images so that only the model is timed. The four
 cases (ours and timm, each MPP and supervised) take turns, one round after another in one process,
-and every ratio is the median of per-round ratios: on a shared, noisy machine a slow spell hits
-both sides of a ratio alike. timm's model is wrapped only to expose its patch embedding and its
-blocks to the same MPP objective; both sides run the same objective, optimizer and clipping.
+every other round in reverse order, and every ratio is the median of per-round ratios: on a
+shared, noisy machine a slow spell hits both sides of a ratio alike. timm's model is wrapped only
+to expose its patch embedding and its blocks to the same MPP objective; both sides run the same
+objective, optimizer and clipping.
 
 Reported per case: step time, images/s, peak memory of a step (parameters, optimizer state and
 everything the step allocates), model FLOPs per image (counted by PyTorch's FLOP counter over a
@@ -25,7 +26,6 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from mpp.model import ViT, ViTConfig, gather_tokens, timm_kwargs, vit_config
 from mpp.objective import MPPConfig, MPPObjective, SupervisedObjective
+from mpp.provenance import git_commit
 from mpp.train import param_groups, reuse_freed_memory
 from triton_kernels.gate import ENV
 
@@ -308,11 +309,15 @@ def main() -> None:
 
     ceiling = matmul_ceiling(device, dtype)
     cases = [Case(i, o, config, images, labels, dtype, args.compile) for i in args.impls for o in OBJECTIVES]
-    for case in cases:
+    # Timing order: ours MPP, ours supervised, timm supervised, timm MPP. Three of the four compared
+    # pairs are neighbours in time, so a slow spell of the shared machine hits both sides of their
+    # ratio; every other round runs in reverse, so a drift within a round favours neither side.
+    order = cases[:2] + cases[2:][::-1]
+    for case in order:
         for _ in range(args.warmup):
             case.step()
-    for r in range(args.rounds):  # a different case goes first each round
-        for case in cases[r % len(cases):] + cases[:r % len(cases)]:
+    for r in range(args.rounds):
+        for case in order if r % 2 == 0 else order[::-1]:
             case.step_ms.append(time_steps(case, args.steps))
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{c.name} {c.step_ms[-1]:.1f} ms" for c in cases),
               flush=True)
@@ -343,8 +348,7 @@ def main() -> None:
     }
     result = {
         "device": device_name(device), "versions": versions(), "args": vars(args), "image_size": S,
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, check=False, capture_output=True,
-                                 text=True).stdout.strip(),
+        "commit": git_commit(REPO),
         "kernels": decisions(), "malloc_reuses_freed_memory": reused, f"matmul_ceiling_{args.dtype}_TFLOPs": ceiling / 1e12,
         "cases": rows, "ratios": ratios,
     }

@@ -109,3 +109,27 @@ def test_flops_count_our_triton_attention_like_pytorchs():
         assert decision.startswith(kernels)
         counted[kernels] = float(flops)
     assert counted["triton"] == counted["torch"] > 0
+
+
+def test_results_name_their_commit_and_say_when_the_code_differs_from_it(tmp_path):
+    from mpp.provenance import git_commit
+
+    assert git_commit(tmp_path) == "unknown"  # not a checkout
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "results" / "r.json").write_text("{}\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert git_commit(tmp_path) == head
+    (tmp_path / "benchmarks" / "results" / "r.json").write_text('{"new": 1}\n')  # a run rewrote its result
+    assert git_commit(tmp_path) == head
+    (tmp_path / "code.py").write_text("x = 2\n")  # measured code that no commit holds
+    assert git_commit(tmp_path) == f"{head}+dirty"
