@@ -14,7 +14,8 @@ objective, optimizer and clipping.
 
 Reported per case: step time, images/s, peak memory of a step (parameters, optimizer state and
 everything the step allocates), model FLOPs per image (counted by PyTorch's FLOP counter over a
-forward and backward) and MFU against a matmul of the same dtype measured in this run. The data
+forward and backward) and MFU against a matmul of the same dtype measured in this run; with
+`--profile TOP`, each case's TOP operators by self time in one profiled step. The data
 pipeline is timed alone: images/s delivered by the training DataLoader with the real augmentation,
 to show that it outruns the model. Writes benchmarks/results/train-<device>-<model>-<size>px-<dtype>.json.
 """
@@ -153,6 +154,26 @@ def step_peak_bytes(case: Case) -> int:
     return case.resident_bytes() + peak
 
 
+def profile_step(case: Case, top: int) -> list[dict]:
+    """Where one step's time goes: the `top` operators by self time, CPU time on CPU and GPU kernel
+    time on a GPU (Triton kernels appear under their kernel names)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = case.images.device
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        case.step()
+        sync(device)
+    averages = prof.key_averages()
+
+    def self_us(event) -> float:
+        return getattr(event, "self_device_time_total", 0.0) if cuda else event.self_cpu_time_total
+
+    total = sum(self_us(e) for e in averages) or 1.0
+    ranked = sorted(averages, key=self_us, reverse=True)[:top]
+    return [{"op": e.key, "self_ms": self_us(e) / 1e3, "share": self_us(e) / total, "calls": e.count} for e in ranked]
+
+
 def flops_per_image(case: Case) -> float:
     """Model FLOPs of one forward and backward pass, per image (matmuls, convolutions, attention)."""
     from torch.utils.flop_counter import (
@@ -289,6 +310,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU: torch threads; 0: all cores")
     p.add_argument("--default-malloc", action="store_true",
                    help="CPU: leave glibc's malloc as it is instead of what training does (mpp.train.reuse_freed_memory)")
+    p.add_argument("--profile", type=int, default=0, metavar="TOP",
+                   help="after the timing, profile one step of each case and report its TOP operators by self time")
     p.add_argument("--output", default="", help="JSON path; default benchmarks/results/train-<device>-<setup>.json")
     args = p.parse_args()
 
@@ -352,6 +375,8 @@ def main() -> None:
         "kernels": decisions(), "malloc_reuses_freed_memory": reused, f"matmul_ceiling_{args.dtype}_TFLOPs": ceiling / 1e12,
         "cases": rows, "ratios": ratios,
     }
+    if args.profile:  # after the timing, so that the profiler's overhead touches none of it
+        result["profile"] = {case.name: profile_step(case, args.profile) for case in cases}
     if args.loader_batches > 0:
         result["loader"] = loader_rate(args.dataset, S, args.batch_size, args.num_workers, args.loader_batches)
         result["loader_headroom"] = result["loader"]["images_per_s"] / max(r["images_per_s"] for r in rows)
@@ -373,6 +398,8 @@ def main() -> None:
     if "loader" in result:
         print(f"loader: {result['loader']['images_per_s']:.0f} images/s with {args.num_workers} workers = "
               f"{result['loader_headroom']:.1f}× the fastest case")
+    for name, ops in result.get("profile", {}).items():
+        print(f"profile, {name}: " + ", ".join(f"{o['op']} {100 * o['share']:.1f}%" for o in ops))
     print(f"README rows:\n{markdown(result) if None not in ratios.values() else '(needs both impls)'}")
     print(f"wrote {out}")
 

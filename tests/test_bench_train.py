@@ -53,7 +53,7 @@ def test_a_tiny_run_writes_every_figure(tmp_path):
     out = tmp_path / "train.json"
     proc = subprocess.run(
         [sys.executable, "scripts/bench_train.py", "--model", "Micro/4", "--batch-size", "8", "--rounds", "2",
-         "--steps", "1", "--warmup", "1", "--loader-batches", "2", "--num-workers", "0", "--output", str(out)],
+         "--steps", "1", "--warmup", "1", "--loader-batches", "2", "--num-workers", "0", "--profile", "5", "--output", str(out)],
         cwd=REPO, check=False, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -67,6 +67,11 @@ def test_a_tiny_run_writes_every_figure(tmp_path):
     assert all(v > 0 for v in result["ratios"].values())
     assert result["loader"]["images"] == 16 and result["loader"]["images_per_s"] > 0
     assert "| ours mpp |" in proc.stdout and "wrote" in proc.stdout
+    assert set(result["profile"]) == {"ours mpp", "ours supervised", "timm mpp", "timm supervised"}
+    for ops in result["profile"].values():  # the 5 costliest operators of a step, costliest first
+        shares = [o["share"] for o in ops]
+        assert len(ops) == 5 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1
+        assert any(o["op"] in ("aten::mm", "aten::addmm", "aten::bmm") for o in ops), ops  # a ViT is matmuls
 
 
 @pytest.mark.slow
