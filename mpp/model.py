@@ -124,6 +124,10 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.layer_norm(x, self.weight, self.bias, self.eps)
 
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, this LayerNorm of it): on Triton, one fused kernel instead of two passes."""
+        return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+
 
 class Attention(nn.Module):
     def __init__(self, config: ViTConfig):
@@ -180,10 +184,10 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, N, D) → (B, N, D), or with `keep` (B, n) token indices only those tokens → (B, n, D)."""
         if keep is None:
-            x = x + self.attn(self.norm1(x))
+            x, h = self.norm2.add(x, self.attn(self.norm1(x)))  # z' and LN(z'): (B, N, D) each
         else:
-            x = gather_tokens(x, keep) + self.attn(self.norm1(x), queries=keep)  # (B, n, D)
-        return x + self.mlp(self.norm2(x))
+            x, h = self.norm2.add(gather_tokens(x, keep), self.attn(self.norm1(x), queries=keep))  # (B, n, D)
+        return x + self.mlp(h)
 
 
 class ViT(nn.Module):

@@ -1,8 +1,9 @@
 """The one place the ViT calls attention and LayerNorm through.
 
-Every block calls these two functions; `triton_kernels.gate.use_triton` decides per call whether
+Every block calls these functions; `triton_kernels.gate.use_triton` decides per call whether
 our Triton kernel runs or PyTorch's own op (`scaled_dot_product_attention`, which picks flash /
-memory-efficient / cuDNN / math itself, and `layer_norm`), and records why
+memory-efficient / cuDNN / math itself, and `layer_norm`, after a plain add for
+`add_layer_norm`), and records why
 (`triton_kernels.gate.decisions()`). `MPP_KERNELS=auto|triton|torch` or `--kernels` steers it.
 """
 from __future__ import annotations
@@ -44,3 +45,21 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
         return triton_layer_norm(x, weight, bias, eps)
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-norm block's residual add and the LayerNorm after it: (s, LayerNorm(s)), s = x + residual.
+    x, residual: (..., D) of one shape; weight, bias: (D,). One fused kernel on Triton."""
+
+    def unsupported() -> str | None:
+        from triton_kernels.layer_norm import add_layer_norm_supported
+
+        return add_layer_norm_supported(x, residual, weight, bias)
+
+    if use_triton("add_layer_norm", x, unsupported):
+        from triton_kernels.layer_norm import add_layer_norm as triton_add_layer_norm
+
+        return triton_add_layer_norm(x, residual, weight, bias, eps)
+    s = x + residual  # (..., D)
+    return s, F.layer_norm(s, s.shape[-1:], weight, bias, eps)

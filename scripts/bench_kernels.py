@@ -4,7 +4,8 @@
     python scripts/bench_kernels.py --smoke         # tiny shapes on CPU through Triton's interpreter:
                                                     # checks the script runs, measures nothing meaningful
 
-LayerNorm in GB/s (forward, backward, both) against `torch.nn.functional.layer_norm`; attention
+LayerNorm in GB/s (forward, backward, both) against `torch.nn.functional.layer_norm`, and the
+residual add fused with it against `x + r` then `layer_norm`; attention
 in TFLOP/s (4·B·H·N²·D forward, 2.5× that backward) against every `scaled_dot_product_attention`
 backend that runs; the device's copy bandwidth and a large bf16 matmul as ceilings. Every figure
 of one table comes from the same process, so they compare as ratios on a shared, noisy machine.
@@ -52,13 +53,18 @@ def bench_ms(fn, cuda: bool) -> float:
 
 
 def fwd_bwd_timers(forward, inputs: list[torch.Tensor], cuda: bool) -> dict[str, float]:
-    """ms for forward, backward alone, and both, of `forward(*inputs)` with a fixed output gradient."""
-    out = forward(*inputs)
-    grad = torch.randn_like(out)
+    """ms for forward, backward alone, and both, of `forward(*inputs)` (a tensor or a tuple of them)
+    with fixed output gradients."""
+
+    def outputs() -> tuple[torch.Tensor, ...]:
+        out = forward(*inputs)
+        return out if isinstance(out, tuple) else (out,)
+
+    grads = tuple(torch.randn_like(o) for o in outputs())
     fwd = bench_ms(lambda: forward(*inputs), cuda)
-    both = bench_ms(lambda: torch.autograd.grad(forward(*inputs), inputs, grad), cuda)
-    out = forward(*inputs)  # backward alone: keep the graph for repeated backward passes
-    bwd = bench_ms(lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True), cuda)
+    both = bench_ms(lambda: torch.autograd.grad(outputs(), inputs, grads), cuda)
+    outs = outputs()  # backward alone: keep the graph for repeated backward passes
+    bwd = bench_ms(lambda: torch.autograd.grad(outs, inputs, grads, retain_graph=True), cuda)
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both}
 
 
@@ -74,25 +80,39 @@ def ceilings(device: str, cuda: bool, smoke: bool) -> dict[str, float]:
     return {"copy_GBps": copy_gbs, "bf16_matmul_TFLOPs": mm_tflops}
 
 
+def torch_add_layer_norm(x, r, w, b, eps):
+    s = x + r  # what the model's PyTorch path does: two kernels, s written and read back
+    return s, F.layer_norm(s, s.shape[-1:], w, b, eps)
+
+
 def bench_layer_norm(shapes, device: str, dtype: torch.dtype, cuda: bool) -> list[dict]:
-    from triton_kernels.layer_norm import layer_norm
+    """LayerNorm, and a block's residual add fused with the LayerNorm after it (`add_layer_norm`)
+    against the same two steps in PyTorch (x + r, then F.layer_norm)."""
+    from triton_kernels.layer_norm import add_layer_norm, layer_norm
 
     rows_out = []
     for name, rows, width in shapes:
-        x = torch.randn(rows, width, device=device, dtype=dtype, requires_grad=True)
+        x, r = (torch.randn(rows, width, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
         w = torch.randn(width, device=device, dtype=dtype, requires_grad=True)
         b = torch.randn(width, device=device, dtype=dtype, requires_grad=True)
-        # Bytes a perfect kernel must move: forward reads x, writes y; backward reads x, dy, writes dx
-        # (weights, biases and per-row statistics are negligible at these sizes).
+        # Bytes a perfect kernel must move (weights, biases and per-row statistics are negligible):
+        # LayerNorm: forward reads x, writes y; backward reads x, dy, writes dx.
+        # Fused add: forward reads x, r, writes s, y; backward reads s, dy, ds, writes one dx = dr.
         unit = rows * width * x.element_size()
-        moved = {"fwd": 2 * unit, "bwd": 3 * unit, "fwd+bwd": 5 * unit}
-        impls = {"triton": lambda x, w, b: layer_norm(x, w, b, 1e-6),
-                 "torch": lambda x, w, b: F.layer_norm(x, (width,), w, b, 1e-6)}
-        for impl, fn in impls.items():
-            ms = fwd_bwd_timers(fn, [x, w, b], cuda)
-            rows_out.append({"op": "layer_norm", "shape": name, "rows": rows, "width": width, "impl": impl,
-                             **{f"{k}_ms": v for k, v in ms.items()},
-                             **{f"{k}_GBps": moved[k] / (v * 1e-3) / 1e9 for k, v in ms.items()}})
+        cases = {
+            "layer_norm": ([x, w, b], {"fwd": 2 * unit, "bwd": 3 * unit, "fwd+bwd": 5 * unit}, {
+                "triton": lambda x, w, b: layer_norm(x, w, b, 1e-6),
+                "torch": lambda x, w, b: F.layer_norm(x, (width,), w, b, 1e-6)}),
+            "add_layer_norm": ([x, r, w, b], {"fwd": 4 * unit, "bwd": 4 * unit, "fwd+bwd": 8 * unit}, {
+                "triton": lambda x, r, w, b: add_layer_norm(x, r, w, b, 1e-6),
+                "torch": lambda x, r, w, b: torch_add_layer_norm(x, r, w, b, 1e-6)}),
+        }
+        for op, (inputs, moved, impls) in cases.items():
+            for impl, fn in impls.items():
+                ms = fwd_bwd_timers(fn, inputs, cuda)
+                rows_out.append({"op": op, "shape": name, "rows": rows, "width": width, "impl": impl,
+                                 **{f"{k}_ms": v for k, v in ms.items()},
+                                 **{f"{k}_GBps": moved[k] / (v * 1e-3) / 1e9 for k, v in ms.items()}})
     return rows_out
 
 
@@ -135,12 +155,12 @@ def bench_attention(shapes, device: str, dtype: torch.dtype, cuda: bool) -> list
 
 
 def print_table(rows: list[dict], unit: str) -> None:
-    print(f"{'op':<11}{'shape':<13}{'impl':<16}{'fwd':>9}{'bwd':>9}{'fwd+bwd':>9}  {unit}")
+    print(f"{'op':<16}{'shape':<13}{'impl':<16}{'fwd':>9}{'bwd':>9}{'fwd+bwd':>9}  {unit}")
     for r in rows:
         if "error" in r:
-            print(f"{r['op']:<11}{r['shape']:<13}{r['impl']:<16}  not run: {r['error']}")
+            print(f"{r['op']:<16}{r['shape']:<13}{r['impl']:<16}  not run: {r['error']}")
         else:
-            print(f"{r['op']:<11}{r['shape']:<13}{r['impl']:<16}"
+            print(f"{r['op']:<16}{r['shape']:<13}{r['impl']:<16}"
                   + "".join(f"{r[f'{k}_{unit}']:9.1f}" for k in ("fwd", "bwd", "fwd+bwd")))
 
 

@@ -2,7 +2,7 @@
 # The GPU checks, prepared to run in few calls on a lent GPU machine (10 minutes a call at most):
 #
 #   bash scripts/gpu_check.sh tests kernels s16    # GPU tests, kernel benchmark, S/16 training (~8 min)
-#   bash scripts/gpu_check.sh b16                   # B/16 training (~5 min)
+#   bash scripts/gpu_check.sh b16 s16-unfused       # B/16 training; S/16 without the fused add + LayerNorm
 #
 # Each part has its own time limit and a failed part does not stop the others. The results go to
 # benchmarks/results/ (commit them) and, with the log, to $OUT when it is set (the device tool's
@@ -30,19 +30,22 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee 
 python -c "import torch, triton, timm; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__)" 2>&1 | tee -a "$log"
 
 bench=(python scripts/bench_train.py --dtype bf16 --compile --rounds 5 --steps 10 --warmup 3 --profile 15)
-for what in "${@:-tests kernels s16 b16}"; do
+for what in "${@:-tests kernels s16 b16 s16-unfused}"; do
     for one in $what; do
         case "$one" in
             tests) part tests 150 python -m pytest -q -m gpu -p no:cacheprovider tests ;;
             kernels) part kernels 120 python scripts/bench_kernels.py ;;
             s16) part s16 300 "${bench[@]}" --model S/16 --batch-size 128 ;;
             b16) part b16 300 "${bench[@]}" --model B/16 --batch-size 128 ;;
-            *) echo "unknown part '$one': use tests, kernels, s16 or b16" | tee -a "$log"; status=2 ;;
+            s16-unfused)  # the fused residual add + LayerNorm's effect: ours again, that kernel on PyTorch
+                part s16-unfused 240 env MPP_KERNELS_OFF=add_layer_norm "${bench[@]}" --model S/16 --batch-size 128 \
+                    --impls ours --output benchmarks/results/train-gpu-s-16-224px-bf16-compile-unfused-add-norm.json ;;
+            *) echo "unknown part '$one': use tests, kernels, s16, b16 or s16-unfused" | tee -a "$log"; status=2 ;;
         esac
     done
 done
 
 if [ -n "$out" ]; then
-    cp benchmarks/results/kernels-*.json benchmarks/results/train-*-bf16-compile.json "$out"/ 2>/dev/null
+    cp benchmarks/results/kernels-*.json benchmarks/results/train-*-bf16-compile*.json "$out"/ 2>/dev/null
 fi
 exit "$status"

@@ -26,6 +26,8 @@ def test_smoke_run_writes_every_figure(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert {"device", "torch", "triton", "commit", "ceilings", "layer_norm", "attention"} <= set(result)
+    assert {(r["op"], r["impl"]) for r in result["layer_norm"]} == {
+        (op, impl) for op in ("layer_norm", "add_layer_norm") for impl in ("triton", "torch")}
     impls = {r["impl"] for r in result["attention"]}
     assert {"triton", "sdpa-math"} <= impls
     for r in result["layer_norm"] + [r for r in result["attention"] if "error" not in r]:

@@ -32,6 +32,12 @@ def test_gate_modes_and_reasons(monkeypatch):
     monkeypatch.setenv("MPP_KERNELS", "auto")
     assert not gate.use_triton("attention", x, lambda: "head dim 7 is not supported")
     assert gate.decisions()["attention"] == "torch: head dim 7 is not supported"
+    monkeypatch.setenv("MPP_KERNELS", "triton")
+    monkeypatch.setenv("MPP_KERNELS_OFF", "add_layer_norm, attention")  # by name: PyTorch, and no error
+    assert not gate.use_triton("add_layer_norm", x) and not gate.use_triton("attention", x)
+    assert gate.decisions()["add_layer_norm"] == "torch: MPP_KERNELS_OFF names it"
+    assert gate.use_triton("layer_norm", x)
+    monkeypatch.delenv("MPP_KERNELS_OFF")
     monkeypatch.setenv("MPP_KERNELS", "fast")
     with pytest.raises(UsageError, match="auto, triton or torch"):
         gate.kernel_mode()
@@ -72,8 +78,8 @@ def test_vit_on_triton_kernels_equals_vit_on_pytorch(monkeypatch):
         logits = model(images)
         logits.square().sum().backward()
         results[mode] = (logits.detach(), {n: p.grad for n, p in model.named_parameters()})
-        assert gate.decisions() == {"attention": "triton" + (" (interpreter)" if DEVICE == "cpu" else ""),
-                                    "layer_norm": "triton" + (" (interpreter)" if DEVICE == "cpu" else "")} \
+        on = "triton" + (" (interpreter)" if DEVICE == "cpu" else "")
+        assert gate.decisions() == {"attention": on, "layer_norm": on, "add_layer_norm": on} \
             if mode == "triton" else all(v.startswith("torch") for v in gate.decisions().values())
     (ref_logits, ref_grads), (logits, grads) = results["torch"], results["triton"]
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
@@ -118,4 +124,4 @@ def test_compiled_vit_training_step_on_gpu(monkeypatch):
         opt.step()
         opt.zero_grad()
     assert torch.isfinite(loss)
-    assert gate.decisions() == {"attention": "triton", "layer_norm": "triton"}
+    assert gate.decisions() == {"attention": "triton", "layer_norm": "triton", "add_layer_norm": "triton"}

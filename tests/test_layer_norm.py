@@ -18,6 +18,9 @@ pytest.importorskip("triton", reason="triton is not installed: the Triton kernel
 from triton_kernels.layer_norm import (  # noqa: E402
     MAX_WIDTH,
     LayerNorm,
+    add_layer_norm,
+    add_layer_norm_ref,
+    add_layer_norm_supported,
     layer_norm,
     layer_norm_ref,
     layer_norm_supported,
@@ -224,6 +227,10 @@ def test_ops_pass_opcheck():
     y, mean, rstd = torch.ops.mpp_kernels.layer_norm_fwd(x, w, b, 1e-6)
     torch.library.opcheck(torch.ops.mpp_kernels.layer_norm_fwd.default, (x, w, b, 1e-6))
     torch.library.opcheck(torch.ops.mpp_kernels.layer_norm_bwd.default, (dy, x, w, mean, rstd))
+    r = torch.randn_like(x)
+    s, _, mean, rstd = torch.ops.mpp_kernels.add_layer_norm_fwd(x, r, w, b, 1e-6)
+    torch.library.opcheck(torch.ops.mpp_kernels.add_layer_norm_fwd.default, (x, r, w, b, 1e-6))
+    torch.library.opcheck(torch.ops.mpp_kernels.add_layer_norm_bwd.default, (dy, r, s, w, mean, rstd))
 
 
 def _compiled_matches_eager(backend):
@@ -252,3 +259,81 @@ def test_torch_compile_traces_the_autograd_function():
 def test_torch_compile_inductor_matches_eager():
     """Inductor sees through the triton_ops to the Triton kernels and launches them itself."""
     _compiled_matches_eager("inductor")
+
+
+# ---- the fused residual add: (s, y) = (x + r, LayerNorm(x + r)) ----
+
+ADD_NAMES = ("s", "y", "dx", "dr", "dweight", "dbias")
+
+
+def add_forward_backward(fn, x, r, w, b, ds, dy, eps=1e-6):
+    """fn's (s, y) and the gradients of x, r, weight, bias for upstream gradients ds (of s) and dy (of y)."""
+    x, r, w, b = (t.detach().requires_grad_() for t in (x, r, w, b))
+    s, y = fn(x, r, w, b, eps)
+    return (s.detach(), y.detach(), *torch.autograd.grad((s, y), (x, r, w, b), (ds.to(s.dtype), dy.to(y.dtype))))
+
+
+def make_add_inputs(shape, dtype=torch.float32, residual_dtype=None, seed=0):
+    x, w, b, dy = make_inputs(shape, dtype=dtype, param_dtype=torch.float32, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    r = torch.randn(shape, generator=g).to(device, residual_dtype or dtype)
+    ds = torch.randn(shape, generator=g).to(device)
+    return x, r, w, b, ds, dy
+
+
+@pytest.mark.parametrize("width", [37, 192, 384, 1000])
+@pytest.mark.parametrize("rows", [1, 197])
+def test_add_layer_norm_fp32_matches_reference(width, rows):
+    args = make_add_inputs((rows, width), seed=10)
+    got = add_forward_backward(add_layer_norm, *args)
+    want = add_forward_backward(add_layer_norm_ref, *args)
+    for name, g, r in zip(ADD_NAMES, got, want):
+        assert g.dtype == r.dtype, name
+        assert_close_scaled(g, r, 1e-5, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_add_layer_norm_low_precision_and_mixed(dtype):
+    """All in `dtype`, and an fp32 residual stream plus a `dtype` branch (as under autocast): s and y
+    in the promoted dtype, each gradient in its input's dtype, errors as the plain LayerNorm's."""
+    for x_dtype in (dtype, torch.float32):
+        args = make_add_inputs((37, 768), dtype=x_dtype, residual_dtype=dtype, seed=11)
+        got = add_forward_backward(add_layer_norm, *args)
+        ours_torch = add_forward_backward(add_layer_norm_ref, *args)  # the same ops in PyTorch, same dtypes
+        x, r, w, b, ds, dy = args
+        ref = add_forward_backward(add_layer_norm_ref, x.float(), r.float(), w, b, ds, dy)
+        assert [t.dtype for t in got] == [x_dtype, x_dtype, x_dtype, dtype, torch.float32, torch.float32]
+        for name, g, t, rf in zip(ADD_NAMES, got, ours_torch, ref):
+            atol = torch.finfo(dtype).eps * max(1.0, rf.abs().max().item())
+            assert max_err(g, rf) <= 2 * max_err(t, rf) + atol, (
+                f"{name} ({x_dtype} + {dtype}): kernel error {max_err(g, rf):.3g}, torch {max_err(t, rf):.3g}")
+
+
+def test_add_layer_norm_one_output_unused_and_deterministic():
+    """Only y in the loss (s's gradient is zero), only s (y's is zero); two backwards agree bitwise."""
+    x, r, w, b, ds, dy = make_add_inputs((1023, 37), seed=12)
+    x, r, w, b = (t.requires_grad_() for t in (x, r, w, b))
+    s, y = add_layer_norm(x, r, w, b)
+    first = torch.autograd.grad(y, (x, r, w, b), dy, retain_graph=True)
+    second = torch.autograd.grad(y, (x, r, w, b), dy, retain_graph=True)
+    assert all(torch.equal(a, c) for a, c in zip(first, second))
+    want = add_forward_backward(add_layer_norm_ref, x, r, w, b, torch.zeros_like(ds), dy)
+    for name, g, ref in zip(ADD_NAMES[2:], first, want[2:]):
+        assert_close_scaled(g, ref, 1e-5, name)
+    dx, dr = torch.autograd.grad(s, (x, r), ds)
+    assert torch.equal(dx, ds) and torch.equal(dr, ds)  # d(x + r) = ds exactly, nothing from y
+
+
+def test_add_layer_norm_module_and_supported_reasons():
+    torch.manual_seed(13)
+    norm = LayerNorm(48, eps=1e-6).to(device)
+    x, r = torch.randn(2, 5, 48, device=device), torch.randn(2, 5, 48, device=device)
+    s, y = norm.add(x, r)
+    assert torch.equal(s, x + r)
+    assert_close_scaled(y, layer_norm_ref(x + r, norm.weight, norm.bias, 1e-6), 1e-5, "y")
+    w, b = norm.weight, norm.bias
+    assert add_layer_norm_supported(x, r, w, b) is None
+    assert add_layer_norm_supported(x, r.half(), w, b) is None  # promoted to fp32
+    assert "no broadcasting" in add_layer_norm_supported(x, r[:, :1], w, b)
+    assert "float64" in add_layer_norm_supported(x, r.double(), w, b)
+    assert "shape" in add_layer_norm_supported(x, r, w[:4], b)

@@ -1,4 +1,5 @@
-"""Triton fused kernels for the ViT: attention and LayerNorm, forward and backward.
+"""Triton fused kernels for the ViT: attention and LayerNorm (alone, or fused with the residual
+add before it), forward and backward.
 
     from triton_kernels import attention, layer_norm
 
@@ -12,11 +13,25 @@ from triton_kernels.gate import TRITON_MISSING
 if TRITON_MISSING is None:
     # Importing the functions binds the package attributes `attention` / `layer_norm` to them,
     # not to the submodules of the same name.
-    from triton_kernels.attention import FlashAttention, attention, attention_ref, attention_supported
-    from triton_kernels.layer_norm import LayerNorm, layer_norm, layer_norm_ref, layer_norm_supported
+    from triton_kernels.attention import (
+        FlashAttention,
+        attention,
+        attention_ref,
+        attention_supported,
+    )
+    from triton_kernels.layer_norm import (
+        LayerNorm,
+        add_layer_norm,
+        add_layer_norm_ref,
+        add_layer_norm_supported,
+        layer_norm,
+        layer_norm_ref,
+        layer_norm_supported,
+    )
 
-    __all__ = ["FlashAttention", "LayerNorm", "attention", "attention_ref", "attention_supported",
-               "layer_norm", "layer_norm_ref", "layer_norm_supported"]
+    __all__ = ["FlashAttention", "LayerNorm", "add_layer_norm", "add_layer_norm_ref", "add_layer_norm_supported",
+               "attention", "attention_ref", "attention_supported", "layer_norm", "layer_norm_ref",
+               "layer_norm_supported"]
 else:
     __all__ = []
 

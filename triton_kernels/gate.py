@@ -1,6 +1,7 @@
 """The one gate that decides, per call, whether an op runs on our Triton kernel or on PyTorch, and why.
 
-In order: `MPP_KERNELS=torch` (or `--kernels torch`) → PyTorch; Triton not importable → PyTorch;
+In order: `MPP_KERNELS=torch` (or `--kernels torch`) → PyTorch; an op named in `MPP_KERNELS_OFF`
+(e.g. `add_layer_norm`, to measure one kernel's effect) → PyTorch; Triton not importable → PyTorch;
 the tensors' device (CUDA of compute capability ≥ 8.0, or CPU only under `TRITON_INTERPRET=1`,
 Triton's interpreter, which is how CI checks the kernels' numerics); then the op's own
 shape/dtype check. `MPP_KERNELS=auto` (the default) falls back quietly and records the reason;
@@ -18,6 +19,7 @@ from mpp.errors import UsageError
 
 ENV = "MPP_KERNELS"
 MODES = ("auto", "triton", "torch")
+OFF_ENV = "MPP_KERNELS_OFF"  # comma-separated ops kept on PyTorch, e.g. "add_layer_norm": one change's effect
 _decisions: dict[str, str] = {}  # op → the latest decision, for logs ("triton" or "torch: <why>")
 
 
@@ -62,6 +64,9 @@ def use_triton(op: str, tensor: torch.Tensor, unsupported=lambda: None) -> bool:
     mode = kernel_mode()
     if mode == "torch":
         reason = f"{ENV}=torch"
+    elif op in {name.strip() for name in os.environ.get(OFF_ENV, "").split(",")}:
+        _decisions[op] = f"torch: {OFF_ENV} names it"  # asked for by name: not a fallback, so never an error
+        return False
     else:
         reason = TRITON_MISSING or device_problem(tensor) or unsupported()
     _decisions[op] = "triton" + (" (interpreter)" if interpreting() else "") if reason is None else f"torch: {reason}"

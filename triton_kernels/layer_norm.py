@@ -1,13 +1,17 @@
 """Fused LayerNorm over the last dimension (forward + backward), Liger-Kernel style.
 
 Public API: `layer_norm(x, weight, bias, eps)`, the `LayerNorm` module, `layer_norm_ref` (the op's
-definition: statistics in fp32, output in x.dtype) and `layer_norm_supported` (None or a reason).
+definition: statistics in fp32, output in x.dtype) and `layer_norm_supported` (None or a reason);
+and the same for the fused residual add of a pre-norm block, `add_layer_norm(x, r, weight, bias,
+eps)` → (x + r, LayerNorm(x + r)), `LayerNorm.add`, `add_layer_norm_ref`, `add_layer_norm_supported`.
 
 Forward: one program per row; the whole row sits in one block of BLOCK_D = next_power_of_2(D)
 lanes, masked past D. mean and rstd are computed in fp32 and saved ([rows] fp32) for the backward.
 Backward: each program walks a contiguous chunk of rows, writes dx per row and accumulates dweight,
 dbias in fp32 registers; it stores one row of a [num_programs, D] fp32 buffer, which is summed with
 torch afterwards. No atomics: for a given device and shape the result is bitwise reproducible.
+Fused residual: the forward reads x and r and writes s = x + r and y (no separate add kernel, no
+second read of s); the backward adds the residual stream's own gradient to dx in the same pass.
 """
 
 import functools
@@ -20,6 +24,21 @@ from torch import nn
 MAX_WIDTH = 65536  # one row must fit one block; wider rows would need a multi-pass kernel
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRETER_PROGRAMS = 4  # backward programs under TRITON_INTERPRET=1: few, so each gets many rows
+
+
+@triton.jit
+def _normalize_row(x, row, cols, mask, y_row, W, B, Mean, Rstd, n_cols, eps):
+    """LayerNorm of one fp32 row x [BLOCK_D] (zero past D): stores y at y_row, mean and rstd at row."""
+    mean = tl.sum(x, axis=0) / n_cols
+    xc = tl.where(mask, x - mean, 0.0)  # masked lanes must not enter the variance
+    var = tl.sum(xc * xc, axis=0) / n_cols
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    y = xc * rstd * w + b
+    tl.store(y_row + cols, y.to(y_row.dtype.element_ty), mask=mask)
+    tl.store(Mean + row, mean)
+    tl.store(Rstd + row, rstd)
 
 
 @triton.jit
@@ -40,16 +59,36 @@ def _layer_norm_fwd_kernel(
     cols = tl.arange(0, BLOCK_D)
     mask = cols < n_cols
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / n_cols
-    xc = tl.where(mask, x - mean, 0.0)  # masked lanes must not enter the variance
-    var = tl.sum(xc * xc, axis=0) / n_cols
-    rstd = 1.0 / tl.sqrt(var + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    y = xc * rstd * w + b
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(Mean + row, mean)
-    tl.store(Rstd + row, rstd)
+    _normalize_row(x, row, cols, mask, Y + row * stride_y, W, B, Mean, Rstd, n_cols, eps)
+
+
+@triton.jit
+def _add_layer_norm_fwd_kernel(
+    X,  # *[rows, D] input (the residual stream), unit column stride
+    R,  # *[rows, D] what is added to it (a branch's output), unit column stride; may differ in dtype
+    S,  # *[rows, D] output: X + R in S's dtype (their promoted dtype), unit column stride
+    Y,  # *[rows, D] output: LayerNorm(S), S's dtype, unit column stride
+    W,  # *[D] weight (S's dtype or fp32)
+    B,  # *[D] bias (S's dtype or fp32)
+    Mean,  # *[rows] fp32: per-row mean of S, saved for the backward
+    Rstd,  # *[rows] fp32: per-row rstd of S, saved for the backward
+    stride_x,  # elements between consecutive rows of X
+    stride_r,  # elements between consecutive rows of R
+    stride_s,  # elements between consecutive rows of S
+    stride_y,  # elements between consecutive rows of Y
+    n_cols,  # D, the normalized width
+    eps,  # variance epsilon (fp32)
+    BLOCK_D: tl.constexpr,  # next_power_of_2(D): lanes per row, masked past D
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < n_cols
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    # Rounded to S's dtype before the statistics, as `x + r` followed by a LayerNorm would be.
+    s = (x + r).to(S.dtype.element_ty)
+    tl.store(S + row * stride_s + cols, s, mask=mask)
+    _normalize_row(s.to(tl.float32), row, cols, mask, Y + row * stride_y, W, B, Mean, Rstd, n_cols, eps)
 
 
 @triton.jit
@@ -58,6 +97,7 @@ def _layer_norm_bwd_kernel(
     W,  # *[D] weight (x.dtype or fp32)
     DY,  # *[rows, D] upstream gradient, unit column stride
     DX,  # *[rows, D] output: gradient w.r.t. X, x.dtype, unit column stride
+    DRES,  # *[rows, D] gradient reaching X by another path, added to DX (read only when HAS_DRES)
     Mean,  # *[rows] fp32 per-row mean from the forward
     Rstd,  # *[rows] fp32 per-row rstd from the forward
     DW_partial,  # *[num_programs, D] fp32 output: this program's sum of dy * xhat over its rows
@@ -65,11 +105,13 @@ def _layer_norm_bwd_kernel(
     stride_x,  # elements between consecutive rows of X
     stride_dy,  # elements between consecutive rows of DY
     stride_dx,  # elements between consecutive rows of DX
+    stride_dres,  # elements between consecutive rows of DRES
     stride_partial,  # elements between consecutive rows of DW_partial / DB_partial
     n_rows,  # number of rows
     n_cols,  # D, the normalized width
     rows_per_program,  # rows in each program's contiguous chunk (the last one may get fewer)
     BLOCK_D: tl.constexpr,  # next_power_of_2(D): lanes per row, masked past D
+    HAS_DRES: tl.constexpr,  # fused residual: X was x + r, and X's own gradient arrives in DRES
 ):
     pid = tl.program_id(0)
     row_start = pid * rows_per_program
@@ -84,6 +126,7 @@ def _layer_norm_bwd_kernel(
     x_ptr = X + start * stride_x
     dy_ptr = DY + start * stride_dy
     dx_ptr = DX + start * stride_dx
+    dres_ptr = DRES + start * stride_dres
     mean_ptr = Mean + start
     rstd_ptr = Rstd + start
     for _ in range(row_start, row_end):
@@ -96,6 +139,9 @@ def _layer_norm_bwd_kernel(
         c1 = tl.sum(xhat * wdy, axis=0) / n_cols  # mean(w * dy * xhat)
         c2 = tl.sum(wdy, axis=0) / n_cols  # mean(w * dy)
         dx = (wdy - c2 - xhat * c1) * rstd
+        if HAS_DRES:  # one pass instead of a second kernel adding the two gradients
+            dx += tl.load(dres_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            dres_ptr += stride_dres
         tl.store(dx_ptr + cols, dx.to(DX.dtype.element_ty), mask=mask)
         dw_acc += dy * xhat
         db_acc += dy
@@ -163,10 +209,45 @@ def _layer_norm_fwd(
     return y, mean, rstd
 
 
+def _add_layer_norm_fwd(
+    x2d: torch.Tensor, r2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x2d, r2d [rows, D] -> (s = x + r, y = LayerNorm(s), both in the promoted dtype; mean, rstd [rows] fp32)."""
+    x2d, r2d, weight, bias = x2d.contiguous(), r2d.contiguous(), weight.contiguous(), bias.contiguous()
+    rows, d = x2d.shape
+    dtype = torch.promote_types(x2d.dtype, r2d.dtype)
+    s2d = torch.empty_like(x2d, dtype=dtype)
+    y = torch.empty_like(s2d)
+    mean = torch.empty(rows, dtype=torch.float32, device=x2d.device)
+    rstd = torch.empty(rows, dtype=torch.float32, device=x2d.device)
+    if rows == 0:
+        return s2d, y, mean, rstd
+    block_d = triton.next_power_of_2(d)
+    _wrap(_add_layer_norm_fwd_kernel)[(rows,)](
+        x2d, r2d, s2d, y, weight, bias, mean, rstd, x2d.stride(0), r2d.stride(0), s2d.stride(0), y.stride(0),
+        d, eps, BLOCK_D=block_d, num_warps=_num_warps(block_d),
+    )
+    return s2d, y, mean, rstd
+
+
 def _layer_norm_bwd(
     dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dx [rows, D] in x.dtype, dweight [D] fp32, dbias [D] fp32)."""
+    return _bwd_launch(dy2d, x2d, weight, mean, rstd, None)
+
+
+def _add_layer_norm_bwd(
+    dy2d: torch.Tensor, ds2d: torch.Tensor, s2d: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+    rstd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dy2d: gradient of y = LayerNorm(s); ds2d: of s itself (the residual stream) ->
+    (ds total = the gradient of both x and r [rows, D] in s.dtype, dweight [D] fp32, dbias [D] fp32)."""
+    return _bwd_launch(dy2d, s2d, weight, mean, rstd, ds2d.contiguous())
+
+
+def _bwd_launch(dy2d, x2d, weight, mean, rstd, dres2d):
+    """The one backward launcher: LayerNorm's, plus dres2d (or nothing when None) added to dx."""
     dy2d, x2d, weight = dy2d.contiguous(), x2d.contiguous(), weight.contiguous()
     rows, d = x2d.shape
     dx = torch.empty_like(x2d)
@@ -179,36 +260,54 @@ def _layer_norm_bwd(
     programs = triton.cdiv(rows, rows_per_program)  # no program left with an empty chunk
     dw_partial = torch.empty((programs, d), dtype=torch.float32, device=x2d.device)
     db_partial = torch.empty((programs, d), dtype=torch.float32, device=x2d.device)
+    has_dres = dres2d is not None
     _wrap(_layer_norm_bwd_kernel)[(programs,)](
-        x2d, weight, dy2d, dx, mean, rstd, dw_partial, db_partial,
-        x2d.stride(0), dy2d.stride(0), dx.stride(0), dw_partial.stride(0),
+        x2d, weight, dy2d, dx, dres2d if has_dres else dy2d, mean, rstd, dw_partial, db_partial,
+        x2d.stride(0), dy2d.stride(0), dx.stride(0), dres2d.stride(0) if has_dres else 0, dw_partial.stride(0),
         rows, d, rows_per_program,
-        BLOCK_D=block_d, num_warps=num_warps,
+        BLOCK_D=block_d, HAS_DRES=has_dres, num_warps=num_warps,
     )
     return dx, dw_partial.sum(0), db_partial.sum(0)  # fixed-order reduction: deterministic
 
 
-if _HAS_TRITON_OP and not _INTERPRETED:
-    _fwd_op = torch.library.triton_op("mpp_kernels::layer_norm_fwd", _layer_norm_fwd, mutates_args=())
-    _bwd_op = torch.library.triton_op("mpp_kernels::layer_norm_bwd", _layer_norm_bwd, mutates_args=())
-elif _HAS_TRITON_OP:
-    # Interpreter: wrap_triton cannot trace an InterpretedFunction with fake tensors, so the same
-    # launchers become opaque custom ops with fake impls; torch.compile (e.g. backend="aot_eager")
-    # can then still trace the autograd.Function below on CPU.
-    _fwd_op = torch.library.custom_op("mpp_kernels::layer_norm_fwd", _layer_norm_fwd, mutates_args=())
-    _bwd_op = torch.library.custom_op("mpp_kernels::layer_norm_bwd", _layer_norm_bwd, mutates_args=())
+def _as_op(name: str, launcher, fake):
+    """The launcher as the custom op mpp_kernels::<name>. A triton_op (torch >= 2.6) lets
+    torch.compile trace into the kernel. Under the interpreter, wrap_triton cannot trace an
+    InterpretedFunction with fake tensors, so the launcher becomes an opaque custom op with a fake
+    impl: torch.compile (e.g. backend="aot_eager") can then still trace the autograd.Functions on
+    CPU. Older torch: the plain launcher (still differentiable through the autograd.Functions)."""
+    if not _HAS_TRITON_OP:
+        return launcher
+    if not _INTERPRETED:
+        return torch.library.triton_op(f"mpp_kernels::{name}", launcher, mutates_args=())
+    op = torch.library.custom_op(f"mpp_kernels::{name}", launcher, mutates_args=())
+    op.register_fake(fake)
+    return op
 
-    @_fwd_op.register_fake
-    def _(x2d, weight, bias, eps):
-        stats = x2d.new_empty(x2d.shape[0], dtype=torch.float32)
-        return torch.empty_like(x2d), stats, torch.empty_like(stats)
 
-    @_bwd_op.register_fake
-    def _(dy2d, x2d, weight, mean, rstd):
-        dw = x2d.new_empty(x2d.shape[1], dtype=torch.float32)
-        return torch.empty_like(x2d), dw, torch.empty_like(dw)
-else:
-    _fwd_op, _bwd_op = _layer_norm_fwd, _layer_norm_bwd
+def _stats(x2d):
+    return x2d.new_empty(x2d.shape[0], dtype=torch.float32)
+
+
+def _param_grad(x2d):
+    return x2d.new_empty(x2d.shape[1], dtype=torch.float32)
+
+
+_fwd_op = _as_op("layer_norm_fwd", _layer_norm_fwd,
+                 lambda x2d, weight, bias, eps: (torch.empty_like(x2d), _stats(x2d), _stats(x2d)))
+_bwd_op = _as_op("layer_norm_bwd", _layer_norm_bwd,
+                 lambda dy2d, x2d, weight, mean, rstd: (torch.empty_like(x2d), _param_grad(x2d), _param_grad(x2d)))
+
+
+def _add_fwd_fake(x2d, r2d, weight, bias, eps):
+    s2d = torch.empty_like(x2d, dtype=torch.promote_types(x2d.dtype, r2d.dtype))
+    return s2d, torch.empty_like(s2d), _stats(x2d), _stats(x2d)
+
+
+_add_fwd_op = _as_op("add_layer_norm_fwd", _add_layer_norm_fwd, _add_fwd_fake)
+_add_bwd_op = _as_op("add_layer_norm_bwd", _add_layer_norm_bwd,
+                     lambda dy2d, ds2d, s2d, weight, mean, rstd: (
+                         torch.empty_like(s2d), _param_grad(s2d), _param_grad(s2d)))
 
 
 class _LayerNormFunction(torch.autograd.Function):
@@ -236,6 +335,63 @@ class _LayerNormFunction(torch.autograd.Function):
             db.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None,
             None,
         )
+
+
+class _AddLayerNormFunction(torch.autograd.Function):
+    # (s, y) = (x + r, LayerNorm(x + r)): a pre-norm block's residual add and the next LayerNorm
+    # in one pass over the rows, forward and backward. Both outputs are used (s goes on as the
+    # residual stream); one left out of the loss gets a zero gradient (materialized by autograd).
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps):
+        d = x.shape[-1]
+        s2d, y, mean, rstd = _add_fwd_op(x.reshape(-1, d), residual.reshape(-1, d), weight, bias, eps)
+        ctx.save_for_backward(s2d, weight, mean, rstd)
+        ctx.x_shape, ctx.dtypes = x.shape, (x.dtype, residual.dtype, bias.dtype)
+        return s2d.view(x.shape), y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, ds, dy):
+        s2d, weight, mean, rstd = ctx.saved_tensors
+        d = s2d.shape[-1]
+        dtype = s2d.dtype  # the gradients arrive in s's dtype
+        grad, dw, db = _add_bwd_op(dy.reshape(-1, d).to(dtype), ds.reshape(-1, d).to(dtype), s2d, weight, mean, rstd)
+        grad = grad.view(ctx.x_shape)
+        x_dtype, r_dtype, bias_dtype = ctx.dtypes
+        return (
+            grad.to(x_dtype) if ctx.needs_input_grad[0] else None,  # d(x + r)/dx = d(x + r)/dr = 1
+            grad.to(r_dtype) if ctx.needs_input_grad[1] else None,
+            dw.to(weight.dtype) if ctx.needs_input_grad[2] else None,
+            db.to(bias_dtype) if ctx.needs_input_grad[3] else None,
+            None,
+        )
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, y) = (x + residual, LayerNorm(s)) in one kernel; x, residual [..., D] of one shape, s and y
+    in their promoted dtype; differentiable in all four. Inputs must pass `add_layer_norm_supported`."""
+    return _AddLayerNormFunction.apply(x, residual, weight, bias, float(eps))
+
+
+def add_layer_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                       eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused op's definition in plain PyTorch."""
+    s = x + residual
+    return s, layer_norm_ref(s, weight, bias, eps)
+
+
+def add_layer_norm_supported(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                             bias: torch.Tensor) -> str | None:
+    """None when `add_layer_norm` handles these inputs, else a short reason why not."""
+    if residual.shape != x.shape:
+        return f"residual shape {tuple(residual.shape)} is not x's {tuple(x.shape)} (no broadcasting)"
+    if residual.device != x.device:
+        return f"residual is on {residual.device}, x on {x.device}"
+    if residual.dtype not in _DTYPES:
+        return f"residual dtype {str(residual.dtype).removeprefix('torch.')} is not supported: fp32/fp16/bf16"
+    # The LayerNorm runs on s, whose dtype is the promoted one.
+    s_like = x if torch.promote_types(x.dtype, residual.dtype) == x.dtype else residual
+    return layer_norm_supported(s_like, weight, bias)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -289,3 +445,7 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return layer_norm(x, self.weight, self.bias, self.eps)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, this LayerNorm of it), fused."""
+        return add_layer_norm(x, residual, self.weight, self.bias, self.eps)
