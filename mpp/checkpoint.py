@@ -71,7 +71,28 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 3) 
     atomic_write(path, lambda f: torch.save(state, f))
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
+    remove_killed_saves(folder)
     return path
+
+
+def remove_killed_saves(folder: Path) -> None:
+    """Delete the temporary files of saves that a kill cut short (SIGKILL runs no cleanup). They are
+    never read, only take space, a checkpoint's worth each. A file whose writer may still be alive
+    stays."""
+    for tmp in folder.glob(".ckpt-*.pt.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, someone else's
+        return True
+    return True
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -71,7 +71,9 @@ def test_a_tiny_run_writes_every_figure(tmp_path):
     for ops in result["profile"].values():  # the 5 costliest operators of a step, costliest first
         shares = [o["share"] for o in ops]
         assert len(ops) == 5 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1
-        assert any(o["op"] in ("aten::mm", "aten::addmm", "aten::bmm") for o in ops), ops  # a ViT is matmuls
+        # A ViT is matmuls, or (under TRITON_INTERPRET=1, as in CI) our kernels run by the interpreter
+        assert any(o["op"] in ("aten::mm", "aten::addmm", "aten::bmm") or o["op"].startswith("mpp_kernels::")
+                   for o in ops), ops
 
 
 @pytest.mark.slow

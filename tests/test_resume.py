@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers.runs import ENV, FAST, REPO, final_weights, read_metrics, run_script
 
-from mpp.checkpoint import list_checkpoints, load_checkpoint
+from mpp.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from mpp.objective import MPPObjective
 from mpp.train import main
 
@@ -141,6 +141,20 @@ def test_non_finite_loss_names_the_step_and_keeps_the_good_checkpoints(tmp_path,
     monkeypatch.setattr(MPPObjective, "forward", forward)
     main("mpp", [*argv, "--resume"])  # the fix applied, the run goes on from the last good step
     assert load_checkpoint(list_checkpoints(run)[-1])["step"] == 20
+
+
+def test_a_save_removes_what_killed_saves_left_behind(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    killed = folder / f".ckpt-00000007.pt.tmp-{int(gone.stdout)}"  # its writer has exited
+    live = folder / f".ckpt-00000007.pt.tmp-{os.getppid()}"  # its writer may still be writing
+    for tmp in (killed, live):
+        tmp.write_bytes(b"half a checkpoint")
+    save_checkpoint(tmp_path, 8, {"step": 8})
+    assert not killed.exists() and live.exists()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000008.pt"]
 
 
 def test_a_refused_start_changes_nothing_on_disk(tmp_path, capsys):
