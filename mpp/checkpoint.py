@@ -33,10 +33,13 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CKPT_RE.search(p.name).group(1)))
 
 
+TMP_MARK = ".tmp-"  # atomic_write's temporary files: .<name>.tmp-<pid of the writer>
+
+
 def atomic_write(path: Path, write) -> None:
     """Write via a temporary file in the same folder, fsync, then rename: a reader (or a resumed run)
     sees the old file or the whole new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -71,16 +74,16 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 3) 
     atomic_write(path, lambda f: torch.save(state, f))
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
-    remove_killed_saves(folder)
+    remove_killed_writes(folder)
     return path
 
 
-def remove_killed_saves(folder: Path) -> None:
-    """Delete the temporary files of saves that a kill cut short (SIGKILL runs no cleanup). They are
-    never read, only take space, a checkpoint's worth each. A file whose writer may still be alive
-    stays."""
-    for tmp in folder.glob(".ckpt-*.pt.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
+def remove_killed_writes(folder: Path) -> None:
+    """Delete the temporary files of `atomic_write`s that a kill cut short (SIGKILL runs no cleanup).
+    They are never read, only take space, a checkpoint's worth each. A file whose writer may still
+    be alive stays."""
+    for tmp in folder.glob(f".*{TMP_MARK}*"):
+        pid = tmp.name.rsplit(TMP_MARK, 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             tmp.unlink(missing_ok=True)
 

@@ -190,15 +190,23 @@ def _bwd_num_programs(rows: int, device: torch.device, num_warps: int) -> int:
     return min(rows, target)
 
 
+def _stats(x2d):
+    """An empty [rows] fp32 buffer: per-row mean or rstd."""
+    return x2d.new_empty(x2d.shape[0], dtype=torch.float32)
+
+
+def _param_grad(x2d):
+    """An empty [D] fp32 buffer: dweight or dbias."""
+    return x2d.new_empty(x2d.shape[1], dtype=torch.float32)
+
+
 def _layer_norm_fwd(
     x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x2d [rows, D] -> (y [rows, D] in x.dtype, mean [rows] fp32, rstd [rows] fp32)."""
     x2d, weight, bias = x2d.contiguous(), weight.contiguous(), bias.contiguous()
     rows, d = x2d.shape
-    y = torch.empty_like(x2d)
-    mean = torch.empty(rows, dtype=torch.float32, device=x2d.device)
-    rstd = torch.empty(rows, dtype=torch.float32, device=x2d.device)
+    y, mean, rstd = torch.empty_like(x2d), _stats(x2d), _stats(x2d)
     if rows == 0:
         return y, mean, rstd
     block_d = triton.next_power_of_2(d)
@@ -217,9 +225,7 @@ def _add_layer_norm_fwd(
     rows, d = x2d.shape
     dtype = torch.promote_types(x2d.dtype, r2d.dtype)
     s2d = torch.empty_like(x2d, dtype=dtype)
-    y = torch.empty_like(s2d)
-    mean = torch.empty(rows, dtype=torch.float32, device=x2d.device)
-    rstd = torch.empty(rows, dtype=torch.float32, device=x2d.device)
+    y, mean, rstd = torch.empty_like(s2d), _stats(x2d), _stats(x2d)
     if rows == 0:
         return s2d, y, mean, rstd
     block_d = triton.next_power_of_2(d)
@@ -283,14 +289,6 @@ def _as_op(name: str, launcher, fake):
     op = torch.library.custom_op(f"mpp_kernels::{name}", launcher, mutates_args=())
     op.register_fake(fake)
     return op
-
-
-def _stats(x2d):
-    return x2d.new_empty(x2d.shape[0], dtype=torch.float32)
-
-
-def _param_grad(x2d):
-    return x2d.new_empty(x2d.shape[1], dtype=torch.float32)
 
 
 _fwd_op = _as_op("layer_norm_fwd", _layer_norm_fwd,
