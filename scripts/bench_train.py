@@ -7,8 +7,10 @@
 One training step is what `mpp/train.py` does per batch: forward, backward, gradient clipping and
 an AdamW step, here on a fixed batch of random images so that only the model is timed. The four
 cases (ours and timm, each MPP and supervised) take turns, one round after another in one process,
-every other round in reverse order, and every ratio is the median of per-round ratios: on a
-shared, noisy machine a slow spell hits both sides of a ratio alike. timm's model is wrapped only
+every other round in reverse order. Every ratio is the median over pairs of rounds (one in each
+order) of the pair's total time of one side over the other's, with a distribution-free 95%
+interval for that median: within a pair both sides sit at the same mean time, so a slow spell or a
+steady drift of a shared, noisy machine hits both alike. timm's model is wrapped only
 to expose its patch embedding and its blocks to the same MPP objective; both sides run the same
 objective, optimizer and clipping.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import re
@@ -95,6 +98,7 @@ class Case:
         autocast = dtype != torch.float32
         self.autocast = (lambda: torch.autocast(images.device.type, dtype=dtype)) if autocast else nullcontext
         self.step_ms: list[float] = []
+        self.faults: list[int] = []  # minor page faults in each round's timed steps
 
     @property
     def name(self) -> str:
@@ -121,15 +125,53 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def minor_faults() -> int:
+    """Pages this process has faulted in so far (0 where getrusage is missing): a step that grows the
+    heap pays for every fresh page, which shows up as a slow step of whichever case it happens in."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def time_steps(case: Case, steps: int) -> float:
-    """Milliseconds per step over `steps` back-to-back steps."""
+    """Milliseconds per step over `steps` back-to-back steps; their page faults go to `case.faults`."""
     device = case.images.device
     sync(device)
+    faults = minor_faults()
     started = time.perf_counter()
     for _ in range(steps):
         case.step()
     sync(device)
-    return (time.perf_counter() - started) * 1e3 / steps
+    elapsed = time.perf_counter() - started
+    case.faults.append(minor_faults() - faults)
+    return elapsed * 1e3 / steps
+
+
+def paired_ratios(slow: list[float], fast: list[float]) -> list[float]:
+    """Per pair of rounds (r, r + 1), sum of `slow` / sum of `fast`: the rounds run in mirrored orders,
+    so both sides of a pair sit at the same mean time and a drift linear in time cancels. A last odd
+    round is left out; a single round gives its own ratio."""
+    if len(slow) < 2:
+        return [s / f for s, f in zip(slow, fast)]
+    return [(slow[r] + slow[r + 1]) / (fast[r] + fast[r + 1]) for r in range(0, len(slow) - 1, 2)]
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """(low, high, coverage): order statistics k + 1 and m − k of the m sorted values, with k the
+    largest such that P(Binomial(m, ½) ≤ k) ≤ (1 − confidence) / 2. Whatever the distribution, the
+    interval holds the true median with probability `coverage` ≥ confidence; with too few values for
+    that (m ≤ 5 at 95%) it is (min, max) and `coverage` says how much less it is."""
+    v, m = sorted(values), len(values)
+
+    def below(k: int) -> float:  # P(Binomial(m, ½) ≤ k): the chance that the k + 1-th smallest is above the median
+        return sum(math.comb(m, j) for j in range(k + 1)) / 2**m
+
+    k = 0
+    while k + 1 <= (m - 1) // 2 and below(k + 1) <= (1 - confidence) / 2:
+        k += 1
+    return v[k], v[m - 1 - k], 1 - 2 * below(k)
 
 
 def step_peak_bytes(case: Case) -> int:
@@ -283,11 +325,16 @@ def markdown(result: dict) -> str:
     for c in result["cases"]:
         rows.append(f"| {result['device']} | {setup} | {c['impl']} {c['objective']} | {c['images_per_s']:.1f} | "
                     f"{c['step_ms']:.1f} | {c['peak_mb']:.0f} | {c['gflops_per_image']:.2f} | {100 * c['mfu']:.1f}% |")
-    r = result["ratios"]
-    rows.append(f"| | | ours/timm: MPP {r['ours/timm mpp']:.3f}×, supervised {r['ours/timm supervised']:.3f}×; "
-                f"MPP/supervised step (ours) {r['mpp/supervised step ours']:.3f}× | | | | | |")
+    r, ci = result["ratios"], result["ratio_intervals"]
+
+    def ratio(key: str) -> str:  # the median and its 95% interval
+        return f"{r[key]:.3f}× [{ci[key]['low']:.3f}, {ci[key]['high']:.3f}]"
+
+    rows.append(f"| | | **ours/timm** MPP {ratio('ours/timm mpp')}, supervised {ratio('ours/timm supervised')}; "
+                f"**MPP/supervised** step (ours) {ratio('mpp/supervised step ours')}, FLOPs "
+                f"{result['flop_ratios']['mpp/supervised step ours']:.3f}× | | | | | |")
     if result.get("loader"):
-        rows.append(f"| | | loader {result['loader']['images_per_s']:.0f} images/s = "
+        rows.append(f"| | | **loader** {result['loader']['images_per_s']:.0f} images/s = "
                     f"{result['loader_headroom']:.1f}× the fastest case | | | | | |")
     return "\n".join(rows)
 
@@ -300,7 +347,7 @@ def main() -> None:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast, as --mixed-precision bf16")
     p.add_argument("--compile", action="store_true", help="torch.compile each model")
     p.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto", help="ours: attention/LayerNorm path")
-    p.add_argument("--rounds", type=int, default=7, help="rounds of timing; each times every case in turn")
+    p.add_argument("--rounds", type=int, default=8, help="rounds of timing, each timing every case in turn; ratios pair them up, so even")
     p.add_argument("--steps", type=int, default=3, help="steps per case per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per case first (compilation happens here)")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
@@ -347,33 +394,37 @@ def main() -> None:
 
     ceiling = max(ceiling, matmul_ceiling(device, dtype))  # before and after the rounds
     by_name = {c.name: c for c in cases}
-    rows = []
+    rows, flops = [], {}
     for case in cases:
         step_ms = median(case.step_ms)
-        flops = flops_per_image(case)
+        flops[case.name] = flops_per_image(case)
         images_per_s = args.batch_size / (step_ms * 1e-3)
         rows.append({"impl": case.impl, "objective": case.objective, "step_ms": step_ms, "step_ms_rounds": case.step_ms,
+                     "minor_faults_rounds": case.faults,
                      "images_per_s": images_per_s, "peak_mb": step_peak_bytes(case) / 2**20,
                      "resident_mb": case.resident_bytes() / 2**20,
-                     "gflops_per_image": flops / 1e9, "mfu": flops * images_per_s / ceiling})
+                     "gflops_per_image": flops[case.name] / 1e9, "mfu": flops[case.name] * images_per_s / ceiling})
 
-    def ratio(slow: str, fast: str) -> float | None:
-        """Median over rounds of step time `slow` / `fast`: how many times faster `fast` is."""
-        if slow not in by_name or fast not in by_name:
-            return None
-        return median(s / f for s, f in zip(by_name[slow].step_ms, by_name[fast].step_ms))
-
-    ratios = {
-        "ours/timm mpp": ratio("timm mpp", "ours mpp"),  # > 1: ours trains more images/s
-        "ours/timm supervised": ratio("timm supervised", "ours supervised"),
-        "mpp/supervised step ours": ratio("ours mpp", "ours supervised"),  # MPP step cost, supervised = 1
-        "mpp/supervised step timm": ratio("timm mpp", "timm supervised"),
+    compared = {
+        "ours/timm mpp": ("timm mpp", "ours mpp"),  # step time slow / fast, > 1: ours trains more images/s
+        "ours/timm supervised": ("timm supervised", "ours supervised"),
+        "mpp/supervised step ours": ("ours mpp", "ours supervised"),  # MPP step cost, supervised = 1
+        "mpp/supervised step timm": ("timm mpp", "timm supervised"),
     }
+    compared = {k: (by_name[a], by_name[b]) for k, (a, b) in compared.items() if a in by_name and b in by_name}
+    pairs = {k: paired_ratios(a.step_ms, b.step_ms) for k, (a, b) in compared.items()}
+    ratios = {k: median(v) for k, v in pairs.items()}
+    intervals = {k: median_interval(v) for k, v in pairs.items()}
     result = {
         "device": device_name(device), "versions": versions(), "args": vars(args), "image_size": S,
         "commit": git_commit(REPO),
         "kernels": decisions(), "malloc_reuses_freed_memory": reused, f"matmul_ceiling_{args.dtype}_TFLOPs": ceiling / 1e12,
         "cases": rows, "ratios": ratios,
+        "ratio_intervals": {k: {"low": lo, "high": hi, "coverage": cov} for k, (lo, hi, cov) in intervals.items()},
+        "ratios_per_pair": pairs,
+        # The earlier estimator, kept for comparison with results before the pairs: median of per-round ratios.
+        "ratios_median_per_round": {k: median(x / y for x, y in zip(a.step_ms, b.step_ms)) for k, (a, b) in compared.items()},
+        "flop_ratios": {k: flops[a.name] / flops[b.name] for k, (a, b) in compared.items()},
     }
     if args.profile:  # after the timing, so that the profiler's overhead touches none of it
         result["profile"] = {case.name: profile_step(case, args.profile) for case in cases}
@@ -394,13 +445,14 @@ def main() -> None:
     for r in rows:
         print(f"{r['impl'] + ' ' + r['objective']:<16}{r['images_per_s']:>10.1f}{r['step_ms']:>10.1f}"
               f"{r['peak_mb']:>10.0f}{r['gflops_per_image']:>11.3f}{100 * r['mfu']:>7.1f}%")
-    print("ratios (median over rounds): " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items() if v is not None))
+    print("ratios (median over pairs of rounds, 95% interval): " + ", ".join(
+        f"{k} {v:.3f} [{intervals[k][0]:.3f}, {intervals[k][1]:.3f}]" for k, v in ratios.items()))
     if "loader" in result:
         print(f"loader: {result['loader']['images_per_s']:.0f} images/s with {args.num_workers} workers = "
               f"{result['loader_headroom']:.1f}× the fastest case")
     for name, ops in result.get("profile", {}).items():
         print(f"profile, {name}: " + ", ".join(f"{o['op']} {100 * o['share']:.1f}%" for o in ops))
-    print(f"README rows:\n{markdown(result) if None not in ratios.values() else '(needs both impls)'}")
+    print(f"README rows:\n{markdown(result) if len(ratios) == 4 else '(needs both impls)'}")
     print(f"wrote {out}")
 
 

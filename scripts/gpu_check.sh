@@ -29,7 +29,7 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log, and carry 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee -a "$log"
 python -c "import torch, triton, timm; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__)" 2>&1 | tee -a "$log"
 
-bench=(python scripts/bench_train.py --dtype bf16 --compile --rounds 5 --steps 10 --warmup 3 --profile 15)
+bench=(python scripts/bench_train.py --dtype bf16 --compile --rounds 6 --steps 8 --warmup 3 --profile 15)
 for what in "${@:-tests kernels s16 b16 s16-unfused}"; do
     for one in $what; do
         case "$one" in

@@ -64,7 +64,13 @@ def test_a_tiny_run_writes_every_figure(tmp_path):
         assert len(c["step_ms_rounds"]) == 2 and c["step_ms"] > 0 and c["images_per_s"] > 0
         assert c["gflops_per_image"] > 0 and 0 < c["mfu"] < 1
         assert c["peak_mb"] > c["resident_mb"] > 0  # a step allocates activations and gradients
-    assert all(v > 0 for v in result["ratios"].values())
+    assert set(result["ratios"]) == set(result["ratio_intervals"]) == set(result["flop_ratios"]) == {
+        "ours/timm mpp", "ours/timm supervised", "mpp/supervised step ours", "mpp/supervised step timm"}
+    for key, ratio in result["ratios"].items():  # 2 rounds: one pair, so its ratio is the median
+        (pair,) = result["ratios_per_pair"][key]
+        assert ratio == pair > 0 and result["ratio_intervals"][key]["low"] == ratio == result["ratio_intervals"][key]["high"]
+    assert result["flop_ratios"]["mpp/supervised step ours"] > 1  # the 512-way head and half the patches in the last block
+    assert all(len(c["minor_faults_rounds"]) == 2 for c in result["cases"])
     assert result["loader"]["images"] == 16 and result["loader"]["images_per_s"] > 0
     assert "| ours mpp |" in proc.stdout and "wrote" in proc.stdout
     assert set(result["profile"]) == {"ours mpp", "ours supervised", "timm mpp", "timm supervised"}
@@ -74,6 +80,28 @@ def test_a_tiny_run_writes_every_figure(tmp_path):
         # A ViT is matmuls, or (under TRITON_INTERPRET=1, as in CI) our kernels run by the interpreter
         assert any(o["op"] in ("aten::mm", "aten::addmm", "aten::bmm") or o["op"].startswith("mpp_kernels::")
                    for o in ops), ops
+
+
+def test_paired_ratios_cancel_a_steady_drift():
+    # Two cases in mirrored order over 4 rounds (A B, B A, A B, B A), A truly 1.05× B, the machine slowing
+    # by 3% a slot: per-round ratios swing with the order, the pairs' ratios do not.
+    slot = iter(range(8))
+    a, b = [], []
+    for r in range(4):
+        for side in ("ab" if r % 2 == 0 else "ba"):
+            t = 1.03 ** next(slot)
+            (a if side == "a" else b).append(1.05 * t if side == "a" else t)
+    per_round = [x / y for x, y in zip(a, b)]
+    assert max(per_round) > 1.08 and min(per_round) < 1.02
+    assert bench_train.paired_ratios(a, b) == pytest.approx([1.05, 1.05], rel=1e-3)
+    assert bench_train.paired_ratios(a[:3], b[:3]) == pytest.approx([1.05], rel=1e-3)  # a last odd round is left out
+
+
+def test_median_interval_is_the_binomial_order_statistics():
+    low, high, coverage = bench_train.median_interval([float(v) for v in range(20, 0, -1)])
+    assert (low, high) == (6.0, 15.0) and coverage == pytest.approx(0.9586, abs=1e-4)  # tables: ranks 6 and 15 of 20
+    assert bench_train.median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0, 0.75)  # too few for 95%: min, max and their coverage
+    assert bench_train.median_interval([2.0])[2] == 0.0
 
 
 @pytest.mark.slow
