@@ -18,8 +18,9 @@ Reported per case: step time, images/s, peak memory of a step (parameters, optim
 everything the step allocates), model FLOPs per image (counted by PyTorch's FLOP counter over a
 forward and backward) and MFU against a matmul of the same dtype measured in this run; with
 `--profile TOP`, each case's TOP operators by self time in one profiled step. The data
-pipeline is timed alone: images/s delivered by the training DataLoader with the real augmentation,
-to show that it outruns the model. Writes benchmarks/results/train-<device>-<model>-<size>px-<dtype>.json.
+pipeline is timed alone, before the models (as training starts its loader workers before its first
+step): images/s delivered by the training DataLoader with the real augmentation, to show that it
+outruns the model. Writes benchmarks/results/train-<device>-<model>-<size>px-<dtype>.json.
 """
 from __future__ import annotations
 
@@ -377,6 +378,13 @@ def main() -> None:
     images = torch.rand(args.batch_size, 3, S, S, device=device)  # float32 [B, 3, S, S] in [0, 1], as the loader's
     labels = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)  # int64 [B]
 
+    # The loader first, as training starts its workers before its first step. Workers forked later,
+    # from a process whose heap the steps have grown, spend their first batches faulting in copies
+    # of the pages they inherited: timed after the four cases, CIFAR-10 delivered 349 images/s
+    # over 20 batches instead of 1,300-1,750.
+    loader = loader_rate(args.dataset, S, args.batch_size, args.num_workers, args.loader_batches) \
+        if args.loader_batches > 0 else None
+
     ceiling = matmul_ceiling(device, dtype)
     cases = [Case(i, o, config, images, labels, dtype, args.compile) for i in args.impls for o in OBJECTIVES]
     # Timing order: ours MPP, ours supervised, timm supervised, timm MPP. Three of the four compared
@@ -428,9 +436,9 @@ def main() -> None:
     }
     if args.profile:  # after the timing, so that the profiler's overhead touches none of it
         result["profile"] = {case.name: profile_step(case, args.profile) for case in cases}
-    if args.loader_batches > 0:
-        result["loader"] = loader_rate(args.dataset, S, args.batch_size, args.num_workers, args.loader_batches)
-        result["loader_headroom"] = result["loader"]["images_per_s"] / max(r["images_per_s"] for r in rows)
+    if loader:
+        result["loader"] = loader
+        result["loader_headroom"] = loader["images_per_s"] / max(r["images_per_s"] for r in rows)
 
     name = f"train-{slug(device_name(device).split(' (')[0])}-{slug(args.model)}-{S}px-{args.dtype}"
     name += "-compile" if args.compile else ""
