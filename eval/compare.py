@@ -42,7 +42,6 @@ import argparse
 import json
 import math
 import os
-import pickle
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -52,6 +51,7 @@ import numpy as np
 
 from eval.fewshot import dataset_name
 from mpp import checkpoint as ckpt_io
+from mpp.config import Parser
 from mpp.errors import UsageError, cli_main
 
 DASH = "–"
@@ -484,16 +484,6 @@ def mosaic(sim: np.ndarray, gap: int = 1) -> np.ndarray:
     return out
 
 
-def load_state(path: Path) -> dict:
-    """A checkpoint, memory-mapped so only the tensors read (pos_embed) come off the disk."""
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError:  # our checkpoints hold numpy RNG states, which weights_only refuses
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-
-
 def patch_grid(config: dict | None, num_embeddings: int) -> tuple[int, int]:
     vit = (config or {}).get("vit") or {}
     if vit.get("image_size") and vit.get("patch_size"):
@@ -506,29 +496,31 @@ def patch_grid(config: dict | None, num_embeddings: int) -> tuple[int, int]:
 
 
 def checkpoint_pos_embed(run_dir: Path, notes: list[str], name: str) -> dict | None:
-    """{"similarity" [h, w, h, w], "checkpoint", "step"} from the newest readable checkpoint, or None."""
-    for path in reversed(ckpt_io.list_checkpoints(run_dir)):
-        try:
-            state = load_state(path)
-        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # a torn or foreign file:
-            # say so and try the previous checkpoint, as mpp.checkpoint.load_latest does
-            notes.append(f"{name}: skipped unreadable checkpoint {path.name} ({type(e).__name__})")
-            continue
-        weights = state.get("model", state) if isinstance(state, dict) else {}
-        pos = weights.get("pos_embed") if isinstance(weights, dict) else None
-        if pos is None:
-            notes.append(f"{name}: {path.name} holds no model.pos_embed")
-            return None
-        config = state.get("config") or (read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else None)
-        grid = patch_grid(config, pos.reshape(-1, pos.shape[-1]).shape[0])
-        try:
-            similarity = pos_embed_similarity(pos, grid)
-        except ValueError as e:
-            notes.append(f"{name}: {path.name}: {e}")
-            return None
-        step = state.get("step")
-        return {"similarity": similarity, "checkpoint": str(path), "step": step if isinstance(step, int) else None}
-    return None
+    """{"similarity" [h, w, h, w], "checkpoint", "step"} from the newest usable checkpoint, or None.
+    Read by mpp.checkpoint's one loader (weights-only: a checkpoint never runs code), memory-mapped so
+    only pos_embed comes off the disk. A torn or unsafe newer one is noted and passed over; a run with
+    no usable checkpoint left but an unsafe one is refused, as by every other entry point."""
+    def skipped(path: Path, e: ckpt_io.BadCheckpoint) -> None:
+        notes.append(f"{name}: skipped {e.kind} checkpoint {path.name} ({e.reason})")
+
+    found = ckpt_io.load_latest(run_dir, mmap=True, skipped=skipped)
+    if found is None:
+        return None
+    state, path = found
+    weights = state.get("model", state)
+    pos = weights.get("pos_embed") if isinstance(weights, dict) else None
+    if pos is None:
+        notes.append(f"{name}: {path.name} holds no model.pos_embed")
+        return None
+    config = state.get("config") or (read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else None)
+    grid = patch_grid(config, pos.reshape(-1, pos.shape[-1]).shape[0])
+    try:
+        similarity = pos_embed_similarity(pos, grid)
+    except ValueError as e:
+        notes.append(f"{name}: {path.name}: {e}")
+        return None
+    step = state.get("step")
+    return {"similarity": similarity, "checkpoint": str(path), "step": step if isinstance(step, int) else None}
 
 
 # ---------------------------------------------------------------- plots
@@ -694,6 +686,8 @@ def compare(run_dirs: list[str | Path], output_dir: str | Path | None = None, na
         runs.append(row)
         randoms += [(name, *r) for r in found]
     baselines = baseline_rows(randoms, notes)
+    # Read before anything is drawn: a run refused for an unsafe checkpoint leaves no half-written plots.
+    pos_embeds = [checkpoint_pos_embed(Path(run.path), notes, run.name) for run in runs]
     tables = build_tables(runs, baselines)
     colors = run_colors(runs + baselines)
 
@@ -711,8 +705,7 @@ def compare(run_dirs: list[str | Path], output_dir: str | Path | None = None, na
         plots["curves"] = {"file": "curves.png", "panels": panels, "sources": sources}
     else:
         notes.append("no training curves: no run has TensorBoard events or metrics.jsonl with train/loss or eval/*")
-    for run in runs:
-        found = checkpoint_pos_embed(Path(run.path), notes, run.name)
+    for run, found in zip(runs, pos_embeds):
         if found:
             file = f"pos_embed-{safe_name(run.name)}.png"
             plot_pos_embed(run.name, found, output / file)
@@ -734,14 +727,18 @@ def compare(run_dirs: list[str | Path], output_dir: str | Path | None = None, na
     return report
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> Parser:
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories to compare")
     p.add_argument("--output", metavar="DIR", help="where the table, plots and TensorBoard text go "
                    "(default: <the runs' common parent>/compare)")
     p.add_argument("--names", nargs="+", metavar="NAME", help="display names, one per RUN_DIR in order "
                    "(default: the directory names); put it after the run directories")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 @cli_main

@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from mpp.checkpoint import CKPT_RE, load_run, write_json
+from mpp.checkpoint import CKPT_RE, load_checkpoint, load_run, write_json
+from mpp.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, SEED, Parser, Range, device_flag, number_flag
 from mpp.data import DEFAULT_DATASET, build_dataset, normalize
 from mpp.errors import UsageError, cli_main
 from mpp.model import ViT, ViTConfig, vit_config
@@ -210,9 +211,9 @@ def dataset_name(spec: str) -> str:
 def checkpoint_step(path: Path) -> int:
     if match := CKPT_RE.search(Path(path).name):  # ckpt-<step>.pt: no second load needed
         return int(match.group(1))
-    try:  # mmap: reads the small "step" entry without pulling the tensors into memory
-        return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("step", 0))
-    except Exception:
+    try:  # weights-only like every load; mmap: reads the small "step" entry, not the tensors
+        return int(load_checkpoint(path, mmap=True).get("step", 0))
+    except (UsageError, TypeError, ValueError):  # unreadable, or a step that is no number
         return 0
 
 
@@ -249,46 +250,45 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", metavar="RUN_DIR", help="run directory or checkpoint file (default: runs/mpp)")
     p.add_argument("--random-init", action="store_true", help="evaluate an untrained ViT of the run's architecture")
     p.add_argument("--model", metavar="PRESET", help="with --random-init and no --run: an untrained preset (Micro/4)")
-    p.add_argument("--seed", type=int, help="initialisation seed of --random-init (default: the run's seed, or 0)")
+    number_flag(p, "--seed", int, SEED, help="initialisation seed of --random-init (default: the run's seed, or 0)")
     p.add_argument("--dataset", metavar="SPEC", help="dataset spec (default: the run's training dataset)")
-    p.add_argument("--image-size", type=int, metavar="S", help="input pixels (default: the run's or the preset's)")
+    number_flag(p, "--image-size", int, AT_LEAST_1, metavar="S", help="input pixels (default: the run's or the preset's)")
 
 
 def add_runtime_flags(p: argparse.ArgumentParser) -> None:
     """The flags that say how features are computed (shared with eval/linear_probe.py)."""
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (256)")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (0)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda if there is one")
+    number_flag(p, "--batch-size", int, AT_LEAST_1, default=256, help="images per forward pass (256)")
+    number_flag(p, "--num-workers", int, Range(0, 256), default=0, help="DataLoader worker processes (0)")
+    p.add_argument("--device", type=device_flag, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda if there is one)")
     p.add_argument("--kernels", default="", help="attention/LayerNorm: auto | triton | torch ($MPP_KERNELS or auto)")
     p.add_argument("--features", default="token", choices=FEATURES, help="token: the class token's pre-logits (the "
                    "paper's); avg: the mean patch token (default files get an -avg suffix)")
 
 
-def check_flags(args: argparse.Namespace, checks: list[tuple[str, object, bool, str]]) -> None:
-    """One UsageError for the first failed (flag, value, ok, fix) check, then the shared flags' checks."""
-    checks = checks + [("--batch-size", args.batch_size, args.batch_size >= 1, "pass 1 or more")]
-    for flag, value, ok, fix in checks:
-        if not ok:
-            raise UsageError(f"{flag} {value} is out of range: {fix}")
+def check_flags(args: argparse.Namespace) -> None:
+    """The checks that span flags (each flag's own range is checked as it is parsed)."""
     if args.model and not args.output:
         raise UsageError("--model has no run directory to write to: pass --output PATH for the results JSON")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> Parser:
+    p = Parser(description=__doc__.split("\n\n")[0])
     add_model_flags(p)
-    p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25], help="examples per class (1 5 10 25)")
-    p.add_argument("--seeds", type=int, default=3, help="few-shot draws per shot count, seeds 0..N-1 (3)")
-    p.add_argument("--l2", type=float, nargs="+", default=[2.0**10], help="ridge penalties, the first is the headline "
-                   "(1024); the others are only reported: choosing by test accuracy would leak the test set")
-    p.add_argument("--max-test", type=int, default=0, metavar="N", help="test on a fixed random N images; 0 = all (0)")
+    number_flag(p, "--shots", int, AT_LEAST_1, nargs="+", default=[1, 5, 10, 25], help="examples per class (1 5 10 25)")
+    number_flag(p, "--seeds", int, Range(1, 1000), default=3, help="few-shot draws per shot count, seeds 0..N-1 (3)")
+    number_flag(p, "--l2", float, POSITIVE, nargs="+", default=[2.0**10], help="ridge penalties, the first is the "
+                "headline (1024); the others are only reported: choosing by test accuracy would leak the test set")
+    number_flag(p, "--max-test", int, NON_NEGATIVE, default=0, metavar="N",
+                help="test on a fixed random N images; 0 = all (0)")
     add_runtime_flags(p)
     p.add_argument("--output", metavar="PATH", help="results JSON (default: RUN_DIR/fewshot[-random-init].json)")
-    args = p.parse_args(argv)
-    check_flags(args, [("--shots", args.shots, min(args.shots) >= 1, "pass 1 or more examples per class"),
-                       ("--seeds", args.seeds, args.seeds >= 1, "pass 1 or more seeds"),
-                       ("--l2", args.l2, min(args.l2) > 0, "pass positive penalties, e.g. --l2 1024"),
-                       ("--max-test", args.max_test, args.max_test >= 0, "pass 0 (all test images) or a positive cap")])
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    check_flags(args)
     return args
 
 

@@ -11,18 +11,23 @@ embeddings in 2-D.
     accelerate launch eval/finetune.py --model Micro/4 --output-dir runs/scratch   # from scratch
 
 Each training (a grid point or a seed) is recorded in OUTPUT_DIR/finetune.json as it finishes, so
-`--resume` after an interruption retrains only what was not finished. OUTPUT_DIR also holds
-config.json, TensorBoard events (one sub-folder per training) and the seed-0 fine-tuned weights
+`--resume` after an interruption retrains only what was not finished. It also records the starting
+point (the checkpoint's path, step and sha256, or scratch): a `--resume` whose --run now gives another
+checkpoint (the pretraining saved a newer one) is refused rather than mixing the two. OUTPUT_DIR also
+holds config.json, TensorBoard events (one sub-folder per training) and the seed-0 fine-tuned weights
 as a checkpoint that eval/fewshot.py and eval/linear_probe.py read like any run.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import sys
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,8 +36,12 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from mpp import checkpoint as ckpt_io
+from mpp.config import (AT_LEAST_1, NON_NEGATIVE, OPEN_FRACTION, POSITIVE, SEED, Parser, Range,
+                        check_ranges)
 from mpp.data import DEFAULT_DATASET, build_dataset, normalize
 from mpp.errors import UsageError, cli_main
+from mpp.runlock import RunLock
+from mpp.stopping import end_workers_at_exit
 from mpp.model import ViT, vit_config
 from mpp.train import lr_factor, make_accelerator
 from triton_kernels.gate import set_kernel_mode
@@ -75,31 +84,32 @@ class FinetuneConfig:
     resume: bool = False  # keep the trainings already recorded in OUTPUT_DIR/finetune.json, run the rest
     log_every: int = 25  # steps between logged training metrics
 
+    # What each numeric field accepts (checked at parse time and by validate(); mpp.config.Range).
+    RANGES: ClassVar[dict[str, Range]] = {
+        "image_size": NON_NEGATIVE, "train_fraction": Range(0, 1, low_open=True), "train_per_class": NON_NEGATIVE,
+        "subset_seed": SEED, "dev_fraction": Range(0, 1, low_open=True, high_open=True), "lrs": POSITIVE,
+        "seeds": Range(1, 1000), "batch_size": AT_LEAST_1, "steps": AT_LEAST_1, "epochs": NON_NEGATIVE,
+        "warmup_steps": NON_NEGATIVE, "momentum": OPEN_FRACTION, "grad_clip": NON_NEGATIVE,
+        "layer_decay": Range(0, 1, low_open=True), "label_smoothing": OPEN_FRACTION, "mixup": NON_NEGATIVE,
+        "cutmix": NON_NEGATIVE, "crop_scale": Range(0, 1, low_open=True), "dropout": OPEN_FRACTION,
+        "num_workers": Range(0, 256), "cpu_threads": Range(0, 4096), "log_every": AT_LEAST_1,
+    }
+
     def validate(self) -> FinetuneConfig:
         if self.run and self.model:
             raise UsageError("--model builds a from-scratch model: drop it (a --run brings its own architecture)")
-        if not 0 < self.train_fraction <= 1:
-            raise UsageError(f"--train-fraction {self.train_fraction} must be in (0, 1]")
-        if not 0 < self.dev_fraction < 1:
-            raise UsageError(f"--dev-fraction {self.dev_fraction} must be in (0, 1): the dev split picks the lr")
-        if not self.lrs or min(self.lrs) <= 0:
-            raise UsageError(f"--lrs {self.lrs} must be positive learning rates, e.g. --lrs 0.003 0.01 0.03")
-        for flag, value in (("--seeds", self.seeds), ("--batch-size", self.batch_size), ("--steps", self.steps),
-                            ("--log-every", self.log_every)):
-            if value < 1:
-                raise UsageError(f"{flag} {value} must be positive")
-        if min(self.train_per_class, self.warmup_steps, self.epochs, self.mixup, self.cutmix, self.grad_clip) < 0:
-            raise UsageError("--train-per-class, --warmup-steps, --epochs, --mixup, --cutmix and --grad-clip "
-                             "must not be negative")
-        if not 0 < self.layer_decay <= 1:
-            raise UsageError(f"--layer-decay {self.layer_decay} must be in (0, 1]; 1 turns it off")
-        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+        if not self.lrs:
+            raise UsageError("--lrs is empty: pass learning rates, e.g. --lrs 0.003 0.01 0.03")
+        check_ranges(self)
+        if self.crop_scale[0] > self.crop_scale[1]:
             raise UsageError(f"--crop-scale {self.crop_scale} must satisfy 0 < min <= max <= 1")
         return self
 
 
-# Settings that do not change what a fine-tune computes: a --resume may differ in them.
-RESUMABLE = {"num_workers", "cpu_threads", "kernels", "output_dir", "resume", "log_every", "seeds"}
+# Settings that do not change what a fine-tune computes: a --resume may differ in them. --run is
+# among them because the starting checkpoint is compared by content instead (check_same_start): a
+# resume may name the same checkpoint by its file rather than by its run, but not a newer one.
+RESUMABLE = {"num_workers", "cpu_threads", "kernels", "output_dir", "resume", "log_every", "seeds", "run"}
 
 
 def stratified_split(labels: np.ndarray, fraction: float, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -220,6 +230,8 @@ class Finetuner:
             vit.reset_head(self.num_classes)
         micro = config.batch_size // acc.num_processes
         loader_kw = {"batch_size": micro, "num_workers": config.num_workers, "pin_memory": torch.cuda.is_available()}
+        if config.num_workers:
+            end_workers_at_exit()  # a crash must not leave the process waiting for its workers
         train_loader = DataLoader(Subset(self.train_set, indices.tolist()), shuffle=True, drop_last=True,
                                   persistent_workers=config.num_workers > 0, **loader_kw)  # no restart per epoch
         eval_loader = DataLoader(self.eval_sets[score_on], **loader_kw)
@@ -277,21 +289,85 @@ def select_lr(grid: dict[str, dict]) -> float:
     return min((-v["dev_accuracy"], float(lr)) for lr, v in grid.items())[1]
 
 
-def starting_model(config: FinetuneConfig) -> tuple[ViT, dict | None, str]:
-    """(ViT with a fresh zero-initialised head still to size, the pretrained run's config or None, dataset)."""
+def starting_model(config: FinetuneConfig) -> tuple[ViT, dict | None, str, dict]:
+    """(ViT with a fresh zero-initialised head still to size, the pretrained run's config or None, dataset,
+    the starting point as finetune.json records it)."""
     overrides = {"dropout": config.dropout}
     if config.image_size:
         overrides["image_size"] = config.image_size
     if config.run:
-        run_cfg, vit, _ = ckpt_io.load_run(config.run, **overrides)
-        return vit, run_cfg, config.dataset or run_cfg["train"]["dataset"]
+        run_cfg, vit, start = load_start(config.run, **overrides)
+        return vit, run_cfg, config.dataset or run_cfg["train"]["dataset"], start
     torch.manual_seed(0)  # replaced per seed in Finetuner.train; this one only sizes the model
     vit = ViT(vit_config(config.model or SCRATCH_MODEL, image_size=config.image_size or None, dropout=config.dropout))
-    return vit, None, config.dataset or DEFAULT_DATASET
+    start = {"init": "scratch", "checkpoint": None, "step": None, "sha256": None}  # each seed draws its own weights
+    return vit, None, config.dataset or DEFAULT_DATASET, start
+
+
+def load_start(run: str, **overrides) -> tuple[dict, ViT, dict]:
+    """(run config, ViT, starting point) of --run: the run's newest readable checkpoint, or the file it names."""
+    path = Path(run)
+    if path.is_file():  # a file's name may be anything (a copy, a rename): its step is read from inside
+        ckpt = ckpt_io.load_checkpoint(path)
+        run_cfg, vit, step = ckpt["config"], ckpt_io.vit_from_checkpoint(ckpt, run, **overrides), ckpt.get("step")
+    else:
+        run_cfg, vit, path = ckpt_io.load_run(run, **overrides)
+        step = int(ckpt_io.CKPT_RE.search(path.name).group(1))  # a run's checkpoints are all ckpt-<step>.pt
+    return run_cfg, vit, {"init": "pretrained", "checkpoint": str(path), "step": step, "sha256": file_sha256(path)}
+
+
+def file_sha256(path: Path) -> str:
+    """The file's content identity, which survives a copy or a rename; streamed, so a B/16 checkpoint
+    (~350 MB) costs a fraction of a second and no memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_start(start: dict) -> str:
+    return "scratch (random weights)" if start["init"] == "scratch" else f"{start['checkpoint']} (step {start['step']})"
+
+
+def check_same_start(out: Path, recorded: dict | None, current: dict) -> None:
+    """Refuse a --resume whose starting point is not the one the recorded trainings started from:
+    seeds fine-tuned from different checkpoints would be averaged as one model."""
+    if recorded is None:  # written before finetune.json recorded it: nothing proves the recorded seeds match
+        if current["init"] == "scratch":
+            return  # from scratch every seed draws its weights from its own seed: nothing to mix
+        raise UsageError(f"'{out}' does not record which checkpoint it was fine-tuned from (an older finetune.json), "
+                         f"so resuming from {describe_start(current)} could mix checkpoints: pass a new --output-dir")
+    if recorded["init"] == current["init"] == "scratch" or (
+            recorded["init"] == current["init"] == "pretrained" and recorded["sha256"] == current["sha256"]):
+        return
+    now = "--run is now " + describe_start(current) if current["init"] == "pretrained" else "there is no --run now"
+    if recorded["init"] == "scratch":
+        fix = "drop --run to finish it"
+    elif still_there(recorded):
+        fix = f"pass --run {recorded['checkpoint']} to finish it"
+    else:
+        fix = (f"{recorded['checkpoint']} is gone or changed, so pass --run a copy of it "
+               f"(sha256 {recorded['sha256'][:12]}…) to finish it")
+    raise UsageError(f"'{out}' was fine-tuned from {describe_start(recorded)} but {now}: {fix}, "
+                     f"or pass a new --output-dir to fine-tune {'from ' if current['init'] == 'scratch' else ''}"
+                     f"{describe_start(current)}")
+
+
+def still_there(start: dict) -> bool:
+    """Whether the recorded checkpoint file still holds the bytes the fine-tune started from."""
+    path = Path(start["checkpoint"])
+    return path.is_file() and file_sha256(path) == start["sha256"]
 
 
 def finetune(config: FinetuneConfig) -> dict:
-    """Choose the lr on the dev split, train every seed on the labelled set, score on the test split."""
+    """Choose the lr on the dev split, train every seed on the labelled set, score on the test split.
+    The output directory is held (mpp.runlock) until the fine-tune ends, however it ends."""
+    with contextlib.ExitStack() as held:
+        return _finetune(config, held)
+
+
+def _finetune(config: FinetuneConfig, held: contextlib.ExitStack) -> dict:
     from eval.fewshot import dataset_labels, run_dir_of
 
     # ---- config
@@ -311,7 +387,10 @@ def finetune(config: FinetuneConfig) -> dict:
         raise UsageError("timm's Mixup/CutMix needs an even batch on every process: pass an even --batch-size")
 
     # ---- model and data
-    start, pretrained_cfg, dataset = starting_model(config)
+    start, pretrained_cfg, dataset, start_point = starting_model(config)
+    results = recorded_results(out, config, start_point)
+    if accelerator.is_main_process:  # one fine-tune writes an output directory at a time
+        held.enter_context(RunLock(ckpt_io.writable_dir(out, "--output-dir")))
     image_size = start.config.image_size
     train_set, info = build_dataset(dataset, "train", image_size, train=True)
     train_set.transform = train_transform(config, image_size)
@@ -336,8 +415,9 @@ def finetune(config: FinetuneConfig) -> dict:
                   "image_size": image_size, "seed": 0},
         "vit": dataclasses.asdict(start.config), "finetune": settings, "command": " ".join(sys.argv),
     }
-    results = prepare_output(out, config, settings, run_cfg, accelerator)
+    prepare_output(out, config, settings, run_cfg, accelerator, results)
     results.update({
+        "start": start_point,  # what every recorded training started from: a --resume must start there too
         "pretrained": str(run_dir_of(Path(config.run))) if config.run else None,
         "init": "pretrained" if config.run else "scratch",
         "pretrained_objective": (pretrained_cfg or {}).get("train", {}).get("objective"),
@@ -401,8 +481,9 @@ def finetune(config: FinetuneConfig) -> dict:
     return results
 
 
-def prepare_output(out: Path, config: FinetuneConfig, settings: dict, run_cfg: dict, accelerator) -> dict:
-    """The results recorded so far (with --resume), after refusing to overwrite or to mix settings."""
+def recorded_results(out: Path, config: FinetuneConfig, start: dict) -> dict:
+    """The results recorded so far (with --resume), after refusing to overwrite them or to resume them
+    from another starting point; checked before the data is loaded, so a refusal comes at once."""
     path = out / RESULTS
     if path.is_file() and not config.resume:
         raise UsageError(f"'{out}' already holds fine-tuning results: pass --resume to finish them "
@@ -410,6 +491,14 @@ def prepare_output(out: Path, config: FinetuneConfig, settings: dict, run_cfg: d
     if config.resume and not path.is_file():
         raise UsageError(f"--resume: no {RESULTS} in '{out}': drop --resume to start this fine-tune")
     results = json.loads(path.read_text()) if config.resume else {}
+    if results:
+        check_same_start(out, results.get("start"), start)
+    return results
+
+
+def prepare_output(out: Path, config: FinetuneConfig, settings: dict, run_cfg: dict, accelerator,
+                   results: dict) -> None:
+    """Refuse to mix settings with the recorded results; a new fine-tune's config.json."""
     if results:
         saved = results.get("config", {})
         changed = [f"--{k.replace('_', '-')} {saved.get(k)} → {v}" for k, v in settings.items()
@@ -419,18 +508,20 @@ def prepare_output(out: Path, config: FinetuneConfig, settings: dict, run_cfg: d
                              "the same flags or pass a new --output-dir")
     if accelerator.is_main_process and not config.resume:
         ckpt_io.write_json(ckpt_io.writable_dir(out, "--output-dir") / "config.json", run_cfg)
-    return results
 
 
 def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
-    import argparse
+    from mpp.config import dataclass_from_args
 
-    from mpp.config import add_dataclass_flags, dataclass_from_args
+    return dataclass_from_args(FinetuneConfig, build_parser().parse_args(argv))
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+def build_parser() -> Parser:
+    from mpp.config import add_dataclass_flags
+
+    parser = Parser(description=__doc__.split("\n\n")[0])
     add_dataclass_flags(parser, FinetuneConfig)
-    return dataclass_from_args(FinetuneConfig, parser.parse_args(argv))
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,6 +31,7 @@ from eval.fewshot import (
     probe_target,
     save_report,
 )
+from mpp.config import NON_NEGATIVE, POSITIVE, Parser, Range, number_flag
 from mpp.data import build_dataset
 from mpp.errors import UsageError, cli_main
 
@@ -131,26 +132,26 @@ def check_writable(output: Path) -> None:
         raise UsageError(f"cannot write '{output}' ({problem}): pass a writable --output")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> Parser:
+    p = Parser(description=__doc__.split("\n\n")[0])
     add_model_flags(p)
-    p.add_argument("--l2", type=float, nargs="+", default=list(DEFAULT_L2S),
-                   help="ridge penalties to choose from on the dev split (2^-4, 2^-2, ..., 2^14)")
-    p.add_argument("--dev-fraction", type=float, default=0.1, metavar="F",
-                   help="fraction of each class's training images held out to choose l2, in (0, 0.5] (0.1)")
-    p.add_argument("--max-train", type=int, default=0, metavar="N",
-                   help="use a fixed random N training images; 0 = all (0)")
-    p.add_argument("--max-test", type=int, default=0, metavar="N", help="test on a fixed random N images; 0 = all (0)")
+    number_flag(p, "--l2", float, POSITIVE, nargs="+", default=list(DEFAULT_L2S),
+                help="ridge penalties to choose from on the dev split (2^-4, 2^-2, ..., 2^14)")
+    number_flag(p, "--dev-fraction", float, Range(0, 0.5, low_open=True), default=0.1, metavar="F",
+                help="fraction of each class's training images held out to choose l2, in (0, 0.5] (0.1)")
+    number_flag(p, "--max-train", int, NON_NEGATIVE, default=0, metavar="N",
+                help="use a fixed random N training images; 0 = all (0)")
+    number_flag(p, "--max-test", int, NON_NEGATIVE, default=0, metavar="N",
+                help="test on a fixed random N images; 0 = all (0)")
     add_runtime_flags(p)
     p.add_argument("--output", metavar="PATH",
                    help="results JSON (default: RUN_DIR/linear-probe[-random-init].json)")
-    args = p.parse_args(argv)
-    check_flags(args, [
-        ("--l2", args.l2, min(args.l2) > 0, "pass positive penalties, e.g. --l2 1 64 1024"),
-        ("--dev-fraction", args.dev_fraction, 0 < args.dev_fraction <= 0.5, "pass a fraction in (0, 0.5], e.g. 0.1"),
-        ("--max-train", args.max_train, args.max_train >= 0, "pass 0 (all training images) or a positive cap"),
-        ("--max-test", args.max_test, args.max_test >= 0, "pass 0 (all test images) or a positive cap"),
-    ])
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    check_flags(args)
     return args
 
 

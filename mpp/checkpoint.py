@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.torch_version import TorchVersion
 
 from mpp.errors import UsageError
 from mpp.model import ViT, ViTConfig
@@ -36,15 +39,41 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 TMP_MARK = ".tmp-"  # atomic_write's temporary files: .<name>.tmp-<pid of the writer>
 
 
+class _WriteErrors:
+    """A binary file whose write errors are remembered: torch.save's zip writer turns an OSError
+    from the file (a full disk, a quota) into a RuntimeError that no longer says which, and the
+    caller needs the OSError to say what to free."""
+
+    def __init__(self, f) -> None:
+        self._f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):  # flush, tell, seek, ...
+        return getattr(self._f, name)
+
+
 def atomic_write(path: Path, write) -> None:
     """Write via a temporary file in the same folder, fsync, then rename: a reader (or a resumed run)
-    sees the old file or the whole new one, never a torn one."""
+    sees the old file or the whole new one, never a torn one. Any failure to write (a full disk
+    included, however the writer reports it) raises OSError and leaves no temporary file."""
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        with open(tmp, "wb") as raw:
+            f = _WriteErrors(raw)
+            try:
+                write(f)
+            except Exception as e:
+                if f.error is not None and f.error is not e:
+                    raise f.error from e
+                raise
+            raw.flush()
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -67,15 +96,50 @@ def write_json(path: Path, obj) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 3) -> Path:
-    """Save `state` as checkpoints/ckpt-<step>.pt atomically; keep the newest `keep` checkpoints."""
+    """Save `state` as checkpoints/ckpt-<step>.pt atomically; keep the newest `keep` checkpoints.
+
+    A failed write (a full disk, a quota, permissions) raises a one-line UsageError that says what
+    to free; the older checkpoints are deleted only after the new one is complete, so the newest
+    complete checkpoint always survives."""
     folder = checkpoint_dir(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"ckpt-{step:08d}.pt"
-    atomic_write(path, lambda f: torch.save(state, f))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: torch.save(state, f))
+    except OSError as e:
+        raise UsageError(save_failure(folder, step, state, e)) from e
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     remove_killed_writes(folder)
     return path
+
+
+def save_failure(folder: Path, step: int, state: dict, error: OSError) -> str:
+    """The one line for a checkpoint that could not be written: why, how much room it needs, and
+    which complete checkpoint is left to resume from."""
+    import shutil
+
+    need = sum(t.numel() * t.element_size() for t in _tensors(state)) / 2**20  # MiB, a lower bound
+    try:
+        free = f", {shutil.disk_usage(folder).free / 2**20:,.0f} MiB free there"
+    except OSError:
+        free = ""
+    kept = list_checkpoints(folder.parent)
+    left = f"the newest complete one, {kept[-1].name}, is intact" if kept else "no earlier checkpoint exists"
+    return (f"could not write the step-{step} checkpoint in {folder} ({error.strerror or error}; it needs about "
+            f"{need:,.0f} MiB{free}; {left}): free at least that much space on that disk (or fix the folder's "
+            "permissions), then rerun the same command with --resume")
+
+
+def _tensors(obj):
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
 
 
 def remove_killed_writes(folder: Path) -> None:
@@ -98,38 +162,129 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def load_checkpoint(path: str | Path) -> dict:
+# What weights-only loading must accept beyond tensors and plain data, and nothing more. Every
+# checkpoint's config records torch.__version__, a TorchVersion (a str subclass); checkpoints written
+# before rng_state stored plain lists hold numpy's RNG state, a uint32 ndarray (numpy 2 pickles its
+# rebuild function as numpy._core..., numpy 1 as numpy.core...). All of them only build data: the
+# unpickler still refuses every other global, so no file can name a function to call.
+_NP_RECONSTRUCT = np.ndarray(0).__reduce__()[0]  # numpy.{_core,core}.multiarray._reconstruct
+CHECKPOINT_GLOBALS = [
+    TorchVersion,
+    (_NP_RECONSTRUCT, "numpy._core.multiarray._reconstruct"),
+    (_NP_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),  # numpy.dtypes.UInt32DType: the keys' dtype
+]
+_REFUSED_GLOBAL = re.compile(r"\bGLOBAL ([A-Za-z_][\w.]*[\w])")  # in torch's message: "... GLOBAL posix.system ..."
+
+
+class BadCheckpoint(UsageError):
+    """A checkpoint file that cannot be used. `kind`: "unreadable" (torn, corrupted, not a checkpoint) or
+    "unsafe" (it needs globals that weights-only loading refuses: loading it could run code);
+    `reason`: why, in a few words (a note in compare.py's report)."""
+
+    def __init__(self, message: str, kind: str, reason: str) -> None:
+        super().__init__(message)
+        self.kind, self.reason = kind, reason
+
+
+def unreadable(path: Path, reason: str) -> BadCheckpoint:
+    return BadCheckpoint(f"checkpoint '{path}' cannot be read ({reason}): it is truncated or corrupted",
+                         "unreadable", reason)
+
+
+def unsafe(path: Path, name: str) -> BadCheckpoint:
+    reason = f"it needs the global '{name}'"
+    return BadCheckpoint(f"checkpoint '{path}' is not a safe checkpoint ({reason}, which weights-only loading "
+                         "refuses): load only checkpoints written by this repository, or re-save it from a trusted copy",
+                         "unsafe", reason)
+
+
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """A checkpoint's dict, loaded weights-only: a file may hold tensors and plain data, never code
+    to run (issue #15), so a checkpoint from anywhere is safe to open. `mmap` maps the tensors instead
+    of reading them: only those used come off the disk."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"checkpoint '{path}' does not exist: pass a run directory or a checkpoint file that exists")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or corrupted file
-        raise UsageError(f"checkpoint '{path}' cannot be read ({type(e).__name__}): it is truncated or corrupted") from e
+        with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:  # a refused global, or bytes that are no pickle at all
+        match = _REFUSED_GLOBAL.search(str(e))
+        raise (unsafe(path, match.group(1)) if match else unreadable(path, type(e).__name__)) from e
+    except Exception as e:  # truncated (RuntimeError from the zip reader), empty (EOFError), not a torch file
+        raise unreadable(path, type(e).__name__) from e
+    if not isinstance(state, dict):  # a bare tensor or list: safe, but no checkpoint, and callers index it
+        raise BadCheckpoint(f"checkpoint '{path}' holds a {type(state).__name__}, not a checkpoint's dict: "
+                            "pass a checkpoint written by this repository", "unreadable", f"a {type(state).__name__}")
+    return state
 
 
-def load_latest(run_dir: str | Path) -> tuple[dict, Path] | None:
-    """The newest readable checkpoint of a run; an unreadable newer one is reported (one line on
-    stderr, from the main process) and skipped: the run resumes from the one before."""
+def warn_skipped(path: Path, error: BadCheckpoint) -> None:
+    if os.environ.get("RANK", "0") == "0":  # one line, not one per process
+        print(f"warning: {error}; falling back to the previous checkpoint", file=sys.stderr, flush=True)
+
+
+def load_latest(run_dir: str | Path, mmap: bool = False,
+                skipped: Callable[[Path, BadCheckpoint], None] = warn_skipped) -> tuple[dict, Path] | None:
+    """The newest usable checkpoint of a run and its path, or None when it has none. One that cannot
+    be used, torn or unsafe, is reported (`skipped`; by default one line on stderr) and passed over
+    for the one before: a copy cut short, or a file dropped in, costs the steps since the previous
+    one. When no checkpoint is usable and one was unsafe, that one is raised: "no checkpoint" would
+    hide why, and the file deserves a look before anything else runs."""
+    passed: list[tuple[Path, BadCheckpoint]] = []
+    found = None
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            return load_checkpoint(path), path
-        except UsageError as e:
-            if os.environ.get("RANK", "0") == "0":
-                print(f"warning: {e}; falling back to the previous checkpoint", file=sys.stderr, flush=True)
-    return None
+            found = load_checkpoint(path, mmap=mmap), path
+            break
+        except BadCheckpoint as e:
+            passed.append((path, e))
+    refused = next((e for _, e in passed if e.kind == "unsafe"), None) if found is None else None
+    try:
+        for path, e in passed:  # reported only now, so the unsafe one raised is not also a warning
+            if e is not refused:
+                skipped(path, e)
+        if refused is not None:
+            raise refused
+        return found
+    finally:
+        # The errors' tracebacks hold this frame, and through it the caller's: a cycle that would keep
+        # the trainer's locals (its loaders' worker processes) alive until exit, where joining the
+        # workers hangs. Dropping the list breaks it.
+        passed.clear()
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state, in types weights-only loading accepts: Python's is a tuple of ints and
+    torch's are tensors; numpy's holds an ndarray, so it is stored as a list (set_rng_state rebuilds it)."""
+    algorithm, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"algorithm": str(algorithm), "keys": keys.tolist(), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def numpy_state(saved) -> tuple:
+    """np.random.set_state's tuple from what rng_state stored; checkpoints written before it stored
+    lists hold numpy's own tuple."""
+    if not isinstance(saved, dict):
+        return saved
+    keys = np.asarray(saved["keys"], dtype=np.uint32)
+    return saved["algorithm"], keys, saved["pos"], saved["has_gauss"], saved["cached_gaussian"]
+
+
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))  # setstate insists on tuples
+    np.random.set_state(numpy_state(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

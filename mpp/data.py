@@ -5,6 +5,8 @@ a local folder laid out as `train/<class>/<image>` plus `test/` or `val/`, or `h
 (a Hugging Face hub dataset). Raw items are (uint8 [3, H, W] RGB, int label); the transforms make
 float32 [3, S, S] in [0, 1], and `normalize` maps a batch to the model's [-1, 1] input on device.
 `datasets`, scikit-learn and torchvision are imported where used: they are slow to import.
+
+An image folder's layout (which files are images of which class) is mpp.folders' convention.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 
 from mpp.errors import UsageError
+from mpp.folders import TEST_FOLDERS, folder_listing
 
 DEFAULT_DATASET = "digits"
 # The paper's (big_vision) convention: the model sees (x - 0.5) / 0.5, i.e. pixels in [-1, 1].
@@ -31,8 +34,6 @@ STD = (0.5, 0.5, 0.5)
 SPEC_FORMS = "pass --dataset digits, a folder laid out as train/<class>/<image>, or hf:NAME"
 # A "test" request falls back to a validation split when there is no test split.
 TEST_SPLITS = ("test", "validation", "val")
-TEST_FOLDERS = ("test", "val", "validation")  # the folder names imagefolder turns into those splits
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 TransformFn = Callable[[torch.Tensor], torch.Tensor]
 # What PIL raises for a file that is not a readable image: unknown format, truncated data, bad headers.
 UNREADABLE = (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError)
@@ -255,6 +256,11 @@ def _load_digits(spec: str, split: str, streaming: bool) -> tuple[Dataset, Datas
 
 
 def _load_folder(spec: str, split: str, streaming: bool) -> tuple[Dataset, DatasetInfo]:
+    """The split of an image folder, loaded or streamed from one listing (`_folder_listing`), so both
+    modes hold the same classes, labels and images in the same order by construction (mpp.folders).
+
+    Nothing is opened or statted per image: a directory scan takes a few seconds per million names
+    (`load_dataset("imagefolder")` stats every file of every split first, about 2 minutes per 100,000)."""
     root = Path(spec).expanduser()
     if not root.is_dir():
         problem = "is not a folder" if root.exists() else "does not exist"
@@ -264,52 +270,25 @@ def _load_folder(spec: str, split: str, streaming: bool) -> tuple[Dataset, Datas
     if "train" not in found:
         raise UsageError(f"dataset folder '{spec}' has no train/ subfolder (found {listing}): "
                          "lay it out as train/<class>/<image> and test/<class>/<image>")
-    classes = [p for p in (root / "train").iterdir() if p.is_dir()]
-    if not any(f.suffix.lower() in IMAGE_SUFFIXES for c in classes for f in c.iterdir()):
-        raise UsageError(f"no images found in '{spec}/train/<class>/': put each class's images "
-                         f"({', '.join(sorted(IMAGE_SUFFIXES))}) in its own subfolder of train/")
-    if split == "test" and not set(TEST_FOLDERS) & set(found):
+    test_folder = next((f for f in TEST_FOLDERS if f in found), None)
+    if split == "test" and test_folder is None:
         raise UsageError(f"dataset folder '{spec}' has no test split (found {listing}): "
                          "add test/<class>/<image> or val/<class>/<image>")
-    if streaming:
-        return _stream_folder(root, spec, split, found)
+    class_names, paths, labels = folder_listing(root, spec, split, test_folder)
     import datasets
 
-    # imagefolder makes one split per top-level folder (val/ -> "validation") and one class per
-    # image's parent folder name, sorted over all splits, so labels agree between train and test.
-    # drop_labels=False keeps labels for a single class; drop_metadata=True ignores a metadata.csv.
-    splits = datasets.load_dataset(
-        "imagefolder", data_dir=str(root), streaming=streaming, drop_labels=False, drop_metadata=True
-    )
-    return _wrap(splits, spec, split, streaming, fix="add test/<class>/<image> or val/<class>/<image>")
-
-
-def _stream_folder(root: Path, spec: str, split: str, found: list[str]) -> tuple[Dataset, DatasetInfo]:
-    """The split of an image folder as a `datasets` stream, listed by name only.
-
-    `load_dataset("imagefolder", streaming=True)` resolves and stats every file of every split
-    first (about 2 minutes per 100,000 files); a directory scan of the one split needed takes about
-    a second per million names, and no image is opened until it is read. Labels are the sorted
-    class folder names of all splits, as imagefolder's, so streamed and loaded runs agree."""
-    import datasets
-
-    folder = "train" if split == "train" else next(f for f in TEST_FOLDERS if f in found)
-    splits = [f for f in ("train", *TEST_FOLDERS) if f in found]  # all of them: train and test agree on labels
-    class_names = sorted({p.name for s in splits for p in (root / s).iterdir() if p.is_dir()})
-    paths, labels = [], []
-    for label, name in enumerate(class_names):
-        if not (root / folder / name).is_dir():
-            continue
-        with os.scandir(root / folder / name) as entries:
-            names = sorted(e.name for e in entries if os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES)
-        paths += [str(root / folder / name / n) for n in names]
-        labels += [label] * len(names)
+    info = DatasetInfo(spec, len(class_names), class_names)
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=class_names)})
-    # Lists in gen_kwargs are the stream's shards: one per image, so .shuffle() permutes all of them
-    # (then mixes through the buffer) and processes and DataLoader workers split them evenly.
-    stream = datasets.IterableDataset.from_generator(
-        _folder_rows, features=features, gen_kwargs={"paths": paths, "labels": labels})
-    return HubImageStream(stream, "image", "label"), DatasetInfo(spec, len(class_names), class_names)
+    if streaming:
+        # Lists in gen_kwargs are the stream's shards: one per image, so .shuffle() permutes all of them
+        # (then mixes through the buffer) and processes and DataLoader workers split them evenly.
+        stream = datasets.IterableDataset.from_generator(
+            _folder_rows, features=features, gen_kwargs={"paths": paths, "labels": labels})
+        return HubImageStream(stream, "image", "label"), info
+    # An in-memory table of paths (about 3 s per million to build), no Arrow cache file: forked
+    # DataLoader workers share it, and HubImages decodes each image itself.
+    table = datasets.Dataset.from_dict({"image": paths, "label": labels}, features=features)
+    return HubImages(table, "image", "label"), info
 
 
 def _folder_rows(paths: list[str], labels: list[int]) -> Iterator[dict]:

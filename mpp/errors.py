@@ -23,7 +23,7 @@ def one_line(error: UsageError) -> str:
 def cli_main(main: F) -> F:
     """Wrap an entry point so a `UsageError` ends the process with its one line and exit code 2.
 
-    Anything else is a bug and keeps its traceback.
+    Ctrl-C ends it with one line and exit code 130. Anything else is a bug and keeps its traceback.
     """
 
     @functools.wraps(main)
@@ -34,5 +34,9 @@ def cli_main(main: F) -> F:
             if os.environ.get("RANK", "0") == "0":  # one line, not one per process under accelerate launch
                 print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
             sys.exit(2)
+        except KeyboardInterrupt:  # Ctrl-C outside a training loop's handler, or a second one inside it
+            if os.environ.get("RANK", "0") == "0":
+                print("\ninterrupted (Ctrl-C): stopped without saving", file=sys.stderr, flush=True)
+            sys.exit(130)
 
     return wrapper  # type: ignore[return-value]

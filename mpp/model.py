@@ -42,6 +42,20 @@ class ViTConfig:
         return self.grid_size**2
 
     def validate(self) -> "ViTConfig":
+        for name in ("image_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise UsageError(f"ViT {name} {getattr(self, name)!r} must be a whole number of at least 1: "
+                                 "pass a preset such as Ti/16 (the patch size after the slash is at least 1)")
+        if self.num_classes < 0:
+            raise UsageError(f"ViT num_classes {self.num_classes} is negative: pass 0 (no head) or more")
+        for name in ("dropout", "attn_dropout"):
+            if not 0 <= getattr(self, name) < 1:  # also false for NaN
+                raise UsageError(f"ViT {name} {getattr(self, name)} is outside [0, 1): pass e.g. --dropout 0.1")
+        if not 0 < self.ln_eps < 1:
+            raise UsageError(f"ViT ln_eps {self.ln_eps} is outside (0, 1): keep the default 1e-6")
+        if self.image_size < self.patch_size:
+            raise UsageError(f"image size {self.image_size} is smaller than the patch size {self.patch_size}: "
+                             f"pass --image-size {self.patch_size} or more")
         if self.image_size % self.patch_size:
             raise UsageError(
                 f"image size {self.image_size} is not divisible by the patch size {self.patch_size}: "

@@ -7,11 +7,13 @@ un-normalised images; the ViT sees `mpp.data.normalize(images)`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mpp.config import FRACTION, Range, check_ranges
 from mpp.data import normalize
 from mpp.errors import UsageError
 from mpp.model import ViT, gather_tokens
@@ -29,19 +31,21 @@ class MPPConfig:
     bits: int = 3  # colour bits per channel for the class targets: 2**(3*bits) classes
     cells: int = 4  # the downsample target predicts a cells×cells version of each patch
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "corrupt_rate": Range(0, 1, low_open=True), "mask_prob": FRACTION, "random_prob": FRACTION,
+        "keep_prob": FRACTION, "bits": Range(1, 8), "cells": Range(1, 64),
+    }
+
     def validate(self) -> "MPPConfig":
         if self.target not in TARGETS:
             raise UsageError(f"unknown MPP target '{self.target}': use one of {', '.join(TARGETS)}")
-        if not 0.0 < self.corrupt_rate <= 1.0:
-            raise UsageError(f"corrupt rate {self.corrupt_rate} is outside (0, 1]: pass e.g. --corrupt-rate 0.5")
+        check_ranges(self)
         probs = (self.mask_prob, self.random_prob, self.keep_prob)
         if min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-6:
             raise UsageError(
                 f"corruption split mask/random/keep = {probs} must be non-negative and sum to 1: "
                 "e.g. --mask-prob 0.8 --random-prob 0.1 --keep-prob 0.1"
             )
-        if not 1 <= self.bits <= 8:
-            raise UsageError(f"--bits {self.bits} is outside 1..8")
         return self
 
 
@@ -135,6 +139,8 @@ class MPPObjective(nn.Module):
         self.config = config.validate()
         self.vit = vit
         D, P = vit.config.embed_dim, vit.config.patch_size
+        if config.target == "downsample" and config.cells > P:  # a cell finer than a pixel predicts nothing new
+            raise UsageError(f"--cells {config.cells} is more than the patch size {P}: pass --cells between 1 and {P}")
         num_classes = 2 ** (3 * config.bits)
         out = {"mean_color": num_classes, "downsample": config.cells**2 * num_classes, "l2": P * P * vit.config.in_chans}
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))

@@ -9,7 +9,6 @@ skipped batches all shift where a stream stands. So each random draw is seeded f
 from __future__ import annotations
 
 import hashlib
-import signal
 
 import torch
 from torch.utils.data import Dataset
@@ -54,11 +53,3 @@ class SeededSamples(Dataset):
 def seed_step(seed: int, step: int, micro: int, process: int) -> None:
     """Seed every generator (CPU and accelerators) for one micro-batch of one optimizer step."""
     torch.manual_seed(seed_of(seed, "step", step, micro, process))
-
-
-def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """DataLoader `worker_init_fn`: Ctrl-C and a scheduler's SIGTERM reach the whole process group;
-    the workers must outlive them so the main process can finish its step and save a checkpoint.
-    (They still exit when the main process does: PyTorch's workers watch their parent.)"""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)

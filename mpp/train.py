@@ -6,6 +6,7 @@ so the same code runs on one CPU, one GPU or many machines under `accelerate lau
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -13,18 +14,23 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable, ClassVar
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
 from mpp import checkpoint as ckpt_io
+from mpp.config import (AT_LEAST_1, NON_NEGATIVE, OPEN_FRACTION, POSITIVE, SEED, Range,
+                        check_ranges)
 from mpp.data import build_dataset
 from mpp.errors import UsageError
 from mpp.model import ViT, vit_config
 from mpp.objective import MPPConfig, MPPObjective, SupervisedObjective
-from mpp.reproducible import SeededSamples, ignore_stop_signals, seed_step
-from mpp.stopping import StopRequest
+from mpp.reproducible import SeededSamples, seed_step
+from mpp.rundir import check_resume, diverged, prepare_run_dir, read_run_config, trim_metrics
+from mpp.runlock import RunLock
+from mpp.stopping import StopRequest, end_workers_at_exit, loader_worker_init
 from triton_kernels.gate import decisions, set_kernel_mode
 
 OBJECTIVES = ("mpp", "supervised")
@@ -67,6 +73,17 @@ class TrainConfig:
     keep_checkpoints: int = 3  # the newest K checkpoints are kept
     eval_every: int = 0  # steps between held-out evaluations; 0: only at the end
 
+    # What each numeric field accepts (checked at parse time and by validate(); mpp.config.Range).
+    RANGES: ClassVar[dict[str, Range]] = {
+        "image_size": NON_NEGATIVE, "dropout": OPEN_FRACTION, "crop_scale": Range(0, 1, low_open=True),
+        "shuffle_buffer": AT_LEAST_1, "num_workers": Range(0, 256), "cpu_threads": Range(0, 4096),
+        "batch_size": AT_LEAST_1, "grad_accum_steps": AT_LEAST_1, "max_steps": AT_LEAST_1, "epochs": NON_NEGATIVE,
+        "lr": POSITIVE, "min_lr": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
+        "beta1": OPEN_FRACTION, "beta2": OPEN_FRACTION, "grad_clip": NON_NEGATIVE, "label_smoothing": OPEN_FRACTION,
+        "seed": SEED, "log_every": AT_LEAST_1, "save_every": AT_LEAST_1, "keep_checkpoints": AT_LEAST_1,
+        "eval_every": NON_NEGATIVE,
+    }
+
     def validate(self) -> "TrainConfig":
         if self.objective not in OBJECTIVES:
             raise UsageError(f"unknown objective '{self.objective}': use one of {', '.join(OBJECTIVES)}")
@@ -74,17 +91,10 @@ class TrainConfig:
             raise UsageError(f"unknown schedule '{self.schedule}': use cosine or linear")
         if self.mixed_precision not in ("", "no", "fp16", "bf16"):
             raise UsageError(f"unknown --mixed-precision '{self.mixed_precision}': use no, fp16 or bf16")
-        if self.batch_size < 1 or self.grad_accum_steps < 1:
-            raise UsageError("--batch-size and --grad-accum-steps must be positive")
-        for flag, value in (("--lr", self.lr), ("--log-every", self.log_every), ("--save-every", self.save_every),
-                            ("--keep-checkpoints", self.keep_checkpoints), ("--max-steps", self.max_steps)):
-            if value <= 0:
-                raise UsageError(f"{flag} {value} must be positive")
-        if self.shuffle_buffer < 1:
-            raise UsageError(f"--shuffle-buffer {self.shuffle_buffer} must be at least 1 (1: no shuffling)")
-        if self.eval_every < 0 or self.warmup_steps < 0 or self.min_lr < 0:
-            raise UsageError("--eval-every, --warmup-steps and --min-lr must not be negative")
-        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+        check_ranges(self)
+        if self.min_lr > self.lr:
+            raise UsageError(f"--min-lr {self.min_lr:g} is above --lr {self.lr:g}: pass a --min-lr of at most --lr")
+        if self.crop_scale[0] > self.crop_scale[1]:
             raise UsageError(f"--crop-scale {self.crop_scale} must satisfy 0 < min <= max <= 1")
         return self
 
@@ -122,22 +132,9 @@ def run_config(config: TrainConfig, mpp: MPPConfig, vit: ViT, data_info) -> dict
     }
 
 
-def prepare_run_dir(config: TrainConfig) -> Path:
-    """Refuse to overwrite a run, and to resume one that has nothing to resume from."""
-    run_dir = Path(config.output_dir)
-    has_ckpt = bool(ckpt_io.list_checkpoints(run_dir))
-    if has_ckpt and not config.resume:
-        raise UsageError(
-            f"run directory '{run_dir}' already holds checkpoints: pass --resume to continue it "
-            "or --output-dir for a new run"
-        )
-    if config.resume and not has_ckpt:
-        raise UsageError(f"--resume: no checkpoint in '{ckpt_io.checkpoint_dir(run_dir)}': drop --resume to start this run")
-    return ckpt_io.writable_dir(run_dir, "--output-dir")
-
-
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator, seed: int) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator, seed: int,
+             stop: Callable[[], bool] = lambda: False) -> dict[str, float]:
     """Mean metrics over the held-out split: every image once, gathered from every process.
 
     `model` is the unwrapped objective (no DDP: no collective per batch, so processes may hold
@@ -152,6 +149,8 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator, seed: int)
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed + accelerator.process_index)
         for images, labels in loader:
+            if stop():  # a stop signal: the caller discards these partial metrics
+                break
             with accelerator.autocast():
                 _, metrics = model(images, labels)
             for k, v in metrics.items():
@@ -161,27 +160,11 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator, seed: int)
     shares = gather_object([(sums, count)])  # one (sums, count) per process
     total = sum(n for _, n in shares)
     if total == 0:
+        if stop():
+            return {}
         raise UsageError("the held-out split has no images: pass a dataset with images in its test or val split")
     keys = dict.fromkeys(k for s, _ in shares for k in s)  # a process with no images has no keys
     return {k: sum(s.get(k, 0.0) for s, _ in shares) / total for k in keys}
-
-
-# Settings a resumed run may change: they do not alter what it computes, only how long and how it reports.
-RESUMABLE = {"max_steps", "epochs", "log_every", "save_every", "keep_checkpoints", "eval_every", "num_workers",
-             "cpu_threads", "kernels", "resume", "output_dir", "strict_images"}
-
-
-def check_resume(saved: dict, run_cfg: dict, num_processes: int, source: str) -> None:
-    """Refuse to resume a run with settings that would make it a different run."""
-    sections = ("train", "mpp") if run_cfg["train"]["objective"] == "mpp" else ("train",)
-    changed = [f"--{k.replace('_', '-')} {saved[section].get(k)} → {v}"
-               for section in sections for k, v in run_cfg[section].items()
-               if k not in RESUMABLE and saved[section].get(k) != v]
-    if saved.get("num_processes", num_processes) != num_processes:
-        changed.append(f"processes {saved['num_processes']} → {num_processes}")
-    if changed:
-        raise UsageError(f"{source} was trained with other settings ({'; '.join(changed)}): resume with the "
-                         "run's own settings (see its config.json) or pass a new --output-dir")
 
 
 def reuse_freed_memory() -> bool:
@@ -228,7 +211,7 @@ def make_accelerator(mixed_precision: str = "", cpu_threads: int = 0, **kwargs):
 def loader_kwargs(micro_batch: int, num_workers: int) -> dict:
     """DataLoader settings of training and evaluation (also what scripts/bench_train.py times)."""
     return {"batch_size": micro_batch, "num_workers": num_workers, "pin_memory": torch.cuda.is_available(),
-            "persistent_workers": num_workers > 0, "worker_init_fn": ignore_stop_signals}
+            "persistent_workers": num_workers > 0, "worker_init_fn": loader_worker_init}
 
 
 def data_loaders(train_set, eval_set, micro_batch: int, num_workers: int, accelerator) -> tuple[DataLoader, DataLoader]:
@@ -239,6 +222,8 @@ def data_loaders(train_set, eval_set, micro_batch: int, num_workers: int, accele
     of step t holds the same images whatever the process count. Evaluation: each held-out image
     exactly once, none repeated to even out the processes' shares."""
     kw = loader_kwargs(micro_batch, num_workers)
+    if num_workers:
+        end_workers_at_exit()  # a crash must not leave the process waiting for its workers
     streaming = not hasattr(train_set, "__len__")
     train_loader = accelerator.prepare(DataLoader(train_set, shuffle=not streaming, drop_last=True, **kw))
     even = accelerator.even_batches
@@ -249,7 +234,15 @@ def data_loaders(train_set, eval_set, micro_batch: int, num_workers: int, accele
 
 
 def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
-    """Train, log and checkpoint one run; returns its directory."""
+    """Train, log and checkpoint one run; returns its directory.
+
+    What the run holds (the run directory's lock, the stop-signal handlers) is released however it
+    ends: finished, stopped by a signal, refused, or crashed."""
+    with contextlib.ExitStack() as held:
+        return _train(config, mpp_config, held)
+
+
+def _train(config: TrainConfig, mpp_config: MPPConfig, held: contextlib.ExitStack) -> Path:
     from accelerate.utils import broadcast_object_list, gather_object, set_seed
     from tqdm.auto import tqdm
 
@@ -270,7 +263,7 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
     verdict = [None]
     if accelerator.is_main_process:
         try:
-            prepare_run_dir(config)
+            held.enter_context(RunLock(prepare_run_dir(config)))  # one process writes a run directory at a time
         except UsageError as e:
             verdict[0] = str(e)
     broadcast_object_list(verdict)
@@ -347,6 +340,14 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
         model.load_state_dict(weights)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        if step > total_steps:
+            raise UsageError(f"{path} is at step {step}, past the {total_steps} steps asked for: pass a --max-steps "
+                             f"(or --epochs) of at least {step}, or a new --output-dir")
+        # The schedule follows this run's length from here on, also when --max-steps changed: the
+        # optimizer's saved rates were computed for the old length.
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * lr_factor(scheduler.last_epoch, config, total_steps)
         if accelerator.scaler is not None and state.get("scaler"):
             accelerator.scaler.load_state_dict(state["scaler"])
         ckpt_io.set_rng_state(state["rng"][accelerator.process_index])
@@ -357,14 +358,15 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
     # ---- logging
     if accelerator.is_main_process:
         if config.resume:  # the run keeps its original config; each resume is recorded in it
-            original = json.loads((run_dir / "config.json").read_text())
-            original.setdefault("resumed", []).append({"step": step, "command": run_cfg["command"]})
+            original = read_run_config(run_dir, state["config"])
+            original.setdefault("resumed", []).append({"step": step, "command": run_cfg["command"],
+                                                       "max_steps": config.max_steps, "epochs": config.epochs})
             ckpt_io.write_json(run_dir / "config.json", original)
             trim_metrics(run_dir / "metrics.jsonl", step)
         else:
             ckpt_io.write_json(run_dir / "config.json", run_cfg)
     accelerator.init_trackers("tensorboard", config=flat_hparams(run_cfg))
-    metrics_file = open(run_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None
+    metrics_file = held.enter_context(open(run_dir / "metrics.jsonl", "a")) if accelerator.is_main_process else None
 
     def log(values: dict, at: int) -> None:
         accelerator.log(values, step=at)
@@ -372,10 +374,16 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
             metrics_file.write(json.dumps({"step": at, **values}) + "\n")
             metrics_file.flush()
 
+    saved = {"step": None}  # the step of the newest checkpoint this process took part in
+
     def save(at: int) -> None:
         rngs = gather_object([ckpt_io.rng_state()])  # one per process: each resumes its own streams
         problem = [None]
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and not all(torch.isfinite(p).all() for p in model.parameters()):
+            # A checkpoint must be a state worth resuming from: weights that blew up are not saved.
+            problem[0] = diverged(at, run_dir, optimizer.param_groups[0]["lr"], config.lr,
+                                  "the weights are not finite after")
+        elif accelerator.is_main_process:
             state = {
                 "config": run_cfg,
                 "model": model.vit.state_dict(),
@@ -390,15 +398,19 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
             }
             try:
                 ckpt_io.save_checkpoint(run_dir, at, state, keep=config.keep_checkpoints)
-            except OSError as e:  # every process stops, not just the one that failed to write
-                problem[0] = f"could not write the step-{at} checkpoint in {run_dir} ({e.strerror or e}): " \
-                             "free disk space or fix the folder's permissions, then --resume"
+            except UsageError as e:  # a full disk...: every process stops, not just the one that failed to write
+                problem[0] = str(e)
         broadcast_object_list(problem)
         if problem[0]:
             raise UsageError(problem[0])
+        saved["step"] = at
 
-    def run_eval(at: int) -> dict:
-        results = evaluate(model, eval_loader, accelerator, config.seed)
+    def run_eval(at: int) -> dict | None:
+        """The held-out metrics at step `at`, logged; None when a stop signal cut the evaluation short
+        (in any process: they agree, so all of them go on to save and stop)."""
+        results = evaluate(model, eval_loader, accelerator, config.seed, stop=lambda: stop.requested)
+        if any(gather_object([stop.requested])):
+            return None
         log({f"eval/{k}": v for k, v in results.items()}, at)
         return results
 
@@ -411,10 +423,9 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
     start_step = step
     micro = 0  # micro-batches into the current optimizer step (checkpoints fall between steps: 0 on resume)
     objective.train()
-    stop = StopRequest()
+    stop = held.enter_context(StopRequest())  # from the first step to the final save, a stop saves first
     stopping = False
     try:
-        stop.__enter__()
         while step < total_steps and not stopping:
             train_loader.set_epoch(epoch)
             if isinstance(train_set, SeededSamples):
@@ -435,12 +446,8 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
                         flags = accelerator.reduce(flags, "sum")
                     bad, stopping = bool(flags[0] > 0), stopping or bool(flags[1] > 0)
                     if bad:
-                        last = ckpt_io.list_checkpoints(run_dir)
-                        raise UsageError(
-                            f"the loss is not finite at step {step + 1}; the last good checkpoint is "
-                            f"{last[-1] if last else 'none'}: try a lower --lr, --mixed-precision no (fp32), "
-                            "or a smaller --grad-clip"
-                        )
+                        raise UsageError(diverged(step + 1, run_dir, optimizer.param_groups[0]["lr"], config.lr,
+                                                  "the loss is not finite at"))
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and config.grad_clip > 0:
                         metrics["grad_norm"] = accelerator.clip_grad_norm_(objective.parameters(), config.grad_clip)
@@ -452,7 +459,7 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
                     continue
                 # ---- one optimizer step done
                 micro = 0
-                lr = scheduler.get_last_lr()[0]  # the rate this step used
+                lr = optimizer.param_groups[0]["lr"]  # the rate this step used
                 if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the schedule waits too
                     scheduler.step()
                 step += 1
@@ -471,7 +478,7 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
                     bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}")
                     window = {"t": time.perf_counter(), "steps": 0, "sums": {}}
                 if config.eval_every and step % config.eval_every == 0 and step < total_steps:
-                    run_eval(step)
+                    stopping = run_eval(step) is None or stopping
                 if (step % config.save_every == 0 and step < total_steps) or stopping:
                     save(step)
                 if step >= total_steps or stopping:
@@ -479,20 +486,17 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
             else:  # the epoch ran out (not the step budget): the next one starts from its first batch
                 epoch, batch_in_epoch = epoch + 1, 0
     finally:
-        stop.__exit__()
         bar.close()  # ends the bar's line, so an error message starts on a line of its own
 
-    if stopping and step < total_steps:  # a signal: the checkpoint of this step is saved, nothing else runs
-        if metrics_file:
-            metrics_file.close()
+    # ---- final evaluation and checkpoint (a stop during the evaluation saves this step, then stops)
+    results = None if stopping else run_eval(step)
+    if results is None or saved["step"] != step:
+        save(step)
+    if results is None:
         accelerator.end_training()
         accelerator.print(f"stopped at step {step} of {total_steps}; checkpoint saved in "
                           f"{ckpt_io.checkpoint_dir(run_dir)}: rerun the same command with --resume to continue")
         sys.exit(stop.exit_code)
-
-    # ---- final evaluation and checkpoint
-    results = run_eval(step)
-    save(step)
     if accelerator.is_main_process:
         summary = {
             "objective": config.objective, "steps": step, "wall_time_s": elapsed + time.perf_counter() - started,
@@ -502,17 +506,11 @@ def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
                                if hasattr(data, "skipped_images")},
         }
         ckpt_io.write_json(run_dir / "summary.json", summary)
-        metrics_file.close()
         accelerator.print(f"done: {run_dir} ({step} steps; eval {json.dumps({k: round(v, 4) for k, v in results.items()})})")
     accelerator.end_training()
+    if stop.requested:  # it came during the final save: the run is complete, the scheduler still sees why it ended
+        sys.exit(stop.exit_code)
     return run_dir
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop metrics logged after the checkpoint a run resumes from: those steps are trained again."""
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        ckpt_io.atomic_write(path, lambda f: f.write("".join(f"{line}\n" for line in kept).encode()))
 
 
 def flat_hparams(run_cfg: dict) -> dict:
@@ -524,19 +522,23 @@ def flat_hparams(run_cfg: dict) -> dict:
     return flat
 
 
-def parse_args(objective: str, argv: list[str] | None = None) -> tuple[TrainConfig, MPPConfig]:
-    """Flags for one objective's entry point: every TrainConfig field, plus MPPConfig's for MPP."""
-    import argparse
+def build_parser(objective: str):
+    """The flags of one objective's entry point: every TrainConfig field, plus MPPConfig's for MPP."""
+    from mpp.config import Parser, add_dataclass_flags
 
-    from mpp.config import add_dataclass_flags, dataclass_from_args
-
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description=f"{objective} training of a ViT (run it with `accelerate launch` for several GPUs or machines)",
     )
     add_dataclass_flags(parser, TrainConfig, defaults={"output_dir": f"runs/{objective}"}, skip=("objective",))
     if objective == "mpp":
         add_dataclass_flags(parser, MPPConfig)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(objective: str, argv: list[str] | None = None) -> tuple[TrainConfig, MPPConfig]:
+    from mpp.config import dataclass_from_args
+
+    args = build_parser(objective).parse_args(argv)
     config = dataclasses.replace(dataclass_from_args(TrainConfig, args), objective=objective)
     return config, dataclass_from_args(MPPConfig, args)
 

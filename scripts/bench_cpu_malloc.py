@@ -9,7 +9,6 @@ first; the ratio is the median over rounds. Writes benchmarks/results/cpu_malloc
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -17,6 +16,7 @@ import sys
 from pathlib import Path
 from statistics import median
 
+from mpp.config import AT_LEAST_1, Parser, number_flag
 from mpp.provenance import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,15 +47,19 @@ def step_ms(args, reuse: bool) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> Parser:
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="Ti/4")
-    p.add_argument("--batch-size", type=int, default=128)
+    number_flag(p, "--batch-size", int, AT_LEAST_1, default=128)
     p.add_argument("--objective", choices=("mpp", "supervised"), default="mpp")
-    p.add_argument("--steps", type=int, default=2, help="timed steps per process")
-    p.add_argument("--rounds", type=int, default=5)
+    number_flag(p, "--steps", int, AT_LEAST_1, default=2, help="timed steps per process")
+    number_flag(p, "--rounds", int, AT_LEAST_1, default=5)
     p.add_argument("--output", default="", help="JSON path; default benchmarks/results/cpu_malloc-<model>.json")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     rounds = []
     for r in range(args.rounds):

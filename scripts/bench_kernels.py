@@ -12,7 +12,6 @@ of one table comes from the same process, so they compare as ratios on a shared,
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mpp.config import Parser
 from mpp.provenance import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,12 +164,16 @@ def print_table(rows: list[dict], unit: str) -> None:
                   + "".join(f"{r[f'{k}_{unit}']:9.1f}" for k in ("fwd", "bwd", "fwd+bwd")))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> Parser:
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through Triton's interpreter")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--output", help="JSON path (default: benchmarks/results/kernels-<gpu>.json)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke:
         print("no CUDA GPU here: the kernel benchmark needs one (use --smoke to check the script on CPU)")

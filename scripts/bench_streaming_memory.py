@@ -10,7 +10,6 @@ benchmarks/results/streaming_memory.json.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -23,6 +22,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from mpp.config import AT_LEAST_1, Parser, Range, number_flag
 from mpp.provenance import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,14 +68,18 @@ def last_step(run: Path) -> int:
         return 0
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=100_000, help="training images to generate and stream once")
+def build_parser() -> Parser:
+    p = Parser(description=__doc__.split("\n\n")[0])
+    number_flag(p, "--images", int, AT_LEAST_1, default=100_000, help="training images to generate and stream once")
     p.add_argument("--folder", default=".cache/bench-stream", help="where the images go (reused; git-ignored)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--num-workers", type=int, default=2)
+    number_flag(p, "--batch-size", int, AT_LEAST_1, default=128)
+    number_flag(p, "--num-workers", int, Range(0, 256), default=2)
     p.add_argument("--output", default="benchmarks/results/streaming_memory.json")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     folder = (REPO / args.folder / str(args.images)).resolve()
     gen_s = generate(folder, args.images)

@@ -24,7 +24,6 @@ outruns the model. Writes benchmarks/results/train-<device>-<model>-<size>px-<dt
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -43,6 +42,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
+from mpp.config import AT_LEAST_1, NON_NEGATIVE, Parser, Range, number_flag
 from mpp.model import ViT, ViTConfig, gather_tokens, timm_kwargs, vit_config
 from mpp.objective import MPPConfig, MPPObjective, SupervisedObjective
 from mpp.provenance import git_commit
@@ -340,28 +340,34 @@ def markdown(result: dict) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> Parser:
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="Ti/4", help="ViT preset, e.g. Ti/4 (32 px), S/16, B/16 (224 px)")
-    p.add_argument("--image-size", type=int, default=0, help="0: the preset's")
-    p.add_argument("--batch-size", type=int, default=128)
+    number_flag(p, "--image-size", int, NON_NEGATIVE, default=0, help="0: the preset's")
+    number_flag(p, "--batch-size", int, AT_LEAST_1, default=128)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast, as --mixed-precision bf16")
     p.add_argument("--compile", action="store_true", help="torch.compile each model")
     p.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto", help="ours: attention/LayerNorm path")
-    p.add_argument("--rounds", type=int, default=8, help="rounds of timing, each timing every case in turn; ratios pair them up, so even")
-    p.add_argument("--steps", type=int, default=3, help="steps per case per round")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per case first (compilation happens here)")
+    number_flag(p, "--rounds", int, Range(2), default=8,
+                help="rounds of timing, each timing every case in turn; ratios pair them up, so even")
+    number_flag(p, "--steps", int, AT_LEAST_1, default=3, help="steps per case per round")
+    number_flag(p, "--warmup", int, NON_NEGATIVE, default=2, help="untimed steps per case first (compilation happens here)")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     p.add_argument("--dataset", default="digits", help="for the loader timing: digits | image folder | hf:NAME")
-    p.add_argument("--num-workers", type=int, default=2, help="loader worker processes, as --num-workers of training")
-    p.add_argument("--loader-batches", type=int, default=20, help="batches timed from the loader; 0 skips it")
-    p.add_argument("--threads", type=int, default=0, help="CPU: torch threads; 0: all cores")
+    number_flag(p, "--num-workers", int, Range(0, 256), default=2,
+                help="loader worker processes, as --num-workers of training")
+    number_flag(p, "--loader-batches", int, NON_NEGATIVE, default=20, help="batches timed from the loader; 0 skips it")
+    number_flag(p, "--threads", int, Range(0, 4096), default=0, help="CPU: torch threads; 0: all cores")
     p.add_argument("--default-malloc", action="store_true",
                    help="CPU: leave glibc's malloc as it is instead of what training does (mpp.train.reuse_freed_memory)")
-    p.add_argument("--profile", type=int, default=0, metavar="TOP",
+    number_flag(p, "--profile", int, NON_NEGATIVE, default=0, metavar="TOP",
                    help="after the timing, profile one step of each case and report its TOP operators by self time")
     p.add_argument("--output", default="", help="JSON path; default benchmarks/results/train-<device>-<setup>.json")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     from triton_kernels.gate import decisions, set_kernel_mode
 

@@ -20,17 +20,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import json
+import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from any folder
 
+from mpp.config import Parser, Range, number_flag  # noqa: E402
 from mpp.errors import UsageError, cli_main  # noqa: E402
 
 
@@ -76,7 +81,65 @@ def dataset_folder(spec: str) -> str:
     if not archive.is_file():
         raise UsageError(f"dataset archive '{spec}' does not exist: pass an image folder or an existing archive")
     target = REPO / "data" / archive.name.split(".")[0].removesuffix("_jpg").removesuffix("_128px")
-    if not (target / "train").is_dir():
+    if not (target / "train").is_dir():  # only ever made whole, by unpack's rename
+        unpack(archive, target)
+    # Relative to the working directory when inside it ("data/cifar10"): run configs stay portable.
+    return str(target.relative_to(Path.cwd())) if target.is_relative_to(Path.cwd()) else str(target)
+
+
+UNPACKING = ".unpacking-"  # unpack's temporary sibling: .<name>.unpacking-<pid of the unpacker>
+
+
+def unpack(archive: Path, target: Path) -> None:
+    """Unpack `archive` into a temporary sibling of `target` (the same filesystem), then rename it into
+    place in one step: an interrupted unpack never leaves a half folder that a rerun would trust."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_killed_unpacks(target)
+    if target.exists() and any(target.iterdir()):  # not ours: a rename would fail, or hide what is there
+        raise UsageError(f"'{target}' exists but holds no train/ folder: remove it (an unpack cut short by an "
+                         "older version?) and rerun, or pass an image folder instead of the archive")
+    work = target.with_name(f".{target.name}{UNPACKING}{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)  # a dead process's leftover whose pid this one reuses
+    try:
+        extract(archive, work)
+        if not (work / "train").is_dir():
+            raise UsageError(f"archive '{archive}' holds no train/ folder: pass an archive of train/ and test/ "
+                             "(or val/) folders, at its top or inside one folder")
+        try:
+            os.replace(work, target)  # atomic; replaces an empty target folder
+        except OSError:
+            if not (target / "train").is_dir():
+                raise
+            # another process unpacked the same archive first: keep its folder, drop ours
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # on an error or Ctrl-C; a SIGKILL's is removed by the next run
+
+
+def remove_killed_unpacks(target: Path) -> None:
+    """Delete the temporary folders of unpacks whose process is gone (a SIGKILL runs no cleanup): they are
+    never read, and hold up to a dataset's worth of files. One whose unpacker may still run stays."""
+    from mpp.checkpoint import process_alive
+
+    for work in target.parent.glob(f".{target.name}{UNPACKING}*"):
+        pid = work.name.rsplit(UNPACKING, 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            shutil.rmtree(work, ignore_errors=True)
+
+
+class UnsafeMember(Exception):
+    """A member that would land outside the destination, found by check_member (Pythons without the data filter)."""
+
+
+# What an unsafe member raises: tarfile's FilterError where the data filter exists, else our own.
+UNSAFE = (UnsafeMember, tarfile.FilterError) if hasattr(tarfile, "data_filter") else (UnsafeMember,)
+# What a truncated or corrupted archive (a copy cut short) raises part way through.
+UNREADABLE = (tarfile.ReadError, EOFError, gzip.BadGzipFile, zlib.error)
+
+
+def extract(archive: Path, work: Path) -> None:
+    """Every member of `archive` under `work`, without the archive's one top folder if it has one; a
+    member that would land outside `work` (an absolute or ../ path, a link out) is refused."""
+    try:
         with tarfile.open(archive) as tar:
             members = tar.getmembers()
             # Archives hold train/... directly or one top folder around it.
@@ -86,9 +149,28 @@ def dataset_folder(spec: str) -> str:
                 if strip:
                     m.name = m.name.partition("/")[2]
                 if m.name:
-                    tar.extract(m, target, filter="data")
-    # Relative to the working directory when inside it ("data/cifar10"): run configs stay portable.
-    return str(target.relative_to(Path.cwd())) if target.is_relative_to(Path.cwd()) else str(target)
+                    extract_member(tar, m, work)
+    except UNSAFE as e:
+        raise UsageError(f"archive '{archive}' has an unsafe member ({e}): check it, unpack it by hand "
+                         "and pass the folder") from e
+    except UNREADABLE as e:
+        raise UsageError(f"archive '{archive}' cannot be read ({type(e).__name__}: {e}): it is truncated or "
+                         "corrupted, copy it again") from e
+
+
+def extract_member(tar: tarfile.TarFile, m: tarfile.TarInfo, work: Path) -> None:
+    if hasattr(tarfile, "data_filter"):  # Python 3.10.12+ / 3.11.4+: the standard checks
+        tar.extract(m, work, filter="data")
+    else:
+        check_member(m, work)
+        tar.extract(m, work)
+
+
+def check_member(m: tarfile.TarInfo, work: Path) -> None:
+    """The fallback for a Python without tarfile's data filter: plain files and folders inside `work` only."""
+    dest = (work / m.name).resolve()
+    if not (m.isfile() or m.isdir()) or not dest.is_relative_to(work.resolve()):
+        raise UnsafeMember(f"{m.name!r} is not a file or folder inside the destination")
 
 
 class Pipeline:
@@ -195,7 +277,8 @@ def transfer_name(spec: str) -> str:
 
 def check_same(run: Path, objective: str, flags: list[str]) -> None:
     """Refuse to reuse a finished pretraining trained with other settings than this budget's."""
-    from mpp.train import RESUMABLE, parse_args
+    from mpp.rundir import RESUMABLE
+    from mpp.train import parse_args
 
     ignored = RESUMABLE - {"max_steps", "epochs"}  # a finished run of another length is another run
     wanted = dataclasses.asdict(parse_args(objective, flags)[0])
@@ -208,16 +291,17 @@ def check_same(run: Path, objective: str, flags: list[str]) -> None:
                          "pass another --root or the --budget it was trained with")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> Parser:
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default="digits", help="digits | image folder (train/, test/) | .tar.gz of one | hf:NAME")
     p.add_argument("--transfer", default="", help="second dataset for a few-shot transfer check (folder or .tar.gz)")
     p.add_argument("--budget", default="cpu", choices=sorted(BUDGETS), help="model size and training lengths")
-    p.add_argument("--train-fraction", type=float, default=0.1, help="labelled subset fine-tuned on")
-    p.add_argument("--dev-fraction", type=float, default=0.1, help="of the labelled subset, held out to pick the lr")
-    p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per model")
-    p.add_argument("--fewshot-seeds", type=int, default=3, help="few-shot draws per shot count")
+    number_flag(p, "--train-fraction", float, Range(0, 1, low_open=True), default=0.1,
+                help="labelled subset fine-tuned on")
+    number_flag(p, "--dev-fraction", float, Range(0, 1, low_open=True, high_open=True), default=0.1,
+                help="of the labelled subset, held out to pick the lr")
+    number_flag(p, "--seeds", int, Range(1, 1000), default=3, help="fine-tuning seeds per model")
+    number_flag(p, "--fewshot-seeds", int, Range(1, 1000), default=3, help="few-shot draws per shot count")
     p.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True,
                    help="also the MPP targets 4×4 and L2 and 15%% corruption (few-shot and linear probes)")
     p.add_argument("--root", default="", help="run directories (default: runs/compare-<dataset>-<budget>)")
@@ -225,14 +309,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--launch", default="", help="prefix for training stages, e.g. 'accelerate launch' "
                    "(default: this Python)")
     p.add_argument("--dry-run", action="store_true", help="print the commands without running them")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     args.dataset = dataset_folder(args.dataset)
     if args.transfer:
         args.transfer = dataset_folder(args.transfer)
-    if not 0 < args.train_fraction <= 1 or not 0 < args.dev_fraction < 1:
-        raise UsageError("--train-fraction must be in (0, 1] and --dev-fraction in (0, 1)")
-    if args.seeds < 1 or args.fewshot_seeds < 1:
-        raise UsageError("--seeds and --fewshot-seeds must be at least 1")
     from eval.fewshot import dataset_name
 
     args.root = args.root or f"runs/compare-{dataset_name(args.dataset)}-{args.budget}"

@@ -4,7 +4,11 @@
     accelerate launch scripts/pretrain_mpp.py --dataset hf:cifar10 --model Ti/4 --max-steps 20000
     accelerate launch scripts/pretrain_mpp.py --help               # every flag, with its default
 """
-from mpp.train import main
+from functools import partial
+
+from mpp.train import build_parser as _parser_of, main
+
+build_parser = partial(_parser_of, "mpp")  # this entry point's flags (tests walk every entry point's)
 
 if __name__ == "__main__":
     main("mpp")

@@ -4,7 +4,11 @@ test split, as every run is at the end) the from-scratch baseline.
     accelerate launch scripts/pretrain_supervised.py               # offline default: digits, Micro/4
     accelerate launch scripts/pretrain_supervised.py --dataset PATH/TO/FOLDER --model S/16 --image-size 224
 """
-from mpp.train import main
+from functools import partial
+
+from mpp.train import build_parser as _parser_of, main
+
+build_parser = partial(_parser_of, "supervised")  # this entry point's flags (tests walk every entry point's)
 
 if __name__ == "__main__":
     main("supervised")

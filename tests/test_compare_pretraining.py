@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -79,6 +81,78 @@ def test_archive_is_unpacked_once_with_or_without_a_top_folder(tmp_path, monkeyp
     with pytest.raises(cp.UsageError, match="does not exist"):
         cp.dataset_folder(str(tmp_path / "missing.tar.gz"))
     assert cp.dataset_folder("digits") == "digits"
+
+
+def pets_archive(tmp_path) -> Path:
+    """pets_jpg.tar.gz: train/ and test/ with one class of two images each, at the archive's top."""
+    with tarfile.open(tmp_path / "pets_jpg.tar.gz", "w:gz") as tar:
+        for name in ("train/cat/a.jpg", "train/cat/b.jpg", "test/cat/a.jpg", "test/cat/b.jpg"):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    return tmp_path / "pets_jpg.tar.gz"
+
+
+def dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def test_an_interrupted_unpack_is_never_trusted(tmp_path, monkeypatch):
+    monkeypatch.setattr(cp, "REPO", tmp_path)
+    archive, target = pets_archive(tmp_path), tmp_path / "data" / "pets"
+    unpacked = ["train/cat/a.jpg", "train/cat/b.jpg", "test/cat/a.jpg", "test/cat/b.jpg"]
+
+    # Interrupted part way (Ctrl-C after the first image): nothing in the final place, no temporary folder left.
+    extract = tarfile.TarFile.extract
+    seen = []
+
+    def interrupted(self, member, *args, **kwargs):
+        if member.isfile() and seen:
+            raise KeyboardInterrupt
+        seen.append(member.name)
+        return extract(self, member, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(tarfile.TarFile, "extract", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            cp.dataset_folder(str(archive))
+    assert seen and not target.exists() and list((tmp_path / "data").iterdir()) == []
+
+    # Killed (SIGKILL: no cleanup) part way: its half folder is removed, one whose unpacker lives stays.
+    killed = tmp_path / "data" / f".pets{cp.UNPACKING}{dead_pid()}"
+    (killed / "train" / "cat").mkdir(parents=True)
+    (killed / "train" / "cat" / "a.jpg").write_bytes(b"x")
+    running = tmp_path / "data" / f".pets{cp.UNPACKING}{os.getppid()}"
+    running.mkdir()
+    folder = cp.dataset_folder(str(archive))
+    assert folder == str(target)
+    assert sorted(str(p.relative_to(target)) for p in target.rglob("*.jpg")) == sorted(unpacked)
+    assert not killed.exists() and running.is_dir()
+
+    # A half folder at the final place (an older version's unpack cut short) is not taken for the dataset.
+    (target / "train").rename(tmp_path / "moved")
+    with pytest.raises(cp.UsageError, match="exists but holds no train/ folder: remove it"):
+        cp.dataset_folder(str(archive))
+
+
+def test_archive_members_outside_the_folder_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(cp, "REPO", tmp_path)
+    with tarfile.open(tmp_path / "evil.tar.gz", "w:gz") as tar:
+        for name in ("train/cat/a.jpg", "../escaped.jpg"):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(cp.UsageError, match="has an unsafe member"):
+        cp.dataset_folder(str(tmp_path / "evil.tar.gz"))
+    with monkeypatch.context() as m, pytest.raises(cp.UsageError, match="has an unsafe member"):
+        m.delattr(tarfile, "data_filter")  # a Python before the data filter: our own check
+        cp.dataset_folder(str(tmp_path / "evil.tar.gz"))
+    assert not (tmp_path / "data" / "escaped.jpg").exists() and list((tmp_path / "data").iterdir()) == []
+    (tmp_path / "cut.tar.gz").write_bytes(pets_archive(tmp_path).read_bytes()[:60])  # a copy cut short
+    with pytest.raises(cp.UsageError, match="cannot be read .*: it is truncated or corrupted"):
+        cp.dataset_folder(str(tmp_path / "cut.tar.gz"))
+    assert list((tmp_path / "data").iterdir()) == []
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Tests for mpp.data: the digits default, image folders, transforms, errors, and a slice of real CIFAR-10."""
 from __future__ import annotations
 
+import json
 import pickle
 from collections import Counter
 from itertools import islice
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.runs import run_script
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -222,7 +224,7 @@ def test_image_folder_mixed_modes_and_val_fallback(tmp_path: Path, hf_cache: Pat
     assert {tuple(image.shape[1:]) for image, _ in items} == {(5, 6), (7, 9), (9, 12), (5, 15), (7, 18)}
     assert Counter(label for _, label in items) == {0: 5, 1: 3}  # labels follow the folder names
     assert Counter(test[i][1] for i in range(len(test))) == {0: 2, 1: 1}
-    assert list(hf_cache.iterdir())  # the Arrow cache went where the fixture put it
+    assert not hf_cache.exists()  # listed into memory: no Arrow copy of the folder is written
     dataset, _ = build_dataset(str(root), "train", 16, train=True)
     images, labels = next(iter(DataLoader(dataset, batch_size=8)))  # mixed sizes collate once transformed
     assert images.shape == (8, 3, 16, 16) and images.dtype == torch.float32 and sorted(labels.tolist()) == [0] * 5 + [1] * 3
@@ -248,8 +250,8 @@ def test_image_folder_streams(tmp_path: Path, hf_cache: Path) -> None:
 
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_a_streamed_folder_yields_what_the_loaded_one_holds(tmp_path: Path, hf_cache: Path, split: str) -> None:
-    # The stream lists the folder itself (not through imagefolder): same classes, labels and images.
-    counts = {"train": {"ant": 3, "bee": 2, "dog": 2}, "test": {"dog": 2, "cat": 1}, "val": {"ant": 1}}
+    # Both modes are built from one listing: same classes, labels and images.
+    counts = {"train": {"ant": 3, "bee": 2, "cat": 1, "dog": 2}, "test": {"dog": 2, "cat": 1}, "val": {"ant": 1}}
     root = make_folder(tmp_path / "bugs", counts)
     loaded, info = load_split(str(root), split)
     stream, stream_info = load_split(str(root), split, streaming=True)
@@ -260,6 +262,163 @@ def test_a_streamed_folder_yields_what_the_loaded_one_holds(tmp_path: Path, hf_c
         return label, tuple(image.shape), image.sum().item()
 
     assert sorted(map(key, stream)) == sorted(key(loaded[i]) for i in range(len(loaded)))
+
+
+# ---- the image-folder convention: the class is the first folder under the split, in both modes
+
+
+def listed(dataset) -> list[tuple[str, int]]:
+    """(path, label) of every image a loaded or streamed folder dataset holds, in its order, unread."""
+    return [(row["image"]["path"], row["label"]) for row in dataset.table]
+
+
+def class_of(path: str, root: Path, split: str) -> str:
+    return Path(path).relative_to(root / split).parts[0]
+
+
+def both_modes(root: Path, split: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """The class names and (path, label) list of `split`, asserted equal loaded and streamed."""
+    loaded, info = load_split(str(root), split)
+    stream, stream_info = load_split(str(root), split, streaming=True)
+    assert stream_info == info and len(loaded) == len(listed(stream))
+    assert listed(loaded) == listed(stream)  # same images, labels and order, by construction
+    return info.class_names, listed(loaded)
+
+
+def test_nested_class_folders_label_by_the_first_folder(tmp_path: Path, hf_cache: Path) -> None:
+    # Before: loaded gave classes ['2019', 'cat'] (imagefolder labels by the parent folder) and the
+    # stream ignored the nested images.
+    root = tmp_path / "pets"
+    for cls, n in (("cat", 3), ("dog", 2)):
+        for i in range(n):
+            save_image(root / "train" / cls / "2019" / f"{i}.png", "RGB", (6, 5))
+        save_image(root / "test" / cls / "0.png", "L", (6, 5))
+    for split, counts in (("train", {"cat": 3, "dog": 2}), ("test", {"cat": 1, "dog": 1})):
+        names, items = both_modes(root, split)
+        assert names == ["cat", "dog"]
+        assert all(class_of(path, root, split) == names[label] for path, label in items)
+        assert Counter(names[label] for _, label in items) == counts
+    loaded, _ = load_split(str(root), "train")
+    assert sorted(loaded[i][1] for i in range(len(loaded))) == [0, 0, 0, 1, 1]  # the items, decoded
+
+
+def test_images_at_any_depth_in_sorted_order_and_other_files_ignored(tmp_path: Path, hf_cache: Path) -> None:
+    root = tmp_path / "deep"
+    rel = ["cat/a/b/c/d/1.png", "cat/a/b/2.JPEG", "cat/z.Png", "dog/0.jpg", "dog/x/y/1.PNG"]
+    for r in rel:
+        save_image(root / "train" / r, "RGB", (5, 4))
+    save_image(root / "test" / "dog" / "deeper" / "still" / "0.png", "RGB", (5, 4))
+    (root / "train" / "cat" / "a" / "notes.txt").write_text("not an image")
+    # A metadata.csv (imagefolder would read its labels) changes nothing: the folders decide.
+    for folder in (root, root / "train", root / "train" / "cat"):
+        (folder / "metadata.csv").write_text("file_name,label\ncat/z.Png,dog\n")
+    names, items = both_modes(root, "train")
+    assert names == ["cat", "dog"]
+    assert items == [(str(root / "train" / r), 0 if r.startswith("cat") else 1) for r in sorted(rel)]
+    _, test_items = both_modes(root, "test")
+    assert test_items == [(str(root / "test" / "dog" / "deeper" / "still" / "0.png"), 1)]
+
+
+def test_an_empty_or_missing_class_folder_in_test_is_fine(tmp_path: Path, hf_cache: Path) -> None:
+    root = make_folder(tmp_path / "zoo", {"train": {"cat": 1, "dog": 1, "emu": 1}, "test": {"cat": 2}})
+    (root / "test" / "dog" / "empty").mkdir(parents=True)  # no images: dog has no test images; emu no folder
+    names, items = both_modes(root, "test")
+    assert names == ["cat", "dog", "emu"] and [label for _, label in items] == [0, 0]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_class_only_in_test_is_a_usage_error(tmp_path: Path, split: str, streaming: bool) -> None:
+    root = make_folder(tmp_path / "pets", {"train": {"cat": 1, "dog": 1}, "test": {"bird": 1, "cat": 1}})
+    with pytest.raises(UsageError) as excinfo:  # the train split too: a run fails before it trains
+        load_split(str(root), split, streaming=streaming)
+    assert_usage_error(excinfo, "class folder 'test/bird' has no counterpart in train/ (train classes: cat, dog)",
+                       "add train/bird/ with images or remove test/bird/")
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_an_empty_class_folder_in_train_is_a_usage_error(tmp_path: Path, split: str, streaming: bool) -> None:
+    root = make_folder(tmp_path / "pets", {"train": {"cat": 1, "dog": 1}, "test": {"cat": 1}})
+    (root / "train" / "emu" / "2019").mkdir(parents=True)
+    (root / "train" / "emu" / "2019" / "notes.txt").write_text("images to come")
+    save_image(root / "train" / "emu" / ".hidden" / "0.png", "RGB", (5, 4))  # not read: still empty
+    with pytest.raises(UsageError) as excinfo:
+        load_split(str(root), split, streaming=streaming)
+    assert_usage_error(excinfo, "class folder 'train/emu'", "no images at any depth", "remove train/emu/")
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_an_image_directly_in_a_split_folder_is_a_usage_error(tmp_path: Path, streaming: bool) -> None:
+    root = make_folder(tmp_path / "pets", {"train": {"cat": 1, "dog": 1}, "test": {"cat": 1}})
+    save_image(root / "train" / "stray.png", "RGB", (5, 4))
+    with pytest.raises(UsageError) as excinfo:
+        load_split(str(root), "train", streaming=streaming)
+    assert_usage_error(excinfo, "directly in 'train/'", "'train/stray.png'", "move each into train/<class>/")
+
+
+def test_hidden_entries_and_run_directories_are_not_read(tmp_path: Path, hf_cache: Path, capfd) -> None:
+    root = make_folder(tmp_path / "pets", {"train": {"cat": 2, "dog": 1}, "test": {"cat": 1, "dog": 1}})
+    cat = root / "train" / "cat"
+    save_image(cat / ".ipynb_checkpoints" / "0.png", "RGB", (5, 4))
+    save_image(cat / "._0.png", "RGB", (5, 4))  # a macOS resource fork beside 0.png
+    run = cat / "run"  # --output-dir pointed into the data: what pretraining wrote, plus an image
+    save_image(run / "samples" / "0.png", "RGB", (5, 4))
+    (run / "config.json").write_text("{}")
+    save_image(root / "train" / "probe" / "0.png", "RGB", (5, 4))  # a run directory where a class would be
+    (root / "train" / "probe" / "metrics.jsonl").write_text("")
+    (root / "train" / ".trash" / "bird").mkdir(parents=True)
+    capfd.readouterr()
+    names, items = both_modes(root, "train")
+    assert names == ["cat", "dog"] and len(items) == 3
+    relative = sorted(str(Path(path).relative_to(root / "train")) for path, _ in items)
+    assert relative == ["cat/0.png", "cat/1.png", "dog/0.png"]
+    warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 2, warnings  # one line per listing: loaded, then streamed
+    assert all("'train/cat/run'" in w and "'train/probe'" in w and "config.json" in w for w in warnings)
+
+
+def test_linked_folders_are_followed_but_walked_once(tmp_path: Path, hf_cache: Path) -> None:
+    elsewhere = make_folder(tmp_path / "elsewhere", {"train": {"dog": 2}})
+    root = make_folder(tmp_path / "pets", {"train": {"cat": 1}, "test": {"cat": 1}})
+    (root / "train" / "dog").symlink_to(elsewhere / "train" / "dog")  # a linked class folder is read
+    (root / "train" / "cat" / "up").symlink_to(root / "train")  # a loop: would read dog as cat, ~40 times
+    names, items = both_modes(root, "train")
+    assert names == ["cat", "dog"] and [label for _, label in items] == [0, 1, 1]
+
+
+@pytest.fixture
+def nested_folder(tmp_path: Path) -> Path:
+    """train/{cat,dog}/2019/*.png and test/{cat,dog}/*.png: 8 px noise images."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "nested"
+    for split, folder, n in (("train", "2019", 8), ("test", "", 2)):
+        for cls in ("cat", "dog"):
+            (root / split / cls / folder).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / folder / f"{i}.png")
+    return root
+
+
+PRETRAIN = ["scripts/pretrain_supervised.py", "--max-steps", "2", "--batch-size", "8", "--num-workers", "0",
+            "--log-every", "1", "--warmup-steps", "1"]
+
+
+def test_a_run_on_a_nested_folder_trains_on_its_class_folders(nested_folder: Path, tmp_path: Path, hf_cache) -> None:
+    done = run_script(*PRETRAIN, "--dataset", str(nested_folder), "--output-dir", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["data"]["class_names"] == ["cat", "dog"] and config["data"]["num_classes"] == 2
+
+
+def test_a_run_on_a_folder_with_a_test_only_class_stops_with_one_line(nested_folder: Path, tmp_path: Path,
+                                                                       hf_cache) -> None:
+    save_image(nested_folder / "test" / "bird" / "0.png", "RGB", (8, 8))
+    done = run_script(*PRETRAIN, "--dataset", str(nested_folder), "--output-dir", str(tmp_path / "run"))
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert len(errors) == 1 and "'test/bird' has no counterpart in train/" in errors[0], done.stderr[-2000:]
 
 
 def test_hub_format_columns_and_unlabelled_test_split(tmp_path: Path, hf_cache: Path) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ import torch
 from eval import finetune as ft
 from mpp.checkpoint import load_checkpoint, load_run, save_checkpoint, write_json
 from mpp.model import ViT, ViTConfig, resample_pos_embed
+from tests.helpers.runs import run_script
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_dim=64)
@@ -138,6 +140,7 @@ def test_from_scratch_with_augmentations_and_resume(tmp_path, monkeypatch):
                                layer_decay=0.75, **FAST)
     first = ft.finetune(config)
     assert first["init"] == "scratch" and first["dataset"]["train_size"] == 200 and first["dataset"]["dev_size"] == 50
+    assert first["start"] == {"init": "scratch", "checkpoint": None, "step": None, "sha256": None}
     assert 0 <= first["test_accuracy"]["mean"] <= 1
 
     # An interruption after the grid and seed 0: --resume trains only what is missing, with the same result file.
@@ -149,6 +152,69 @@ def test_from_scratch_with_augmentations_and_resume(tmp_path, monkeypatch):
     assert [c["tag"] for c in calls] == ["seed1"]
     assert again["trainings"]["seed0"] == first["trainings"]["seed0"]
     assert again["test_accuracy"]["per_seed"][1] == pytest.approx(first["test_accuracy"]["per_seed"][1])
+
+
+def finetune_cli(run, out, *flags) -> subprocess.CompletedProcess:
+    """eval/finetune.py through its real command line: 2 steps, one lr (no grid)."""
+    return run_script("eval/finetune.py", "--run", str(run), "--output-dir", str(out), "--steps", "2",
+                      "--batch-size", "32", "--warmup-steps", "1", "--num-workers", "0", "--lrs", "0.01",
+                      "--log-every", "1", *flags)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_resume_after_the_pretraining_saved_a_newer_checkpoint_is_refused(pretrained, tmp_path, capsys, monkeypatch):
+    out, ckpt5 = tmp_path / "ft", pretrained / "checkpoints" / "ckpt-00000005.pt"
+    first = finetune_cli(pretrained, out, "--seeds", "1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    results = json.loads((out / "finetune.json").read_text())
+    assert results["start"] == {"init": "pretrained", "checkpoint": str(ckpt5), "step": 5, "sha256": sha256(ckpt5)}
+
+    # The pretraining moves on: a newer checkpoint with other weights is now the run's newest.
+    state = load_checkpoint(ckpt5)
+    save_checkpoint(pretrained, 10, {**state, "model": {k: v + 1 for k, v in state["model"].items()}, "step": 10})
+    before = (out / "finetune.json").read_bytes()
+    refused = finetune_cli(pretrained, out, "--seeds", "2", "--resume")
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert refused.returncode == 2 and len(errors) == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert f"from {ckpt5} (step 5) but --run is now {pretrained}/checkpoints/ckpt-00000010.pt (step 10)" in errors[0]
+    assert f"pass --run {ckpt5} to finish it, or pass a new --output-dir" in errors[0]
+    assert (out / "finetune.json").read_bytes() == before  # nothing recorded, nothing trained
+
+    # The fix it names works (in this process, to save a start-up): the recorded checkpoint named by its
+    # file trains the missing seed from it.
+    flags = ["--output-dir", str(out), "--resume", "--steps", "2", "--batch-size", "32", "--warmup-steps", "1",
+             "--num-workers", "0", "--lrs", "0.01", "--log-every", "1", "--seeds", "2"]
+    calls = spy_trainings(monkeypatch)
+    resumed = ft.finetune(ft.parse_args(["--run", str(ckpt5), *flags]))
+    assert [c["tag"] for c in calls] == ["seed1"]
+    assert torch.equal(calls[0]["start"]["pos_embed"], state["model"]["pos_embed"])  # step 5's weights
+    assert resumed["trainings"]["seed0"] == results["trainings"]["seed0"] and resumed["start"] == results["start"]
+
+    # The identity is the content: a moved copy still resumes (its step read from inside it), and the
+    # run without it is refused with the fix that is left.
+    copy = tmp_path / "start.pt"
+    ckpt5.rename(copy)
+    gone = one_line_error(capsys, ["--run", str(pretrained), *flags])
+    assert f"{ckpt5} is gone or changed, so pass --run a copy of it (sha256 {results['start']['sha256'][:12]}" in gone
+    again = ft.finetune(ft.parse_args(["--run", str(copy), *flags]))
+    assert len(calls) == 1 and again["start"] == {**results["start"], "checkpoint": str(copy)}
+
+
+def test_starting_points_that_differ_are_refused():
+    scratch = {"init": "scratch", "checkpoint": None, "step": None, "sha256": None}
+    ckpt = {"init": "pretrained", "checkpoint": "runs/mpp/checkpoints/ckpt-00000005.pt", "step": 5, "sha256": "ab" * 32}
+    ft.check_same_start(Path("ft"), scratch, scratch)
+    ft.check_same_start(Path("ft"), ckpt, {**ckpt, "checkpoint": "elsewhere.pt"})  # the same bytes
+    ft.check_same_start(Path("ft"), None, scratch)  # an older finetune.json from scratch: nothing to mix
+    with pytest.raises(ft.UsageError, match="does not record which checkpoint .*: pass a new --output-dir"):
+        ft.check_same_start(Path("ft"), None, ckpt)
+    with pytest.raises(ft.UsageError, match=r"from scratch \(random weights\) but --run is now .*: drop --run"):
+        ft.check_same_start(Path("ft"), scratch, ckpt)
+    with pytest.raises(ft.UsageError, match=r"but there is no --run now: .*fine-tune from scratch"):
+        ft.check_same_start(Path("ft"), ckpt, scratch)
 
 
 def test_short_finetune_on_real_cifar10_images(tmp_path, cifar10_slice):
@@ -169,9 +235,10 @@ def one_line_error(capsys, argv):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--dev-fraction", "1.5"], "--dev-fraction 1.5 must be in (0, 1)"),
+    (["--dev-fraction", "1.5"], "--dev-fraction 1.5 is out of range: pass a number in (0, 1)"),
+    (["--momentum", "nan"], "--momentum nan is not finite"),
     (["--train-per-class", "10000"], "pass a smaller --train-per-class"),
-    (["--lrs", "0.1", "-1"], "must be positive learning rates"),
+    (["--lrs", "0.1", "-1"], "--lrs -1 is out of range: pass a number > 0"),
     (["--mixup", "0.8", "--batch-size", "33"], "even --batch-size"),
     (["--randaugment", "foo-m9"], "not a timm RandAugment spec"),
     (["--resume"], "drop --resume"),

@@ -190,7 +190,7 @@ def test_cli_preset_with_output(tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--dev-fraction", "0"], "--dev-fraction 0.0 is out of range"),
+    (["--dev-fraction", "0"], "--dev-fraction 0 is out of range"),
     (["--dev-fraction", "0.6"], "--dev-fraction 0.6 is out of range"),
     (["--l2", "1", "0"], "--l2"),
     (["--max-train", "-1"], "--max-train"),

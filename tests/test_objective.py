@@ -155,8 +155,9 @@ def test_supervised_objective():
 
 @pytest.mark.parametrize(
     "kw, match",
-    [({"corrupt_rate": 0.0}, "corrupt rate"), ({"corrupt_rate": 1.5}, "corrupt rate"),
-     ({"mask_prob": 0.7}, "sum to 1"), ({"random_prob": -0.1, "keep_prob": 0.3}, "non-negative"),
+    [({"corrupt_rate": 0.0}, "--corrupt-rate 0 is out of range"), ({"corrupt_rate": 1.5}, "corrupt-rate 1.5 is out"),
+     ({"mask_prob": 0.7}, "sum to 1"), ({"random_prob": -0.1, "keep_prob": 0.3}, "--random-prob -0.1 is out of range"),
+     ({"mask_prob": float("nan")}, "--mask-prob nan is not finite"), ({"cells": 0}, "--cells 0 is out of range"),
      ({"target": "pixels"}, "unknown MPP target")],
 )
 def test_bad_mpp_config(kw, match):

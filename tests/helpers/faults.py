@@ -1,0 +1,69 @@
+"""Run the pretraining entry point with one injected fault: `python tests/helpers/faults.py FAULT ARGS...`.
+
+The fault is patched into the real code, then the real `mpp.train.main("mpp", ARGS)` runs, so the
+process (its loader workers, signal handlers, exit path) is exactly what a user starts.
+- step: a bug inside the second training step's forward pass;
+- worker: a bug inside a loader worker, on its fifth image;
+- save: a bug inside torch.save, at the first checkpoint;
+- slow-eval: every evaluation batch takes 0.5 s and, the first time, creates the file $FAULT_MARKER.
+"""
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import mpp.checkpoint
+import mpp.data
+import mpp.objective
+from mpp.train import main
+
+
+def step() -> None:
+    forward, calls = mpp.objective.MPPObjective.forward, [0]
+
+    def crashing(self, images, labels=None):
+        calls[0] += self.training
+        if calls[0] == 2:
+            raise RuntimeError("injected fault in a training step")
+        return forward(self, images, labels)
+
+    mpp.objective.MPPObjective.forward = crashing
+
+
+def worker() -> None:
+    getitem, calls = mpp.data.TensorImages.__getitem__, [0]
+
+    def crashing(self, index):
+        calls[0] += 1
+        if torch.utils.data.get_worker_info() is not None and calls[0] == 5:  # in a worker process only
+            raise RuntimeError("injected fault in a loader worker")
+        return getitem(self, index)
+
+    mpp.data.TensorImages.__getitem__ = crashing
+
+
+def save() -> None:
+    def crashing(*_args, **_kwargs):
+        raise RuntimeError("injected fault in torch.save")
+
+    mpp.checkpoint.torch.save = crashing
+
+
+def slow_eval() -> None:
+    forward = mpp.objective.MPPObjective.forward
+    marker = Path(os.environ["FAULT_MARKER"])
+
+    def slow(self, images, labels=None):
+        if not self.training:
+            marker.touch()
+            time.sleep(0.5)
+        return forward(self, images, labels)
+
+    mpp.objective.MPPObjective.forward = slow
+
+
+if __name__ == "__main__":
+    {"step": step, "worker": worker, "save": save, "slow-eval": slow_eval}[sys.argv[1]]()
+    main("mpp", sys.argv[2:])
