@@ -20,7 +20,16 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from mpp.checkpoint import CKPT_RE, load_checkpoint, load_run, write_json
-from mpp.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, SEED, Parser, Range, device_flag, number_flag
+from mpp.config import (
+    AT_LEAST_1,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    Parser,
+    Range,
+    device_flag,
+    number_flag,
+)
 from mpp.data import DEFAULT_DATASET, build_dataset, normalize
 from mpp.errors import UsageError, cli_main
 from mpp.model import ViT, ViTConfig, vit_config

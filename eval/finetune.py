@@ -27,22 +27,30 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import ClassVar
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
 from mpp import checkpoint as ckpt_io
-from mpp.config import (AT_LEAST_1, NON_NEGATIVE, OPEN_FRACTION, POSITIVE, SEED, Parser, Range,
-                        check_ranges)
+from mpp.config import (
+    AT_LEAST_1,
+    NON_NEGATIVE,
+    OPEN_FRACTION,
+    POSITIVE,
+    SEED,
+    Parser,
+    Range,
+    check_ranges,
+)
 from mpp.data import DEFAULT_DATASET, build_dataset, normalize
 from mpp.errors import UsageError, cli_main
+from mpp.model import ViT, vit_config
 from mpp.runlock import RunLock
 from mpp.stopping import end_workers_at_exit
-from mpp.model import ViT, vit_config
 from mpp.train import lr_factor, make_accelerator
 from triton_kernels.gate import set_kernel_mode
 

@@ -241,20 +241,17 @@ def load_latest(run_dir: str | Path, mmap: bool = False,
             found = load_checkpoint(path, mmap=mmap), path
             break
         except BadCheckpoint as e:
-            passed.append((path, e))
+            # Kept as a fresh copy: the raised one's traceback holds this frame and, through it, the
+            # caller's, so keeping it here would be a cycle that keeps the trainer's locals (its
+            # loaders' worker processes) alive until exit, where joining those workers hangs.
+            passed.append((path, BadCheckpoint(str(e), e.kind, e.reason)))
     refused = next((e for _, e in passed if e.kind == "unsafe"), None) if found is None else None
-    try:
-        for path, e in passed:  # reported only now, so the unsafe one raised is not also a warning
-            if e is not refused:
-                skipped(path, e)
-        if refused is not None:
-            raise refused
-        return found
-    finally:
-        # The errors' tracebacks hold this frame, and through it the caller's: a cycle that would keep
-        # the trainer's locals (its loaders' worker processes) alive until exit, where joining the
-        # workers hangs. Dropping the list breaks it.
-        passed.clear()
+    for path, e in passed:  # reported only now, so the unsafe one raised is not also a warning
+        if e is not refused:
+            skipped(path, e)
+    if refused is not None:
+        raise refused
+    return found
 
 
 def rng_state() -> dict:

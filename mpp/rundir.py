@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from mpp import checkpoint as ckpt_io
-from mpp.folders import TEST_FOLDERS
 from mpp.errors import UsageError
+from mpp.folders import TEST_FOLDERS
 
 
 def prepare_run_dir(config) -> Path:

@@ -2,13 +2,16 @@
 
 Two runs writing one `--output-dir` would interleave their metrics and leave the config and
 checkpoints of one and the metrics of both, each finishing with exit code 0. So the process that
-writes a run directory holds `RUN/run.lock` for as long as it writes: an advisory `flock` on the
-file, which the kernel drops when the process dies however it dies (SIGKILL included), plus a line
-saying who holds it (pid, host, command), for the message another process gets.
+writes a run directory holds `RUN/run.lock` for as long as it writes: a POSIX record lock on the
+file (`fcntl.lockf`), which the kernel drops when the process dies however it dies (SIGKILL
+included), plus a line saying who holds it (pid, host, command), for the message another process
+gets. A record lock, not `flock`: an `flock` is shared with every child forked after it was taken
+(the loader workers), so a killed run's workers would hold its directory for seconds after it died;
+a record lock belongs to the process alone, and works over NFS.
 
 A lock left by a process that is gone is taken over with a note. The file itself is never deleted
 (deleting a locked file lets a second process lock a new file of the same name); a clean exit
-empties it. On a file system without `flock`, the holder's line decides: a live process on this
+empties it. On a file system without locks, the holder's line decides: a live process on this
 host, or one on another host (whose liveness cannot be seen from here), keeps the run.
 """
 from __future__ import annotations
@@ -46,7 +49,7 @@ class RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             holder = _read_holder(fd)
-            if not _try_flock(fd, holder, self.path):
+            if not _try_lock(fd, holder, self.path):
                 raise UsageError(f"run directory '{self.path.parent}' is in use by {_describe(holder)}: wait for "
                                  f"that run to end, stop it, or pass another {self.flag}")
             if holder and os.environ.get("RANK", "0") == "0":
@@ -69,7 +72,7 @@ class RunLock:
             os.ftruncate(self._fd, 0)
         except OSError:  # a full or gone disk must not hide the error that ended the run
             pass
-        os.close(self._fd)  # closing drops the flock
+        os.close(self._fd)  # closing drops the lock
         self._fd = None
 
 
@@ -82,17 +85,17 @@ def _read_holder(fd: int) -> dict:
     return holder if isinstance(holder, dict) else {}
 
 
-def _try_flock(fd: int, holder: dict, path: Path) -> bool:
+def _try_lock(fd: int, holder: dict, path: Path) -> bool:
     """True when this process now holds the lock; False when a live process does."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
-    except BlockingIOError:
-        return False
     except OSError as e:
+        if e.errno in (errno.EACCES, errno.EAGAIN):  # held by another process
+            return False
         if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
             raise UsageError(f"cannot lock '{path}' ({e.strerror}): pass a --output-dir on a local disk") from e
-    return not _holder_alive(holder)  # no flock here: the holder's line decides
+    return not _holder_alive(holder)  # no locks on this file system: the holder's line decides
 
 
 def _holder_alive(holder: dict) -> bool:

@@ -14,21 +14,34 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, ClassVar
 from pathlib import Path
+from typing import Callable, ClassVar
 
 import torch
 from torch.utils.data import DataLoader
 
 from mpp import checkpoint as ckpt_io
-from mpp.config import (AT_LEAST_1, NON_NEGATIVE, OPEN_FRACTION, POSITIVE, SEED, Range,
-                        check_ranges)
+from mpp.config import (
+    AT_LEAST_1,
+    NON_NEGATIVE,
+    OPEN_FRACTION,
+    POSITIVE,
+    SEED,
+    Range,
+    check_ranges,
+)
 from mpp.data import build_dataset
 from mpp.errors import UsageError
 from mpp.model import ViT, vit_config
 from mpp.objective import MPPConfig, MPPObjective, SupervisedObjective
 from mpp.reproducible import SeededSamples, seed_step
-from mpp.rundir import check_resume, diverged, prepare_run_dir, read_run_config, trim_metrics
+from mpp.rundir import (
+    check_resume,
+    diverged,
+    prepare_run_dir,
+    read_run_config,
+    trim_metrics,
+)
 from mpp.runlock import RunLock
 from mpp.stopping import StopRequest, end_workers_at_exit, loader_worker_init
 from triton_kernels.gate import decisions, set_kernel_mode
@@ -128,7 +141,7 @@ def run_config(config: TrainConfig, mpp: MPPConfig, vit: ViT, data_info) -> dict
         "vit": dataclasses.asdict(vit.config),
         "data": {"num_classes": data_info.num_classes, "class_names": list(data_info.class_names)},
         "command": " ".join(sys.argv),
-        "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
+        "versions": {"torch": str(torch.__version__), "python": sys.version.split()[0]},
     }
 
 
@@ -374,7 +387,7 @@ def _train(config: TrainConfig, mpp_config: MPPConfig, held: contextlib.ExitStac
             metrics_file.write(json.dumps({"step": at, **values}) + "\n")
             metrics_file.flush()
 
-    saved = {"step": None}  # the step of the newest checkpoint this process took part in
+    last_save = {"step": None}  # the step of the newest checkpoint this process took part in
 
     def save(at: int) -> None:
         rngs = gather_object([ckpt_io.rng_state()])  # one per process: each resumes its own streams
@@ -403,7 +416,7 @@ def _train(config: TrainConfig, mpp_config: MPPConfig, held: contextlib.ExitStac
         broadcast_object_list(problem)
         if problem[0]:
             raise UsageError(problem[0])
-        saved["step"] = at
+        last_save["step"] = at
 
     def run_eval(at: int) -> dict | None:
         """The held-out metrics at step `at`, logged; None when a stop signal cut the evaluation short
@@ -490,7 +503,7 @@ def _train(config: TrainConfig, mpp_config: MPPConfig, held: contextlib.ExitStac
 
     # ---- final evaluation and checkpoint (a stop during the evaluation saves this step, then stops)
     results = None if stopping else run_eval(step)
-    if results is None or saved["step"] != step:
+    if results is None or last_save["step"] != step:
         save(step)
     if results is None:
         accelerator.end_training()

@@ -66,7 +66,7 @@ def test_only_the_main_process_writes(tmp_path):
     events = [f for f in files if "tfevents" in f]  # the scalars' file and the hparams' one
     assert len({f.rsplit(".", 2)[-2] for f in events}) == 1, files  # written by one process (the pid in the name)
     assert [f for f in files if not f.startswith("tensorboard/")] == [
-        "checkpoints/ckpt-00000005.pt", "checkpoints/ckpt-00000010.pt", "config.json", "metrics.jsonl", "summary.json"]
+        "checkpoints/ckpt-00000005.pt", "checkpoints/ckpt-00000010.pt", "config.json", "metrics.jsonl", "run.lock", "summary.json"]
     steps = [m["step"] for m in read_metrics(run)]
     assert steps == sorted(steps) and len(steps) == len(set(steps)) + 1  # steps 5, 10 and the evaluation at 10
     assert done.stdout.count("done:") == 1
