@@ -52,8 +52,11 @@ def test_timm_case_runs_the_same_mpp_objective():
 def test_a_tiny_run_writes_every_figure(tmp_path):
     out = tmp_path / "train.json"
     proc = subprocess.run(
+        # PyTorch's ops: under Triton's interpreter our kernels took 3 of CI's minutes here, and their
+        # numbers and FLOP counts have tests of their own (test_flops_count_our_triton_attention_like_pytorchs)
         [sys.executable, "scripts/bench_train.py", "--model", "Micro/4", "--batch-size", "8", "--rounds", "2",
-         "--steps", "1", "--warmup", "1", "--loader-batches", "2", "--num-workers", "0", "--profile", "5", "--output", str(out)],
+         "--steps", "1", "--warmup", "1", "--loader-batches", "2", "--num-workers", "0", "--profile", "5",
+         "--kernels", "torch", "--output", str(out)],
         cwd=REPO, check=False, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())

@@ -172,7 +172,8 @@ def test_resume_with_another_max_steps_keeps_the_schedule_consistent(tmp_path):
     run, lr = tmp_path / "run", 1e-3
     argv = ["--output-dir", str(run), *FAST, "--log-every", "1", "--lr", str(lr), "--warmup-steps", "2"]
     main("mpp", [*argv, "--max-steps", "4"])
-    main("mpp", [*argv, "--max-steps", "9", "--resume"])
+    resumed = run_script("scripts/pretrain_mpp.py", *argv, "--max-steps", "9", "--resume")  # the user's command
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
     lrs = {m["step"]: m["train/lr"] for m in read_metrics(run) if "train/lr" in m}
     cfg = TrainConfig(lr=lr, warmup_steps=2)
     expected = {s: lr * lr_factor(s - 1, cfg, 4 if s <= 4 else 9) for s in range(1, 10)}  # step s uses factor(s - 1)
@@ -183,7 +184,7 @@ def test_resume_with_another_max_steps_keeps_the_schedule_consistent(tmp_path):
     assert e.value.code == 2 and snapshot(run) == before
 
 
-def test_resume_repairs_a_torn_metrics_line_and_a_missing_config(tmp_path, capsys):
+def test_resume_repairs_a_torn_metrics_line_and_a_missing_config(tmp_path):
     from mpp.train import main
 
     run = tmp_path / "run"
@@ -193,10 +194,9 @@ def test_resume_repairs_a_torn_metrics_line_and_a_missing_config(tmp_path, capsy
         f.write('{"step": 4, "train/lo')  # a kill in the middle of a line
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").unlink()
-    capsys.readouterr()
-    main("mpp", [*argv, "--max-steps", "5", "--resume"])
-    err = capsys.readouterr().err
-    assert "rewriting it from the checkpoint's copy" in err and "Traceback" not in err
+    resumed = run_script("scripts/pretrain_mpp.py", *argv, "--max-steps", "5", "--resume")
+    err = resumed.stderr
+    assert resumed.returncode == 0 and "rewriting it from the checkpoint's copy" in err and "Traceback" not in err, err
     metrics = read_metrics(run)  # every line is JSON again, each training step once
     assert [m["step"] for m in metrics if "train/loss" in m] == [1, 2, 3, 4, 5]
     repaired = json.loads((run / "config.json").read_text())

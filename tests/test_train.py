@@ -104,7 +104,9 @@ def test_output_dir_not_writable(tmp_path, capsys):
 def test_non_finite_loss_stops_with_the_step(tmp_path, capsys):
     msg = one_line_error(capsys, "supervised", ["--output-dir", str(tmp_path / "run"), *FAST, "--max-steps", "20",
                                                 "--lr", "1e30", "--grad-clip", "0", "--warmup-steps", "0"])
-    assert "not finite at step 2" in msg  # step 1 makes the weights blow up and "lower --lr" in msg
+    assert "not finite at step 2" in msg  # step 1 makes the weights blow up
+    # advice that works: --resume would keep the lr that diverged, so a new run with a lower one
+    assert "start a new run (another --output-dir) with a lower --lr (e.g. 5e+29)" in msg and "--resume keeps" in msg
 
 
 @pytest.mark.slow
