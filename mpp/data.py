@@ -94,8 +94,11 @@ class ImageReader(abc.ABC):
                 raise UsageError(f"image '{name}' cannot be read ({reason}): remove or replace it, "
                                  "or drop --strict-images to skip unreadable images") from e
             self.record_skip(name)
-            print(f"warning: skipping unreadable image '{name}' ({reason}); {self.skipped_images()} skipped so far: "
-                  "pass --strict-images to stop instead", file=sys.stderr, flush=True)
+            # One write of the whole line: loader workers warn at once, and print() writes the text and
+            # its newline separately, so their lines could interleave.
+            sys.stderr.write(f"warning: skipping unreadable image '{name}' ({reason}); {self.skipped_images()} "
+                             "skipped so far: pass --strict-images to stop instead\n")
+            sys.stderr.flush()
             return None
 
     @abc.abstractmethod
