@@ -41,7 +41,7 @@ class MPPConfig:
             raise UsageError(f"unknown MPP target '{self.target}': use one of {', '.join(TARGETS)}")
         check_ranges(self)
         probs = (self.mask_prob, self.random_prob, self.keep_prob)
-        if min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-6:
+        if abs(sum(probs) - 1.0) > 1e-6:  # each is in [0, 1] already (RANGES)
             raise UsageError(
                 f"corruption split mask/random/keep = {probs} must be non-negative and sum to 1: "
                 "e.g. --mask-prob 0.8 --random-prob 0.1 --keep-prob 0.1"

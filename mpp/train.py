@@ -353,10 +353,9 @@ def _train(config: TrainConfig, mpp_config: MPPConfig, held: contextlib.ExitStac
         model.load_state_dict(weights)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
-        if step > total_steps:
-            raise UsageError(f"{path} is at step {step}, past the {total_steps} steps asked for: pass a --max-steps "
-                             f"(or --epochs) of at least {step}, or a new --output-dir")
+        if state["step"] > total_steps:
+            raise UsageError(f"{path} is at step {state['step']}, past the {total_steps} steps asked for: pass a "
+                             f"--max-steps (or --epochs) of at least {state['step']}, or a new --output-dir")
         # The schedule follows this run's length from here on, also when --max-steps changed: the
         # optimizer's saved rates were computed for the old length.
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
