@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from mpp.checkpoint import CKPT_RE, load_checkpoint, load_run, write_json
+from mpp.checkpoint import CKPT_RE, KernelsFor, load_checkpoint, load_run, write_json
 from mpp.config import (
     AT_LEAST_1,
     NON_NEGATIVE,
@@ -32,8 +32,9 @@ from mpp.config import (
 )
 from mpp.data import DEFAULT_DATASET, build_dataset, normalize
 from mpp.errors import UsageError, cli_main
+from mpp.kernels import MODES, KernelPolicy, RunShapes
 from mpp.model import ViT, ViTConfig, vit_config
-from triton_kernels.gate import set_kernel_mode
+from mpp.runtime import choose_kernels, compile_blocks
 
 BIAS = 100.0  # the constant feature: large, so the bias weight is (almost) not regularised
 STD_KIND = "population (ddof=0) over seeds"
@@ -226,25 +227,42 @@ def checkpoint_step(path: Path) -> int:
         return 0
 
 
+def probe_kernels(args) -> KernelsFor:
+    """The kernels of a probe's ViT, decided once at its shapes: forward only, fp32, --batch-size images."""
+    policy = KernelPolicy.from_flags(args.kernels, args.kernel_cache)
+    state = process_group()
+    device = state.device if state is not None and str(args.device).startswith("cuda") else torch.device(args.device)
+
+    def kernels_for(vit_config: ViTConfig):
+        shapes = RunShapes.of(vit_config, args.batch_size, "float32", backward=False)
+        return choose_kernels(policy, shapes, device, main=state is None or state.is_main_process,
+                              processes=1 if state is None else state.num_processes).kernels
+
+    return kernels_for
+
+
 def build_model(args) -> tuple[dict | None, torch.nn.Module, Path | None, Path | None]:
     """(run config or None, ViT, run dir or None, checkpoint path or None) from the flags."""
+    kernels_for = probe_kernels(args)
     if args.model:  # a preset: the random-init baseline without any run
         if not args.random_init or args.run:
             raise UsageError("--model builds an untrained preset: add --random-init and drop --run "
                              "(a trained model comes from --run alone)")
         torch.manual_seed(args.seed or 0)
-        return None, ViT(vit_config(args.model, image_size=args.image_size)), None, None
+        vit_cfg = vit_config(args.model, image_size=args.image_size)
+        return None, ViT(vit_cfg, kernels_for(vit_cfg)), None, None
     run = Path(args.run or "runs/mpp")
     size = {"image_size": args.image_size} if args.image_size else {}
     if not args.random_init:
-        config, vit, path = load_run(run, **size)
+        config, vit, path = load_run(run, kernels_for, **size)
         return config, vit, run_dir_of(run), path
     if run.is_dir() and (run / "config.json").is_file():  # a run that has not saved a checkpoint yet
         config = json.loads((run / "config.json").read_text())
     else:
         config = load_run(run)[0]  # the run's errors for a missing dir or a run without checkpoints
     torch.manual_seed(config["train"]["seed"] if args.seed is None else args.seed)
-    return config, ViT(ViTConfig(**{**config["vit"], **size})), run_dir_of(run), None
+    vit_cfg = ViTConfig(**{**config["vit"], **size})
+    return config, ViT(vit_cfg, kernels_for(vit_cfg)), run_dir_of(run), None
 
 
 def run_dir_of(run: Path) -> Path:
@@ -270,7 +288,11 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
     number_flag(p, "--num-workers", int, Range(0, 256), default=0, help="DataLoader worker processes (0)")
     p.add_argument("--device", type=device_flag, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (default: cuda if there is one)")
-    p.add_argument("--kernels", default="", help="attention/LayerNorm: auto | triton | torch ($MPP_KERNELS or auto)")
+    p.add_argument("--kernels", default="", choices=("", *MODES), metavar="{auto,triton,torch}",
+                   help="attention/LayerNorm: auto (ours where verified and faster) | triton | torch ($MPP_KERNELS or auto)")
+    p.add_argument("--kernel-cache", default="", metavar="DIR", help="the kernels' verdict cache; off: measure again "
+                   "($MPP_KERNEL_CACHE or ~/.cache/mpp/kernels)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the ViT's blocks")
     p.add_argument("--features", default="token", choices=FEATURES, help="token: the class token's pre-logits (the "
                    "paper's); avg: the mean patch token (default files get an -avg suffix)")
 
@@ -323,9 +345,9 @@ class ProbeTarget:
 
 def probe_target(args, name: str) -> ProbeTarget:
     """The model and settings a probe CLI (`name`: fewshot, linear_probe) evaluates."""
-    if args.kernels:
-        set_kernel_mode(args.kernels)
     config, vit, run_dir, ckpt_path = build_model(args)
+    if args.compile:
+        compile_blocks(vit)
     dataset = args.dataset or (config or {}).get("train", {}).get("dataset", DEFAULT_DATASET)
     prefix = f"{name}_random_init" if args.random_init else name
     prefix += "_avg" if args.features == "avg" else ""

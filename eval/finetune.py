@@ -48,11 +48,13 @@ from mpp.config import (
 )
 from mpp.data import DEFAULT_DATASET, build_dataset, normalize
 from mpp.errors import UsageError, cli_main
+from mpp.kernels import KernelPolicy, RunShapes
 from mpp.model import ViT, vit_config
+from mpp.ops import Kernels
 from mpp.runlock import RunLock
+from mpp.runtime import autocast_dtype, choose_kernels, compile_blocks, make_accelerator
 from mpp.stopping import end_workers_at_exit
-from mpp.train import lr_factor, make_accelerator
-from triton_kernels.gate import set_kernel_mode
+from mpp.train import lr_factor
 
 RESULTS = "finetune.json"
 SCRATCH_MODEL = "Micro/4"
@@ -86,8 +88,10 @@ class FinetuneConfig:
     dropout: float = 0.0  # ViT dropout during fine-tuning
     num_workers: int = 2  # DataLoader worker processes per training process
     cpu_threads: int = 0  # torch threads per process on CPU; 0: available cores / local processes
-    mixed_precision: str = ""  # no | fp16 | bf16; empty: what `accelerate launch` says
-    kernels: str = ""  # attention/LayerNorm: auto | triton | torch; empty: $MPP_KERNELS or auto
+    mixed_precision: str = ""  # no | fp16 | bf16; empty: Accelerate's config if any, else bf16 on a CUDA GPU with bf16, fp32 elsewhere
+    kernels: str = ""  # attention/LayerNorm: auto (ours where verified and faster) | triton | torch; empty: $MPP_KERNELS or auto
+    kernel_cache: str = ""  # folder caching the kernels' verdicts; off: measure every run; empty: $MPP_KERNEL_CACHE or ~/.cache/mpp/kernels
+    compile: bool = False  # torch.compile the ViT's blocks
     output_dir: str = ""  # results, TensorBoard, fine-tuned weights; empty: RUN/finetune or runs/finetune-scratch
     resume: bool = False  # keep the trainings already recorded in OUTPUT_DIR/finetune.json, run the rest
     log_every: int = 25  # steps between logged training metrics
@@ -117,7 +121,7 @@ class FinetuneConfig:
 # Settings that do not change what a fine-tune computes: a --resume may differ in them. --run is
 # among them because the starting checkpoint is compared by content instead (check_same_start): a
 # resume may name the same checkpoint by its file rather than by its run, but not a newer one.
-RESUMABLE = {"num_workers", "cpu_threads", "kernels", "output_dir", "resume", "log_every", "seeds", "run"}
+RESUMABLE = {"num_workers", "cpu_threads", "kernels", "kernel_cache", "compile", "output_dir", "resume", "log_every", "seeds", "run"}
 
 
 def stratified_split(labels: np.ndarray, fraction: float, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -205,8 +209,8 @@ class Finetuner:
     """Everything shared by the trainings of one fine-tune: data, the starting weights, the loss."""
 
     def __init__(self, config: FinetuneConfig, accelerator, start: ViT, num_classes: int,
-                 train_set, eval_sets: dict, steps: int, out: Path):
-        self.config, self.accelerator, self.num_classes = config, accelerator, num_classes
+                 train_set, eval_sets: dict, steps: int, out: Path, kernels: Kernels):
+        self.config, self.accelerator, self.num_classes, self.kernels = config, accelerator, num_classes, kernels
         self.start_state = {k: v.clone() for k, v in start.state_dict().items()}  # every training starts here
         self.vit_config = start.config
         self.train_set, self.eval_sets, self.steps, self.out = train_set, eval_sets, steps, out
@@ -231,8 +235,10 @@ class Finetuner:
 
         config, acc = self.config, self.accelerator
         set_seed(seed, device_specific=False)  # the same initial head and data order on every process
-        vit = ViT(self.vit_config)
+        vit = ViT(self.vit_config, self.kernels)
         vit.load_state_dict(self.start_state)
+        if config.compile:
+            compile_blocks(vit)
         if not config.run:  # from scratch: the seed draws the initial weights too
             vit.init_weights()
             vit.reset_head(self.num_classes)
@@ -380,8 +386,7 @@ def _finetune(config: FinetuneConfig, held: contextlib.ExitStack) -> dict:
 
     # ---- config
     config.validate()
-    if config.kernels:
-        set_kernel_mode(config.kernels)
+    policy = KernelPolicy.from_flags(config.kernels, config.kernel_cache)
     default_out = (run_dir_of(Path(config.run)) / "finetune") if config.run else Path("runs/finetune-scratch")
     out = Path(config.output_dir) if config.output_dir else default_out
     config = dataclasses.replace(config, output_dir=str(out))
@@ -413,7 +418,12 @@ def _finetune(config: FinetuneConfig, held: contextlib.ExitStack) -> dict:
         raise UsageError(f"--batch-size {config.batch_size} is larger than the {len(split['fit'])} labelled images "
                          "left for training after the dev split: pass a smaller --batch-size")
     eval_sets = {"dev": Subset(train_eval_set, split["dev"].tolist()), "test": test_set}
-    tuner = Finetuner(config, accelerator, start, info.num_classes, train_set, eval_sets, steps, out)
+    # ---- kernels: decided once at the fine-tune's shapes (the head reads the class token: 1 query last)
+    shapes = RunShapes.of(start.config, config.batch_size // accelerator.num_processes, autocast_dtype(accelerator),
+                          last_queries=1, compiled=config.compile)
+    kernels = choose_kernels(policy, shapes, accelerator.device, main=accelerator.is_main_process,
+                             processes=accelerator.num_processes, say=accelerator.print)
+    tuner = Finetuner(config, accelerator, start, info.num_classes, train_set, eval_sets, steps, out, kernels.kernels)
 
     # ---- results so far (--resume) and the run directory
     settings = dataclasses.asdict(config)
@@ -432,7 +442,7 @@ def _finetune(config: FinetuneConfig, held: contextlib.ExitStack) -> dict:
         "dataset": {"spec": dataset, "image_size": image_size, "num_classes": info.num_classes,
                     "train_size": len(split["train"]), "fit_size": len(split["fit"]), "dev_size": len(split["dev"]),
                     "test_size": len(test_set)},
-        "steps": steps, "vit": dataclasses.asdict(start.config), "config": settings,
+        "steps": steps, "vit": dataclasses.asdict(start.config), "config": settings, "kernels": kernels.record(),
     })
     trainings = results.setdefault("trainings", {})
 

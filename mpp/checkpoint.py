@@ -21,6 +21,9 @@ from torch.torch_version import TorchVersion
 
 from mpp.errors import UsageError
 from mpp.model import ViT, ViTConfig
+from mpp.ops import TORCH, Kernels
+
+KernelsFor = Callable[[ViTConfig], Kernels]  # the kernels a ViT of this config is built with
 
 CKPT_RE = re.compile(r"ckpt-(\d+)\.pt$")
 
@@ -315,19 +318,21 @@ def load_vit_weights(vit: ViT, state_dict: dict, source: str, hint: str = "") ->
     vit.load_state_dict(state_dict)
 
 
-def vit_from_checkpoint(ckpt: dict, source: str, **overrides) -> ViT:
-    """Rebuild the ViT a checkpoint was trained with (overrides, e.g. image_size, change the config)."""
+def vit_from_checkpoint(ckpt: dict, source: str, kernels_for: KernelsFor | None = None, **overrides) -> ViT:
+    """Rebuild the ViT a checkpoint was trained with (overrides, e.g. image_size, change the config).
+    `kernels_for(config)` gives the kernels to build it with (decided at its shapes); PyTorch's ops by default."""
     config = ViTConfig(**{**ckpt["config"]["vit"], **overrides})
-    vit = ViT(config)
+    vit = ViT(config, kernels_for(config) if kernels_for else TORCH)
     load_vit_weights(vit, ckpt["model"], source)
     return vit
 
 
-def load_run(run_dir: str | Path, **overrides) -> tuple[dict, ViT, Path]:
+def load_run(run_dir: str | Path, kernels_for: KernelsFor | None = None, **overrides) -> tuple[dict, ViT, Path]:
     """(run config, trained ViT on CPU, checkpoint path) from a run directory or a checkpoint file."""
     run_dir = Path(run_dir)
     if run_dir.is_file():
-        return (ckpt := load_checkpoint(run_dir))["config"], vit_from_checkpoint(ckpt, str(run_dir), **overrides), run_dir
+        ckpt = load_checkpoint(run_dir)
+        return ckpt["config"], vit_from_checkpoint(ckpt, str(run_dir), kernels_for, **overrides), run_dir
     if not run_dir.is_dir():
         raise UsageError(f"run directory '{run_dir}' does not exist: pass the --output-dir of a pretraining run")
     found = load_latest(run_dir)
@@ -337,4 +342,4 @@ def load_run(run_dir: str | Path, **overrides) -> tuple[dict, ViT, Path]:
             "let the run save one (it does at --save-every steps and at the end) or pass another run"
         )
     ckpt, path = found
-    return ckpt["config"], vit_from_checkpoint(ckpt, str(path), **overrides), path
+    return ckpt["config"], vit_from_checkpoint(ckpt, str(path), kernels_for, **overrides), path

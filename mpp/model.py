@@ -3,7 +3,8 @@
 Parameter names and shapes equal timm's `VisionTransformer` (class token, learned absolute
 position embeddings, pre-norm blocks, qkv bias, LayerNorm eps 1e-6), so
 `ViT.load_state_dict(timm_model.state_dict())` and the reverse load strictly.
-Attention and LayerNorm go through `mpp.ops`, the one place that picks their implementation.
+Attention and LayerNorm run the functions of the `mpp.ops.Kernels` the model is built with
+(PyTorch's ops by default; `mpp.kernels.resolve` decides, once, where our Triton kernels run).
 """
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import re
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
-from mpp import ops
 from mpp.errors import UsageError
+from mpp.ops import TORCH, Kernels
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class ViTConfig:
     def num_patches(self) -> int:
         return self.grid_size**2
 
-    def validate(self) -> "ViTConfig":
+    def validate(self) -> ViTConfig:
         for name in ("image_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_dim"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise UsageError(f"ViT {name} {getattr(self, name)!r} must be a whole number of at least 1: "
@@ -133,19 +134,25 @@ class PatchEmbed(nn.Module):
 
 
 class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm whose forward goes through `mpp.ops.layer_norm` (Triton or PyTorch)."""
+    """nn.LayerNorm (same parameters and state_dict) running the kernels' LayerNorm it was built with."""
+
+    def __init__(self, dim: int, eps: float, kernels: Kernels = TORCH):
+        super().__init__(dim, eps=eps)
+        self._norm = kernels.functions["layer_norm"]
+        self._add_norm = kernels.functions["add_layer_norm"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+        return self._norm(x, self.weight, self.bias, self.eps)
 
     def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + residual, this LayerNorm of it): on Triton, one fused kernel instead of two passes."""
-        return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+        return self._add_norm(x, residual, self.weight, self.bias, self.eps)
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ViTConfig):
+    def __init__(self, config: ViTConfig, kernels: Kernels = TORCH):
         super().__init__()
+        self._attention = kernels.functions["attention"]
         self.num_heads = config.num_heads
         self.head_dim = config.embed_dim // config.num_heads
         self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim)
@@ -168,8 +175,8 @@ class Attention(nn.Module):
             kv = F.linear(x, w[D:], b[D:]).reshape(B, N, 2, H, hd)  # (B, N, 2, H, hd)
             k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 × (B, H, N, hd)
         dropout = self.attn_dropout if self.training else 0.0
-        x = ops.attention(q, k, v, dropout_p=dropout)  # (B, H, n, hd)
-        x = x.transpose(1, 2).reshape(B, -1, D)  # (B, n, D)
+        x = self._attention(q, k, v, dropout)  # (B, H, n, hd)
+        x = x.transpose(1, 2).reshape(B, -1, D)  # (B, n, D): a view when x is in (B, n, H, hd) order (ours)
         return self.proj_drop(self.proj(x))
 
 
@@ -188,11 +195,11 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm encoder block: z' = MSA(LN(z)) + z ; z = MLP(LN(z')) + z'."""
 
-    def __init__(self, config: ViTConfig):
+    def __init__(self, config: ViTConfig, kernels: Kernels = TORCH):
         super().__init__()
-        self.norm1 = LayerNorm(config.embed_dim, eps=config.ln_eps)
-        self.attn = Attention(config)
-        self.norm2 = LayerNorm(config.embed_dim, eps=config.ln_eps)
+        self.norm1 = LayerNorm(config.embed_dim, config.ln_eps, kernels)
+        self.attn = Attention(config, kernels)
+        self.norm2 = LayerNorm(config.embed_dim, config.ln_eps, kernels)
         self.mlp = Mlp(config)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -205,18 +212,22 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-    """ViT with a class token. `model(images)` → logits (B, num_classes), or pre-logits if num_classes == 0."""
+    """ViT with a class token. `model(images)` → logits (B, num_classes), or pre-logits if num_classes == 0.
 
-    def __init__(self, config: ViTConfig):
+    `kernels` fixes, at construction, which implementation of attention and LayerNorm every block
+    runs (`mpp.ops.Kernels`; PyTorch's by default). It is not part of the weights or the config."""
+
+    def __init__(self, config: ViTConfig, kernels: Kernels = TORCH):
         super().__init__()
         self.config = config.validate()
+        self.kernels = kernels
         D = config.embed_dim
         self.patch_embed = PatchEmbed(config)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, D))
         self.pos_drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
-        self.norm = LayerNorm(D, eps=config.ln_eps)
+        self.blocks = nn.ModuleList(Block(config, kernels) for _ in range(config.depth))
+        self.norm = LayerNorm(D, config.ln_eps, kernels)
         self.head = nn.Linear(D, config.num_classes) if config.num_classes > 0 else nn.Identity()
         self.init_weights()
 

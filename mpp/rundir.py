@@ -38,7 +38,7 @@ def prepare_run_dir(config) -> Path:
 
 # Settings a resumed run may change: they do not alter what it computes, only how long and how it reports.
 RESUMABLE = {"max_steps", "epochs", "log_every", "save_every", "keep_checkpoints", "eval_every", "num_workers",
-             "cpu_threads", "kernels", "resume", "output_dir", "strict_images"}
+             "cpu_threads", "kernels", "kernel_cache", "compile", "resume", "output_dir", "strict_images"}
 
 
 def check_resume(saved: dict, run_cfg: dict, num_processes: int, source: str) -> None:
@@ -47,6 +47,8 @@ def check_resume(saved: dict, run_cfg: dict, num_processes: int, source: str) ->
     changed = [f"--{k.replace('_', '-')} {saved[section].get(k)} → {v}"
                for section in sections for k, v in run_cfg[section].items()
                if k not in RESUMABLE and saved[section].get(k) != v]
+    if saved.get("precision", run_cfg["precision"]) != run_cfg["precision"]:  # e.g. the GPU default changed
+        changed.append(f"--mixed-precision {saved['precision']} → {run_cfg['precision']}")
     if saved.get("num_processes", num_processes) != num_processes:
         changed.append(f"processes {saved['num_processes']} → {num_processes}")
     if changed:

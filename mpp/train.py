@@ -10,12 +10,12 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 from torch.utils.data import DataLoader
@@ -32,6 +32,7 @@ from mpp.config import (
 )
 from mpp.data import build_dataset
 from mpp.errors import UsageError
+from mpp.kernels import KernelPolicy, RunShapes
 from mpp.model import ViT, vit_config
 from mpp.objective import MPPConfig, MPPObjective, SupervisedObjective
 from mpp.reproducible import SeededSamples, seed_step
@@ -43,8 +44,8 @@ from mpp.rundir import (
     trim_metrics,
 )
 from mpp.runlock import RunLock
+from mpp.runtime import autocast_dtype, choose_kernels, compile_blocks, make_accelerator
 from mpp.stopping import StopRequest, end_workers_at_exit, loader_worker_init
-from triton_kernels.gate import decisions, set_kernel_mode
 
 OBJECTIVES = ("mpp", "supervised")
 
@@ -76,8 +77,10 @@ class TrainConfig:
     beta2: float = 0.999  # Adam β2 (the paper's)
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables
     label_smoothing: float = 0.0  # supervised objective only
-    kernels: str = ""  # attention/LayerNorm: auto (our Triton kernels where supported) | triton | torch; empty: $MPP_KERNELS or auto
-    mixed_precision: str = ""  # no | fp16 | bf16; empty: what `accelerate launch` / `accelerate config` says
+    kernels: str = ""  # attention/LayerNorm: auto (ours where verified and faster at the run's shapes) | triton | torch; empty: $MPP_KERNELS or auto
+    kernel_cache: str = ""  # folder caching the kernels' verdicts; off: measure every run; empty: $MPP_KERNEL_CACHE or ~/.cache/mpp/kernels
+    compile: bool = False  # torch.compile the ViT's blocks (regional: compiled once, reused by every block)
+    mixed_precision: str = ""  # no | fp16 | bf16; empty: Accelerate's config if any, else bf16 on a CUDA GPU with bf16, fp32 elsewhere
     output_dir: str = "runs/mpp"  # the run directory: config, TensorBoard events, metrics, checkpoints
     seed: int = 0  # seeds initialisation, data order, augmentation and corruption
     resume: bool = False  # continue the run in --output-dir from its newest checkpoint
@@ -97,7 +100,7 @@ class TrainConfig:
         "eval_every": NON_NEGATIVE,
     }
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         if self.objective not in OBJECTIVES:
             raise UsageError(f"unknown objective '{self.objective}': use one of {', '.join(OBJECTIVES)}")
         if self.schedule not in ("cosine", "linear"):
@@ -180,47 +183,6 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator, seed: int,
     return {k: sum(s.get(k, 0.0) for s, _ in shares) / total for k in keys}
 
 
-def reuse_freed_memory() -> bool:
-    """Keep freed memory in the process for reuse (Linux, glibc); True when done.
-
-    By default glibc serves each large block (above 128 KB, rising to at most 32 MB) with fresh
-    pages from the OS and hands them back when freed, so on CPU every activation of every step is
-    page-faulted and zeroed by the kernel again: a bias broadcast into a new 6304 x 1536 tensor
-    takes 11.9 ms instead of 0.9 ms. Raising the mmap and trim thresholds serves large blocks from
-    the heap and keeps them there. The process then holds its peak memory, which training
-    needs again at the next step anyway.
-    """
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL("libc.so.6")
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from malloc.h
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
-
-
-def make_accelerator(mixed_precision: str = "", cpu_threads: int = 0, **kwargs):
-    """An Accelerator for this machine: processes of one launch form one group, CPU threads are shared fairly."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
-
-    accelerator = Accelerator(
-        # Processes started by torchrun (`accelerate launch --multi_gpu`) on a machine without CUDA
-        # would each train alone; cpu=True makes them one gloo process group instead.
-        cpu="LOCAL_RANK" in os.environ and not torch.cuda.is_available(),
-        mixed_precision=mixed_precision or None,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        **kwargs,
-    )
-    if accelerator.device.type == "cpu":
-        # `accelerate launch` without --cpu pins OMP_NUM_THREADS=1, which halves a 2-core machine.
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # processes on this machine
-        torch.set_num_threads(cpu_threads or max(1, len(os.sched_getaffinity(0)) // local))
-        reuse_freed_memory()  # CPU steps are otherwise dominated by page faults on fresh activations
-    return accelerator
-
-
 def loader_kwargs(micro_batch: int, num_workers: int) -> dict:
     """DataLoader settings of training and evaluation (also what scripts/bench_train.py times)."""
     return {"batch_size": micro_batch, "num_workers": num_workers, "pin_memory": torch.cuda.is_available(),
@@ -262,8 +224,7 @@ def _train(config: TrainConfig, mpp_config: MPPConfig, held: contextlib.ExitStac
     # ---- config
     config.validate()
     mpp_config.validate()
-    if config.kernels:
-        set_kernel_mode(config.kernels)
+    policy = KernelPolicy.from_flags(config.kernels, config.kernel_cache)  # the one decision's inputs
     vit_cfg = vit_config(config.model, image_size=config.image_size or None, dropout=config.dropout)
 
     # ---- accelerator
@@ -305,14 +266,25 @@ def _train(config: TrainConfig, mpp_config: MPPConfig, held: contextlib.ExitStac
     train_loader, eval_loader = data_loaders(train_set, eval_set, config.batch_size // world, config.num_workers,
                                              accelerator)
 
+    # ---- kernels: decided once, at this run's shapes, by the main process for all of them
+    last_queries = max(1, round(mpp_config.corrupt_rate * vit_cfg.num_patches)) if config.objective == "mpp" else 1
+    shapes = RunShapes.of(vit_cfg, config.batch_size // world, autocast_dtype(accelerator), last_queries=last_queries,
+                          compiled=config.compile)
+    kernels = choose_kernels(policy, shapes, accelerator.device, main=accelerator.is_main_process,
+                             processes=accelerator.num_processes, say=accelerator.print)
+
     # ---- model and objective
     if config.objective == "mpp":
-        vit = ViT(dataclasses.replace(vit_cfg, num_classes=0))  # MPP predicts from patch tokens: no class head
+        vit = ViT(dataclasses.replace(vit_cfg, num_classes=0), kernels.kernels)  # MPP predicts from patch tokens
         objective = MPPObjective(vit, mpp_config)
     else:
-        vit = ViT(dataclasses.replace(vit_cfg, num_classes=info.num_classes))
+        vit = ViT(dataclasses.replace(vit_cfg, num_classes=info.num_classes), kernels.kernels)
         objective = SupervisedObjective(vit, config.label_smoothing)
+    if config.compile:
+        compile_blocks(vit)
     run_cfg = run_config(config, mpp_config, vit, info)
+    run_cfg["kernels"] = kernels.record()
+    run_cfg["precision"] = str(accelerator.mixed_precision)  # what ran, whatever chose it (flag, Accelerate, GPU default)
 
     # ---- optimizer and schedule
     if streaming and config.epochs > 0:
@@ -372,7 +344,8 @@ def _train(config: TrainConfig, mpp_config: MPPConfig, held: contextlib.ExitStac
         if config.resume:  # the run keeps its original config; each resume is recorded in it
             original = read_run_config(run_dir, state["config"])
             original.setdefault("resumed", []).append({"step": step, "command": run_cfg["command"],
-                                                       "max_steps": config.max_steps, "epochs": config.epochs})
+                                                       "max_steps": config.max_steps, "epochs": config.epochs,
+                                                       "kernels": run_cfg["kernels"]})
             ckpt_io.write_json(run_dir / "config.json", original)
             trim_metrics(run_dir / "metrics.jsonl", step)
         else:
@@ -432,7 +405,6 @@ def _train(config: TrainConfig, mpp_config: MPPConfig, held: contextlib.ExitStac
     started = time.perf_counter()
     window = {"t": time.perf_counter(), "steps": 0, "sums": {}}
     values: dict = {}  # the last logged training metrics
-    start_step = step
     micro = 0  # micro-batches into the current optimizer step (checkpoints fall between steps: 0 on resume)
     objective.train()
     stop = held.enter_context(StopRequest())  # from the first step to the final save, a stop saves first
@@ -477,8 +449,6 @@ def _train(config: TrainConfig, mpp_config: MPPConfig, held: contextlib.ExitStac
                 step += 1
                 window["steps"] += 1
                 bar.update(1)
-                if step == start_step + 1 and accelerator.is_local_main_process:  # say which kernels run, and why
-                    bar.write(f"kernels: {decisions()}")
                 if step % config.log_every == 0 or step == total_steps:
                     now = time.perf_counter()
                     n_micro = window["steps"] * config.grad_accum_steps
@@ -512,7 +482,7 @@ def _train(config: TrainConfig, mpp_config: MPPConfig, held: contextlib.ExitStac
     if accelerator.is_main_process:
         summary = {
             "objective": config.objective, "steps": step, "wall_time_s": elapsed + time.perf_counter() - started,
-            "eval": results, "last_train": values,
+            "eval": results, "last_train": values, "kernels": run_cfg["kernels"],
             # this process's share of the unreadable images skipped (the warnings name them)
             "skipped_images": {name: data.skipped_images() for name, data in (("train", train_set), ("eval", eval_set))
                                if hasattr(data, "skipped_images")},

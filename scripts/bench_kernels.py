@@ -1,14 +1,20 @@
-"""Benchmark our Triton kernels against PyTorch on a GPU; print a table, write a JSON file.
+"""Benchmark our Triton kernels against PyTorch on a GPU; print tables with ratios, write a JSON file.
 
     python scripts/bench_kernels.py                 # GPU: writes benchmarks/results/kernels-<gpu>.json
+    python scripts/bench_kernels.py --quick --time-limit 80   # shorter timings, stops adding cases at 80 s
     python scripts/bench_kernels.py --smoke         # tiny shapes on CPU through Triton's interpreter:
                                                     # checks the script runs, measures nothing meaningful
 
-LayerNorm in GB/s (forward, backward, both) against `torch.nn.functional.layer_norm`, and the
-residual add fused with it against `x + r` then `layer_norm`; attention
-in TFLOP/s (4·B·H·N²·D forward, 2.5× that backward) against every `scaled_dot_product_attention`
-backend that runs; the device's copy bandwidth and a large bf16 matmul as ceilings. Every figure
-of one table comes from the same process, so they compare as ratios on a shared, noisy machine.
+Attention in TFLOP/s (4·B·H·Nq·Nk·D forward, 2.5× that backward), forward, backward alone and both,
+in the ViT's own memory layout (q, k, v permuted views of the qkv projection's (B, N, 3, H, D)
+output; the upstream gradient a (B, N, H, D) tensor seen as (B, H, N, D)), against every
+`scaled_dot_product_attention` backend that runs (math, efficient, flash, cudnn). LayerNorm, and the
+residual add fused with it, in GB/s at ViT widths as they run under bf16 autocast: an fp32 residual
+stream plus a bf16 branch (add_layer_norm(x fp32, r bf16)), against eager PyTorch and against
+`torch.compile` of the same PyTorch ops. The device's copy bandwidth and a large bf16 matmul are the
+ceilings. Every ratio is ours / theirs in time (< 1: ours is faster); all figures of one table come
+from the same process, so they compare as ratios on a shared, noisy machine. The JSON is rewritten
+after each table, so a run stopped early keeps what it measured.
 """
 from __future__ import annotations
 
@@ -22,116 +28,182 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mpp.config import Parser
+from mpp.config import NON_NEGATIVE, Parser, number_flag
 from mpp.provenance import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
-# ViT-Ti/S/B at 224 px: N = 197 tokens, head dim 64; then longer sequences (384 px and beyond).
-ATTENTION_SHAPES = [  # (name, B, H, N, D)
-    ("Ti/16 224px", 256, 3, 197, 64), ("S/16 224px", 256, 6, 197, 64), ("B/16 224px", 256, 12, 197, 64),
-    ("B/16 384px", 64, 12, 577, 64), ("B N=1024", 32, 12, 1024, 64),
+# (name, B, H, N, D): ViT-B/16 and S/16 at 224 px (batch 128), Ti/4 at 32 px, H/14 (head dim 80,
+# padded to 128 inside the kernel) and B/16 at 384 px.
+ATTENTION_SHAPES = [
+    ("B/16 224px", 128, 12, 197, 64), ("S/16 224px", 128, 6, 197, 64), ("Ti/4 32px", 256, 3, 65, 64),
+    ("H/14 224px", 32, 16, 257, 80), ("B/16 384px", 16, 12, 577, 64),
 ]
-LAYER_NORM_SHAPES = [("Ti", 256 * 197, 192), ("S", 256 * 197, 384), ("B", 256 * 197, 768),
-                     ("L", 256 * 197, 1024), ("H", 256 * 257, 1280)]  # (name, rows, width)
+# (name, rows = B·N, width): the same models' token counts.
+LAYER_NORM_SHAPES = [("Ti/4", 256 * 65, 192), ("S/16", 128 * 197, 384), ("B/16", 128 * 197, 768),
+                     ("H/14", 32 * 257, 1280)]
 SMOKE_ATTENTION = [("smoke", 1, 2, 65, 32)]
 SMOKE_LAYER_NORM = [("smoke", 65, 192)]
+KINDS = ("fwd", "bwd", "fwd+bwd")
 
 
-def bench_ms(fn, cuda: bool) -> float:
-    """Median milliseconds per call of fn, after warm-up."""
-    if cuda:
-        from triton.testing import do_bench
+class Clock:
+    """Timing settings and the run's deadline (time.monotonic(); None: no limit)."""
 
-        return do_bench(fn, warmup=25, rep=100, return_mode="median")
-    fn()
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
+    def __init__(self, cuda: bool, quick: bool, limit_s: float):
+        self.cuda, self.quick = cuda, quick
+        self.deadline = time.monotonic() + limit_s if limit_s > 0 else None
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def ms(self, fn) -> float:
+        """Median milliseconds per call of fn, after warm-up."""
+        if self.cuda:
+            from triton.testing import do_bench
+
+            warmup, rep = (10, 30) if self.quick else (25, 100)  # milliseconds of calls
+            return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
         fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return sorted(times)[1]
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        return sorted(times)[1]
 
 
-def fwd_bwd_timers(forward, inputs: list[torch.Tensor], cuda: bool) -> dict[str, float]:
+def fwd_bwd_timers(forward, inputs: list[torch.Tensor], grads: tuple[torch.Tensor, ...], clock: Clock) -> dict:
     """ms for forward, backward alone, and both, of `forward(*inputs)` (a tensor or a tuple of them)
-    with fixed output gradients."""
+    with the fixed output gradients `grads`. The inputs may be views (the ViT's q, k, v): the
+    gradients are taken with respect to them, so no copy into a shared parent is timed."""
 
     def outputs() -> tuple[torch.Tensor, ...]:
         out = forward(*inputs)
         return out if isinstance(out, tuple) else (out,)
 
-    grads = tuple(torch.randn_like(o) for o in outputs())
-    fwd = bench_ms(lambda: forward(*inputs), cuda)
-    both = bench_ms(lambda: torch.autograd.grad(outputs(), inputs, grads), cuda)
+    fwd = clock.ms(lambda: forward(*inputs))
+    both = clock.ms(lambda: torch.autograd.grad(outputs(), inputs, grads))
     outs = outputs()  # backward alone: keep the graph for repeated backward passes
-    bwd = bench_ms(lambda: torch.autograd.grad(outs, inputs, grads, retain_graph=True), cuda)
+    bwd = clock.ms(lambda: torch.autograd.grad(outs, inputs, grads, retain_graph=True))
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both}
 
 
-def ceilings(device: str, cuda: bool, smoke: bool) -> dict[str, float]:
+def ceilings(device: str, clock: Clock, smoke: bool) -> dict[str, float]:
     n = (1 << 20) if smoke else (1 << 30)  # bytes copied
     src = torch.empty(n // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    copy_gbs = 2 * n / (bench_ms(lambda: dst.copy_(src), cuda) * 1e-3) / 1e9  # read + write
+    copy_gbs = 2 * n / (clock.ms(lambda: dst.copy_(src)) * 1e-3) / 1e9  # read + write
     m = 256 if smoke else 8192
     a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
     b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
-    mm_tflops = 2 * m**3 / (bench_ms(lambda: a @ b, cuda) * 1e-3) / 1e12
+    mm_tflops = 2 * m**3 / (clock.ms(lambda: a @ b) * 1e-3) / 1e12
     return {"copy_GBps": copy_gbs, "bf16_matmul_TFLOPs": mm_tflops}
 
 
-def torch_add_layer_norm(x, r, w, b, eps):
-    s = x + r  # what the model's PyTorch path does: two kernels, s written and read back
-    return s, F.layer_norm(s, s.shape[-1:], w, b, eps)
+def torch_layer_norm(x, w, b):
+    return F.layer_norm(x, x.shape[-1:], w, b, 1e-6)
 
 
-def bench_layer_norm(shapes, device: str, dtype: torch.dtype, cuda: bool) -> list[dict]:
-    """LayerNorm, and a block's residual add fused with the LayerNorm after it (`add_layer_norm`)
-    against the same two steps in PyTorch (x + r, then F.layer_norm)."""
+def torch_add_layer_norm(x, r, w, b):
+    s = x + r  # the model's PyTorch path: two kernels, s written and read back (fp32 + bf16 -> fp32)
+    return s, F.layer_norm(s, s.shape[-1:], w, b, 1e-6)
+
+
+def timed_rows(base: dict, impls: dict, inputs: list, grads: tuple, work: dict, unit: str, clock: Clock) -> list[dict]:
+    """One row per implementation: ms, `unit` per second (work / time) and, for the others, the
+    ratio ours / theirs in time. Our kernel is impls' first entry; an impl that raises is a row
+    with its error, and the run goes on."""
+    rows, ours = [], None
+    for impl, fn in impls.items():
+        row = {**base, "impl": impl}
+        if clock.out_of_time():
+            rows.append({**row, "skipped": "time limit"})
+            continue
+        try:
+            ms = fwd_bwd_timers(fn, inputs, grads, clock)
+        except Exception as e:  # noqa: BLE001 - a backend that does not run here, an OOM, a compile error
+            rows.append({**row, "error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"})
+            if clock.cuda:
+                torch.cuda.empty_cache()
+            continue
+        row |= {f"{k}_ms": v for k, v in ms.items()} | {f"{k}_{unit}": work[k] / (v * 1e-3) / scale(unit)
+                                                       for k, v in ms.items()}
+        if ours is None:
+            ours = ms
+        else:
+            row["ours_over_this"] = {k: ours[k] / ms[k] for k in KINDS}
+        rows.append(row)
+    return rows
+
+
+def scale(unit: str) -> float:
+    return {"GBps": 1e9, "TFLOPs": 1e12}[unit]
+
+
+def bench_layer_norm(shapes, device: str, branch_dtype: torch.dtype, clock: Clock) -> list[dict]:
+    """LayerNorm of the fp32 stream, and a block's residual add (fp32 stream + `branch_dtype` branch,
+    as under autocast) fused with the LayerNorm after it, against the same PyTorch ops eager and
+    compiled."""
+    from torch._functorch import config as functorch_config
+
     from triton_kernels.layer_norm import add_layer_norm, layer_norm
 
-    rows_out = []
-    for name, rows, width in shapes:
-        x, r = (torch.randn(rows, width, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
-        w = torch.randn(width, device=device, dtype=dtype, requires_grad=True)
-        b = torch.randn(width, device=device, dtype=dtype, requires_grad=True)
-        # Bytes a perfect kernel must move (weights, biases and per-row statistics are negligible):
-        # LayerNorm: forward reads x, writes y; backward reads x, dy, writes dx.
-        # Fused add: forward reads x, r, writes s, y; backward reads s, dy, ds, writes one dx = dr.
-        unit = rows * width * x.element_size()
-        cases = {
-            "layer_norm": ([x, w, b], {"fwd": 2 * unit, "bwd": 3 * unit, "fwd+bwd": 5 * unit}, {
-                "triton": lambda x, w, b: layer_norm(x, w, b, 1e-6),
-                "torch": lambda x, w, b: F.layer_norm(x, (width,), w, b, 1e-6)}),
-            "add_layer_norm": ([x, r, w, b], {"fwd": 4 * unit, "bwd": 4 * unit, "fwd+bwd": 8 * unit}, {
-                "triton": lambda x, r, w, b: add_layer_norm(x, r, w, b, 1e-6),
-                "torch": lambda x, r, w, b: torch_add_layer_norm(x, r, w, b, 1e-6)}),
-        }
-        for op, (inputs, moved, impls) in cases.items():
-            for impl, fn in impls.items():
-                ms = fwd_bwd_timers(fn, inputs, cuda)
-                rows_out.append({"op": op, "shape": name, "rows": rows, "width": width, "impl": impl,
-                                 **{f"{k}_ms": v for k, v in ms.items()},
-                                 **{f"{k}_GBps": moved[k] / (v * 1e-3) / 1e9 for k, v in ms.items()}})
-    return rows_out
+    ours = {"layer_norm": lambda x, w, b: layer_norm(x, w, b, 1e-6),
+            "add_layer_norm": lambda x, r, w, b: add_layer_norm(x, r, w, b, 1e-6)}
+    eager = {"layer_norm": torch_layer_norm, "add_layer_norm": torch_add_layer_norm}
+    out = []
+    # The backward-alone timing replays one graph's backward (retain_graph=True), which a compiled
+    # backward with donated buffers refuses; donation saves memory, not time.
+    with functorch_config.patch(donated_buffer=False):
+        for name, rows, width in shapes:
+            x = torch.randn(rows, width, device=device, requires_grad=True)  # the fp32 residual stream
+            r = torch.randn(rows, width, device=device, dtype=branch_dtype, requires_grad=True)  # a branch's output
+            w = (1 + 0.1 * torch.randn(width, device=device)).requires_grad_()
+            b = (0.1 * torch.randn(width, device=device)).requires_grad_()
+            xb, rb = x.element_size() * rows * width, r.element_size() * rows * width
+            # Bytes a perfect kernel must move (weights, biases and per-row statistics are negligible):
+            # LayerNorm: forward reads x, writes y; backward reads x, dy, writes dx.
+            # Fused add: forward reads x, r, writes s, y; backward reads s, ds, dy, writes dx and dr
+            # (one tensor when x and r share a dtype, both when r is the bf16 branch).
+            moved = {"layer_norm": {"fwd": 2 * xb, "bwd": 3 * xb},
+                     "add_layer_norm": {"fwd": 3 * xb + rb, "bwd": 4 * xb + (rb if r.dtype != x.dtype else 0)}}
+            for op, inputs in (("layer_norm", [x, w, b]), ("add_layer_norm", [x, r, w, b])):
+                work = moved[op] | {"fwd+bwd": moved[op]["fwd"] + moved[op]["bwd"]}
+                impls = {"triton": ours[op], "torch": eager[op],
+                         "torch-compile": torch.compile(eager[op], dynamic=False)}  # fixed shapes, as training
+                outs = eager[op](*inputs)
+                grads = tuple(torch.randn_like(o) for o in (outs if isinstance(outs, tuple) else (outs,)))
+                dtypes = f"x {str(x.dtype)[6:]}" + (f", r {str(r.dtype)[6:]}" if op == "add_layer_norm" else "")
+                base = {"op": op, "shape": name, "rows": rows, "width": width, "dtypes": dtypes}
+                out += timed_rows(base, impls, inputs, grads, work, "GBps", clock)
+    return out
 
 
 def sdpa_backends():
     from torch.nn.attention import SDPBackend
 
-    names = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
-             "math": "MATH"}
+    names = {"math": "MATH", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION",
+             "cudnn": "CUDNN_ATTENTION"}
     return {name: getattr(SDPBackend, attr) for name, attr in names.items() if hasattr(SDPBackend, attr)}
 
 
-def bench_attention(shapes, device: str, dtype: torch.dtype, cuda: bool) -> list[dict]:
+def vit_qkv(B: int, H: int, N: int, D: int, device: str, dtype: torch.dtype):
+    """q, k, v (B, H, N, D) as the ViT makes them, views of one (B, N, 3, H, D) projection output, and
+    the upstream gradient as the ViT sends it: (B, N, H, D) memory seen as (B, H, N, D)."""
+    qkv = torch.randn(B, N, 3, H, D, device=device, dtype=dtype, requires_grad=True)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    dout = torch.randn(B, N, H, D, device=device, dtype=dtype).transpose(1, 2)
+    return [q, k, v], dout
+
+
+def bench_attention(shapes, device: str, dtype: torch.dtype, clock: Clock) -> list[dict]:
     from torch.nn.attention import sdpa_kernel
 
     from triton_kernels.attention import attention
 
-    rows_out = []
+    out = []
     for name, B, H, N, D in shapes:
-        q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        inputs, dout = vit_qkv(B, H, N, D, device, dtype)
         flops = {"fwd": 4 * B * H * N * N * D}
         flops |= {"bwd": 2.5 * flops["fwd"], "fwd+bwd": 3.5 * flops["fwd"]}
         impls = {"triton": lambda q, k, v: attention(q, k, v)}
@@ -140,34 +212,35 @@ def bench_attention(shapes, device: str, dtype: torch.dtype, cuda: bool) -> list
                 with sdpa_kernel([enum]):
                     return F.scaled_dot_product_attention(q, k, v)
             impls[f"sdpa-{backend}"] = run
-        for impl, fn in impls.items():
-            try:
-                ms = fwd_bwd_timers(fn, [q, k, v], cuda)
-            except (RuntimeError, torch.OutOfMemoryError) as e:  # a backend that does not run here
-                rows_out.append({"op": "attention", "shape": name, "impl": impl, "error": str(e).splitlines()[0][:160]})
-                if cuda:
-                    torch.cuda.empty_cache()
-                continue
-            rows_out.append({"op": "attention", "shape": name, "B": B, "H": H, "N": N, "D": D, "impl": impl,
-                             **{f"{k}_ms": v for k, v in ms.items()},
-                             **{f"{k}_TFLOPs": flops[k] / (v * 1e-3) / 1e12 for k, v in ms.items()}})
-    return rows_out
+        base = {"op": "attention", "shape": name, "B": B, "H": H, "N": N, "D": D, "layout": "vit"}
+        out += timed_rows(base, impls, inputs, (dout,), flops, "TFLOPs", clock)
+        del inputs, dout
+        if clock.cuda:
+            torch.cuda.empty_cache()
+    return out
 
 
 def print_table(rows: list[dict], unit: str) -> None:
-    print(f"{'op':<16}{'shape':<13}{'impl':<16}{'fwd':>9}{'bwd':>9}{'fwd+bwd':>9}  {unit}")
+    print(f"{'op':<16}{'shape':<12}{'impl':<16}{'fwd':>9}{'bwd':>9}{'fwd+bwd':>9}  {unit:<7}"
+          f"{'ours/this in time:':>19}{'fwd':>7}{'bwd':>7}{'both':>7}")
     for r in rows:
-        if "error" in r:
-            print(f"{r['op']:<16}{r['shape']:<13}{r['impl']:<16}  not run: {r['error']}")
-        else:
-            print(f"{r['op']:<16}{r['shape']:<13}{r['impl']:<16}"
-                  + "".join(f"{r[f'{k}_{unit}']:9.1f}" for k in ("fwd", "bwd", "fwd+bwd")))
+        head = f"{r['op']:<16}{r['shape']:<12}{r['impl']:<16}"
+        if "error" in r or "skipped" in r:
+            print(f"{head}  not run: {r.get('error') or r['skipped']}")
+            continue
+        ratio = r.get("ours_over_this")
+        print(head + "".join(f" {r[f'{k}_{unit}']:8.4g}" for k in KINDS) + " " * 28
+              + ("".join(f" {ratio[k]:6.3g}" for k in KINDS) if ratio else ""))
 
 
 def build_parser() -> Parser:
     parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through Triton's interpreter")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--quick", action="store_true", help="shorter timings (10 ms warm-up, 30 ms of calls)")
+    number_flag(parser, "--time-limit", float, NON_NEGATIVE, default=0.0, metavar="SECONDS",
+                help="cases not started by then are recorded as skipped (0: no limit)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
+                        help="attention's dtype and the LayerNorm branch's (the autocast dtype)")
     parser.add_argument("--output", help="JSON path (default: benchmarks/results/kernels-<gpu>.json)")
     return parser
 
@@ -181,25 +254,38 @@ def main() -> None:
     if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("error: --smoke runs the kernels through Triton's interpreter: set TRITON_INTERPRET=1")
     device = "cuda" if cuda else "cpu"
-    dtype = getattr(torch, args.dtype) if cuda else torch.float32  # the interpreter runs fp32 best
+    dtype = getattr(torch, args.dtype) if cuda else torch.float32  # the interpreter has no bf16
+    clock = Clock(cuda, args.quick, args.time_limit)
     import triton
 
     gpu = torch.cuda.get_device_name() if cuda else f"cpu-interpreter-{platform.machine()}"
     info = {"device": gpu, "torch": torch.__version__, "triton": triton.__version__,
             "cuda": torch.version.cuda, "commit": git_commit(REPO), "dtype": str(dtype).removeprefix("torch."),
-            "timing": "triton.testing.do_bench median" if cuda else "perf_counter median of 3 (smoke)"}
-    print(" ".join(f"{k}={v}" for k, v in info.items()))
-    ceiling = ceilings(device, cuda, args.smoke)
-    print(f"ceilings: copy {ceiling['copy_GBps']:.0f} GB/s, bf16 matmul {ceiling['bf16_matmul_TFLOPs']:.0f} TFLOP/s")
-    ln = bench_layer_norm(SMOKE_LAYER_NORM if args.smoke else LAYER_NORM_SHAPES, device, dtype, cuda)
-    print_table(ln, "GBps")
-    attn = bench_attention(SMOKE_ATTENTION if args.smoke else ATTENTION_SHAPES, device, dtype, cuda)
-    print_table(attn, "TFLOPs")
-
+            "layout": "vit: q, k, v views of (B, N, 3, H, D); dO (B, N, H, D) seen as (B, H, N, D)",
+            "ratio": "ours_over_this: our time / this implementation's time (< 1: ours faster)",
+            "timing": ("triton.testing.do_bench median" + (" (quick)" if args.quick else "")) if cuda
+            else "perf_counter median of 3 (smoke)"}
+    print(" ".join(f"{k}={v}" for k, v in info.items() if k not in ("layout", "ratio")))
     slug = "".join(c if c.isalnum() else "-" for c in gpu.lower()).strip("-")
     out = Path(args.output) if args.output else REPO / "benchmarks" / "results" / f"kernels-{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**info, "ceilings": ceiling, "layer_norm": ln, "attention": attn}, indent=2) + "\n")
+    result = {**info, "complete": False}
+
+    def write() -> None:  # after each table: a run stopped early keeps what it measured
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+    result["ceilings"] = ceilings(device, clock, args.smoke)
+    print(f"ceilings: copy {result['ceilings']['copy_GBps']:.0f} GB/s, "
+          f"bf16 matmul {result['ceilings']['bf16_matmul_TFLOPs']:.0f} TFLOP/s")
+    write()
+    result["attention"] = bench_attention(SMOKE_ATTENTION if args.smoke else ATTENTION_SHAPES, device, dtype, clock)
+    print_table(result["attention"], "TFLOPs")
+    write()
+    result["layer_norm"] = bench_layer_norm(SMOKE_LAYER_NORM if args.smoke else LAYER_NORM_SHAPES, device, dtype,
+                                            clock)
+    print_table(result["layer_norm"], "GBps")
+    result["complete"] = not any("skipped" in r for r in result["attention"] + result["layer_norm"])
+    write()
     print(f"wrote {out}")
 
 

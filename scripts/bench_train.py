@@ -12,7 +12,10 @@ order) of the pair's total time of one side over the other's, with a distributio
 interval for that median: within a pair both sides sit at the same mean time, so a slow spell or a
 steady drift of a shared, noisy machine hits both alike. timm's model is wrapped only
 to expose its patch embedding and its blocks to the same MPP objective; both sides run the same
-objective, optimizer and clipping.
+objective, optimizer and clipping. Our ViT's attention and LayerNorm are decided as training decides
+them (`mpp.kernels.resolve`, `--kernels`), once per objective at the step's own shapes (the last
+block computes the corrupted patches alone for MPP, the class token alone for supervised); the
+verdicts, with their error and timing figures, go into the JSON.
 
 Reported per case: step time, images/s, peak memory of a step (parameters, optimizer state and
 everything the step allocates), model FLOPs per image (counted by PyTorch's FLOP counter over a
@@ -27,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import platform
 import re
 import sys
@@ -43,11 +45,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from mpp.config import AT_LEAST_1, NON_NEGATIVE, Parser, Range, number_flag
+from mpp.errors import cli_main
+from mpp.kernels import KernelChoice, KernelPolicy, RunShapes, resolve
 from mpp.model import ViT, ViTConfig, gather_tokens, timm_kwargs, vit_config
 from mpp.objective import MPPConfig, MPPObjective, SupervisedObjective
+from mpp.ops import TORCH, Kernels
 from mpp.provenance import git_commit
-from mpp.train import param_groups, reuse_freed_memory
-from triton_kernels.gate import ENV
+from mpp.runtime import reuse_freed_memory
+from mpp.train import param_groups
 
 IMPLS = ("ours", "timm")
 OBJECTIVES = ("mpp", "supervised")
@@ -79,22 +84,46 @@ class TimmTokens(nn.Module):
         return self.model(images)  # (B, K)
 
 
-def build_objective(impl: str, objective: str, config: ViTConfig) -> nn.Module:
+def build_objective(impl: str, objective: str, config: ViTConfig, kernels: Kernels = TORCH) -> nn.Module:
     config = dataclasses.replace(config, num_classes=0 if objective == "mpp" else NUM_CLASSES)
-    vit = ViT(config) if impl == "ours" else TimmTokens(config)
+    vit = ViT(config, kernels) if impl == "ours" else TimmTokens(config)
     return MPPObjective(vit, MPPConfig()) if objective == "mpp" else SupervisedObjective(vit)
+
+
+def run_shapes(config: ViTConfig, objective: str, batch: int, dtype: torch.dtype) -> RunShapes:
+    """The shapes one objective's training step calls the ops at: the last block computes the
+    corrupted patches alone for MPP (MPPObjective's keep), the class token alone for supervised."""
+    last = max(1, round(MPPConfig().corrupt_rate * config.num_patches)) if objective == "mpp" else 1
+    return RunShapes.of(config, batch, str(dtype).removeprefix("torch."), backward=True, last_queries=last)
+
+
+def choose_kernels(policy: KernelPolicy, config: ViTConfig, batch: int, dtype: torch.dtype,
+                   device: torch.device) -> dict[str, KernelChoice]:
+    """Our ViT's kernels per objective, decided as training decides them: at the step's own shapes."""
+    choices = {}
+    for objective in OBJECTIVES:
+        choices[objective] = resolve(policy, run_shapes(config, objective, batch, dtype), device)
+        for line in choices[objective].lines():
+            print(f"{objective}: {line}", flush=True)
+    return choices
 
 
 class Case:
     """One (impl, objective): its model, optimizer and a `step()` on a fixed batch."""
 
     def __init__(self, impl: str, objective: str, config: ViTConfig, images: torch.Tensor, labels: torch.Tensor,
-                 dtype: torch.dtype, compile_model: bool):
-        self.impl, self.objective = impl, objective
-        self.module = build_objective(impl, objective, config).to(images.device)
+                 dtype: torch.dtype, compile_model: bool, kernels: Kernels = TORCH, compile_scope: str = "model"):
+        self.impl, self.objective, self.config = impl, objective, config
+        self.module = build_objective(impl, objective, config, kernels).to(images.device)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(param_groups(self.module, 0.05), lr=1e-4)
-        self.forward = torch.compile(self.module) if compile_model else self.module
+        self.forward = self.module
+        if compile_model and compile_scope == "blocks":  # as training's --compile: each block, in place
+            vit = self.module.vit
+            for block in vit.blocks if impl == "ours" else vit.model.blocks:
+                block.compile()
+        elif compile_model:
+            self.forward = torch.compile(self.module)
         self.images, self.labels = images, labels
         autocast = dtype != torch.float32
         self.autocast = (lambda: torch.autocast(images.device.type, dtype=dtype)) if autocast else nullcontext
@@ -232,22 +261,14 @@ def flops_per_image(case: Case) -> float:
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
             lambda grad, q, k, v, *args, out_shape=None, **kw: sdpa_backward_flop_count(grad, q, k, v),
     }
-    module = case.module  # eager: the counter does not see inside a compiled graph
-    # Our Triton kernels launch no aten ops for the counter to see; the model's FLOPs do not depend
-    # on which kernel computes them, so count them through PyTorch's ops.
-    mode = os.environ.get(ENV)
-    os.environ[ENV] = "torch"
-    try:
-        with FlopCounterMode(display=False, custom_mapping=custom) as counter:
-            with case.autocast():
-                loss = module(case.images, case.labels)[0]
-            loss.backward()
-    finally:
-        if mode is None:
-            del os.environ[ENV]
-        else:
-            os.environ[ENV] = mode
-    module.zero_grad(set_to_none=True)
+    # Eager (the counter does not see inside a compiled graph), and on PyTorch's ops: our Triton
+    # kernels launch no aten ops for the counter to see, and the model's FLOPs do not depend on which
+    # kernel computes them. So count them on a twin of the case's model built with PyTorch's ops.
+    module = build_objective(case.impl, case.objective, case.config).to(case.images.device)
+    with FlopCounterMode(display=False, custom_mapping=custom) as counter:
+        with case.autocast():
+            loss = module(case.images, case.labels)[0]
+        loss.backward()
     return counter.get_total_flops() / len(case.images)
 
 
@@ -321,7 +342,7 @@ def markdown(result: dict) -> str:
     """The README table rows of one result."""
     a = result["args"]
     setup = f"{a['model']} {result['image_size']} px, batch {a['batch_size']}, {a['dtype']}" + (
-        ", compile" if a["compile"] else "")
+        (", compile (blocks)" if a.get("compile_scope") == "blocks" else ", compile") if a["compile"] else "")
     rows = []
     for c in result["cases"]:
         rows.append(f"| {result['device']} | {setup} | {c['impl']} {c['objective']} | {c['images_per_s']:.1f} | "
@@ -347,7 +368,15 @@ def build_parser() -> Parser:
     number_flag(p, "--batch-size", int, AT_LEAST_1, default=128)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast, as --mixed-precision bf16")
     p.add_argument("--compile", action="store_true", help="torch.compile each model")
-    p.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto", help="ours: attention/LayerNorm path")
+    p.add_argument("--compile-scope", choices=("model", "blocks"), default="model",
+                   help="with --compile: the whole objective (one graph), or each encoder block in place as "
+                        "training's --compile does (one block's compilation serves all: seconds, not minutes)")
+    p.add_argument("--kernels", choices=("auto", "triton", "torch"), default="",
+                   help="ours: attention/LayerNorm, decided per objective at this benchmark's shapes "
+                        "(mpp.kernels.resolve; default $MPP_KERNELS, else auto); MPP_KERNELS_OFF keeps named ops "
+                        "on PyTorch")
+    p.add_argument("--kernel-cache", default="", help="verdict cache folder; off: measure every run "
+                                                      "(default $MPP_KERNEL_CACHE or ~/.cache/mpp/kernels)")
     number_flag(p, "--rounds", int, Range(2), default=8,
                 help="rounds of timing, each timing every case in turn; ratios pair them up, so even")
     number_flag(p, "--steps", int, AT_LEAST_1, default=3, help="steps per case per round")
@@ -359,19 +388,17 @@ def build_parser() -> Parser:
     number_flag(p, "--loader-batches", int, NON_NEGATIVE, default=20, help="batches timed from the loader; 0 skips it")
     number_flag(p, "--threads", int, Range(0, 4096), default=0, help="CPU: torch threads; 0: all cores")
     p.add_argument("--default-malloc", action="store_true",
-                   help="CPU: leave glibc's malloc as it is instead of what training does (mpp.train.reuse_freed_memory)")
+                   help="CPU: leave glibc's malloc as it is instead of what training does (mpp.runtime.reuse_freed_memory)")
     number_flag(p, "--profile", int, NON_NEGATIVE, default=0, metavar="TOP",
                    help="after the timing, profile one step of each case and report its TOP operators by self time")
     p.add_argument("--output", default="", help="JSON path; default benchmarks/results/train-<device>-<setup>.json")
     return p
 
 
+@cli_main  # --kernels triton meeting a failed check: one line, exit code 2
 def main() -> None:
     args = build_parser().parse_args()
-
-    from triton_kernels.gate import decisions, set_kernel_mode
-
-    set_kernel_mode(args.kernels)
+    policy = KernelPolicy.from_flags(args.kernels, args.kernel_cache)  # also reads MPP_KERNELS_OFF
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -392,7 +419,11 @@ def main() -> None:
         if args.loader_batches > 0 else None
 
     ceiling = matmul_ceiling(device, dtype)
-    cases = [Case(i, o, config, images, labels, dtype, args.compile) for i in args.impls for o in OBJECTIVES]
+    # Our ViT's kernels, decided once per objective at this benchmark's shapes, as training decides them.
+    choices = choose_kernels(policy, config, args.batch_size, dtype, device) if "ours" in args.impls else {}
+    cases = [Case(i, o, config, images, labels, dtype, args.compile,
+                  choices[o].kernels if i == "ours" else TORCH, args.compile_scope)
+             for i in args.impls for o in OBJECTIVES]
     # Timing order: ours MPP, ours supervised, timm supervised, timm MPP. Three of the four compared
     # pairs are neighbours in time, so a slow spell of the shared machine hits both sides of their
     # ratio; every other round runs in reverse, so a drift within a round favours neither side.
@@ -432,7 +463,8 @@ def main() -> None:
     result = {
         "device": device_name(device), "versions": versions(), "args": vars(args), "image_size": S,
         "commit": git_commit(REPO),
-        "kernels": decisions(), "malloc_reuses_freed_memory": reused, f"matmul_ceiling_{args.dtype}_TFLOPs": ceiling / 1e12,
+        "kernels": {o: c.record() for o, c in choices.items()},  # our ViT's verdicts, per objective
+        "malloc_reuses_freed_memory": reused, f"matmul_ceiling_{args.dtype}_TFLOPs": ceiling / 1e12,
         "cases": rows, "ratios": ratios,
         "ratio_intervals": {k: {"low": lo, "high": hi, "coverage": cov} for k, (lo, hi, cov) in intervals.items()},
         "ratios_per_pair": pairs,
@@ -447,14 +479,15 @@ def main() -> None:
         result["loader_headroom"] = loader["images_per_s"] / max(r["images_per_s"] for r in rows)
 
     name = f"train-{slug(device_name(device).split(' (')[0])}-{slug(args.model)}-{S}px-{args.dtype}"
-    name += "-compile" if args.compile else ""
+    name += ("-compile-blocks" if args.compile_scope == "blocks" else "-compile") if args.compile else ""
     name += "-default-malloc" if args.default_malloc else ""
     out = Path(args.output or REPO / "benchmarks" / "results" / f"{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"\n{result['device']}, torch {torch.__version__}; {args.model} {S} px, batch {args.batch_size}, "
-          f"{args.dtype}{', compile' if args.compile else ''}; kernels: {decisions() or 'n/a'}")
+          f"{args.dtype}{', compile' if args.compile else ''}; kernels (ours): "
+          + ("; ".join(f"{o} {c.kernels.names()}" for o, c in choices.items()) or "n/a"))
     print(f"{'case':<16}{'images/s':>10}{'step ms':>10}{'peak MB':>10}{'GFLOP/img':>11}{'MFU':>8}")
     for r in rows:
         print(f"{r['impl'] + ' ' + r['objective']:<16}{r['images_per_s']:>10.1f}{r['step_ms']:>10.1f}"

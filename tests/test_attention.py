@@ -7,7 +7,11 @@ the cases are a representative set (ViT lengths, tails, padded head dims, layout
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,9 +25,15 @@ if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
                 allow_module_level=True)
 
 attn = importlib.import_module("triton_kernels.attention")  # the module (the package exports the function)
-from triton_kernels.attention import (FlashAttention, attention, attention_fwd,  # noqa: E402
-                                      attention_ref, attention_supported)
+from triton_kernels.attention import (
+    FlashAttention,
+    attention,
+    attention_fwd,
+    attention_ref,
+    attention_supported,
+)
 
+REPO = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if CUDA else "cpu"
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -84,7 +94,7 @@ FP32_CASES = [
     (1, 1, 257, 257, 32, 1.0, "vit"),
     (1, 1, 577, 577, 64, None, "vit"),
     (1, 1, 65, 65, 48, None, "vit"),
-    (1, 2, 50, 50, 80, None, "vit"),
+    (1, 2, 50, 50, 80, None, "vit"),  # ViT-H/14's head dim: BLOCK_D 128, lanes 80..127 masked
     (1, 1, 3, 3, 8, None, "contiguous"),
     (2, 3, 1, 65, 64, None, "contiguous"),  # the class token's query alone (ViT.forward's last block)
     (1, 2, 33, 65, 32, None, "contiguous"),  # some queries (MPP's corrupted patches) over all keys
@@ -102,7 +112,7 @@ def test_fp32_matches_reference(B, H, n_q, n_k, d, scale, layout):
     g = make_grad(B, H, n_q, d, layout, gen=gen)
     got = run(lambda *a: attention(*a, scale=scale), q, k, v, g)
     want = run(lambda *a: attention_ref(*a, scale=scale), q, k, v, g)
-    assert got[0].is_contiguous()
+    assert got[0].transpose(1, 2).is_contiguous()  # (B, Nq, H, D) memory order
     assert_finite(got)
     assert_close_fp32(got, want)
 
@@ -219,6 +229,182 @@ def test_supported_reasons(monkeypatch):
     assert "cpu tensors" in attention_supported(*c)
 
 
+def test_output_is_bnhd_so_merging_heads_is_a_view():
+    """out is [B, H, N, D] over a (B, N, H, D) buffer: the ViT's head merge costs no copy."""
+    B, H, n, d = 2, 3, 17, 32
+    q, k, v = make_qkv(B, H, n, n, d, "vit", gen=torch.Generator().manual_seed(11))
+    out = attention(q, k, v)
+    assert out.shape == (B, H, n, d)
+    assert out.transpose(1, 2).is_contiguous() and not out.is_contiguous()
+    merged = out.transpose(1, 2).reshape(B, n, H * d)
+    assert merged.data_ptr() == out.data_ptr()  # a view of out's storage, no copy
+    assert merged.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+    torch.testing.assert_close(merged, attention_ref(q, k, v).transpose(1, 2).reshape(B, n, H * d),
+                               atol=2e-5, rtol=2e-5)
+
+
+def test_ops_pass_opcheck():
+    """Schema, fake impl (shapes, dtypes and the BNHD output strides) and autograd registration."""
+    q, k, v = make_qkv(1, 2, 17, 33, 16, "contiguous", gen=torch.Generator().manual_seed(12))
+    torch.library.opcheck(torch.ops.mpp_kernels.attention_fwd.default, (q, k, v, 0.25))
+    out, lse = attention_fwd(q, k, v, 0.25)
+    g = make_grad(1, 2, 17, 16, "vit", gen=torch.Generator().manual_seed(13))  # strided dO
+    torch.library.opcheck(torch.ops.mpp_kernels.attention_bwd.default, (g, q, k, v, out, lse, 0.25))
+
+
+def test_torch_compile_aot_eager_matches_eager():
+    """Dynamo + AOTAutograd trace the op and its registered backward with fullgraph=True (fake
+    tensors only, the kernels then run eagerly: works under the interpreter); the compiled output
+    has the eager output's (B, N, H, D) strides."""
+    torch._dynamo.reset()
+    q, k, v = make_qkv(1, 2, 33, 33, 32, "vit", gen=torch.Generator().manual_seed(14))
+    g = make_grad(1, 2, 33, 32, "vit", gen=torch.Generator().manual_seed(15))
+
+    def f(q, k, v):
+        return attention(q, k, v) * 2.0
+
+    got = run(torch.compile(f, backend="aot_eager", fullgraph=True), q, k, v, g)
+    want = run(f, q, k, v, g)
+    assert got[0].stride() == want[0].stride()
+    assert_close_fp32(got, want, tol=0)
+
+
+@pytest.mark.parametrize("make", [lambda: torch.zeros(2, 3), lambda: torch.zeros(2, 3, device="meta")],
+                         ids=["cpu", "meta"])
+def test_launch_device_is_a_null_context_off_cuda(make):
+    from triton_kernels import _launch_device
+
+    ctx = _launch_device(make())
+    assert not isinstance(ctx, torch.cuda.device)
+    with ctx:  # enters and exits without touching CUDA
+        pass
+
+
+def test_launch_device_skips_fake_cuda_tensors(monkeypatch):
+    """torch.compile's fake CUDA tensors get no torch.cuda.device: tracing must not call CUDA (this
+    machine may have none). Functional tensors over fakes: see the triton_op test below."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from triton_kernels import _launch_device
+
+    def no_cuda(*args):
+        raise AssertionError("torch.cuda.device called for a fake tensor")
+
+    monkeypatch.setattr(torch.cuda, "device", no_cuda)
+    with FakeTensorMode():
+        fake = torch.empty(2, 3, device="cuda")
+        with _launch_device(fake):
+            pass
+
+
+@gpu
+@pytest.mark.gpu
+def test_launch_device_guards_real_cuda_tensors():
+    from triton_kernels import _launch_device
+
+    assert isinstance(_launch_device(torch.zeros(1, device="cuda")), torch.cuda.device)
+
+
+# The compiled-Triton ops (triton_ops, not the interpreter's custom ops), traced with fake CUDA
+# tensors: the path torch.compile takes, which runs here without a GPU. A subprocess: Triton's
+# mode is fixed when the kernels are defined, and this process interprets.
+_TRITON_OP_FAKE = r"""
+import json, torch
+from torch._functorch.aot_autograd import aot_function
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._library.triton import get_triton_kernels_for_op
+import triton_kernels.layer_norm  # registers the LayerNorm ops
+from triton_kernels.attention import attention_bwd, attention_fwd
+
+def no_cuda(*args):
+    raise AssertionError("torch.cuda.device called while tracing")
+
+torch.cuda.device = no_cuda
+with FakeTensorMode():
+    q, k, v = torch.empty(2, 197, 3, 3, 64, device="cuda", dtype=torch.bfloat16).permute(2, 0, 3, 1, 4).unbind(0)
+    out, lse = attention_fwd(q, k, v, 0.125)
+    dq, dk, dv = attention_bwd(out, q, k, v, out, lse, 0.125)
+    x = torch.empty(394, 768, device="cuda", dtype=torch.bfloat16)
+    y, _, _ = torch.ops.mpp_kernels.layer_norm_fwd(x, x[0], x[0], 1e-6)
+    # AOTAutograd (what torch.compile runs before Inductor) decomposes the triton_op into its body
+    graphs = []
+    traced = aot_function(lambda q, k, v: attention_fwd(q, k, v, 0.125)[0] * 2,
+                          fw_compiler=lambda gm, _: graphs.append(gm.code) or gm)(q, k, v)
+kernels = {op: [k.fn.__name__ for k in get_triton_kernels_for_op("mpp_kernels::" + op)]
+           for op in ("attention_fwd", "attention_bwd", "layer_norm_fwd", "layer_norm_bwd")}
+print(json.dumps({"op_type": type(attention_fwd).__name__, "out": [list(out.shape), list(out.stride())],
+                  "lse": list(lse.stride()), "dq": list(dq.stride()), "ln": list(y.stride()),
+                  "aot": list(traced.stride()), "aot_kernel": "triton_kernel_wrapper_functional" in graphs[0],
+                  "kernels": kernels}))
+"""
+
+
+def test_triton_op_fake_path_without_cuda_calls():
+    """The triton_op's body as its own fake impl on fake CUDA tensors: BNHD output strides, no CUDA
+    call (the device guard skips fakes), also when AOTAutograd decomposes the op into its kernel
+    launch (functional tensors), and torch finds every kernel of each op in the source.
+    (Not the LayerNorm backward: its program count reads the real GPU's SM count, which the graph
+    Inductor traces from that body needs.)"""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", _TRITON_OP_FAKE], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    B, H, n, d = 2, 3, 197, 64
+    assert got["op_type"] == "CustomOpDef"
+    assert got["out"] == [[B, H, n, d], [n * H * d, d, H * d, 1]]
+    assert got["lse"] == [H * n, n, 1] and got["dq"] == [H * n * d, n * d, d, 1]
+    assert got["ln"] == [768, 1]
+    assert got["aot_kernel"] and got["aot"] == got["out"][1]  # traced into the kernel, same strides
+    assert got["kernels"] == {
+        "attention_fwd": ["_attn_fwd_kernel"],
+        "attention_bwd": ["_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"],
+        "layer_norm_fwd": ["_layer_norm_fwd_kernel"],
+        "layer_norm_bwd": ["_layer_norm_bwd_kernel"],
+    }
+
+
+# ---- the package: lazy imports, and the function/submodule name clash ----
+
+def test_package_import_does_not_import_triton():
+    code = ("import sys, triton_kernels; bad = [m for m in ('triton', 'triton_kernels.gate', 'triton_kernels.attention') "
+            "if m in sys.modules]; assert not bad, bad")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_package_exports_functions_not_submodules():
+    """`from triton_kernels import attention` is the function even after `import
+    triton_kernels.attention` (which binds submodules as package attributes); import_module gives
+    the module. In a subprocess: here the submodules are imported already."""
+    code = """
+import importlib, types, triton_kernels
+import triton_kernels.attention, triton_kernels.layer_norm
+from triton_kernels import attention, layer_norm, LayerNorm, add_layer_norm_supported
+assert callable(attention) and not isinstance(attention, types.ModuleType), attention
+assert callable(layer_norm) and not isinstance(layer_norm, types.ModuleType), layer_norm
+mod = importlib.import_module("triton_kernels.attention")
+assert isinstance(mod, types.ModuleType) and mod.attention is attention
+assert importlib.import_module("triton_kernels.layer_norm").layer_norm is layer_norm
+assert sorted(triton_kernels.__all__) == sorted(triton_kernels._EXPORTS)
+assert set(triton_kernels.__all__) <= set(dir(triton_kernels))
+try:
+    triton_kernels.no_such_name
+except AttributeError:
+    pass
+else:
+    raise AssertionError("no AttributeError")
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import triton_kernels  # and in this process, where the test module imported the submodule first
+
+    assert triton_kernels.attention is attention
+    assert importlib.import_module("triton_kernels.attention") is attn
+
+
 # ---- GPU only -----------------------------------------------------------------------------------
 
 @gpu
@@ -247,6 +433,7 @@ def test_gpu_compile_fullgraph_matches_eager():
 
     compiled = torch.compile(f, fullgraph=True)
     got, want = run(compiled, q, k, v, g), run(f, q, k, v, g)
+    assert got[0].stride() == want[0].stride()  # Inductor keeps the op's (B, N, H, D) output layout
     assert_close_fp32(got, want, tol=1e-2)
 
 
@@ -258,3 +445,18 @@ def test_gpu_backward_deterministic():
     a, b = run(attention, q, k, v, g), run(attention, q, k, v, g)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_gpu_second_device_without_set_device():
+    """Tensors on cuda:1 while cuda:0 is current: the launches must run on cuda:1."""
+    assert torch.cuda.current_device() == 0
+    gen = torch.Generator().manual_seed(16)
+    q, k, v = (torch.randn(2, 197, 3, 4, 64, generator=gen).to("cuda:1", torch.bfloat16)
+               .permute(2, 0, 3, 1, 4).unbind(0))
+    g = torch.randn(2, 197, 4, 64, generator=gen).to("cuda:1", torch.bfloat16).transpose(1, 2)
+    got = run(attention, q, k, v, g)
+    want = run(attention_ref, *(x.float() for x in (q, k, v, g)))
+    assert all(t.device == torch.device("cuda:1") for t in got)
+    assert_close_fp32([t.float() for t in got], want, tol=3e-2)

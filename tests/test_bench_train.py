@@ -61,6 +61,9 @@ def test_a_tiny_run_writes_every_figure(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert {"device", "versions", "commit", "kernels", "cases", "ratios", "loader", "loader_headroom"} <= set(result)
+    assert set(result["kernels"]) == {"mpp", "supervised"}  # our ViT's verdicts, one decision per objective
+    for choice in result["kernels"].values():
+        assert choice["mode"] == "torch" and {v["impl"] for v in choice["verdicts"].values()} == {"torch"}
     assert {(c["impl"], c["objective"]) for c in result["cases"]} == {
         (i, o) for i in ("ours", "timm") for o in ("mpp", "supervised")}
     for c in result["cases"]:
@@ -123,13 +126,14 @@ import sys, torch
 sys.path.insert(0, "scripts")
 import bench_train
 from mpp.model import vit_config
-from triton_kernels.gate import decisions
+from mpp.ops import Kernels
 torch.manual_seed(0)
+kernels = Kernels(attention=sys.argv[1], layer_norm=sys.argv[1], add_layer_norm=sys.argv[1])
 case = bench_train.Case("ours", "mpp", vit_config("Micro/4"), torch.rand(2, 3, 16, 16), torch.zeros(2, dtype=torch.long),
-                        torch.float32, compile_model=False)
+                        torch.float32, compile_model=False, kernels=kernels)
 flops = bench_train.flops_per_image(case)
-case.loss()  # then the step itself: which kernel it runs
-print(flops, decisions()["attention"])
+case.loss()  # then the step itself, on the kernels the model was built with
+print(flops, case.module.vit.kernels.attention)
 """
 
 
@@ -139,14 +143,38 @@ def test_flops_count_our_triton_attention_like_pytorchs():
 
     counted = {}
     for kernels in ("torch", "triton"):
-        env = {**os.environ, "MPP_KERNELS": kernels, "TRITON_INTERPRET": "1"}
-        out = subprocess.run([sys.executable, "-c", FLOPS], cwd=REPO, env=env, check=False, capture_output=True, text=True,
-                             timeout=600)
+        env = {**os.environ, "TRITON_INTERPRET": "1"}  # our kernels on CPU tensors
+        out = subprocess.run([sys.executable, "-c", FLOPS, kernels], cwd=REPO, env=env, check=False,
+                             capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
-        flops, decision = out.stdout.split(maxsplit=1)
-        assert decision.startswith(kernels)
+        flops, built_with = out.stdout.split()[-2:]
+        assert built_with == kernels
         counted[kernels] = float(flops)
     assert counted["triton"] == counted["torch"] > 0
+
+
+def test_kernels_are_decided_at_each_objectives_shapes():
+    """MPP's last block computes the corrupted half of the patches, supervised's the class token alone."""
+    config = vit_config("S/16")  # 196 patches, 197 tokens
+    mpp = bench_train.run_shapes(config, "mpp", 128, torch.bfloat16)
+    supervised = bench_train.run_shapes(config, "supervised", 128, torch.bfloat16)
+    assert (mpp.tokens, mpp.last_queries, mpp.batch, mpp.dtype, mpp.backward) == (197, 98, 128, "bfloat16", True)
+    assert supervised.last_queries == 1 and supervised.heads == 6 and supervised.head_dim == 64
+
+
+def test_kernels_off_keeps_named_ops_on_pytorch(monkeypatch):
+    """MPP_KERNELS_OFF still works through the policy: a named op is PyTorch's whatever the mode."""
+    from mpp.kernels import KernelPolicy
+
+    monkeypatch.setenv("MPP_KERNELS_OFF", "add_layer_norm")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU without the interpreter: nothing is measured
+    choices = bench_train.choose_kernels(KernelPolicy.from_flags("auto", "off"), vit_config("Micro/4"), 2,
+                                         torch.float32, torch.device("cpu"))
+    assert set(choices) == {"mpp", "supervised"}
+    for choice in choices.values():
+        verdicts = choice.record()["verdicts"]
+        assert verdicts["add_layer_norm"] == {"impl": "torch", "reason": "MPP_KERNELS_OFF names it"}
+        assert choice.kernels.names() == {"attention": "torch", "layer_norm": "torch", "add_layer_norm": "torch"}
 
 
 def test_results_name_their_commit_and_say_when_the_code_differs_from_it(tmp_path):

@@ -6,8 +6,6 @@ is interpreted in Python. With CUDA the same tests run the compiled kernels.
 """
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +13,7 @@ from torch import nn
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 
-from triton_kernels.layer_norm import (  # noqa: E402
+from triton_kernels.layer_norm import (
     MAX_WIDTH,
     LayerNorm,
     add_layer_norm,
@@ -173,7 +171,7 @@ def test_only_requested_gradients():
 
 def test_supported_reasons():
     d = 768
-    ok = dict(weight=torch.ones(d, device=device), bias=torch.zeros(d, device=device))
+    ok = {"weight": torch.ones(d, device=device), "bias": torch.zeros(d, device=device)}
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         x = torch.zeros(2, 3, d, dtype=dtype, device=device)
         assert layer_norm_supported(x, ok["weight"], ok["bias"]) is None  # fp32 params
@@ -219,18 +217,18 @@ def test_module_matches_nn_layer_norm():
 
 
 def test_ops_pass_opcheck():
-    """Schema, fake (meta) implementation and dispatch of the two custom ops."""
-    mod = importlib.import_module("triton_kernels.layer_norm")  # the module, not the function
-    if not mod._HAS_TRITON_OP:
-        pytest.skip("torch.library.triton_op is unavailable: the launchers are plain functions")
+    """Schema, fake (meta) implementation and dispatch of the custom ops; a transposed x checks that
+    the fake impls give the launchers' contiguous outputs whatever the input strides."""
     x, w, b, dy = make_inputs((5, 40), seed=8)
-    y, mean, rstd = torch.ops.mpp_kernels.layer_norm_fwd(x, w, b, 1e-6)
+    torch.library.opcheck(torch.ops.mpp_kernels.layer_norm_fwd.default, (x.t().contiguous().t(), w, b, 1e-6))
+    _y, mean, rstd = torch.ops.mpp_kernels.layer_norm_fwd(x, w, b, 1e-6)
     torch.library.opcheck(torch.ops.mpp_kernels.layer_norm_fwd.default, (x, w, b, 1e-6))
     torch.library.opcheck(torch.ops.mpp_kernels.layer_norm_bwd.default, (dy, x, w, mean, rstd))
     r = torch.randn_like(x)
     s, _, mean, rstd = torch.ops.mpp_kernels.add_layer_norm_fwd(x, r, w, b, 1e-6)
     torch.library.opcheck(torch.ops.mpp_kernels.add_layer_norm_fwd.default, (x, r, w, b, 1e-6))
     torch.library.opcheck(torch.ops.mpp_kernels.add_layer_norm_bwd.default, (dy, r, s, w, mean, rstd))
+    torch.library.opcheck(torch.ops.mpp_kernels.add_layer_norm_fwd.default, (x.t().contiguous().t(), r, w, b, 1e-6))
 
 
 def _compiled_matches_eager(backend):
@@ -259,6 +257,22 @@ def test_torch_compile_traces_the_autograd_function():
 def test_torch_compile_inductor_matches_eager():
     """Inductor sees through the triton_ops to the Triton kernels and launches them itself."""
     _compiled_matches_eager("inductor")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_gpu_second_device_without_set_device():
+    """Tensors on cuda:1 while cuda:0 is current: every launch (forward, backward, fused add) must
+    run on cuda:1."""
+    assert torch.cuda.current_device() == 0
+    x, w, b, dy = (t.to("cuda:1") for t in make_inputs((197, 768), seed=20))
+    got, want = forward_backward(layer_norm, x, w, b, dy), forward_backward(layer_norm_ref, x, w, b, dy)
+    for name, g, r in zip(NAMES, got, want):
+        assert g.device == torch.device("cuda:1")
+        assert_close_scaled(g, r, 1e-5, name)
+    s, y = add_layer_norm(x, dy, w, b)
+    assert_close_scaled(s, x + dy, 0, "s")
+    assert_close_scaled(y, layer_norm_ref(x + dy, w, b), 1e-5, "y")
 
 
 # ---- the fused residual add: (s, y) = (x + r, LayerNorm(x + r)) ----

@@ -199,7 +199,7 @@ def test_short_run_on_real_cifar10_images(tmp_path, cifar10_slice, objective):
 
 FREED_MEMORY = """
 import sys, torch
-from mpp.train import reuse_freed_memory
+from mpp.runtime import reuse_freed_memory
 if sys.argv[1] == "reuse":
     assert reuse_freed_memory()
 def rss_mb():

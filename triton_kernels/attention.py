@@ -5,7 +5,9 @@ Public API: `attention(q, k, v, scale=None)` (differentiable), the `FlashAttenti
 `attention_supported(q, k, v)` (None, or why the kernel cannot take these inputs).
 
 q: [B, H, Nq, D], k, v: [B, H, Nk, D], any strides (the ViT's permuted qkv views go in as they are;
-strides are kernel arguments). Output: [B, H, Nq, D] contiguous, in q.dtype. Nq, Nk >= 1.
+strides are kernel arguments). Output: [B, H, Nq, D] in (B, Nq, H, D) memory order, in q.dtype:
+`out.transpose(1, 2).reshape(B, Nq, H * D)` (how the ViT merges heads) is a view, not a copy.
+Nq, Nk >= 1.
 Head dims 1..128; a non-power-of-two D is padded to BLOCK_D = max(16, next_power_of_2(D)) lanes
 with masked loads and stores (zeros in the pad change no dot product). fp16 / bf16 use tensor cores
 with fp32 accumulation; fp32 uses exact IEEE products (`input_precision="ieee"`, never tf32).
@@ -22,6 +24,11 @@ exponential, so they weigh exactly 0. A fully masked row cannot occur: each key 
 starts below Nk, so it holds at least one real key and every row's running max is finite after the
 first block, even for the pad rows past Nq (q = 0 there: scores 0, finite), whose results are
 simply never stored.
+
+Launches: every launcher runs its kernels on the input's own CUDA device (`torch.cuda.device`), so
+tensors on cuda:1 need no torch.cuda.set_device. The launchers are custom ops mpp_kernels::*:
+triton_ops (torch.compile traces into the kernels), or under TRITON_INTERPRET=1 opaque custom ops
+with fake impls (see `triton_kernels._as_op`).
 """
 from __future__ import annotations
 
@@ -31,6 +38,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import nn
+from torch.library import wrap_triton
+
+from triton_kernels import _as_op, _launch_device
 
 MAX_HEAD_DIM = 128
 MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1, where batch*heads goes
@@ -298,90 +308,101 @@ def _attn_bwd_dq_kernel(
 #   small tiles), with BLOCK_M != BLOCK_N so a mix-up of the two shows up in the tests.
 def _configs(block_d: int, dtype: torch.dtype) -> dict[str, dict[str, int]]:
     if _interpreting():
-        return {"fwd": dict(BLOCK_M=64, BLOCK_N=32), "dkdv": dict(BLOCK_M=32, BLOCK_N=64),
-                "dq": dict(BLOCK_M=64, BLOCK_N=32), "pre": dict(BLOCK_M=64)}
+        return {"fwd": {"BLOCK_M": 64, "BLOCK_N": 32}, "dkdv": {"BLOCK_M": 32, "BLOCK_N": 64},
+                "dq": {"BLOCK_M": 64, "BLOCK_N": 32}, "pre": {"BLOCK_M": 64}}
     if dtype == torch.float32:
-        return {"fwd": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
-                "dkdv": dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2),
-                "dq": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
-                "pre": dict(BLOCK_M=64, num_warps=4)}
+        return {"fwd": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
+                "dkdv": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
+                "dq": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
+                "pre": {"BLOCK_M": 64, "num_warps": 4}}
     held = 128 if block_d <= 64 else 64
-    return {"fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-            "dkdv": dict(BLOCK_M=32, BLOCK_N=held, num_warps=8, num_stages=3),
-            "dq": dict(BLOCK_M=held, BLOCK_N=32, num_warps=4, num_stages=3),
-            "pre": dict(BLOCK_M=128, num_warps=4)}
+    return {"fwd": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+            "dkdv": {"BLOCK_M": 32, "BLOCK_N": held, "num_warps": 8, "num_stages": 3},
+            "dq": {"BLOCK_M": held, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3},
+            "pre": {"BLOCK_M": 128, "num_warps": 4}}
 
 
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-# With torch.library.triton_op, torch.compile sees the kernels themselves (not an opaque custom op)
-# and the same function serves as the fake (meta) implementation; `wrap_triton` makes each launch
-# traceable. Without it (torch < 2.6) the same functions run as plain Python.
-try:
-    from torch.library import triton_op as _triton_op, wrap_triton as _wrap_triton
-except ImportError:  # old torch: plain calls
-    _triton_op = None
-
-    def _wrap_triton(kernel):
-        return kernel
+_INTERPRETED = type(_attn_fwd_kernel).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1 at import
 
 
-def _maybe_op(name: str):
-    return (lambda fn: fn) if _triton_op is None else _triton_op(name, mutates_args=())
-
-
-@_maybe_op("mpp_kernels::attention_fwd")
-def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, H, Nq, D] contiguous q.dtype, lse [B, H, Nq] fp32 natural-log logsumexp of scaled scores)."""
+def _fwd_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (out, lse) for the forward; the launcher and the fake impl share it, so the strides agree."""
     B, H, n_q, d = q.shape
-    n_k = k.shape[2]
-    out = torch.empty((B, H, n_q, d), device=q.device, dtype=q.dtype)
-    lse = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32)
-    block_d = _block_d(d)
-    cfg = _configs(block_d, q.dtype)["fwd"]
-    grid = (triton.cdiv(n_q, cfg["BLOCK_M"]), B * H)
-    _wrap_triton(_attn_fwd_kernel)[grid](
-        q, k, v, out, lse, scale * _LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, n_q, n_k, HEAD_DIM=d, BLOCK_D=block_d, IEEE=q.dtype == torch.float32, **cfg)
+    # [B, H, Nq, D] view of a (B, Nq, H, D) buffer: the ViT's out.transpose(1, 2).reshape(B, N, H*D)
+    # is then a free view, not a copy per layer.
+    out = torch.empty((B, n_q, H, d), device=q.device, dtype=q.dtype).transpose(1, 2)
+    lse = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32)  # contiguous: the kernels index it flat
     return out, lse
 
 
-@_maybe_op("mpp_kernels::attention_bwd")
-def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                  lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv), each contiguous in its input's dtype. do: any strides; out, lse: from attention_fwd."""
+def _bwd_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty (dq, dk, dv), contiguous [B, H, N, D] in each input's dtype."""
+    dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
+    return dq, dk, dv
+
+
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, H, Nq, D] in (B, Nq, H, D) memory order, q.dtype; lse [B, H, Nq] fp32 natural-log
+    logsumexp of the scaled scores)."""
+    B, H, n_q, d = q.shape
+    n_k = k.shape[2]
+    out, lse = _fwd_outputs(q)
+    block_d = _block_d(d)
+    cfg = _configs(block_d, q.dtype)["fwd"]
+    grid = (triton.cdiv(n_q, cfg["BLOCK_M"]), B * H)
+    # `wrap_triton(<kernel name>)` spelled out: torch reads the op's kernels from this source
+    # (torch._library.triton.get_inner_triton_kernels), e.g. for its compile cache keys.
+    with _launch_device(q):
+        wrap_triton(_attn_fwd_kernel)[grid](
+            q, k, v, out, lse, scale * _LOG2E,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            H, n_q, n_k, HEAD_DIM=d, BLOCK_D=block_d, IEEE=q.dtype == torch.float32, **cfg)
+    return out, lse
+
+
+def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), each contiguous in its input's dtype. do, out: any strides; lse from the forward."""
     B, H, n_q, d = q.shape
     n_k = k.shape[2]
     block_d = _block_d(d)
     cfgs = _configs(block_d, q.dtype)
     ieee = q.dtype == torch.float32
     delta = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32)
-    dq = torch.empty((B, H, n_q, d), device=q.device, dtype=q.dtype)
-    dk = torch.empty((B, H, n_k, d), device=k.device, dtype=k.dtype)
-    dv = torch.empty((B, H, n_k, d), device=v.device, dtype=v.dtype)
+    dq, dk, dv = _bwd_outputs(q, k, v)
 
-    cfg = cfgs["pre"]
-    _wrap_triton(_attn_bwd_preprocess_kernel)[(triton.cdiv(n_q, cfg["BLOCK_M"]), B * H)](
-        out, do, delta, *out.stride(), *do.stride(), H, n_q, HEAD_DIM=d, BLOCK_D=block_d, **cfg)
-    cfg = cfgs["dkdv"]
-    _wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(n_k, cfg["BLOCK_N"]), B * H)](
-        q, k, v, do, lse, delta, dk, dv, scale * _LOG2E, scale,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
-        H, n_q, n_k, HEAD_DIM=d, BLOCK_D=block_d, IEEE=ieee, **cfg)
-    cfg = cfgs["dq"]
-    _wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(n_q, cfg["BLOCK_M"]), B * H)](
-        q, k, v, do, lse, delta, dq, scale * _LOG2E, scale,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        H, n_q, n_k, HEAD_DIM=d, BLOCK_D=block_d, IEEE=ieee, **cfg)
+    with _launch_device(q):
+        cfg = cfgs["pre"]
+        wrap_triton(_attn_bwd_preprocess_kernel)[(triton.cdiv(n_q, cfg["BLOCK_M"]), B * H)](
+            out, do, delta, *out.stride(), *do.stride(), H, n_q, HEAD_DIM=d, BLOCK_D=block_d, **cfg)
+        cfg = cfgs["dkdv"]
+        wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(n_k, cfg["BLOCK_N"]), B * H)](
+            q, k, v, do, lse, delta, dk, dv, scale * _LOG2E, scale,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
+            H, n_q, n_k, HEAD_DIM=d, BLOCK_D=block_d, IEEE=ieee, **cfg)
+        cfg = cfgs["dq"]
+        wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(n_q, cfg["BLOCK_M"]), B * H)](
+            q, k, v, do, lse, delta, dq, scale * _LOG2E, scale,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            H, n_q, n_k, HEAD_DIM=d, BLOCK_D=block_d, IEEE=ieee, **cfg)
     return dq, dk, dv
+
+
+# The ops mpp_kernels::attention_fwd / attention_bwd: triton_ops (torch.compile traces into the
+# kernels), or under the interpreter custom ops with the allocation helpers as fake impls.
+attention_fwd = _as_op("attention_fwd", _attention_fwd, lambda q, k, v, scale: _fwd_outputs(q), _INTERPRETED)
+attention_bwd = _as_op("attention_bwd", _attention_bwd,
+                       lambda do, q, k, v, out, lse, scale: _bwd_outputs(q, k, v), _INTERPRETED)
 
 
 # Autograd: `register_autograd` on the forward op rather than a torch.autograd.Function, so the op
 # itself carries its derivative: eager, torch.compile(fullgraph=True) and torch.export all see one
-# op whose backward is the attention_bwd op (no Function for dynamo to trace). Old torch: a Function.
+# op whose backward is the attention_bwd op (no Function for dynamo to trace).
 def _setup_context(ctx, inputs, output):
     q, k, v, scale = inputs
     out, lse = output
@@ -396,26 +417,11 @@ def _backward(ctx, grad_out, grad_lse):
     return dq, dk, dv, None
 
 
-if _triton_op is not None:
-    torch.library.register_autograd("mpp_kernels::attention_fwd", _backward, setup_context=_setup_context)
-    _attention_fn = attention_fwd
-else:
-    class _Attention(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, q, k, v, scale):
-            out, lse = attention_fwd(q, k, v, scale)
-            _setup_context(ctx, (q, k, v, scale), (out, lse))
-            return out, lse
-
-        @staticmethod
-        def backward(ctx, grad_out, grad_lse):
-            return _backward(ctx, grad_out, grad_lse)
-
-    _attention_fn = _Attention.apply
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def attention_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
-    """None when the kernel handles (q, k, v), else a short reason (the gate then uses PyTorch)."""
+    """None when the kernel handles (q, k, v), else a short reason (the caller then uses PyTorch)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return f"q, k, v must be 4-D [B, H, N, D], got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D"
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
@@ -443,9 +449,10 @@ def attention_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> st
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """softmax(scale * q k^T) v, non-causal, no dropout. q: [B, H, Nq, D]; k, v: [B, H, Nk, D], any
-    strides → [B, H, Nq, D] contiguous in q.dtype. scale defaults to D**-0.5. Differentiable."""
+    strides → [B, H, Nq, D] in q.dtype, in (B, Nq, H, D) memory order. scale defaults to D**-0.5.
+    Differentiable. Inputs must pass `attention_supported` (this function does not check)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _attention_fn(q, k, v, scale)[0]
+    return attention_fwd(q, k, v, scale)[0]
 
 
 class FlashAttention(nn.Module):

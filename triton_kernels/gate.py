@@ -1,81 +1,56 @@
-"""The one gate that decides, per call, whether an op runs on our Triton kernel or on PyTorch, and why.
+"""Whether the Triton kernels can run at all here: the platform and the install, checked without
+importing triton until a kernel could be used.
 
-In order: `MPP_KERNELS=torch` (or `--kernels torch`) → PyTorch; an op named in `MPP_KERNELS_OFF`
-(e.g. `add_layer_norm`, to measure one kernel's effect) → PyTorch; Triton not importable → PyTorch;
-the tensors' device (CUDA of compute capability ≥ 8.0, or CPU only under `TRITON_INTERPRET=1`,
-Triton's interpreter, which is how CI checks the kernels' numerics); then the op's own
-shape/dtype check. `MPP_KERNELS=auto` (the default) falls back quietly and records the reason;
-`MPP_KERNELS=triton` turns every fallback into an error, so a forced run never silently measures
-the wrong thing. Nothing here imports triton unless the kernels can be used.
+This module decides nothing per call. The caller (in this repository `mpp.kernels`) asks once,
+before a model is built, then verifies and times each op at the run's shapes and hands the model
+fixed functions. Nothing here imports from outside this package.
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 
 import torch
 
-from mpp.errors import UsageError
-
-ENV = "MPP_KERNELS"
-MODES = ("auto", "triton", "torch")
-OFF_ENV = "MPP_KERNELS_OFF"  # comma-separated ops kept on PyTorch, e.g. "add_layer_norm": one change's effect
-_decisions: dict[str, str] = {}  # op → the latest decision, for logs ("triton" or "torch: <why>")
-
-
-def kernel_mode() -> str:
-    mode = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if mode not in MODES:
-        raise UsageError(f"{ENV}={mode!r} is not a kernel mode: set it (or --kernels) to auto, triton or torch")
-    return mode
-
-
-def set_kernel_mode(mode: str) -> None:
-    """What `--kernels` does: set the mode for this process and the processes it starts."""
-    os.environ[ENV] = mode
-    kernel_mode()  # validates
+KERNEL_MODULES = ("triton_kernels.attention", "triton_kernels.layer_norm")
 
 
 def interpreting() -> bool:
+    """TRITON_INTERPRET=1: Triton runs kernels on CPU tensors through its interpreter (how CI checks
+    their numerics). Triton reads it when a kernel is defined, so it must be set before the import."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Looked up once at import: whether Triton is installed (None) or why the kernels cannot run.
-TRITON_MISSING = None if importlib.util.find_spec("triton") else "triton is not installed (pip install triton)"
-
-
-def device_problem(t: torch.Tensor) -> str | None:
-    """None when the kernels can run on `t`'s device, else why not."""
-    if t.device.type == "cuda":
+def platform_problem(device: torch.device) -> str | None:
+    """None when the kernels can run on `device`, else why not (one short clause)."""
+    device = torch.device(device)
+    if device.type == "cuda":
         if interpreting():
             return "TRITON_INTERPRET=1 runs the kernels on CPU tensors only"
-        major, minor = torch.cuda.get_device_capability(t.device)
+        if torch.version.hip:  # ROCm builds report their GPUs as "cuda" devices
+            return ("ROCm GPUs are not supported: the launch configurations assume NVIDIA shared memory "
+                    "and warp sizes")
+        major, minor = torch.cuda.get_device_capability(device)
         if major < 8:
             return f"GPU compute capability {major}.{minor} is below 8.0 (the kernels target Ampere and newer)"
         return None
-    if t.device.type == "cpu":
+    if device.type == "cpu":
         return None if interpreting() else (
             "CPU tensors (the kernels run on CUDA GPUs; TRITON_INTERPRET=1 runs them on CPU through the interpreter)")
-    return f"{t.device.type} tensors are not supported"
+    return f"{device.type} tensors are not supported"
 
 
-def use_triton(op: str, tensor: torch.Tensor, unsupported=lambda: None) -> bool:
-    """Whether `op` runs on Triton for these inputs. `unsupported()` gives the op's own reason, if any."""
-    mode = kernel_mode()
-    if mode == "torch":
-        reason = f"{ENV}=torch"
-    elif op in {name.strip() for name in os.environ.get(OFF_ENV, "").split(",")}:
-        _decisions[op] = f"torch: {OFF_ENV} names it"  # asked for by name: not a fallback, so never an error
-        return False
-    else:
-        reason = TRITON_MISSING or device_problem(tensor) or unsupported()
-    _decisions[op] = "triton" + (" (interpreter)" if interpreting() else "") if reason is None else f"torch: {reason}"
-    if reason is not None and mode == "triton":
-        raise UsageError(f"{ENV}=triton (--kernels triton) but {op} cannot use the Triton kernel: {reason}; "
-                         "use --kernels auto to fall back to PyTorch")
-    return reason is None
-
-
-def decisions() -> dict[str, str]:
-    """The latest decision per op, e.g. {"attention": "triton", "layer_norm": "torch: CPU tensors (...)"}."""
-    return dict(_decisions)
+def import_problem() -> str | None:
+    """Import the kernel modules (and so triton); None when that works, else why not. A broken
+    install (a missing shared library, a version clash) is a reason, never a crash."""
+    try:
+        for name in KERNEL_MODULES:
+            importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name == "triton" or (e.name or "").startswith("triton."):
+            return "triton is not installed (pip install triton)"
+        return f"the kernels cannot be imported ({type(e).__name__}: {e})"
+    except Exception as e:  # noqa: BLE001 - any import failure means PyTorch's ops, with the reason
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"triton cannot be imported ({type(e).__name__}: {first[:200]})"
+    return None

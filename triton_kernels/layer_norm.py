@@ -12,6 +12,11 @@ dbias in fp32 registers; it stores one row of a [num_programs, D] fp32 buffer, w
 torch afterwards. No atomics: for a given device and shape the result is bitwise reproducible.
 Fused residual: the forward reads x and r and writes s = x + r and y (no separate add kernel, no
 second read of s); the backward adds the residual stream's own gradient to dx in the same pass.
+
+Launches: every launcher runs its kernels on the input's own CUDA device (`torch.cuda.device`), so
+tensors on cuda:1 need no torch.cuda.set_device. The launchers are custom ops mpp_kernels::*:
+triton_ops (torch.compile traces into the kernels), or under TRITON_INTERPRET=1 opaque custom ops
+with fake impls (see `triton_kernels._as_op`).
 """
 
 import functools
@@ -20,6 +25,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import nn
+from torch.library import wrap_triton
+
+from triton_kernels import _as_op, _launch_device
 
 MAX_WIDTH = 65536  # one row must fit one block; wider rows would need a multi-pass kernel
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -156,10 +164,6 @@ def _layer_norm_bwd_kernel(
 
 
 _INTERPRETED = type(_layer_norm_fwd_kernel).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1
-# torch.library.triton_op (torch >= 2.6) makes torch.compile trace into the kernels; older torch
-# falls back to plain Python calls of the same launchers (still differentiable, see below).
-_HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
-_wrap = torch.library.wrap_triton if _HAS_TRITON_OP else (lambda kernel: kernel)
 
 
 def _num_warps(block_d: int) -> int:
@@ -173,7 +177,7 @@ def _num_warps(block_d: int) -> int:
     return 32
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -210,10 +214,13 @@ def _layer_norm_fwd(
     if rows == 0:
         return y, mean, rstd
     block_d = triton.next_power_of_2(d)
-    _wrap(_layer_norm_fwd_kernel)[(rows,)](
-        x2d, y, weight, bias, mean, rstd, x2d.stride(0), y.stride(0), d, eps,
-        BLOCK_D=block_d, num_warps=_num_warps(block_d),
-    )
+    # `wrap_triton(<kernel name>)` spelled out: torch reads the op's kernels from this source
+    # (torch._library.triton.get_inner_triton_kernels), e.g. for its compile cache keys.
+    with _launch_device(x2d):
+        wrap_triton(_layer_norm_fwd_kernel)[(rows,)](
+            x2d, y, weight, bias, mean, rstd, x2d.stride(0), y.stride(0), d, eps,
+            BLOCK_D=block_d, num_warps=_num_warps(block_d),
+        )
     return y, mean, rstd
 
 
@@ -229,10 +236,11 @@ def _add_layer_norm_fwd(
     if rows == 0:
         return s2d, y, mean, rstd
     block_d = triton.next_power_of_2(d)
-    _wrap(_add_layer_norm_fwd_kernel)[(rows,)](
-        x2d, r2d, s2d, y, weight, bias, mean, rstd, x2d.stride(0), r2d.stride(0), s2d.stride(0), y.stride(0),
-        d, eps, BLOCK_D=block_d, num_warps=_num_warps(block_d),
-    )
+    with _launch_device(x2d):
+        wrap_triton(_add_layer_norm_fwd_kernel)[(rows,)](
+            x2d, r2d, s2d, y, weight, bias, mean, rstd, x2d.stride(0), r2d.stride(0), s2d.stride(0), y.stride(0),
+            d, eps, BLOCK_D=block_d, num_warps=_num_warps(block_d),
+        )
     return s2d, y, mean, rstd
 
 
@@ -267,52 +275,40 @@ def _bwd_launch(dy2d, x2d, weight, mean, rstd, dres2d):
     dw_partial = torch.empty((programs, d), dtype=torch.float32, device=x2d.device)
     db_partial = torch.empty((programs, d), dtype=torch.float32, device=x2d.device)
     has_dres = dres2d is not None
-    _wrap(_layer_norm_bwd_kernel)[(programs,)](
-        x2d, weight, dy2d, dx, dres2d if has_dres else dy2d, mean, rstd, dw_partial, db_partial,
-        x2d.stride(0), dy2d.stride(0), dx.stride(0), dres2d.stride(0) if has_dres else 0, dw_partial.stride(0),
-        rows, d, rows_per_program,
-        BLOCK_D=block_d, HAS_DRES=has_dres, num_warps=num_warps,
-    )
+    with _launch_device(x2d):
+        wrap_triton(_layer_norm_bwd_kernel)[(programs,)](
+            x2d, weight, dy2d, dx, dres2d if has_dres else dy2d, mean, rstd, dw_partial, db_partial,
+            x2d.stride(0), dy2d.stride(0), dx.stride(0), dres2d.stride(0) if has_dres else 0, dw_partial.stride(0),
+            rows, d, rows_per_program,
+            BLOCK_D=block_d, HAS_DRES=has_dres, num_warps=num_warps,
+        )
     return dx, dw_partial.sum(0), db_partial.sum(0)  # fixed-order reduction: deterministic
 
 
-def _as_op(name: str, launcher, fake):
-    """The launcher as the custom op mpp_kernels::<name>. A triton_op (torch >= 2.6) lets
-    torch.compile trace into the kernel. Under the interpreter, wrap_triton cannot trace an
-    InterpretedFunction with fake tensors, so the launcher becomes an opaque custom op with a fake
-    impl: torch.compile (e.g. backend="aot_eager") can then still trace the autograd.Functions on
-    CPU. Older torch: the plain launcher (still differentiable through the autograd.Functions)."""
-    if not _HAS_TRITON_OP:
-        return launcher
-    if not _INTERPRETED:
-        return torch.library.triton_op(f"mpp_kernels::{name}", launcher, mutates_args=())
-    op = torch.library.custom_op(f"mpp_kernels::{name}", launcher, mutates_args=())
-    op.register_fake(fake)
-    return op
-
-
+# Fake impls (used under the interpreter only; a triton_op is its own fake): the launchers' outputs
+# are contiguous whatever the inputs' strides (they call .contiguous() first), hence new_empty.
 _fwd_op = _as_op("layer_norm_fwd", _layer_norm_fwd,
-                 lambda x2d, weight, bias, eps: (torch.empty_like(x2d), _stats(x2d), _stats(x2d)))
+                 lambda x2d, weight, bias, eps: (x2d.new_empty(x2d.shape), _stats(x2d), _stats(x2d)), _INTERPRETED)
 _bwd_op = _as_op("layer_norm_bwd", _layer_norm_bwd,
-                 lambda dy2d, x2d, weight, mean, rstd: (torch.empty_like(x2d), _param_grad(x2d), _param_grad(x2d)))
+                 lambda dy2d, x2d, weight, mean, rstd: (x2d.new_empty(x2d.shape), _param_grad(x2d), _param_grad(x2d)),
+                 _INTERPRETED)
 
 
 def _add_fwd_fake(x2d, r2d, weight, bias, eps):
-    s2d = torch.empty_like(x2d, dtype=torch.promote_types(x2d.dtype, r2d.dtype))
+    s2d = x2d.new_empty(x2d.shape, dtype=torch.promote_types(x2d.dtype, r2d.dtype))
     return s2d, torch.empty_like(s2d), _stats(x2d), _stats(x2d)
 
 
-_add_fwd_op = _as_op("add_layer_norm_fwd", _add_layer_norm_fwd, _add_fwd_fake)
+_add_fwd_op = _as_op("add_layer_norm_fwd", _add_layer_norm_fwd, _add_fwd_fake, _INTERPRETED)
 _add_bwd_op = _as_op("add_layer_norm_bwd", _add_layer_norm_bwd,
                      lambda dy2d, ds2d, s2d, weight, mean, rstd: (
-                         torch.empty_like(s2d), _param_grad(s2d), _param_grad(s2d)))
+                         s2d.new_empty(s2d.shape), _param_grad(s2d), _param_grad(s2d)), _INTERPRETED)
 
 
 class _LayerNormFunction(torch.autograd.Function):
     # Design: an autograd.Function that calls the two ops, rather than register_autograd on the
-    # forward op. It is one code path whether the ops are triton_ops (torch >= 2.6) or plain
-    # launchers (older torch), it owns the [..., D] <-> [rows, D] reshapes and the cast of the
-    # fp32 dweight/dbias to the parameters' dtypes, and torch.compile(fullgraph=True) traces
+    # forward op: it owns the [..., D] <-> [rows, D] reshapes and the cast of the fp32
+    # dweight/dbias to the parameters' dtypes, and torch.compile(fullgraph=True) traces
     # autograd.Functions, seeing the ops (and through them the Triton kernels) in both graphs.
     @staticmethod
     def forward(ctx, x, weight, bias, eps):

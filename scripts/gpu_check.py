@@ -1,0 +1,551 @@
+"""The GPU check: one run of at most `--budget` seconds (8 minutes) into one JSON and one log.
+
+    bash scripts/gpu_check.sh                          # on a lent GPU machine: PYTHONPATH=repo, 8 minutes
+    python scripts/gpu_check.py --only tests,attention_bf16    # some parts again, with the whole budget
+    TRITON_INTERPRET=1 python scripts/gpu_check.py --smoke --output-dir /tmp/x   # CPU: the script runs
+
+Parts, most important first, each in its own process with its own time limit, so that a hung
+kernel, an illegal memory access or a timeout ends that part alone; the JSON is rewritten after
+every part, so a run killed from outside keeps what was done:
+  1 versions        torch, triton, timm, CUDA, driver, the GPU; the verified dispatch's verdicts
+                    (`resolve`, policy auto, cache off) at S/16 and B/16 training shapes, batch 128 bf16
+  2 tests           the kernel numerics tests, unfiltered, per test outcomes and failure messages
+  3 attention_bf16  attention in the ViT's memory layout, bf16: output and dq, dk, dv against an fp32
+                    reference (error ≤ 2× SDPA's bf16 error + 1 bf16 ulp), finite, bitwise repeatable
+  4 kernel_timings  scripts/bench_kernels.py --quick: ours against every SDPA backend, eager and compiled
+  5 compiled_step   an MPP step of a 2-block S/16, torch.compile(fullgraph=True), bf16 autocast: our
+                    kernels (policy triton) against PyTorch's, same init and data, losses over 3 steps
+  6 train_s16, train_b16   scripts/bench_train.py bf16 --compile, ours against timm, as time allows
+Writes benchmarks/results/gpu-check-<gpu>.json and .log (and copies both to $OUT when it is set);
+exit status 0 only when every part passed (part 6 may be cut short by the budget; --smoke: the parts
+that need CUDA are recorded as skipped).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the check runs from a bare checkout: no install
+
+from mpp.config import Parser, Range, number_flag
+from mpp.provenance import git_commit
+
+TEST_FILES = ("tests/test_attention.py", "tests/test_layer_norm.py", "tests/test_kernels_vit.py")
+PER_TEST_S = 60  # a test past this fails (SIGALRM) and the rest still run; stacks are dumped at +30 s
+RESERVE_S = 2.0  # kept back from the budget for the summary and the copies
+# (B, H, Nq, Nk, D): ViT-B/16, S/16 at 224 px, Ti/4 at 32 px, H/14 (head dim 80), B/16 at 384 px, and
+# the last block's queries against every key (supervised: the class token; MPP: about half the tokens).
+ATTENTION_CASES = [(128, 12, 197, 197, 64), (128, 6, 197, 197, 64), (256, 3, 65, 65, 64), (32, 16, 257, 257, 80),
+                   (16, 12, 577, 577, 64), (128, 12, 1, 197, 64), (128, 12, 99, 197, 64)]
+SMOKE_ATTENTION_CASES = [(2, 2, 17, 17, 32), (1, 2, 65, 65, 64), (2, 2, 1, 17, 32), (2, 2, 9, 17, 32)]
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    limit_s: float  # its own time limit (the remaining budget may cut it)
+    smoke: bool = True  # runs in --smoke (tiny shapes on CPU); else recorded as skipped there
+    optional: bool = False  # best effort: a budget skip or timeout does not fail the check
+    min_s: float = 1.0  # not started with less time left than this
+
+
+# The limits sum to 440 s, under the 480 s budget; parts that finish early leave their time to part 6.
+PARTS = (Part("versions", 75), Part("tests", 140), Part("attention_bf16", 45), Part("kernel_timings", 80),
+         Part("compiled_step", 100), Part("train_s16", 240, smoke=False, optional=True, min_s=60),
+         Part("train_b16", 240, smoke=False, optional=True, min_s=60))
+
+
+# ---- the parts, each run as `gpu_check.py --part NAME --result FILE` in a process of its own
+
+
+def _setup(smoke: bool):
+    """(torch, device, dtype) for a part: CUDA bf16, or under --smoke CPU fp32 (the interpreter has no bf16)."""
+    import torch
+
+    if not smoke and not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU here: run the check on a GPU machine, or --smoke on CPU")
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 references are fp32, not TF32
+    return torch, torch.device("cpu" if smoke else "cuda"), torch.float32 if smoke else torch.bfloat16
+
+
+def part_versions(smoke: bool, out: dict, save) -> None:
+    from dataclasses import asdict
+    from importlib.metadata import PackageNotFoundError, version
+
+    torch, device, dtype = _setup(smoke)
+
+    from mpp.kernels import KernelPolicy, RunShapes, environment, resolve
+    from mpp.model import vit_config
+    from mpp.objective import MPPConfig
+
+    def installed(package: str) -> str | None:  # without importing it: a broken triton is a verdict below
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
+
+    out["versions"] = {"python": platform.python_version(), "torch": torch.__version__, "triton": installed("triton"),
+                       "timm": installed("timm"), "pytest": installed("pytest"), "cuda": torch.version.cuda}
+    if device.type == "cuda":
+        env, props = environment(device), torch.cuda.get_device_properties(device)
+        out["versions"] |= {"driver": env["driver"], "cudnn": torch.backends.cudnn.version()}
+        out["gpu"] = {"name": props.name, "capability": env["capability"], "memory_GiB": props.total_memory / 2**30,
+                      "multiprocessors": props.multi_processor_count}
+    save()
+    # A fixed policy: no MPP_KERNELS* from the environment, no cache, so the verdicts are measured here.
+    policy = KernelPolicy.from_flags("auto", "off", environ={})
+    warnings, out["verdicts"] = [], {}
+    models = ("Micro/4",) if smoke else ("S/16", "B/16")
+    for model in models:
+        config = vit_config(model)
+        for objective in ("mpp", "supervised"):
+            last = max(1, round(MPPConfig().corrupt_rate * config.num_patches)) if objective == "mpp" else 1
+            shapes = RunShapes.of(config, 2 if smoke else 128, str(dtype)[6:], backward=True, last_queries=last)
+            started = time.monotonic()
+            choice = resolve(policy, shapes, device, warn=warnings.append)
+            out["verdicts"][f"{model} {objective}"] = {**choice.record(), "shapes": asdict(shapes),
+                                                      "seconds": time.monotonic() - started}
+            for line in choice.lines():
+                print(f"{model} {objective}: {line}", flush=True)
+            save()
+    out["warnings"] = warnings  # a kernel failing its check at a training shape, or triton not importing
+    out["passed"] = not warnings
+    out["summary"] = "; ".join(f"{k}: " + " ".join(f"{op} {v['impl']}" for op, v in r["verdicts"].items())
+                               for k, r in out["verdicts"].items())
+
+
+class TestRecorder:
+    """A pytest plugin (handed to pytest.main, no conftest): every test's outcome, duration and
+    failure message, saved after each test so that a killed run keeps them, and a per-test limit."""
+
+    def __init__(self, out: dict, save, limit_s: float, alarm: bool):
+        self.out, self.save, self.limit_s, self.alarm = out, save, limit_s, alarm
+        self.tests: dict[str, dict] = out.setdefault("tests", {})
+
+    def pytest_runtest_logstart(self, nodeid, location):
+        self.tests[nodeid] = {"outcome": "started"}  # still "started" in the file: the test the run died in
+        self.save()
+
+    def _timeout(self, signum, frame):
+        raise TimeoutError(f"over the per-test limit of {self.limit_s:.0f} s")
+
+    def pytest_runtest_logreport(self, report):
+        # The alarm covers the test's call: armed as its setup is reported (the call comes next, whatever
+        # the order of other plugins' hooks), disarmed as the call is reported.
+        if self.alarm and report.when == "setup" and report.passed:
+            signal.signal(signal.SIGALRM, self._timeout)
+            signal.setitimer(signal.ITIMER_REAL, self.limit_s)
+        elif self.alarm and report.when == "call":
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        entry = self.tests.setdefault(report.nodeid, {"outcome": "started"})
+        entry["seconds"] = round(entry.get("seconds", 0.0) + report.duration, 3)
+        if report.when == "call" or report.outcome != "passed":
+            entry["outcome"] = "error" if report.failed and report.when != "call" else report.outcome
+            if report.skipped:
+                entry["reason"] = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            elif report.failed:
+                text = report.longreprtext
+                lines = [line for line in text.splitlines() if line.startswith("E ")]
+                entry["message"] = "\n".join(lines[:12]) if lines else text[-800:]
+        self.save()
+
+
+def count_outcomes(tests: dict) -> dict[str, int]:
+    outcomes = [t["outcome"] for t in tests.values()]
+    return {k: outcomes.count(k) for k in sorted(set(outcomes))}
+
+
+def part_tests(smoke: bool, out: dict, save) -> None:
+    import importlib.util
+
+    try:
+        import pytest
+    except ImportError:
+        raise SystemExit("pytest is not installed here: the tests part needs it (pip install pytest)") from None
+
+    # pytest-timeout, when installed, enforces the limit itself; otherwise a SIGALRM fails a slow test
+    # (a test stuck inside one C call is cut by the part's own limit instead, and its stack dumped).
+    plugin_timeout = importlib.util.find_spec("pytest_timeout") is not None
+    args = ["-q", "-p", "no:cacheprovider", "-o", f"faulthandler_timeout={PER_TEST_S + 30}", *TEST_FILES]
+    if plugin_timeout:
+        args.append(f"--timeout={PER_TEST_S}")
+    if smoke:  # the interpreter runs the full files in many minutes: the quick checks of each op only
+        args += ["-k", "supported"]
+    out |= {"command": ["pytest", *args], "per_test_limit_s": PER_TEST_S,
+            "per_test_limit_by": "pytest-timeout" if plugin_timeout else "SIGALRM"}
+    code = pytest.main(args, plugins=[TestRecorder(out, save, PER_TEST_S, alarm=not plugin_timeout)])
+    out["counts"] = count_outcomes(out["tests"])
+    out["failures"] = {n: t.get("message", "") for n, t in out["tests"].items() if t["outcome"] in ("failed", "error")}
+    out["exit_code"] = int(code)
+    out["passed"] = int(code) == 0
+    out["summary"] = ", ".join(f"{n} {k}" for k, n in out["counts"].items()) + f" (pytest exit {int(code)})"
+
+
+def _attention_inputs(torch, B, H, nq, nk, D, device, dtype, gen):
+    """q, k, v and dO as the ViT makes them: q, k, v views of the (B, N, 3, H, D) projection; with
+    fewer queries (the last block), q from its own (B, n, H, D) projection and k, v from (B, N, 2, H, D);
+    dO a (B, n, H, D) tensor seen as (B, H, n, D)."""
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device).to(dtype)
+
+    if nq == nk:
+        q, k, v = randn(B, nk, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        k, v = randn(B, nk, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        q = randn(B, nq, H, D).transpose(1, 2)
+    return q, k, v, randn(B, nq, H, D).transpose(1, 2)
+
+
+def _grads(fn, q, k, v, dout, upcast=False):
+    """[out, dq, dk, dv] of fn on leaves with q, k, v's own strides (fp32 copies when upcast)."""
+    leaves = [(t.detach().float() if upcast else t.detach()).requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    out.backward(dout.float() if upcast else dout)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def part_attention(smoke: bool, out: dict, save) -> None:
+    torch, device, dtype = _setup(smoke)
+    from mpp.ops import IMPLEMENTATIONS
+    from triton_kernels import attention_ref
+
+    ours, sdpa = IMPLEMENTATIONS["attention"]["triton"], IMPLEMENTATIONS["attention"]["torch"]  # what the ViT calls
+    eps = torch.finfo(dtype).eps
+    out |= {"dtype": str(dtype)[6:], "rule": "error <= 2 x SDPA's error + eps x max|reference| (1 ulp)",
+            "cases": []}
+    gen = torch.Generator(device=device)
+    for B, H, nq, nk, D in SMOKE_ATTENTION_CASES if smoke else ATTENTION_CASES:
+        gen.manual_seed(B * 7919 + H * 97 + nq * 13 + nk + D)
+        q, k, v, dout = _attention_inputs(torch, B, H, nq, nk, D, device, dtype, gen)
+        want = _grads(attention_ref, q, k, v, dout, upcast=True)
+        theirs = _grads(sdpa, q, k, v, dout)
+        got, again = _grads(ours, q, k, v, dout), _grads(ours, q, k, v, dout)
+        case = {"B": B, "H": H, "Nq": nq, "Nk": nk, "D": D, "tensors": {},
+                "out_in_BNHD_order": got[0].transpose(1, 2).is_contiguous()}
+        for name, g, t, w, g2 in zip(("out", "dq", "dk", "dv"), got, theirs, want, again):
+            err, terr = (g.float() - w).abs().max().item(), (t.float() - w).abs().max().item()
+            bound = 2 * terr + eps * w.abs().max().item()
+            case["tensors"][name] = {"error": err, "sdpa_error": terr, "bound": bound, "within": err <= bound,
+                                     "finite": bool(torch.isfinite(g).all()), "repeatable": torch.equal(g, g2)}
+        case["passed"] = all(t["within"] and t["finite"] and t["repeatable"] for t in case["tensors"].values())
+        out["cases"].append(case)
+        worst = max(case["tensors"].items(), key=lambda kv: kv[1]["error"] / max(kv[1]["bound"], 1e-30))
+        print(f"attention {dtype} B={B} H={H} Nq={nq} Nk={nk} D={D}: {'ok' if case['passed'] else 'FAILED'}; "
+              f"worst {worst[0]} error {worst[1]['error']:.3g} vs bound {worst[1]['bound']:.3g}", flush=True)
+        save()
+        del q, k, v, dout, want, theirs, got, again
+    out["passed"] = all(c["passed"] for c in out["cases"])
+    passed = sum(c["passed"] for c in out["cases"])
+    out["summary"] = f"{passed}/{len(out['cases'])} shapes within bound, finite, repeatable"
+
+
+def part_compiled_step(smoke: bool, out: dict, save) -> None:
+    torch, device, dtype = _setup(smoke)
+    import contextlib
+
+    from mpp.kernels import KernelPolicy, RunShapes, resolve
+    from mpp.model import ViT, vit_config
+    from mpp.objective import MPPConfig, MPPObjective
+    from mpp.ops import TORCH
+
+    # Two blocks: a full one and the last (the corrupted patches' queries only): both attention shapes,
+    # both LayerNorms, the fused add; compilation is what takes the time here, and it grows with depth.
+    config = vit_config("Micro/4", depth=2, num_classes=0) if smoke else vit_config("S/16", depth=2, num_classes=0)
+    batch = 2 if smoke else 32
+    last = max(1, round(MPPConfig().corrupt_rate * config.num_patches))
+    shapes = RunShapes.of(config, batch, str(dtype)[6:], backward=True, last_queries=last)
+    choice = resolve(KernelPolicy.from_flags("triton", "off", environ={}), shapes, device)  # a failed check raises
+    out |= {"model": "Micro/4 depth 2" if smoke else "S/16 depth 2", "batch": batch, "dtype": str(dtype)[6:],
+            "backend": "aot_eager" if smoke else "inductor", "kernels": choice.record(), "losses": {}}
+    save()
+    import torch._inductor.config as inductor_config
+
+    # Compiled random draws as eager's, so both sides corrupt the same patches from the same seed.
+    inductor_config.fallback_random = True
+    gen = torch.Generator(device=device).manual_seed(0)
+    images = torch.rand(batch, 3, config.image_size, config.image_size, generator=gen, device=device)
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
+    initial = None
+    for name, kernels in (("torch", TORCH), ("triton", choice.kernels)):
+        torch.manual_seed(0)
+        objective = MPPObjective(ViT(config, kernels)).to(device)
+        if initial is None:
+            initial = {k: v.clone() for k, v in objective.state_dict().items()}
+        objective.load_state_dict(initial)  # the same initial weights on both sides
+        optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-3)
+        compiled = torch.compile(objective, fullgraph=True, backend=out["backend"])
+        torch.manual_seed(1)
+        started, losses = time.monotonic(), []
+        for _ in range(3):
+            with autocast():
+                loss = compiled(images)[0]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(objective.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        out["losses"][name] = losses
+        out[f"{name}_seconds"] = time.monotonic() - started  # compilation included
+        print(f"compiled step, {name} kernels: losses {losses} ({out[f'{name}_seconds']:.1f} s)", flush=True)
+        save()
+    # bf16 tolerance: two bf16 ulps of the loss (autocast rounds attention and matmul outputs to bf16).
+    tol = 2 * torch.finfo(dtype).eps if dtype != torch.float32 else 1e-4
+    a, b = out["losses"]["triton"], out["losses"]["torch"]
+    out["differences"] = [x - y for x, y in zip(a, b)]
+    out["relative_tolerance"] = tol
+    out["passed"] = all(math.isfinite(x) and math.isfinite(y) and abs(x - y) <= tol * abs(y) for x, y in zip(a, b))
+    out["summary"] = "loss differences " + ", ".join(f"{d:+.2e}" for d in out["differences"]) + \
+                     f" (tolerance {tol:.3g} relative)"
+
+
+PART_FUNCS = {"versions": part_versions, "tests": part_tests, "attention_bf16": part_attention,
+              "compiled_step": part_compiled_step}
+
+
+def run_part_here(name: str, smoke: bool, result: Path) -> None:
+    out: dict = {}
+
+    def save() -> None:
+        write_json(result, out)
+
+    try:
+        PART_FUNCS[name](smoke, out, save)
+    except BaseException as e:  # the parent reports the part as an error; the JSON says why
+        import traceback
+
+        out["exception"] = f"{type(e).__name__}: {e}"[:2000]
+        out["traceback"] = traceback.format_exc()[-4000:]
+        raise
+    finally:
+        save()
+
+
+# ---- the parent: one process per part, the budget, the JSON and the log
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)  # a reader (or a kill) never sees half a file
+
+
+def gpu_slug(smoke: bool) -> str:
+    if smoke:
+        return "smoke-cpu"
+    try:
+        name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=20, check=True).stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        name = "gpu"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
+
+
+def command(part: Part, smoke: bool, work: Path, limit_s: float) -> tuple[list[str], Path]:
+    """The part's command line and the JSON file it leaves."""
+    result = work / f"{part.name}.json"
+    py = [sys.executable, "-u"]
+    if part.name in PART_FUNCS:
+        return [*py, __file__, "--part", part.name, "--result", str(result)] + (["--smoke"] if smoke else []), result
+    if part.name == "kernel_timings":  # stops starting cases 15 s before its limit, so it writes its JSON itself
+        return [*py, "scripts/bench_kernels.py", "--output", str(result)] + (
+            ["--smoke"] if smoke else ["--quick", "--time-limit", f"{max(1.0, limit_s - 15):.0f}"]), result
+    model = {"train_s16": "S/16", "train_b16": "B/16"}[part.name]
+    # Regional compilation, as training's --compile: one block's compilation serves all twelve.
+    return [*py, "scripts/bench_train.py", "--model", model, "--batch-size", "128", "--dtype", "bf16", "--compile",
+            "--compile-scope", "blocks", "--kernels", "auto", "--rounds", "4", "--steps", "5", "--warmup", "2",
+            "--loader-batches", "0", "--output", str(result)], result
+
+
+def judge(part: Part, result: dict) -> tuple[bool, str]:
+    """(passed, one line) for a benchmark's JSON; the other parts judge themselves."""
+    if not result:
+        return False, "the benchmark exited 0 but wrote no results (no CUDA GPU?)"
+    if part.name == "kernel_timings":
+        rows = result.get("attention", []) + result.get("layer_norm", [])
+        broken = [f"{r['op']} {r['shape']}" for r in rows if r["impl"] == "triton" and "error" in r]
+        ratios = []
+        for r in rows:
+            if r["impl"] == "triton" and "fwd+bwd_ms" in r:
+                others = [o["fwd+bwd_ms"] for o in rows if o["op"] == r["op"] and o["shape"] == r["shape"]
+                          and o["impl"] != "triton" and "fwd+bwd_ms" in o]
+                if others:
+                    ratios.append(f"{r['op']} {r['shape']} {r['fwd+bwd_ms'] / min(others):.2f}")
+        note = "ours/fastest other, fwd+bwd time: " + ", ".join(ratios) + ("" if result.get("complete") else
+                                                                            " (incomplete: time limit)")
+        return not broken, (f"our kernel failed at {', '.join(broken)}; " if broken else "") + note
+    r = result.get("ratios", {})
+    return True, "timm/ours step time: " + ", ".join(f"{k.removeprefix('ours/timm ')} {v:.3f}" for k, v in r.items()
+                                                     if k.startswith("ours/timm"))
+
+
+def run_logged(cmd: list[str], limit_s: float, log) -> tuple[int, bool]:
+    """Run cmd in a session of its own (its compile workers too), its output into the log and to
+    stdout, killed with its whole group after limit_s. → (exit code, timed out)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", start_new_session=True)
+
+    def pump() -> None:
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:  # also on SIGTERM or Ctrl-C of the check itself: no part outlives it
+        if proc.poll() is None:  # still running, so its process group is still its own
+            os.killpg(proc.pid, signal.SIGKILL)  # its compile workers too; its JSON is saved as it goes
+            proc.wait()
+        reader.join(timeout=5)
+    return proc.returncode, timed_out
+
+
+def run_part(part: Part, smoke: bool, limit_s: float, work: Path, log) -> dict:
+    cmd, result_path = command(part, smoke, work, limit_s)
+    started = time.monotonic()
+    print(f"== {part.name}: {' '.join(cmd[2:])} (limit {limit_s:.0f} s)", file=log, flush=True)
+    print(f"== {part.name} (limit {limit_s:.0f} s)", flush=True)
+    rc, timed_out = run_logged(cmd, limit_s, log)
+    entry = {"seconds": round(time.monotonic() - started, 1), "limit_s": round(limit_s, 1), "exit_code": rc,
+             "command": " ".join(cmd[2:])}
+    try:
+        result = json.loads(result_path.read_text())
+    except (OSError, ValueError):
+        result = {}
+    if "tests" in result and "counts" not in result:  # pytest did not finish: count what it recorded
+        result["counts"] = count_outcomes(result["tests"])  # "started": the test it was stopped in
+    if timed_out:
+        entry["status"], entry["reason"] = "timeout", f"past its limit of {limit_s:.0f} s"
+    elif rc != 0:
+        entry["status"], entry["reason"] = "error", f"exit code {rc}: {result.get('exception', 'see the log')}"
+    elif "passed" in result:
+        entry["status"] = "passed" if result.pop("passed") else "failed"
+    else:
+        passed, entry["summary"] = judge(part, result)
+        entry["status"] = "passed" if passed else "failed"
+    entry["summary"] = result.pop("summary", entry.get("summary", ""))
+    entry["result"] = result
+    print(f"== {part.name}: {entry['status']} after {entry['seconds']} s", file=log, flush=True)
+    return entry
+
+
+def summary_table(record: dict) -> str:
+    lines = [f"{'part':<16}{'status':<9}{'seconds':>8}{'limit':>7}  note"]
+    for name, p in record["parts"].items():
+        lines.append(f"{name:<16}{p['status']:<9}{p.get('seconds', 0):>8.1f}{p.get('limit_s', 0):>7.0f}  "
+                     f"{(p.get('reason') or p.get('summary') or '')[:150]}")
+    lines.append(f"overall: {'PASSED' if record['passed'] else 'NOT PASSED'} in {record['elapsed_s']:.0f} s "
+                 f"of {record['budget_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def publish(record: dict, json_path: Path, log_path: Path) -> None:
+    """The JSON, and both files to $OUT (the device tool's folder that comes back) after every part."""
+    write_json(json_path, record)
+    if os.environ.get("OUT"):
+        for path in (json_path, log_path):
+            shutil.copy2(path, Path(os.environ["OUT"]) / path.name)
+
+
+def run_all(args) -> int:
+    start = time.monotonic()
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = gpu_slug(args.smoke)
+    json_path, log_path = out_dir / f"gpu-check-{slug}.json", out_dir / f"gpu-check-{slug}.log"
+    only = selected(args.only)
+    record = {"check": "scripts/gpu_check.py", "mode": "smoke" if args.smoke else "gpu", "gpu_slug": slug,
+              "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "budget_s": args.budget,
+              "commit": git_commit(REPO), "argv": sys.argv[1:], "host": platform.node(), "parts": {},
+              "passed": False, "elapsed_s": 0.0}
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # an outer timeout: finally-blocks still run
+    with open(log_path, "w") as log, tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
+        try:
+            for part in PARTS:
+                left = args.budget - (time.monotonic() - start) - RESERVE_S
+                limit = min(part.limit_s, left)
+                if only is not None and part.name not in only:
+                    entry = {"status": "skipped", "reason": "not in --only"}
+                elif args.smoke and not part.smoke:
+                    entry = {"status": "skipped", "reason": "needs CUDA (bf16 training shapes, compiled models)"}
+                elif limit < part.min_s:
+                    entry = {"status": "skipped", "reason": f"budget: {max(left, 0):.0f} s left"}
+                else:
+                    entry = run_part(part, args.smoke, limit, Path(work), log)
+                entry["optional"] = part.optional
+                record["parts"][part.name] = entry
+                record["elapsed_s"] = round(time.monotonic() - start, 1)
+                publish(record, json_path, log_path)
+        finally:
+            def fine(p: dict) -> bool:  # skipped by design: another mode's part, or part 6 out of budget
+                return p["status"] == "passed" or (p["status"] in ("skipped", "timeout") and (
+                    p.get("optional") or p.get("reason", "").startswith(("needs CUDA", "not in --only"))))
+
+            record["passed"] = len(record["parts"]) == len(PARTS) and all(fine(p) for p in record["parts"].values())
+            record["elapsed_s"] = round(time.monotonic() - start, 1)
+            table = summary_table(record)
+            print(table, file=log)
+            log.flush()
+            publish(record, json_path, log_path)
+            print(f"\n{table}\nwrote {json_path} and {log_path}", flush=True)
+    return 0 if record["passed"] else 1
+
+
+def build_parser() -> Parser:
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU: tiny shapes, fp32, Triton's interpreter (TRITON_INTERPRET=1); CUDA-only parts skipped")
+    p.add_argument("--output-dir", default=str(REPO / "benchmarks" / "results"),
+                   help="where gpu-check-<gpu>.json and .log go (and to $OUT as well when it is set)")
+    number_flag(p, "--budget", float, Range(1, 3600), default=480.0, metavar="SECONDS",
+                help="the whole run's wall-clock budget; each part's limit is cut to what is left")
+    p.add_argument("--only", default="", help=f"comma-separated parts to run: {', '.join(x.name for x in PARTS)}")
+    p.add_argument("--part", choices=sorted(PART_FUNCS), help=argparse.SUPPRESS)  # a part's own process
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    return p
+
+
+def selected(only: str) -> set[str] | None:
+    """The parts --only names (None: all)."""
+    return {name.strip() for name in only.split(",") if name.strip()} if only else None
+
+
+def main() -> None:
+    parser = build_parser()
+    args = parser.parse_args()
+    unknown = (selected(args.only) or set()) - {p.name for p in PARTS}
+    if unknown:
+        parser.error(f"--only names {', '.join(sorted(unknown))}: pass some of {', '.join(p.name for p in PARTS)}")
+    if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("error: --smoke runs the kernels through Triton's interpreter: set TRITON_INTERPRET=1")
+    if args.part:
+        run_part_here(args.part, args.smoke, Path(args.result))
+        return
+    sys.exit(run_all(args))
+
+
+if __name__ == "__main__":
+    main()
