@@ -288,7 +288,7 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
     number_flag(p, "--num-workers", int, Range(0, 256), default=0, help="DataLoader worker processes (0)")
     p.add_argument("--device", type=device_flag, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (default: cuda if there is one)")
-    p.add_argument("--kernels", default="", choices=("", *MODES), metavar="{auto,triton,torch}",
+    p.add_argument("--kernels", default="", choices=MODES,
                    help="attention/LayerNorm: auto (ours where verified and faster) | triton | torch ($MPP_KERNELS or auto)")
     p.add_argument("--kernel-cache", default="", metavar="DIR", help="the kernels' verdict cache; off: measure again "
                    "($MPP_KERNEL_CACHE or ~/.cache/mpp/kernels)")
@@ -337,7 +337,7 @@ class ProbeTarget:
     def report_head(self, args) -> dict:
         return {"init": "random" if args.random_init else "trained", "run": str(self.run_dir) if self.run_dir else None,
                 "checkpoint": str(self.checkpoint) if self.checkpoint else None, "step": self.step,
-                "features": args.features}
+                "features": args.features, "kernels": self.vit.kernels.names()}  # which ops computed the features
 
     def output(self, args) -> Path:  # RUN_DIR/<prefix with dashes>.json unless --output
         return Path(args.output) if args.output else self.run_dir / f"{self.prefix.replace('_', '-')}.json"

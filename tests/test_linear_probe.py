@@ -15,7 +15,7 @@ from eval.linear_probe import DEFAULT_L2S, linear_probe, main, stratified_dev_sp
 from mpp.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
-REPORT_KEYS = {"init", "run", "checkpoint", "step", "features", "dataset", "feature_dim", "l2_grid", "dev_accuracy", "l2",
+REPORT_KEYS = {"init", "run", "checkpoint", "step", "features", "kernels", "dataset", "feature_dim", "l2_grid", "dev_accuracy", "l2",
                "accuracy", "vit"}
 DATASET_KEYS = {"spec", "image_size", "num_classes", "train_size", "dev_size", "test_size"}
 

@@ -48,11 +48,12 @@ def test_help_says_the_precision_default(capsys):
 
 @pytest.mark.slow
 def test_compiled_pretraining_equals_eager(tmp_path):
-    """The same run eager and with --compile: the same losses, step by step, and the same held-out metrics."""
+    """The same run eager and with --compile: the same losses, step by step, and the same held-out metrics.
+    (Batch 24 divides the 360 held-out digits: no tail batch, no recompile for a second size.)"""
     runs = {}
     for compiled in (False, True):
         out = tmp_path / ("compiled" if compiled else "eager")
-        config = TrainConfig(output_dir=str(out), max_steps=4, batch_size=16, num_workers=0, log_every=1,
+        config = TrainConfig(output_dir=str(out), max_steps=4, batch_size=24, num_workers=0, log_every=1,
                              warmup_steps=1, compile=compiled, kernels="torch")
         train(config)
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
