@@ -249,6 +249,9 @@ def _measurements(policy, shapes, device, key, path, ops) -> tuple[dict, str]:
         except NotOurs as e:  # nothing learned about ours: PyTorch's op this time, measured again next time
             transient[op] = {"cause": f"could not be verified: the reference or PyTorch's op failed ({e})"}
             measured.pop(op, None)
+        except (KeyboardInterrupt, SystemExit):  # the user's Ctrl-C is not the kernel's fault: no marker
+            _write_cache(path, key, measured)
+            raise
     _write_cache(path, key, measured)
     return {**measured, **transient}, "measured"
 

@@ -290,12 +290,22 @@ def test_a_failure_outside_our_kernel_is_not_a_verdict_on_it(monkeypatch, tmp_pa
 def test_a_measurement_that_never_finished_is_remembered(monkeypatch, tmp_path, fast_ours):
     """A kernel that kills the process while it is measured (a hang, an illegal address) must not do it
     again at every start: the cache remembers the unfinished measurement."""
-    def crash(*args, **kwargs):
-        raise KeyboardInterrupt  # as a kill would end it: nothing after this line runs
+    class Killed(BaseException):
+        """As a kill ends the process: nothing of the measurement's own after this line runs."""
 
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def crash(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(kernels, "measure_op", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C is the user's, not the kernel's: nothing remembered
+        resolve(policy(cache=tmp_path), SHAPES, "cpu")
+    assert all(json.loads(f.read_text())["measurements"] == {} for f in tmp_path.glob("*.json"))
     monkeypatch.setattr(kernels, "measure_op", crash)
     shared = []
-    with pytest.raises(KeyboardInterrupt):  # re-raised on the main process once the others were told
+    with pytest.raises(Killed):  # re-raised on the main process once the others were told
         resolve(policy(cache=tmp_path), SHAPES, "cpu", share=lambda x: shared.append(x) or x)
     assert shared[0]["error"].startswith("the main process failed to choose kernels")
     monkeypatch.undo()
