@@ -126,6 +126,11 @@ def process_group():
     return PartialState(cpu=not torch.cuda.is_available())  # gloo on a machine without CUDA
 
 
+def process_device(device, state) -> torch.device:
+    """`--device`, or under `accelerate launch` with CUDA this process's own GPU (one GPU per process)."""
+    return state.device if state is not None and str(device).startswith("cuda") else torch.device(device)
+
+
 def is_main_process() -> bool:
     return (state := process_group()) is None or state.is_main_process
 
@@ -140,9 +145,9 @@ def extract_features(vit, dataset, batch_size: int = 256, device="cpu", indices=
     the features back, in dataset order: no image is embedded twice or dropped."""
     order = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
     state = process_group()
+    device = process_device(device, state)
     if state is not None:
         order = [int(i) for i in np.array_split(np.asarray(order, dtype=np.int64), state.num_processes)[state.process_index]]
-        device = state.device if str(device).startswith("cuda") else device  # one GPU per process
         progress = progress and state.is_main_process
     loader = DataLoader(Subset(dataset, order), batch_size=batch_size, shuffle=False, num_workers=num_workers)
     was_training = vit.training
@@ -231,12 +236,10 @@ def probe_kernels(args) -> KernelsFor:
     """The kernels of a probe's ViT, decided once at its shapes: forward only, fp32, --batch-size images."""
     policy = KernelPolicy.from_flags(args.kernels, args.kernel_cache)
     state = process_group()
-    device = state.device if state is not None and str(args.device).startswith("cuda") else torch.device(args.device)
 
     def kernels_for(vit_config: ViTConfig):
         shapes = RunShapes.of(vit_config, args.batch_size, "float32", backward=False)
-        return choose_kernels(policy, shapes, device, main=state is None or state.is_main_process,
-                              processes=1 if state is None else state.num_processes).kernels
+        return choose_kernels(policy, shapes, process_device(args.device, state), state).kernels
 
     return kernels_for
 

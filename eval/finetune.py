@@ -421,8 +421,7 @@ def _finetune(config: FinetuneConfig, held: contextlib.ExitStack) -> dict:
     # ---- kernels: decided once at the fine-tune's shapes (the head reads the class token: 1 query last)
     shapes = RunShapes.of(start.config, config.batch_size // accelerator.num_processes, autocast_dtype(accelerator),
                           last_queries=1, compiled=config.compile)
-    kernels = choose_kernels(policy, shapes, accelerator.device, main=accelerator.is_main_process,
-                             processes=accelerator.num_processes, say=accelerator.print)
+    kernels = choose_kernels(policy, shapes, accelerator.device, accelerator)
     tuner = Finetuner(config, accelerator, start, info.num_classes, train_set, eval_sets, steps, out, kernels.kernels)
 
     # ---- results so far (--resume) and the run directory

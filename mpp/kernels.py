@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from mpp.checkpoint import write_json
 from mpp.errors import UsageError
 from mpp.ops import IMPLEMENTATIONS, OPS, Kernels
 from triton_kernels.gate import import_problem, interpreting, platform_problem
@@ -268,7 +269,7 @@ def measure_op(op: str, shapes: RunShapes, device: torch.device, mode: str = "au
     if shapes.compiled and op != "attention":  # compiled, PyTorch's norms fuse with their neighbours
         theirs = torch.compile(theirs, fullgraph=True)
     result: dict = {"head_dim": shapes.head_dim} if op == "attention" else {}
-    guard = torch.cuda.device(device) if device.type == "cuda" else _null()
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with guard:
         try:
             cases = _cases(op, shapes, DTYPES[shapes.dtype], device)
@@ -295,8 +296,8 @@ def measure_op(op: str, shapes: RunShapes, device: torch.device, mode: str = "au
             if mode == "triton" and device.type != "cuda":
                 return result  # forced, and the interpreter's times would mean nothing: not timed
             args, grads = cases[0]
-            timed = _ours(device, time_pair, lambda: _step(ours, args, grads, shapes.backward),
-                          lambda: _step(theirs, args, grads, shapes.backward), device)
+            timed = _ours(device, time_pair, lambda: _run(ours, args, grads, shapes.backward),  # forward (+ backward)
+                          lambda: _run(theirs, args, grads, shapes.backward), device)
             if isinstance(timed, str):
                 return {**result, "cause": timed}
             result["ours_ms"], result["torch_ms"] = timed
@@ -338,10 +339,6 @@ class BrokenContext(Exception):
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0][:200]
-
-
-def _null():
-    return contextlib.nullcontext()
 
 
 def _cases(op: str, s: RunShapes, dtype: torch.dtype, device: torch.device) -> list[tuple[dict, list]]:
@@ -409,15 +406,6 @@ def _run(fn: Callable, args: dict, grads: list, backward: bool, upcast: bool = F
     if backward:
         named.update({f"d{k}": leaf.grad for k, leaf in leaves.items()})
     return named
-
-
-def _step(fn: Callable, args: dict, grads: list, backward: bool) -> None:
-    """One timed call: forward, and backward when the run trains."""
-    leaves = {k: a.detach().requires_grad_(backward) for k, a in args.items()}
-    with torch.set_grad_enabled(backward):
-        outs = _call(fn, leaves)
-        if backward:
-            torch.autograd.backward(outs, [g.to(o.dtype) for o, g in zip(outs, grads)])
 
 
 def _max_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -530,9 +518,7 @@ def _write_cache(path: Path | None, key: dict, measurements: dict) -> None:
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "measurements": measurements}, indent=1, sort_keys=True))
-        os.replace(tmp, path)  # a reader never sees half an entry
+        write_json(path, {"key": key, "measurements": measurements})  # atomic: never half an entry
     except OSError as e:  # an unwritable cache costs the next run a measurement, nothing more
         print(f"warning: kernels: cannot write the verdict cache {path} ({e.strerror}): the next run measures again",
               file=sys.stderr, flush=True)

@@ -89,6 +89,11 @@ def downsample_target(images: torch.Tensor, patch_size: int, cells: int = 4, bit
 # Corruption, in patch-embedding space
 
 
+def corrupted_count(corrupt_rate: float, num_patches: int) -> int:
+    """Patches corrupted per image (and so the tokens MPP's last block computes): exact, at least 1."""
+    return max(1, round(corrupt_rate * num_patches))
+
+
 def corrupt_patches(
     patches: torch.Tensor, mask_token: torch.Tensor, config: MPPConfig, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -103,7 +108,7 @@ def corrupt_patches(
     if B * N < 2:
         raise UsageError("MPP needs at least two patches per batch to pick random replacements: use a larger batch or image")
     dev = patches.device
-    n_corrupt = max(1, round(config.corrupt_rate * N))
+    n_corrupt = corrupted_count(config.corrupt_rate, N)
     # Exactly n_corrupt per image: the n smallest of N uniform draws (as MAE's random_masking).
     noise = torch.rand(B, N, device=dev, generator=generator)  # (B, N)
     chosen = noise.argsort(dim=1)[:, :n_corrupt].sort(dim=1).values  # (B, n)

@@ -96,14 +96,16 @@ def broadcast(obj):
     return broadcast_object_list([obj])[0]
 
 
-def choose_kernels(policy: KernelPolicy, shapes: RunShapes, device, *, main: bool, processes: int,
-                   say=print) -> KernelChoice:
+def choose_kernels(policy: KernelPolicy, shapes: RunShapes, device, state=None) -> KernelChoice:
     """`mpp.kernels.resolve` for one run: the main process decides, every process runs its verdict,
-    and its lines are printed once (above the progress bar)."""
-    choice = resolve(policy, shapes, device, main=main, share=broadcast if processes > 1 else (lambda x: x))
+    and its lines are printed once (above the progress bar). state: the run's Accelerator or
+    accelerate PartialState when it has several processes; None for one."""
+    main = state is None or state.is_main_process
+    several = state is not None and state.num_processes > 1
+    choice = resolve(policy, shapes, device, main=main, share=broadcast if several else (lambda x: x))
     if main:
         for line in choice.lines():
-            say(line)
+            print(line, flush=True)
     return choice
 
 

@@ -34,7 +34,7 @@ from mpp.data import build_dataset
 from mpp.errors import UsageError
 from mpp.kernels import KernelPolicy, RunShapes
 from mpp.model import ViT, vit_config
-from mpp.objective import MPPConfig, MPPObjective, SupervisedObjective
+from mpp.objective import MPPConfig, MPPObjective, SupervisedObjective, corrupted_count
 from mpp.reproducible import SeededSamples, seed_step
 from mpp.rundir import (
     check_resume,
@@ -267,11 +267,10 @@ def _train(config: TrainConfig, mpp_config: MPPConfig, held: contextlib.ExitStac
                                              accelerator)
 
     # ---- kernels: decided once, at this run's shapes, by the main process for all of them
-    last_queries = max(1, round(mpp_config.corrupt_rate * vit_cfg.num_patches)) if config.objective == "mpp" else 1
+    last_queries = corrupted_count(mpp_config.corrupt_rate, vit_cfg.num_patches) if config.objective == "mpp" else 1
     shapes = RunShapes.of(vit_cfg, config.batch_size // world, autocast_dtype(accelerator), last_queries=last_queries,
                           compiled=config.compile)
-    kernels = choose_kernels(policy, shapes, accelerator.device, main=accelerator.is_main_process,
-                             processes=accelerator.num_processes, say=accelerator.print)
+    kernels = choose_kernels(policy, shapes, accelerator.device, accelerator)
 
     # ---- model and objective
     if config.objective == "mpp":

@@ -48,10 +48,10 @@ from mpp.config import AT_LEAST_1, NON_NEGATIVE, Parser, Range, number_flag
 from mpp.errors import cli_main
 from mpp.kernels import KernelChoice, KernelPolicy, RunShapes, resolve
 from mpp.model import ViT, ViTConfig, gather_tokens, timm_kwargs, vit_config
-from mpp.objective import MPPConfig, MPPObjective, SupervisedObjective
+from mpp.objective import MPPConfig, MPPObjective, SupervisedObjective, corrupted_count
 from mpp.ops import TORCH, Kernels
 from mpp.provenance import git_commit
-from mpp.runtime import reuse_freed_memory
+from mpp.runtime import compile_blocks, reuse_freed_memory
 from mpp.train import param_groups
 
 IMPLS = ("ours", "timm")
@@ -93,7 +93,7 @@ def build_objective(impl: str, objective: str, config: ViTConfig, kernels: Kerne
 def run_shapes(config: ViTConfig, objective: str, batch: int, dtype: torch.dtype) -> RunShapes:
     """The shapes one objective's training step calls the ops at: the last block computes the
     corrupted patches alone for MPP (MPPObjective's keep), the class token alone for supervised."""
-    last = max(1, round(MPPConfig().corrupt_rate * config.num_patches)) if objective == "mpp" else 1
+    last = corrupted_count(MPPConfig().corrupt_rate, config.num_patches) if objective == "mpp" else 1
     return RunShapes.of(config, batch, str(dtype).removeprefix("torch."), backward=True, last_queries=last)
 
 
@@ -119,9 +119,7 @@ class Case:
         self.optimizer = torch.optim.AdamW(param_groups(self.module, 0.05), lr=1e-4)
         self.forward = self.module
         if compile_model and compile_scope == "blocks":  # as training's --compile: each block, in place
-            vit = self.module.vit
-            for block in vit.blocks if impl == "ours" else vit.model.blocks:
-                block.compile()
+            compile_blocks(self.module.vit if impl == "ours" else self.module.vit.model)  # timm's ViT has .blocks too
         elif compile_model:
             self.forward = torch.compile(self.module)
         self.images, self.labels = images, labels

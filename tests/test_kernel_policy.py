@@ -237,7 +237,7 @@ if state.process_index == 1:  # this process's kernel is wrong: measured here, i
     IMPLEMENTATIONS["layer_norm"]["triton"] = lambda *a: torch_layer_norm(*a) * 2
 policy = KernelPolicy("auto", frozenset({"attention", "add_layer_norm"}), "off")
 shapes = RunShapes(batch=2, tokens=17, last_queries=9, heads=2, head_dim=32, width=64)
-choice = choose_kernels(policy, shapes, "cpu", main=state.is_main_process, processes=state.num_processes)
+choice = choose_kernels(policy, shapes, "cpu", state)
 Path(sys.argv[1], f"rank{state.process_index}.json").write_text(json.dumps(choice.kernels.names()))
 state.wait_for_everyone()  # neither leaves the group while the other still talks to it
 state.destroy_process_group()
