@@ -53,6 +53,7 @@ from eval.fewshot import dataset_name
 from mpp import checkpoint as ckpt_io
 from mpp.config import Parser
 from mpp.errors import UsageError, cli_main
+from mpp.files import atomic_write, writable_dir, write_json
 
 DASH = "–"
 RESULT_GLOBS = ("summary.json", "fewshot*.json", "linear-probe*.json", "finetune.json", "finetune*/finetune.json")
@@ -678,7 +679,7 @@ def compare(run_dirs: list[str | Path], output_dir: str | Path | None = None, na
         raise UsageError("--names cannot be matched to the runs when a comparison folder is among them: leave it out")
     names = run_names(paths, names)
     parent = common_parent(paths)
-    output = ckpt_io.writable_dir(Path(output_dir) if output_dir else parent / "compare", "--output")
+    output = writable_dir(Path(output_dir) if output_dir else parent / "compare", "--output")
 
     runs, randoms = [], []
     for path, name in zip(paths, names):
@@ -721,8 +722,8 @@ def compare(run_dirs: list[str | Path], output_dir: str | Path | None = None, na
               "markdown": markdown, "output": str(output),
               "tensorboard": {"logdir": shown_path(parent), "command": command, "text": str(output / "tensorboard")},
               "files": [str(f) for f in files]}
-    ckpt_io.atomic_write(output / "compare.md", lambda f: f.write(markdown.encode()))
-    ckpt_io.write_json(output / "compare.json", report)
+    atomic_write(output / "compare.md", lambda f: f.write(markdown.encode()))
+    write_json(output / "compare.json", report)
     write_tensorboard_text(output / "tensorboard", markdown)
     return report
 

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from mpp.checkpoint import CKPT_RE, KernelsFor, load_checkpoint, load_run, write_json
+from mpp.checkpoint import KernelsFor, load_checkpoint, load_run
 from mpp.config import (
     AT_LEAST_1,
     NON_NEGATIVE,
@@ -32,8 +32,10 @@ from mpp.config import (
 )
 from mpp.data import DEFAULT_DATASET, build_dataset, normalize
 from mpp.errors import UsageError, cli_main
+from mpp.files import write_json
 from mpp.kernels import MODES, KernelPolicy, RunShapes
 from mpp.model import ViT, ViTConfig, vit_config
+from mpp.rundir import CKPT_RE
 from mpp.runtime import choose_kernels, compile_blocks
 
 BIAS = 100.0  # the constant feature: large, so the bias weight is (almost) not regularised

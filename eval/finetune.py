@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from mpp import checkpoint as ckpt_io
+from mpp import files, rundir
 from mpp.config import (
     AT_LEAST_1,
     NON_NEGATIVE,
@@ -326,7 +327,7 @@ def load_start(run: str, **overrides) -> tuple[dict, ViT, dict]:
         run_cfg, vit, step = ckpt["config"], ckpt_io.vit_from_checkpoint(ckpt, run, **overrides), ckpt.get("step")
     else:
         run_cfg, vit, path = ckpt_io.load_run(run, **overrides)
-        step = int(ckpt_io.CKPT_RE.search(path.name).group(1))  # a run's checkpoints are all ckpt-<step>.pt
+        step = int(rundir.CKPT_RE.search(path.name).group(1))  # a run's checkpoints are all ckpt-<step>.pt
     return run_cfg, vit, {"init": "pretrained", "checkpoint": str(path), "step": step, "sha256": file_sha256(path)}
 
 
@@ -403,7 +404,7 @@ def _finetune(config: FinetuneConfig, held: contextlib.ExitStack) -> dict:
     start, pretrained_cfg, dataset, start_point = starting_model(config)
     results = recorded_results(out, config, start_point)
     if accelerator.is_main_process:  # one fine-tune writes an output directory at a time
-        held.enter_context(RunLock(ckpt_io.writable_dir(out, "--output-dir")))
+        held.enter_context(RunLock(files.writable_dir(out, "--output-dir")))
     image_size = start.config.image_size
     train_set, info = build_dataset(dataset, "train", image_size, train=True)
     train_set.transform = train_transform(config, image_size)
@@ -448,7 +449,7 @@ def _finetune(config: FinetuneConfig, held: contextlib.ExitStack) -> dict:
     def record(tag: str, entry: dict) -> None:
         trainings[tag] = entry
         if accelerator.is_main_process:
-            ckpt_io.write_json(out / RESULTS, results)
+            files.write_json(out / RESULTS, results)
 
     # ---- the lr grid: train on "fit", score on "dev" only
     lrs = list(dict.fromkeys(float(lr) for lr in config.lrs))
@@ -486,7 +487,7 @@ def _finetune(config: FinetuneConfig, held: contextlib.ExitStack) -> dict:
     if accelerator.is_main_process:
         from torch.utils.tensorboard import SummaryWriter
 
-        ckpt_io.write_json(out / RESULTS, results)
+        files.write_json(out / RESULTS, results)
 
         with SummaryWriter(str(out / "tensorboard" / "summary")) as tb:
             tb.add_scalar("finetune/test_accuracy", results["test_accuracy"]["mean"], steps)
@@ -524,7 +525,7 @@ def prepare_output(out: Path, config: FinetuneConfig, settings: dict, run_cfg: d
             raise UsageError(f"'{out}' was fine-tuned with other settings ({'; '.join(changed)}): resume with "
                              "the same flags or pass a new --output-dir")
     if accelerator.is_main_process and not config.resume:
-        ckpt_io.write_json(ckpt_io.writable_dir(out, "--output-dir") / "config.json", run_cfg)
+        files.write_json(files.writable_dir(out, "--output-dir") / "config.json", run_cfg)
 
 
 def parse_args(argv: list[str] | None = None) -> FinetuneConfig:

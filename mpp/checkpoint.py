@@ -6,7 +6,6 @@ the ViT's weights under timm's names (`"model"`), so they load into timm as they
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import random
@@ -20,83 +19,12 @@ import torch
 from torch.torch_version import TorchVersion
 
 from mpp.errors import UsageError
+from mpp.files import atomic_write, remove_killed_writes
 from mpp.model import ViT, ViTConfig
 from mpp.ops import TORCH, Kernels
+from mpp.rundir import checkpoint_dir, checkpoint_path, list_checkpoints
 
 KernelsFor = Callable[[ViTConfig], Kernels]  # the kernels a ViT of this config is built with
-
-CKPT_RE = re.compile(r"ckpt-(\d+)\.pt$")
-
-
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """The run's checkpoints, oldest first (temporary files of an interrupted save are ignored)."""
-    folder = checkpoint_dir(run_dir)
-    found = [p for p in folder.glob("ckpt-*.pt") if CKPT_RE.search(p.name)] if folder.is_dir() else []
-    return sorted(found, key=lambda p: int(CKPT_RE.search(p.name).group(1)))
-
-
-TMP_MARK = ".tmp-"  # atomic_write's temporary files: .<name>.tmp-<pid of the writer>
-
-
-class _WriteErrors:
-    """A binary file whose write errors are remembered: torch.save's zip writer turns an OSError
-    from the file (a full disk, a quota) into a RuntimeError that no longer says which, and the
-    caller needs the OSError to say what to free."""
-
-    def __init__(self, f) -> None:
-        self._f, self.error = f, None
-
-    def write(self, data) -> int:
-        try:
-            return self._f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def __getattr__(self, name):  # flush, tell, seek, ...
-        return getattr(self._f, name)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, fsync, then rename: a reader (or a resumed run)
-    sees the old file or the whole new one, never a torn one. Any failure to write (a full disk
-    included, however the writer reports it) raises OSError and leaves no temporary file."""
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as raw:
-            f = _WriteErrors(raw)
-            try:
-                write(f)
-            except Exception as e:
-                if f.error is not None and f.error is not e:
-                    raise f.error from e
-                raise
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def writable_dir(path: Path, flag: str) -> Path:
-    """Create `path` and prove it takes files now, not after hours of work; else a one-line error."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"cannot write to output directory '{path}' ({e.strerror or e}): pass a writable {flag}") from e
-    return path
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, default=str) + "\n").encode()))
-
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 3) -> Path:
     """Save `state` as checkpoints/ckpt-<step>.pt atomically; keep the newest `keep` checkpoints.
@@ -105,7 +33,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 3) 
     to free; the older checkpoints are deleted only after the new one is complete, so the newest
     complete checkpoint always survives."""
     folder = checkpoint_dir(run_dir)
-    path = folder / f"ckpt-{step:08d}.pt"
+    path = checkpoint_path(run_dir, step)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda f: torch.save(state, f))
@@ -143,26 +71,6 @@ def _tensors(obj):
     elif isinstance(obj, (list, tuple)):
         for v in obj:
             yield from _tensors(v)
-
-
-def remove_killed_writes(folder: Path) -> None:
-    """Delete the temporary files of `atomic_write`s that a kill cut short (SIGKILL runs no cleanup).
-    They are never read, only take space, a checkpoint's worth each. A file whose writer may still
-    be alive stays."""
-    for tmp in folder.glob(f".*{TMP_MARK}*"):
-        pid = tmp.name.rsplit(TMP_MARK, 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, someone else's
-        return True
-    return True
 
 
 # What weights-only loading must accept beyond tensors and plain data, and nothing more. Every

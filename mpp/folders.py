@@ -19,12 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from mpp.errors import UsageError
+from mpp.rundir import RUN_MARKERS  # even when --output-dir points into a dataset
 
 TEST_FOLDERS = ("test", "val", "validation")  # an image folder's test split: the first of these it has
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
-# Files that pretraining and fine-tuning write into their run directory: a folder holding one is a
-# run (checkpoints, metrics, copied samples), never data, even when --output-dir points into a dataset.
-RUN_MARKERS = ("config.json", "metrics.jsonl")
 
 
 def folder_listing(

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from mpp.checkpoint import write_json
 from mpp.errors import UsageError
+from mpp.files import write_json
 from mpp.ops import IMPLEMENTATIONS, OPS, Kernels
 from triton_kernels.gate import import_problem, interpreting, platform_problem
 

@@ -1,39 +1,99 @@
-"""The run directory of a training run: created once, resumed only as the same run, records kept whole.
+"""The run directory: its layout (the one definition every writer and reader uses), what may start or
+resume in one, and repairs of what a kill can leave torn in it.
 
-A run directory holds `config.json` (the run config, plus one entry per resume), `metrics.jsonl`
-(one JSON line per logged step), `summary.json` (at the end), `tensorboard/`, `checkpoints/` (see
-mpp.checkpoint) and `run.lock` (see mpp.runlock). This module decides what may start or resume in
-one, and repairs what a kill can leave torn in it.
+    RUN/
+      config.json        the run config (`train`, `mpp`, `model`, `kernels`, ...), plus `resumed[]`: one entry per resume
+      metrics.jsonl      one JSON line per logged step ({"step": int, "<tag>": float, ...})
+      summary.json       written once, at the end: final metrics, steps, wall time
+      tensorboard/       TensorBoard events (the run's own; probes add tensorboard/<probe>/)
+      checkpoints/       ckpt-<step:08d>.pt (see mpp.checkpoint), the newest K kept
+      run.lock           who holds the run (see mpp.runlock)
+      fewshot*.json, linear-probe*.json, finetune*/finetune.json   evaluation reports written beside it
+
+Eval reports written elsewhere are still found by the readers in mpp.reports.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
-from mpp import checkpoint as ckpt_io
 from mpp.errors import UsageError
-from mpp.folders import TEST_FOLDERS
+from mpp.files import atomic_write, writable_dir
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+TENSORBOARD = "tensorboard"
+CHECKPOINTS = "checkpoints"
+LOCK = "run.lock"
+FINETUNE = "finetune.json"  # a fine-tune's results, in its own --output-dir
+# The reports an evaluation writes, as globs relative to the folder that holds them.
+REPORT_GLOBS = (SUMMARY, "fewshot*.json", "linear-probe*.json", FINETUNE, f"finetune*/{FINETUNE}")
+CKPT_RE = re.compile(r"ckpt-(\d+)\.pt$")
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return checkpoint_dir(run_dir) / f"ckpt-{step:08d}.pt"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's checkpoints, oldest first (temporary files of an interrupted save are ignored)."""
+    folder = checkpoint_dir(run_dir)
+    found = [p for p in folder.glob("ckpt-*.pt") if CKPT_RE.search(p.name)] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(CKPT_RE.search(p.name).group(1)))
+
+
+def step_of_name(path: str | Path) -> int | None:
+    """The step a checkpoint's file name says (ckpt-<step>.pt), or None for any other name."""
+    match = CKPT_RE.search(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def run_dir_of(path: str | Path) -> Path:
+    """The run directory of a path that names a run or one of its checkpoints (RUN/checkpoints/ckpt-N.pt);
+    a file anywhere else belongs to the folder that holds it."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    return path.parent.parent if path.parent.name == CHECKPOINTS else path.parent
+
+
+# A folder holding one of these is a run (checkpoints, metrics, copied samples), never data (mpp.folders).
+RUN_MARKERS = (CONFIG, METRICS)
+
+
+def changed_settings(saved: dict, now: dict, free: set[str] | frozenset[str] = frozenset(), flag=None) -> list[str]:
+    """`--flag old → new` for each setting in `now` that differs from `saved` and is not in `free`:
+    the one comparison behind every "this would be a different run, refuse" check."""
+    flag = flag or (lambda k: f"--{k.replace('_', '-')}")
+    return [f"{flag(k)} {saved.get(k)} → {v}" for k, v in now.items() if k not in free and saved.get(k) != v]
 
 
 def prepare_run_dir(config) -> Path:
     """Refuse to overwrite a run, and to resume one that has nothing to resume from."""
+    from mpp.folders import TEST_FOLDERS  # mpp.folders reads RUN_MARKERS from here
     run_dir = Path(config.output_dir)
-    has_ckpt = bool(ckpt_io.list_checkpoints(run_dir))
+    has_ckpt = bool(list_checkpoints(run_dir))
     if has_ckpt and not config.resume:
         raise UsageError(
             f"run directory '{run_dir}' already holds checkpoints: pass --resume to continue it "
             "or --output-dir for a new run"
         )
     if config.resume and not has_ckpt:
-        raise UsageError(f"--resume: no checkpoint in '{ckpt_io.checkpoint_dir(run_dir)}': drop --resume to start this run")
+        raise UsageError(f"--resume: no checkpoint in '{checkpoint_dir(run_dir)}': drop --resume to start this run")
     data = Path(config.dataset).expanduser()
     for split in (data / name for name in ("train", *TEST_FOLDERS)) if data.is_dir() else ():
         if split.is_dir() and run_dir.resolve().is_relative_to(split.resolve()):  # its files would become data
             raise UsageError(f"--output-dir '{run_dir}' is inside the dataset's {split.name}/ folder: "
                              "pass an --output-dir outside the dataset")
-    return ckpt_io.writable_dir(run_dir, "--output-dir")
+    return writable_dir(run_dir, "--output-dir")
 
 
 # Settings a resumed run may change: they do not alter what it computes, only how long and how it reports.
@@ -44,9 +104,7 @@ RESUMABLE = {"max_steps", "epochs", "log_every", "save_every", "keep_checkpoints
 def check_resume(saved: dict, run_cfg: dict, num_processes: int, source: str) -> None:
     """Refuse to resume a run with settings that would make it a different run."""
     sections = ("train", "mpp") if run_cfg["train"]["objective"] == "mpp" else ("train",)
-    changed = [f"--{k.replace('_', '-')} {saved[section].get(k)} → {v}"
-               for section in sections for k, v in run_cfg[section].items()
-               if k not in RESUMABLE and saved[section].get(k) != v]
+    changed = [c for section in sections for c in changed_settings(saved[section], run_cfg[section], RESUMABLE)]
     if saved.get("precision", run_cfg["precision"]) != run_cfg["precision"]:  # e.g. the GPU default changed
         changed.append(f"--mixed-precision {saved['precision']} → {run_cfg['precision']}")
     if saved.get("num_processes", num_processes) != num_processes:
@@ -59,7 +117,7 @@ def check_resume(saved: dict, run_cfg: dict, num_processes: int, source: str) ->
 def diverged(step: int, run_dir: Path, lr: float, peak_lr: float, what: str) -> str:
     """The one line for a run whose loss or weights stopped being finite, with advice that works:
     --resume keeps the run's settings, and so would diverge again."""
-    last = ckpt_io.list_checkpoints(run_dir)
+    last = list_checkpoints(run_dir)
     where = (f"the newest checkpoint, {last[-1]}, holds finite weights but may already be diverging"
              if last else "no checkpoint was saved")
     return (f"{what} step {step} (lr {lr:.3g}); {where}: start a new run (another --output-dir) with a lower --lr "
@@ -70,7 +128,7 @@ def diverged(step: int, run_dir: Path, lr: float, peak_lr: float, what: str) -> 
 def read_run_config(run_dir: Path, from_checkpoint: dict) -> dict:
     """The run's config.json; when it is missing or torn (a kill while the run started), the copy every
     checkpoint carries, with a note."""
-    path = run_dir / "config.json"
+    path = run_dir / CONFIG
     try:
         config = json.loads(path.read_text())
         if isinstance(config, dict) and "train" in config:
@@ -95,4 +153,4 @@ def trim_metrics(path: Path, step: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             pass  # torn or foreign: never read again
-    ckpt_io.atomic_write(path, lambda f: f.write("".join(f"{line}\n" for line in kept).encode()))
+    atomic_write(path, lambda f: f.write("".join(f"{line}\n" for line in kept).encode()))

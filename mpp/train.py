@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mpp import checkpoint as ckpt_io
+from mpp import files, rundir
 from mpp.config import (
     AT_LEAST_1,
     NON_NEGATIVE,
@@ -313,7 +314,7 @@ def _train(config: TrainConfig, mpp_config: MPPConfig, held: contextlib.ExitStac
     if config.resume:
         found = ckpt_io.load_latest(run_dir)
         if found is None:
-            raise UsageError(f"--resume: no readable checkpoint in '{ckpt_io.checkpoint_dir(run_dir)}': drop --resume")
+            raise UsageError(f"--resume: no readable checkpoint in '{rundir.checkpoint_dir(run_dir)}': drop --resume")
         state, path = found
         saved = state["config"]
         weights = {**state["objective"], **{f"vit.{k}": v for k, v in state["model"].items()}}
@@ -345,10 +346,10 @@ def _train(config: TrainConfig, mpp_config: MPPConfig, held: contextlib.ExitStac
             original.setdefault("resumed", []).append({"step": step, "command": run_cfg["command"],
                                                        "max_steps": config.max_steps, "epochs": config.epochs,
                                                        "kernels": run_cfg["kernels"]})
-            ckpt_io.write_json(run_dir / "config.json", original)
+            files.write_json(run_dir / "config.json", original)
             trim_metrics(run_dir / "metrics.jsonl", step)
         else:
-            ckpt_io.write_json(run_dir / "config.json", run_cfg)
+            files.write_json(run_dir / "config.json", run_cfg)
     accelerator.init_trackers("tensorboard", config=flat_hparams(run_cfg))
     metrics_file = held.enter_context(open(run_dir / "metrics.jsonl", "a")) if accelerator.is_main_process else None
 
@@ -476,7 +477,7 @@ def _train(config: TrainConfig, mpp_config: MPPConfig, held: contextlib.ExitStac
     if results is None:
         accelerator.end_training()
         accelerator.print(f"stopped at step {step} of {total_steps}; checkpoint saved in "
-                          f"{ckpt_io.checkpoint_dir(run_dir)}: rerun the same command with --resume to continue")
+                          f"{rundir.checkpoint_dir(run_dir)}: rerun the same command with --resume to continue")
         sys.exit(stop.exit_code)
     if accelerator.is_main_process:
         summary = {
@@ -486,7 +487,7 @@ def _train(config: TrainConfig, mpp_config: MPPConfig, held: contextlib.ExitStac
             "skipped_images": {name: data.skipped_images() for name, data in (("train", train_set), ("eval", eval_set))
                                if hasattr(data, "skipped_images")},
         }
-        ckpt_io.write_json(run_dir / "summary.json", summary)
+        files.write_json(run_dir / "summary.json", summary)
         accelerator.print(f"done: {run_dir} ({step} steps; eval {json.dumps({k: round(v, 4) for k, v in results.items()})})")
     accelerator.end_training()
     if stop.requested:  # it came during the final save: the run is complete, the scheduler still sees why it ended

@@ -118,7 +118,7 @@ def unpack(archive: Path, target: Path) -> None:
 def remove_killed_unpacks(target: Path) -> None:
     """Delete the temporary folders of unpacks whose process is gone (a SIGKILL runs no cleanup): they are
     never read, and hold up to a dataset's worth of files. One whose unpacker may still run stays."""
-    from mpp.checkpoint import process_alive
+    from mpp.files import process_alive
 
     for work in target.parent.glob(f".{target.name}{UNPACKING}*"):
         pid = work.name.rsplit(UNPACKING, 1)[-1]

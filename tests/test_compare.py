@@ -10,7 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.compare import Row, compare, curve_panels, main, mosaic, pos_embed_similarity, read_curves
+from eval.compare import (
+    Row,
+    compare,
+    curve_panels,
+    main,
+    mosaic,
+    pos_embed_similarity,
+    read_curves,
+)
 from mpp.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mpp.checkpoint import write_json
+from mpp.files import write_json
 from mpp.train import parse_args
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,9 +10,17 @@ import torch
 from sklearn.linear_model import Ridge
 
 from eval import fewshot
-from eval.fewshot import extract_features, fewshot_probe, fewshot_probe_grid, lsr_predict, main, sample_shots
-from mpp.checkpoint import save_checkpoint, write_json
+from eval.fewshot import (
+    extract_features,
+    fewshot_probe,
+    fewshot_probe_grid,
+    lsr_predict,
+    main,
+    sample_shots,
+)
+from mpp.checkpoint import save_checkpoint
 from mpp.errors import UsageError
+from mpp.files import write_json
 from mpp.model import ViT, ViTConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from eval import finetune as ft
-from mpp.checkpoint import load_checkpoint, load_run, save_checkpoint, write_json
+from mpp.checkpoint import load_checkpoint, load_run, save_checkpoint
+from mpp.files import write_json
 from mpp.model import ViT, ViTConfig, resample_pos_embed
 from tests.helpers.runs import run_script
 

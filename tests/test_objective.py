@@ -5,7 +5,13 @@ import torch
 from mpp.errors import UsageError
 from mpp.model import ViT, vit_config
 from mpp.objective import (
-    MPPConfig, MPPObjective, SupervisedObjective, corrupt_patches, downsample_target, mean_color_target, patchify,
+    MPPConfig,
+    MPPObjective,
+    SupervisedObjective,
+    corrupt_patches,
+    downsample_target,
+    mean_color_target,
+    patchify,
 )
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from helpers.runs import ENV, FAST, REPO, read_metrics, run_script
 
-from mpp.checkpoint import list_checkpoints, load_checkpoint
+from mpp.checkpoint import load_checkpoint
+from mpp.rundir import list_checkpoints
 from mpp.train import TrainConfig, lr_factor
 
 WORKERS = [*FAST, "--num-workers", "2"]  # FAST has none; the hangs needed workers

@@ -12,8 +12,9 @@ import pytest
 import torch
 from helpers.runs import ENV, FAST, REPO, final_weights, read_metrics, run_script
 
-from mpp.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from mpp.checkpoint import load_checkpoint, save_checkpoint
 from mpp.objective import MPPObjective
+from mpp.rundir import list_checkpoints
 from mpp.train import main
 
 # 60 steps cross an epoch of digits (44 steps of 32), one loader worker process, a checkpoint every 7 steps.

@@ -16,7 +16,6 @@ from helpers.runs import run_script
 from eval.fewshot import checkpoint_step
 from mpp.checkpoint import (
     BadCheckpoint,
-    list_checkpoints,
     load_checkpoint,
     load_latest,
     rng_state,
@@ -24,6 +23,7 @@ from mpp.checkpoint import (
     set_rng_state,
 )
 from mpp.errors import UsageError
+from mpp.rundir import list_checkpoints
 
 # 2 steps, a checkpoint at each: the smallest run whose checkpoint has every part a long run's has.
 RUN = ["--max-steps", "2", "--save-every", "1", "--batch-size", "32", "--num-workers", "0", "--log-every", "1",

@@ -10,12 +10,13 @@ import time
 
 import pytest
 import torch
-from PIL import Image
 from helpers.runs import FAST, LAUNCH_2, REPO, read_metrics, run_script
+from PIL import Image
 
-from mpp.checkpoint import list_checkpoints, load_checkpoint
+from mpp.checkpoint import load_checkpoint
 from mpp.model import ViT, vit_config
 from mpp.objective import MPPObjective
+from mpp.rundir import list_checkpoints
 from mpp.train import TrainConfig, lr_factor, main, param_groups, parse_args, train
 
 
