@@ -49,9 +49,9 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.fewshot import dataset_name
 from mpp import checkpoint as ckpt_io
 from mpp.config import Parser
+from mpp.data import dataset_name
 from mpp.errors import UsageError, cli_main
 from mpp.files import atomic_write, writable_dir, write_json
 

@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ from mpp.config import (
     device_flag,
     number_flag,
 )
-from mpp.data import DEFAULT_DATASET, build_dataset, normalize
+from mpp.data import DEFAULT_DATASET, build_dataset, dataset_name, normalize
 from mpp.errors import UsageError, cli_main
 from mpp.files import write_json
 from mpp.kernels import MODES, KernelPolicy, RunShapes
@@ -217,12 +216,6 @@ def run_fewshot(vit, dataset_spec: str, image_size: int, shots=(1, 5, 10, 25), s
                         "train_embedded": len(union)},
             "shots": list(shots), "seeds": list(range(seeds)), "l2_grid": l2s, "headline_l2": l2s[0],
             "std": STD_KIND, "feature_dim": int(train_x.shape[1]), "results": results}
-
-
-def dataset_name(spec: str) -> str:
-    """A TensorBoard-safe short name: "hf:cifar10" → "cifar10", "/data/pets/" → "pets"."""
-    name = Path(spec.removeprefix("hf:").rstrip("/")).name or spec
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
 def checkpoint_step(path: Path) -> int:

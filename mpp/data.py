@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import io
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,6 +212,12 @@ def rgb_tensor(image: Any) -> torch.Tensor:
     elif image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # PIL warns when palette transparency goes straight to RGB
     return pil_to_tensor(image.convert("RGB"))  # uint8 [3, H, W]
+
+
+def dataset_name(spec: str) -> str:
+    """A short name for tables and TensorBoard tags: "hf:cifar10" → "cifar10", "/data/pets/" → "pets"."""
+    name = Path(spec.removeprefix("hf:").rstrip("/")).name or spec
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
 def load_split(spec: str, split: str, *, streaming: bool = False, strict: bool = False) -> tuple[Dataset, DatasetInfo]:

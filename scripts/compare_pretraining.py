@@ -270,7 +270,7 @@ class Pipeline:
 
 
 def transfer_name(spec: str) -> str:
-    from eval.fewshot import dataset_name
+    from mpp.data import dataset_name
 
     return dataset_name(spec)
 
@@ -317,7 +317,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.dataset = dataset_folder(args.dataset)
     if args.transfer:
         args.transfer = dataset_folder(args.transfer)
-    from eval.fewshot import dataset_name
+    from mpp.data import dataset_name
 
     args.root = args.root or f"runs/compare-{dataset_name(args.dataset)}-{args.budget}"
     args.output = args.output or str(Path(args.root) / "compare")
