@@ -270,14 +270,13 @@ class ViT(nn.Module):
         """
         return self.patch_embed(images)
 
-    def forward_tokens(self, patches: torch.Tensor, keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Patch embeddings (B, N, D) → {"tokens": (B, N+1, D) after the final norm, "pre_logits": (B, D)}.
+    def forward_tokens(self, patches: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch embeddings (B, N, D) → the final-norm tokens: (B, N+1, D), or with `keep` (B, n, D).
 
-        keep: (B, n) indices of the tokens whose outputs are wanted (0: the class token, i: patch i−1).
-        Then "tokens" is (B, n, D), those tokens in that order (and "pre_logits" is absent), and the
-        last block computes queries, MLP and norm for them alone; its keys and values still span
-        every token, so the values are the same. Supervised training needs only the class token and
-        MPP only the corrupted patches: the last block costs 1/(N+1) or about half as much.
+        keep: (B, n) indices of the tokens whose outputs are wanted (0: the class token, i: patch i−1),
+        returned in that order. The last block computes queries, MLP and norm for them alone; its keys
+        and values still span every token, so the values are the same. Supervised training needs only
+        the class token and MPP only the corrupted patches: the last block costs 1/(N+1) or about half.
         """
         B, N, D = patches.shape
         pos_embed = self.pos_embed
@@ -288,16 +287,18 @@ class ViT(nn.Module):
         x = self.pos_drop(x + pos_embed)
         for i, block in enumerate(self.blocks):
             x = block(x, keep if i == len(self.blocks) - 1 else None)
-        tokens = self.norm(x)  # (B, N+1, D) | (B, n, D)
-        return {"tokens": tokens} if keep is not None else {"tokens": tokens, "pre_logits": tokens[:, 0]}
+        return self.norm(x)  # (B, N+1, D) | (B, n, D)
 
     def forward_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.forward_tokens(self.embed_patches(images))
+        """Images (B, 3, H, W) → {"tokens": (B, N+1, D) after the final norm, "pre_logits": (B, D), the
+        class token}: always both, what the probes pool from."""
+        tokens = self.forward_tokens(self.embed_patches(images))  # (B, N+1, D)
+        return {"tokens": tokens, "pre_logits": tokens[:, 0]}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         patches = self.embed_patches(images)  # (B, N, D)
         cls = torch.zeros(len(patches), 1, dtype=torch.long, device=patches.device)  # (B, 1): the class token
-        pre_logits = self.forward_tokens(patches, keep=cls)["tokens"][:, 0]  # (B, D)
+        pre_logits = self.forward_tokens(patches, keep=cls)[:, 0]  # (B, D)
         return self.head(pre_logits)  # (B, num_classes)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):

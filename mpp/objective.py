@@ -168,7 +168,7 @@ class MPPObjective(nn.Module):
         patches = self.vit.embed_patches(normalize(images))  # (B, N, D)
         patches, chosen, _ = corrupt_patches(patches, self.mask_token, self.config)  # chosen: (B, n)
         # The loss sees the corrupted patches only (token i + 1 is patch i): the ViT computes no more.
-        tokens = self.vit.forward_tokens(patches, keep=chosen + 1)["tokens"]  # (B, n, D)
+        tokens = self.vit.forward_tokens(patches, keep=chosen + 1)  # (B, n, D)
         pred = self.head(tokens).float().flatten(0, 1)  # (M, out), M = B·n
         target = gather_tokens(target, chosen).flatten(0, 1)  # (M,) | (M, cells²) | (M, P·P·3)
         if self.config.target == "l2":

@@ -75,10 +75,10 @@ class TimmTokens(nn.Module):
     def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.patch_embed(images)  # (B, N, D)
 
-    def forward_tokens(self, patches: torch.Tensor, keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward_tokens(self, patches: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         m = self.model
         x = m.norm(m.blocks(m.norm_pre(m.patch_drop(m._pos_embed(patches)))))  # (B, N+1, D)
-        return {"tokens": x, "pre_logits": x[:, 0]} if keep is None else {"tokens": gather_tokens(x, keep)}
+        return x if keep is None else gather_tokens(x, keep)  # (B, N+1, D) | (B, n, D)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)  # (B, K)

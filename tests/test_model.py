@@ -75,7 +75,7 @@ def test_keeping_some_tokens_computes_the_same_values_and_gradients():
     x = torch.randn(3, 3, 32, 32)
     keep = torch.tensor([[0, 5, 2], [7, 1, 0], [3, 3, 9]])  # (B, n): any tokens, any order, repeats
     full = model.forward_features(x)["tokens"]  # (B, N+1, D)
-    part = model.forward_tokens(model.embed_patches(x), keep=keep)["tokens"]  # (B, n, D)
+    part = model.forward_tokens(model.embed_patches(x), keep=keep)  # (B, n, D)
     torch.testing.assert_close(part, full.gather(1, keep[..., None].expand(-1, -1, c.embed_dim)), rtol=1e-5, atol=1e-5)
     grads = []
     for logits in (model.head(full[:, 0]), model(x)):  # forward() keeps only the class token
