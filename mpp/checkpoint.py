@@ -1,7 +1,6 @@
-"""Checkpoints and run directories: atomic writes, the last K kept, shape-checked loading.
+"""Checkpoints: written atomically (mpp.files), the last K kept, loaded weights-only and shape-checked.
 
-A run directory holds `config.json`, `metrics.jsonl`, `tensorboard/` and `checkpoints/ckpt-<step>.pt`.
-Each checkpoint carries the full run config, so a model can be rebuilt from the file alone, and
+Where they live in a run directory is mpp.rundir's (`checkpoints/ckpt-<step>.pt`). Each checkpoint carries the full run config, so a model can be rebuilt from the file alone, and
 the ViT's weights under timm's names (`"model"`), so they load into timm as they are.
 """
 from __future__ import annotations

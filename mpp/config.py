@@ -157,9 +157,11 @@ def field_comments(cls: type) -> dict[str, str]:
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, defaults: dict | None = None,
                         skip: tuple[str, ...] = ()) -> None:
     """Add one flag per field of `cls` (defaults: overrides for this entry point). A numeric field
-    must have its range in `cls.RANGES`: an unchecked number is a bug caught when the flags are built."""
+    must have its range in `cls.RANGES`: an unchecked number is a bug caught when the flags are built.
+    A field's help is its comment, or `cls.FLAG_HELP[name]()` where the class computes it (from a
+    table that can grow, such as mpp.objective.TARGETS)."""
     hints = typing.get_type_hints(cls)
-    comments = field_comments(cls)
+    comments = {**field_comments(cls), **{k: make() for k, make in getattr(cls, "FLAG_HELP", {}).items()}}
     ranges = getattr(cls, "RANGES", {})
     missing = [name for name in numeric_fields(cls) if name not in ranges]
     if missing:

@@ -14,17 +14,14 @@ non-finite output means PyTorch for that op, with one warning line. `triton` use
 runs correctly and makes any failed check an error. The measurements are cached on disk, keyed by
 the device, driver, torch and triton versions and a hash of the kernel sources, so the next run
 with the same shapes starts at once (`--kernel-cache DIR|off`, `MPP_KERNEL_CACHE`).
+
+This module is the policy: the flags, the run's shapes, the verdicts and the decision.
+`mpp.kernel_measure` measures one op; `mpp.kernel_cache` keys and stores the measurements.
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import hashlib
-import importlib.metadata
-import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,15 +29,22 @@ from pathlib import Path
 import torch
 
 from mpp.errors import UsageError
-from mpp.files import write_json
-from mpp.ops import IMPLEMENTATIONS, OPS, Kernels
-from triton_kernels.gate import import_problem, interpreting, platform_problem
+from mpp.kernel_cache import cache_file, environment, read_cache, write_cache
+from mpp.kernel_measure import BrokenContext, NotOurs, measure_op
+from mpp.ops import OPS, Kernels
+from triton_kernels.gate import (
+    MAX_GRID_Y,
+    MAX_HEAD_DIM,
+    MAX_WIDTH,
+    import_problem,
+    interpreting,
+    platform_problem,
+)
 
 MODES = ("auto", "triton", "torch")
 ENV, OFF_ENV, CACHE_ENV = "MPP_KERNELS", "MPP_KERNELS_OFF", "MPP_KERNEL_CACHE"
 UNFINISHED = "its measurement did not finish in an earlier run (a crash or a hang of the kernel)"
 TUNED_HEAD_DIMS = (32, 64, 128)  # the launch configurations' head dims; others are padded to a power of two
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -184,7 +188,7 @@ def _decide(policy: KernelPolicy, shapes: RunShapes, device: torch.device, warn)
     env = environment(device) if problem is None else {}
     measure = [op for op in OPS if reasons[op] is None]
     key = {"environment": env, "shapes": asdict(shapes)}
-    path = _cache_file(policy, key) if measure else None
+    path = cache_file(policy.cache_dir(), key) if measure else None
     measured, source = ({}, "not measured") if not measure else _measurements(policy, shapes, device, key, path, measure)
     verdicts = []
     for op in OPS:
@@ -202,16 +206,16 @@ def _static_problem(op: str, shapes: RunShapes, device: torch.device, mode: str)
     if op == "attention":
         if shapes.attn_dropout > 0:
             return "the kernel has no attention dropout"
-        if not 1 <= shapes.head_dim <= 128:
-            return f"head dim {shapes.head_dim} is outside the kernel's 1..128"
-        if shapes.batch * shapes.heads > 65535:
-            return f"batch × heads {shapes.batch * shapes.heads} passes the grid limit 65535"
+        if not 1 <= shapes.head_dim <= MAX_HEAD_DIM:
+            return f"head dim {shapes.head_dim} is outside the kernel's 1..{MAX_HEAD_DIM}"
+        if shapes.batch * shapes.heads > MAX_GRID_Y:
+            return f"batch × heads {shapes.batch * shapes.heads} passes the grid limit {MAX_GRID_Y}"
         if mode == "auto" and device.type == "cuda" and shapes.dtype == "float32":
             return "fp32 attention: the kernel's exact IEEE path uses no tensor cores (bf16 and fp16 are measured)"
         if interpreting() and shapes.dtype == "bfloat16":
             return "the Triton interpreter has no bfloat16"
-    elif shapes.width > 65536:
-        return f"width {shapes.width} passes the one-block limit 65536"
+    elif shapes.width > MAX_WIDTH:
+        return f"width {shapes.width} passes the one-block limit {MAX_WIDTH}"
     return None
 
 
@@ -230,12 +234,9 @@ def _verdict(op: str, m: dict, mode: str) -> Verdict:
     return Verdict(op, "triton", "verified and faster" + (" (padded head dim, timed)" if padded else ""), figures)
 
 
-# ---- measurement
-
-
 def _measurements(policy, shapes, device, key, path, ops) -> tuple[dict, str]:
     """{op: measurement} from the cache, or measured now (and cached); and where they came from."""
-    cached = _read_cache(path, key) or {}
+    cached = read_cache(path, key) or {}
     # auto needs the timings, which a forced run on the interpreter skipped
     usable = {op: m for op, m in cached.items() if "cause" in m or "ratio" in m or policy.mode == "triton"}
     if all(op in usable for op in ops):
@@ -244,281 +245,14 @@ def _measurements(policy, shapes, device, key, path, ops) -> tuple[dict, str]:
     for op in ops:
         if op in usable:
             continue
-        _write_cache(path, key, {**measured, op: {"cause": UNFINISHED}})  # a crash or hang here is remembered
+        write_cache(path, key, {**measured, op: {"cause": UNFINISHED}})  # a crash or hang here is remembered
         try:
             measured[op] = measure_op(op, shapes, device, policy.mode)
         except NotOurs as e:  # nothing learned about ours: PyTorch's op this time, measured again next time
             transient[op] = {"cause": f"could not be verified: the reference or PyTorch's op failed ({e})"}
             measured.pop(op, None)
         except (KeyboardInterrupt, SystemExit):  # the user's Ctrl-C is not the kernel's fault: no marker
-            _write_cache(path, key, measured)
+            write_cache(path, key, measured)
             raise
-    _write_cache(path, key, measured)
+    write_cache(path, key, measured)
     return {**measured, **transient}, "measured"
-
-
-class NotOurs(Exception):
-    """The reference or PyTorch's op failed (e.g. out of memory): nothing is known about ours."""
-
-
-def measure_op(op: str, shapes: RunShapes, device: torch.device, mode: str = "auto") -> dict:
-    """Run our kernel and PyTorch's op at the run's shapes: errors against a float64 reference, both
-    timed. A failure of ours is a 'cause' in the result, not an exception; a failure of the reference
-    or of PyTorch's op raises NotOurs (and is not cached)."""
-    ours, theirs = IMPLEMENTATIONS[op]["triton"], IMPLEMENTATIONS[op]["torch"]
-    if shapes.compiled and op != "attention":  # compiled, PyTorch's norms fuse with their neighbours
-        theirs = torch.compile(theirs, fullgraph=True)
-    result: dict = {"head_dim": shapes.head_dim} if op == "attention" else {}
-    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with guard:
-        try:
-            cases = _cases(op, shapes, DTYPES[shapes.dtype], device)
-            checked = [(args, grads, _not_ours(_run, _reference(op), args, grads, shapes.backward, upcast=True),
-                        _not_ours(_run, theirs, args, grads, shapes.backward)) for args, grads in cases]
-            worst = None
-            for args, grads, reference, baseline in checked:
-                got = _ours(device, _run, ours, args, grads, shapes.backward)
-                if isinstance(got, str):
-                    return {**result, "cause": got}
-                for name, want in reference.items():
-                    g, t = got[name], baseline[name]
-                    if not torch.isfinite(g).all():
-                        return {**result, "cause": f"non-finite {name} at the run's shapes"}
-                    err, terr = _max_err(g, want), _max_err(t, want)
-                    bound = 2 * terr + torch.finfo(g.dtype).eps * want.abs().max().item()
-                    if worst is None or err - bound > worst[0] - worst[1]:
-                        worst = (err, bound, name)
-            del checked
-            result.update(error=worst[0], bound=worst[1], worst=worst[2])
-            if worst[0] > worst[1]:
-                return {**result, "cause": f"wrong numbers: {worst[2]} error {worst[0]:.3g} > bound {worst[1]:.3g} "
-                                           "(2× PyTorch's + 1 ulp)"}
-            if mode == "triton" and device.type != "cuda":
-                return result  # forced, and the interpreter's times would mean nothing: not timed
-            args, grads = cases[0]
-            timed = _ours(device, time_pair, lambda: _run(ours, args, grads, shapes.backward),  # forward (+ backward)
-                          lambda: _run(theirs, args, grads, shapes.backward), device)
-            if isinstance(timed, str):
-                return {**result, "cause": timed}
-            result["ours_ms"], result["torch_ms"] = timed
-            result["ratio"] = result["ours_ms"] / result["torch_ms"]
-        finally:
-            cases = None  # the inputs go before the cache is emptied
-            if device.type == "cuda":
-                with contextlib.suppress(Exception):  # a broken context was reported by _ours already
-                    torch.cuda.empty_cache()
-    return result
-
-
-def _not_ours(fn, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except Exception as e:  # noqa: BLE001 - any failure outside our kernel: not a verdict on it
-        raise NotOurs(f"{type(e).__name__}: {_first_line(e)}") from e
-
-
-def _ours(device: torch.device, fn, *args, **kwargs):
-    """fn's result, or why our kernel failed (compile, launch, resources). A CUDA error that leaves
-    the context unusable (an illegal address) cannot be survived in this process: it is an error."""
-    try:
-        return fn(*args, **kwargs)
-    except Exception as e:  # noqa: BLE001 - a failure of ours: PyTorch's op for it
-        cause = f"{type(e).__name__} at the run's shapes: {_first_line(e)}"
-        if device.type == "cuda":
-            try:
-                torch.cuda.synchronize(device)
-                torch.ones(1, device=device).add_(1).item()  # does the context still run work?
-            except Exception:  # noqa: BLE001
-                raise BrokenContext(cause) from e
-        return cause
-
-
-class BrokenContext(Exception):
-    """Our kernel left the CUDA context unusable: the process cannot go on (resolve says how to rerun)."""
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:200]
-
-
-def _cases(op: str, s: RunShapes, dtype: torch.dtype, device: torch.device) -> list[tuple[dict, list]]:
-    """[(inputs, upstream gradients)] in the model's own memory layout and dtypes: under autocast the
-    residual stream and LayerNorm run in fp32 and the branches (attention's output) in the autocast dtype."""
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    def randn(*shape, dt=torch.float32, scale=1.0):
-        return (torch.randn(*shape, generator=gen, device=device) * scale).to(dt)
-
-    B, N, H, hd, D = s.batch, s.tokens, s.heads, s.head_dim, s.width
-    if op == "attention":
-        cases = []
-        for n_q in dict.fromkeys((N, s.last_queries)):  # the full blocks and the last block's queries
-            qkv = randn(B, N, 3, H, hd, dt=dtype)  # the ViT's qkv.reshape(B, N, 3, H, hd)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, N, hd)
-            if n_q != N:
-                q = randn(B, n_q, H, hd, dt=dtype).transpose(1, 2)  # (B, H, n, hd): the last block's queries
-            dout = randn(B, n_q, H, hd, dt=dtype).transpose(1, 2)  # as from out.transpose(1, 2).reshape(B, n, D)
-            cases.append(({"q": q, "k": k, "v": v}, [dout]))
-        return cases
-    weight, bias = 1 + randn(D, scale=0.1), randn(D, scale=0.1)  # (D,) fp32 parameters
-    x = randn(B, N, D, scale=2.0)  # (B, N, D): the fp32 residual stream
-    dy = randn(B, N, D)
-    if op == "layer_norm":
-        return [({"x": x, "weight": weight, "bias": bias}, [dy])]
-    residual = randn(B, N, D, dt=dtype)  # a branch's output, in the autocast dtype
-    return [({"x": x, "residual": residual, "weight": weight, "bias": bias}, [randn(B, N, D), dy])]  # ds, dy
-
-
-def _reference(op: str) -> Callable:
-    eps = 1e-6
-
-    def attention(q, k, v, dropout_p=0.0):  # softmax(q k^T / sqrt(hd)) v in fp32
-        scores = torch.matmul(q, k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, Nq, Nk)
-        return torch.matmul(torch.softmax(scores, dim=-1), v)
-
-    def layer_norm(x, weight, bias, eps=eps):
-        mean = x.mean(-1, keepdim=True)
-        var = (x - mean).square().mean(-1, keepdim=True)
-        return (x - mean) * torch.rsqrt(var + eps) * weight + bias
-
-    def add_layer_norm(x, residual, weight, bias, eps=eps):
-        s = x + residual
-        return s, layer_norm(s, weight, bias, eps)
-
-    return {"attention": attention, "layer_norm": layer_norm, "add_layer_norm": add_layer_norm}[op]
-
-
-def _call(fn: Callable, args: dict):
-    values = list(args.values())
-    out = fn(*values, 0.0) if "q" in args else fn(*values, 1e-6)
-    return out if isinstance(out, tuple) else (out,)
-
-
-def _run(fn: Callable, args: dict, grads: list, backward: bool, upcast: bool = False) -> dict[str, torch.Tensor]:
-    """{output and gradient name: tensor} of fn on copies of args (fp32 copies when upcast)."""
-    # float64, not fp32: an fp32 reference of a 25,000-row dweight sum errs as much as what it judges
-    leaves = {k: (a.detach().double() if upcast else a.detach()).requires_grad_(backward) for k, a in args.items()}
-    with torch.set_grad_enabled(backward):
-        outs = _call(fn, leaves)
-        if backward:
-            torch.autograd.backward(outs, [g.to(o.dtype) for o, g in zip(outs, grads)])
-    named = dict(zip(("out",) if "q" in args else ("s", "y") if "residual" in args else ("y",), (o.detach() for o in outs)))
-    if backward:
-        named.update({f"d{k}": leaf.grad for k, leaf in leaves.items()})
-    return named
-
-
-def _max_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return (got.double() - want).abs().max().item()
-
-
-def time_pair(ours: Callable[[], None], theirs: Callable[[], None], device: torch.device,
-              reps: int | None = None, rounds: int | None = None) -> tuple[float, float]:
-    """(ours, theirs) in ms per call: the best of `rounds` means over `reps` calls each, after warm-up,
-    the two alternating round by round so that a clock ramping up or a neighbour's load hits both
-    (CUDA events on a GPU)."""
-    cuda = device.type == "cuda"
-    reps = reps or (20 if cuda else 1)  # CPU: the interpreter (tests), where one call takes long enough
-    rounds = rounds or (5 if cuda else 2)
-    for _ in range(3 if cuda else 1):  # warm-up: compiles, autotuning caches, allocator
-        ours()
-        theirs()
-    best = [float("inf"), float("inf")]
-    for r in range(rounds):
-        for i, fn in ((0, ours), (1, theirs)) if r % 2 == 0 else ((1, theirs), (0, ours)):
-            best[i] = min(best[i], _mean_ms(fn, reps, cuda))
-    return best[0], best[1]
-
-
-def _mean_ms(fn: Callable[[], None], reps: int, cuda: bool) -> float:
-    if cuda:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / reps
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) * 1e3 / reps
-
-
-# ---- the cache
-
-
-def source_hash() -> str:
-    """sha256 of the kernels' sources and of this verification: any change measures again."""
-    import triton_kernels
-
-    digest = hashlib.sha256()
-    for folder, pattern in ((Path(triton_kernels.__file__).parent, "*.py"), (Path(__file__).parent, "kernels.py"),
-                            (Path(__file__).parent, "ops.py")):
-        for path in sorted(folder.glob(pattern)):
-            digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "none"
-
-
-def _driver_version() -> str:
-    """The NVIDIA driver's version (e.g. 570.124.06), or the CUDA driver API's when /proc does not say."""
-    try:
-        words = Path("/proc/driver/nvidia/version").read_text().split()
-        return next(w for w in words if w.count(".") >= 1 and w.replace(".", "").isdigit())
-    except (OSError, StopIteration):
-        pass
-    try:
-        version = ctypes.c_int()
-        ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version))
-        return f"cuda {version.value // 1000}.{version.value % 1000 // 10}"
-    except OSError:
-        return "unknown"
-
-
-def environment(device: torch.device) -> dict:
-    """What the measurements depend on besides the shapes."""
-    if device.type == "cuda":
-        where = {"device": torch.cuda.get_device_name(device),
-                 "capability": ".".join(map(str, torch.cuda.get_device_capability(device))),
-                 "driver": _driver_version(), "cuda": torch.version.cuda,
-                 "cudnn": torch.backends.cudnn.version()}  # one of SDPA's backends: the baseline's speed
-    else:
-        where = {"device": f"{device.type} (Triton interpreter)" if interpreting() else device.type}
-    return {**where, "torch": torch.__version__, "triton": _version("triton"), "kernel_sources": source_hash()}
-
-
-def _cache_file(policy: KernelPolicy, key: dict) -> Path | None:
-    folder = policy.cache_dir()
-    if folder is None:
-        return None
-    return folder / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24] + ".json")
-
-
-def _read_cache(path: Path | None, key: dict) -> dict | None:
-    if path is None:
-        return None
-    try:
-        entry = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None  # absent, unreadable or torn: measure again
-    if not isinstance(entry, dict) or entry.get("key") != json.loads(json.dumps(key)):
-        return None
-    return entry.get("measurements") if isinstance(entry.get("measurements"), dict) else None
-
-
-def _write_cache(path: Path | None, key: dict, measurements: dict) -> None:
-    if path is None:
-        return
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, {"key": key, "measurements": measurements})  # atomic: never half an entry
-    except OSError as e:  # an unwritable cache costs the next run a measurement, nothing more
-        print(f"warning: kernels: cannot write the verdict cache {path} ({e.strerror}): the next run measures again",
-              file=sys.stderr, flush=True)

@@ -3,9 +3,14 @@
 Both are modules that own the ViT (`.vit`) and map a batch of images in [0, 1] (and labels) to
 a loss and detached metrics, so one training loop serves both. MPP targets are computed from the
 un-normalised images; the ViT sees `mpp.data.normalize(images)`.
+
+An MPP target is one `Target` entry of `TARGETS` (what it predicts, the head's width, its loss and
+metrics); `--target`'s validation and help, the MPP head and the comparison pipeline's ablation runs
+all read that table, so a new target is one `register_target(Target(...))`.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -16,14 +21,12 @@ import torch.nn.functional as F
 from mpp.config import FRACTION, Range, check_ranges
 from mpp.data import normalize
 from mpp.errors import UsageError
-from mpp.model import ViT, gather_tokens
-
-TARGETS = ("mean_color", "downsample", "l2")
+from mpp.model import ViT, ViTConfig, gather_tokens
 
 
 @dataclass(frozen=True)
 class MPPConfig:
-    target: str = "mean_color"  # mean_color: 3-bit mean colour, 512 classes | downsample: 4×4 cells × 512 classes | l2: regress the pixels
+    target: str = "mean_color"  # what each corrupted patch predicts: a name in TARGETS (--help lists them)
     corrupt_rate: float = 0.5  # fraction of patches corrupted per image (exact count); BERT used 0.15
     mask_prob: float = 0.8  # of the corrupted: replaced by the learnable [mask] embedding
     random_prob: float = 0.1  # of the corrupted: replaced by the embedding of a random other patch of the batch
@@ -34,6 +37,10 @@ class MPPConfig:
     RANGES: ClassVar[dict[str, Range]] = {
         "corrupt_rate": Range(0, 1, low_open=True), "mask_prob": FRACTION, "random_prob": FRACTION,
         "keep_prob": FRACTION, "bits": Range(1, 8), "cells": Range(1, 64),
+    }
+    # --target's help, built with the flags from the table of the moment (mpp.config.add_dataclass_flags).
+    FLAG_HELP: ClassVar[dict[str, Callable[[], str]]] = {
+        "target": lambda: " | ".join(f"{t.name}: {t.help}" for t in TARGETS.values()),
     }
 
     def validate(self) -> "MPPConfig":
@@ -83,6 +90,84 @@ def downsample_target(images: torch.Tensor, patch_size: int, cells: int = 4, bit
     patches = patchify(images.float(), P).reshape(-1, P, P, C).permute(0, 3, 1, 2)  # (B·N, C, P, P)
     small = F.adaptive_avg_pool2d(patches, cells)  # (B·N, C, c, c)
     return _color_classes(small, bits).reshape(B, -1, cells * cells)  # (B, N, c²)
+
+
+# ---------------------------------------------------------------------------------------------
+# The table of targets
+
+
+@dataclass(frozen=True)
+class Target:
+    """One MPP target: everything that differs between targets, in one entry of `TARGETS`.
+
+    The objective computes `target` on the whole batch, gathers the corrupted patches' rows, and hands
+    the head's outputs `pred` (M, head_width) in float32 (M corrupted patches of the batch) and those
+    rows `target` (M, ...) to `loss` and `metrics`."""
+    name: str  # --target's value, recorded in the run's config.json
+    label: str  # its name in comparison tables, "mpp (<label>, 50%)"; the built-ins' is their name, as committed tables show
+    help: str  # what is predicted, for --target's help: "3-bit mean colour, 512 classes"
+    head_width: Callable[[ViTConfig, MPPConfig], int]  # the linear head's outputs per patch
+    target: Callable[[torch.Tensor, int, MPPConfig], torch.Tensor]  # (images (B, C, H, W) in [0, 1], P) → (B, N, ...)
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (pred, target) → scalar loss
+    metrics: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict]  # (pred, target, loss) → detached, besides "loss"
+    check: Callable[[ViTConfig, MPPConfig], None] | None = None  # raises UsageError for a setting it cannot train
+    arm: str | None = None  # its run in scripts/compare_pretraining.py's ablations ("mpp-4x4"); None: no run
+
+
+TARGETS: dict[str, Target] = {}  # name → Target, in registration order (the order --help and the ablations use)
+
+
+def register_target(target: Target) -> Target:
+    """Add `target` to `TARGETS` (a name is registered once); returns it."""
+    if target.name in TARGETS:
+        raise ValueError(f"MPP target '{target.name}' is already registered")
+    TARGETS[target.name] = target
+    return target
+
+
+def color_classes(config: MPPConfig) -> int:
+    """Classes of one quantised colour: 2**(3·bits)."""
+    return 2 ** (3 * config.bits)
+
+
+def as_classes(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(M, K·classes) head outputs → (M, [K,] classes), one row of logits per class target."""
+    return pred.reshape(*target.shape, -1)
+
+
+def class_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over every class target of every corrupted patch (each of the K cells alike)."""
+    return F.cross_entropy(as_classes(pred, target).flatten(0, -2), target.flatten())  # (M·K, classes), (M·K,)
+
+
+def class_metrics(pred: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> dict:
+    return {"accuracy": (as_classes(pred, target).argmax(-1) == target).float().mean().detach()}
+
+
+def check_cells(vit: ViTConfig, config: MPPConfig) -> None:
+    if config.cells > vit.patch_size:  # a cell finer than a pixel predicts nothing new
+        raise UsageError(f"--cells {config.cells} is more than the patch size {vit.patch_size}: "
+                         f"pass --cells between 1 and {vit.patch_size}")
+
+
+register_target(Target(
+    "mean_color", "mean_color", "3-bit mean colour, 512 classes",
+    head_width=lambda vit, c: color_classes(c),
+    target=lambda images, P, c: mean_color_target(images, P, c.bits),  # (B, N)
+    loss=class_loss, metrics=class_metrics,
+))
+register_target(Target(
+    "downsample", "downsample", "4×4 cells × 512 classes",
+    head_width=lambda vit, c: c.cells**2 * color_classes(c),
+    target=lambda images, P, c: downsample_target(images, P, c.cells, c.bits),  # (B, N, cells²)
+    loss=class_loss, metrics=class_metrics, check=check_cells, arm="mpp-4x4",
+))
+register_target(Target(
+    "l2", "l2", "regress the pixels",
+    head_width=lambda vit, c: vit.patch_size**2 * vit.in_chans,
+    target=lambda images, P, c: patchify(images.float(), P),  # (B, N, P·P·C)
+    loss=F.mse_loss, metrics=lambda pred, target, loss: {"mse": loss.detach()}, arm="mpp-l2",
+))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,24 +228,24 @@ class MPPObjective(nn.Module):
         super().__init__()
         self.config = config.validate()
         self.vit = vit
-        D, P = vit.config.embed_dim, vit.config.patch_size
-        if config.target == "downsample" and config.cells > P:  # a cell finer than a pixel predicts nothing new
-            raise UsageError(f"--cells {config.cells} is more than the patch size {P}: pass --cells between 1 and {P}")
-        num_classes = 2 ** (3 * config.bits)
-        out = {"mean_color": num_classes, "downsample": config.cells**2 * num_classes, "l2": P * P * vit.config.in_chans}
+        self.entry = TARGETS[config.target]  # the target's row of the table
+        if self.entry.check is not None:
+            self.entry.check(vit.config, config)
+        D = vit.config.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.head = nn.Linear(D, out[config.target])
+        self.head = nn.Linear(D, self.entry.head_width(vit.config, config))
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
+    def no_weight_decay(self) -> set[str]:
+        """Full names of the parameters AdamW leaves undecayed besides vectors: the ViT's embeddings
+        and tokens, and the [mask] embedding."""
+        return {f"vit.{name}" for name in self.vit.no_weight_decay()} | {"mask_token"}
+
     def targets(self, images: torch.Tensor) -> torch.Tensor:
-        P, c = self.vit.config.patch_size, self.config
-        if c.target == "mean_color":
-            return mean_color_target(images, P, c.bits)  # (B, N)
-        if c.target == "downsample":
-            return downsample_target(images, P, c.cells, c.bits)  # (B, N, cells²)
-        return patchify(images.float(), P)  # (B, N, P·P·3)
+        """images: (B, C, H, W) in [0, 1] → the target of every patch, (B, N, ...)."""
+        return self.entry.target(images, self.vit.config.patch_size, self.config)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """images: (B, 3, H, W) in [0, 1]; labels unused (MPP needs none). → (loss, metrics)."""
@@ -169,15 +254,10 @@ class MPPObjective(nn.Module):
         patches, chosen, _ = corrupt_patches(patches, self.mask_token, self.config)  # chosen: (B, n)
         # The loss sees the corrupted patches only (token i + 1 is patch i): the ViT computes no more.
         tokens = self.vit.forward_tokens(patches, keep=chosen + 1)  # (B, n, D)
-        pred = self.head(tokens).float().flatten(0, 1)  # (M, out), M = B·n
-        target = gather_tokens(target, chosen).flatten(0, 1)  # (M,) | (M, cells²) | (M, P·P·3)
-        if self.config.target == "l2":
-            loss = F.mse_loss(pred, target)
-            return loss, {"loss": loss.detach(), "mse": loss.detach()}
-        pred = pred.reshape(*target.shape, -1)  # (M, [cells²,] classes)
-        loss = F.cross_entropy(pred.flatten(0, -2), target.flatten())
-        accuracy = (pred.argmax(-1) == target).float().mean()
-        return loss, {"loss": loss.detach(), "accuracy": accuracy.detach()}
+        pred = self.head(tokens).float().flatten(0, 1)  # (M, head_width), M = B·n
+        target = gather_tokens(target, chosen).flatten(0, 1)  # (M, ...): (M,) | (M, cells²) | (M, P·P·3)
+        loss = self.entry.loss(pred, target)
+        return loss, {"loss": loss.detach(), **self.entry.metrics(pred, target, loss)}
 
 
 class SupervisedObjective(nn.Module):
@@ -187,6 +267,10 @@ class SupervisedObjective(nn.Module):
         super().__init__()
         self.vit = vit
         self.label_smoothing = label_smoothing
+
+    def no_weight_decay(self) -> set[str]:
+        """Full names of the ViT's embeddings and tokens, which AdamW leaves undecayed."""
+        return {f"vit.{name}" for name in self.vit.no_weight_decay()}
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         logits = self.vit(normalize(images)).float()  # (B, K)

@@ -43,20 +43,20 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
     """Our kernel; its output is in (B, Nq, H, hd) memory order, so the block's transpose + reshape is free."""
     if dropout_p > 0:  # mpp.kernels never picks the kernel for a model with attention dropout
         raise ValueError("the Triton attention kernel has no dropout: build the model with PyTorch's attention")
-    from triton_kernels.attention import attention
+    from triton_kernels import attention
 
     return attention(q, k, v)
 
 
 def triton_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    from triton_kernels.layer_norm import layer_norm
+    from triton_kernels import layer_norm
 
     return layer_norm(x, weight, bias, eps)
 
 
 def triton_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    from triton_kernels.layer_norm import add_layer_norm
+    from triton_kernels import add_layer_norm
 
     return add_layer_norm(x, residual, weight, bias, eps)
 

@@ -1,6 +1,6 @@
 """How a training entry point runs on this machine: the Accelerator (processes, precision, CPU
-threads), the kernels its ViT is built with, and `torch.compile`. Shared by pretraining and
-fine-tuning; the probes use `choose_kernels` and `compile_blocks` too.
+threads), DataLoader settings, the kernels its ViT is built with, and `torch.compile`. Shared by
+pretraining, fine-tuning and the benchmarks; the probes use `choose_kernels` and `compile_blocks` too.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from mpp.kernels import KernelChoice, KernelPolicy, RunShapes, resolve
+from mpp.stopping import end_workers_at_exit, loader_worker_init
 
 PRECISIONS = ("no", "fp16", "bf16")
 AUTOCAST_DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -82,6 +83,15 @@ def make_accelerator(mixed_precision: str = "", cpu_threads: int = 0, **kwargs):
         torch.set_num_threads(cpu_threads or max(1, len(os.sched_getaffinity(0)) // local))
         reuse_freed_memory()  # CPU steps are otherwise dominated by page faults on fresh activations
     return accelerator
+
+
+def loader_kwargs(micro_batch: int, num_workers: int) -> dict:
+    """DataLoader settings of training and evaluation (also what scripts/bench_train.py times). Workers
+    persist across epochs and end with the process, however it ends (mpp.stopping)."""
+    if num_workers:
+        end_workers_at_exit()  # a crash must not leave the process waiting for its workers
+    return {"batch_size": micro_batch, "num_workers": num_workers, "pin_memory": torch.cuda.is_available(),
+            "persistent_workers": num_workers > 0, "worker_init_fn": loader_worker_init}
 
 
 def autocast_dtype(accelerator) -> str:

@@ -18,15 +18,16 @@ import sys
 from pathlib import Path
 from statistics import median
 
+from mpp.benchmark import OBJECTIVES
 from mpp.config import AT_LEAST_1, Parser, number_flag
+from mpp.files import write_json
 from mpp.provenance import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
 
 CHILD = """
-import json, sys, torch
-sys.path.insert(0, {scripts!r})
-import bench_train
+import json, torch
+from mpp.benchmark import Case, run_shapes, time_steps
 from mpp.kernels import KernelPolicy, resolve
 from mpp.model import vit_config
 from mpp.runtime import reuse_freed_memory
@@ -34,20 +35,20 @@ if {reuse}:
     assert reuse_freed_memory()
 config = vit_config({model!r})
 policy = KernelPolicy.from_flags({kernels!r}, {cache!r})
-choice = resolve(policy, bench_train.run_shapes(config, {objective!r}, {batch}, torch.float32), "cpu")
+choice = resolve(policy, run_shapes(config, {objective!r}, {batch}, torch.float32), "cpu")
 torch.manual_seed(0)
 S, B = config.image_size, {batch}
-case = bench_train.Case("ours", {objective!r}, config, torch.rand(B, 3, S, S), torch.randint(0, 10, (B,)),
-                        torch.float32, compile_model=False, kernels=choice.kernels)
+case = Case("ours", {objective!r}, config, torch.rand(B, 3, S, S), torch.randint(0, 10, (B,)),
+            torch.float32, compile_model=False, kernels=choice.kernels)
 for _ in range(2):
     case.step()
-print(json.dumps({{"ms": bench_train.time_steps(case, {steps}), "kernels": choice.record()}}))
+print(json.dumps({{"ms": time_steps(case, {steps}), "kernels": choice.record()}}))
 """
 
 
 def step_ms(args, reuse: bool) -> tuple[float, dict]:
     """(ms per step, the kernel verdicts) of one fresh process."""
-    code = CHILD.format(scripts=str(REPO / "scripts"), reuse=reuse, model=args.model, batch=args.batch_size,
+    code = CHILD.format(reuse=reuse, model=args.model, batch=args.batch_size,
                         objective=args.objective, steps=args.steps, kernels=args.kernels, cache=args.kernel_cache)
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False)
     if out.returncode:
@@ -60,7 +61,7 @@ def build_parser() -> Parser:
     p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="Ti/4")
     number_flag(p, "--batch-size", int, AT_LEAST_1, default=128)
-    p.add_argument("--objective", choices=("mpp", "supervised"), default="mpp")
+    p.add_argument("--objective", choices=OBJECTIVES, default="mpp")
     p.add_argument("--kernels", choices=("auto", "triton", "torch"), default="",
                    help="attention/LayerNorm (default $MPP_KERNELS, else auto); MPP_KERNELS_OFF still applies")
     p.add_argument("--kernel-cache", default="", help="verdict cache folder, or off")
@@ -86,7 +87,7 @@ def main() -> None:
               "speedup_median": speedup, "kernels": kernels,
               "commit": git_commit(REPO)}
     out = Path(args.output or REPO / "benchmarks" / "results" / f"cpu_malloc-{args.model.replace('/', '-').lower()}.json")
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     print("kernels: " + ", ".join(f"{op} {v['impl']}" for op, v in kernels["verdicts"].items()))
     print(f"keeping freed memory: {speedup:.3f}x the steps/s of glibc's default (median of {args.rounds} rounds)")
     print(f"wrote {out}")

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from mpp.config import NON_NEGATIVE, Parser, number_flag
+from mpp.ops import torch_add_layer_norm, torch_layer_norm
 from mpp.provenance import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +45,7 @@ LAYER_NORM_SHAPES = [("Ti/4", 256 * 65, 192), ("S/16", 128 * 197, 384), ("B/16",
 SMOKE_ATTENTION = [("smoke", 1, 2, 65, 32)]
 SMOKE_LAYER_NORM = [("smoke", 65, 192)]
 KINDS = ("fwd", "bwd", "fwd+bwd")
+EPS = 1e-6  # the ViT's LayerNorm epsilon
 
 
 class Clock:
@@ -100,15 +102,6 @@ def ceilings(device: str, clock: Clock, smoke: bool) -> dict[str, float]:
     return {"copy_GBps": copy_gbs, "bf16_matmul_TFLOPs": mm_tflops}
 
 
-def torch_layer_norm(x, w, b):
-    return F.layer_norm(x, x.shape[-1:], w, b, 1e-6)
-
-
-def torch_add_layer_norm(x, r, w, b):
-    s = x + r  # the model's PyTorch path: two kernels, s written and read back (fp32 + bf16 -> fp32)
-    return s, F.layer_norm(s, s.shape[-1:], w, b, 1e-6)
-
-
 def timed_rows(base: dict, impls: dict, inputs: list, grads: tuple, work: dict, unit: str, clock: Clock) -> list[dict]:
     """One row per implementation: ms, `unit` per second (work / time) and, for the others, the
     ratio ours / theirs in time. Our kernel is impls' first entry; an impl that raises is a row
@@ -146,11 +139,13 @@ def bench_layer_norm(shapes, device: str, branch_dtype: torch.dtype, clock: Cloc
     compiled."""
     from torch._functorch import config as functorch_config
 
-    from triton_kernels.layer_norm import add_layer_norm, layer_norm
+    from triton_kernels import add_layer_norm, layer_norm
 
-    ours = {"layer_norm": lambda x, w, b: layer_norm(x, w, b, 1e-6),
-            "add_layer_norm": lambda x, r, w, b: add_layer_norm(x, r, w, b, 1e-6)}
-    eager = {"layer_norm": torch_layer_norm, "add_layer_norm": torch_add_layer_norm}
+    ours = {"layer_norm": lambda x, w, b: layer_norm(x, w, b, EPS),
+            "add_layer_norm": lambda x, r, w, b: add_layer_norm(x, r, w, b, EPS)}
+    # The model's PyTorch ops; the add is two kernels there, s written and read back (fp32 + bf16 -> fp32).
+    eager = {"layer_norm": lambda x, w, b: torch_layer_norm(x, w, b, EPS),
+             "add_layer_norm": lambda x, r, w, b: torch_add_layer_norm(x, r, w, b, EPS)}
     out = []
     # The backward-alone timing replays one graph's backward (retain_graph=True), which a compiled
     # backward with donated buffers refuses; donation saves memory, not time.
@@ -199,7 +194,7 @@ def vit_qkv(B: int, H: int, N: int, D: int, device: str, dtype: torch.dtype):
 def bench_attention(shapes, device: str, dtype: torch.dtype, clock: Clock) -> list[dict]:
     from torch.nn.attention import sdpa_kernel
 
-    from triton_kernels.attention import attention
+    from triton_kernels import attention
 
     out = []
     for name, B, H, N, D in shapes:

@@ -23,7 +23,9 @@ import PIL.Image
 import torch
 
 from mpp.config import AT_LEAST_1, Parser, Range, number_flag
+from mpp.files import write_json
 from mpp.provenance import git_commit
+from mpp.rundir import METRICS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,7 +64,7 @@ def pss_mb(pid: int) -> float:
 
 def last_step(run: Path) -> int:
     try:
-        lines = (run / "metrics.jsonl").read_text().splitlines()
+        lines = (run / METRICS).read_text().splitlines()
         return json.loads(lines[-1])["step"] if lines else 0
     except (FileNotFoundError, ValueError, KeyError):
         return 0
@@ -122,7 +124,7 @@ def main() -> None:
     }
     out = REPO / args.output
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     print(f"{args.images} images streamed once in {steps} steps ({result['images_per_s']} images/s); "
           f"first step after {result['seconds_to_first_logged_step']} s")
     print("progress | peak PSS (MB), run + loader workers")

@@ -3,7 +3,8 @@
 Stages, each one command of this repository (printed, and saved to ROOT/commands.sh so every number
 can be rerun by hand):
   1. pretrain on the training images: MPP without labels, supervised with labels; with --ablations
-     also the other MPP targets (4×4 downsample, L2 pixels) and a 15% corruption rate (the paper's);
+     also the other MPP targets (those of mpp.objective.TARGETS with an ablation run: 4×4 downsample,
+     L2 pixels) and a 15% corruption rate (the paper's);
   2. fine-tune on a labelled subset (--train-fraction) from MPP, from supervised, and from scratch;
      lr from a grid on a dev split of that subset, then --seeds trainings scored on the test split;
   3. few-shot probes (1/5/10/25 shots × --fewshot-seeds draws) and full linear probes of every model
@@ -37,6 +38,14 @@ sys.path.insert(0, str(REPO))  # run as a script from any folder
 
 from mpp.config import Parser, Range, number_flag  # noqa: E402
 from mpp.errors import UsageError, cli_main  # noqa: E402
+from mpp.rundir import (  # noqa: E402
+    CONFIG,
+    FINETUNE,
+    RESUMABLE,
+    SUMMARY,
+    changed_settings,
+    list_checkpoints,
+)
 
 
 @dataclass(frozen=True)
@@ -63,14 +72,20 @@ BUDGETS = {
     # One GPU: the paper's small-image model (Ti/4, 65 tokens) for far longer.
     "gpu": Budget("Ti/4", 32, 100, 512, 1e-3, 2000, (0.35, 1.0), 30, 256, (0.003, 0.01, 0.03, 0.1), 100, 0),
 }
-# name → (pretraining script, extra flags); the first two are the comparison, the rest the paper's ablations.
-PRETRAININGS = {
-    "mpp": ("mpp", []),
-    "supervised": ("supervised", []),
-    "mpp-4x4": ("mpp", ["--target", "downsample"]),
-    "mpp-l2": ("mpp", ["--target", "l2"]),
-    "mpp-15pct": ("mpp", ["--corrupt-rate", "0.15"]),
-}
+
+
+def pretrainings() -> dict[str, tuple[str, list[str]]]:
+    """name → (pretraining script, extra flags); the first two are the comparison, the rest the paper's
+    ablations: every MPP target with an ablation run (mpp-4x4, mpp-l2, in the table's order), then 15%
+    corruption. Read when the pipeline runs: mpp.objective imports torch, which --help does without."""
+    from mpp.objective import TARGETS
+
+    return {
+        "mpp": ("mpp", []),
+        "supervised": ("supervised", []),
+        **{t.arm: ("mpp", ["--target", t.name]) for t in TARGETS.values() if t.arm},
+        "mpp-15pct": ("mpp", ["--corrupt-rate", "0.15"]),
+    }
 
 
 def dataset_folder(spec: str) -> str:
@@ -195,7 +210,7 @@ class Pipeline:
                              "then rerun this command; finished stages are kept")
 
     def pretrain_flags(self, name: str) -> list[str]:
-        b, script_flags = self.budget, PRETRAININGS[name][1]
+        b, script_flags = self.budget, pretrainings()[name][1]
         return ["--dataset", self.args.dataset, "--model", b.model, "--image-size", str(b.image_size),
                 "--batch-size", str(b.pretrain_batch), "--epochs", f"{b.pretrain_epochs:g}",
                 "--lr", f"{b.pretrain_lr:g}", "--warmup-steps", str(b.pretrain_warmup),
@@ -204,13 +219,13 @@ class Pipeline:
 
     def pretrain(self, name: str) -> None:
         run = self.root / name
-        flags = self.pretrain_flags(name)
-        if (run / "summary.json").is_file():
-            check_same(run, PRETRAININGS[name][0], flags)
+        script, flags = pretrainings()[name][0], self.pretrain_flags(name)
+        if (run / SUMMARY).is_file():
+            check_same(run, script, flags)
             print(f"[skip] {run} is trained")
             return
-        resume = ["--resume"] if (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("ckpt-*.pt")) else []
-        self.run([f"scripts/pretrain_{PRETRAININGS[name][0]}.py", *flags, *resume], launched=True)
+        resume = ["--resume"] if list_checkpoints(run) else []
+        self.run([f"scripts/pretrain_{script}.py", *flags, *resume], launched=True)
 
     def finetune(self, name: str) -> Path:
         b = self.budget
@@ -222,7 +237,7 @@ class Pipeline:
                  "--seeds", str(self.args.seeds), "--batch-size", str(b.finetune_batch),
                  "--epochs", f"{b.finetune_epochs:g}", "--warmup-steps", str(b.finetune_warmup),
                  "--crop-scale", *(f"{c:g}" for c in b.crop_scale), "--output-dir", str(out)]
-        results = out / "finetune.json"
+        results = out / FINETUNE
         if results.is_file() and "test_accuracy" in json.loads(results.read_text()):
             print(f"[skip] {out} is fine-tuned")
             return out
@@ -258,7 +273,7 @@ class Pipeline:
         for run in (self.root / "mpp", self.root / "supervised", scratch):
             self.probe(run)
         self.probe(self.root / "mpp", random_init=True)  # the untrained architecture
-        ablations = [name for name in PRETRAININGS if name not in ("mpp", "supervised")] if self.args.ablations else []
+        ablations = [name for name in pretrainings() if name not in ("mpp", "supervised")] if self.args.ablations else []
         for name in ablations:
             self.pretrain(name)
             self.probe(self.root / name)
@@ -277,14 +292,14 @@ def transfer_name(spec: str) -> str:
 
 def check_same(run: Path, objective: str, flags: list[str]) -> None:
     """Refuse to reuse a finished pretraining trained with other settings than this budget's."""
-    from mpp.rundir import RESUMABLE
     from mpp.train import parse_args
 
     ignored = RESUMABLE - {"max_steps", "epochs"}  # a finished run of another length is another run
-    wanted = dataclasses.asdict(parse_args(objective, flags)[0])
-    saved = json.loads((run / "config.json").read_text())["train"]
-    changed = [f"{k} {saved.get(k)} → {v}" for k, v in wanted.items()
-               if k not in ignored and saved.get(k) != (list(v) if isinstance(v, tuple) else v)]
+    # As config.json records them (tuples as lists), so equal settings compare equal.
+    wanted = {k: list(v) if isinstance(v, tuple) else v
+              for k, v in dataclasses.asdict(parse_args(objective, flags)[0]).items()}
+    saved = json.loads((run / CONFIG).read_text())["train"]
+    changed = changed_settings(saved, wanted, ignored, flag=str)
     if changed:
         more = f"; {len(changed) - 4} more" if len(changed) > 4 else ""
         raise UsageError(f"{run} was pretrained with other settings ({'; '.join(changed[:4])}{more}): "
@@ -303,7 +318,8 @@ def build_parser() -> Parser:
     number_flag(p, "--seeds", int, Range(1, 1000), default=3, help="fine-tuning seeds per model")
     number_flag(p, "--fewshot-seeds", int, Range(1, 1000), default=3, help="few-shot draws per shot count")
     p.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True,
-                   help="also the MPP targets 4×4 and L2 and 15%% corruption (few-shot and linear probes)")
+                   help="also the other MPP targets (4×4 and L2: mpp.objective.TARGETS' ablation runs) and 15%% "
+                   "corruption (few-shot and linear probes)")
     p.add_argument("--root", default="", help="run directories (default: runs/compare-<dataset>-<budget>)")
     p.add_argument("--output", default="", help="table and plots (default: ROOT/compare)")
     p.add_argument("--launch", default="", help="prefix for training stages, e.g. 'accelerate launch' "

@@ -23,6 +23,9 @@ that need CUDA are recorded as skipped).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import importlib.util
 import json
 import math
 import os
@@ -35,7 +38,8 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+import traceback
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -43,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the check runs from a bare checkout: no install
 
 from mpp.config import Parser, Range, number_flag
+from mpp.files import write_json  # atomic: a reader (or a kill) never sees half a file
 from mpp.provenance import git_commit
 
 TEST_FILES = ("tests/test_attention.py", "tests/test_layer_norm.py", "tests/test_kernels_vit.py")
@@ -85,22 +90,18 @@ def _setup(smoke: bool):
 
 def part_versions(smoke: bool, out: dict, save) -> None:
     from dataclasses import asdict
-    from importlib.metadata import PackageNotFoundError, version
 
     torch, device, dtype = _setup(smoke)
 
-    from mpp.kernels import KernelPolicy, RunShapes, environment, resolve
+    from mpp.kernel_cache import environment, installed_version
+    from mpp.kernels import KernelPolicy, RunShapes, resolve
     from mpp.model import vit_config
-    from mpp.objective import MPPConfig
+    from mpp.objective import MPPConfig, corrupted_count
 
-    def installed(package: str) -> str | None:  # without importing it: a broken triton is a verdict below
-        try:
-            return version(package)
-        except PackageNotFoundError:
-            return None
-
-    out["versions"] = {"python": platform.python_version(), "torch": torch.__version__, "triton": installed("triton"),
-                       "timm": installed("timm"), "pytest": installed("pytest"), "cuda": torch.version.cuda}
+    # Versions without importing the packages: a broken triton is a verdict below.
+    out["versions"] = {"python": platform.python_version(), "torch": torch.__version__,
+                       **{name: installed_version(name) for name in ("triton", "timm", "pytest")},
+                       "cuda": torch.version.cuda}
     if device.type == "cuda":
         env, props = environment(device), torch.cuda.get_device_properties(device)
         out["versions"] |= {"driver": env["driver"], "cudnn": torch.backends.cudnn.version()}
@@ -109,12 +110,11 @@ def part_versions(smoke: bool, out: dict, save) -> None:
     save()
     # A fixed policy: no MPP_KERNELS* from the environment, no cache, so the verdicts are measured here.
     policy = KernelPolicy.from_flags("auto", "off", environ={})
-    warnings, out["verdicts"] = [], {}
-    models = ("Micro/4",) if smoke else ("S/16", "B/16")
-    for model in models:
+    warnings, out["verdicts"] = [], {}  # warnings: a kernel failing its check at a training shape, or no triton
+    for model in ("Micro/4",) if smoke else ("S/16", "B/16"):
         config = vit_config(model)
         for objective in ("mpp", "supervised"):
-            last = max(1, round(MPPConfig().corrupt_rate * config.num_patches)) if objective == "mpp" else 1
+            last = corrupted_count(MPPConfig().corrupt_rate, config.num_patches) if objective == "mpp" else 1
             shapes = RunShapes.of(config, 2 if smoke else 128, str(dtype)[6:], backward=True, last_queries=last)
             started = time.monotonic()
             choice = resolve(policy, shapes, device, warn=warnings.append)
@@ -123,8 +123,7 @@ def part_versions(smoke: bool, out: dict, save) -> None:
             for line in choice.lines():
                 print(f"{model} {objective}: {line}", flush=True)
             save()
-    out["warnings"] = warnings  # a kernel failing its check at a training shape, or triton not importing
-    out["passed"] = not warnings
+    out |= {"warnings": warnings, "passed": not warnings}
     out["summary"] = "; ".join(f"{k}: " + " ".join(f"{op} {v['impl']}" for op, v in r["verdicts"].items())
                                for k, r in out["verdicts"].items())
 
@@ -134,7 +133,7 @@ class TestRecorder:
     failure message, saved after each test so that a killed run keeps them, and a per-test limit."""
 
     def __init__(self, out: dict, save, limit_s: float, alarm: bool):
-        self.out, self.save, self.limit_s, self.alarm = out, save, limit_s, alarm
+        self.save, self.limit_s, self.alarm = save, limit_s, alarm
         self.tests: dict[str, dict] = out.setdefault("tests", {})
 
     def pytest_runtest_logstart(self, nodeid, location):
@@ -159,9 +158,8 @@ class TestRecorder:
             if report.skipped:
                 entry["reason"] = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
             elif report.failed:
-                text = report.longreprtext
-                lines = [line for line in text.splitlines() if line.startswith("E ")]
-                entry["message"] = "\n".join(lines[:12]) if lines else text[-800:]
+                lines = [line for line in report.longreprtext.splitlines() if line.startswith("E ")]
+                entry["message"] = "\n".join(lines[:12]) if lines else report.longreprtext[-800:]
         self.save()
 
 
@@ -171,8 +169,6 @@ def count_outcomes(tests: dict) -> dict[str, int]:
 
 
 def part_tests(smoke: bool, out: dict, save) -> None:
-    import importlib.util
-
     try:
         import pytest
     except ImportError:
@@ -182,101 +178,71 @@ def part_tests(smoke: bool, out: dict, save) -> None:
     # (a test stuck inside one C call is cut by the part's own limit instead, and its stack dumped).
     plugin_timeout = importlib.util.find_spec("pytest_timeout") is not None
     args = ["-q", "-p", "no:cacheprovider", "-o", f"faulthandler_timeout={PER_TEST_S + 30}", *TEST_FILES]
-    if plugin_timeout:
-        args.append(f"--timeout={PER_TEST_S}")
-    if smoke:  # the interpreter runs the full files in many minutes: the quick checks of each op only
-        args += ["-k", "supported"]
+    args += [f"--timeout={PER_TEST_S}"] if plugin_timeout else []
+    args += ["-k", "supported"] if smoke else []  # the interpreter takes many minutes: each op's quick checks only
     out |= {"command": ["pytest", *args], "per_test_limit_s": PER_TEST_S,
             "per_test_limit_by": "pytest-timeout" if plugin_timeout else "SIGALRM"}
-    code = pytest.main(args, plugins=[TestRecorder(out, save, PER_TEST_S, alarm=not plugin_timeout)])
-    out["counts"] = count_outcomes(out["tests"])
-    out["failures"] = {n: t.get("message", "") for n, t in out["tests"].items() if t["outcome"] in ("failed", "error")}
-    out["exit_code"] = int(code)
-    out["passed"] = int(code) == 0
-    out["summary"] = ", ".join(f"{n} {k}" for k, n in out["counts"].items()) + f" (pytest exit {int(code)})"
-
-
-def _attention_inputs(torch, B, H, nq, nk, D, device, dtype, gen):
-    """q, k, v and dO as the ViT makes them: q, k, v views of the (B, N, 3, H, D) projection; with
-    fewer queries (the last block), q from its own (B, n, H, D) projection and k, v from (B, N, 2, H, D);
-    dO a (B, n, H, D) tensor seen as (B, H, n, D)."""
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, device=device).to(dtype)
-
-    if nq == nk:
-        q, k, v = randn(B, nk, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
-    else:
-        k, v = randn(B, nk, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)
-        q = randn(B, nq, H, D).transpose(1, 2)
-    return q, k, v, randn(B, nq, H, D).transpose(1, 2)
-
-
-def _grads(fn, q, k, v, dout, upcast=False):
-    """[out, dq, dk, dv] of fn on leaves with q, k, v's own strides (fp32 copies when upcast)."""
-    leaves = [(t.detach().float() if upcast else t.detach()).requires_grad_() for t in (q, k, v)]
-    out = fn(*leaves)
-    out.backward(dout.float() if upcast else dout)
-    return [out.detach()] + [t.grad for t in leaves]
+    code = int(pytest.main(args, plugins=[TestRecorder(out, save, PER_TEST_S, alarm=not plugin_timeout)]))
+    failures = {n: t.get("message", "") for n, t in out["tests"].items() if t["outcome"] in ("failed", "error")}
+    out |= {"counts": count_outcomes(out["tests"]), "failures": failures, "exit_code": code, "passed": code == 0}
+    out["summary"] = ", ".join(f"{n} {k}" for k, n in out["counts"].items()) + f" (pytest exit {code})"
 
 
 def part_attention(smoke: bool, out: dict, save) -> None:
     torch, device, dtype = _setup(smoke)
+    from mpp import kernel_measure as measure
     from mpp.ops import IMPLEMENTATIONS
     from triton_kernels import attention_ref
 
     ours, sdpa = IMPLEMENTATIONS["attention"]["triton"], IMPLEMENTATIONS["attention"]["torch"]  # what the ViT calls
-    eps = torch.finfo(dtype).eps
+    spec = replace(measure.MEASURED["attention"], constants=())  # called as fn(q, k, v): attention_ref's own scale
     out |= {"dtype": str(dtype)[6:], "rule": "error <= 2 x SDPA's error + eps x max|reference| (1 ulp)",
             "cases": []}
-    gen = torch.Generator(device=device)
     for B, H, nq, nk, D in SMOKE_ATTENTION_CASES if smoke else ATTENTION_CASES:
-        gen.manual_seed(B * 7919 + H * 97 + nq * 13 + nk + D)
-        q, k, v, dout = _attention_inputs(torch, B, H, nq, nk, D, device, dtype, gen)
-        want = _grads(attention_ref, q, k, v, dout, upcast=True)
-        theirs = _grads(sdpa, q, k, v, dout)
-        got, again = _grads(ours, q, k, v, dout), _grads(ours, q, k, v, dout)
+        randn = measure.seeded_randn(device, B * 7919 + H * 97 + nq * 13 + nk + D)
+        q, k, v, dout = measure.vit_attention_inputs(randn, B, H, nq, nk, D, dtype)  # as the ViT makes them
+        args, grads = {"q": q, "k": k, "v": v}, [dout]
+        want = measure.run_op(spec, attention_ref, args, grads, True, upcast=True)  # {out, dq, dk, dv}, fp32 math
+        theirs, got, again = (measure.run_op(spec, fn, args, grads, True) for fn in (sdpa, ours, ours))
         case = {"B": B, "H": H, "Nq": nq, "Nk": nk, "D": D, "tensors": {},
-                "out_in_BNHD_order": got[0].transpose(1, 2).is_contiguous()}
-        for name, g, t, w, g2 in zip(("out", "dq", "dk", "dv"), got, theirs, want, again):
-            err, terr = (g.float() - w).abs().max().item(), (t.float() - w).abs().max().item()
-            bound = 2 * terr + eps * w.abs().max().item()
+                "out_in_BNHD_order": got["out"].transpose(1, 2).is_contiguous()}
+        for name, w in want.items():
+            g = got[name]
+            err, terr, bound = measure.error_and_bound(g, theirs[name], w)
             case["tensors"][name] = {"error": err, "sdpa_error": terr, "bound": bound, "within": err <= bound,
-                                     "finite": bool(torch.isfinite(g).all()), "repeatable": torch.equal(g, g2)}
+                                     "finite": bool(torch.isfinite(g).all()), "repeatable": torch.equal(g, again[name])}
         case["passed"] = all(t["within"] and t["finite"] and t["repeatable"] for t in case["tensors"].values())
         out["cases"].append(case)
         worst = max(case["tensors"].items(), key=lambda kv: kv[1]["error"] / max(kv[1]["bound"], 1e-30))
         print(f"attention {dtype} B={B} H={H} Nq={nq} Nk={nk} D={D}: {'ok' if case['passed'] else 'FAILED'}; "
               f"worst {worst[0]} error {worst[1]['error']:.3g} vs bound {worst[1]['bound']:.3g}", flush=True)
         save()
-        del q, k, v, dout, want, theirs, got, again
-    out["passed"] = all(c["passed"] for c in out["cases"])
+        del q, k, v, dout, args, grads, want, theirs, got, again
     passed = sum(c["passed"] for c in out["cases"])
-    out["summary"] = f"{passed}/{len(out['cases'])} shapes within bound, finite, repeatable"
+    out |= {"passed": passed == len(out["cases"]),
+            "summary": f"{passed}/{len(out['cases'])} shapes within bound, finite, repeatable"}
 
 
 def part_compiled_step(smoke: bool, out: dict, save) -> None:
     torch, device, dtype = _setup(smoke)
-    import contextlib
+    from torch._inductor import config as inductor_config
 
     from mpp.kernels import KernelPolicy, RunShapes, resolve
     from mpp.model import ViT, vit_config
-    from mpp.objective import MPPConfig, MPPObjective
+    from mpp.objective import MPPConfig, MPPObjective, corrupted_count
     from mpp.ops import TORCH
 
     # Two blocks: a full one and the last (the corrupted patches' queries only): both attention shapes,
     # both LayerNorms, the fused add; compilation is what takes the time here, and it grows with depth.
-    config = vit_config("Micro/4", depth=2, num_classes=0) if smoke else vit_config("S/16", depth=2, num_classes=0)
+    config = vit_config("Micro/4" if smoke else "S/16", depth=2, num_classes=0)
     batch = 2 if smoke else 32
-    last = max(1, round(MPPConfig().corrupt_rate * config.num_patches))
+    last = corrupted_count(MPPConfig().corrupt_rate, config.num_patches)
     shapes = RunShapes.of(config, batch, str(dtype)[6:], backward=True, last_queries=last)
     choice = resolve(KernelPolicy.from_flags("triton", "off", environ={}), shapes, device)  # a failed check raises
     out |= {"model": "Micro/4 depth 2" if smoke else "S/16 depth 2", "batch": batch, "dtype": str(dtype)[6:],
             "backend": "aot_eager" if smoke else "inductor", "kernels": choice.record(), "losses": {}}
     save()
-    import torch._inductor.config as inductor_config
-
-    # Compiled random draws as eager's, so both sides corrupt the same patches from the same seed.
-    inductor_config.fallback_random = True
+    inductor_config.fallback_random = True  # compiled random draws as eager's: the same patches corrupted
     gen = torch.Generator(device=device).manual_seed(0)
     images = torch.rand(batch, 3, config.image_size, config.image_size, generator=gen, device=device)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
@@ -284,8 +250,7 @@ def part_compiled_step(smoke: bool, out: dict, save) -> None:
     for name, kernels in (("torch", TORCH), ("triton", choice.kernels)):
         torch.manual_seed(0)
         objective = MPPObjective(ViT(config, kernels)).to(device)
-        if initial is None:
-            initial = {k: v.clone() for k, v in objective.state_dict().items()}
+        initial = initial or {k: v.clone() for k, v in objective.state_dict().items()}
         objective.load_state_dict(initial)  # the same initial weights on both sides
         optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-3)
         compiled = torch.compile(objective, fullgraph=True, backend=out["backend"])
@@ -306,11 +271,10 @@ def part_compiled_step(smoke: bool, out: dict, save) -> None:
     # bf16 tolerance: two bf16 ulps of the loss (autocast rounds attention and matmul outputs to bf16).
     tol = 2 * torch.finfo(dtype).eps if dtype != torch.float32 else 1e-4
     a, b = out["losses"]["triton"], out["losses"]["torch"]
-    out["differences"] = [x - y for x, y in zip(a, b)]
-    out["relative_tolerance"] = tol
+    out |= {"differences": [x - y for x, y in zip(a, b)], "relative_tolerance": tol}
     out["passed"] = all(math.isfinite(x) and math.isfinite(y) and abs(x - y) <= tol * abs(y) for x, y in zip(a, b))
-    out["summary"] = "loss differences " + ", ".join(f"{d:+.2e}" for d in out["differences"]) + \
-                     f" (tolerance {tol:.3g} relative)"
+    diffs = ", ".join(f"{d:+.2e}" for d in out["differences"])
+    out["summary"] = f"loss differences {diffs} (tolerance {tol:.3g} relative)"
 
 
 PART_FUNCS = {"versions": part_versions, "tests": part_tests, "attention_bf16": part_attention,
@@ -319,34 +283,20 @@ PART_FUNCS = {"versions": part_versions, "tests": part_tests, "attention_bf16": 
 
 def run_part_here(name: str, smoke: bool, result: Path) -> None:
     out: dict = {}
-
-    def save() -> None:
-        write_json(result, out)
-
     try:
-        PART_FUNCS[name](smoke, out, save)
+        PART_FUNCS[name](smoke, out, functools.partial(write_json, result, out))  # save(): the JSON so far
     except BaseException as e:  # the parent reports the part as an error; the JSON says why
-        import traceback
-
         out["exception"] = f"{type(e).__name__}: {e}"[:2000]
         out["traceback"] = traceback.format_exc()[-4000:]
         raise
     finally:
-        save()
+        write_json(result, out)
 
 
 # ---- the parent: one process per part, the budget, the JSON and the log
 
 
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)  # a reader (or a kill) never sees half a file
-
-
-def gpu_slug(smoke: bool) -> str:
-    if smoke:
-        return "smoke-cpu"
+def gpu_slug() -> str:
     try:
         name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                               text=True, timeout=20, check=True).stdout.strip().splitlines()[0]
@@ -376,17 +326,15 @@ def judge(part: Part, result: dict) -> tuple[bool, str]:
     if not result:
         return False, "the benchmark exited 0 but wrote no results (no CUDA GPU?)"
     if part.name == "kernel_timings":
-        rows = result.get("attention", []) + result.get("layer_norm", [])
+        rows = [r for r in result.get("attention", []) + result.get("layer_norm", []) if "skipped" not in r]
         broken = [f"{r['op']} {r['shape']}" for r in rows if r["impl"] == "triton" and "error" in r]
-        ratios = []
-        for r in rows:
-            if r["impl"] == "triton" and "fwd+bwd_ms" in r:
-                others = [o["fwd+bwd_ms"] for o in rows if o["op"] == r["op"] and o["shape"] == r["shape"]
-                          and o["impl"] != "triton" and "fwd+bwd_ms" in o]
-                if others:
-                    ratios.append(f"{r['op']} {r['shape']} {r['fwd+bwd_ms'] / min(others):.2f}")
-        note = "ours/fastest other, fwd+bwd time: " + ", ".join(ratios) + ("" if result.get("complete") else
-                                                                            " (incomplete: time limit)")
+        fastest = {}  # (op, shape) -> the fastest other implementation's fwd+bwd ms
+        for r in (r for r in rows if r["impl"] != "triton" and "error" not in r):
+            fastest[r["op"], r["shape"]] = min(r["fwd+bwd_ms"], fastest.get((r["op"], r["shape"]), math.inf))
+        ratios = [f"{r['op']} {r['shape']} {r['fwd+bwd_ms'] / fastest[r['op'], r['shape']]:.2f}" for r in rows
+                  if r["impl"] == "triton" and "error" not in r and (r["op"], r["shape"]) in fastest]
+        note = "ours/fastest other, fwd+bwd time: " + ", ".join(ratios) + (
+            "" if result.get("complete") else " (incomplete: time limit)")
         return not broken, (f"our kernel failed at {', '.join(broken)}; " if broken else "") + note
     r = result.get("ratios", {})
     return True, "timm/ours step time: " + ", ".join(f"{k.removeprefix('ours/timm ')} {v:.3f}" for k, v in r.items()
@@ -403,10 +351,9 @@ def run_logged(cmd: list[str], limit_s: float, log) -> tuple[int, bool]:
 
     def pump() -> None:
         for line in proc.stdout:
-            log.write(line)
-            log.flush()
-            sys.stdout.write(line)
-            sys.stdout.flush()
+            for stream in (log, sys.stdout):
+                stream.write(line)
+                stream.flush()
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
@@ -474,7 +421,7 @@ def run_all(args) -> int:
     start = time.monotonic()
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    slug = gpu_slug(args.smoke)
+    slug = "smoke-cpu" if args.smoke else gpu_slug()
     json_path, log_path = out_dir / f"gpu-check-{slug}.json", out_dir / f"gpu-check-{slug}.log"
     only = selected(args.only)
     record = {"check": "scripts/gpu_check.py", "mode": "smoke" if args.smoke else "gpu", "gpu_slug": slug,

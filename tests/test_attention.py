@@ -25,8 +25,9 @@ if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
                 allow_module_level=True)
 
 attn = importlib.import_module("triton_kernels.attention")  # the module (the package exports the function)
+from helpers.kernel_modules import FlashAttention
+
 from triton_kernels.attention import (
-    FlashAttention,
     attention,
     attention_fwd,
     attention_ref,
@@ -198,7 +199,7 @@ def test_all_scores_very_negative():
 def test_gpu_block_shapes_under_interpreter(monkeypatch, d, dtype):
     """The GPU tile sizes (128 x 64 forward, 128/64-row held blocks in the backward, fp32 tiles) give
     the same numbers as the interpreter's: checks the launch shapes, not the compiler."""
-    monkeypatch.setattr(attn, "_interpreting", lambda: False)
+    monkeypatch.setattr(attn, "interpreting", lambda: False)
     assert attn._configs(64, torch.float16)["fwd"]["BLOCK_M"] == 128  # the GPU table is in use
     gen = torch.Generator().manual_seed(d)
     q, k, v = make_qkv(1, 1, 197, 197, d, "vit", dtype=dtype, gen=gen)
@@ -272,7 +273,7 @@ def test_torch_compile_aot_eager_matches_eager():
 @pytest.mark.parametrize("make", [lambda: torch.zeros(2, 3), lambda: torch.zeros(2, 3, device="meta")],
                          ids=["cpu", "meta"])
 def test_launch_device_is_a_null_context_off_cuda(make):
-    from triton_kernels import _launch_device
+    from triton_kernels._launch import launch_device as _launch_device
 
     ctx = _launch_device(make())
     assert not isinstance(ctx, torch.cuda.device)
@@ -285,7 +286,7 @@ def test_launch_device_skips_fake_cuda_tensors(monkeypatch):
     machine may have none). Functional tensors over fakes: see the triton_op test below."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from triton_kernels import _launch_device
+    from triton_kernels._launch import launch_device as _launch_device
 
     def no_cuda(*args):
         raise AssertionError("torch.cuda.device called for a fake tensor")
@@ -300,7 +301,7 @@ def test_launch_device_skips_fake_cuda_tensors(monkeypatch):
 @gpu
 @pytest.mark.gpu
 def test_launch_device_guards_real_cuda_tensors():
-    from triton_kernels import _launch_device
+    from triton_kernels._launch import launch_device as _launch_device
 
     assert isinstance(_launch_device(torch.zeros(1, device="cuda")), torch.cuda.device)
 
@@ -381,7 +382,7 @@ def test_package_exports_functions_not_submodules():
     code = """
 import importlib, types, triton_kernels
 import triton_kernels.attention, triton_kernels.layer_norm
-from triton_kernels import attention, layer_norm, LayerNorm, add_layer_norm_supported
+from triton_kernels import attention, layer_norm, add_layer_norm_ref
 assert callable(attention) and not isinstance(attention, types.ModuleType), attention
 assert callable(layer_norm) and not isinstance(layer_norm, types.ModuleType), layer_norm
 mod = importlib.import_module("triton_kernels.attention")

@@ -7,19 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-
-import bench_train
-
+from mpp.benchmark import NUM_CLASSES, Case, choose_kernels, run_shapes
+from mpp.benchmark_costs import flops_per_image
+from mpp.benchmark_stats import median_interval, paired_ratios
 from mpp.model import vit_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_flops_per_image_match_the_vit_arithmetic():
     config = vit_config("Micro/4")  # 16 px: N = 16 patches, T = 17 tokens
-    B, T, N, D, M, K = 4, 17, 16, config.embed_dim, config.mlp_dim, bench_train.NUM_CLASSES
+    B, T, N, D, M, K = 4, 17, 16, config.embed_dim, config.mlp_dim, NUM_CLASSES
     images, labels = torch.rand(B, 3, 16, 16), torch.randint(0, K, (B,))
-    case = bench_train.Case("ours", "supervised", config, images, labels, torch.float32, compile_model=False)
+    case = Case("ours", "supervised", config, images, labels, torch.float32, compile_model=False)
     per_block = 2 * T * (3 * D * D + D * D + 2 * D * M)  # qkv, proj, fc1, fc2 (forward)
     attention = 4 * T * T * D  # q·kᵀ and attention·v (forward)
     # The last block computes the class token's output alone: keys and values for all T tokens.
@@ -30,14 +30,14 @@ def test_flops_per_image_match_the_vit_arithmetic():
     # attention's backward counts 2.5 forwards.
     expected = ((config.depth - 1) * (3 * per_block + 3.5 * attention) + 3 * last_block + 3.5 * last_attention
                 + 2 * patch_embed + 3 * 2 * D * K)
-    assert bench_train.flops_per_image(case) == pytest.approx(expected, rel=1e-6)
+    assert flops_per_image(case) == pytest.approx(expected, rel=1e-6)
 
 
 def test_timm_case_runs_the_same_mpp_objective():
     config = vit_config("Micro/4")
     images, labels = torch.rand(2, 3, 16, 16), torch.zeros(2, dtype=torch.long)
-    ours = bench_train.Case("ours", "mpp", config, images, labels, torch.float32, compile_model=False)
-    timm = bench_train.Case("timm", "mpp", config, images, labels, torch.float32, compile_model=False)
+    ours = Case("ours", "mpp", config, images, labels, torch.float32, compile_model=False)
+    timm = Case("timm", "mpp", config, images, labels, torch.float32, compile_model=False)
     timm.module.vit.model.load_state_dict(ours.module.vit.state_dict())  # same names: loads strictly
     timm.module.head.load_state_dict(ours.module.head.state_dict())
     timm.module.mask_token.data.copy_(ours.module.mask_token)
@@ -99,15 +99,15 @@ def test_paired_ratios_cancel_a_steady_drift():
             (a if side == "a" else b).append(1.05 * t if side == "a" else t)
     per_round = [x / y for x, y in zip(a, b)]
     assert max(per_round) > 1.08 and min(per_round) < 1.02
-    assert bench_train.paired_ratios(a, b) == pytest.approx([1.05, 1.05], rel=1e-3)
-    assert bench_train.paired_ratios(a[:3], b[:3]) == pytest.approx([1.05], rel=1e-3)  # a last odd round is left out
+    assert paired_ratios(a, b) == pytest.approx([1.05, 1.05], rel=1e-3)
+    assert paired_ratios(a[:3], b[:3]) == pytest.approx([1.05], rel=1e-3)  # a last odd round is left out
 
 
 def test_median_interval_is_the_binomial_order_statistics():
-    low, high, coverage = bench_train.median_interval([float(v) for v in range(20, 0, -1)])
+    low, high, coverage = median_interval([float(v) for v in range(20, 0, -1)])
     assert (low, high) == (6.0, 15.0) and coverage == pytest.approx(0.9586, abs=1e-4)  # tables: ranks 6 and 15 of 20
-    assert bench_train.median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0, 0.75)  # too few for 95%: min, max and their coverage
-    assert bench_train.median_interval([2.0])[2] == 0.0
+    assert median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0, 0.75)  # too few for 95%: min, max and their coverage
+    assert median_interval([2.0])[2] == 0.0
 
 
 @pytest.mark.slow
@@ -123,15 +123,15 @@ def test_the_malloc_comparison_runs_both_settings(tmp_path):
 
 FLOPS = """
 import sys, torch
-sys.path.insert(0, "scripts")
-import bench_train
+from mpp.benchmark import Case
+from mpp.benchmark_costs import flops_per_image
 from mpp.model import vit_config
 from mpp.ops import Kernels
 torch.manual_seed(0)
 kernels = Kernels(attention=sys.argv[1], layer_norm=sys.argv[1], add_layer_norm=sys.argv[1])
-case = bench_train.Case("ours", "mpp", vit_config("Micro/4"), torch.rand(2, 3, 16, 16), torch.zeros(2, dtype=torch.long),
-                        torch.float32, compile_model=False, kernels=kernels)
-flops = bench_train.flops_per_image(case)
+case = Case("ours", "mpp", vit_config("Micro/4"), torch.rand(2, 3, 16, 16), torch.zeros(2, dtype=torch.long),
+            torch.float32, compile_model=False, kernels=kernels)
+flops = flops_per_image(case)
 case.loss()  # then the step itself, on the kernels the model was built with
 print(flops, case.module.vit.kernels.attention)
 """
@@ -156,8 +156,8 @@ def test_flops_count_our_triton_attention_like_pytorchs():
 def test_kernels_are_decided_at_each_objectives_shapes():
     """MPP's last block computes the corrupted half of the patches, supervised's the class token alone."""
     config = vit_config("S/16")  # 196 patches, 197 tokens
-    mpp = bench_train.run_shapes(config, "mpp", 128, torch.bfloat16)
-    supervised = bench_train.run_shapes(config, "supervised", 128, torch.bfloat16)
+    mpp = run_shapes(config, "mpp", 128, torch.bfloat16)
+    supervised = run_shapes(config, "supervised", 128, torch.bfloat16)
     assert (mpp.tokens, mpp.last_queries, mpp.batch, mpp.dtype, mpp.backward) == (197, 98, 128, "bfloat16", True)
     assert supervised.last_queries == 1 and supervised.heads == 6 and supervised.head_dim == 64
 
@@ -168,8 +168,8 @@ def test_kernels_off_keeps_named_ops_on_pytorch(monkeypatch):
 
     monkeypatch.setenv("MPP_KERNELS_OFF", "add_layer_norm")
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU without the interpreter: nothing is measured
-    choices = bench_train.choose_kernels(KernelPolicy.from_flags("auto", "off"), vit_config("Micro/4"), 2,
-                                         torch.float32, torch.device("cpu"))
+    choices = choose_kernels(KernelPolicy.from_flags("auto", "off"), vit_config("Micro/4"), 2,
+                             torch.float32, torch.device("cpu"))
     assert set(choices) == {"mpp", "supervised"}
     for choice in choices.values():
         verdicts = choice.record()["verdicts"]

@@ -10,16 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.compare import (
-    Row,
-    compare,
-    curve_panels,
-    main,
-    mosaic,
-    pos_embed_similarity,
-    read_curves,
-)
+from eval.compare import main
 from mpp.checkpoint import save_checkpoint
+from mpp.comparison import compare
+from mpp.curves import read_curves
+from mpp.plots import curve_panels, mosaic
+from mpp.posembed import pos_embed_similarity
+from mpp.reports import Row
 
 REPO = Path(__file__).resolve().parents[1]
 # Micro/4 at 16 px: the architecture the real tiny run trains, so its random-init row and the
@@ -350,7 +347,7 @@ def test_real_tiny_run_end_to_end(runs, tmp_path):
 
 
 def test_main_fewshot_dataset_is_the_runs_own_not_a_transfer_check():
-    from eval.compare import Row, main_dataset
+    from mpp.tables import main_dataset
 
     # both runs probed on their own data and on a transfer set: the tie goes to the data they trained on,
     # even when the transfer report is read first

@@ -22,9 +22,9 @@ from mpp.data import (
     eval_transform,
     load_split,
     normalize,
-    rgb_tensor,
     train_transform,
 )
+from mpp.datasets import rgb_tensor
 from mpp.errors import UsageError, one_line
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -10,18 +10,15 @@ import torch
 from sklearn.linear_model import Ridge
 
 from eval import fewshot
-from eval.fewshot import (
-    extract_features,
-    fewshot_probe,
-    fewshot_probe_grid,
-    lsr_predict,
-    main,
-    sample_shots,
-)
+from eval.fewshot import main
+from mpp import probe_setup
 from mpp.checkpoint import save_checkpoint
+from mpp.data import dataset_name
 from mpp.errors import UsageError
+from mpp.features import extract_features
 from mpp.files import write_json
 from mpp.model import ViT, ViTConfig
+from mpp.probes import fewshot_probe, fewshot_probe_grid, lsr_predict, sample_shots
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(image_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, mlp_dim=64)
@@ -198,9 +195,9 @@ def test_cli_trained_run_and_its_random_init_baseline(run_dir):
     assert (run_dir / "fewshot-random-init.json").is_file()
     assert baseline["init"] == "random" and baseline["checkpoint"] is None and baseline["vit"] == trained["vit"]
     # The baseline has the run's architecture, freshly initialised from the run's seed, not its weights.
-    _, vit, _, _ = fewshot.build_model(fewshot.parse_args(["--run", str(run_dir), "--random-init"]))
-    _, same, _, _ = fewshot.build_model(fewshot.parse_args(["--run", str(run_dir), "--random-init"]))
-    _, loaded, _, _ = fewshot.build_model(fewshot.parse_args(["--run", str(run_dir)]))
+    _, vit, _, _ = probe_setup.build_model(fewshot.parse_args(["--run", str(run_dir), "--random-init"]))
+    _, same, _, _ = probe_setup.build_model(fewshot.parse_args(["--run", str(run_dir), "--random-init"]))
+    _, loaded, _, _ = probe_setup.build_model(fewshot.parse_args(["--run", str(run_dir)]))
     torch.testing.assert_close(vit.state_dict(), same.state_dict())
     assert not torch.equal(vit.patch_embed.proj.weight, loaded.patch_embed.proj.weight)
     scalars = read_scalars(run_dir / "tensorboard" / "fewshot")
@@ -242,13 +239,13 @@ def test_script_missing_run_is_one_line_error(tmp_path):
 
 
 def test_dataset_name_for_tensorboard():
-    assert fewshot.dataset_name("digits") == "digits"
-    assert fewshot.dataset_name("hf:uoft-cs/cifar10") == "cifar10"
-    assert fewshot.dataset_name("/data/my pets/") == "my_pets"
+    assert dataset_name("digits") == "digits"
+    assert dataset_name("hf:uoft-cs/cifar10") == "cifar10"
+    assert dataset_name("/data/my pets/") == "my_pets"
 
 
 def test_features_token_or_average_patch_token():
-    from eval.fewshot import pool
+    from mpp.features import pool
 
     torch.manual_seed(0)
     vit = ViT(ViTConfig(**TINY)).eval()

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from eval import finetune as ft
+from eval import finetune as finetune_entry
+from mpp import finetune as ft
 from mpp.checkpoint import load_checkpoint, load_run, save_checkpoint
 from mpp.files import write_json
+from mpp.finetune_start import check_same_start
 from mpp.model import ViT, ViTConfig, resample_pos_embed
 from tests.helpers.runs import run_script
 
@@ -207,15 +209,15 @@ def test_resume_after_the_pretraining_saved_a_newer_checkpoint_is_refused(pretra
 def test_starting_points_that_differ_are_refused():
     scratch = {"init": "scratch", "checkpoint": None, "step": None, "sha256": None}
     ckpt = {"init": "pretrained", "checkpoint": "runs/mpp/checkpoints/ckpt-00000005.pt", "step": 5, "sha256": "ab" * 32}
-    ft.check_same_start(Path("ft"), scratch, scratch)
-    ft.check_same_start(Path("ft"), ckpt, {**ckpt, "checkpoint": "elsewhere.pt"})  # the same bytes
-    ft.check_same_start(Path("ft"), None, scratch)  # an older finetune.json from scratch: nothing to mix
+    check_same_start(Path("ft"), scratch, scratch)
+    check_same_start(Path("ft"), ckpt, {**ckpt, "checkpoint": "elsewhere.pt"})  # the same bytes
+    check_same_start(Path("ft"), None, scratch)  # an older finetune.json from scratch: nothing to mix
     with pytest.raises(ft.UsageError, match="does not record which checkpoint .*: pass a new --output-dir"):
-        ft.check_same_start(Path("ft"), None, ckpt)
+        check_same_start(Path("ft"), None, ckpt)
     with pytest.raises(ft.UsageError, match=r"from scratch \(random weights\) but --run is now .*: drop --run"):
-        ft.check_same_start(Path("ft"), scratch, ckpt)
+        check_same_start(Path("ft"), scratch, ckpt)
     with pytest.raises(ft.UsageError, match=r"but there is no --run now: .*fine-tune from scratch"):
-        ft.check_same_start(Path("ft"), ckpt, scratch)
+        check_same_start(Path("ft"), ckpt, scratch)
 
 
 def test_short_finetune_on_real_cifar10_images(tmp_path, cifar10_slice):
@@ -227,7 +229,7 @@ def test_short_finetune_on_real_cifar10_images(tmp_path, cifar10_slice):
 
 def one_line_error(capsys, argv):
     with pytest.raises(SystemExit) as e:
-        ft.main(argv)
+        finetune_entry.main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error: ")]

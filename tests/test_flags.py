@@ -100,7 +100,7 @@ def test_every_numeric_flag_is_range_checked(path, capsys):
 
 
 def config_classes():
-    from eval.finetune import FinetuneConfig
+    from mpp.finetune import FinetuneConfig
     from mpp.objective import MPPConfig
     from mpp.train import TrainConfig
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from helpers.runs import launch_2
 
-from mpp import kernels
+from mpp import kernel_cache, kernel_measure, kernels
 from mpp.errors import UsageError
 from mpp.kernels import KernelPolicy, RunShapes, resolve
 from mpp.model import ViT, vit_config
@@ -177,7 +177,7 @@ def test_cache_hits_misses_and_is_invalidated(monkeypatch, tmp_path, fast_ours):
     monkeypatch.setattr(torch, "__version__", "99.0")
     resolve(p, SHAPES, "cpu")
     assert calls == ["layer_norm"] * 3
-    monkeypatch.setattr(kernels, "source_hash", lambda: "edited")
+    monkeypatch.setattr(kernel_cache, "source_hash", lambda: "edited")
     resolve(p, SHAPES, "cpu")
     assert calls == ["layer_norm"] * 4
     assert resolve(p, SHAPES, "cpu").source == "cache" and calls == ["layer_norm"] * 4
@@ -192,9 +192,9 @@ def test_cache_hits_misses_and_is_invalidated(monkeypatch, tmp_path, fast_ours):
 
 
 def test_source_hash_covers_the_kernels_and_the_verification():
-    assert kernels.source_hash() == kernels.source_hash() and len(kernels.source_hash()) == 16
-    env = kernels.environment(torch.device("cpu"))
-    assert env["device"] == "cpu (Triton interpreter)" and env["kernel_sources"] == kernels.source_hash()
+    assert kernel_cache.source_hash() == kernel_cache.source_hash() and len(kernel_cache.source_hash()) == 16
+    env = kernel_cache.environment(torch.device("cpu"))
+    assert env["device"] == "cpu (Triton interpreter)" and env["kernel_sources"] == kernel_cache.source_hash()
     assert env["torch"] == torch.__version__ and env["triton"] != "none"
 
 
@@ -322,6 +322,6 @@ def test_a_kernel_that_breaks_the_cuda_context_stops_the_run(monkeypatch):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     monkeypatch.setattr(torch.cuda, "synchronize", broken)
-    with pytest.raises(kernels.BrokenContext, match="illegal memory access"):
-        kernels._ours(torch.device("cuda"), broken)
-    assert kernels._ours(torch.device("cpu"), broken).startswith("RuntimeError at the run's shapes")
+    with pytest.raises(kernel_measure.BrokenContext, match="illegal memory access"):
+        kernel_measure._ours(torch.device("cuda"), broken)
+    assert kernel_measure._ours(torch.device("cpu"), broken).startswith("RuntimeError at the run's shapes")

@@ -13,9 +13,10 @@ from torch import nn
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 
+from helpers.kernel_modules import LayerNorm
+
+from triton_kernels.gate import MAX_WIDTH
 from triton_kernels.layer_norm import (
-    MAX_WIDTH,
-    LayerNorm,
     add_layer_norm,
     add_layer_norm_ref,
     add_layer_norm_supported,

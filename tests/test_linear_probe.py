@@ -9,10 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eval import fewshot
-from eval.fewshot import fewshot_probe_grid, lsr_predict
-from eval.linear_probe import DEFAULT_L2S, linear_probe, main, stratified_dev_split
+from eval.linear_probe import main
+from mpp import probes
 from mpp.errors import UsageError
+from mpp.probes import (
+    DEFAULT_L2S,
+    fewshot_probe_grid,
+    linear_probe,
+    lsr_predict,
+    stratified_dev_split,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 REPORT_KEYS = {"init", "run", "checkpoint", "step", "features", "kernels", "dataset", "feature_dim", "l2_grid", "dev_accuracy", "l2",
@@ -79,8 +85,8 @@ def test_test_features_never_reach_the_l2_selection(monkeypatch):
     train_x, train_y, test_x, test_y = noisy_classes(200, 16, seed=1)
     test_x = test_x + 1000.0  # far from every training row: any test row in a call is easy to see
     calls = []
-    real = fewshot.lsr_predict
-    monkeypatch.setattr(fewshot, "lsr_predict", lambda x, y, xt, l2s, **kw: calls.append((x, xt, list(l2s)))
+    real = probes.lsr_predict
+    monkeypatch.setattr(probes, "lsr_predict", lambda x, y, xt, l2s, **kw: calls.append((x, xt, list(l2s)))
                         or real(x, y, xt, l2s, **kw))
     out = linear_probe(train_x, train_y, test_x, test_y, l2s=[0.1, 10.0, 1000.0])
     assert len(calls) == 2  # one decomposition for the whole grid on dev, one refit for test

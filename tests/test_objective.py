@@ -1,17 +1,26 @@
-"""MPP: corruption statistics, targets on hand-made images, loss on corrupted patches only."""
+"""MPP: corruption statistics, targets on hand-made images, loss on corrupted patches only, and a
+new target added in one place (one entry of the table) trained end to end."""
+import json
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
+from helpers.runs import FAST, read_metrics
 
 from mpp.errors import UsageError
 from mpp.model import ViT, vit_config
 from mpp.objective import (
+    TARGETS,
     MPPConfig,
     MPPObjective,
     SupervisedObjective,
+    Target,
     corrupt_patches,
     downsample_target,
     mean_color_target,
     patchify,
+    register_target,
 )
 
 
@@ -185,3 +194,42 @@ def test_corruption_gradients_are_bitwise_reproducible():
         x.backward(grad)
         seen.append((patches.grad.clone(), mask.grad.clone()))
     assert all(torch.equal(p, seen[0][0]) and torch.equal(m, seen[0][1]) for p, m in seen)
+
+
+@pytest.fixture
+def toy_target():
+    """A new target, in one place: is each patch brighter than mid-grey (2 classes)? Removed afterwards."""
+    def bright(images, P, config):  # (B, C, H, W) → (B, N) in {0, 1}
+        return (F.avg_pool2d(images.float().mean(1, keepdim=True), P).flatten(1) > 0.5).long()
+
+    def accuracy(pred, target, loss):
+        return {"accuracy": (pred.argmax(-1) == target).float().mean().detach()}
+
+    toy = register_target(Target("toy", "toy", "is the patch brighter than mid-grey, 2 classes",
+                                 head_width=lambda vit, config: 2, target=bright, loss=F.cross_entropy,
+                                 metrics=accuracy))
+    yield toy
+    del TARGETS[toy.name]
+
+
+def test_a_target_added_in_one_place_trains(toy_target, tmp_path):
+    from mpp.train import build_parser, main
+
+    assert "toy: is the patch brighter than mid-grey" in build_parser("mpp").format_help()
+    run = tmp_path / "toy"
+    main("mpp", ["--output-dir", str(run), *FAST, "--target", "toy", "--max-steps", "2"])
+    config = json.loads((run / "config.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert config["mpp"]["target"] == "toy" and summary["steps"] == 2
+    losses = [m["train/loss"] for m in read_metrics(run) if "train/loss" in m]
+    assert losses and all(math.isfinite(x) for x in losses)
+    assert math.isfinite(summary["eval"]["loss"]) and 0 <= summary["eval"]["accuracy"] <= 1
+    with pytest.raises(ValueError, match="already registered"):
+        register_target(toy_target)
+
+
+def test_the_table_is_what_every_reader_sees():
+    assert list(TARGETS) == ["mean_color", "downsample", "l2"]  # the order of --help and of the ablations
+    assert [t.arm for t in TARGETS.values()] == [None, "mpp-4x4", "mpp-l2"]
+    with pytest.raises(UsageError, match="use one of mean_color, downsample, l2"):
+        MPPConfig(target="toy").validate()

@@ -18,7 +18,7 @@ from helpers.runs import ENV, FAST, REPO, read_metrics, run_script
 
 from mpp.checkpoint import load_checkpoint
 from mpp.rundir import list_checkpoints
-from mpp.train import TrainConfig, lr_factor
+from mpp.train import TrainConfig
 
 WORKERS = [*FAST, "--num-workers", "2"]  # FAST has none; the hangs needed workers
 PROMPT_S = 60  # "within seconds", with a 2-core machine's start-up (torch, accelerate) included
@@ -177,7 +177,7 @@ def test_resume_with_another_max_steps_keeps_the_schedule_consistent(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     lrs = {m["step"]: m["train/lr"] for m in read_metrics(run) if "train/lr" in m}
     cfg = TrainConfig(lr=lr, warmup_steps=2)
-    expected = {s: lr * lr_factor(s - 1, cfg, 4 if s <= 4 else 9) for s in range(1, 10)}  # step s uses factor(s - 1)
+    expected = {s: lr * cfg.lr_schedule(4 if s <= 4 else 9).factor(s - 1) for s in range(1, 10)}  # step s uses factor(s - 1)
     assert lrs.keys() == expected.keys() and all(math.isclose(lrs[s], expected[s], rel_tol=1e-9) for s in lrs), lrs
     with pytest.raises(SystemExit) as e:  # shorter than where it stands: refused, nothing changed
         before = snapshot(run)

@@ -11,8 +11,9 @@ import json
 import pytest
 import torch
 
-import eval.finetune as ft
+import mpp.finetune as ft
 from eval import fewshot
+from mpp import probe_setup
 from mpp.checkpoint import load_run
 from mpp.model import ViT, vit_config
 from mpp.objective import MPPObjective
@@ -69,7 +70,7 @@ def test_compiled_probe_features_and_finetune_equal_eager(tmp_path, monkeypatch)
     """The probes' features and a fine-tune's scores: --compile changes no number beyond rounding."""
     args = fewshot.parse_args(["--model", "Micro/4", "--random-init", "--output", str(tmp_path / "f.json"),
                                "--kernels", "torch", "--compile"])
-    _, vit, _, _ = fewshot.build_model(args)
+    _, vit, _, _ = probe_setup.build_model(args)
     eager = ViT(vit.config)
     eager.load_state_dict(vit.state_dict())
     compile_blocks(vit)

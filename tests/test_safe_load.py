@@ -13,7 +13,6 @@ import pytest
 import torch
 from helpers.runs import run_script
 
-from eval.fewshot import checkpoint_step
 from mpp.checkpoint import (
     BadCheckpoint,
     load_checkpoint,
@@ -23,6 +22,7 @@ from mpp.checkpoint import (
     set_rng_state,
 )
 from mpp.errors import UsageError
+from mpp.probe_setup import checkpoint_step
 from mpp.rundir import list_checkpoints
 
 # 2 steps, a checkpoint at each: the smallest run whose checkpoint has every part a long run's has.
@@ -102,7 +102,7 @@ def test_optimizer_scheduler_scaler_and_finetune_state_load_weights_only(tmp_pat
     """The parts a CPU run leaves out (an fp16 scaler) or builds elsewhere (eval/finetune.py's save)."""
     import dataclasses
 
-    from eval.finetune import FinetuneConfig
+    from mpp.finetune import FinetuneConfig
 
     p = torch.nn.Parameter(torch.ones(2))
     opt = torch.optim.AdamW([p], lr=0.1)

@@ -16,24 +16,25 @@ from PIL import Image
 from mpp.checkpoint import load_checkpoint
 from mpp.model import ViT, vit_config
 from mpp.objective import MPPObjective
+from mpp.optim import param_groups
 from mpp.rundir import list_checkpoints
-from mpp.train import TrainConfig, lr_factor, main, param_groups, parse_args, train
+from mpp.train import TrainConfig, main, parse_args, train
 
 
 def test_lr_schedule_warmup_then_decay():
     cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10)
-    f = [lr_factor(s, cfg, 100) for s in range(100)]
+    f = [cfg.lr_schedule(100).factor(s) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[9:], f[10:]))  # monotone decay after warmup
-    assert lr_factor(100, cfg, 100) == pytest.approx(0.1)  # ends at min_lr / lr
-    assert lr_factor(55, cfg, 100) == pytest.approx(0.1 + 0.9 * 0.5)  # cosine midpoint
+    assert cfg.lr_schedule(100).factor(100) == pytest.approx(0.1)  # ends at min_lr / lr
+    assert cfg.lr_schedule(100).factor(55) == pytest.approx(0.1 + 0.9 * 0.5)  # cosine midpoint
     lin = TrainConfig(lr=1e-3, warmup_steps=0, schedule="linear")
-    assert lr_factor(25, lin, 100) == pytest.approx(0.75)
+    assert lin.lr_schedule(100).factor(25) == pytest.approx(0.75)
 
 
 def test_no_weight_decay_on_norms_biases_embeddings():
     obj = MPPObjective(ViT(vit_config("Micro/4", depth=1, num_classes=0)))
-    decay, no_decay = param_groups(obj, 0.1)
+    decay, no_decay = param_groups(obj, 0.1, obj.no_weight_decay())
     names = {id(p): n for n, p in obj.named_parameters()}
     undecayed = {names[id(p)] for p in no_decay["params"]}
     assert {"mask_token", "vit.cls_token", "vit.pos_embed", "vit.norm.weight", "vit.blocks.0.attn.qkv.bias"} <= undecayed

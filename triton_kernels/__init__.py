@@ -3,10 +3,12 @@ add before it), forward and backward.
 
     from triton_kernels import attention, layer_norm
 
-Each op's file holds the `@triton.jit` kernels, the launchers, the autograd wiring, a functional
-API, a thin module, the pure-PyTorch reference the tests check against and a `*_supported` check
-(None, or why the kernel cannot take given inputs). This package offers kernels, references and
-checks only: it never picks between a kernel and PyTorch. That is decided once, by the caller
+The public API is the ops and their pure-PyTorch references (what the tests check the kernels
+against). Each op's file holds the `@triton.jit` kernels, the launchers, the autograd
+registration, the functional API, the reference and a `*_supported` check of the inputs the kernel
+takes; `_launch.py` holds what every kernel file does the same way (registration, launch device)
+and `gate.py` whether the kernels can run here at all. This package offers kernels and references
+only: it never picks between a kernel and PyTorch. That is decided once, by the caller
 (`mpp.kernels`), not per call here.
 
 Importing the package imports neither triton nor the kernel files: each public name is loaded
@@ -21,28 +23,20 @@ triton_kernels.attention as m` reads the package attribute, so it gives the func
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import sys
 import types
 
 # Public name -> the submodule that defines it.
 _EXPORTS = {
-    "FlashAttention": "attention",
     "attention": "attention",
     "attention_ref": "attention",
-    "attention_supported": "attention",
-    "LayerNorm": "layer_norm",
     "add_layer_norm": "layer_norm",
     "add_layer_norm_ref": "layer_norm",
-    "add_layer_norm_supported": "layer_norm",
     "layer_norm": "layer_norm",
     "layer_norm_ref": "layer_norm",
-    "layer_norm_supported": "layer_norm",
 }
-__all__ = ["FlashAttention", "LayerNorm", "add_layer_norm", "add_layer_norm_ref", "add_layer_norm_supported",
-           "attention", "attention_ref", "attention_supported", "layer_norm", "layer_norm_ref",
-           "layer_norm_supported"]
+__all__ = ["add_layer_norm", "add_layer_norm_ref", "attention", "attention_ref", "layer_norm", "layer_norm_ref"]
 
 
 def __getattr__(name: str):
@@ -69,37 +63,3 @@ class _Package(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Package
-
-
-# ---- shared by the kernel files (private; torch is imported only when they run) ----------------
-
-def _launch_device(t):
-    """The context to launch the kernels for tensor `t` in: torch.cuda.device(t.device) for a real
-    CUDA tensor, else a null context. Triton launches on the *current* device, so without it a
-    tensor on cuda:1 (no torch.cuda.set_device(1)) would be handed to a kernel running on cuda:0.
-    Fake and functional tensors (the triton_op bodies run as their own fake impl, and are traced by
-    torch.compile / opcheck) get the null context: tracing must not call CUDA, and Inductor sets the
-    device itself around the kernels it launches."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    if t.device.type != "cuda" or is_fake(t):
-        return contextlib.nullcontext()
-    import torch
-
-    return torch.cuda.device(t.device)
-
-
-def _as_op(name: str, launcher, fake, interpreted: bool):
-    """`launcher` as the custom op mpp_kernels::<name>. Compiled Triton: a triton_op, so
-    torch.compile traces into the kernels (the launcher is its own fake impl: wrap_triton launches
-    nothing on fake tensors). Under TRITON_INTERPRET=1 wrap_triton passes the InterpretedFunction
-    through, which cannot run on fake tensors, so the launcher becomes an opaque custom_op with
-    `fake` (same shapes, strides and dtypes) as its fake impl: torch.compile (e.g. backend=
-    "aot_eager") and opcheck can still trace the ops on CPU."""
-    import torch
-
-    if not interpreted:
-        return torch.library.triton_op(f"mpp_kernels::{name}", launcher, mutates_args=())
-    op = torch.library.custom_op(f"mpp_kernels::{name}", launcher, mutates_args=())
-    op.register_fake(fake)
-    return op

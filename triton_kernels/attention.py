@@ -1,8 +1,8 @@
 """Non-causal softmax attention, FlashAttention-2 style (forward + backward), for the ViT.
 
-Public API: `attention(q, k, v, scale=None)` (differentiable), the `FlashAttention` module,
-`attention_ref` (the op's definition: softmax in fp32, output in q.dtype) and
-`attention_supported(q, k, v)` (None, or why the kernel cannot take these inputs).
+Public API: `attention(q, k, v, scale=None)` (differentiable) and `attention_ref` (the op's
+definition: softmax in fp32, output in q.dtype); `attention_supported(q, k, v)` (None, or why the
+kernel cannot take these inputs) states the input contract.
 
 q: [B, H, Nq, D], k, v: [B, H, Nk, D], any strides (the ViT's permuted qkv views go in as they are;
 strides are kernel arguments). Output: [B, H, Nq, D] in (B, Nq, H, D) memory order, in q.dtype:
@@ -25,31 +25,24 @@ starts below Nk, so it holds at least one real key and every row's running max i
 first block, even for the pad rows past Nq (q = 0 there: scores 0, finite), whose results are
 simply never stored.
 
-Launches: every launcher runs its kernels on the input's own CUDA device (`torch.cuda.device`), so
-tensors on cuda:1 need no torch.cuda.set_device. The launchers are custom ops mpp_kernels::*:
-triton_ops (torch.compile traces into the kernels), or under TRITON_INTERPRET=1 opaque custom ops
-with fake impls (see `triton_kernels._as_op`).
+Launches: every launcher runs its kernels on the input's own CUDA device, so tensors on cuda:1
+need no torch.cuda.set_device. The launchers are the custom ops mpp_kernels::attention_fwd / _bwd,
+registered as every op of this package is (`triton_kernels._launch`): triton_ops (torch.compile
+traces into the kernels), or under TRITON_INTERPRET=1 opaque custom ops with fake impls; the
+forward op carries its derivative (register_autograd).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
-from torch import nn
 from torch.library import wrap_triton
 
-from triton_kernels import _as_op, _launch_device
+from triton_kernels._launch import as_op, launch_device
+from triton_kernels.gate import MAX_GRID_Y, MAX_HEAD_DIM, interpreting, platform_problem
 
-MAX_HEAD_DIM = 128
-MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1, where batch*heads goes
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -307,7 +300,7 @@ def _attn_bwd_dq_kernel(
 # Interpreter: 64 x 32 tiles (valid GPU shapes; fewer, larger numpy ops run faster there than
 #   small tiles), with BLOCK_M != BLOCK_N so a mix-up of the two shows up in the tests.
 def _configs(block_d: int, dtype: torch.dtype) -> dict[str, dict[str, int]]:
-    if _interpreting():
+    if interpreting():
         return {"fwd": {"BLOCK_M": 64, "BLOCK_N": 32}, "dkdv": {"BLOCK_M": 32, "BLOCK_N": 64},
                 "dq": {"BLOCK_M": 64, "BLOCK_N": 32}, "pre": {"BLOCK_M": 64}}
     if dtype == torch.float32:
@@ -324,9 +317,6 @@ def _configs(block_d: int, dtype: torch.dtype) -> dict[str, dict[str, int]]:
 
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
-
-
-_INTERPRETED = type(_attn_fwd_kernel).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1 at import
 
 
 def _fwd_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -357,7 +347,7 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     grid = (triton.cdiv(n_q, cfg["BLOCK_M"]), B * H)
     # `wrap_triton(<kernel name>)` spelled out: torch reads the op's kernels from this source
     # (torch._library.triton.get_inner_triton_kernels), e.g. for its compile cache keys.
-    with _launch_device(q):
+    with launch_device(q):
         wrap_triton(_attn_fwd_kernel)[grid](
             q, k, v, out, lse, scale * _LOG2E,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -376,7 +366,7 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     delta = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32)
     dq, dk, dv = _bwd_outputs(q, k, v)
 
-    with _launch_device(q):
+    with launch_device(q):
         cfg = cfgs["pre"]
         wrap_triton(_attn_bwd_preprocess_kernel)[(triton.cdiv(n_q, cfg["BLOCK_M"]), B * H)](
             out, do, delta, *out.stride(), *do.stride(), H, n_q, HEAD_DIM=d, BLOCK_D=block_d, **cfg)
@@ -393,16 +383,14 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     return dq, dk, dv
 
 
-# The ops mpp_kernels::attention_fwd / attention_bwd: triton_ops (torch.compile traces into the
-# kernels), or under the interpreter custom ops with the allocation helpers as fake impls.
-attention_fwd = _as_op("attention_fwd", _attention_fwd, lambda q, k, v, scale: _fwd_outputs(q), _INTERPRETED)
-attention_bwd = _as_op("attention_bwd", _attention_bwd,
-                       lambda do, q, k, v, out, lse, scale: _bwd_outputs(q, k, v), _INTERPRETED)
+# The ops mpp_kernels::attention_fwd / attention_bwd; under the interpreter the allocation helpers
+# are their fake impls.
+attention_fwd = as_op("attention_fwd", _attention_fwd, lambda q, k, v, scale: _fwd_outputs(q))
+attention_bwd = as_op("attention_bwd", _attention_bwd, lambda do, q, k, v, out, lse, scale: _bwd_outputs(q, k, v))
 
 
-# Autograd: `register_autograd` on the forward op rather than a torch.autograd.Function, so the op
-# itself carries its derivative: eager, torch.compile(fullgraph=True) and torch.export all see one
-# op whose backward is the attention_bwd op (no Function for dynamo to trace).
+# Autograd on the forward op (the package's one idiom, see triton_kernels._launch): eager,
+# torch.compile(fullgraph=True) and torch.export all see one op whose backward is attention_bwd.
 def _setup_context(ctx, inputs, output):
     q, k, v, scale = inputs
     out, lse = output
@@ -430,13 +418,11 @@ def attention_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> st
         return f"dtype {q.dtype}/{k.dtype}/{v.dtype} (the kernel takes fp16, bf16 or fp32, all the same)"
     if not (q.device == k.device == v.device):
         return "q, k, v on different devices"
-    if _interpreting():
-        if q.device.type != "cpu":
-            return "TRITON_INTERPRET=1 runs the kernels on CPU tensors only"
-        if q.dtype == torch.bfloat16:
-            return "bfloat16 is not supported by the Triton interpreter (it runs on GPU)"
-    elif q.device.type != "cuda":
-        return f"{q.device.type} tensors (the kernel runs on CUDA, or on CPU under TRITON_INTERPRET=1)"
+    problem = platform_problem(q.device)
+    if problem:
+        return problem
+    if interpreting() and q.dtype == torch.bfloat16:
+        return "bfloat16 is not supported by the Triton interpreter (it runs on GPU)"
     d = q.shape[3]
     if not 1 <= d <= MAX_HEAD_DIM:
         return f"head dim {d} (the kernel takes 1..{MAX_HEAD_DIM}; non-powers of two are padded)"
@@ -453,20 +439,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     Differentiable. Inputs must pass `attention_supported` (this function does not check)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return attention_fwd(q, k, v, scale)[0]
-
-
-class FlashAttention(nn.Module):
-    """Module form of `attention`: forward(q, k, v) with a fixed softmax scale (default D**-0.5)."""
-
-    def __init__(self, scale: float | None = None):
-        super().__init__()
-        self.scale = scale
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return attention(q, k, v, self.scale)
-
-    def extra_repr(self) -> str:
-        return f"scale={self.scale}"
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:

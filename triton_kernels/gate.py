@@ -1,9 +1,11 @@
-"""Whether the Triton kernels can run at all here: the platform and the install, checked without
-importing triton until a kernel could be used.
+"""Whether the Triton kernels can run at all here: the platform, the install and the limits of what
+they take, checked without importing triton until a kernel could be used.
 
 This module decides nothing per call. The caller (in this repository `mpp.kernels`) asks once,
 before a model is built, then verifies and times each op at the run's shapes and hands the model
-fixed functions. Nothing here imports from outside this package.
+fixed functions. The kernel files read the same checks and limits (the one copy of each), for their
+`*_supported` contracts and their interpreter launch settings. Nothing here imports from outside
+this package.
 """
 from __future__ import annotations
 
@@ -13,12 +15,17 @@ import os
 import torch
 
 KERNEL_MODULES = ("triton_kernels.attention", "triton_kernels.layer_norm")
+MAX_HEAD_DIM = 128  # attention: head dims 1..128 (non-powers of two are padded)
+MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1, where attention puts batch * heads
+MAX_WIDTH = 65536  # LayerNorm: one row must fit one block; wider rows would need a multi-pass kernel
+_TRUE = ("1", "true", "on", "yes", "y")  # the values Triton itself reads as true
 
 
 def interpreting() -> bool:
     """TRITON_INTERPRET=1: Triton runs kernels on CPU tensors through its interpreter (how CI checks
-    their numerics). Triton reads it when a kernel is defined, so it must be set before the import."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    their numerics). Triton reads it when a kernel is defined, so it must be set before the import;
+    read here as Triton reads it, so the ops registered at that import match their kernels."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _TRUE
 
 
 def platform_problem(device: torch.device) -> str | None:
@@ -36,7 +43,7 @@ def platform_problem(device: torch.device) -> str | None:
         return None
     if device.type == "cpu":
         return None if interpreting() else (
-            "CPU tensors (the kernels run on CUDA GPUs; TRITON_INTERPRET=1 runs them on CPU through the interpreter)")
+            "cpu tensors (the kernels run on CUDA GPUs; TRITON_INTERPRET=1 runs them on CPU through the interpreter)")
     return f"{device.type} tensors are not supported"
 
 

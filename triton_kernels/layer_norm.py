@@ -1,9 +1,10 @@
 """Fused LayerNorm over the last dimension (forward + backward), Liger-Kernel style.
 
-Public API: `layer_norm(x, weight, bias, eps)`, the `LayerNorm` module, `layer_norm_ref` (the op's
-definition: statistics in fp32, output in x.dtype) and `layer_norm_supported` (None or a reason);
-and the same for the fused residual add of a pre-norm block, `add_layer_norm(x, r, weight, bias,
-eps)` → (x + r, LayerNorm(x + r)), `LayerNorm.add`, `add_layer_norm_ref`, `add_layer_norm_supported`.
+Public API: `layer_norm(x, weight, bias, eps)` and `layer_norm_ref` (the op's definition:
+statistics in fp32, output in x.dtype); and the same for the fused residual add of a pre-norm
+block, `add_layer_norm(x, r, weight, bias, eps)` → (x + r, LayerNorm(x + r)) and
+`add_layer_norm_ref`. `layer_norm_supported` and `add_layer_norm_supported` (None or a reason)
+state the input contract.
 
 Forward: one program per row; the whole row sits in one block of BLOCK_D = next_power_of_2(D)
 lanes, masked past D. mean and rstd are computed in fp32 and saved ([rows] fp32) for the backward.
@@ -13,10 +14,11 @@ torch afterwards. No atomics: for a given device and shape the result is bitwise
 Fused residual: the forward reads x and r and writes s = x + r and y (no separate add kernel, no
 second read of s); the backward adds the residual stream's own gradient to dx in the same pass.
 
-Launches: every launcher runs its kernels on the input's own CUDA device (`torch.cuda.device`), so
-tensors on cuda:1 need no torch.cuda.set_device. The launchers are custom ops mpp_kernels::*:
+Launches: every launcher runs its kernels on the input's own CUDA device, so tensors on cuda:1
+need no torch.cuda.set_device. The launchers are the custom ops mpp_kernels::layer_norm_fwd / _bwd
+and add_layer_norm_fwd / _bwd, registered as every op of this package is (`triton_kernels._launch`):
 triton_ops (torch.compile traces into the kernels), or under TRITON_INTERPRET=1 opaque custom ops
-with fake impls (see `triton_kernels._as_op`).
+with fake impls; each forward op carries its derivative (register_autograd).
 """
 
 import functools
@@ -24,12 +26,11 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from torch import nn
 from torch.library import wrap_triton
 
-from triton_kernels import _as_op, _launch_device
+from triton_kernels._launch import as_op, launch_device
+from triton_kernels.gate import MAX_WIDTH, interpreting, platform_problem
 
-MAX_WIDTH = 65536  # one row must fit one block; wider rows would need a multi-pass kernel
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRETER_PROGRAMS = 4  # backward programs under TRITON_INTERPRET=1: few, so each gets many rows
 
@@ -163,9 +164,6 @@ def _layer_norm_bwd_kernel(
     tl.store(DB_partial + out, db_acc, mask=mask)
 
 
-_INTERPRETED = type(_layer_norm_fwd_kernel).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1
-
-
 def _num_warps(block_d: int) -> int:
     # ~4-16 elements per thread: 16-byte vector loads, bounded registers, cheap tree reductions.
     if block_d <= 1024:
@@ -183,7 +181,7 @@ def _sm_count(device_index: int) -> int:
 
 
 def _bwd_num_programs(rows: int, device: torch.device, num_warps: int) -> int:
-    if device.type == "cuda" and not _INTERPRETED:
+    if device.type == "cuda" and not interpreting():
         # 16 warps (512 threads) per SM: all programs are resident at once at <= 128 registers per
         # thread, so no second wave runs a whole chunk after the first (each program loops over
         # ~rows / programs rows); the partial buffer stays small (e.g. 528 x D fp32 on an H100).
@@ -216,7 +214,7 @@ def _layer_norm_fwd(
     block_d = triton.next_power_of_2(d)
     # `wrap_triton(<kernel name>)` spelled out: torch reads the op's kernels from this source
     # (torch._library.triton.get_inner_triton_kernels), e.g. for its compile cache keys.
-    with _launch_device(x2d):
+    with launch_device(x2d):
         wrap_triton(_layer_norm_fwd_kernel)[(rows,)](
             x2d, y, weight, bias, mean, rstd, x2d.stride(0), y.stride(0), d, eps,
             BLOCK_D=block_d, num_warps=_num_warps(block_d),
@@ -236,7 +234,7 @@ def _add_layer_norm_fwd(
     if rows == 0:
         return s2d, y, mean, rstd
     block_d = triton.next_power_of_2(d)
-    with _launch_device(x2d):
+    with launch_device(x2d):
         wrap_triton(_add_layer_norm_fwd_kernel)[(rows,)](
             x2d, r2d, s2d, y, weight, bias, mean, rstd, x2d.stride(0), r2d.stride(0), s2d.stride(0), y.stride(0),
             d, eps, BLOCK_D=block_d, num_warps=_num_warps(block_d),
@@ -275,7 +273,7 @@ def _bwd_launch(dy2d, x2d, weight, mean, rstd, dres2d):
     dw_partial = torch.empty((programs, d), dtype=torch.float32, device=x2d.device)
     db_partial = torch.empty((programs, d), dtype=torch.float32, device=x2d.device)
     has_dres = dres2d is not None
-    with _launch_device(x2d):
+    with launch_device(x2d):
         wrap_triton(_layer_norm_bwd_kernel)[(programs,)](
             x2d, weight, dy2d, dx, dres2d if has_dres else dy2d, mean, rstd, dw_partial, db_partial,
             x2d.stride(0), dy2d.stride(0), dx.stride(0), dres2d.stride(0) if has_dres else 0, dw_partial.stride(0),
@@ -285,13 +283,13 @@ def _bwd_launch(dy2d, x2d, weight, mean, rstd, dres2d):
     return dx, dw_partial.sum(0), db_partial.sum(0)  # fixed-order reduction: deterministic
 
 
-# Fake impls (used under the interpreter only; a triton_op is its own fake): the launchers' outputs
-# are contiguous whatever the inputs' strides (they call .contiguous() first), hence new_empty.
-_fwd_op = _as_op("layer_norm_fwd", _layer_norm_fwd,
-                 lambda x2d, weight, bias, eps: (x2d.new_empty(x2d.shape), _stats(x2d), _stats(x2d)), _INTERPRETED)
-_bwd_op = _as_op("layer_norm_bwd", _layer_norm_bwd,
-                 lambda dy2d, x2d, weight, mean, rstd: (x2d.new_empty(x2d.shape), _param_grad(x2d), _param_grad(x2d)),
-                 _INTERPRETED)
+# The ops mpp_kernels::layer_norm_fwd / _bwd and add_layer_norm_fwd / _bwd. Their fake impls (used
+# under the interpreter only; a triton_op is its own fake) give the launchers' contiguous outputs
+# whatever the inputs' strides (the launchers call .contiguous() first), hence new_empty.
+layer_norm_fwd = as_op("layer_norm_fwd", _layer_norm_fwd,
+                       lambda x2d, weight, bias, eps: (x2d.new_empty(x2d.shape), _stats(x2d), _stats(x2d)))
+layer_norm_bwd = as_op("layer_norm_bwd", _layer_norm_bwd, lambda dy2d, x2d, weight, mean, rstd: (
+    x2d.new_empty(x2d.shape), _param_grad(x2d), _param_grad(x2d)))
 
 
 def _add_fwd_fake(x2d, r2d, weight, bias, eps):
@@ -299,72 +297,67 @@ def _add_fwd_fake(x2d, r2d, weight, bias, eps):
     return s2d, torch.empty_like(s2d), _stats(x2d), _stats(x2d)
 
 
-_add_fwd_op = _as_op("add_layer_norm_fwd", _add_layer_norm_fwd, _add_fwd_fake, _INTERPRETED)
-_add_bwd_op = _as_op("add_layer_norm_bwd", _add_layer_norm_bwd,
-                     lambda dy2d, ds2d, s2d, weight, mean, rstd: (
-                         s2d.new_empty(s2d.shape), _param_grad(s2d), _param_grad(s2d)), _INTERPRETED)
+add_layer_norm_fwd = as_op("add_layer_norm_fwd", _add_layer_norm_fwd, _add_fwd_fake)
+add_layer_norm_bwd = as_op("add_layer_norm_bwd", _add_layer_norm_bwd, lambda dy2d, ds2d, s2d, weight, mean, rstd: (
+    s2d.new_empty(s2d.shape), _param_grad(s2d), _param_grad(s2d)))
 
 
-class _LayerNormFunction(torch.autograd.Function):
-    # Design: an autograd.Function that calls the two ops, rather than register_autograd on the
-    # forward op: it owns the [..., D] <-> [rows, D] reshapes and the cast of the fp32
-    # dweight/dbias to the parameters' dtypes, and torch.compile(fullgraph=True) traces
-    # autograd.Functions, seeing the ops (and through them the Triton kernels) in both graphs.
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        x2d = x.reshape(-1, x.shape[-1]).contiguous()
-        y, mean, rstd = _fwd_op(x2d, weight, bias, eps)
-        ctx.save_for_backward(x2d, weight, mean, rstd)
-        ctx.x_shape, ctx.bias_dtype = x.shape, bias.dtype
-        return y.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2d, weight, mean, rstd = ctx.saved_tensors
-        dy2d = dy.reshape(-1, x2d.shape[-1]).contiguous()
-        dx, dw, db = _bwd_op(dy2d, x2d, weight, mean, rstd)
-        return (
-            dx.view(ctx.x_shape) if ctx.needs_input_grad[0] else None,
-            dw.to(weight.dtype) if ctx.needs_input_grad[1] else None,
-            db.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None,
-            None,
-        )
+# Autograd on the forward ops (the package's one idiom, see triton_kernels._launch); the functional
+# API reshapes [..., D] <-> [rows, D] around them. The backwards cast the fp32 dweight and dbias to
+# the parameters' dtypes, and give None to an input that needs no gradient.
+def _setup_context(ctx, inputs, output):
+    x2d, weight, bias, _eps = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x2d, weight, mean, rstd)
+    ctx.bias_dtype = bias.dtype
+    ctx.mark_non_differentiable(mean, rstd)
 
 
-class _AddLayerNormFunction(torch.autograd.Function):
-    # (s, y) = (x + r, LayerNorm(x + r)): a pre-norm block's residual add and the next LayerNorm
-    # in one pass over the rows, forward and backward. Both outputs are used (s goes on as the
-    # residual stream); one left out of the loss gets a zero gradient (materialized by autograd).
-    @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps):
-        d = x.shape[-1]
-        s2d, y, mean, rstd = _add_fwd_op(x.reshape(-1, d), residual.reshape(-1, d), weight, bias, eps)
-        ctx.save_for_backward(s2d, weight, mean, rstd)
-        ctx.x_shape, ctx.dtypes = x.shape, (x.dtype, residual.dtype, bias.dtype)
-        return s2d.view(x.shape), y.view(x.shape)
+def _backward(ctx, dy, _dmean, _drstd):
+    x2d, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = layer_norm_bwd(dy.contiguous(), x2d, weight, mean, rstd)
+    need = ctx.needs_input_grad
+    return (dx if need[0] else None, dw.to(weight.dtype) if need[1] else None,
+            db.to(ctx.bias_dtype) if need[2] else None, None)
 
-    @staticmethod
-    def backward(ctx, ds, dy):
-        s2d, weight, mean, rstd = ctx.saved_tensors
-        d = s2d.shape[-1]
-        dtype = s2d.dtype  # the gradients arrive in s's dtype
-        grad, dw, db = _add_bwd_op(dy.reshape(-1, d).to(dtype), ds.reshape(-1, d).to(dtype), s2d, weight, mean, rstd)
-        grad = grad.view(ctx.x_shape)
-        x_dtype, r_dtype, bias_dtype = ctx.dtypes
-        return (
-            grad.to(x_dtype) if ctx.needs_input_grad[0] else None,  # d(x + r)/dx = d(x + r)/dr = 1
-            grad.to(r_dtype) if ctx.needs_input_grad[1] else None,
-            dw.to(weight.dtype) if ctx.needs_input_grad[2] else None,
-            db.to(bias_dtype) if ctx.needs_input_grad[3] else None,
-            None,
-        )
+
+layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# (s, y) = (x + r, LayerNorm(x + r)): a pre-norm block's residual add and the next LayerNorm in one
+# pass over the rows, forward and backward. Both outputs are used (s goes on as the residual
+# stream); one left out of the loss gets a zero gradient (materialized by autograd).
+def _add_setup_context(ctx, inputs, output):
+    x2d, r2d, weight, bias, _eps = inputs
+    s2d, _y, mean, rstd = output
+    ctx.save_for_backward(s2d, weight, mean, rstd)
+    ctx.dtypes = (x2d.dtype, r2d.dtype, bias.dtype)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _add_backward(ctx, ds, dy, _dmean, _drstd):
+    s2d, weight, mean, rstd = ctx.saved_tensors
+    dtype = s2d.dtype  # the gradients arrive in s's dtype
+    grad, dw, db = add_layer_norm_bwd(dy.to(dtype), ds.to(dtype), s2d, weight, mean, rstd)
+    x_dtype, r_dtype, bias_dtype = ctx.dtypes
+    need = ctx.needs_input_grad
+    return (grad.to(x_dtype) if need[0] else None,  # d(x + r)/dx = d(x + r)/dr = 1
+            grad.to(r_dtype) if need[1] else None,
+            dw.to(weight.dtype) if need[2] else None,
+            db.to(bias_dtype) if need[3] else None,
+            None)
+
+
+add_layer_norm_fwd.register_autograd(_add_backward, setup_context=_add_setup_context)
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                    eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, y) = (x + residual, LayerNorm(s)) in one kernel; x, residual [..., D] of one shape, s and y
     in their promoted dtype; differentiable in all four. Inputs must pass `add_layer_norm_supported`."""
-    return _AddLayerNormFunction.apply(x, residual, weight, bias, float(eps))
+    d = x.shape[-1]
+    s2d, y2d, _, _ = add_layer_norm_fwd(x.reshape(-1, d), residual.reshape(-1, d), weight, bias, float(eps))
+    return s2d.view(x.shape), y2d.view(x.shape)  # [rows, D] -> [..., D]
 
 
 def add_layer_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -391,7 +384,8 @@ def add_layer_norm_supported(x: torch.Tensor, residual: torch.Tensor, weight: to
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """LayerNorm of x [..., D] over its last dim with weight, bias [D]; differentiable in all three.
     Inputs must pass `layer_norm_supported` (this function does not check)."""
-    return _LayerNormFunction.apply(x, weight, bias, float(eps))
+    x2d = x.reshape(-1, x.shape[-1]).contiguous()  # [rows, D]
+    return layer_norm_fwd(x2d, weight, bias, float(eps))[0].view(x.shape)
 
 
 def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -423,23 +417,4 @@ def layer_norm_supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             return f"{name} dtype {str(p.dtype).removeprefix('torch.')} is neither x's dtype nor float32"
         if p.device != x.device:
             return f"{name} is on {p.device}, x on {x.device}"
-    if x.device.type != "cuda" and not _INTERPRETED:
-        return f"device {x.device.type} needs CUDA (or TRITON_INTERPRET=1 before triton is imported)"
-    return None
-
-
-class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm (same parameters and state_dict) over the last dim, running the Triton kernels."""
-
-    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
-                 device=None, dtype=None):
-        super().__init__(normalized_shape, eps, elementwise_affine, bias, device=device, dtype=dtype)
-        if len(self.normalized_shape) != 1 or not elementwise_affine or not bias:
-            raise ValueError("LayerNorm: needs a single normalized dim with weight and bias")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return layer_norm(x, self.weight, self.bias, self.eps)
-
-    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + residual, this LayerNorm of it), fused."""
-        return add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+    return platform_problem(x.device)

@@ -1,0 +1,280 @@
+"""What a data set is: the contract every data set mpp.data builds keeps (`ImageDataset`), its map-style
+kind with per-item seeding (`MapImages`), and the data sets over a Hugging Face `datasets` table or
+stream, which decode each image themselves so that an unreadable file is skipped or fatal, not a crash.
+
+A data set is built whole by its constructor (mpp.data.load_split / build_dataset choose the
+arguments) and not changed afterwards; consumers ask it through the members below, never by
+looking for attributes. (`import datasets` in this module is Hugging Face's library: imports are absolute.)
+"""
+from __future__ import annotations
+
+import abc
+import io
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterator
+
+import numpy as np
+import PIL.Image
+import torch
+from torch.utils.data import Dataset, IterableDataset
+
+from mpp.errors import UsageError
+from mpp.reproducible import seed_of
+
+TransformFn = Callable[[torch.Tensor], torch.Tensor]
+# What PIL raises for a file that is not a readable image: unknown format, truncated data, bad headers.
+UNREADABLE = (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a split holds, whatever its source: its spec and classes."""
+
+    spec: str  # the spec string as given
+    num_classes: int
+    class_names: list[str]  # label i is class_names[i]
+
+
+class ImageDataset(abc.ABC):
+    """The interface of every data set: items (image, int label), the image the raw uint8 [3, H, W] RGB
+    or what `transform` makes of it (mpp.data's: float32 [3, S, S] in [0, 1]).
+
+    Members, each fixed by the constructor (only the epoch moves, by `set_epoch`):
+    - `info`: a DatasetInfo: the spec, the number of classes and their names.
+    - `transform`: the function applied to each raw image; None: the items are raw.
+    - `streamed`: False for a map-style set (a torch Dataset with `len()`, `dataset[i]` and `labels()`,
+      see MapImages); True for a stream (a torch IterableDataset without a length, read in its own
+      order: a DataLoader must not shuffle or sample it).
+    - `seed`: what each item's random transform draws from, so that no draw depends on which loader
+      worker, process or resumed run reads the item (mpp.reproducible): item `index` of a map-style
+      set from seed_of(seed, epoch, index); the k-th item a loader worker reads from a stream from
+      seed_of(seed, epoch, worker, k), and a shuffled stream's order from seed + epoch. None: a
+      map-style set's transforms draw from the torch generator as it stands (its caller seeds it); a
+      stream's seed is never None (0 when none is given). Only torch's generator is seeded: a
+      transform that draws from Python's or numpy's (timm's RandAugment) is its caller's to seed.
+    - `set_epoch(epoch)`: the epoch of those draws (and of a stream's shuffle), seen by DataLoader
+      workers already running (persistent ones too).
+    - `strict`: an unreadable image file raises a one-line UsageError; else it is skipped with a
+      warning and counted.
+    - `skipped_images()`: how many distinct images were skipped as unreadable so far, over all loader
+      worker processes; 0 for a set held in memory.
+    """
+
+    streamed: ClassVar[bool]
+
+    def __init__(self, info: DatasetInfo, transform: TransformFn | None, seed: int | None, strict: bool):
+        self._info, self._transform, self._seed, self._strict = info, transform, seed, strict
+
+    @property
+    def info(self) -> DatasetInfo:
+        return self._info
+
+    @property
+    def transform(self) -> TransformFn | None:
+        return self._transform
+
+    @property
+    def seed(self) -> int | None:
+        return self._seed
+
+    @property
+    def strict(self) -> bool:
+        return self._strict
+
+    @abc.abstractmethod
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch every later item's random draws come from (see the class docstring)."""
+
+    @abc.abstractmethod
+    def skipped_images(self) -> int:
+        """How many distinct images were skipped as unreadable so far, over all worker processes."""
+
+
+class MapImages(ImageDataset, Dataset):
+    """A map-style data set: `len(dataset)` items, `dataset[index]`, and `labels()`, every label read
+    without decoding an image. Subclasses say how to read one raw item (`raw`).
+
+    The epoch lives in a shared-memory tensor, so persistent DataLoader workers (forked or spawned)
+    see `set_epoch` without being restarted."""
+
+    streamed = False
+
+    def __init__(self, info: DatasetInfo, transform: TransformFn | None = None, seed: int | None = None,
+                 strict: bool = False):
+        super().__init__(info, transform, seed, strict)
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # int64 []
+
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
+
+    @abc.abstractmethod
+    def labels(self) -> torch.Tensor:
+        """int64 [N]: the label of every index, as listed (an unreadable image's stand-in may differ)."""
+
+    @abc.abstractmethod
+    def raw(self, index: int) -> tuple[torch.Tensor, int]:
+        """Item `index` untransformed: (uint8 [3, H, W] RGB, int label)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if self.seed is None:
+            return self._transformed(index)
+        with torch.random.fork_rng(devices=[]):  # CPU only: transforms run on CPU; the caller's stream is untouched
+            torch.manual_seed(seed_of(self.seed, int(self._epoch), int(index)))
+            return self._transformed(index)
+
+    def _transformed(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.raw(index)  # uint8 [3, H, W], int
+        return (self.transform(image) if self.transform else image), label
+
+
+class TableReader(ImageDataset):
+    """A data set over a `datasets` table or stream (`table`): the image column is read undecoded and
+    decoded here, so an unreadable file is caught with its path: skipped with a warning and counted
+    (`record_skip`), or, when `strict`, a one-line error."""
+
+    def _use_table(self, table: Any, image_column: str, label_column: str) -> None:
+        import datasets
+
+        table = table.select_columns([image_column, label_column])  # don't decode columns we drop
+        if isinstance((table.features or {}).get(image_column), datasets.Image):  # cells become {"path", "bytes"}
+            table = table.cast_column(image_column, datasets.Image(decode=False))
+        self.table = table
+        self.image_column, self.label_column = image_column, label_column
+
+    def read(self, row: dict) -> torch.Tensor | None:
+        """uint8 [3, H, W] RGB of the row's image; None (after a warning) when it is unreadable."""
+        cell = row[self.image_column]
+        try:
+            return rgb_tensor(open_image(cell))
+        except UNREADABLE as e:
+            name = (cell.get("path") if isinstance(cell, dict) else None) or f"row with label {row[self.label_column]}"
+            reason = (str(e).strip().splitlines() or [""])[0] or type(e).__name__
+            if self.strict:
+                raise UsageError(f"image '{name}' cannot be read ({reason}): remove or replace it, "
+                                 "or drop --strict-images to skip unreadable images") from e
+            self.record_skip(name)
+            # One write of the whole line: loader workers warn at once, and print() writes the text and
+            # its newline separately, so their lines could interleave.
+            sys.stderr.write(f"warning: skipping unreadable image '{name}' ({reason}); {self.skipped_images()} "
+                             "skipped so far: pass --strict-images to stop instead\n")
+            sys.stderr.flush()
+            return None
+
+    @abc.abstractmethod
+    def record_skip(self, name: str) -> None:
+        """Remember that the image being read, `name`, is unreadable."""
+
+
+class HubImages(TableReader, MapImages):
+    """A map-style `datasets.Dataset` (hub or image folder) whose images decode to uint8 RGB tensors.
+
+    An unreadable image is replaced by the next readable one (deterministically, wrapping around)
+    and marked, so it is reported and decoded once, not each time a neighbour falls back on it. The
+    marks live in shared memory, so DataLoader worker processes add to them."""
+
+    def __init__(self, table: Any, image_column: str, label_column: str, *, info: DatasetInfo,
+                 transform: TransformFn | None = None, seed: int | None = None, strict: bool = False):
+        super().__init__(info, transform, seed, strict)
+        self._use_table(table, image_column, label_column)
+        self.unreadable = torch.zeros(len(self.table), dtype=torch.bool).share_memory_()  # bool [N]: 1 MB per million
+        self._current = -1  # the index being read, for record_skip
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def labels(self) -> torch.Tensor:
+        # One column, read as an Arrow batch: no image decoded, and not a Python object per row (which
+        # `table[column]` builds: minutes for ImageNet).
+        column = self.table.select_columns([self.label_column]).with_format("numpy")[:][self.label_column]
+        return torch.from_numpy(np.asarray(column).astype(np.int64).reshape(-1))  # int64 [N]
+
+    def skipped_images(self) -> int:
+        return int(self.unreadable.sum())
+
+    def record_skip(self, name: str) -> None:
+        self.unreadable[self._current] = True
+
+    def raw(self, index: int) -> tuple[torch.Tensor, int]:
+        for offset in range(len(self)):
+            self._current = (int(index) + offset) % len(self)
+            if self.unreadable[self._current]:
+                continue
+            row = self.table[self._current]
+            image = self.read(row)  # uint8 [3, H, W] | None
+            if image is not None:
+                return image, int(row[self.label_column])
+        raise UsageError("no image of the dataset can be read: check the files (see the warnings above)")
+
+
+class HubImageStream(TableReader, IterableDataset):
+    """A streamed `datasets.IterableDataset` (`table`), shuffled through a buffer of `shuffle_buffer`
+    items when that is not 0. It has no length.
+
+    DataLoader workers each read their own shards (the wrapped stream checks the worker info itself).
+    An unreadable image is dropped from the stream, and counted once however many epochs meet it (the
+    count lives in shared memory, so worker processes add to it)."""
+
+    streamed = True
+
+    def __init__(self, stream: Any, image_column: str, label_column: str, *, info: DatasetInfo,
+                 transform: TransformFn | None = None, seed: int | None = None, strict: bool = False,
+                 shuffle_buffer: int = 0):
+        seed = 0 if seed is None else seed  # a stream's order and crops always repeat
+        super().__init__(info, transform, seed, strict)
+        self._use_table(stream, image_column, label_column)
+        if shuffle_buffer:  # reshuffled each epoch, with seed + epoch (`set_epoch`)
+            self.table = self.table.shuffle(seed=seed, buffer_size=shuffle_buffer)
+        self.skipped = torch.zeros((), dtype=torch.int64).share_memory_()  # int64 []: distinct images skipped
+        self._seen: set[str] = set()  # this process's skipped names (each worker reads its own shards)
+
+    def skipped_images(self) -> int:
+        return int(self.skipped)
+
+    def record_skip(self, name: str) -> None:
+        if name not in self._seen:
+            self._seen.add(name)
+            self.skipped.add_(1)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.table.set_epoch(epoch)  # the stream keeps its epoch in shared memory itself
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        # The k-th item of a worker's share draws its augmentation from (seed, epoch, worker, k): a
+        # resumed run, which reads its way back to the same position, repeats the same crops.
+        info = torch.utils.data.get_worker_info()
+        worker, epoch = (info.id if info else 0), self.table.epoch
+        for k, row in enumerate(self.table):
+            image = self.read(row)  # uint8 [3, H, W] | None
+            if image is None:
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed_of(self.seed, epoch, worker, k))
+                image = self.transform(image) if self.transform else image
+            yield image, int(row[self.label_column])
+
+
+def open_image(cell: Any) -> Any:
+    """A `datasets` image cell stored undecoded ({"path", "bytes"}) → a PIL image decoded now, so a
+    truncated file fails here and not in a transform; anything else (PIL image, array) as it is."""
+    if not isinstance(cell, dict):
+        return cell
+    image = PIL.Image.open(io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"])
+    image.load()
+    return image
+
+
+def rgb_tensor(image: Any) -> torch.Tensor:
+    """A decoded image of any PIL mode (L, P, RGBA, CMYK, 16-bit ...) or an array -> uint8 [3, H, W] RGB."""
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    if not isinstance(image, PIL.Image.Image):
+        image = PIL.Image.fromarray(np.asarray(image))
+    if image.mode.startswith("I"):  # 16-bit grayscale (PNG/TIFF): PIL's convert would clip to white
+        image = PIL.Image.fromarray((np.asarray(image).clip(0, 65535) >> 8).astype(np.uint8))
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # PIL warns when palette transparency goes straight to RGB
+    return pil_to_tensor(image.convert("RGB"))  # uint8 [3, H, W]

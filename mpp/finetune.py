@@ -1,0 +1,408 @@
+"""Fine-tuning a pretrained run, or training from scratch, on labelled images (the ViT paper's protocol).
+
+The pretrained head is replaced by a zero-initialised linear layer; SGD with momentum 0.9, no weight
+decay, linear warmup then cosine decay, gradient clipping at global norm 1. The learning rate is
+picked from a grid by accuracy on a dev split held out of the labelled training data (never the test
+split); then the model is trained on all the labelled data at that rate, once per seed, and scored
+once on the test split. The entry point is eval/finetune.py (its docstring shows the commands); the
+starting point and what a --resume may continue are mpp.finetune_start's.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from mpp import loop, rundir
+from mpp.checkpoint import save_checkpoint
+from mpp.config import (
+    AT_LEAST_1,
+    NON_NEGATIVE,
+    OPEN_FRACTION,
+    POSITIVE,
+    SEED,
+    Parser,
+    Range,
+    add_dataclass_flags,
+    check_ranges,
+    dataclass_from_args,
+)
+from mpp.data import build_dataset, normalize
+from mpp.errors import UsageError
+from mpp.files import writable_dir, write_json
+from mpp.finetune_start import (
+    SCRATCH_MODEL,
+    prepare_output,
+    recorded_results,
+    starting_model,
+)
+from mpp.kernels import KernelPolicy, RunShapes
+from mpp.model import ViT
+from mpp.ops import Kernels
+from mpp.optim import Schedule
+from mpp.probes import stratified_split
+from mpp.runlock import RunLock
+from mpp.runtime import (
+    autocast_dtype,
+    choose_kernels,
+    compile_blocks,
+    loader_kwargs,
+    make_accelerator,
+)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    run: str = ""  # pretrained run directory or checkpoint file; empty: train from scratch (a random --model)
+    model: str = ""  # ViT preset when training from scratch; empty: Micro/4 (a --run brings its own)
+    dataset: str = ""  # digits | PATH to an image folder | hf:NAME; empty: the run's pretraining dataset (digits from scratch)
+    image_size: int = 0  # fine-tuning resolution; 0: the pretrained one (another size resamples the position embeddings)
+    train_fraction: float = 1.0  # labelled subset: this fraction of each class of the training split
+    train_per_class: int = 0  # labelled subset: this many images of each class instead (0: use --train-fraction)
+    subset_seed: int = 0  # draws the labelled subset and the dev split: fixed, so every model sees the same labels
+    dev_fraction: float = 0.1  # of the labelled data, held out (stratified) to choose the lr (the paper: 2% of CIFAR)
+    lrs: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03)  # learning-rate grid (the paper's CIFAR grid); one value: no grid
+    seeds: int = 3  # final trainings at the chosen lr, seeds 0..N-1 (the grid trains with seed 0)
+    batch_size: int = 512  # global batch, across processes (the paper's)
+    steps: int = 500  # optimizer steps of every training (grid and final), unless --epochs is set
+    epochs: float = 0.0  # if > 0: this many passes over the labelled data instead of --steps
+    warmup_steps: int = 50  # linear warmup from 0, then cosine decay to 0
+    momentum: float = 0.9  # SGD momentum (the paper's)
+    grad_clip: float = 1.0  # clip the global gradient norm to this (the paper's 1); 0 disables
+    layer_decay: float = 1.0  # layer-wise lr decay: block i of L gets lr × decay^(L − i); 1: off
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    mixup: float = 0.0  # timm Mixup alpha; 0: off
+    cutmix: float = 0.0  # timm CutMix alpha; 0: off
+    randaugment: str = ""  # timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1; empty: off
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area range (inception crop)
+    hflip: bool = True  # random horizontal flips
+    dropout: float = 0.0  # ViT dropout during fine-tuning
+    num_workers: int = 2  # DataLoader worker processes per training process
+    cpu_threads: int = 0  # torch threads per process on CPU; 0: available cores / local processes
+    mixed_precision: str = ""  # no | fp16 | bf16; empty: Accelerate's config if any, else bf16 on a CUDA GPU with bf16, fp32 elsewhere
+    kernels: str = ""  # attention/LayerNorm: auto (ours where verified and faster) | triton | torch; empty: $MPP_KERNELS or auto
+    kernel_cache: str = ""  # folder caching the kernels' verdicts; off: measure every run; empty: $MPP_KERNEL_CACHE or ~/.cache/mpp/kernels
+    compile: bool = False  # torch.compile the ViT's blocks
+    output_dir: str = ""  # results, TensorBoard, fine-tuned weights; empty: RUN/finetune or runs/finetune-scratch
+    resume: bool = False  # keep the trainings already recorded in OUTPUT_DIR/finetune.json, run the rest
+    log_every: int = 25  # steps between logged training metrics
+
+    # What each numeric field accepts (checked at parse time and by validate(); mpp.config.Range).
+    RANGES: ClassVar[dict[str, Range]] = {
+        "image_size": NON_NEGATIVE, "train_fraction": Range(0, 1, low_open=True), "train_per_class": NON_NEGATIVE,
+        "subset_seed": SEED, "dev_fraction": Range(0, 1, low_open=True, high_open=True), "lrs": POSITIVE,
+        "seeds": Range(1, 1000), "batch_size": AT_LEAST_1, "steps": AT_LEAST_1, "epochs": NON_NEGATIVE,
+        "warmup_steps": NON_NEGATIVE, "momentum": OPEN_FRACTION, "grad_clip": NON_NEGATIVE,
+        "layer_decay": Range(0, 1, low_open=True), "label_smoothing": OPEN_FRACTION, "mixup": NON_NEGATIVE,
+        "cutmix": NON_NEGATIVE, "crop_scale": Range(0, 1, low_open=True), "dropout": OPEN_FRACTION,
+        "num_workers": Range(0, 256), "cpu_threads": Range(0, 4096), "log_every": AT_LEAST_1,
+    }
+
+    def validate(self) -> FinetuneConfig:
+        if self.run and self.model:
+            raise UsageError("--model builds a from-scratch model: drop it (a --run brings its own architecture)")
+        if not self.lrs:
+            raise UsageError("--lrs is empty: pass learning rates, e.g. --lrs 0.003 0.01 0.03")
+        check_ranges(self)
+        if self.crop_scale[0] > self.crop_scale[1]:
+            raise UsageError(f"--crop-scale {self.crop_scale} must satisfy 0 < min <= max <= 1")
+        return self
+
+
+def split_labelled(labels: np.ndarray, config: FinetuneConfig) -> dict[str, np.ndarray]:
+    """Indices into the training split: the labelled subset ("train"), and its parts "fit" and "dev".
+
+    The lr grid trains on "fit" and scores on "dev"; the final trainings use all of "train"."""
+    def too_few(who, have, need):
+        return f"{who} has {have} training images, fewer than {need}: pass a smaller --train-per-class"
+
+    # Permutation draws (not the probes' choice draws): the labelled subsets fine-tunes were scored on.
+    if config.train_per_class or config.train_fraction < 1:
+        labelled, _ = stratified_split(labels, lambda n: config.train_per_class or max(1, round(config.train_fraction * n)),
+                                       config.subset_seed, too_few=too_few, draw="permutation")
+    else:
+        labelled = np.arange(len(labels))
+    dev_pos, fit_pos = stratified_split(labels[labelled], lambda n: max(1, round(config.dev_fraction * n)),
+                                        config.subset_seed + 1, too_few=too_few, draw="permutation")
+    if len(fit_pos) == 0:
+        raise UsageError(f"the labelled set ({len(labelled)} images) leaves nothing to train on after the dev split: "
+                         "pass a larger --train-fraction / --train-per-class or a smaller --dev-fraction")
+    return {"train": labelled, "fit": labelled[fit_pos], "dev": labelled[dev_pos]}
+
+
+def train_transform(config: FinetuneConfig, image_size: int):
+    """The training augmentation: timm's RandAugment (on PIL images) first, if asked, then crop + flip."""
+    from mpp.data import train_transform as crop_flip
+
+    base = crop_flip(image_size, config.crop_scale, config.hflip)
+    if not config.randaugment:
+        return base
+    from timm.data.auto_augment import rand_augment_transform
+    from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
+
+    try:
+        augment = rand_augment_transform(config.randaugment, {"img_mean": (128, 128, 128)})
+    except Exception as e:  # timm asserts on a malformed spec
+        raise UsageError(f"--randaugment '{config.randaugment}' is not a timm RandAugment spec ({e}): "
+                         "pass e.g. rand-m9-mstd0.5-inc1") from e
+
+    def transform(image: torch.Tensor) -> torch.Tensor:  # uint8 [3, H, W] -> float32 [3, S, S]
+        return base(pil_to_tensor(augment(to_pil_image(image))))
+
+    return transform
+
+
+def optimizer_for(vit: ViT, config: FinetuneConfig, lr: float) -> torch.optim.Optimizer:
+    """SGD with momentum and no weight decay; with --layer-decay, timm's per-depth lr scales."""
+    if config.layer_decay < 1:
+        from timm.optim import param_groups_layer_decay
+
+        groups = param_groups_layer_decay(vit, weight_decay=0.0, layer_decay=config.layer_decay)
+        for g in groups:  # LambdaLR scales each group's starting lr, so the depth scale goes in here
+            g["lr"] = lr * g.pop("lr_scale", 1.0)
+    else:
+        groups = [{"params": [p for p in vit.parameters() if p.requires_grad], "lr": lr}]
+    return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, weight_decay=0.0)
+
+
+class Finetuner:
+    """Everything shared by the trainings of one fine-tune: data, the starting weights, the loss."""
+
+    def __init__(self, config: FinetuneConfig, accelerator, start: ViT, num_classes: int,
+                 train_set, eval_sets: dict, steps: int, out: Path, kernels: Kernels):
+        self.config, self.accelerator, self.num_classes, self.kernels = config, accelerator, num_classes, kernels
+        self.start_state = {k: v.clone() for k, v in start.state_dict().items()}  # every training starts here
+        self.vit_config = start.config
+        self.train_set, self.eval_sets, self.steps, self.out = train_set, eval_sets, steps, out
+        self.mixup = None
+        if config.mixup > 0 or config.cutmix > 0:
+            from timm.data import Mixup
+
+            self.mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix,
+                               label_smoothing=config.label_smoothing, num_classes=num_classes)
+
+    def accuracy(self, vit: ViT, loader: DataLoader) -> tuple[float, int]:
+        """(top-1 accuracy, images scored) over the loader: every image once, from every process."""
+        acc = self.accelerator
+
+        def batch_sums(images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+            with acc.autocast():
+                logits = vit(normalize(images))  # (B, K)
+            return {"correct": int((logits.argmax(-1) == labels.to(logits.device)).sum())}
+
+        sums, scored = loop.evaluate(vit, batch_sums, loader, acc)
+        return sums.get("correct", 0.0), scored
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if labels.ndim == 2:  # soft targets from Mixup/CutMix (label smoothing already folded in)
+            return torch.sum(-labels * torch.log_softmax(logits.float(), -1), -1).mean()
+        return torch.nn.functional.cross_entropy(logits.float(), labels, label_smoothing=self.config.label_smoothing)
+
+    def train(self, indices: np.ndarray, lr: float, seed: int, tag: str, score_on: str) -> tuple[float, ViT]:
+        """Train from the starting weights on `indices` of the training split; accuracy on `score_on`
+        (the number of images scored is kept in `self.scored`)."""
+        from accelerate.utils import set_seed
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm.auto import tqdm
+
+        config, acc = self.config, self.accelerator
+        set_seed(seed, device_specific=False)  # the same initial head and data order on every process
+        vit = ViT(self.vit_config, self.kernels)
+        vit.load_state_dict(self.start_state)
+        if config.compile:
+            compile_blocks(vit)
+        if not config.run:  # from scratch: the seed draws the initial weights too
+            vit.init_weights()
+            vit.reset_head(self.num_classes)
+        kw = loader_kwargs(config.batch_size // acc.num_processes, config.num_workers)
+        train_loader = DataLoader(Subset(self.train_set, indices.tolist()), shuffle=True, drop_last=True, **kw)
+        optimizer = optimizer_for(vit, config, lr)
+        vit, optimizer, train_loader = acc.prepare(vit, optimizer, train_loader)
+        eval_loader = loop.eval_loader(self.eval_sets[score_on], acc, kw)
+        scheduler = Schedule(self.steps, config.warmup_steps, "cosine").scheduler(optimizer)
+        set_seed(seed, device_specific=True)  # each process its own augmentation and mixup draws
+        tb = SummaryWriter(str(self.out / rundir.TENSORBOARD / tag)) if acc.is_main_process else None
+        bar = tqdm(total=self.steps, desc=f"finetune {tag}", disable=not acc.is_local_main_process,
+                   dynamic_ncols=True, leave=False)
+        step, epoch, window = 0, 0, []
+        vit.train()
+        try:
+            while step < self.steps:
+                train_loader.set_epoch(epoch)
+                for images, labels in train_loader:
+                    images = normalize(images)  # (B, 3, S, S) in [-1, 1]
+                    if self.mixup is not None:
+                        images, labels = self.mixup(images, labels)  # labels -> soft (B, K)
+                    with acc.autocast():
+                        loss = self.loss(vit(images), labels)
+                    if loop.agree(acc, loss, False)[0]:  # every process stops together
+                        raise UsageError(f"fine-tuning {tag}: the loss is not finite at step {step + 1}: "
+                                         "try a smaller --lrs, --mixed-precision no (fp32) or --grad-clip 1")
+                    loop.optimizer_step(acc, vit, loss, optimizer, config.grad_clip)
+                    scheduler.step()
+                    step += 1
+                    window.append(loss.detach())
+                    bar.update(1)
+                    if tb and (step % config.log_every == 0 or step == self.steps):
+                        tb.add_scalar("train/loss", torch.stack(window).mean().item(), step)
+                        tb.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+                        window = []
+                    if step >= self.steps:
+                        break
+                epoch += 1
+        finally:
+            bar.close()  # ends the bar's line, so an error message starts on a line of its own
+        model = acc.unwrap_model(vit)
+        score, self.scored = self.accuracy(model, eval_loader)
+        if tb:
+            tb.add_scalar(f"{score_on}/accuracy", score, step)
+            tb.close()
+        acc.free_memory()
+        return score, model
+
+
+def select_lr(grid: dict[str, dict]) -> float:
+    """The lr with the best dev accuracy; ties go to the smaller lr (the more conservative choice)."""
+    return min((-v["dev_accuracy"], float(lr)) for lr, v in grid.items())[1]
+
+
+def finetune(config: FinetuneConfig) -> dict:
+    """Choose the lr on the dev split, train every seed on the labelled set, score on the test split.
+    The output directory is held (mpp.runlock) until the fine-tune ends, however it ends."""
+    with contextlib.ExitStack() as held:
+        return _finetune(config, held)
+
+
+def _finetune(config: FinetuneConfig, held: contextlib.ExitStack) -> dict:
+    # ---- config
+    config.validate()
+    policy = KernelPolicy.from_flags(config.kernels, config.kernel_cache)
+    default_out = (rundir.run_dir_of(Path(config.run)) / "finetune") if config.run else Path("runs/finetune-scratch")
+    out = Path(config.output_dir) if config.output_dir else default_out
+    config = dataclasses.replace(config, output_dir=str(out))
+
+    # ---- accelerator
+    accelerator = make_accelerator(config.mixed_precision, config.cpu_threads)
+    if config.batch_size % accelerator.num_processes:
+        raise UsageError(f"--batch-size {config.batch_size} is not divisible by {accelerator.num_processes} "
+                         f"processes: pass a multiple of {accelerator.num_processes}")
+    if (config.mixup or config.cutmix) and (config.batch_size // accelerator.num_processes) % 2:
+        raise UsageError("timm's Mixup/CutMix needs an even batch on every process: pass an even --batch-size")
+
+    # ---- model and data
+    start, pretrained_cfg, dataset, start_point = starting_model(config)
+    results = recorded_results(out, config, start_point)
+    if accelerator.is_main_process:  # one fine-tune writes an output directory at a time
+        held.enter_context(RunLock(writable_dir(out, "--output-dir")))
+    image_size = start.config.image_size
+    train_set, info = build_dataset(dataset, "train", image_size, train=True, transform=train_transform(config, image_size))
+    train_eval_set, _ = build_dataset(dataset, "train", image_size, train=False)  # the dev split, unaugmented
+    test_set, _ = build_dataset(dataset, "test", image_size, train=False)
+    start.reset_head(info.num_classes)  # the paper's zero-initialised linear head
+    split = split_labelled(train_set.labels().numpy(), config)
+    steps = math.ceil(config.epochs * len(split["train"]) / config.batch_size) if config.epochs > 0 else config.steps
+    if len(split["fit"]) < config.batch_size:
+        raise UsageError(f"--batch-size {config.batch_size} is larger than the {len(split['fit'])} labelled images "
+                         "left for training after the dev split: pass a smaller --batch-size")
+    eval_sets = {"dev": Subset(train_eval_set, split["dev"].tolist()), "test": test_set}
+    # ---- kernels: decided once at the fine-tune's shapes (the head reads the class token: 1 query last)
+    shapes = RunShapes.of(start.config, config.batch_size // accelerator.num_processes, autocast_dtype(accelerator),
+                          last_queries=1, compiled=config.compile)
+    kernels = choose_kernels(policy, shapes, accelerator.device, accelerator)
+    tuner = Finetuner(config, accelerator, start, info.num_classes, train_set, eval_sets, steps, out, kernels.kernels)
+
+    # ---- results so far (--resume) and the run directory
+    settings = dataclasses.asdict(config)
+    run_cfg = {  # the shape of a pretraining run's config, so the probes and compare.py read this directory
+        "train": {"objective": "finetune", "init": "pretrained" if config.run else "scratch", "dataset": dataset,
+                  "model": config.model or (pretrained_cfg or {}).get("train", {}).get("model") or SCRATCH_MODEL,
+                  "image_size": image_size, "seed": 0},
+        "vit": dataclasses.asdict(start.config), "finetune": settings, "command": " ".join(sys.argv),
+    }
+    prepare_output(out, config, settings, run_cfg, accelerator, results)
+    results.update({
+        "start": start_point,  # what every recorded training started from: a --resume must start there too
+        "pretrained": str(rundir.run_dir_of(Path(config.run))) if config.run else None,
+        "init": "pretrained" if config.run else "scratch",
+        "pretrained_objective": (pretrained_cfg or {}).get("train", {}).get("objective"),
+        "dataset": {"spec": dataset, "image_size": image_size, "num_classes": info.num_classes,
+                    "train_size": len(split["train"]), "fit_size": len(split["fit"]), "dev_size": len(split["dev"]),
+                    "test_size": len(test_set)},
+        "steps": steps, "vit": dataclasses.asdict(start.config), "config": settings, "kernels": kernels.record(),
+    })
+    trainings = results.setdefault("trainings", {})
+
+    def record(tag: str, entry: dict) -> None:
+        trainings[tag] = entry
+        if accelerator.is_main_process:
+            write_json(out / rundir.FINETUNE, results)
+
+    # ---- the lr grid: train on "fit", score on "dev" only
+    lrs = list(dict.fromkeys(float(lr) for lr in config.lrs))
+    grid = {}
+    for lr in lrs if len(lrs) > 1 else []:
+        tag = f"grid-lr{lr:g}"
+        if tag not in trainings:
+            started = time.perf_counter()
+            score, _ = tuner.train(split["fit"], lr, 0, tag, "dev")
+            record(tag, {"lr": lr, "seed": 0, "dev_accuracy": score, "scored": tuner.scored,
+                         "wall_time_s": time.perf_counter() - started})
+        grid[f"{lr:g}"] = {"dev_accuracy": trainings[tag]["dev_accuracy"]}
+    lr = select_lr(grid) if grid else lrs[0]
+    accelerator.print(f"lr {lr:g} chosen on the dev split ({len(split['dev'])} images): "
+                      + (", ".join(f"{k}: {100 * v['dev_accuracy']:.1f}%" for k, v in grid.items()) or "no grid"))
+
+    # ---- final trainings on all the labelled data, scored once on the test split
+    for seed in range(config.seeds):
+        tag = f"seed{seed}"
+        if tag not in trainings or trainings[tag]["lr"] != lr:
+            started = time.perf_counter()
+            score, model = tuner.train(split["train"], lr, seed, tag, "test")
+            if seed == 0 and accelerator.is_main_process:
+                save_checkpoint(out, steps, {"config": run_cfg, "model": model.state_dict(), "step": steps},
+                                        keep=1)  # seed 0's weights: the probes read this directory as a run
+            record(tag, {"lr": lr, "seed": seed, "test_accuracy": score, "scored": tuner.scored,
+                         "wall_time_s": time.perf_counter() - started})
+    per_seed = [trainings[f"seed{s}"]["test_accuracy"] for s in range(config.seeds)]
+    results.update({
+        "lr": lr, "grid": grid, "seeds": list(range(config.seeds)),
+        "test_accuracy": {"mean": float(np.mean(per_seed)), "std": float(np.std(per_seed)), "per_seed": per_seed},
+        "std": "population (ddof=0) over seeds",
+        "wall_time_s": sum(t.get("wall_time_s", 0.0) for t in trainings.values()),  # every training, resumed or not
+    })
+    if accelerator.is_main_process:
+        from torch.utils.tensorboard import SummaryWriter
+
+        write_json(out / rundir.FINETUNE, results)
+
+        with SummaryWriter(str(out / rundir.TENSORBOARD / "summary")) as tb:
+            tb.add_scalar("finetune/test_accuracy", results["test_accuracy"]["mean"], steps)
+            tb.add_scalar("finetune/lr", lr, steps)
+        acc = results["test_accuracy"]
+        accelerator.print(f"test accuracy {100 * acc['mean']:.2f} ± {100 * acc['std']:.2f}% over {config.seeds} "
+                          f"seed(s) at lr {lr:g}; wrote {out / rundir.FINETUNE}")
+    accelerator.end_training()
+    return results
+
+
+def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
+
+    return dataclass_from_args(FinetuneConfig, build_parser().parse_args(argv))
+
+
+def build_parser() -> Parser:
+
+    parser = Parser(description=__doc__.split("\n\n")[0])
+    add_dataclass_flags(parser, FinetuneConfig)
+    return parser
+
+

@@ -1,0 +1,132 @@
+"""Where a fine-tune starts, and which --resume may continue it.
+
+The starting point is a pretrained run's newest readable checkpoint (or the checkpoint file --run
+names), identified by its content (sha256), or random weights (scratch). A fine-tune records it in
+OUTPUT_DIR/finetune.json with every training as it finishes; a --resume whose --run now gives
+another checkpoint, or whose settings would compute something else, is refused rather than mixing
+the two into one average.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from mpp import checkpoint as ckpt_io
+from mpp import rundir
+from mpp.data import DEFAULT_DATASET
+from mpp.errors import UsageError
+from mpp.files import writable_dir, write_json
+from mpp.model import ViT, vit_config
+
+if TYPE_CHECKING:  # mpp.finetune imports this module
+    from mpp.finetune import FinetuneConfig
+
+SCRATCH_MODEL = "Micro/4"
+# Settings that do not change what a fine-tune computes: a --resume may differ in them. --run is
+# among them because the starting checkpoint is compared by content instead (check_same_start): a
+# resume may name the same checkpoint by its file rather than by its run, but not a newer one.
+RESUMABLE = {"num_workers", "cpu_threads", "kernels", "kernel_cache", "compile", "output_dir", "resume", "log_every", "seeds", "run"}
+
+
+def starting_model(config: FinetuneConfig) -> tuple[ViT, dict | None, str, dict]:
+    """(ViT with a fresh zero-initialised head still to size, the pretrained run's config or None, dataset,
+    the starting point as finetune.json records it)."""
+    overrides = {"dropout": config.dropout}
+    if config.image_size:
+        overrides["image_size"] = config.image_size
+    if config.run:
+        run_cfg, vit, start = load_start(config.run, **overrides)
+        return vit, run_cfg, config.dataset or run_cfg["train"]["dataset"], start
+    torch.manual_seed(0)  # replaced per seed in Finetuner.train; this one only sizes the model
+    vit = ViT(vit_config(config.model or SCRATCH_MODEL, image_size=config.image_size or None, dropout=config.dropout))
+    start = {"init": "scratch", "checkpoint": None, "step": None, "sha256": None}  # each seed draws its own weights
+    return vit, None, config.dataset or DEFAULT_DATASET, start
+
+
+def load_start(run: str, **overrides) -> tuple[dict, ViT, dict]:
+    """(run config, ViT, starting point) of --run: the run's newest readable checkpoint, or the file it names."""
+    path = Path(run)
+    if path.is_file():  # a file's name may be anything (a copy, a rename): its step is read from inside
+        ckpt = ckpt_io.load_checkpoint(path)
+        run_cfg, vit, step = ckpt["config"], ckpt_io.vit_from_checkpoint(ckpt, run, **overrides), ckpt.get("step")
+    else:
+        run_cfg, vit, path = ckpt_io.load_run(run, **overrides)
+        step = rundir.step_of_name(path)  # a run's checkpoints are all ckpt-<step>.pt
+    return run_cfg, vit, {"init": "pretrained", "checkpoint": str(path), "step": step, "sha256": file_sha256(path)}
+
+
+def file_sha256(path: Path) -> str:
+    """The file's content identity, which survives a copy or a rename; streamed, so a B/16 checkpoint
+    (~350 MB) costs a fraction of a second and no memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_start(start: dict) -> str:
+    return "scratch (random weights)" if start["init"] == "scratch" else f"{start['checkpoint']} (step {start['step']})"
+
+
+def check_same_start(out: Path, recorded: dict | None, current: dict) -> None:
+    """Refuse a --resume whose starting point is not the one the recorded trainings started from:
+    seeds fine-tuned from different checkpoints would be averaged as one model."""
+    if recorded is None:  # written before finetune.json recorded it: nothing proves the recorded seeds match
+        if current["init"] == "scratch":
+            return  # from scratch every seed draws its weights from its own seed: nothing to mix
+        raise UsageError(f"'{out}' does not record which checkpoint it was fine-tuned from (an older finetune.json), "
+                         f"so resuming from {describe_start(current)} could mix checkpoints: pass a new --output-dir")
+    if recorded["init"] == current["init"] == "scratch" or (
+            recorded["init"] == current["init"] == "pretrained" and recorded["sha256"] == current["sha256"]):
+        return
+    now = "--run is now " + describe_start(current) if current["init"] == "pretrained" else "there is no --run now"
+    if recorded["init"] == "scratch":
+        fix = "drop --run to finish it"
+    elif still_there(recorded):
+        fix = f"pass --run {recorded['checkpoint']} to finish it"
+    else:
+        fix = (f"{recorded['checkpoint']} is gone or changed, so pass --run a copy of it "
+               f"(sha256 {recorded['sha256'][:12]}…) to finish it")
+    raise UsageError(f"'{out}' was fine-tuned from {describe_start(recorded)} but {now}: {fix}, "
+                     f"or pass a new --output-dir to fine-tune {'from ' if current['init'] == 'scratch' else ''}"
+                     f"{describe_start(current)}")
+
+
+def still_there(start: dict) -> bool:
+    """Whether the recorded checkpoint file still holds the bytes the fine-tune started from."""
+    path = Path(start["checkpoint"])
+    return path.is_file() and file_sha256(path) == start["sha256"]
+
+
+def recorded_results(out: Path, config: FinetuneConfig, start: dict) -> dict:
+    """The results recorded so far (with --resume), after refusing to overwrite them or to resume them
+    from another starting point; checked before the data is loaded, so a refusal comes at once."""
+    path = out / rundir.FINETUNE
+    if path.is_file() and not config.resume:
+        raise UsageError(f"'{out}' already holds fine-tuning results: pass --resume to finish them "
+                         "or --output-dir for a new fine-tune")
+    if config.resume and not path.is_file():
+        raise UsageError(f"--resume: no {rundir.FINETUNE} in '{out}': drop --resume to start this fine-tune")
+    results = json.loads(path.read_text()) if config.resume else {}
+    if results:
+        check_same_start(out, results.get("start"), start)
+    return results
+
+
+def prepare_output(out: Path, config: FinetuneConfig, settings: dict, run_cfg: dict, accelerator,
+                   results: dict) -> None:
+    """Refuse to mix settings with the recorded results; a new fine-tune's config.json."""
+    if results:
+        saved = results.get("config", {})
+        as_saved = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}  # JSON has no tuples
+        changed = rundir.changed_settings(saved, as_saved, RESUMABLE)
+        if changed:
+            raise UsageError(f"'{out}' was fine-tuned with other settings ({'; '.join(changed)}): resume with "
+                             "the same flags or pass a new --output-dir")
+    if accelerator.is_main_process and not config.resume:
+        write_json(writable_dir(out, "--output-dir") / rundir.CONFIG, run_cfg)

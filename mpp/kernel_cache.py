@@ -1,0 +1,104 @@
+"""The kernel verdict cache: what a measurement depends on besides the shapes (the environment), and
+the cache files keyed by it, so that a run with the same shapes on the same setup starts at once.
+
+An entry is one JSON file {"key": {"environment", "shapes"}, "measurements": {op: ...}}, named by a
+hash of its key, written whole (`mpp.files.write_json`); a torn, unreadable or mismatched entry is
+a miss. Any change of device, driver, torch, triton, the kernels' sources or the verification's
+measures again.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.metadata
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from mpp.files import write_json
+from triton_kernels.gate import interpreting
+
+# The verification's own sources (beside the kernels'): a change to how ours is checked or timed,
+# or to the PyTorch ops it is judged against, measures again.
+VERIFICATION_SOURCES = ("kernels.py", "kernel_measure.py", "kernel_cache.py", "ops.py")
+
+
+def source_hash() -> str:
+    """sha256 of the kernels' sources and of this verification: any change measures again."""
+    import triton_kernels
+
+    kernels = sorted(Path(triton_kernels.__file__).parent.glob("*.py"))
+    paths = [*kernels, *(Path(__file__).parent / name for name in VERIFICATION_SOURCES)]
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def installed_version(package: str) -> str | None:
+    """The installed distribution's version, without importing it (None: not installed)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def driver_version() -> str:
+    """The NVIDIA driver's version (e.g. 570.124.06), or the CUDA driver API's when /proc does not say."""
+    try:
+        words = Path("/proc/driver/nvidia/version").read_text().split()
+        return next(w for w in words if w.count(".") >= 1 and w.replace(".", "").isdigit())
+    except (OSError, StopIteration):
+        pass
+    try:
+        version = ctypes.c_int()
+        ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version))
+        return f"cuda {version.value // 1000}.{version.value % 1000 // 10}"
+    except OSError:
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    """What the measurements depend on besides the shapes: the cache key's first half."""
+    if device.type == "cuda":
+        where = {"device": torch.cuda.get_device_name(device),
+                 "capability": ".".join(map(str, torch.cuda.get_device_capability(device))),
+                 "driver": driver_version(), "cuda": torch.version.cuda,
+                 "cudnn": torch.backends.cudnn.version()}  # one of SDPA's backends: the baseline's speed
+    else:
+        where = {"device": f"{device.type} (Triton interpreter)" if interpreting() else device.type}
+    return {**where, "torch": torch.__version__, "triton": installed_version("triton") or "none",
+            "kernel_sources": source_hash()}
+
+
+def cache_file(folder: Path | None, key: dict) -> Path | None:
+    """The entry for `key` in `folder` (None: the cache is off)."""
+    if folder is None:
+        return None
+    return folder / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24] + ".json")
+
+
+def read_cache(path: Path | None, key: dict) -> dict | None:
+    """{op: measurement} of the entry at `path`, or None when it is absent, torn or for another key."""
+    if path is None:
+        return None
+    try:
+        entry = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # absent, unreadable or torn: measure again
+    if not isinstance(entry, dict) or entry.get("key") != json.loads(json.dumps(key)):
+        return None
+    return entry.get("measurements") if isinstance(entry.get("measurements"), dict) else None
+
+
+def write_cache(path: Path | None, key: dict, measurements: dict) -> None:
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, {"key": key, "measurements": measurements})  # atomic: never half an entry
+    except OSError as e:  # an unwritable cache costs the next run a measurement, nothing more
+        print(f"warning: kernels: cannot write the verdict cache {path} ({e.strerror}): the next run measures again",
+              file=sys.stderr, flush=True)

@@ -1,0 +1,162 @@
+"""What the probe CLIs (eval/fewshot.py, eval/linear_probe.py) share: their model and runtime flags,
+the model they evaluate (a run's newest checkpoint, a named checkpoint, or a random init of a run's
+architecture or of a preset), and where their report goes (a JSON file beside the run, and its
+headline scalars in the run's TensorBoard at the checkpoint's step).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from mpp.checkpoint import KernelsFor, load_checkpoint, load_run
+from mpp.config import AT_LEAST_1, SEED, Range, device_flag, number_flag
+from mpp.data import DEFAULT_DATASET
+from mpp.errors import UsageError
+from mpp.features import FEATURES, process_device, process_group
+from mpp.files import write_json
+from mpp.kernels import MODES, KernelPolicy, RunShapes
+from mpp.model import ViT, ViTConfig, vit_config
+from mpp.rundir import CONFIG, TENSORBOARD, run_dir_of, step_of_name
+from mpp.runtime import choose_kernels, compile_blocks
+
+DEFAULT_RUN = "runs/mpp"  # where scripts/pretrain_mpp.py writes by default (TrainConfig.output_dir)
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that pick the model and the data."""
+    p.add_argument("--run", metavar="RUN_DIR", help=f"run directory or checkpoint file (default: {DEFAULT_RUN})")
+    p.add_argument("--random-init", action="store_true", help="evaluate an untrained ViT of the run's architecture")
+    p.add_argument("--model", metavar="PRESET", help="with --random-init and no --run: an untrained preset (Micro/4)")
+    number_flag(p, "--seed", int, SEED, help="initialisation seed of --random-init (default: the run's seed, or 0)")
+    p.add_argument("--dataset", metavar="SPEC", help="dataset spec (default: the run's training dataset)")
+    number_flag(p, "--image-size", int, AT_LEAST_1, metavar="S", help="input pixels (default: the run's or the preset's)")
+
+
+def add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that say how features are computed."""
+    number_flag(p, "--batch-size", int, AT_LEAST_1, default=256, help="images per forward pass (256)")
+    number_flag(p, "--num-workers", int, Range(0, 256), default=0, help="DataLoader worker processes (0)")
+    p.add_argument("--device", type=device_flag, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda if there is one)")
+    p.add_argument("--kernels", default="", choices=MODES,
+                   help="attention/LayerNorm: auto (ours where verified and faster) | triton | torch ($MPP_KERNELS or auto)")
+    p.add_argument("--kernel-cache", default="", metavar="DIR", help="the kernels' verdict cache; off: measure again "
+                   "($MPP_KERNEL_CACHE or ~/.cache/mpp/kernels)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the ViT's blocks")
+    p.add_argument("--features", default="token", choices=FEATURES, help="token: the class token's pre-logits (the "
+                   "paper's); avg: the mean patch token (default files get an -avg suffix)")
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """The checks that span flags (each flag's own range is checked as it is parsed)."""
+    if args.model and not args.output:
+        raise UsageError("--model has no run directory to write to: pass --output PATH for the results JSON")
+
+
+def probe_kernels(args) -> KernelsFor:
+    """The kernels of a probe's ViT, decided once at its shapes: forward only, fp32, --batch-size images."""
+    policy = KernelPolicy.from_flags(args.kernels, args.kernel_cache)
+    state = process_group()
+
+    def kernels_for(vit_config: ViTConfig):
+        shapes = RunShapes.of(vit_config, args.batch_size, "float32", backward=False)
+        return choose_kernels(policy, shapes, process_device(args.device, state), state).kernels
+
+    return kernels_for
+
+
+def build_model(args) -> tuple[dict | None, torch.nn.Module, Path | None, Path | None]:
+    """(run config or None, ViT, run dir or None, checkpoint path or None) from the flags."""
+    kernels_for = probe_kernels(args)
+    if args.model:  # a preset: the random-init baseline without any run
+        if not args.random_init or args.run:
+            raise UsageError("--model builds an untrained preset: add --random-init and drop --run "
+                             "(a trained model comes from --run alone)")
+        torch.manual_seed(args.seed or 0)
+        vit_cfg = vit_config(args.model, image_size=args.image_size)
+        return None, ViT(vit_cfg, kernels_for(vit_cfg)), None, None
+    run = Path(args.run or DEFAULT_RUN)
+    size = {"image_size": args.image_size} if args.image_size else {}
+    if not args.random_init:
+        config, vit, path = load_run(run, kernels_for, **size)
+        return config, vit, run_dir_of(run), path
+    if run.is_dir() and (run / CONFIG).is_file():  # a run that has not saved a checkpoint yet
+        config = json.loads((run / CONFIG).read_text())
+    else:
+        config = load_run(run)[0]  # the run's errors for a missing dir or a run without checkpoints
+    torch.manual_seed(config["train"]["seed"] if args.seed is None else args.seed)
+    vit_cfg = ViTConfig(**{**config["vit"], **size})
+    return config, ViT(vit_cfg, kernels_for(vit_cfg)), run_dir_of(run), None
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint: from its file name when that says it, else from its "step" entry (0 if none)."""
+    if (step := step_of_name(path)) is not None:  # no second load needed
+        return step
+    try:  # weights-only like every load; mmap: reads the small "step" entry, not the tensors
+        return int(load_checkpoint(path, mmap=True).get("step", 0))
+    except (UsageError, TypeError, ValueError):  # unreadable, or a step that is no number
+        return 0
+
+
+@dataclasses.dataclass
+class ProbeTarget:
+    """What a probe CLI evaluates, from its flags: the model, where it came from, where results go."""
+    config: dict | None  # the run's config (None for a bare --model preset)
+    vit: torch.nn.Module
+    run_dir: Path | None
+    checkpoint: Path | None
+    dataset: str  # --dataset, else the run's training dataset
+    prefix: str  # e.g. "fewshot" or "fewshot_random_init": TensorBoard tag and default file name
+    step: int  # the checkpoint's step (0 for a random init)
+
+    def report_head(self, args) -> dict:
+        return {"init": "random" if args.random_init else "trained", "run": str(self.run_dir) if self.run_dir else None,
+                "checkpoint": str(self.checkpoint) if self.checkpoint else None, "step": self.step,
+                "features": args.features, "kernels": self.vit.kernels.names()}  # which ops computed the features
+
+    def output(self, args) -> Path:  # RUN_DIR/<prefix with dashes>.json unless --output
+        return Path(args.output) if args.output else self.run_dir / f"{self.prefix.replace('_', '-')}.json"
+
+
+def probe_target(args, name: str) -> ProbeTarget:
+    """The model and settings a probe CLI (`name`: fewshot, linear_probe) evaluates."""
+    config, vit, run_dir, ckpt_path = build_model(args)
+    if args.compile:
+        compile_blocks(vit)
+    dataset = args.dataset or (config or {}).get("train", {}).get("dataset", DEFAULT_DATASET)
+    prefix = f"{name}_random_init" if args.random_init else name
+    prefix += "_avg" if args.features == "avg" else ""
+    return ProbeTarget(config, vit, run_dir, ckpt_path, dataset, prefix, checkpoint_step(ckpt_path) if ckpt_path else 0)
+
+
+def check_writable(output: Path) -> None:
+    """Fail before the embedding, not after it, when the results cannot be written."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot write '{output}' ({e.strerror}): pass a writable --output") from e
+    if output.is_dir() or not os.access(output.parent, os.W_OK):
+        problem = "is a directory" if output.is_dir() else "is in a read-only folder"
+        raise UsageError(f"cannot write '{output}' ({problem}): pass a writable --output")
+
+
+def save_report(target: ProbeTarget, output: Path, report: dict, scalars: dict[str, float], folder: str) -> None:
+    """Write the JSON report, and its headline scalars to TensorBoard beside the run's own curves
+    (RUN/tensorboard/<folder>), at the checkpoint's step so probes of successive checkpoints line up."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_json(output, report)
+    except OSError as e:
+        raise UsageError(f"cannot write '{output}' ({e.strerror}): pass a writable --output") from e
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str((target.run_dir or output.parent) / TENSORBOARD / folder)) as tb:
+        for tag, value in scalars.items():
+            tb.add_scalar(tag, value, global_step=target.step)
+    print(f"wrote {output}")

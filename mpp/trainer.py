@@ -1,0 +1,395 @@
+"""One pretraining run, MPP or supervised: the state a run carries from its first step to its last.
+
+`Trainer(config, mpp_config, held)` builds, top to bottom, what a run needs: the Accelerator and the
+run directory, the data, the kernels, the model and objective, the optimizer and schedule, and, with
+`--resume`, the state of the newest checkpoint. `run()` is the loop: steps, logging, held-out
+evaluation, checkpoints, and the stop a signal asks for. Where the run stands (`Progress`) is one
+object, saved whole in every checkpoint and restored whole on resume.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mpp import checkpoint as ckpt_io
+from mpp import rundir
+from mpp.data import build_dataset
+from mpp.errors import UsageError
+from mpp.files import write_json
+from mpp.kernels import KernelPolicy, RunShapes
+from mpp.loop import agree, data_loaders, evaluate, optimizer_step
+from mpp.model import ViT, vit_config
+from mpp.objective import MPPConfig, MPPObjective, SupervisedObjective, corrupted_count
+from mpp.optim import param_groups
+from mpp.reproducible import seed_step
+from mpp.runlock import RunLock
+from mpp.runtime import autocast_dtype, choose_kernels, compile_blocks, make_accelerator
+from mpp.stopping import StopRequest
+
+
+@dataclass
+class Progress:
+    """Where a run stands; a checkpoint holds it, a resume starts from it."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # passes over the training set begun
+    batch_in_epoch: int = 0  # micro-batches of this process into the epoch (a resume skips them)
+    elapsed: float = 0.0  # training seconds before this process started (earlier runs of a resumed run)
+
+
+class Trainer:
+    """Everything one run holds; `held` releases the lock, the stop handlers and the metrics file."""
+
+    def __init__(self, config, mpp_config: MPPConfig, held: contextlib.ExitStack):
+        from accelerate.utils import set_seed
+
+        # ---- config
+        self.config, self.mpp_config, self.held = config.validate(), mpp_config.validate(), held
+        policy = KernelPolicy.from_flags(config.kernels, config.kernel_cache)  # the one decision's inputs
+        vit_cfg = vit_config(config.model, image_size=config.image_size or None, dropout=config.dropout)
+
+        # ---- accelerator and run directory
+        self.accelerator = acc = make_accelerator(
+            config.mixed_precision, config.cpu_threads, gradient_accumulation_steps=config.grad_accum_steps,
+            log_with="tensorboard", project_dir=config.output_dir,
+        )
+        self.run_dir = self._open_run_dir()
+        set_seed(config.seed, device_specific=False)
+        world = acc.num_processes * config.grad_accum_steps
+        if config.batch_size % world:
+            raise UsageError(f"--batch-size {config.batch_size} is not divisible by processes × accumulation steps "
+                             f"= {world}: pass a multiple of {world}")
+        micro_batch = config.batch_size // world
+
+        # ---- data
+        self._build_data(vit_cfg.image_size, micro_batch)
+
+        # ---- kernels: decided once, at this run's shapes, by the main process for all of them
+        last_queries = corrupted_count(mpp_config.corrupt_rate, vit_cfg.num_patches) if config.objective == "mpp" else 1
+        shapes = RunShapes.of(vit_cfg, micro_batch, autocast_dtype(acc), last_queries=last_queries,
+                              compiled=config.compile)
+        kernels = choose_kernels(policy, shapes, acc.device, acc)
+
+        # ---- model and objective
+        if config.objective == "mpp":
+            vit = ViT(dataclasses.replace(vit_cfg, num_classes=0), kernels.kernels)  # MPP predicts from patch tokens
+            objective = MPPObjective(vit, mpp_config)
+        else:
+            vit = ViT(dataclasses.replace(vit_cfg, num_classes=self.info.num_classes), kernels.kernels)
+            objective = SupervisedObjective(vit, config.label_smoothing)
+        if config.compile:
+            compile_blocks(vit)
+        self.run_cfg = run_config(config, mpp_config, vit, self.info)
+        self.run_cfg["kernels"] = kernels.record()
+        self.run_cfg["precision"] = str(acc.mixed_precision)  # what ran, whatever chose it (flag, Accelerate, GPU default)
+        self.run_cfg["num_processes"] = acc.num_processes
+
+        # ---- optimizer and schedule
+        self.total_steps = self._total_steps()
+        self.schedule = config.lr_schedule(self.total_steps)
+        optimizer = torch.optim.AdamW(param_groups(objective, config.weight_decay, objective.no_weight_decay()), lr=config.lr,
+                                      betas=(config.beta1, config.beta2))
+        self.objective, self.optimizer = acc.prepare(objective, optimizer)
+        self.scheduler = self.schedule.scheduler(self.optimizer)  # stepped by hand, once per optimizer step
+        self.model = acc.unwrap_model(self.objective)
+        # From here on each micro-batch reseeds every generator from (seed, step, micro-batch, process):
+        # corruption and dropout then repeat exactly after a resume (mpp/reproducible.py). The model was
+        # initialised identically everywhere; the data order is seeded by seed + epoch.
+
+        # ---- resume, then the run's records
+        self.progress = Progress()
+        self.last_save: int | None = None  # the step of the newest checkpoint this process took part in
+        saved = self._resume() if config.resume else None
+        self._start_records(saved)
+
+    # ---- setup, in the order __init__ calls it
+
+    def _open_run_dir(self) -> Path:
+        """The main process checks and creates the run directory; every process learns the verdict, so
+        a bad --output-dir stops them all instead of leaving the others waiting."""
+        from accelerate.utils import broadcast_object_list
+
+        verdict = [None]
+        if self.accelerator.is_main_process:
+            try:  # one process writes a run directory at a time
+                self.held.enter_context(RunLock(rundir.prepare_run_dir(self.config)))
+            except UsageError as e:
+                verdict[0] = str(e)
+        broadcast_object_list(verdict)
+        if verdict[0]:
+            raise UsageError(verdict[0])
+        return Path(self.config.output_dir)
+
+    def _build_data(self, image_size: int, micro_batch: int) -> None:
+        config = self.config
+        self.train_set, self.info = build_dataset(
+            config.dataset, "train", image_size, train=True, crop_scale=config.crop_scale, hflip=config.hflip,
+            streaming=config.streaming, shuffle_buffer=config.shuffle_buffer, seed=config.seed,
+            strict=config.strict_images,
+        )
+        self.eval_set, _ = build_dataset(config.dataset, "test", image_size, train=False, streaming=config.streaming,
+                                         strict=config.strict_images)
+        # Each image's augmentation draws from (seed, epoch, index), or (seed, epoch, worker, k) for a
+        # stream: the same after a resume or on N processes (mpp.datasets).
+        self.streamed = self.train_set.streamed
+        self.train_loader, self.eval_loader = data_loaders(self.train_set, self.eval_set, micro_batch,
+                                                           config.num_workers, self.accelerator, self.streamed)
+
+    def _total_steps(self) -> int:
+        config = self.config
+        if self.streamed and config.epochs > 0:
+            raise UsageError("--epochs needs a dataset of known length: use --max-steps with --streaming")
+        # Optimizer steps per pass over this process's shard (a trailing partial accumulation also steps).
+        steps_per_epoch = 0 if self.streamed else math.ceil(len(self.train_loader) / config.grad_accum_steps)
+        if not self.streamed and steps_per_epoch == 0:
+            raise UsageError(f"the training set ({len(self.train_set)} images) is smaller than one batch "
+                             f"({config.batch_size}): pass a smaller --batch-size")
+        return math.ceil(config.epochs * steps_per_epoch) if config.epochs > 0 else config.max_steps
+
+    def _resume(self) -> dict:
+        """Load the newest readable checkpoint into the model, optimizer, schedule, RNGs and progress,
+        after refusing one of another run; returns the checkpoint's run config."""
+        acc, run_dir = self.accelerator, self.run_dir
+        found = ckpt_io.load_latest(run_dir)
+        if found is None:
+            raise UsageError(f"--resume: no readable checkpoint in '{rundir.checkpoint_dir(run_dir)}': drop --resume")
+        state, path = found
+        saved = state["config"]
+        weights = {**state["objective"], **{f"vit.{k}": v for k, v in state["model"].items()}}
+        ckpt_io.check_shapes(self.model, weights, str(path), hint=(
+            f"resume with what the run was trained with (scripts/pretrain_{saved['train']['objective']}.py "
+            f"--model {saved['train']['model']} --image-size {saved['vit']['image_size']}) or pass a new --output-dir"))
+        rundir.check_resume(saved, self.run_cfg, acc.num_processes, str(path))  # after the shapes: names parameters
+        self.model.load_state_dict(weights)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["step"] > self.total_steps:
+            raise UsageError(f"{path} is at step {state['step']}, past the {self.total_steps} steps asked for: pass "
+                             f"a --max-steps (or --epochs) of at least {state['step']}, or a new --output-dir")
+        self.schedule.restart(self.optimizer, self.scheduler)  # this run's length from here on
+        if acc.scaler is not None and state.get("scaler"):
+            acc.scaler.load_state_dict(state["scaler"])
+        ckpt_io.set_rng_state(state["rng"][acc.process_index])
+        self.progress = Progress(state["step"], state["data"]["epoch"], state["data"]["batch_in_epoch"],
+                                 state["elapsed"])
+        acc.print(f"resumed {run_dir} at step {self.progress.step} from {path.name}")
+        return saved
+
+    def _start_records(self, saved: dict | None) -> None:
+        """config.json (a resume is recorded in the run's original one, and drops the metrics logged
+        after its checkpoint), TensorBoard, and metrics.jsonl open for appending."""
+        acc, run_dir, step = self.accelerator, self.run_dir, self.progress.step
+        if acc.is_main_process:
+            if saved is not None:
+                original = rundir.read_run_config(run_dir, saved)
+                original.setdefault("resumed", []).append({
+                    "step": step, "command": self.run_cfg["command"], "max_steps": self.config.max_steps,
+                    "epochs": self.config.epochs, "kernels": self.run_cfg["kernels"]})
+                write_json(run_dir / rundir.CONFIG, original)
+                rundir.trim_metrics(run_dir / rundir.METRICS, step)
+            else:
+                write_json(run_dir / rundir.CONFIG, self.run_cfg)
+        acc.init_trackers("tensorboard", config=flat_hparams(self.run_cfg))
+        self.metrics_file = (self.held.enter_context(open(run_dir / rundir.METRICS, "a"))
+                             if acc.is_main_process else None)
+
+    # ---- records
+
+    def log(self, values: dict, at: int) -> None:
+        self.accelerator.log(values, step=at)
+        if self.metrics_file:
+            self.metrics_file.write(json.dumps({"step": at, **values}) + "\n")
+            self.metrics_file.flush()
+
+    def save(self, at: int) -> None:
+        """A checkpoint of step `at` (the main process writes it; every process learns whether it could)."""
+        from accelerate.utils import broadcast_object_list, gather_object
+
+        acc, model = self.accelerator, self.model
+        rngs = gather_object([ckpt_io.rng_state()])  # one per process: each resumes its own streams
+        problem = [None]
+        if acc.is_main_process and not all(torch.isfinite(p).all() for p in model.parameters()):
+            # A checkpoint must be a state worth resuming from: weights that blew up are not saved.
+            problem[0] = rundir.diverged(at, self.run_dir, self.optimizer.param_groups[0]["lr"], self.config.lr,
+                                         "the weights are not finite after")
+        elif acc.is_main_process:
+            state = {
+                "config": self.run_cfg,
+                "model": model.vit.state_dict(),
+                "objective": {k: v for k, v in model.state_dict().items() if not k.startswith("vit.")},
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "step": at,
+                "elapsed": self.progress.elapsed + time.perf_counter() - self.started,
+                "rng": rngs,
+                "data": {"epoch": self.progress.epoch, "batch_in_epoch": self.progress.batch_in_epoch},
+                "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+            }
+            try:
+                ckpt_io.save_checkpoint(self.run_dir, at, state, keep=self.config.keep_checkpoints)
+            except UsageError as e:  # a full disk...: every process stops, not just the one that failed to write
+                problem[0] = str(e)
+        broadcast_object_list(problem)
+        if problem[0]:
+            raise UsageError(problem[0])
+        self.last_save = at
+
+    def run_eval(self, at: int) -> dict | None:
+        """The held-out metrics at step `at`, logged; None when a stop signal cut the evaluation short
+        (in any process: they agree, so all of them go on to save and stop)."""
+        from accelerate.utils import gather_object
+
+        acc, model = self.accelerator, self.model
+
+        def batch_sums(images, labels) -> dict[str, float]:
+            with acc.autocast():
+                _, metrics = model(images, labels)
+            return {k: v.float().item() * len(images) for k, v in metrics.items()}
+
+        results, scored = evaluate(model, batch_sums, self.eval_loader, acc, seed=self.config.seed,
+                                   stop=lambda: self.stop.requested)
+        if any(gather_object([self.stop.requested])):
+            return None
+        if scored == 0:
+            raise UsageError("the held-out split has no images: pass a dataset with images in its test or val split")
+        self.log({f"eval/{k}": v for k, v in results.items()}, at)
+        return results
+
+    # ---- the loop
+
+    def run(self) -> Path:
+        from tqdm.auto import tqdm
+
+        config, acc, progress = self.config, self.accelerator, self.progress
+        bar = tqdm(total=self.total_steps, initial=progress.step, desc=f"{config.objective} {self.run_dir.name}",
+                   disable=not acc.is_local_main_process, dynamic_ncols=True)
+        self.started = time.perf_counter()
+        self.window = {"t": time.perf_counter(), "steps": 0, "sums": {}}
+        self.values: dict = {}  # the last logged training metrics
+        self.micro = 0  # micro-batches into the current optimizer step (checkpoints fall between steps: 0 on resume)
+        self.objective.train()
+        self.stop = self.held.enter_context(StopRequest())  # from the first step to the final save, a stop saves first
+        stopping = False
+        try:
+            while progress.step < self.total_steps and not stopping:
+                stopping = self._epoch(bar)
+        finally:
+            bar.close()  # ends the bar's line, so an error message starts on a line of its own
+        return self._finish(stopping)
+
+    def _epoch(self, bar) -> bool:
+        """Train through the rest of the current epoch, or until the step budget or a stop; whether to stop."""
+        config, acc, progress = self.config, self.accelerator, self.progress
+        self.train_loader.set_epoch(progress.epoch)
+        self.train_set.set_epoch(progress.epoch)  # the augmentations' epoch, shared with the loader's workers
+        # A resumed run skips the batches of this epoch it has already trained on.
+        batches = (acc.skip_first_batches(self.train_loader, progress.batch_in_epoch) if progress.batch_in_epoch
+                   else self.train_loader)
+        stopping = False
+        for images, labels in batches:
+            progress.batch_in_epoch += 1
+            with acc.accumulate(self.objective):
+                seed_step(config.seed, progress.step, self.micro, acc.process_index)
+                self.micro += 1
+                loss, metrics = self.objective(images, labels)
+                bad, stop = agree(acc, loss, self.stop.requested)
+                stopping = stopping or stop
+                if bad:
+                    raise UsageError(rundir.diverged(progress.step + 1, self.run_dir, self.optimizer.param_groups[0]["lr"],
+                                                     config.lr, "the loss is not finite at"))
+                norm = optimizer_step(acc, self.objective, loss, self.optimizer, config.grad_clip)
+                if norm is not None:
+                    metrics["grad_norm"] = norm
+            for k, v in metrics.items():
+                self.window["sums"][k] = self.window["sums"].get(k, 0) + v.detach().float()
+            if not acc.sync_gradients:
+                continue
+            self.micro = 0
+            stopping = self._after_step(bar, stopping)
+            if progress.step >= self.total_steps or stopping:
+                return stopping
+        progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0  # the next epoch starts from its first batch
+        return stopping
+
+    def _after_step(self, bar, stopping: bool) -> bool:
+        """Schedule, log, evaluate and checkpoint after one optimizer step; whether to stop (asked before,
+        or during the evaluation): then this step is saved."""
+        config, acc, progress = self.config, self.accelerator, self.progress
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used
+        if not acc.optimizer_step_was_skipped:  # fp16 overflow: the schedule waits too
+            self.scheduler.step()
+        progress.step += 1
+        step, window = progress.step, self.window
+        window["steps"] += 1
+        bar.update(1)
+        if step % config.log_every == 0 or step == self.total_steps:
+            now = time.perf_counter()
+            n_micro = window["steps"] * config.grad_accum_steps
+            values = {f"train/{k}": acc.reduce(v, "mean").item() / (n_micro if k != "grad_norm" else window["steps"])
+                      for k, v in window["sums"].items()}
+            values["train/lr"] = lr
+            values["train/images_per_s"] = window["steps"] * config.batch_size / (now - window["t"])
+            self.log(values, step)
+            self.values = values
+            bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}")
+            self.window = {"t": time.perf_counter(), "steps": 0, "sums": {}}
+        if config.eval_every and step % config.eval_every == 0 and step < self.total_steps:
+            stopping = self.run_eval(step) is None or stopping
+        if (step % config.save_every == 0 and step < self.total_steps) or stopping:
+            self.save(step)
+        return stopping
+
+    def _finish(self, stopping: bool) -> Path:
+        """The final evaluation and checkpoint (a stop during the evaluation saves this step, then stops)."""
+        acc, step, run_dir = self.accelerator, self.progress.step, self.run_dir
+        results = None if stopping else self.run_eval(step)
+        if results is None or self.last_save != step:
+            self.save(step)
+        if results is None:
+            acc.end_training()
+            acc.print(f"stopped at step {step} of {self.total_steps}; checkpoint saved in "
+                      f"{rundir.checkpoint_dir(run_dir)}: rerun the same command with --resume to continue")
+            sys.exit(self.stop.exit_code)
+        if acc.is_main_process:
+            summary = {
+                "objective": self.config.objective, "steps": step,
+                "wall_time_s": self.progress.elapsed + time.perf_counter() - self.started,
+                "eval": results, "last_train": self.values, "kernels": self.run_cfg["kernels"],
+                # this process's share of the unreadable images skipped (the warnings name them)
+                "skipped_images": {"train": self.train_set.skipped_images(), "eval": self.eval_set.skipped_images()},
+            }
+            write_json(run_dir / rundir.SUMMARY, summary)
+            acc.print(f"done: {run_dir} ({step} steps; eval {json.dumps({k: round(v, 4) for k, v in results.items()})})")
+        acc.end_training()
+        if self.stop.requested:  # it came during the final save: the run is complete, the scheduler still sees why it ended
+            sys.exit(self.stop.exit_code)
+        return run_dir
+
+
+def run_config(config, mpp: MPPConfig, vit: ViT, data_info) -> dict:
+    """Everything needed to rebuild and compare this run, saved in config.json and every checkpoint."""
+    return {
+        "train": dataclasses.asdict(config),
+        "mpp": dataclasses.asdict(mpp),
+        "vit": dataclasses.asdict(vit.config),
+        "data": {"num_classes": data_info.num_classes, "class_names": list(data_info.class_names)},
+        "command": " ".join(sys.argv),
+        "versions": {"torch": str(torch.__version__), "python": sys.version.split()[0]},
+    }
+
+
+def flat_hparams(run_cfg: dict) -> dict:
+    """TensorBoard's hparams accept scalars and strings only."""
+    flat = {}
+    for section in ("train", "mpp", "vit"):
+        for k, v in run_cfg[section].items():
+            flat[f"{section}.{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return flat
