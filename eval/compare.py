@@ -17,9 +17,11 @@ Output (DIR, default `<common parent of the runs>/compare`, so that one `tensorb
   * **Runs**: one row per run: objective (`mpp (mean_color, 50%)`, `supervised`,
     `finetune (scratch)`), training data, few-shot accuracy on the *main* few-shot dataset (the one
     most rows were evaluated on) at every shot count any row has, linear-probe accuracy, fine-tune
-    accuracy with its chosen lr, steps and wall time. Then one "random init (<arch>)" row per
-    architecture and evaluation dataset found in fewshot-random-init / linear-probe-random-init
-    reports: runs that share both show it once.
+    accuracy with its chosen lr, steps and wall time. Then two kinds of reference rows: one
+    "random init (<arch>)" row per architecture and evaluation dataset (from fewshot-random-init /
+    linear-probe-random-init reports, or from a report's "references"), and one "raw pixels (S px)"
+    row per resolution and dataset (from the references): runs that share one show it once, and a
+    note says which report it came from.
   * **Few-shot on <dataset>**: one more table per other few-shot dataset (a transfer check such as
     `fewshot-imagenette.json`), with the rows evaluated on it.
   * Accuracies are % on the evaluation's test split, `mean ± std` over seeds; `–` marks a missing
@@ -29,6 +31,12 @@ Output (DIR, default `<common parent of the runs>/compare`, so that one `tensorb
 - `curves.png`: train/loss and eval/* scalars read back from each run's TensorBoard events
   (a fine-tune directory's seed-0 training; metrics.jsonl when a run has no events), one panel per
   tag and loss scale (MPP target, supervised, finetune): the objectives' losses are not comparable.
+- **By block** (runs probed with `--layers`): a table per evaluation (the largest shot count, the
+  linear probe), rows = run × feature variant, columns = blocks, each run's best cell in bold; and
+  `layers.png`: accuracy by block, a line per run and feature, random init dashed, raw pixels dotted.
+- `fewshot_curves.png` (runs pretrained with `--fewshot-every`): the in-run few-shot probe against
+  images seen, one panel per dataset and shot count, the class token solid, the mean patch token
+  dashed, each run's step-0 point (its untrained model) as a dotted level.
 - `pos_embed-<run>.png`: the paper's Figure 7 for each run with a checkpoint: the cosine
   similarity of every patch's position embedding with every other patch's, an h×w grid of h×w
   tiles (tile (i, j) is patch (i, j) against all patches).

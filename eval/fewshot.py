@@ -2,66 +2,29 @@
 
 k images per class are embedded (the final-norm class token, "pre_logits"), and a regularised
 least-squares classifier to {-1,+1} one-hot targets is solved in closed form (mpp.probes), as
-big_vision's `fewshot_lsr.py`. Usage: `python eval/fewshot.py --run runs/mpp` (add `--random-init`
-for the untrained baseline of the same architecture).
+big_vision's `fewshot_lsr.py`. Usage: `python eval/fewshot.py --run runs/mpp`. The same draws and
+test images also score two references (a random init of the same architecture, the raw pixels;
+`--no-references` skips them); `--layers all` probes every block's features as well.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 
-import numpy as np
-
 from mpp.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Parser, Range, number_flag
-from mpp.data import build_dataset, dataset_name
+from mpp.data import dataset_name
 from mpp.errors import cli_main
-from mpp.features import extract_features, is_main_process
+from mpp.features import is_main_process, layer_specs
+from mpp.probe_runs import Embedder, ProbeData, run_fewshot
 from mpp.probe_setup import (
     add_model_flags,
     add_runtime_flags,
     check_flags,
+    layer_lines,
     probe_target,
+    random_init_like,
     save_report,
 )
-from mpp.probes import fewshot_probe_grid, fixed_subset, sample_shots
-
-STD_KIND = "population (ddof=0) over seeds"
-
-
-def run_fewshot(vit, dataset_spec: str, image_size: int, shots=(1, 5, 10, 25), seeds: int = 3, l2s=(2**10,),
-                batch_size: int = 256, device="cpu", max_test: int = 0, num_workers: int = 0,
-                progress: bool = True, features: str = "token") -> dict:
-    """Few-shot accuracies of `vit`'s features for every shot count, over seeds 0..seeds-1."""
-    shots, l2s = list(dict.fromkeys(int(k) for k in shots)), list(dict.fromkeys(float(v) for v in l2s))  # dedupe
-    train_set, info = build_dataset(dataset_spec, "train", image_size, train=False)
-    test_set, _ = build_dataset(dataset_spec, "test", image_size, train=False)
-    train_labels = train_set.labels().numpy()  # int64 [n]
-    picks = {(k, s): sample_shots(train_labels, k, s, info.num_classes, info.class_names)
-             for k in shots for s in range(seeds)}
-    # Embed each sampled training image once (the union over all cells), not the whole split.
-    union = np.unique(np.concatenate(list(picks.values())))
-    train_x, train_y = extract_features(vit, train_set, batch_size, device, union, num_workers, progress, "train",
-                                        features)
-    test_idx = fixed_subset(len(test_set), max_test)
-    test_x, test_y = extract_features(vit, test_set, batch_size, device, test_idx, num_workers, progress, "test",
-                                      features)
-
-    results = {}
-    for k in shots:
-        per_seed = []  # one {l2: accuracy} per seed
-        for s in range(seeds):
-            rows = np.searchsorted(union, picks[k, s])
-            per_seed.append(fewshot_probe_grid(train_x[rows], train_y[rows], test_x, test_y, l2s, info.num_classes))
-        grid = {f"{l2:.12g}": [acc[l2] for acc in per_seed] for l2 in l2s}  # JSON keys: "1024", "0.1"
-        head = grid[f"{l2s[0]:.12g}"]  # the headline is fixed in advance: picking the best l2 would use the test set
-        results[str(k)] = {"shots": k, "mean": float(np.mean(head)), "std": float(np.std(head)), "per_seed": head,
-                           "l2_grid": {key: {"mean": float(np.mean(v)), "std": float(np.std(v)), "per_seed": v}
-                                       for key, v in grid.items()}}
-    return {"dataset": {"spec": dataset_spec, "image_size": image_size, "num_classes": info.num_classes,
-                        "train_size": len(train_set), "test_size": len(test_set), "test_used": len(test_x),
-                        "train_embedded": len(union)},
-            "shots": list(shots), "seeds": list(range(seeds)), "l2_grid": l2s, "headline_l2": l2s[0],
-            "std": STD_KIND, "feature_dim": int(train_x.shape[1]), "results": results}
 
 
 def build_parser() -> Parser:
@@ -84,23 +47,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+REFERENCE_NAMES = {"random_init": "random init", "pixels": "raw pixels"}
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     target = probe_target(args, "fewshot")
     vit, dataset, prefix = target.vit, target.dataset, target.prefix
     image_size = vit.config.image_size
-    out = run_fewshot(vit, dataset, image_size, tuple(args.shots), args.seeds, tuple(args.l2), args.batch_size,
-                      args.device, args.max_test, args.num_workers, features=args.features)
+    layers = layer_specs(vit.config.depth, args.layers)
+    out = run_fewshot(vit, ProbeData.load(dataset, image_size), Embedder(args.batch_size, args.device, args.num_workers),
+                      tuple(args.shots), args.seeds, tuple(args.l2), args.max_test, args.features, layers,
+                      random_init_like(args, target), pixels=args.references)
 
     if not is_main_process():  # every process helped embed; one reports
         return {}
     print(f"{prefix}: {dataset} at {image_size} px, {out['feature_dim']}-d features, "
-          f"l2={args.l2[0]:g}, {args.seeds} seed(s)")
-    print(f"{'shots':>5} | {'accuracy (%)':>15} | per seed")
-    for k, r in out["results"].items():
-        seeds = " ".join(f"{100 * a:.1f}" for a in r["per_seed"])
-        print(f"{k:>5} | {100 * r['mean']:6.2f} ± {100 * r['std']:5.2f} | {seeds}")
+          f"l2={args.l2[0]:g}, {args.seeds} seed(s), {out['dataset']['test_used']} test images")
+    rows = [("model", out["results"])] + [(REFERENCE_NAMES[k], r["results"]) for k, r in out.get("references", {}).items()]
+    print(f"{'':>11} | " + " | ".join(f"{k + '-shot':>15}" for k in out["results"]))
+    for name, results in rows:
+        print(f"{name:>11} | " + " | ".join(f"{100 * r['mean']:6.2f} ± {100 * r['std']:5.2f}" for r in results.values()))
+    if "layers" in out:
+        top = str(max(out["shots"]))
+        print("\n".join(layer_lines(out["layers"], lambda r: r[top]["mean"], f"{top}-shot")))
 
     train_cfg = (target.config or {}).get("train", {})
     report = {**target.report_head(args),

@@ -6,7 +6,9 @@ fit the closed-form regularised least-squares probe (mpp.probes) on the rest for
 a grid (one eigendecomposition); keep the l2 with the best dev accuracy (ties: the larger l2); refit
 on all the training features with it; score the test split once. The l2 is chosen on dev, never on
 test: picking it by test accuracy would make the reported number an optimistic, tuned-on-test one.
-Usage: `python eval/linear_probe.py --run runs/mpp` (add `--random-init` for the untrained baseline).
+Usage: `python eval/linear_probe.py --run runs/mpp`; it also scores a random init of the same
+architecture and the raw pixels on the same split (`--no-references` skips them), and with
+`--layers all` every block's features.
 The few-shot protocol, with its l2 fixed in advance, stays in eval/fewshot.py.
 """
 from __future__ import annotations
@@ -15,42 +17,21 @@ import argparse
 import dataclasses
 
 from mpp.config import NON_NEGATIVE, POSITIVE, Parser, Range, number_flag
-from mpp.data import build_dataset, dataset_name
+from mpp.data import dataset_name
 from mpp.errors import cli_main
-from mpp.features import extract_features, is_main_process
+from mpp.features import is_main_process, layer_specs
+from mpp.probe_runs import Embedder, ProbeData, run_linear_probe
 from mpp.probe_setup import (
     add_model_flags,
     add_runtime_flags,
     check_flags,
     check_writable,
+    layer_lines,
     probe_target,
+    random_init_like,
     save_report,
 )
-from mpp.probes import DEFAULT_L2S, fixed_subset, linear_probe, stratified_dev_split
-
-
-def run_linear_probe(vit, dataset_spec: str, image_size: int, l2s=DEFAULT_L2S, dev_fraction: float = 0.1,
-                     batch_size: int = 256, device="cpu", max_train: int = 0, max_test: int = 0,
-                     num_workers: int = 0, progress: bool = True, features: str = "token") -> dict:
-    """The linear probe of `vit`'s features on `dataset_spec`: the report's data part (see main)."""
-    train_set, info = build_dataset(dataset_spec, "train", image_size, train=False)
-    test_set, _ = build_dataset(dataset_spec, "test", image_size, train=False)
-    train_idx, test_idx = fixed_subset(len(train_set), max_train), fixed_subset(len(test_set), max_test)
-    labels = train_set.labels().numpy()  # int64 [n]
-    # The same split linear_probe draws below, drawn here once on the labels alone so that a class
-    # too small for it stops the run before the (long) embedding.
-    stratified_dev_split(labels if train_idx is None else labels[train_idx], dev_fraction,
-                         num_classes=info.num_classes, class_names=info.class_names)
-    train_x, train_y = extract_features(vit, train_set, batch_size, device, train_idx, num_workers, progress, "train",
-                                        features)
-    test_x, test_y = extract_features(vit, test_set, batch_size, device, test_idx, num_workers, progress, "test",
-                                      features)
-    out = linear_probe(train_x, train_y, test_x, test_y, l2s, dev_fraction, info.num_classes, info.class_names)
-    return {"dataset": {"spec": dataset_spec, "image_size": image_size, "num_classes": info.num_classes,
-                        "train_size": out["train_size"], "dev_size": out["dev_size"], "test_size": out["test_size"]},
-            "feature_dim": int(train_x.shape[1]), "l2_grid": out["l2_grid"],
-            "dev_accuracy": {f"{l2:.12g}": acc for l2, acc in out["dev_accuracy"].items()},  # JSON keys: "1024", "0.0625"
-            "l2": out["l2"], "accuracy": out["accuracy"]}
+from mpp.probes import DEFAULT_L2S
 
 
 def build_parser() -> Parser:
@@ -84,8 +65,11 @@ def main(argv: list[str] | None = None) -> dict:
     image_size = vit.config.image_size
     output = target.output(args)
     check_writable(output)
-    out = run_linear_probe(vit, dataset, image_size, tuple(args.l2), args.dev_fraction, args.batch_size,
-                           args.device, args.max_train, args.max_test, args.num_workers, features=args.features)
+    layers = layer_specs(vit.config.depth, args.layers)
+    out = run_linear_probe(vit, ProbeData.load(dataset, image_size),
+                           Embedder(args.batch_size, args.device, args.num_workers), tuple(args.l2), args.dev_fraction,
+                           args.max_train, args.max_test, args.features, layers, random_init_like(args, target),
+                           pixels=args.references)
 
     data = out["dataset"]
     if not is_main_process():  # every process helped embed; one reports
@@ -103,6 +87,11 @@ def main(argv: list[str] | None = None) -> dict:
         # The dev optimum may lie beyond the grid: say so rather than silently report a clipped choice.
         edge = "smallest" if out["l2"] == min(out["l2_grid"]) else "largest"
         print(f"note: the chosen l2 is the grid's {edge}; a wider --l2 grid may do better on dev")
+    for key, ref in out.get("references", {}).items():
+        name = {"random_init": "random init", "pixels": f"raw pixels ({ref.get('grid')} px)"}[key]
+        print(f"reference, {name}: test accuracy {100 * ref['accuracy']:.2f}% (l2 = {ref['l2']:.12g})")
+    if "layers" in out:
+        print("\n".join(layer_lines(out["layers"], lambda r: r["accuracy"], "test accuracy")))
 
     report = {**target.report_head(args), **out, "vit": dataclasses.asdict(vit.config)}
     save_report(target, output, report, {f"{prefix}/{dataset_name(dataset)}": out["accuracy"]}, "linear_probe")

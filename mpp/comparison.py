@@ -3,7 +3,8 @@ plots and the TensorBoard text written into one output folder (eval/compare.py i
 
     compare(run_dirs, output_dir=None, names=None) → the report compare.json holds
 
-Rows are read by mpp.reports, tables drawn by mpp.tables, curves read by mpp.curves, the
+Rows are read by mpp.reports (runs, then the random-init and raw-pixels baselines), tables drawn
+by mpp.tables (with per-block tables when reports have "layers"), curves read by mpp.curves, the
 position-embedding similarity by mpp.posembed, figures by mpp.plots.
 """
 from __future__ import annotations
@@ -13,14 +14,28 @@ import re
 from dataclasses import asdict
 from pathlib import Path
 
-from mpp.curves import read_curves
+from mpp.curves import read_curves, read_fewshot_curves
 from mpp.errors import UsageError
 from mpp.files import atomic_write, writable_dir, write_json
-from mpp.plots import plot_curves, plot_fewshot, plot_pos_embed, run_colors
+from mpp.plots import (
+    plot_curves,
+    plot_fewshot,
+    plot_fewshot_curves,
+    plot_layers,
+    plot_pos_embed,
+    run_colors,
+)
 from mpp.posembed import checkpoint_pos_embed
 from mpp.reports import Row, baseline_rows, read_run
 from mpp.rundir import CONFIG, REPORT_GLOBS, TENSORBOARD
-from mpp.tables import build_tables, render
+from mpp.tables import (
+    LayerView,
+    build_tables,
+    layer_tables,
+    layer_views,
+    render,
+    row_layers,
+)
 
 REPORT = "compare.json"  # a comparison's own output: a folder holding it is skipped, not compared
 MARKDOWN = "compare.md"
@@ -124,15 +139,20 @@ def selected_runs(given: list[Path], names: list[str] | None, notes: list[str]) 
     return paths, run_names(paths, names)
 
 
-def draw(runs: list[Row], baselines: list[Row], tables: list[dict], pos_embeds: list[dict | None],
-         output: Path, notes: list[str]) -> dict:
-    """fewshot.png, curves.png and pos_embed-<run>.png in `output`; what compare.json says of them."""
+def draw(runs: list[Row], baselines: list[Row], tables: list[dict], views: list[LayerView],
+         pos_embeds: list[dict | None], output: Path, notes: list[str]) -> dict:
+    """fewshot.png, layers.png, curves.png, fewshot_curves.png and pos_embed-<run>.png in `output`; what
+    compare.json says of them."""
     colors = run_colors(runs + baselines)
-    plots: dict = {"fewshot": None, "curves": None, "pos_embed": {}}
+    plots: dict = {"fewshot": None, "layers": None, "curves": None, "fewshot_curves": None, "pos_embed": {}}
     datasets = [t["dataset"] for t in tables if t["dataset"]]
     if datasets:
         plot_fewshot(runs + baselines, datasets, output / "fewshot.png", colors)
         plots["fewshot"] = {"file": "fewshot.png", "panels": datasets}
+    if views:
+        plot_layers(runs, baselines, views, output / "layers.png", colors)
+        plots["layers"] = {"file": "layers.png", "panels": [v.title() for v in views],
+                           "runs": [r.name for r in runs if any(row_layers(r, v) for v in views)]}
     curves, sources = {}, {}
     for run in runs:
         sources[run.name], curves[run.name] = read_curves(run.path)
@@ -141,6 +161,10 @@ def draw(runs: list[Row], baselines: list[Row], tables: list[dict], pos_embeds: 
         plots["curves"] = {"file": "curves.png", "panels": panels, "sources": sources}
     else:
         notes.append("no training curves: no run has TensorBoard events or metrics.jsonl with train/loss or eval/*")
+    probed = {run.name: found for run in runs if (found := read_fewshot_curves(run.path))[1]}
+    if probed:  # the in-run few-shot probe (--fewshot-every) against images seen
+        panels = plot_fewshot_curves(runs, probed, output / "fewshot_curves.png", colors)
+        plots["fewshot_curves"] = {"file": "fewshot_curves.png", "panels": panels, "runs": list(probed)}
     for run, found in zip(runs, pos_embeds):
         if found:
             file = f"pos_embed-{safe_name(run.name)}.png"
@@ -164,19 +188,25 @@ def compare(run_dirs: list[str | Path], output_dir: str | Path | None = None, na
     for path, name in zip(paths, names):
         row, found = read_run(path, name, notes)
         runs.append(row)
-        randoms += [(name, *r) for r in found]
+        randoms += found
     baselines = baseline_rows(randoms, notes)
     # Read before anything is drawn: a run refused for an unsafe checkpoint leaves no half-written plots.
     pos_embeds = [checkpoint_pos_embed(Path(run.path), notes, run.name) for run in runs]
     tables = build_tables(runs, baselines)
-    plots = draw(runs, baselines, tables, pos_embeds, output, notes)
+    views = layer_views(runs, [t["dataset"] for t in tables])
+    by_block = layer_tables(runs, baselines, views)
+    plots = draw(runs, baselines, tables, views, pos_embeds, output, notes)
 
-    drawn = [output / p["file"] for p in (plots["fewshot"], plots["curves"], *plots["pos_embed"].values()) if p]
+    drawn = [output / p["file"] for p in (plots["fewshot"], plots["layers"], plots["curves"], plots["fewshot_curves"],
+                                          *plots["pos_embed"].values()) if p]
     files = [output / MARKDOWN, output / REPORT, *drawn]
-    markdown = render(tables, notes)
+    markdown = render(tables, notes, by_block)
     command = tensorboard_command(parent, output, runs)
-    report = {"runs": [asdict(r) for r in runs], "random_init": [asdict(r) for r in baselines],
-              "main_dataset": tables[0]["dataset"], "tables": tables, "notes": notes, "plots": plots,
+    report = {"runs": [asdict(r) for r in runs],
+              "random_init": [asdict(r) for r in baselines if r.kind == "random-init"],
+              "pixels": [asdict(r) for r in baselines if r.kind == "pixels"],
+              "main_dataset": tables[0]["dataset"], "tables": tables, "layer_tables": by_block,
+              "notes": notes, "plots": plots,
               "markdown": markdown, "output": str(output),
               "tensorboard": {"logdir": shown_path(parent), "command": command, "text": str(output / TENSORBOARD)},
               "files": [str(f) for f in files]}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mpp.rundir import METRICS, TENSORBOARD
+from mpp.rundir import CONFIG, METRICS, TENSORBOARD
 
 Curves = dict[str, list[tuple[int, float]]]  # tag → [(step, value)]
 # A fine-tune directory (eval/finetune.py) logs every training in a folder of its own: the seed-0
@@ -56,3 +56,19 @@ def read_curves(run_dir: str | Path) -> tuple[str | None, Curves]:
             return source, curves
     curves = {t: v for t, v in metrics_scalars(run_dir / METRICS).items() if is_curve_tag(t)}
     return (METRICS if curves else None), curves
+
+
+def is_fewshot_tag(tag: str) -> bool:  # the in-run probe's points: fewshot[_avg]/<dataset>/<k>shot
+    return tag.startswith(("fewshot/", "fewshot_avg/")) and tag.endswith("shot")
+
+
+def read_fewshot_curves(run_dir: str | Path) -> tuple[int | None, Curves]:
+    """(the run's global batch size, {tag: [(step, accuracy)]}) of the in-run few-shot probe
+    (`--fewshot-every`), from metrics.jsonl; (None, {}) when the run has none."""
+    run_dir = Path(run_dir)
+    curves = {t: v for t, v in metrics_scalars(run_dir / METRICS).items() if is_fewshot_tag(t)}
+    try:
+        batch = json.loads((run_dir / CONFIG).read_text())["train"]["batch_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        batch = None
+    return (batch if isinstance(batch, int) else None), curves

@@ -7,9 +7,12 @@ A probe embeds images with the eval transform in eval mode; it reads the labels 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
@@ -17,6 +20,54 @@ from mpp.data import normalize
 from mpp.errors import UsageError
 
 FEATURES = ("token", "avg")  # the paper's class-token pre-logits | the mean of the final-norm patch tokens
+POOLS = FEATURES  # how one block's tokens become one vector: its class token | the mean of its patch tokens
+PIXEL_GRID = 32  # the raw-pixel reference: images area-averaged to at most 32×32 (3,072 numbers), so a probe stays solvable
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One representation of an image: block `layer`'s (1..depth) class token or mean patch token,
+    with or without the final LayerNorm. The paper's is (depth, "token", norm=True)."""
+    layer: int  # 1..depth: the block whose output is read
+    pool: str  # token | avg
+    norm: bool  # through the ViT's final LayerNorm (as the last layer's features always are)
+
+    @property
+    def name(self) -> str:  # "6/token+norm": how reports, tables and plots name it
+        return f"{self.layer}/{self.pool}{'+norm' if self.norm else ''}"
+
+    def record(self) -> dict:
+        return {"name": self.name, "layer": self.layer, "pool": self.pool, "norm": self.norm}
+
+
+def headline_spec(depth: int, features: str = "token") -> FeatureSpec:
+    """What `--features token|avg` has always meant: the last block through the final norm."""
+    if features not in POOLS:
+        raise UsageError(f"unknown --features '{features}': use {' or '.join(FEATURES)}")
+    return FeatureSpec(depth, features, True)
+
+
+def layer_specs(depth: int, layers: list[str] | None) -> list[FeatureSpec]:
+    """`--layers all` or block numbers (1..depth, or negative from the end) → every (block, pool,
+    norm) feature of those blocks, in block order."""
+    if not layers:
+        return []
+    if layers == ["all"]:
+        chosen = list(range(1, depth + 1))
+    else:
+        chosen = []
+        for text in layers:
+            try:
+                k = int(text)
+            except ValueError:
+                raise UsageError(f"--layers {text!r} is not a block number: pass all, or numbers 1..{depth} "
+                                 "(negative counts from the last)") from None
+            k = depth + 1 + k if k < 0 else k
+            if not 1 <= k <= depth:
+                raise UsageError(f"--layers {text} is outside the model's {depth} blocks: pass 1..{depth} or -1..-{depth}")
+            chosen.append(k)
+        chosen = sorted(set(chosen))
+    return [FeatureSpec(k, pool, norm) for k in chosen for pool in POOLS for norm in (False, True)]
 
 
 def pool(outputs: dict[str, torch.Tensor], features: str) -> torch.Tensor:
@@ -27,6 +78,40 @@ def pool(outputs: dict[str, torch.Tensor], features: str) -> torch.Tensor:
     if features == "avg":
         return outputs["tokens"][:, 1:].mean(1)  # (B, N, D) -> (B, D)
     raise UsageError(f"unknown --features '{features}': use {' or '.join(FEATURES)}")
+
+
+def pool_tokens(tokens: torch.Tensor, how: str) -> torch.Tensor:
+    """(B, N+1, D) tokens → (B, D): the class token or the mean patch token."""
+    return tokens[:, 0] if how == "token" else tokens[:, 1:].mean(1)
+
+
+def vit_featurizer(vit, specs: list[FeatureSpec]) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    """Normalised images (B, 3, H, W) → {spec name: (B, D)} for every spec, from one forward pass
+    through the blocks the deepest spec needs."""
+    depth = max(s.layer for s in specs)
+
+    def featurize(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        blocks = vit.forward_blocks(images, depth)  # [(B, N+1, D)] × depth
+        normed = {s.layer: vit.norm(blocks[s.layer - 1]) for s in specs if s.norm}  # (B, N+1, D) each
+        return {s.name: pool_tokens(normed[s.layer] if s.norm else blocks[s.layer - 1], s.pool) for s in specs}
+
+    return featurize
+
+
+def pixel_featurizer(image_size: int) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    """The raw-pixel reference: normalised images, area-averaged to at most PIXEL_GRID², flattened."""
+    grid = min(image_size, PIXEL_GRID)
+
+    def featurize(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if images.shape[-1] != grid:
+            images = F.adaptive_avg_pool2d(images, grid)  # (B, 3, g, g)
+        return {"pixels": images.flatten(1)}  # (B, 3·g²)
+
+    return featurize
+
+
+def pixel_grid(image_size: int) -> int:
+    return min(image_size, PIXEL_GRID)
 
 
 def process_group():
@@ -47,11 +132,24 @@ def is_main_process() -> bool:
     return (state := process_group()) is None or state.is_main_process
 
 
-@torch.no_grad()
 def extract_features(vit, dataset, batch_size: int = 256, device="cpu", indices=None, num_workers: int = 0,
                      progress: bool = True, desc: str = "features",
                      features: str = "token") -> tuple[torch.Tensor, torch.Tensor]:
-    """(features float32 [n, D], labels long [n]) of `dataset` (or of its `indices` only), in order.
+    """(features float32 [n, D], labels long [n]) of `dataset` (or of its `indices` only), in order:
+    the paper's class token (`features="token"`) or the mean patch token ("avg"), after the final norm."""
+    spec = headline_spec(vit.config.depth, features)
+    found, labels = extract_feature_sets(vit_featurizer(vit, [spec]), vit, dataset, batch_size, device, indices,
+                                         num_workers, progress, desc)
+    return found[spec.name], labels
+
+
+@torch.no_grad()
+def extract_feature_sets(featurize, module, dataset, batch_size: int = 256, device="cpu", indices=None,
+                         num_workers: int = 0, progress: bool = True,
+                         desc: str = "features") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """({name: features float32 [n, D_name]}, labels long [n]) of `dataset` (or of its `indices`),
+    in order, from `featurize` (normalised images → {name: (B, D)}) computed by `module` (a ViT,
+    put in eval mode and back; None for the pixels).
 
     Under `accelerate launch` each process embeds a contiguous share and every process gets all
     the features back, in dataset order: no image is embedded twice or dropped."""
@@ -62,20 +160,26 @@ def extract_features(vit, dataset, batch_size: int = 256, device="cpu", indices=
         order = [int(i) for i in np.array_split(np.asarray(order, dtype=np.int64), state.num_processes)[state.process_index]]
         progress = progress and state.is_main_process
     loader = DataLoader(Subset(dataset, order), batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    was_training = vit.training
-    vit.eval().to(device)
-    feats, labels = [], []
-    for images, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        out = pool(vit.forward_features(normalize(images.to(device))), features)  # (B, D)
-        feats.append(out.float().cpu())
-        labels.append(torch.as_tensor(y).reshape(-1))
-    vit.train(was_training)
+    was_training = module.training if module is not None else False
+    if module is not None:
+        module.eval().to(device)
+    feats: dict[str, list[torch.Tensor]] = {}
+    labels = []
+    try:
+        for images, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
+            for name, out in featurize(normalize(images.to(device))).items():  # (B, D_name) each
+                feats.setdefault(name, []).append(out.float().cpu())
+            labels.append(torch.as_tensor(y).reshape(-1))
+    finally:
+        if module is not None:
+            module.train(was_training)
     if state is not None:  # [(features, labels) of process 0, of process 1, ...]: contiguous shares in order
         from accelerate.utils import gather_object
 
         shares = gather_object([(feats, labels)])
-        feats = [f for share, _ in shares for f in share]
+        names = next((list(f) for f, _ in shares if f), [])
+        feats = {n: [t for share, _ in shares for t in share.get(n, [])] for n in names}
         labels = [y for _, share in shares for y in share]
-    if not feats:
-        raise UsageError("few-shot evaluation got an empty dataset: pass a dataset with images in both splits")
-    return torch.cat(feats), torch.cat(labels).long()  # (n, D), (n,)
+    if not labels or not feats:
+        raise UsageError("the probe got an empty dataset: pass a dataset with images in both splits")
+    return {n: torch.cat(v) for n, v in feats.items()}, torch.cat(labels).long()  # {name: (n, D)}, (n,)

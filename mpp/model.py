@@ -270,6 +270,16 @@ class ViT(nn.Module):
         """
         return self.patch_embed(images)
 
+    def with_positions(self, patches: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings (B, N, D) → the first block's input (B, N+1, D): the class token prepended,
+        position embeddings added (resampled in 2-D for another grid), position dropout."""
+        B, N, D = patches.shape
+        pos_embed = self.pos_embed
+        if N + 1 != pos_embed.shape[1]:
+            pos_embed = resample_pos_embed(pos_embed, math.isqrt(N))
+        x = torch.cat([self.cls_token.expand(B, -1, -1), patches], dim=1)  # (B, N+1, D)
+        return self.pos_drop(x + pos_embed)
+
     def forward_tokens(self, patches: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Patch embeddings (B, N, D) → the final-norm tokens: (B, N+1, D), or with `keep` (B, n, D).
 
@@ -278,13 +288,7 @@ class ViT(nn.Module):
         and values still span every token, so the values are the same. Supervised training needs only
         the class token and MPP only the corrupted patches: the last block costs 1/(N+1) or about half.
         """
-        B, N, D = patches.shape
-        pos_embed = self.pos_embed
-        if N + 1 != pos_embed.shape[1]:
-            grid = math.isqrt(N)
-            pos_embed = resample_pos_embed(pos_embed, grid)
-        x = torch.cat([self.cls_token.expand(B, -1, -1), patches], dim=1)  # (B, N+1, D)
-        x = self.pos_drop(x + pos_embed)
+        x = self.with_positions(patches)  # (B, N+1, D)
         for i, block in enumerate(self.blocks):
             x = block(x, keep if i == len(self.blocks) - 1 else None)
         return self.norm(x)  # (B, N+1, D) | (B, n, D)
@@ -294,6 +298,16 @@ class ViT(nn.Module):
         class token}: always both, what the probes pool from."""
         tokens = self.forward_tokens(self.embed_patches(images))  # (B, N+1, D)
         return {"tokens": tokens, "pre_logits": tokens[:, 0]}
+
+    def forward_blocks(self, images: torch.Tensor, depth: int | None = None) -> list[torch.Tensor]:
+        """Images (B, 3, H, W) → the output of each of the first `depth` blocks (default all), before
+        the final norm: [(B, N+1, D)] × depth. One forward pass serves every layer's probe."""
+        x = self.with_positions(self.embed_patches(images))  # (B, N+1, D)
+        outputs = []
+        for block in self.blocks[: len(self.blocks) if depth is None else depth]:
+            x = block(x)  # (B, N+1, D)
+            outputs.append(x)
+        return outputs
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         patches = self.embed_patches(images)  # (B, N, D)

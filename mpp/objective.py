@@ -102,7 +102,8 @@ class Target:
 
     The objective computes `target` on the whole batch, gathers the corrupted patches' rows, and hands
     the head's outputs `pred` (M, head_width) in float32 (M corrupted patches of the batch) and those
-    rows `target` (M, ...) to `loss` and `metrics`."""
+    rows `target` (M, ...) to `loss` and `metrics`. `decode` and `render` are for pictures only
+    (mpp.visualize): the head's outputs in the target's form, and that form as pixels."""
     name: str  # --target's value, recorded in the run's config.json
     label: str  # its name in comparison tables, "mpp (<label>, 50%)"; the built-ins' is their name, as committed tables show
     help: str  # what is predicted, for --target's help: "3-bit mean colour, 512 classes"
@@ -112,6 +113,9 @@ class Target:
     metrics: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict]  # (pred, target, loss) → detached, besides "loss"
     check: Callable[[ViTConfig, MPPConfig], None] | None = None  # raises UsageError for a setting it cannot train
     arm: str | None = None  # its run in scripts/compare_pretraining.py's ablations ("mpp-4x4"); None: no run
+    # How mpp.visualize shows it; None: the target trains but cannot be drawn.
+    decode: Callable[[torch.Tensor, MPPConfig], torch.Tensor] | None = None  # pred (M, head_width) → (M, ...) in target form
+    render: Callable[[torch.Tensor, int, MPPConfig], torch.Tensor] | None = None  # ((M, ...) target form, P) → (M, P, P, 3) in [0, 1]
 
 
 TARGETS: dict[str, Target] = {}  # name → Target, in registration order (the order --help and the ablations use)
@@ -150,23 +154,54 @@ def check_cells(vit: ViTConfig, config: MPPConfig) -> None:
                          f"pass --cells between 1 and {vit.patch_size}")
 
 
+def class_colors(classes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(...) colour classes r·L² + g·L + b → (..., 3) in [0, 1]: each channel its level's centre (l + 0.5) / L."""
+    L = 2**bits
+    levels = torch.stack([classes // (L * L), classes // L % L, classes % L], -1)  # (..., 3)
+    return (levels.float() + 0.5) / L
+
+
+def render_mean_color(classes: torch.Tensor, P: int, config: MPPConfig) -> torch.Tensor:
+    """(M,) classes → (M, P, P, 3): each patch flat in its class's colour."""
+    return class_colors(classes, config.bits)[:, None, None, :].expand(-1, P, P, -1)
+
+
+def render_cells(classes: torch.Tensor, P: int, config: MPPConfig) -> torch.Tensor:
+    """(M, cells²) classes → (M, P, P, 3): each cell in its colour, upsampled (nearest) to P×P; P need
+    not be a multiple of cells."""
+    c = config.cells
+    small = class_colors(classes, config.bits).reshape(-1, c, c, 3).permute(0, 3, 1, 2)  # (M, 3, c, c)
+    return F.interpolate(small, size=(P, P), mode="nearest").permute(0, 2, 3, 1)  # (M, P, P, 3)
+
+
+def decode_classes(pred: torch.Tensor, config: MPPConfig) -> torch.Tensor:
+    """(M, K·classes) logits → (M, K) argmax classes, one per cell."""
+    return pred.reshape(len(pred), -1, color_classes(config)).argmax(-1)
+
+
 register_target(Target(
     "mean_color", "mean_color", "3-bit mean colour, 512 classes",
     head_width=lambda vit, c: color_classes(c),
     target=lambda images, P, c: mean_color_target(images, P, c.bits),  # (B, N)
     loss=class_loss, metrics=class_metrics,
+    decode=lambda pred, c: pred.argmax(-1),  # (M,)
+    render=render_mean_color,
 ))
 register_target(Target(
     "downsample", "downsample", "4×4 cells × 512 classes",
     head_width=lambda vit, c: c.cells**2 * color_classes(c),
     target=lambda images, P, c: downsample_target(images, P, c.cells, c.bits),  # (B, N, cells²)
     loss=class_loss, metrics=class_metrics, check=check_cells, arm="mpp-4x4",
+    decode=decode_classes,  # (M, cells²)
+    render=render_cells,
 ))
 register_target(Target(
     "l2", "l2", "regress the pixels",
     head_width=lambda vit, c: vit.patch_size**2 * vit.in_chans,
     target=lambda images, P, c: patchify(images.float(), P),  # (B, N, P·P·C)
     loss=F.mse_loss, metrics=lambda pred, target, loss: {"mse": loss.detach()}, arm="mpp-l2",
+    decode=lambda pred, c: pred,  # (M, P·P·3): the pixels themselves
+    render=lambda pixels, P, c: pixels.reshape(-1, P, P, 3).clamp(0, 1),  # patchify's (row, col, channel) order
 ))
 
 
@@ -179,15 +214,25 @@ def corrupted_count(corrupt_rate: float, num_patches: int) -> int:
     return max(1, round(corrupt_rate * num_patches))
 
 
+UNTOUCHED, MASKED, RANDOM, KEPT = 0, 1, 2, 3  # Corruption.kind's values
+
+
+@dataclass(frozen=True, eq=False)
+class Corruption:
+    """What `corrupt_patches` did to a batch of B images of N patch embeddings, n of them corrupted each."""
+    patches: torch.Tensor  # (B, N, D) the corrupted embeddings, what the ViT sees
+    chosen: torch.Tensor  # (B, n) long: each image's corrupted patch indices, sorted
+    kind: torch.Tensor  # (B, N) int8: UNTOUCHED 0, MASKED 1 ([mask]), RANDOM 2 (another patch's), KEPT 3 (corrupted, unchanged)
+    source: torch.Tensor  # (B, N) long: flat index b·N + i of the patch each embedding came from; B·N for [mask]
+
+
 def corrupt_patches(
     patches: torch.Tensor, mask_token: torch.Tensor, config: MPPConfig, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Corruption:
     """Corrupt an exact `corrupt_rate` of each image's patch embeddings, BERT-style.
 
-    patches: (B, N, D); mask_token: (1, 1, D).
-    Returns (corrupted patches (B, N, D), the corrupted indices (B, n) sorted, kind (B, N) int8:
-    0 untouched, 1 [mask], 2 random other patch, 3 corrupted but kept).
-    Fixed-size indices rather than a boolean mask so callers gather without a device sync.
+    patches: (B, N, D); mask_token: (1, 1, D). Every draw comes from `generator` (None: torch's global one).
+    Fixed-size indices (`chosen`) rather than a boolean mask so callers gather without a device sync.
     """
     B, N, D = patches.shape
     if B * N < 2:
@@ -213,8 +258,8 @@ def corrupt_patches(
     table = torch.cat([patches.reshape(B * N, D), mask_token.reshape(1, D).to(patches.dtype)])  # (B·N + 1, D)
     source = torch.where(to_mask, B * N, torch.where(to_random, other, own))  # (B, N) rows of the table
     x = F.embedding(source, table)  # (B, N, D)
-    kind = torch.where(to_mask, 1, torch.where(to_random, 2, torch.where(corrupted, 3, 0))).to(torch.int8)
-    return x, chosen, kind
+    kind = torch.where(to_mask, MASKED, torch.where(to_random, RANDOM, torch.where(corrupted, KEPT, UNTOUCHED)))
+    return Corruption(x, chosen, kind.to(torch.int8), source)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,15 +292,24 @@ class MPPObjective(nn.Module):
         """images: (B, C, H, W) in [0, 1] → the target of every patch, (B, N, ...)."""
         return self.entry.target(images, self.vit.config.patch_size, self.config)
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """images: (B, 3, H, W) in [0, 1]; labels unused (MPP needs none). → (loss, metrics)."""
-        target = self.targets(images)
+    def predict(self, images: torch.Tensor, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, Corruption]:
+        """images: (B, 3, H, W) in [0, 1] → (the head's outputs (B, n, head_width) float32, the targets
+        of the same patches (B, n, ...), the Corruption), n corrupted patches per image; the corruption
+        draws from `generator` (None: torch's global one)."""
+        target = self.targets(images)  # (B, N, ...)
         patches = self.vit.embed_patches(normalize(images))  # (B, N, D)
-        patches, chosen, _ = corrupt_patches(patches, self.mask_token, self.config)  # chosen: (B, n)
-        # The loss sees the corrupted patches only (token i + 1 is patch i): the ViT computes no more.
-        tokens = self.vit.forward_tokens(patches, keep=chosen + 1)  # (B, n, D)
-        pred = self.head(tokens).float().flatten(0, 1)  # (M, head_width), M = B·n
-        target = gather_tokens(target, chosen).flatten(0, 1)  # (M, ...): (M,) | (M, cells²) | (M, P·P·3)
+        corruption = corrupt_patches(patches, self.mask_token, self.config, generator)
+        # Only the corrupted patches are predicted (token i + 1 is patch i): the ViT computes no more.
+        tokens = self.vit.forward_tokens(corruption.patches, keep=corruption.chosen + 1)  # (B, n, D)
+        pred = self.head(tokens).float()  # (B, n, head_width)
+        return pred, gather_tokens(target, corruption.chosen), corruption  # target: (B, n, ...)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """images: (B, 3, H, W) in [0, 1]; labels unused (MPP needs none). → (loss, metrics), the loss
+        over the corrupted patches only."""
+        pred, target, _ = self.predict(images)
+        pred, target = pred.flatten(0, 1), target.flatten(0, 1)  # (M, head_width), (M, ...): M = B·n
         loss = self.entry.loss(pred, target)
         return loss, {"loss": loss.detach(), **self.entry.metrics(pred, target, loss)}
 

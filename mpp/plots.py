@@ -1,4 +1,5 @@
-"""The comparison's figures: few-shot accuracy vs shots, training curves, position-embedding similarity.
+"""The comparison's figures: few-shot accuracy vs shots, accuracy by block, training curves,
+position-embedding similarity.
 
 Plots are drawn on matplotlib `Figure`s (Agg), never through pyplot, so a program that draws them
 keeps its own matplotlib backend. Each run has one colour in every figure (`run_colors`).
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from mpp.reports import Row
-from mpp.tables import shot_counts
+from mpp.tables import LayerView, accuracy, reference_accuracy, row_layers, shot_counts
 
 
 def new_figure(width: float, height: float):
@@ -24,8 +25,11 @@ def run_colors(rows: list[Row]) -> dict[str, str]:
     return {r.name + r.kind: f"C{i % 10}" for i, r in enumerate(rows)}
 
 
+BASELINE_STYLES = {"random-init": "--", "pixels": ":"}  # a run's lines are solid
+
+
 def plot_fewshot(rows: list[Row], datasets: list[str], path: Path, colors: dict[str, str]) -> None:
-    """Accuracy vs shots (log x, error bars = std), one panel per dataset; baselines dashed."""
+    """Accuracy vs shots (log x, error bars = std), one panel per dataset; random init dashed, raw pixels dotted."""
     from matplotlib.ticker import NullFormatter
 
     fig = new_figure(5.5 * len(datasets), 4.2)
@@ -36,13 +40,63 @@ def plot_fewshot(rows: list[Row], datasets: list[str], path: Path, colors: dict[
             ks = sorted(results)
             ax.errorbar(ks, [100 * results[k]["mean"] for k in ks], yerr=[100 * results[k]["std"] for k in ks],
                         marker="o", capsize=3, label=row.name, color=colors[row.name + row.kind],
-                        linestyle="--" if row.kind == "random-init" else "-")
+                        linestyle=BASELINE_STYLES.get(row.kind, "-"))
         ax.set_xscale("log")
         ax.set_xticks(shots, [str(k) for k in shots])
         ax.xaxis.set_minor_formatter(NullFormatter())  # only the evaluated shot counts are labelled
         ax.set(title=f"few-shot on {dataset}", xlabel="examples per class", ylabel="test accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
+    fig.savefig(path, dpi=100)
+
+
+VARIANT_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")  # one per feature variant, in the order first seen
+
+
+def plot_layers(runs: list[Row], baselines: list[Row], views: list[LayerView], path: Path,
+                colors: dict[str, str]) -> None:
+    """Accuracy by block, one panel per evaluation (three to a row): a line per (run, feature variant)
+    in the run's colour, a marker per variant; its random init per block dashed; raw pixels dotted."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    variants = list(dict.fromkeys(v for r in runs for view in views if (layers := row_layers(r, view))
+                                  for v in layers["variants"]))
+    markers = {v: VARIANT_MARKERS[i % len(VARIANT_MARKERS)] for i, v in enumerate(variants)}
+    cols = min(3, len(views))
+    rows_n = -(-len(views) // cols)
+    fig = new_figure(5.2 * cols, 3.8 * rows_n + 0.9)  # the shared legend below
+    axes = fig.subplots(rows_n, cols, squeeze=False).ravel()
+    for ax, view in zip(axes, views):
+        for run in runs:
+            layers = row_layers(run, view)
+            if layers is None:
+                continue
+            for results, style in (layers["results"], "-"), (layers["random_init"] or {}, BASELINE_STYLES["random-init"]):
+                for var in layers["variants"]:
+                    points = [(b, a) for b in layers["blocks"]
+                              if (a := accuracy(results.get(f"{b}/{var}"), view)) is not None]
+                    if points:
+                        xs, ys = zip(*points)
+                        ax.plot(xs, [100 * y for y in ys], linestyle=style, marker=markers[var], markersize=4,
+                                color=colors[run.name + run.kind], alpha=1.0 if style == "-" else 0.6)
+        for row in (b for b in baselines if b.kind == "pixels"):
+            if (found := reference_accuracy(row, view)) is not None:
+                ax.axhline(100 * found, linestyle=BASELINE_STYLES["pixels"], color=colors[row.name + row.kind], linewidth=1.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # blocks: no 2.5
+        ax.set(title=view.title(), xlabel="block", ylabel="test accuracy (%)")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(views):]:
+        ax.set_visible(False)
+    # One legend for the figure: colours name runs, markers the features, line styles the baselines.
+    pixels = [b for b in baselines if b.kind == "pixels"]
+    handles = [Line2D([], [], color=colors[r.name + r.kind], label=r.name) for r in runs
+               if any(row_layers(r, v) for v in views)]
+    handles += [Line2D([], [], color="black", marker=markers[v], linestyle="none", label=v) for v in variants]
+    handles += [Line2D([], [], color="gray", linestyle=BASELINE_STYLES["random-init"], label="random init (same run's colour)")]
+    handles += [Line2D([], [], color=colors[b.name + b.kind], linestyle=BASELINE_STYLES["pixels"], label=b.name) for b in pixels
+                if any(reference_accuracy(b, v) is not None for v in views)]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(6, len(handles)), fontsize="small")
     fig.savefig(path, dpi=100)
 
 
@@ -118,3 +172,54 @@ def plot_pos_embed(name: str, found: dict, path: Path) -> None:
            title=f"{name}: position-embedding similarity" + (f" (step {found['step']})" if found["step"] else ""))
     fig.colorbar(image, ax=ax, shrink=0.8, label="cosine similarity")
     fig.savefig(path, dpi=100)
+
+
+def fewshot_curve_panels(curves: dict[str, tuple[int | None, dict]]) -> list[tuple[str, int]]:
+    """(dataset, shots) of every in-run few-shot curve, datasets in the order first seen, shots ascending."""
+    found: dict[str, set[int]] = {}
+    for _, tags in curves.values():
+        for tag in tags:
+            _, dataset, shots = tag.split("/")
+            found.setdefault(dataset, set()).add(int(shots.removesuffix("shot")))
+    return [(d, k) for d, ks in found.items() for k in sorted(ks)]
+
+
+def plot_fewshot_curves(runs: list[Row], curves: dict[str, tuple[int | None, dict]], path: Path,
+                        colors: dict[str, str]) -> list[str]:
+    """The in-run few-shot probe against images seen (step × batch): one panel per (dataset, shots),
+    four to a row; a solid line per run (class token), dashed for its mean patch token, and a dotted
+    level at its step-0 point (the untrained model: the random-init level). Returns the panel titles."""
+    from matplotlib.lines import Line2D
+
+    panels = fewshot_curve_panels(curves)
+    cols = min(4, len(panels))
+    rows_n = -(-len(panels) // cols)
+    fig = new_figure(4.2 * cols, 3.4 * rows_n + 0.7)
+    axes = fig.subplots(rows_n, cols, squeeze=False).ravel()
+    by_images = all(batch for batch, _ in curves.values())  # else every run in steps: one x axis for all
+    for ax, (dataset, shots) in zip(axes, panels):
+        for run in runs:
+            batch, tags = curves.get(run.name, (None, {}))
+            scale = batch if by_images else 1
+            for prefix, style in (("fewshot", "-"), ("fewshot_avg", "--")):
+                points = tags.get(f"{prefix}/{dataset}/{shots}shot")
+                if not points:
+                    continue
+                steps, values = zip(*sorted(points))
+                color = colors[run.name + run.kind]
+                ax.plot([s * scale for s in steps], [100 * v for v in values], linestyle=style, marker="o",
+                        markersize=3, color=color, alpha=1.0 if style == "-" else 0.6)
+                if prefix == "fewshot" and steps[0] == 0:
+                    ax.axhline(100 * values[0], linestyle=":", color=color, linewidth=1)
+        ax.set(title=f"{shots}-shot on {dataset}", xlabel="images seen" if by_images else "steps",
+               ylabel="test accuracy (%)")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    handles = [Line2D([], [], color=colors[r.name + r.kind], label=r.name) for r in runs if curves.get(r.name, (0, {}))[1]]
+    handles += [Line2D([], [], color="gray", linestyle="-", label="class token (the paper's)"),
+                Line2D([], [], color="gray", linestyle="--", label="mean patch token"),
+                Line2D([], [], color="gray", linestyle=":", label="step 0: the untrained model")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(6, len(handles)), fontsize="small")
+    fig.savefig(path, dpi=100)
+    return [f"{shots}-shot on {dataset}" for dataset, shots in panels]

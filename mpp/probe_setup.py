@@ -50,6 +50,12 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the ViT's blocks")
     p.add_argument("--features", default="token", choices=FEATURES, help="token: the class token's pre-logits (the "
                    "paper's); avg: the mean patch token (default files get an -avg suffix)")
+    p.add_argument("--layers", nargs="+", metavar="L", help="also probe every block's class token and mean patch "
+                   "token, with and without the final LayerNorm, from one forward pass: all, or block numbers "
+                   "(1..depth; -1 is the last)")
+    p.add_argument("--references", default=True, action=argparse.BooleanOptionalAction,
+                   help="score the same probe on the same images for a random init of the same architecture "
+                   "and for the raw pixels at the model's resolution (default: on)")
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -94,6 +100,24 @@ def build_model(args) -> tuple[dict | None, torch.nn.Module, Path | None, Path |
     return config, ViT(vit_cfg, kernels_for(vit_cfg)), run_dir_of(run), None
 
 
+def reference_seed(args, config: dict | None) -> int:
+    """The random-init reference's seed: --seed, else the run's, else 0 (what --random-init uses)."""
+    return args.seed if args.seed is not None else (config or {}).get("train", {}).get("seed", 0)
+
+
+def random_init_like(args, target: "ProbeTarget") -> torch.nn.Module | None:
+    """The random-init reference for `target`: an untrained ViT of its architecture, seeded as
+    `--random-init` seeds it (--seed, else the run's seed, else 0); None when the target is one."""
+    if args.random_init or not args.references:
+        return None
+    torch.manual_seed(reference_seed(args, target.config))
+    config = dataclasses.replace(target.vit.config, num_classes=0)  # the head does not change the features
+    vit = ViT(config, target.vit.kernels)
+    if args.compile:
+        compile_blocks(vit)
+    return vit
+
+
 def checkpoint_step(path: Path) -> int:
     """The step of a checkpoint: from its file name when that says it, else from its "step" entry (0 if none)."""
     if (step := step_of_name(path)) is not None:  # no second load needed
@@ -118,7 +142,9 @@ class ProbeTarget:
     def report_head(self, args) -> dict:
         return {"init": "random" if args.random_init else "trained", "run": str(self.run_dir) if self.run_dir else None,
                 "checkpoint": str(self.checkpoint) if self.checkpoint else None, "step": self.step,
-                "features": args.features, "kernels": self.vit.kernels.names()}  # which ops computed the features
+                "features": args.features, "kernels": self.vit.kernels.names(),  # which ops computed the features
+                "reference_seed": reference_seed(args, self.config) if args.references and not args.random_init
+                else None}
 
     def output(self, args) -> Path:  # RUN_DIR/<prefix with dashes>.json unless --output
         return Path(args.output) if args.output else self.run_dir / f"{self.prefix.replace('_', '-')}.json"
@@ -160,3 +186,21 @@ def save_report(target: ProbeTarget, output: Path, report: dict, scalars: dict[s
         for tag, value in scalars.items():
             tb.add_scalar(tag, value, global_step=target.step)
     print(f"wrote {output}")
+
+
+def layer_lines(layers: dict, value, what: str) -> list[str]:
+    """A printed table of a layer sweep: one row per feature variant (pool, norm), one column per
+    block, `value(result)` in % in each cell, then the best cell; `what` names the number shown."""
+    specs = layers["specs"]
+    blocks = sorted({s["layer"] for s in specs})
+    variants = list(dict.fromkeys(s["name"].split("/", 1)[1] for s in specs))
+    lines = [f"by block ({what}, %):", f"{'feature':>12} | " + " ".join(f"{b:>6}" for b in blocks)]
+    for variant in variants:
+        cells = []
+        for b in blocks:
+            result = layers["results"].get(f"{b}/{variant}")
+            cells.append(f"{100 * value(result):6.1f}" if result is not None else f"{'–':>6}")
+        lines.append(f"{variant:>12} | " + " ".join(cells))
+    best = max(layers["results"], key=lambda n: value(layers["results"][n]))
+    lines.append(f"best: block {best} ({100 * value(layers['results'][best]):.1f}%)")
+    return lines

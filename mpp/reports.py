@@ -1,4 +1,9 @@
-"""Reading a run directory's results into comparison rows: one `Row` per run, one per random-init baseline.
+"""Reading a run directory's results into comparison rows: one `Row` per run, one per reference baseline.
+
+Two baselines (a `Reference` each): a random init of the run's architecture (a fewshot-random-init /
+linear-probe-random-init report, or a report's "references.random_init") and the normalised raw
+pixels ("references.pixels"). A report's optional "layers" (every block's features: "<block>/<pool>[+norm]")
+is parsed into its entry's "layers" (see `parse_layers`); reports without it keep "layers": None.
 
 What a run directory may hold is defined in mpp.rundir; the reports themselves are written by
 scripts/pretrain_*.py (summary.json), eval/fewshot.py (fewshot*.json), eval/linear_probe.py
@@ -29,18 +34,31 @@ class Row:
     """One row of the comparison: a run, or a random-init baseline."""
 
     name: str
-    kind: str = "run"  # run | random-init
+    kind: str = "run"  # run | random-init | pixels
     path: str | None = None
     objective: str | None = None  # mpp | supervised | finetune, as the run's config says
     label: str = DASH  # the table's objective cell
     dataset: str | None = None  # the training data's short name
     steps: int | None = None
     wall_time_s: float | None = None
-    fewshot: dict[str, dict] = field(default_factory=dict)  # dataset → {"spec", "file", "step", "results": {k: {mean, std}}}
-    linear_probe: dict | None = None  # {"accuracy", "dataset", "spec", "file"}
+    # dataset → {"spec", "dataset", "file", "in", "step", "results": {k: {mean, std}}, "layers"}
+    fewshot: dict[str, dict] = field(default_factory=dict)
+    linear_probe: dict | None = None  # {"accuracy", "l2", "dataset", "spec", "file", "in", "layers"}
     finetune: dict | None = None  # {"mean", "std", "lr", "dataset", "spec", "init", "file", ...}
     loss_scale: str | None = None  # runs whose losses can share an axis have the same loss scale
-    sources: list[str] = field(default_factory=list)  # random-init rows: the runs whose reports they show
+    sources: list[str] = field(default_factory=list)  # baseline rows: the runs whose reports hold the baseline
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One baseline result found in a run directory, before baselines of the same model are merged into a row."""
+
+    run: str  # the name of the run whose report holds it
+    kind: str  # random-init | pixels
+    key: tuple  # what makes two the same baseline: the architecture (random init), the image size (pixels)
+    label: str  # the row's name in brackets: "Micro/4, 16 px" or "32 px"
+    probe: str  # fewshot | linear_probe
+    entry: dict  # as fewshot_entry / linear_probe_entry make it; "in" names the references key, None for a file
 
 
 # ---------------------------------------------------------------- one report
@@ -71,28 +89,98 @@ def report_spec(report: dict, fallback_spec: str | None) -> str:
     return (report.get("dataset") or {}).get("spec") or fallback_spec or "unknown"
 
 
-def fewshot_entry(path: Path, report: dict, run_dir: Path, fallback_spec: str | None) -> dict:
-    results = report.get("results")
+def parse_shots(results) -> dict[int, dict]:
+    """{"1": {"shots": 1, "mean", "std", ...}, ...} → {1: {"mean", "std"}, ...}, sorted by shots; raises on a bad one."""
     if not isinstance(results, dict) or not results:
-        raise bad_report(path, "few-shot", "no 'results'")
+        raise ValueError("no results")
+    parsed = {int(r.get("shots", k)): {"mean": float(r["mean"]), "std": float(r.get("std") or 0.0)}
+              for k, r in results.items()}
+    return dict(sorted(parsed.items()))
+
+
+def parse_probe(result) -> dict:
+    """{"accuracy", "l2", ...} → {"accuracy", "l2"}; raises on a non-numeric accuracy."""
+    return {"accuracy": float(result["accuracy"]), "l2": result.get("l2")}
+
+
+def variant(spec: dict) -> str:
+    """A layer spec's feature variant, the same at every block: "token", "token+norm", "avg", "avg+norm"."""
+    return spec["pool"] + ("+norm" if spec["norm"] else "")
+
+
+def is_layer_spec(spec) -> bool:
+    return (isinstance(spec, dict) and type(spec.get("layer")) is int and spec["layer"] >= 1
+            and isinstance(spec.get("pool"), str) and bool(spec["pool"]) and isinstance(spec.get("norm"), bool)
+            and spec.get("name") == f"{spec['layer']}/{variant(spec)}")
+
+
+def parse_layers(path: Path, found, what: str, parse_one) -> dict | None:
+    """A report's "layers" sweep, or None when it has none:
+    {"specs": [{name, layer, pool, norm}], "blocks": [1, ...], "variants": ["token", ...],
+     "results": {name: parse_one(result)}, "random_init": the same or None}.
+    A feature without a result is left out (a `–` cell); a result of a feature no spec names is refused."""
+    if found is None:
+        return None
+
+    def bad(problem: str) -> UsageError:
+        return bad_report(path, what, f"malformed 'layers': {problem}")
+
+    specs = found.get("specs") if isinstance(found, dict) else None
+    if not isinstance(specs, list) or not specs:
+        raise bad("no 'specs' list")
+    for spec in specs:
+        if not is_layer_spec(spec):
+            raise bad(f"spec {json.dumps(spec)[:80]} is not {{name: '<block>/<pool>[+norm]', layer, pool, norm}}")
+    names = [s["name"] for s in specs]
+    if found.get("features", names) != names:
+        raise bad("'features' and 'specs' list different features")
+    parsed = {"specs": [{k: s[k] for k in ("name", "layer", "pool", "norm")} for s in specs],
+              "blocks": sorted({s["layer"] for s in specs}), "variants": list(dict.fromkeys(map(variant, specs)))}
+    for key in ("results", "random_init"):
+        results = found.get(key)
+        if results is None and key == "random_init":
+            parsed[key] = None
+            continue
+        if not isinstance(results, dict) or not results:
+            raise bad(f"no '{key}' object")
+        unknown = [n for n in results if n not in names]
+        if unknown:
+            raise bad(f"'{key}' has a result for '{unknown[0]}', which no spec names")
+        try:
+            parsed[key] = {n: parse_one(results[n]) for n in names if n in results}
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise bad(f"a result in '{key}' without a numeric accuracy ({type(e).__name__}: {e})") from e
+    return parsed
+
+
+def fewshot_entry(path: Path, report: dict, run_dir: Path, fallback_spec: str | None, where: str | None = None) -> dict:
+    """The few-shot report's entry; `where` ("references.pixels") reads that part of it instead of the top level."""
+    found = report if where is None else report["references"][where.split(".", 1)[1]]
+    inside = f" in {where}" if where else ""
+    if not isinstance(found.get("results"), dict) or not found["results"]:
+        raise bad_report(path, "few-shot", f"no 'results'{inside}")
     try:
-        parsed = {int(r.get("shots", k)): {"mean": float(r["mean"]), "std": float(r.get("std") or 0.0)}
-                  for k, r in results.items()}
+        results = parse_shots(found["results"])
     except (AttributeError, KeyError, TypeError, ValueError) as e:
-        raise bad_report(path, "few-shot", f"a result without a numeric mean: {e}") from e
+        raise bad_report(path, "few-shot", f"a result{inside} without a numeric mean: {e}") from e
     spec = report_spec(report, fallback_spec)
-    return {"spec": spec, "dataset": dataset_name(spec), "file": path.relative_to(run_dir).as_posix(),
-            "step": report.get("step"), "results": dict(sorted(parsed.items()))}
+    layers = parse_layers(path, report.get("layers"), "few-shot", parse_shots) if where is None else None
+    return {"spec": spec, "dataset": dataset_name(spec), "file": path.relative_to(run_dir).as_posix(), "in": where,
+            "step": report.get("step"), "results": results, "layers": layers}
 
 
-def linear_probe_entry(path: Path, report: dict, run_dir: Path, fallback_spec: str | None) -> dict:
+def linear_probe_entry(path: Path, report: dict, run_dir: Path, fallback_spec: str | None,
+                       where: str | None = None) -> dict:
+    """The linear-probe report's entry; `where` ("references.pixels") reads that part of it instead of the top level."""
+    found = report if where is None else report["references"][where.split(".", 1)[1]]
     try:
-        accuracy = float(report["accuracy"])
+        accuracy = float(found["accuracy"])
     except (KeyError, TypeError, ValueError) as e:
-        raise bad_report(path, "linear-probe", "no numeric 'accuracy'") from e
+        raise bad_report(path, "linear-probe", f"no numeric 'accuracy'{f' in {where}' if where else ''}") from e
     spec = report_spec(report, fallback_spec)
+    layers = parse_layers(path, report.get("layers"), "linear-probe", parse_probe) if where is None else None
     return {"accuracy": accuracy, "spec": spec, "dataset": dataset_name(spec),
-            "file": path.relative_to(run_dir).as_posix(), "l2": report.get("l2")}
+            "file": path.relative_to(run_dir).as_posix(), "in": where, "l2": found.get("l2"), "layers": layers}
 
 
 def finetune_entry(path: Path, report: dict, run_dir: Path, fallback_spec: str | None) -> dict:
@@ -180,10 +268,57 @@ def arch_of(vit: dict | None, model: str | None) -> tuple[tuple, str]:
     return tuple(vit.get(f) for f in ARCH_FIELDS), f"{name}, {vit.get('image_size')} px"
 
 
+# ---------------------------------------------------------------- references: the baselines a run's reports hold
+
+REFERENCES = {"random_init": "random-init", "pixels": "pixels"}  # a report's "references" key → the row kind
+PROBES = {"fewshot": ("few-shot", fewshot_entry), "linear_probe": ("linear-probe", linear_probe_entry)}
+
+
+def report_arch(report: dict, config: dict) -> tuple[tuple, str]:
+    """The architecture a report probed: its own "vit" (and model name), else the run's."""
+    train = config.get("train") or {}
+    model = (report.get("run_config") or {}).get("model") or report.get("model") or train.get("model")
+    return arch_of(report.get("vit") or config.get("vit"), model)
+
+
+def pixels_size(path: Path, found: dict, report: dict, what: str) -> int:
+    """The raw pixels' resolution: the reference's own, else the report's images', else the probed model's."""
+    size = found.get("image_size") or (report.get("dataset") or {}).get("image_size") or \
+        (report.get("vit") or {}).get("image_size")
+    if type(size) is not int or size < 1:
+        raise bad_report(path, what, "references.pixels has no positive integer 'image_size'")
+    return size
+
+
+def references_of(path: Path, report: dict, run_dir: Path, name: str, config: dict, probe: str) -> list[Reference]:
+    """The baselines in a report's optional "references" (unknown keys are left for newer readers)."""
+    found = report.get("references")
+    if found is None:
+        return []
+    what, entry_of = PROBES[probe]
+    if not isinstance(found, dict):
+        raise bad_report(path, what, "'references' is not an object")
+    refs = []
+    for key, kind in REFERENCES.items():
+        if key not in found:
+            continue
+        if not isinstance(found[key], dict):
+            raise bad_report(path, what, f"references.{key} is not an object")
+        entry = entry_of(path, report, run_dir, (config.get("train") or {}).get("dataset"), f"references.{key}")
+        if kind == "random-init":
+            arch, label = report_arch(report, config)
+        else:
+            size = pixels_size(path, found[key], report, what)
+            arch, label = (size,), f"{size} px"
+        refs.append(Reference(name, kind, arch, label, probe, entry))
+    return refs
+
+
 # ---------------------------------------------------------------- one run, and the baselines of all
 
-def read_run(run_dir: Path, name: str, notes: list[str]) -> tuple[Row, list[tuple]]:
-    """The run's row and its random-init results as (arch key, arch label, "fewshot"|"linear_probe", entry)."""
+def read_run(run_dir: Path, name: str, notes: list[str]) -> tuple[Row, list[Reference]]:
+    """The run's row and the baselines its reports hold: its random-init reports first (by file name),
+    then the "references" of its reports (by file name)."""
     config = read_optional(run_dir / CONFIG)
     summary = read_optional(run_dir / SUMMARY)
     train = config.get("train") or {}
@@ -191,25 +326,22 @@ def read_run(run_dir: Path, name: str, notes: list[str]) -> tuple[Row, list[tupl
     own = dataset_name(spec) if spec else None
     row = Row(name=name, path=str(run_dir), dataset=own, steps=summary.get("steps"),
               wall_time_s=summary.get("wall_time_s"))
-    randoms: list[tuple] = []
+    files: list[Reference] = []
+    inside: list[Reference] = []
 
     by_dataset: dict[str, list[dict]] = {}
-    for path, report in read_reports(run_dir, FEWSHOT_GLOB):
-        entry = fewshot_entry(path, report, run_dir, spec)
-        if is_random_init(path, report):
-            model = (report.get("run_config") or {}).get("model") or report.get("model") or train.get("model")
-            randoms.append((*arch_of(report.get("vit") or config.get("vit"), model), "fewshot", entry))
-        else:
-            by_dataset.setdefault(entry["dataset"], []).append(entry)
-    row.fewshot = {ds: pick(entries, None, f"few-shot ({ds})", name, notes) for ds, entries in by_dataset.items()}
-
     probes = []
-    for path, report in read_reports(run_dir, LINEAR_PROBE_GLOB):
-        entry = linear_probe_entry(path, report, run_dir, spec)
-        if is_random_init(path, report):
-            randoms.append((*arch_of(report.get("vit") or config.get("vit"), train.get("model")), "linear_probe", entry))
-        else:
-            probes.append(entry)
+    for probe, pattern in (("fewshot", FEWSHOT_GLOB), ("linear_probe", LINEAR_PROBE_GLOB)):
+        for path, report in read_reports(run_dir, pattern):
+            entry = PROBES[probe][1](path, report, run_dir, spec)
+            inside += references_of(path, report, run_dir, name, config, probe)
+            if is_random_init(path, report):
+                files.append(Reference(name, "random-init", *report_arch(report, config), probe, entry))
+            elif probe == "fewshot":
+                by_dataset.setdefault(entry["dataset"], []).append(entry)
+            else:
+                probes.append(entry)
+    row.fewshot = {ds: pick(entries, None, f"few-shot ({ds})", name, notes) for ds, entries in by_dataset.items()}
     row.linear_probe = pick(probes, own, "linear-probe", name, notes)
 
     tunes = [finetune_entry(p, r, run_dir, spec) for pattern in FINETUNE_GLOBS for p, r in read_reports(run_dir, pattern)]
@@ -219,7 +351,7 @@ def read_run(run_dir: Path, name: str, notes: list[str]) -> tuple[Row, list[tupl
     if row.objective == "finetune" and row.finetune and row.steps is None:  # a fine-tune run: its own training
         row.steps, row.wall_time_s = row.finetune.get("steps"), row.finetune.get("wall_time_s")
     note_stale_fewshot(row, notes)
-    return row, randoms
+    return row, files + inside
 
 
 def note_stale_fewshot(row: Row, notes: list[str]) -> None:
@@ -230,21 +362,34 @@ def note_stale_fewshot(row: Row, notes: list[str]) -> None:
                          f"of {row.steps} steps")
 
 
-def baseline_rows(found: list[tuple[str, tuple, str, str, dict]], notes: list[str]) -> list[Row]:
-    """One random-init row per (architecture, evaluation dataset); the first run's report is shown."""
+def source_of(ref: Reference) -> str:
+    """Where a baseline was read: `mpp/fewshot-random-init.json`, `mpp/fewshot.json references.pixels`."""
+    return f"{ref.run}/{ref.entry['file']}" + (f" {ref.entry['in']}" if ref.entry["in"] else "")
+
+
+BASELINE_NAMES = {"random-init": "random init", "pixels": "raw pixels"}
+
+
+def baseline_rows(found: list[Reference], notes: list[str]) -> list[Row]:
+    """One row per (baseline kind, model, evaluation dataset): random init per architecture, raw pixels
+    per image size. The first found is shown: runs in the order given, in a run its random-init files
+    before its reports' references (mpp.reports.read_run's order); a note names it when there were more."""
     rows: dict[tuple, Row] = {}
-    for run_name, key, label, kind, entry in found:
-        row = rows.setdefault((key, entry["dataset"]),
-                              Row(name=f"random init ({label})", kind="random-init", label="random init"))
-        if run_name not in row.sources:
-            row.sources.append(run_name)
-        if kind == "fewshot" and entry["dataset"] not in row.fewshot:
-            row.fewshot[entry["dataset"]] = entry
-        elif kind == "linear_probe" and row.linear_probe is None:
-            row.linear_probe = entry
-    for (_, dataset), row in rows.items():
-        if len(row.sources) > 1:
-            notes.append(f"{row.name} on {dataset}: shown once, from {row.sources[0]} "
-                         f"({', '.join(row.sources[1:])} ha{'s' if len(row.sources) == 2 else 've'} "
-                         "the same architecture and dataset)")
+    shown: dict[tuple, list[Reference]] = {}  # (row key, probe) → every reference found, the shown one first
+    for ref in sorted(found, key=lambda r: r.kind != "random-init"):  # random init first, pixels after: stable
+        key = (ref.kind, ref.key, ref.entry["dataset"])
+        name = BASELINE_NAMES[ref.kind]
+        row = rows.setdefault(key, Row(name=f"{name} ({ref.label})", kind=ref.kind, label=name))
+        if ref.run not in row.sources:
+            row.sources.append(ref.run)
+        shown.setdefault((key, ref.probe), []).append(ref)
+        if ref.probe == "fewshot" and ref.entry["dataset"] not in row.fewshot:
+            row.fewshot[ref.entry["dataset"]] = ref.entry
+        elif ref.probe == "linear_probe" and row.linear_probe is None:
+            row.linear_probe = ref.entry
+    for (key, probe), refs in shown.items():
+        if len(refs) > 1:
+            rule = "the first run's" + (", a random-init report before references" if key[0] == "random-init" else "")
+            notes.append(f"{rows[key].name}, {PROBES[probe][0]} on {key[2]}: shown once, from {source_of(refs[0])} "
+                         f"({rule}); the same baseline is also in {', '.join(map(source_of, refs[1:]))}")
     return list(rows.values())

@@ -98,7 +98,9 @@ def prepare_run_dir(config) -> Path:
 
 # Settings a resumed run may change: they do not alter what it computes, only how long and how it reports.
 RESUMABLE = {"max_steps", "epochs", "log_every", "save_every", "keep_checkpoints", "eval_every", "num_workers",
-             "cpu_threads", "kernels", "kernel_cache", "compile", "resume", "output_dir", "strict_images"}
+             "cpu_threads", "kernels", "kernel_cache", "compile", "resume", "output_dir", "strict_images",
+             # the in-run few-shot probe reads the model and changes nothing (mpp.fewshot_monitor)
+             "fewshot_every", "fewshot_max_images", "fewshot_dataset"}
 
 
 def check_resume(saved: dict, run_cfg: dict, num_processes: int, source: str) -> None:

@@ -1,12 +1,18 @@
 """The comparison's tables from its rows (mpp.reports), as data and as markdown.
 
 A table is {"title", "dataset", "columns", "rows" (cells as text), "names"}: the main one has every
-run, then the random-init baselines with a result in it; each few-shot dataset other than the main
-one (a transfer check) gets a table of its own.
+run, then the baselines (random init, raw pixels) with a result in it; each few-shot dataset other
+than the main one (a transfer check) gets a table of its own.
+
+Runs whose reports have "layers" also get per-block tables (`layer_tables`): one per few-shot
+dataset at its largest shot count and one per linear-probe dataset, a row per (run, feature
+variant) and its random init, a column per block; they add "caption" (the best cell per run, the
+raw-pixels reference) and "best" ({run: {"block", "features", "accuracy"}}).
 """
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 from mpp.reports import DASH, Row
 
@@ -89,17 +95,123 @@ def build_tables(runs: list[Row], baselines: list[Row]) -> list[dict]:
     return [main_table(runs, baselines, main)] + [fewshot_table(everything, ds) for ds in others]
 
 
+# ---------------------------------------------------------------- per-block results
+
+@dataclass(frozen=True)
+class LayerView:
+    """One evaluation of the per-block comparison: few-shot at `shots` on `dataset`, or the linear probe (shots None)."""
+
+    probe: str  # fewshot | linear_probe
+    dataset: str
+    shots: int | None = None
+
+    def title(self) -> str:
+        return f"{self.shots}-shot on {self.dataset}" if self.probe == "fewshot" else f"linear probe on {self.dataset}"
+
+
+def view_entry(row: Row, view: LayerView) -> dict | None:
+    """The row's shown report entry for this evaluation, or None."""
+    entry = row.fewshot.get(view.dataset) if view.probe == "fewshot" else row.linear_probe
+    return entry if entry and entry["dataset"] == view.dataset else None
+
+
+def row_layers(row: Row, view: LayerView) -> dict | None:
+    """The row's per-block sweep (mpp.reports.parse_layers) for this evaluation, or None."""
+    entry = view_entry(row, view)
+    return entry["layers"] if entry else None
+
+
+def accuracy(result: dict | None, view: LayerView) -> float | None:
+    """A result's accuracy in this evaluation: a few-shot {k: {mean, std}} at the view's shots, or a probe's."""
+    if result is None:
+        return None
+    if view.probe == "fewshot":
+        return result[view.shots]["mean"] if view.shots in result else None
+    return result["accuracy"]
+
+
+def reference_accuracy(row: Row, view: LayerView) -> float | None:
+    """A baseline row's own (top-level) accuracy in this evaluation, or None."""
+    entry = view_entry(row, view)
+    if entry is None:
+        return None
+    return accuracy(entry["results"], view) if view.probe == "fewshot" else entry["accuracy"]
+
+
+def layer_views(runs: list[Row], datasets: list[str | None]) -> list[LayerView]:
+    """Every evaluation some run has per-block results for: few-shot datasets in the tables' order
+    (`datasets`, then any other) at every shot count, then the linear probe per dataset."""
+    shots: dict[str, set] = {}
+    for row in runs:
+        for ds, entry in row.fewshot.items():
+            if entry["layers"]:
+                shots.setdefault(ds, set()).update(k for r in entry["layers"]["results"].values() for k in r)
+    order = [d for d in datasets if d in shots] + [d for d in shots if d not in datasets]
+    views = [LayerView("fewshot", ds, k) for ds in order for k in sorted(shots[ds])]
+    probed = dict.fromkeys(r.linear_probe["dataset"] for r in runs if r.linear_probe and r.linear_probe["layers"])
+    return views + [LayerView("linear_probe", ds) for ds in probed]
+
+
+def best_layer(layers: dict, view: LayerView) -> dict | None:
+    """{"block", "features", "accuracy"} of the sweep's best feature (the first in spec order on a tie)."""
+    scored = [(accuracy(layers["results"].get(s["name"]), view), s) for s in layers["specs"]]
+    scored = [(a, s) for a, s in scored if a is not None]
+    if not scored:
+        return None
+    best, spec = max(scored, key=lambda found: found[0])
+    return {"block": spec["layer"], "features": spec["name"].split("/", 1)[1], "accuracy": best}
+
+
+def layer_table(runs: list[Row], baselines: list[Row], view: LayerView) -> dict:
+    """Rows (run × feature variant, then the run's random init) by block; each run's best cell in bold."""
+    swept = [(r, layers) for r in runs if (layers := row_layers(r, view))]
+    blocks = sorted({b for _, layers in swept for b in layers["blocks"]})
+    cells, best = [], {}
+    for row, layers in swept:
+        best[row.name] = best_layer(layers, view)
+        top = best[row.name]
+        for name, results in ((row.name, layers["results"]), (f"{row.name} (random init)", layers["random_init"])):
+            if results is None:
+                continue
+            for var in layers["variants"]:
+                line = [name, var]
+                for b in blocks:
+                    found = accuracy(results.get(f"{b}/{var}"), view)
+                    text = pct(found) if found is not None else DASH
+                    bold = top and results is layers["results"] and (b, var) == (top["block"], top["features"])
+                    line.append(f"**{text}**" if bold else text)
+                cells.append(line)
+    tops = [f"{name} block {b['block']}, {b['features']} ({pct(b['accuracy'])})" for name, b in best.items() if b]
+    caption = ["Best per run (in bold): " + "; ".join(tops) + "."] if tops else []
+    refs = [(r.name, a) for r in baselines if r.kind == "pixels" and (a := reference_accuracy(r, view)) is not None]
+    if refs:
+        caption.append("Reference: " + "; ".join(f"{name} {pct(a)}" for name, a in refs) + ".")
+    return {"title": f"By block: {view.title()}", "dataset": view.dataset, "probe": view.probe, "shots": view.shots,
+            "columns": ["run", "features", *[f"block {b}" for b in blocks]], "rows": cells,
+            "names": [c[0] for c in cells], "caption": " ".join(caption), "best": best}
+
+
+def layer_tables(runs: list[Row], baselines: list[Row], views: list[LayerView]) -> list[dict]:
+    """A per-block table at each few-shot dataset's largest shot count and for each linear-probe dataset."""
+    largest = {v.dataset: v for v in views if v.probe == "fewshot"}  # views are in increasing shots
+    chosen = list(largest.values()) + [v for v in views if v.probe == "linear_probe"]
+    return [layer_table(runs, baselines, v) for v in chosen]
+
+
+# ---------------------------------------------------------------- markdown
+
 def markdown_table(table: dict) -> str:
     def line(cells):
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
+    caption = [table["caption"]] if table.get("caption") else []
     return "\n".join([f"### {table['title']}", "", line(table["columns"]), line(["---"] * len(table["columns"])),
-                      *map(line, table["rows"])])
+                      *map(line, table["rows"]), *(["", *caption] if caption else [])])
 
 
-def render(tables: list[dict], notes: list[str]) -> str:
-    """The comparison's markdown: every table, the legend, then the notes."""
-    parts = [markdown_table(t) for t in tables]
+def render(tables: list[dict], notes: list[str], by_block: list[dict] | None = None) -> str:
+    """The comparison's markdown: every table, the per-block tables, the legend, then the notes."""
+    parts = [markdown_table(t) for t in [*tables, *(by_block or [])]]
     parts.append("Accuracy in % on the evaluation's test split, mean ± std over seeds; – = no result.")
     if notes:
         parts.append("Notes:\n" + "\n".join(f"- {n}" for n in notes))

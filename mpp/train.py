@@ -25,6 +25,7 @@ from mpp.config import (
     check_ranges,
     dataclass_from_args,
 )
+from mpp.data import dataset_name
 from mpp.errors import UsageError, cli_main
 from mpp.objective import MPPConfig
 from mpp.optim import SCHEDULES, Schedule
@@ -71,6 +72,9 @@ class TrainConfig:
     save_every: int = 500  # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 3  # the newest K checkpoints are kept
     eval_every: int = 0  # steps between held-out evaluations; 0: only at the end
+    fewshot_every: int = 0  # steps between in-run few-shot probes (also at step 0 and the end); 0: off
+    fewshot_max_images: int = 2000  # test images each in-run probe scores (a fixed random subset; 0: all); it also embeds the 1/5/10/25-shot draws
+    fewshot_dataset: str = ""  # a second dataset the in-run probe scores (transfer), besides the run's own
 
     # What each numeric field accepts (checked at parse time and by validate(); mpp.config.Range).
     RANGES: ClassVar[dict[str, Range]] = {
@@ -80,7 +84,7 @@ class TrainConfig:
         "lr": POSITIVE, "min_lr": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
         "beta1": OPEN_FRACTION, "beta2": OPEN_FRACTION, "grad_clip": NON_NEGATIVE, "label_smoothing": OPEN_FRACTION,
         "seed": SEED, "log_every": AT_LEAST_1, "save_every": AT_LEAST_1, "keep_checkpoints": AT_LEAST_1,
-        "eval_every": NON_NEGATIVE,
+        "eval_every": NON_NEGATIVE, "fewshot_every": NON_NEGATIVE, "fewshot_max_images": NON_NEGATIVE,
     }
 
     def validate(self) -> TrainConfig:
@@ -95,6 +99,13 @@ class TrainConfig:
             raise UsageError(f"--min-lr {self.min_lr:g} is above --lr {self.lr:g}: pass a --min-lr of at most --lr")
         if self.crop_scale[0] > self.crop_scale[1]:
             raise UsageError(f"--crop-scale {self.crop_scale} must satisfy 0 < min <= max <= 1")
+        if self.fewshot_every and self.streaming and not self.fewshot_dataset:
+            raise UsageError("--fewshot-every draws images by index, which a stream cannot serve: pass "
+                             "--fewshot-dataset SPEC (a folder or hub dataset that loads whole) to probe that instead")
+        if self.fewshot_dataset and dataset_name(self.fewshot_dataset) == dataset_name(self.dataset):
+            raise UsageError(f"--fewshot-dataset '{self.fewshot_dataset}' names a dataset whose short name "
+                             f"({dataset_name(self.dataset)}) repeats the run's: the run's own data is already probed; "
+                             "pass another dataset")
         return self
 
     def lr_schedule(self, total_steps: int) -> Schedule:

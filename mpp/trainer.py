@@ -23,6 +23,7 @@ from mpp import checkpoint as ckpt_io
 from mpp import rundir
 from mpp.data import build_dataset
 from mpp.errors import UsageError
+from mpp.fewshot_monitor import FewshotMonitor
 from mpp.files import write_json
 from mpp.kernels import KernelPolicy, RunShapes
 from mpp.loop import agree, data_loaders, evaluate, optimizer_step
@@ -33,6 +34,9 @@ from mpp.reproducible import seed_step
 from mpp.runlock import RunLock
 from mpp.runtime import autocast_dtype, choose_kernels, compile_blocks, make_accelerator
 from mpp.stopping import StopRequest
+from mpp.visualize import LEGEND, held_out_images, prediction_mosaic
+
+PREVIEW_IMAGES = 8  # held-out images whose MPP predictions TensorBoard shows at each evaluation
 
 
 @dataclass
@@ -142,6 +146,15 @@ class Trainer:
         self.streamed = self.train_set.streamed
         self.train_loader, self.eval_loader = data_loaders(self.train_set, self.eval_set, micro_batch,
                                                            config.num_workers, self.accelerator, self.streamed)
+        # MPP's predictions on a fixed batch of held-out images, drawn into TensorBoard at each evaluation
+        self.preview = (held_out_images(self.eval_set, PREVIEW_IMAGES)
+                        if config.objective == "mpp" and self.accelerator.is_main_process else None)
+        self.fewshot = None  # the in-run few-shot probe, with its draws fixed now (mpp.fewshot_monitor)
+        if config.fewshot_every:  # TrainConfig.validate refused a stream without a --fewshot-dataset
+            specs = ([] if self.streamed else [config.dataset]) + ([config.fewshot_dataset] if config.fewshot_dataset else [])
+            self.fewshot = FewshotMonitor(specs, image_size, config.fewshot_max_images)
+            self.accelerator.print(f"few-shot probe every {config.fewshot_every} steps, at step 0 and at the end "
+                                   f"(1/5/10/25 shots × 3 draws, l2 = 2^10), each embedding {self.fewshot.cost()}")
 
     def _total_steps(self) -> int:
         config = self.config
@@ -198,6 +211,8 @@ class Trainer:
             else:
                 write_json(run_dir / rundir.CONFIG, self.run_cfg)
         acc.init_trackers("tensorboard", config=flat_hparams(self.run_cfg))
+        if self.preview is not None:  # what the prediction mosaic's columns show
+            acc.get_tracker("tensorboard", unwrap=True).add_text("mpp/predictions", LEGEND, step)
         self.metrics_file = (self.held.enter_context(open(run_dir / rundir.METRICS, "a"))
                              if acc.is_main_process else None)
 
@@ -261,7 +276,19 @@ class Trainer:
         if scored == 0:
             raise UsageError("the held-out split has no images: pass a dataset with images in its test or val split")
         self.log({f"eval/{k}": v for k, v in results.items()}, at)
+        if self.preview is not None and len(self.preview) and self.model.entry.render is not None:
+            # Its own generator, eval mode, no gradients: the run goes on bitwise as without it (mpp.visualize).
+            writer = acc.get_tracker("tensorboard", unwrap=True)
+            writer.add_image("mpp/predictions", prediction_mosaic(self.model, self.preview, seed=self.config.seed), at)
         return results
+
+    def run_fewshot(self, at: int) -> None:
+        """The in-run few-shot probe at step `at`, logged; its time is left out of the throughput."""
+        started = time.perf_counter()
+        values = self.fewshot(self.model.vit, self.accelerator.device)
+        seconds = time.perf_counter() - started
+        self.log({**values, "fewshot/seconds": seconds}, at)
+        self.window["t"] += seconds  # the throughput window counts training only
 
     # ---- the loop
 
@@ -275,6 +302,8 @@ class Trainer:
         self.window = {"t": time.perf_counter(), "steps": 0, "sums": {}}
         self.values: dict = {}  # the last logged training metrics
         self.micro = 0  # micro-batches into the current optimizer step (checkpoints fall between steps: 0 on resume)
+        if self.fewshot is not None and progress.step == 0:  # the untrained model: the random-init level
+            self.run_fewshot(0)
         self.objective.train()
         self.stop = self.held.enter_context(StopRequest())  # from the first step to the final save, a stop saves first
         stopping = False
@@ -343,6 +372,8 @@ class Trainer:
             self.window = {"t": time.perf_counter(), "steps": 0, "sums": {}}
         if config.eval_every and step % config.eval_every == 0 and step < self.total_steps:
             stopping = self.run_eval(step) is None or stopping
+        if self.fewshot is not None and (step % config.fewshot_every == 0 or step == self.total_steps):
+            self.run_fewshot(step)
         if (step % config.save_every == 0 and step < self.total_steps) or stopping:
             self.save(step)
         return stopping

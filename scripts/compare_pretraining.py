@@ -7,8 +7,9 @@ can be rerun by hand):
      L2 pixels) and a 15% corruption rate (the paper's);
   2. fine-tune on a labelled subset (--train-fraction) from MPP, from supervised, and from scratch;
      lr from a grid on a dev split of that subset, then --seeds trainings scored on the test split;
-  3. few-shot probes (1/5/10/25 shots × --fewshot-seeds draws) and full linear probes of every model
-     and of a random init, on the dataset and, with --transfer, on another dataset;
+  3. few-shot probes (1/5/10/25 shots × --fewshot-seeds draws) and full linear probes of every model,
+     of every block's features, and of the two references (a random init, the raw pixels), on the
+     dataset and, with --transfer, on another dataset (also probed inside pretraining, every epoch);
   4. eval/compare.py: one table and the plots, in --output.
 
 A stage whose result is already in ROOT is skipped (an interrupted stage resumes), so rerunning the
@@ -62,15 +63,16 @@ class Budget:
     finetune_lrs: tuple[float, ...]  # SGD lr grid
     finetune_warmup: int
     fewshot_max_test: int  # 0: the whole test split
+    fewshot_every: int  # pretraining steps between in-run few-shot probes (about one epoch)
 
 
 BUDGETS = {
     # A few steps of everything: checks the pipeline, not the science.
-    "smoke": Budget("Micro/4", 16, 0.5, 64, 1e-3, 2, (0.35, 1.0), 1, 32, (0.01, 0.03), 1, 0),
+    "smoke": Budget("Micro/4", 16, 0.5, 64, 1e-3, 2, (0.35, 1.0), 1, 32, (0.01, 0.03), 1, 0, 5),
     # CIFAR-10 on 2 CPU cores in about an hour and a half: 17 tokens per image (8×8 patches at 32 px).
-    "cpu": Budget("Micro/8", 32, 4, 256, 1e-3, 100, (0.35, 1.0), 8, 128, (0.01, 0.03, 0.1), 20, 0),
+    "cpu": Budget("Micro/8", 32, 4, 256, 1e-3, 100, (0.35, 1.0), 8, 128, (0.01, 0.03, 0.1), 20, 0, 195),
     # One GPU: the paper's small-image model (Ti/4, 65 tokens) for far longer.
-    "gpu": Budget("Ti/4", 32, 100, 512, 1e-3, 2000, (0.35, 1.0), 30, 256, (0.003, 0.01, 0.03, 0.1), 100, 0),
+    "gpu": Budget("Ti/4", 32, 100, 512, 1e-3, 2000, (0.35, 1.0), 30, 256, (0.003, 0.01, 0.03, 0.1), 100, 0, 980),
 }
 
 
@@ -215,7 +217,10 @@ class Pipeline:
                 "--batch-size", str(b.pretrain_batch), "--epochs", f"{b.pretrain_epochs:g}",
                 "--lr", f"{b.pretrain_lr:g}", "--warmup-steps", str(b.pretrain_warmup),
                 "--crop-scale", *(f"{c:g}" for c in b.crop_scale), "--log-every", "20", "--save-every", "200",
-                "--seed", "0", *script_flags, "--output-dir", str(self.root / name)]
+                "--seed", "0", "--fewshot-every", str(b.fewshot_every),
+                *(["--fewshot-dataset", self.args.transfer] if self.args.transfer
+                  and transfer_name(self.args.transfer) != transfer_name(self.args.dataset) else []),
+                *script_flags, "--output-dir", str(self.root / name)]
 
     def pretrain(self, name: str) -> None:
         run = self.root / name
@@ -244,23 +249,22 @@ class Pipeline:
         self.run(["eval/finetune.py", *flags, *(["--resume"] if results.is_file() else [])], launched=True)
         return out
 
-    def probe(self, run: Path, random_init: bool = False) -> None:
-        """Few-shot (and a linear probe) of `run`'s model on the dataset, and few-shot on --transfer."""
-        suffix = "-random-init" if random_init else ""
-        init = ["--random-init"] if random_init else []
+    def probe(self, run: Path) -> None:
+        """Few-shot and a linear probe of `run`'s model on the dataset, every block's features too, and
+        few-shot on --transfer; each with its random-init and raw-pixel references (on by default)."""
         b = self.budget
-        jobs = [("eval/fewshot.py", run / f"fewshot{suffix}.json", self.args.dataset,
-                 ["--seeds", str(self.args.fewshot_seeds), "--max-test", str(b.fewshot_max_test)]),
-                ("eval/linear_probe.py", run / f"linear-probe{suffix}.json", self.args.dataset, [])]
+        jobs = [("eval/fewshot.py", run / "fewshot.json", self.args.dataset,
+                 ["--seeds", str(self.args.fewshot_seeds), "--max-test", str(b.fewshot_max_test), "--layers", "all"]),
+                ("eval/linear_probe.py", run / "linear-probe.json", self.args.dataset, ["--layers", "all"])]
         if self.args.transfer:
-            jobs.append(("eval/fewshot.py", run / f"fewshot-{transfer_name(self.args.transfer)}{suffix}.json",
+            jobs.append(("eval/fewshot.py", run / f"fewshot-{transfer_name(self.args.transfer)}.json",
                          self.args.transfer, ["--seeds", str(self.args.fewshot_seeds), "--image-size",
                                               str(b.image_size), "--max-test", str(b.fewshot_max_test)]))
         for script, output, dataset, extra in jobs:
             if output.is_file():
                 print(f"[skip] {output} exists")
                 continue
-            self.run([script, "--run", str(run), *init, "--dataset", dataset, *extra, "--output", str(output)])
+            self.run([script, "--run", str(run), "--dataset", dataset, *extra, "--output", str(output)])
 
     def __call__(self) -> None:
         # The comparison first (pretrain, fine-tune, probe), the ablations after it: a run cut short
@@ -271,8 +275,7 @@ class Pipeline:
         for name in ("mpp", "supervised"):
             self.finetune(name)
         for run in (self.root / "mpp", self.root / "supervised", scratch):
-            self.probe(run)
-        self.probe(self.root / "mpp", random_init=True)  # the untrained architecture
+            self.probe(run)  # the references (random init, raw pixels) come with every probe
         ablations = [name for name in pretrainings() if name not in ("mpp", "supervised")] if self.args.ablations else []
         for name in ablations:
             self.pretrain(name)

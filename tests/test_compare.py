@@ -164,7 +164,9 @@ def test_markdown_json_and_notes(compared, runs, capsys):
     notes = "\n".join(compared["notes"])
     assert "mpp: 2 fine-tune results (finetune-cifar/finetune.json, finetune-digits/finetune.json); " \
            "shown: finetune-digits/finetune.json (it is on the run's data)" in notes
-    assert "random init (Micro/4, 16 px) on digits: shown once, from mpp (sup has the same" in notes
+    assert "random init (Micro/4, 16 px), few-shot on digits: shown once, from mpp/fewshot-random-init.json " \
+           "(the first run's, a random-init report before references); " \
+           "the same baseline is also in sup/fewshot-random-init.json" in notes
     assert "sup: fewshot.json evaluated the step-100 checkpoint of 200 steps" in notes
     assert "Notes:" in markdown and "shown once" in markdown
 
@@ -256,7 +258,7 @@ def test_clashing_directory_names_become_paths(tmp_path):
         write(tmp_path / parent / "mpp" / "config.json", config("mpp"))
     report = compare([tmp_path / "a" / "mpp", tmp_path / "b" / "mpp"], tmp_path / "out")
     assert [r["name"] for r in report["runs"]] == ["a/mpp", "b/mpp"]
-    assert report["plots"] == {"fewshot": None, "curves": None, "pos_embed": {}}  # nothing to draw: no files
+    assert report["plots"] == {"fewshot": None, "layers": None, "curves": None, "fewshot_curves": None, "pos_embed": {}}  # no files
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["compare.json", "compare.md", "tensorboard"]
     assert "–" in report["tables"][0]["rows"][0]
 
@@ -314,12 +316,12 @@ def run_script(*args):
 
 @pytest.mark.slow
 def test_real_tiny_run_end_to_end(runs, tmp_path):
-    """A real 3-step MPP run, few-shot evaluated with its random-init baseline, compared through the CLI
-    with the hand-written supervised run of the same architecture."""
+    """A real 3-step MPP run, few-shot evaluated (every block, with the references) and with its random-init
+    baseline, compared through the CLI with the hand-written supervised run of the same architecture."""
     real = runs.parent / "real" / "mpp"
     run_script("scripts/pretrain_mpp.py", "--max-steps", "3", "--batch-size", "32", "--save-every", "3",
                "--log-every", "1", "--num-workers", "0", "--output-dir", real)
-    for extra in ([], ["--random-init"]):
+    for extra in (["--layers", "all"], ["--random-init"]):
         run_script("eval/fewshot.py", "--run", real, "--shots", "1", "5", "--seeds", "2", "--max-test", "100", *extra)
     out = tmp_path / "out"
     done = run_script("eval/compare.py", real, runs / "sup", "--output", out)
@@ -327,7 +329,13 @@ def test_real_tiny_run_end_to_end(runs, tmp_path):
     assert "overlay the runs: tensorboard --logdir" in done.stdout
     report = json.loads((out / "compare.json").read_text())
     rows = rows_by_name(report["tables"][0])
-    assert list(rows) == ["mpp", "sup", "random init (Micro/4, 16 px)"]  # one baseline for both runs
+    # one random-init baseline for both runs, from the random-init file before fewshot.json's references
+    assert list(rows) == ["mpp", "sup", "random init (Micro/4, 16 px)", "raw pixels (16 px)"]
+    pixels = json.loads((real / "fewshot.json").read_text())["references"]["pixels"]["results"]["5"]
+    assert rows["raw pixels (16 px)"]["5-shot"] == f"{100 * pixels['mean']:.1f} ± {100 * pixels['std']:.1f}"
+    assert [t["title"] for t in report["layer_tables"]] == ["By block: 5-shot on digits"]
+    assert report["layer_tables"][0]["columns"][2:] == [f"block {b}" for b in range(1, 7)]
+    assert report["plots"]["layers"]["panels"] == ["1-shot on digits", "5-shot on digits"]
     trained = json.loads((real / "fewshot.json").read_text())["results"]["5"]
     assert rows["mpp"]["5-shot"] == f"{100 * trained['mean']:.1f} ± {100 * trained['std']:.1f}"
     assert rows["mpp"]["objective"] == "mpp (mean_color, 50%)" and rows["mpp"]["steps"] == "3"
@@ -341,7 +349,7 @@ def test_real_tiny_run_end_to_end(runs, tmp_path):
     # The position-embedding figure: the run's checkpoint, a 4×4 grid of patches (16 px, patch 4).
     pos = report["plots"]["pos_embed"]["mpp"]
     assert pos["checkpoint"].endswith("ckpt-00000003.pt") and pos["step"] == 3 and pos["grid"] == [4, 4]
-    for name in ("fewshot.png", "curves.png", "pos_embed-mpp.png"):
+    for name in ("fewshot.png", "layers.png", "curves.png", "pos_embed-mpp.png"):
         check_png(out / name)
     assert not (out / "pos_embed-sup.png").exists()  # sup has no checkpoint
 
@@ -355,3 +363,233 @@ def test_main_fewshot_dataset_is_the_runs_own_not_a_transfer_check():
     assert main_dataset(rows) == "cifar10"
     rows.append(Row(name="c", dataset="cifar10", fewshot={"imagenette": {}}))
     assert main_dataset(rows) == "imagenette"  # more rows were evaluated on it
+
+
+# ---------------------------------------------------------------- references and per-block results
+
+OFFSETS = {"token": 0.0, "token+norm": 0.01, "avg": 0.02, "avg+norm": 0.03}
+
+
+def layer_sweep(value, probe: str = "fewshot", random=None, depth: int = 6, shots=(1, 5)) -> dict:
+    """A "layers" entry as the probe CLIs write it: every block × (token, avg) × (no norm, norm);
+    `value(block, variant)` is the accuracy (few-shot: at the largest shot count, 10 points less at the others)."""
+    specs = [{"name": f"{b}/{pool}{'+norm' if norm else ''}", "layer": b, "pool": pool, "norm": norm}
+             for b in range(1, depth + 1) for pool in ("token", "avg") for norm in (False, True)]
+
+    def result(accuracy: float) -> dict:
+        if probe == "linear_probe":
+            return {"accuracy": accuracy, "l2": 1.0}
+        means = {k: accuracy - (0.0 if k == max(shots) else 0.1) for k in shots}
+        return {str(k): {"shots": k, "mean": m, "std": 0.01, "per_seed": [m - 0.01, m + 0.01]} for k, m in means.items()}
+
+    def results(fn) -> dict:
+        return {s["name"]: result(fn(s["layer"], s["name"].split("/")[1])) for s in specs}
+
+    found = {"features": [s["name"] for s in specs], "specs": specs, "results": results(value)}
+    if random:
+        found["random_init"] = results(random)
+    return found
+
+
+def references(probe: str, random: float, pixels: float) -> dict:
+    if probe == "linear_probe":
+        return {"random_init": {"accuracy": random, "l2": 1024.0, "feature_dim": 128, "seed": 0},
+                "pixels": {"accuracy": pixels, "l2": 64.0, "feature_dim": 768, "image_size": 16}}
+    shots = lambda m: {str(k): {"shots": k, "mean": m + 0.01 * k, "std": 0.0, "per_seed": [m]} for k in (1, 5)}  # noqa: E731
+    return {"random_init": {"results": shots(random), "feature_dim": 128, "seed": 0},
+            "pixels": {"results": shots(pixels), "feature_dim": 768, "image_size": 16}}
+
+
+def mpp_value(block: int, var: str) -> float:
+    return 0.9 if (block, var) == (4, "avg+norm") else 0.30 + 0.04 * block + OFFSETS[var]
+
+
+@pytest.fixture(scope="module")
+def layered(tmp_path_factory) -> Path:
+    """Three runs of one architecture: "mpp" with references and per-block sweeps in both probes (and an
+    older random-init file), "sup" with references and a few-shot sweep without random init, "old" as
+    the probes wrote before either existed."""
+    root = tmp_path_factory.mktemp("layers") / "runs"
+    mpp = root / "mpp"
+    write(mpp / "config.json", config("mpp", mpp={"target": "mean_color", "corrupt_rate": 0.5}))
+    write(mpp / "fewshot.json", {**fewshot("digits", {1: (0.8, 0.01), 5: (0.9, 0.01)}),
+                                 "references": references("fewshot", 0.10, 0.20),
+                                 "layers": layer_sweep(mpp_value, random=lambda b, v: 0.10 + 0.01 * b)})
+    write(mpp / "fewshot-random-init.json", fewshot("digits", {1: (0.05, 0.0), 5: (0.07, 0.0)}, "random"))
+    write(mpp / "linear-probe.json", {"init": "trained", "dataset": {"spec": "digits"}, "vit": MICRO, "accuracy": 0.7,
+                                      "l2": 1.0, "references": references("linear_probe", 0.33, 0.39),
+                                      "layers": layer_sweep(lambda b, v: 0.5 + 0.02 * b, "linear_probe",
+                                                            random=lambda b, v: 0.3)})
+    sup = root / "sup"
+    write(sup / "config.json", config("supervised"))
+    write(sup / "fewshot.json", {**fewshot("digits", {1: (0.5, 0.0), 5: (0.6, 0.0)}),
+                                 "references": references("fewshot", 0.11, 0.21),
+                                 "layers": layer_sweep(lambda b, v: 0.2 + 0.05 * b + OFFSETS[v], depth=6)})
+    old = root / "old"
+    write(old / "config.json", config("supervised"))
+    write(old / "fewshot.json", fewshot("digits", {1: (0.4, 0.0), 5: (0.45, 0.0)}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def layered_report(layered) -> dict:
+    return compare([layered / "mpp", layered / "sup", layered / "old"], layered / "out")
+
+
+def test_reference_rows_random_init_and_raw_pixels(layered_report):
+    rows = rows_by_name(layered_report["tables"][0])
+    assert list(rows) == ["mpp", "sup", "old", "random init (Micro/4, 16 px)", "raw pixels (16 px)"]
+    # random init: mpp's own random-init file comes before its fewshot.json's references; the linear probe's
+    # is the only one there is, from linear-probe.json's references.
+    assert rows["random init (Micro/4, 16 px)"]["1-shot"] == "5.0 ± 0.0"
+    assert rows["random init (Micro/4, 16 px)"]["linear probe (digits)"] == "33.0"
+    assert rows["raw pixels (16 px)"]["objective"] == "raw pixels"
+    assert (rows["raw pixels (16 px)"]["1-shot"], rows["raw pixels (16 px)"]["5-shot"]) == ("21.0 ± 0.0", "25.0 ± 0.0")
+    assert rows["raw pixels (16 px)"]["linear probe (digits)"] == "39.0"
+    assert rows["old"]["5-shot"] == "45.0 ± 0.0" and rows["old"]["linear probe (digits)"] == DASH
+    assert [r["sources"] for r in layered_report["random_init"]] == [["mpp", "sup"]]
+    assert [r["sources"] for r in layered_report["pixels"]] == [["mpp", "sup"]]
+    assert layered_report["pixels"][0]["linear_probe"]["in"] == "references.pixels"
+    notes = "\n".join(layered_report["notes"])
+    assert ("random init (Micro/4, 16 px), few-shot on digits: shown once, from mpp/fewshot-random-init.json (the "
+            "first run's, a random-init report before references); the same baseline is also in "
+            "mpp/fewshot.json references.random_init, sup/fewshot.json references.random_init") in notes
+    assert ("raw pixels (16 px), few-shot on digits: shown once, from mpp/fewshot.json references.pixels "
+            "(the first run's); the same baseline is also in sup/fewshot.json references.pixels") in notes
+    assert "linear-probe on digits" not in notes  # one run has a linear probe: nothing to choose
+    markdown = layered_report["markdown"]
+    assert "| raw pixels (16 px) | raw pixels | – | 21.0 ± 0.0 | 25.0 ± 0.0 | 39.0 |" in markdown
+
+
+def test_layer_tables_by_block_with_the_best_cell(layered_report, layered):
+    tables = layered_report["layer_tables"]
+    assert [t["title"] for t in tables] == ["By block: 5-shot on digits", "By block: linear probe on digits"]
+    shots = tables[0]
+    assert shots["columns"] == ["run", "features", *[f"block {b}" for b in range(1, 7)]]
+    assert shots["names"] == ["mpp"] * 4 + ["mpp (random init)"] * 4 + ["sup"] * 4  # old has no sweep
+    rows = {(r[0], r[1]): r[2:] for r in shots["rows"]}
+    assert rows["mpp", "token+norm"] == ["35.0", "39.0", "43.0", "47.0", "51.0", "55.0"]
+    assert rows["mpp", "avg+norm"][3] == "**90.0**"  # mpp's best: block 4's mean patch token after the norm
+    assert rows["mpp (random init)", "token"] == ["11.0", "12.0", "13.0", "14.0", "15.0", "16.0"]
+    assert rows["sup", "avg+norm"][5] == "**53.0**"
+    assert shots["best"] == {"mpp": {"block": 4, "features": "avg+norm", "accuracy": 0.9},
+                             "sup": {"block": 6, "features": "avg+norm", "accuracy": pytest.approx(0.53)}}
+    assert shots["caption"] == ("Best per run (in bold): mpp block 4, avg+norm (90.0); sup block 6, avg+norm (53.0). "
+                                "Reference: raw pixels (16 px) 25.0.")
+    probe = tables[1]
+    assert probe["names"] == ["mpp"] * 4 + ["mpp (random init)"] * 4
+    assert probe["best"]["mpp"] == {"block": 6, "features": "token", "accuracy": pytest.approx(0.62)}  # a tie: the first
+    assert probe["caption"].endswith("Reference: raw pixels (16 px) 39.0.")
+    markdown = (layered / "out" / "compare.md").read_text()
+    assert "### By block: 5-shot on digits\n\n| run | features | block 1 |" in markdown
+    assert "| mpp | avg+norm | 37.0 | 41.0 | 45.0 | **90.0** | 53.0 | 57.0 |" in markdown
+    assert "Best per run (in bold): mpp block 4, avg+norm (90.0)" in markdown
+    saved = json.loads((layered / "out" / "compare.json").read_text())
+    assert saved["layer_tables"] == json.loads(json.dumps(tables))
+    assert saved["runs"][0]["fewshot"]["digits"]["layers"]["blocks"] == [1, 2, 3, 4, 5, 6]
+    assert saved["runs"][2]["fewshot"]["digits"]["layers"] is None
+
+
+def test_layers_png_listed_and_deterministic(layered_report, layered, tmp_path):
+    assert layered_report["plots"]["layers"] == {
+        "file": "layers.png", "panels": ["1-shot on digits", "5-shot on digits", "linear probe on digits"],
+        "runs": ["mpp", "sup"]}
+    assert str(layered / "out" / "layers.png") in layered_report["files"]
+    width, height = check_png(layered / "out" / "layers.png")
+    assert width >= 3 * 400 and height >= 300  # three panels side by side, the legend below
+    again = compare([layered / "mpp", layered / "sup", layered / "old"], tmp_path / "again")
+    assert again["layer_tables"] == layered_report["layer_tables"]
+    assert (tmp_path / "again" / "layers.png").read_bytes() == (layered / "out" / "layers.png").read_bytes()
+
+
+def test_old_format_runs_alone_have_no_layer_view(layered, tmp_path):
+    report = compare([layered / "old"], tmp_path / "out")
+    assert report["layer_tables"] == [] and report["plots"]["layers"] is None and report["pixels"] == []
+    assert "By block" not in report["markdown"] and not (tmp_path / "out" / "layers.png").exists()
+
+
+def bad_layers(case: str) -> tuple[str, dict, str]:
+    """(report file, report, what the error says) for one malformed case."""
+    sweep = layer_sweep(mpp_value, depth=2)
+    if case == "no-specs":
+        sweep.pop("specs")
+        return "fewshot.json", sweep, "malformed 'layers': no 'specs' list"
+    if case == "spec-name":
+        sweep["specs"][0]["name"] = "2/token"
+        return "fewshot.json", sweep, "malformed 'layers': spec {"
+    if case == "features":
+        sweep["features"] = sweep["features"][::-1]
+        return "fewshot.json", sweep, "'features' and 'specs' list different features"
+    if case == "unknown-result":
+        sweep["results"]["7/token"] = sweep["results"]["1/token"]
+        return "fewshot.json", sweep, "'results' has a result for '7/token', which no spec names"
+    if case == "mean":
+        sweep["results"]["1/avg"]["5"]["mean"] = "high"
+        return "fewshot.json", sweep, "a result in 'results' without a numeric accuracy"
+    if case == "probe-random-init":
+        sweep = layer_sweep(mpp_value, "linear_probe", depth=2, random=lambda b, v: 0.1)
+        sweep["random_init"]["1/avg"] = {"l2": 1.0}
+        return "linear-probe.json", sweep, "a result in 'random_init' without a numeric accuracy"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["no-specs", "spec-name", "features", "unknown-result", "mean", "probe-random-init",
+                                  "references"])
+def test_a_malformed_layers_or_references_entry_is_one_line_naming_the_file(case, tmp_path, capsys):
+    run = tmp_path / "run"
+    write(run / "config.json", config("mpp"))
+    if case == "references":
+        file, message = "fewshot.json", "references.pixels has no positive integer 'image_size'"
+        refs = references("fewshot", 0.1, 0.2)
+        refs["pixels"]["image_size"] = "16"
+        write(run / file, {**fewshot("digits", {1: (0.5, 0.0)}), "references": refs})
+    else:
+        file, sweep, message = bad_layers(case)
+        head = fewshot("digits", {1: (0.5, 0.0)}) if file == "fewshot.json" else {"init": "trained", "accuracy": 0.5}
+        write(run / file, {**head, "layers": sweep})
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(run), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error:") and err.count("\n") == 1, err
+    assert f"'{run / file}' is not a " in err and message in err
+    assert not (tmp_path / "out" / "compare.json").exists()
+
+
+def test_layers_through_the_command_line(layered, tmp_path):
+    out = tmp_path / "out"
+    done = run_script("eval/compare.py", layered / "mpp", layered / "old", "--output", out)
+    assert "### By block: 5-shot on digits" in done.stdout and "### By block: linear probe on digits" in done.stdout
+    assert "| raw pixels (16 px) | raw pixels |" in done.stdout
+    assert "wrote compare.md, compare.json, fewshot.png, layers.png in" in done.stdout
+    check_png(out / "layers.png")
+    bad = tmp_path / "bad"
+    write(bad / "fewshot.json", {**fewshot("digits", {1: (0.5, 0.0)}), "layers": {"specs": []}})
+    failed = subprocess.run([sys.executable, "eval/compare.py", str(bad), "--output", str(out)], cwd=REPO,
+                            check=False, capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 2 and failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr
+    assert failed.stderr.startswith(f"error: '{bad / 'fewshot.json'}' is not a few-shot report (malformed 'layers'")
+
+
+def test_in_run_fewshot_curves_are_drawn_against_images_seen(tmp_path):
+    """Runs pretrained with --fewshot-every: their curves, from step 0, in fewshot_curves.png."""
+    for name, batch, rise in (("mpp", 128, 0.05), ("sup", 64, 0.2)):
+        run = tmp_path / name
+        cfg = config("mpp" if name == "mpp" else "supervised")
+        cfg["train"]["batch_size"] = batch
+        write(run / "config.json", cfg)
+        lines = [{"step": 0, "train/loss": 3.0}]
+        for step in (0, 100, 200):
+            lines.append({"step": step, **{f"{p}/digits/{k}shot": 0.1 + rise * step / 200 + k / 100
+                                           for p in ("fewshot", "fewshot_avg") for k in (1, 25)},
+                          "fewshot/seconds": 1.0})
+        write(run / "metrics.jsonl", "\n".join(json.dumps(m) for m in lines) + "\n")
+    plain = tmp_path / "plain"
+    write(plain / "config.json", config("mpp"))
+    report = compare([tmp_path / "mpp", tmp_path / "sup", plain], tmp_path / "out")
+    drawn = report["plots"]["fewshot_curves"]
+    assert drawn == {"file": "fewshot_curves.png", "panels": ["1-shot on digits", "25-shot on digits"],
+                     "runs": ["mpp", "sup"]}
+    check_png(tmp_path / "out" / "fewshot_curves.png", (800, 300))
+    assert str(tmp_path / "out" / "fewshot_curves.png") in report["files"]
+    alone = compare([plain], tmp_path / "out2")
+    assert alone["plots"]["fewshot_curves"] is None and not (tmp_path / "out2" / "fewshot_curves.png").exists()

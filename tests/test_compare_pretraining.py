@@ -39,9 +39,14 @@ def test_dry_run_lists_every_stage_in_order(tmp_path, capsys):
     assert all("--train-fraction 0.1 " in c and "--seeds 3 " in c for c in finetunes)
     ablations = [c for c in cmds if "--target downsample" in c or "--target l2" in c or "--corrupt-rate 0.15" in c]
     assert len(ablations) == 3
-    # probes of MPP, supervised, scratch, random init and the ablations: few-shot, linear and transfer each
-    assert sum("eval/fewshot.py" in c for c in cmds) == 2 * 7 and sum("eval/linear_probe.py" in c for c in cmds) == 7
-    assert sum("--random-init" in c for c in cmds) == 3
+    # probes of MPP, supervised, scratch and the ablations: few-shot, linear and transfer each; the
+    # random init and the raw pixels are every probe's references, not runs of their own
+    assert sum("eval/fewshot.py" in c for c in cmds) == 2 * 6 and sum("eval/linear_probe.py" in c for c in cmds) == 6
+    assert sum("--random-init" in c for c in cmds) == 0
+    assert sum("--layers all" in c for c in cmds) == 2 * 6  # every block, on the main dataset
+    pretrains = [c for c in cmds if "scripts/pretrain_" in c]
+    assert len(pretrains) == 5 and all("--fewshot-every 5 " in c for c in pretrains)
+    assert not any("--fewshot-dataset" in c for c in pretrains)  # the transfer set is the run's own here
     assert not root.exists()  # a dry run writes nothing
     no_ablations = commands(capsys, ["--budget", "smoke", "--root", str(root), "--no-ablations", "--dry-run"])
     assert not any("--target" in c or "--corrupt-rate" in c for c in no_ablations)
@@ -165,7 +170,8 @@ def test_smoke_comparison_end_to_end_then_everything_is_skipped(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     for run in ("mpp", "supervised", "scratch"):
         assert (root / run / "fewshot.json").is_file() and (root / run / "linear-probe.json").is_file()
-    assert (root / "mpp" / "fewshot-random-init.json").is_file()
+    assert set(json.loads((root / "mpp" / "fewshot.json").read_text())["references"]) == {"random_init", "pixels"}
+    assert any("fewshot/digits/1shot" in line for line in (root / "mpp" / "metrics.jsonl").read_text().splitlines())
     for run in ("mpp", "supervised"):
         results = json.loads((root / run / "finetune" / "finetune.json").read_text())
         assert results["init"] == "pretrained" and len(results["grid"]) == 2 and results["seeds"] == [0]

@@ -60,15 +60,17 @@ def test_two_processes_with_half_batches_match_one_process(tmp_path):
 def test_only_the_main_process_writes(tmp_path):
     run = tmp_path / "run"
     done = launch_2("scripts/pretrain_mpp.py", "--output-dir", str(run), *FAST, "--max-steps", "10",
-                    "--save-every", "5")
+                    "--save-every", "5", "--fewshot-every", "5")  # the in-run probe gathers from both processes
     assert done.returncode == 0, done.stderr[-3000:]
     files = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
     events = [f for f in files if "tfevents" in f]  # the scalars' file and the hparams' one
     assert len({f.rsplit(".", 2)[-2] for f in events}) == 1, files  # written by one process (the pid in the name)
     assert [f for f in files if not f.startswith("tensorboard/")] == [
         "checkpoints/ckpt-00000005.pt", "checkpoints/ckpt-00000010.pt", "config.json", "metrics.jsonl", "run.lock", "summary.json"]
-    steps = [m["step"] for m in read_metrics(run)]
+    steps = [m["step"] for m in read_metrics(run) if "fewshot/seconds" not in m]
     assert steps == sorted(steps) and len(steps) == len(set(steps)) + 1  # steps 5, 10 and the evaluation at 10
+    probes = [m for m in read_metrics(run) if "fewshot/seconds" in m]
+    assert [m["step"] for m in probes] == [0, 5, 10] and all(0 <= m["fewshot/digits/25shot"] <= 1 for m in probes)
     assert done.stdout.count("done:") == 1
 
 
@@ -76,7 +78,7 @@ def test_probes_gather_features_from_every_process(tmp_path):
     run = tmp_path / "run"
     assert run_script("scripts/pretrain_mpp.py", "--output-dir", str(run), *FAST, "--max-steps", "5").returncode == 0
     for script, name in (("eval/fewshot.py", "fewshot"), ("eval/linear_probe.py", "linear-probe")):
-        args = [script, "--run", str(run), "--num-workers", "0"]
+        args = [script, "--run", str(run), "--num-workers", "0", "--layers", "1", "-1"]  # references on, as by default
         one = run_script(*args, "--output", str(tmp_path / f"{name}-1.json"))
         two = launch_2(*args, "--output", str(tmp_path / f"{name}-2.json"))
         assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
@@ -88,3 +90,4 @@ def test_probes_gather_features_from_every_process(tmp_path):
                 assert a["results"][k]["per_seed"] == pytest.approx(b["results"][k]["per_seed"], abs=0.003)  # ≤ 1 of 360
         else:
             assert a["accuracy"] == pytest.approx(b["accuracy"], abs=0.003)
+        assert a["layers"]["features"] == b["layers"]["features"] and set(a["references"]) == set(b["references"])

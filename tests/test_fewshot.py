@@ -163,7 +163,7 @@ def test_cli_random_init_preset(tmp_path, capsys):
     assert report["feature_dim"] == 128 and report["dataset"]["test_used"] == 100
     assert report["dataset"]["train_embedded"] <= 2 * (1 + 5) * 10  # only the sampled images were embedded
     table = capsys.readouterr().out
-    assert "±" in table and " 5 |" in table
+    assert "±" in table and "5-shot" in table and "raw pixels |" in table
     scalars = read_scalars(tmp_path / "tensorboard" / "fewshot")
     assert set(scalars) == {"fewshot_random_init/digits/1shot", "fewshot_random_init/digits/5shot"}
     assert scalars["fewshot_random_init/digits/5shot"] == [(0, pytest.approx(report["results"]["5"]["mean"]))]

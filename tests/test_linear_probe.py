@@ -22,7 +22,8 @@ from mpp.probes import (
 
 REPO = Path(__file__).resolve().parents[1]
 REPORT_KEYS = {"init", "run", "checkpoint", "step", "features", "kernels", "dataset", "feature_dim", "l2_grid", "dev_accuracy", "l2",
-               "accuracy", "vit"}
+               "accuracy", "vit", "reference_seed"}
+OPTIONAL_KEYS = {"references", "layers"}  # the references (on by default) and --layers
 DATASET_KEYS = {"spec", "image_size", "num_classes", "train_size", "dev_size", "test_size"}
 
 
@@ -151,7 +152,7 @@ def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def check_report(report: dict, l2s: list[float], train_size: int, test_size: int, dev_fraction: float = 0.1):
-    assert set(report) == REPORT_KEYS and set(report["dataset"]) == DATASET_KEYS
+    assert set(report) - OPTIONAL_KEYS == REPORT_KEYS and set(report["dataset"]) == DATASET_KEYS
     data = report["dataset"]
     assert data["spec"] == "digits" and data["num_classes"] == 10 and data["image_size"] == report["vit"]["image_size"]
     assert data["train_size"] == train_size and data["test_size"] == test_size
@@ -179,10 +180,16 @@ def test_cli_on_a_real_run_and_its_random_init_baseline(real_run, capsys):
     check_report(baseline, [1.0, 1024.0], 300, 100)
     assert baseline["init"] == "random" and baseline["checkpoint"] is None and baseline["step"] == 0
     assert baseline["vit"] == trained["vit"]
-
     scalars = read_scalars(real_run / "tensorboard" / "linear_probe")
     assert scalars["linear_probe/digits"] == [(2, pytest.approx(trained["accuracy"]))]
     assert scalars["linear_probe_random_init/digits"] == [(0, pytest.approx(baseline["accuracy"]))]
+    # The trained run's references: the same random init (its seed) and the pixels, on the same images.
+    refs = trained["references"]
+    assert set(refs) == {"random_init", "pixels"} and "random_init" not in baseline["references"]
+    again = main(args + ["--random-init", "--no-references", "--output", str(real_run / "again.json")])
+    assert refs["random_init"]["accuracy"] == again["accuracy"] and "references" not in again
+    assert refs["pixels"]["feature_dim"] == 3 * 16 * 16 and refs["pixels"]["grid"] == 16
+    assert "reference, raw pixels (16 px)" in capsys.readouterr().out
 
 
 def test_cli_preset_with_output(tmp_path):

@@ -31,7 +31,8 @@ def distinct_patches(B, N, D=4):
 
 def test_exact_corruption_count_per_image():
     for rate, N in [(0.5, 64), (0.15, 64), (0.5, 49), (1.0, 16)]:
-        x, chosen, kind = corrupt_patches(distinct_patches(32, N), torch.zeros(1, 1, 4), MPPConfig(corrupt_rate=rate))
+        c = corrupt_patches(distinct_patches(32, N), torch.zeros(1, 1, 4), MPPConfig(corrupt_rate=rate))
+        chosen, kind = c.chosen, c.kind
         n = round(rate * N)
         assert chosen.shape == (32, n)
         assert ((kind != 0).sum(1) == n).all()
@@ -44,7 +45,8 @@ def test_split_80_10_10_and_never_replaced_by_itself():
     B, N, D = 256, 64, 4
     patches = distinct_patches(B, N, D)
     mask_token = torch.full((1, 1, D), -1.0)
-    x, chosen, kind = corrupt_patches(patches, mask_token, MPPConfig())
+    c = corrupt_patches(patches, mask_token, MPPConfig())
+    x, kind = c.patches, c.kind
     n_corrupt = B * N // 2
     frac = {k: (kind == k).sum().item() / n_corrupt for k in (1, 2, 3)}
     assert abs(frac[1] - 0.8) < 0.015 and abs(frac[2] - 0.1) < 0.01 and abs(frac[3] - 0.1) < 0.01
@@ -60,12 +62,20 @@ def test_split_80_10_10_and_never_replaced_by_itself():
     assert (src != own).all()
     # other images are used as sources too ("a random other patch of the batch")
     assert ((src // N) != (own // N)).float().mean() > 0.9
+    # the recorded source says the same: own index when unchanged, the traced one when random, B·N for [mask]
+    assert torch.equal(c.source[kind == 2], src)
+    assert (c.source[kind == 1] == B * N).all()
+    own_all = torch.arange(B * N).reshape(B, N)
+    assert torch.equal(c.source[(kind == 0) | (kind == 3)], own_all[(kind == 0) | (kind == 3)])
+    assert c.kind.dtype == torch.int8 and c.source.dtype == torch.long
+    assert torch.equal(c.chosen, c.chosen.sort(1).values)
 
 
 def test_never_itself_even_with_two_patches():
     for _ in range(50):
-        x, _, kind = corrupt_patches(distinct_patches(1, 2), torch.zeros(1, 1, 4),
-                                     MPPConfig(corrupt_rate=1.0, mask_prob=0.0, random_prob=1.0, keep_prob=0.0))
+        c = corrupt_patches(distinct_patches(1, 2), torch.zeros(1, 1, 4),
+                            MPPConfig(corrupt_rate=1.0, mask_prob=0.0, random_prob=1.0, keep_prob=0.0))
+        x, kind = c.patches, c.kind
         assert (kind == 2).all()
         assert torch.equal(x[0, 0], distinct_patches(1, 2)[0, 1]) and torch.equal(x[0, 1], distinct_patches(1, 2)[0, 0])
 
@@ -129,7 +139,7 @@ def test_loss_covers_corrupted_patches_only():
     base_targets = obj.targets(images)  # (4, 16)
     torch.manual_seed(123)
     # the same draws the objective will make: which patches get corrupted
-    _, chosen, _ = corrupt_patches(torch.zeros(4, 16, 32), obj.mask_token, obj.config)
+    chosen = corrupt_patches(torch.zeros(4, 16, 32), obj.mask_token, obj.config).chosen
     corrupted = torch.zeros(4, 16, dtype=torch.bool).scatter_(1, chosen, True)
 
     def loss_with(targets):
@@ -190,7 +200,7 @@ def test_corruption_gradients_are_bitwise_reproducible():
     seen = []
     for _ in range(20):
         patches.grad = mask.grad = None
-        x, _, _ = corrupt_patches(patches, mask, MPPConfig(), generator=torch.Generator().manual_seed(1))
+        x = corrupt_patches(patches, mask, MPPConfig(), generator=torch.Generator().manual_seed(1)).patches
         x.backward(grad)
         seen.append((patches.grad.clone(), mask.grad.clone()))
     assert all(torch.equal(p, seen[0][0]) and torch.equal(m, seen[0][1]) for p, m in seen)

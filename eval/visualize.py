@@ -1,0 +1,92 @@
+"""Pictures of a trained run: what MPP predicts for held-out images, and where the ViT attends.
+
+Usage: `python eval/visualize.py --run runs/mpp`. Writes RUN/visualize/predictions.png (per image: the
+original, the corrupted input as the model saw it, the predicted and the true target of the corrupted
+patches; an MPP run only) and attention.png (per image: the image, the last block's class-token
+attention, attention rollout), and adds both to the run's TensorBoard (RUN/tensorboard/visualize) at
+the checkpoint's step.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from mpp import attention_maps, visualize
+from mpp.checkpoint import load_checkpoint, load_run
+from mpp.config import AT_LEAST_1, SEED, Parser, device_flag, number_flag
+from mpp.data import build_dataset
+from mpp.errors import UsageError, cli_main
+from mpp.rundir import TENSORBOARD, run_dir_of, step_of_name
+
+WHAT = ("predictions", "attention")
+
+
+def build_parser() -> Parser:
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", metavar="RUN_DIR", default="runs/mpp", help="run directory or checkpoint file (runs/mpp)")
+    p.add_argument("--what", nargs="+", choices=WHAT, help="which pictures (default: both; predictions only for an "
+                   "MPP run, skipped with a note otherwise)")
+    number_flag(p, "--images", int, AT_LEAST_1, default=8, metavar="N", help="held-out images, one row each (8)")
+    number_flag(p, "--seed", int, SEED, default=0, help="seed of the corruption drawn for the predictions (0)")
+    p.add_argument("--dataset", metavar="SPEC", help="dataset spec whose test split is drawn (default: the run's)")
+    p.add_argument("--output", metavar="DIR", help="folder for the PNGs (default: RUN_DIR/visualize)")
+    p.add_argument("--device", type=device_flag, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda if there is one)")
+    return p
+
+
+def pictures(args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], list[str], Path, int]:
+    """(name → CHW image, notes, run directory, checkpoint step) for the flags."""
+    config, vit, path = load_run(args.run)
+    state = load_checkpoint(path, mmap=True)  # the objective's own weights and the step; mmap reads only those
+    step = step_of_name(path) if step_of_name(path) is not None else int(state.get("step", 0))
+    objective = config["train"]["objective"]
+    what, notes = args.what or list(WHAT), []
+    if "predictions" in what and objective != "mpp":
+        if args.what:
+            raise UsageError(f"{args.run} is a {objective} run, which predicts no patches: pass --what attention, "
+                             "or an MPP run (scripts/pretrain_mpp.py) for --what predictions")
+        notes.append(f"{args.run} is a {objective} run: no MPP predictions to draw, only attention")
+        what = [w for w in what if w != "predictions"]
+    dataset = args.dataset or config["train"]["dataset"]
+    held_out, _ = build_dataset(dataset, "test", vit.config.image_size, train=False,
+                                streaming=bool(config["train"].get("streaming", False)))
+    images = visualize.held_out_images(held_out, args.images).to(args.device)  # (n, 3, S, S)
+    vit = vit.to(args.device)
+    drawn = {}
+    if "predictions" in what:
+        model = visualize.mpp_objective(config, vit, state["objective"], str(path)).to(args.device)
+        drawn["predictions"] = visualize.prediction_mosaic(model, images, seed=args.seed)
+    if "attention" in what:
+        drawn["attention"] = attention_maps.attention_mosaic(vit, images)
+    return drawn, notes, run_dir_of(path), step
+
+
+LEGENDS = {"predictions": visualize.LEGEND, "attention": attention_maps.LEGEND}
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    drawn, notes, run_dir, step = pictures(args)
+    output = Path(args.output) if args.output else run_dir / "visualize"
+    for note in notes:
+        print(f"note: {note}")
+    written = {}
+    for name, image in drawn.items():
+        written[name] = visualize.save_png(image, output / f"{name}.png")
+        print(f"wrote {written[name]} ({LEGENDS[name]})")
+    from torch.utils.tensorboard import SummaryWriter
+
+    events = run_dir / TENSORBOARD / "visualize"
+    with SummaryWriter(str(events)) as tb:  # beside the run's curves, at the checkpoint's step
+        for name, image in drawn.items():
+            tb.add_image(f"visualize/{name}", image, global_step=step)  # (3, H, W) float in [0, 1]
+    print(f"added to TensorBoard: {events} (step {step})")
+    return {name: str(path) for name, path in written.items()}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The three studies of results/cifar10/REPORT.md (which feature, how long, which seed), in the order
+# they ran. Rerunnable: a finished stage is skipped, an interrupted pretraining resumes.
+# Data: data/cifar10 and data/imagenette, unpacked from ../shared/data (see the README).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=${ROOT:-runs/cifar10-cpu}
+# The report's budget: Micro/8 at 32 px, 4 epochs of CIFAR-10 at batch 256 (780 steps).
+COMMON=(--dataset data/cifar10 --model Micro/8 --image-size 32 --batch-size 256 --lr 0.001 --warmup-steps 100
+        --crop-scale 0.35 1 --log-every 20)
+# The in-run few-shot probe, every epoch (195 steps), on CIFAR-10 and on Imagenette (transfer).
+FEWSHOT=(--fewshot-every 195 --fewshot-dataset data/imagenette)
+
+pretrain() {  # objective run_name extra-flags...
+  local objective=$1 run=$ROOT/$2; shift 2
+  if [[ -f $run/summary.json ]]; then echo "done: $run"; return; fi
+  local resume=(); [[ -d $run/checkpoints ]] && resume=(--resume)
+  python scripts/pretrain_"$objective".py "${COMMON[@]}" "${FEWSHOT[@]}" "$@" --output-dir "$run" "${resume[@]}"
+}
+
+probe() {  # run_name: the layer sweeps with their references, and the transfer check
+  local run=$ROOT/$1
+  [[ -f $run/fewshot.json ]] || python eval/fewshot.py --run "$run" --dataset data/cifar10 --layers all --max-test 0
+  [[ -f $run/linear-probe.json ]] || python eval/linear_probe.py --run "$run" --dataset data/cifar10 --layers all
+  [[ -f $run/fewshot-imagenette.json ]] || python eval/fewshot.py --run "$run" --dataset data/imagenette \
+      --image-size 32 --layers all --output "$run/fewshot-imagenette.json"
+}
+
+# Study 1 (which feature) and 3 (which seed): the report's models at the report's budget.
+pretrain mpp mpp --epochs 4 --save-every 200 --seed 0
+pretrain supervised supervised --epochs 4 --save-every 200 --seed 0
+probe mpp; probe supervised
+for seed in 1 2; do pretrain mpp mpp-seed$seed --epochs 4 --save-every 200 --seed $seed; probe mpp-seed$seed; done
+pretrain mpp mpp-4x4 --epochs 4 --save-every 200 --seed 0 --target downsample
+pretrain mpp mpp-l2 --epochs 4 --save-every 200 --seed 0 --target l2
+pretrain mpp mpp-15pct --epochs 4 --save-every 200 --seed 0 --corrupt-rate 0.15
+for run in mpp-4x4 mpp-l2 mpp-15pct; do probe $run; done
+# From scratch: the supervised fine-tuning protocol from a random init on 10% of the labels.
+[[ -f $ROOT/scratch/finetune.json ]] || python eval/finetune.py --model Micro/8 --image-size 32 --dataset data/cifar10 \
+    --train-fraction 0.1 --dev-fraction 0.1 --lrs 0.01 0.03 0.1 --seeds 3 --batch-size 128 --epochs 8 \
+    --warmup-steps 20 --crop-scale 0.35 1 --output-dir "$ROOT/scratch"
+probe scratch
+
+# Study 2 (how long): 5× the report's length (20 epochs, 3,900 steps), few-shot every epoch.
+pretrain mpp mpp-long --epochs 20 --save-every 195 --seed 0
+pretrain supervised supervised-long --epochs 20 --save-every 195 --seed 0
+probe mpp-long; probe supervised-long

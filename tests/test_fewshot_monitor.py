@@ -1,0 +1,151 @@
+"""The few-shot probe inside pretraining (`--fewshot-every`): it logs the paper's probe along the run,
+from step 0, scores what eval/fewshot.py scores, and never changes the training."""
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from eval import fewshot
+from mpp.checkpoint import load_checkpoint
+from mpp.rundir import list_checkpoints
+from mpp.train import TrainConfig, train
+from tests.helpers.runs import read_metrics, run_script
+
+TINY = dict(max_steps=6, batch_size=32, num_workers=0, cpu_threads=2, warmup_steps=2, log_every=2, save_every=3)
+SHOTS = (1, 5, 10, 25)
+
+
+def tags(prefix: str, dataset: str) -> list[str]:
+    return [f"{prefix}/{dataset}/{k}shot" for k in SHOTS]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same 6-step MPP run without and with the in-run probe (every 2 steps), the latter also
+    evaluated (and its predictions drawn into TensorBoard) every 3 steps."""
+    root = tmp_path_factory.mktemp("monitor")
+    threads = torch.get_num_threads()
+    plain = train(TrainConfig(output_dir=str(root / "plain"), **TINY))
+    probed = train(TrainConfig(output_dir=str(root / "probed"), fewshot_every=2, eval_every=3, **TINY))
+    torch.set_num_threads(threads)  # train() sets the process's threads
+    return plain, probed
+
+
+def test_the_probe_changes_no_weight_and_no_training_metric(runs):
+    plain, probed = runs
+    for a, b in zip(list_checkpoints(plain), list_checkpoints(probed), strict=True):
+        sa, sb = load_checkpoint(a), load_checkpoint(b)
+        for part in ("model", "objective"):
+            assert sa[part].keys() == sb[part].keys()
+            assert all(torch.equal(sa[part][k], sb[part][k]) for k in sa[part]), f"{a.name}: {part} differs"
+        assert all(torch.equal(x["torch"], y["torch"]) for x, y in zip(sa["rng"], sb["rng"], strict=True))
+        exp_a, exp_b = sa["optimizer"]["state"], sb["optimizer"]["state"]
+        assert all(torch.equal(exp_a[i]["exp_avg_sq"], exp_b[i]["exp_avg_sq"]) for i in exp_a)
+
+    def training(run):  # every logged training value, without the timing
+        return [{k: v for k, v in m.items() if k != "train/images_per_s"} for m in read_metrics(run) if "train/loss" in m]
+
+    assert training(plain) == training(probed) and len(training(plain)) == 3
+    assert json.loads((plain / "summary.json").read_text())["eval"] == json.loads((probed / "summary.json").read_text())["eval"]
+
+
+def test_the_curve_starts_at_step_0_and_matches_eval_fewshot(runs, tmp_path):
+    _, probed = runs
+    points = {m["step"]: m for m in read_metrics(probed) if "fewshot/digits/1shot" in m}
+    assert sorted(points) == [0, 2, 4, 6]
+    for m in points.values():
+        assert set(tags("fewshot", "digits") + tags("fewshot_avg", "digits")) <= set(m)
+        assert all(0 <= m[t] <= 1 for t in tags("fewshot", "digits")) and m["fewshot/seconds"] > 0
+    # Step 0 is the untrained model: eval/fewshot.py's random init of the run (its seed), same draws.
+    untrained = fewshot.main(["--run", str(probed), "--random-init", "--no-references", "--output",
+                              str(tmp_path / "r.json"), "--num-workers", "0"])
+    assert [points[0][t] for t in tags("fewshot", "digits")] == [untrained["results"][str(k)]["mean"] for k in SHOTS]
+    # The last point is the final checkpoint, as eval/fewshot.py scores it (class token and mean patch token).
+    for features, prefix in (("token", "fewshot"), ("avg", "fewshot_avg")):
+        final = fewshot.main(["--run", str(probed), "--no-references", "--features", features, "--output",
+                              str(tmp_path / f"{features}.json"), "--num-workers", "0"])
+        assert [points[6][t] for t in tags(prefix, "digits")] == [final["results"][str(k)]["mean"] for k in SHOTS]
+    assert points[6]["fewshot/digits/25shot"] != points[0]["fewshot/digits/25shot"]  # the curve moves
+
+
+def test_the_curve_is_in_tensorboard(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, probed = runs
+    found = {}
+    # The run's own events (eval/fewshot.py writes its points, under the same tags, to tensorboard/fewshot/).
+    for path in (p for p in (probed / "tensorboard").rglob("events.*") if p.parent.name != "fewshot"):
+        acc = EventAccumulator(str(path)).Reload()
+        for tag in acc.Tags()["scalars"]:
+            found.setdefault(tag, []).extend(e.step for e in acc.Scalars(tag))
+    assert sorted(found["fewshot/digits/5shot"]) == [0, 2, 4, 6], found.keys()
+    images = {}
+    for path in (probed / "tensorboard").rglob("events.*"):
+        acc = EventAccumulator(str(path), size_guidance={"images": 0}).Reload()
+        for tag in acc.Tags()["images"]:
+            images.setdefault(tag, []).extend(e.step for e in acc.Images(tag))
+    assert images == {"mpp/predictions": [3, 6]}  # MPP's predictions at each evaluation
+
+
+def image_folder(root, per_class: int = 30, test_per_class: int = 6, classes: int = 3):
+    """root/{train,test}/c<k>/<i>.png: each class a different mean colour plus noise."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("test", test_per_class)):
+        for c in range(classes):
+            folder = root / split / f"c{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(rng.normal(60 + 70 * c, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
+                PIL.Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def test_a_transfer_set_and_the_image_cap(tmp_path):
+    folder = image_folder(tmp_path / "tiles")
+    done = run_script("scripts/pretrain_supervised.py", "--max-steps", "2", "--batch-size", "32", "--num-workers", "0",
+                      "--warmup-steps", "1", "--fewshot-every", "2", "--fewshot-dataset", str(folder),
+                      "--fewshot-max-images", "50", "--output-dir", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "digits: 861 train + 50 test images (held in memory); tiles: 90 train + 18 test images (held in memory)" in done.stdout + done.stderr
+    points = [m for m in read_metrics(tmp_path / "run") if "fewshot/tiles/1shot" in m]
+    assert [m["step"] for m in points] == [0, 2]
+    assert all(set(tags("fewshot", "digits")) <= set(m) for m in points)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--fewshot-dataset", "digits"], "names a dataset whose short name (digits) repeats the run's"),
+    (["--streaming"], "--fewshot-every draws images by index, which a stream cannot serve: pass --fewshot-dataset"),
+    (["--fewshot-max-images", "nan"], "--fewshot-max-images 'nan' is not a whole number"),
+])
+def test_bad_settings_are_one_line(tmp_path, extra, message):
+    done = run_script("scripts/pretrain_mpp.py", "--max-steps", "2", "--num-workers", "0", "--fewshot-every", "2",
+                      *extra, "--output-dir", str(tmp_path / "run"))
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and lines[-1].startswith("error: ") and message in lines[-1], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+
+
+def test_a_resume_may_add_the_probe(tmp_path):
+    threads = torch.get_num_threads()
+    run = tmp_path / "run"
+    train(TrainConfig(output_dir=str(run), **{**TINY, "max_steps": 4, "save_every": 4}))
+    train(TrainConfig(output_dir=str(run), resume=True, fewshot_every=3, **{**TINY, "save_every": 4}))
+    torch.set_num_threads(threads)
+    assert [m["step"] for m in read_metrics(run) if "fewshot/digits/1shot" in m] == [6]  # no step 0 on a resume
+
+
+def test_images_too_large_to_hold_are_read_again_with_the_same_result(monkeypatch):
+    from mpp import fewshot_monitor
+    from mpp.model import ViT, vit_config
+
+    torch.manual_seed(0)
+    vit = ViT(vit_config("Micro/4"))
+    held = fewshot_monitor.FewshotMonitor(["digits"], 16, 100)
+    monkeypatch.setattr(fewshot_monitor, "CACHE_BYTES", 0)
+    read = fewshot_monitor.FewshotMonitor(["digits"], 16, 100)
+    assert held.sets[0].cached and not read.sets[0].cached and "held in memory" not in read.cost()
+    state = torch.get_rng_state()
+    assert held(vit, "cpu") == read(vit, "cpu")
+    assert torch.equal(torch.get_rng_state(), state)  # the probe leaves the global generator where it was
