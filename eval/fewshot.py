@@ -20,6 +20,7 @@ from mpp.probe_setup import (
     add_model_flags,
     add_runtime_flags,
     check_flags,
+    check_writable,
     layer_lines,
     probe_target,
     random_init_like,
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     target = probe_target(args, "fewshot")
     vit, dataset, prefix = target.vit, target.dataset, target.prefix
     image_size = vit.config.image_size
+    check_writable(target.output(args))  # before the embedding, not after it
     layers = layer_specs(vit.config.depth, args.layers)
     out = run_fewshot(vit, ProbeData.load(dataset, image_size), Embedder(args.batch_size, args.device, args.num_workers),
                       tuple(args.shots), args.seeds, tuple(args.l2), args.max_test, args.features, layers,
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:>11} | " + " | ".join(f"{100 * r['mean']:6.2f} ± {100 * r['std']:5.2f}" for r in results.values()))
     if "layers" in out:
         top = str(max(out["shots"]))
-        print("\n".join(layer_lines(out["layers"], lambda r: r[top]["mean"], f"{top}-shot")))
+        pixels = out.get("references", {}).get("pixels", {}).get("results")
+        print("\n".join(layer_lines(out["layers"], lambda r: r[top]["mean"], f"{top}-shot", pixels)))
 
     train_cfg = (target.config or {}).get("train", {})
     report = {**target.report_head(args),

@@ -87,11 +87,14 @@ def main(argv: list[str] | None = None) -> dict:
         # The dev optimum may lie beyond the grid: say so rather than silently report a clipped choice.
         edge = "smallest" if out["l2"] == min(out["l2_grid"]) else "largest"
         print(f"note: the chosen l2 is the grid's {edge}; a wider --l2 grid may do better on dev")
-    for key, ref in out.get("references", {}).items():
-        name = {"random_init": "random init", "pixels": f"raw pixels ({ref.get('grid')} px)"}[key]
-        print(f"reference, {name}: test accuracy {100 * ref['accuracy']:.2f}% (l2 = {ref['l2']:.12g})")
+    rows = [("model", out)] + [({"random_init": "random init", "pixels": f"raw pixels ({ref.get('grid')} px)"}[key], ref)
+                               for key, ref in out.get("references", {}).items()]
+    print(f"{'':>18} | test accuracy (%) | l2")
+    for name, r in rows:
+        print(f"{name:>18} | {100 * r['accuracy']:17.2f} | {r['l2']:.12g}")
     if "layers" in out:
-        print("\n".join(layer_lines(out["layers"], lambda r: r["accuracy"], "test accuracy")))
+        pixels = out.get("references", {}).get("pixels")
+        print("\n".join(layer_lines(out["layers"], lambda r: r["accuracy"], "test accuracy", pixels)))
 
     report = {**target.report_head(args), **out, "vit": dataclasses.asdict(vit.config)}
     save_report(target, output, report, {f"{prefix}/{dataset_name(dataset)}": out["accuracy"]}, "linear_probe")

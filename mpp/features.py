@@ -52,6 +52,8 @@ def layer_specs(depth: int, layers: list[str] | None) -> list[FeatureSpec]:
     norm) feature of those blocks, in block order."""
     if not layers:
         return []
+    if "all" in layers and layers != ["all"]:
+        raise UsageError(f"--layers {' '.join(layers)}: 'all' stands alone: pass --layers all, or block numbers")
     if layers == ["all"]:
         chosen = list(range(1, depth + 1))
     else:
@@ -68,16 +70,6 @@ def layer_specs(depth: int, layers: list[str] | None) -> list[FeatureSpec]:
             chosen.append(k)
         chosen = sorted(set(chosen))
     return [FeatureSpec(k, pool, norm) for k in chosen for pool in POOLS for norm in (False, True)]
-
-
-def pool(outputs: dict[str, torch.Tensor], features: str) -> torch.Tensor:
-    """(B, D) features from `ViT.forward_features` outputs: the class token (the paper's
-    representation) or the average patch token (MPP trains the patch tokens, not the class token)."""
-    if features == "token":
-        return outputs["pre_logits"]  # (B, D)
-    if features == "avg":
-        return outputs["tokens"][:, 1:].mean(1)  # (B, N, D) -> (B, D)
-    raise UsageError(f"unknown --features '{features}': use {' or '.join(FEATURES)}")
 
 
 def pool_tokens(tokens: torch.Tensor, how: str) -> torch.Tensor:

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from mpp.checkpoint import rng_state, set_rng_state
 from mpp.data import dataset_name
+from mpp.errors import UsageError
 from mpp.features import headline_spec, vit_featurizer
 from mpp.probe_runs import Embedder, FewshotDraws, ProbeData
 
@@ -44,8 +45,13 @@ class ProbeSet:
     @classmethod
     def build(cls, spec: str, image_size: int, max_images: int) -> ProbeSet:
         data = ProbeData.load(spec, image_size)  # loaded whole: the draws pick images by index
-        draws = FewshotDraws.draw(data.train.labels().numpy(), len(data.test), SHOTS, DRAWS, max_images,
-                                  data.num_classes, data.class_names)
+        try:
+            draws = FewshotDraws.draw(data.train.labels().numpy(), len(data.test), SHOTS, DRAWS, max_images,
+                                      data.num_classes, data.class_names)
+        except UsageError as e:  # the draws' own message names --shots, which pretraining does not have
+            problem = str(e).split(": pass ")[0]
+            raise UsageError(f"the in-run few-shot probe of '{spec}' needs {max(SHOTS)} training images of every "
+                             f"class ({problem}): drop --fewshot-every, or pass a --fewshot-dataset with more") from e
         count = len(draws.union) + (len(data.test) if draws.test is None else len(draws.test))
         if count * 3 * image_size**2 * 4 > CACHE_BYTES:
             return cls(dataset_name(spec), data, draws, data.train, data.test, cached=False)
@@ -70,7 +76,8 @@ class FewshotMonitor:
     `__call__(vit, device)` → {"fewshot/<dataset>/<k>shot": mean accuracy (the class token),
     "fewshot_avg/<dataset>/<k>shot": (the mean patch token)}, identical on every process."""
 
-    def __init__(self, specs: list[str], image_size: int, max_images: int):
+    def __init__(self, specs: list[str], image_size: int, max_images: int, batch_size: int = 256):
+        self.batch_size = batch_size  # images per forward pass: the run's micro-batch, which fits beside training
         saved = rng_state()  # decoding the images once draws nothing the run's streams would miss
         try:
             self.sets = [ProbeSet.build(spec, image_size, max_images) for spec in dict.fromkeys(specs)]
@@ -89,7 +96,7 @@ class FewshotMonitor:
         try:
             specs = [headline_spec(vit.config.depth, "token"), headline_spec(vit.config.depth, "avg")]
             featurize = vit_featurizer(vit, specs)
-            embed = Embedder(batch_size=256, device=str(device), num_workers=0, progress=False)
+            embed = Embedder(batch_size=self.batch_size, device=str(device), num_workers=0, progress=False)
             values = {}
             for s in self.sets:
                 train_idx, test_idx = s.indices()

@@ -55,7 +55,7 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
                    "(1..depth; -1 is the last)")
     p.add_argument("--references", default=True, action=argparse.BooleanOptionalAction,
                    help="score the same probe on the same images for a random init of the same architecture "
-                   "and for the raw pixels at the model's resolution (default: on)")
+                   "and for the raw pixels at the model's resolution (above 32 px: averaged to 32×32) (default: on)")
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -111,8 +111,9 @@ def random_init_like(args, target: "ProbeTarget") -> torch.nn.Module | None:
     if args.random_init or not args.references:
         return None
     torch.manual_seed(reference_seed(args, target.config))
-    config = dataclasses.replace(target.vit.config, num_classes=0)  # the head does not change the features
-    vit = ViT(config, target.vit.kernels)
+    # The same config, head included: building the head draws from the generator, so a headless twin
+    # would be another network than the one `--random-init` (and the run's own step 0) evaluates.
+    vit = ViT(target.vit.config, target.vit.kernels)
     if args.compile:
         compile_blocks(vit)
     return vit
@@ -188,19 +189,24 @@ def save_report(target: ProbeTarget, output: Path, report: dict, scalars: dict[s
     print(f"wrote {output}")
 
 
-def layer_lines(layers: dict, value, what: str) -> list[str]:
+def layer_lines(layers: dict, value, what: str, pixels: dict | None = None) -> list[str]:
     """A printed table of a layer sweep: one row per feature variant (pool, norm), one column per
-    block, `value(result)` in % in each cell, then the best cell; `what` names the number shown."""
+    block, `value(result)` in % in each cell; the same rows for the random init when the sweep has
+    them, the raw `pixels` reference's result as a row, then the model's best cell; `what` names the
+    number shown."""
     specs = layers["specs"]
     blocks = sorted({s["layer"] for s in specs})
     variants = list(dict.fromkeys(s["name"].split("/", 1)[1] for s in specs))
-    lines = [f"by block ({what}, %):", f"{'feature':>12} | " + " ".join(f"{b:>6}" for b in blocks)]
-    for variant in variants:
-        cells = []
-        for b in blocks:
-            result = layers["results"].get(f"{b}/{variant}")
-            cells.append(f"{100 * value(result):6.1f}" if result is not None else f"{'–':>6}")
-        lines.append(f"{variant:>12} | " + " ".join(cells))
+    lines = [f"by block ({what}, %):", f"{'feature':>24} | " + " ".join(f"{b:>6}" for b in blocks)]
+    for source, label in (("results", ""), ("random_init", " (random init)")):
+        for variant in variants if source in layers else []:
+            cells = []
+            for b in blocks:
+                result = layers[source].get(f"{b}/{variant}")
+                cells.append(f"{100 * value(result):6.1f}" if result is not None else f"{'–':>6}")
+            lines.append(f"{variant + label:>24} | " + " ".join(cells))
+    if pixels is not None:
+        lines.append(f"{'raw pixels':>24} | " + " ".join(f"{100 * value(pixels):6.1f}" for _ in blocks))
     best = max(layers["results"], key=lambda n: value(layers["results"][n]))
     lines.append(f"best: block {best} ({100 * value(layers['results'][best]):.1f}%)")
     return lines

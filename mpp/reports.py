@@ -309,7 +309,8 @@ def references_of(path: Path, report: dict, run_dir: Path, name: str, config: di
             arch, label = report_arch(report, config)
         else:
             size = pixels_size(path, found[key], report, what)
-            arch, label = (size,), f"{size} px"
+            grid = found[key].get("grid")  # the pixels are area-averaged to at most 32×32 (mpp.features)
+            arch, label = (size,), f"{size} px" if grid in (None, size) else f"{size} px as {grid}×{grid}"
         refs.append(Reference(name, kind, arch, label, probe, entry))
     return refs
 

@@ -73,7 +73,7 @@ class TrainConfig:
     keep_checkpoints: int = 3  # the newest K checkpoints are kept
     eval_every: int = 0  # steps between held-out evaluations; 0: only at the end
     fewshot_every: int = 0  # steps between in-run few-shot probes (also at step 0 and the end); 0: off
-    fewshot_max_images: int = 2000  # test images each in-run probe scores (a fixed random subset; 0: all); it also embeds the 1/5/10/25-shot draws
+    fewshot_max_images: int = 2000  # test images each in-run probe scores (a fixed random subset; 0: all); the 1/5/10/25-shot draws add at most 123 images per class
     fewshot_dataset: str = ""  # a second dataset the in-run probe scores (transfer), besides the run's own
 
     # What each numeric field accepts (checked at parse time and by validate(); mpp.config.Range).
@@ -102,7 +102,11 @@ class TrainConfig:
         if self.fewshot_every and self.streaming and not self.fewshot_dataset:
             raise UsageError("--fewshot-every draws images by index, which a stream cannot serve: pass "
                              "--fewshot-dataset SPEC (a folder or hub dataset that loads whole) to probe that instead")
-        if self.fewshot_dataset and dataset_name(self.fewshot_dataset) == dataset_name(self.dataset):
+        if self.fewshot_dataset and not self.fewshot_every:
+            raise UsageError(f"--fewshot-dataset {self.fewshot_dataset} probes nothing without --fewshot-every: "
+                             "pass --fewshot-every STEPS too (e.g. the steps of one epoch)")
+        if (self.fewshot_dataset and not self.streaming  # a stream's own data is not probed: no clash then
+                and dataset_name(self.fewshot_dataset) == dataset_name(self.dataset)):
             raise UsageError(f"--fewshot-dataset '{self.fewshot_dataset}' names a dataset whose short name "
                              f"({dataset_name(self.dataset)}) repeats the run's: the run's own data is already probed; "
                              "pass another dataset")

@@ -86,6 +86,8 @@ class Trainer:
         if config.objective == "mpp":
             vit = ViT(dataclasses.replace(vit_cfg, num_classes=0), kernels.kernels)  # MPP predicts from patch tokens
             objective = MPPObjective(vit, mpp_config)
+            if objective.entry.render is None or objective.entry.decode is None:  # a target that cannot be drawn
+                self.preview = None
         else:
             vit = ViT(dataclasses.replace(vit_cfg, num_classes=self.info.num_classes), kernels.kernels)
             objective = SupervisedObjective(vit, config.label_smoothing)
@@ -147,12 +149,12 @@ class Trainer:
         self.train_loader, self.eval_loader = data_loaders(self.train_set, self.eval_set, micro_batch,
                                                            config.num_workers, self.accelerator, self.streamed)
         # MPP's predictions on a fixed batch of held-out images, drawn into TensorBoard at each evaluation
-        self.preview = (held_out_images(self.eval_set, PREVIEW_IMAGES)
-                        if config.objective == "mpp" and self.accelerator.is_main_process else None)
+        # (read by every process, so a data error stops them all alike; only the main one draws)
+        self.preview = held_out_images(self.eval_set, PREVIEW_IMAGES) if config.objective == "mpp" else None
         self.fewshot = None  # the in-run few-shot probe, with its draws fixed now (mpp.fewshot_monitor)
         if config.fewshot_every:  # TrainConfig.validate refused a stream without a --fewshot-dataset
             specs = ([] if self.streamed else [config.dataset]) + ([config.fewshot_dataset] if config.fewshot_dataset else [])
-            self.fewshot = FewshotMonitor(specs, image_size, config.fewshot_max_images)
+            self.fewshot = FewshotMonitor(specs, image_size, config.fewshot_max_images, batch_size=micro_batch)
             self.accelerator.print(f"few-shot probe every {config.fewshot_every} steps, at step 0 and at the end "
                                    f"(1/5/10/25 shots × 3 draws, l2 = 2^10), each embedding {self.fewshot.cost()}")
 
@@ -211,7 +213,7 @@ class Trainer:
             else:
                 write_json(run_dir / rundir.CONFIG, self.run_cfg)
         acc.init_trackers("tensorboard", config=flat_hparams(self.run_cfg))
-        if self.preview is not None:  # what the prediction mosaic's columns show
+        if acc.is_main_process and self.preview is not None:  # what the prediction mosaic's columns show
             acc.get_tracker("tensorboard", unwrap=True).add_text("mpp/predictions", LEGEND, step)
         self.metrics_file = (self.held.enter_context(open(run_dir / rundir.METRICS, "a"))
                              if acc.is_main_process else None)
@@ -276,7 +278,7 @@ class Trainer:
         if scored == 0:
             raise UsageError("the held-out split has no images: pass a dataset with images in its test or val split")
         self.log({f"eval/{k}": v for k, v in results.items()}, at)
-        if self.preview is not None and len(self.preview) and self.model.entry.render is not None:
+        if acc.is_main_process and self.preview is not None and len(self.preview):
             # Its own generator, eval mode, no gradients: the run goes on bitwise as without it (mpp.visualize).
             writer = acc.get_tracker("tensorboard", unwrap=True)
             writer.add_image("mpp/predictions", prediction_mosaic(self.model, self.preview, seed=self.config.seed), at)
@@ -372,7 +374,7 @@ class Trainer:
             self.window = {"t": time.perf_counter(), "steps": 0, "sums": {}}
         if config.eval_every and step % config.eval_every == 0 and step < self.total_steps:
             stopping = self.run_eval(step) is None or stopping
-        if self.fewshot is not None and (step % config.fewshot_every == 0 or step == self.total_steps):
+        if self.fewshot is not None and not stopping and (step % config.fewshot_every == 0 or step == self.total_steps):
             self.run_fewshot(step)
         if (step % config.save_every == 0 and step < self.total_steps) or stopping:
             self.save(step)

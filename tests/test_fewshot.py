@@ -245,15 +245,18 @@ def test_dataset_name_for_tensorboard():
 
 
 def test_features_token_or_average_patch_token():
-    from mpp.features import pool
+    from mpp.features import headline_spec, vit_featurizer
 
     torch.manual_seed(0)
     vit = ViT(ViTConfig(**TINY)).eval()
-    out = vit.forward_features(torch.randn(3, 3, 16, 16))
-    assert torch.equal(pool(out, "token"), out["pre_logits"])
-    torch.testing.assert_close(pool(out, "avg"), out["tokens"][:, 1:].mean(1))  # the 16 patch tokens, not the class token
+    images = torch.randn(3, 3, 16, 16)
+    out = vit.forward_features(images)
+    token, avg = headline_spec(vit.config.depth, "token"), headline_spec(vit.config.depth, "avg")
+    found = vit_featurizer(vit, [token, avg])(images)
+    assert torch.equal(found[token.name], out["pre_logits"])
+    torch.testing.assert_close(found[avg.name], out["tokens"][:, 1:].mean(1))  # the 16 patch tokens, not the class token
     with pytest.raises(UsageError, match="unknown --features"):
-        pool(out, "max")
+        headline_spec(vit.config.depth, "max")
 
 
 def test_cli_average_patch_features_get_their_own_file(run_dir):

@@ -112,12 +112,21 @@ def test_a_transfer_set_and_the_image_cap(tmp_path):
     points = [m for m in read_metrics(tmp_path / "run") if "fewshot/tiles/1shot" in m]
     assert [m["step"] for m in points] == [0, 2]
     assert all(set(tags("fewshot", "digits")) <= set(m) for m in points)
+    # A supervised run's step 0 is its random init as eval/fewshot.py builds it (head included), and
+    # --fewshot-max-images 50 is the same fixed subset as --max-test 50.
+    untrained = fewshot.main(["--run", str(tmp_path / "run"), "--random-init", "--no-references", "--max-test", "50",
+                              "--output", str(tmp_path / "r.json"), "--num-workers", "0"])
+    assert [points[0][t] for t in tags("fewshot", "digits")] == [untrained["results"][str(k)]["mean"] for k in SHOTS]
+    referenced = fewshot.main(["--run", str(tmp_path / "run"), "--max-test", "50", "--output", str(tmp_path / "t.json"),
+                               "--num-workers", "0"])
+    assert referenced["references"]["random_init"]["results"] == untrained["results"]
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--fewshot-dataset", "digits"], "names a dataset whose short name (digits) repeats the run's"),
     (["--streaming"], "--fewshot-every draws images by index, which a stream cannot serve: pass --fewshot-dataset"),
     (["--fewshot-max-images", "nan"], "--fewshot-max-images 'nan' is not a whole number"),
+    (["--fewshot-every", "0", "--fewshot-dataset", "x"], "--fewshot-dataset x probes nothing without --fewshot-every"),
 ])
 def test_bad_settings_are_one_line(tmp_path, extra, message):
     done = run_script("scripts/pretrain_mpp.py", "--max-steps", "2", "--num-workers", "0", "--fewshot-every", "2",
@@ -149,3 +158,12 @@ def test_images_too_large_to_hold_are_read_again_with_the_same_result(monkeypatc
     state = torch.get_rng_state()
     assert held(vit, "cpu") == read(vit, "cpu")
     assert torch.equal(torch.get_rng_state(), state)  # the probe leaves the global generator where it was
+
+
+def test_a_class_too_small_for_25_shots_is_one_line(tmp_path):
+    folder = image_folder(tmp_path / "few", per_class=10)
+    done = run_script("scripts/pretrain_mpp.py", "--max-steps", "2", "--num-workers", "0", "--fewshot-every", "2",
+                      "--fewshot-dataset", str(folder), "--output-dir", str(tmp_path / "run"))
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and last.startswith("error: the in-run few-shot probe of ") and "needs 25" in last
+    assert "drop --fewshot-every" in last and "Traceback" not in done.stderr

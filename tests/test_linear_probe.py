@@ -189,7 +189,7 @@ def test_cli_on_a_real_run_and_its_random_init_baseline(real_run, capsys):
     again = main(args + ["--random-init", "--no-references", "--output", str(real_run / "again.json")])
     assert refs["random_init"]["accuracy"] == again["accuracy"] and "references" not in again
     assert refs["pixels"]["feature_dim"] == 3 * 16 * 16 and refs["pixels"]["grid"] == 16
-    assert "reference, raw pixels (16 px)" in capsys.readouterr().out
+    assert "raw pixels (16 px) |" in capsys.readouterr().out
 
 
 def test_cli_preset_with_output(tmp_path):

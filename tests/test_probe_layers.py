@@ -19,7 +19,7 @@ def test_layer_specs():
     assert {s.layer for s in layer_specs(6, ["3", "-6", "3"])} == {1, 3}
     assert layer_specs(6, None) == []
     for bad, message in ((["0"], "outside the model's 6 blocks"), (["7"], "outside"), (["-7"], "outside"),
-                         (["x"], "is not a block number")):
+                         (["x"], "is not a block number"), (["all", "3"], "'all' stands alone")):
         with pytest.raises(UsageError, match=message):
             layer_specs(6, bad)
 
