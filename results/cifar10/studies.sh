@@ -45,3 +45,9 @@ probe scratch
 pretrain mpp mpp-long --epochs 20 --save-every 195 --seed 0
 pretrain supervised supervised-long --epochs 20 --save-every 195 --seed 0
 probe mpp-long; probe supervised-long
+
+# The tables and plots (by block, in-run few-shot curves, references) of each study.
+python eval/compare.py "$ROOT"/mpp "$ROOT"/mpp-seed1 "$ROOT"/mpp-seed2 "$ROOT"/supervised "$ROOT"/scratch \
+    "$ROOT"/mpp-4x4 "$ROOT"/mpp-l2 "$ROOT"/mpp-15pct --output results/cifar10/studies
+python eval/compare.py "$ROOT"/mpp "$ROOT"/supervised "$ROOT"/mpp-long "$ROOT"/supervised-long \
+    --output results/cifar10/long
