@@ -36,9 +36,10 @@ def worker() -> None:
     getitem, calls = mpp.data.TensorImages.__getitem__, [0]
 
     def crashing(self, index):
-        calls[0] += 1
-        if torch.utils.data.get_worker_info() is not None and calls[0] == 5:  # in a worker process only
-            raise RuntimeError("injected fault in a loader worker")
+        if torch.utils.data.get_worker_info() is not None:  # in a worker process only: the main process
+            calls[0] += 1  # reads images too (the MPP preview), before the workers start with its count
+            if calls[0] == 5:
+                raise RuntimeError("injected fault in a loader worker")
         return getitem(self, index)
 
     mpp.data.TensorImages.__getitem__ = crashing
