@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from mpp.data import normalize
+from mpp.features import evaluating
 from mpp.model import Block, ViT
-from mpp.visualize import evaluating, tile
+from mpp.visualize import tile
 
 HEAT_STOPS = torch.tensor([  # the overlay's colour scale, low to high: black, purple, red, orange, pale yellow
     [0.0, 0.0, 0.0], [0.34, 0.06, 0.43], [0.80, 0.20, 0.27], [0.99, 0.57, 0.10], [0.99, 0.98, 0.64]])

@@ -6,8 +6,9 @@ A probe embeds images with the eval transform in eval mode; it reads the labels 
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,7 +93,7 @@ def vit_featurizer(vit, specs: list[FeatureSpec]) -> Callable[[torch.Tensor], di
 
 def pixel_featurizer(image_size: int) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
     """The raw-pixel reference: normalised images, area-averaged to at most PIXEL_GRID², flattened."""
-    grid = min(image_size, PIXEL_GRID)
+    grid = pixel_grid(image_size)
 
     def featurize(images: torch.Tensor) -> dict[str, torch.Tensor]:
         if images.shape[-1] != grid:
@@ -104,6 +105,21 @@ def pixel_featurizer(image_size: int) -> Callable[[torch.Tensor], dict[str, torc
 
 def pixel_grid(image_size: int) -> int:
     return min(image_size, PIXEL_GRID)
+
+
+@contextlib.contextmanager
+def evaluating(module: torch.nn.Module | None) -> Iterator[None]:
+    """Run `module` in eval mode under no_grad, then put every submodule back in the mode it was in
+    (the probes, the in-run probe and the pictures read a model this way; None: nothing to switch)."""
+    modes = [(m, m.training) for m in module.modules()] if module is not None else []
+    if module is not None:
+        module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def process_group():
@@ -135,7 +151,6 @@ def extract_features(vit, dataset, batch_size: int = 256, device="cpu", indices=
     return found[spec.name], labels
 
 
-@torch.no_grad()
 def extract_feature_sets(featurize, module, dataset, batch_size: int = 256, device="cpu", indices=None,
                          num_workers: int = 0, progress: bool = True,
                          desc: str = "features") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -152,19 +167,15 @@ def extract_feature_sets(featurize, module, dataset, batch_size: int = 256, devi
         order = [int(i) for i in np.array_split(np.asarray(order, dtype=np.int64), state.num_processes)[state.process_index]]
         progress = progress and state.is_main_process
     loader = DataLoader(Subset(dataset, order), batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    was_training = module.training if module is not None else False
     if module is not None:
-        module.eval().to(device)
+        module.to(device)
     feats: dict[str, list[torch.Tensor]] = {}
     labels = []
-    try:
+    with evaluating(module):
         for images, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
             for name, out in featurize(normalize(images.to(device))).items():  # (B, D_name) each
                 feats.setdefault(name, []).append(out.float().cpu())
             labels.append(torch.as_tensor(y).reshape(-1))
-    finally:
-        if module is not None:
-            module.train(was_training)
     if state is not None:  # [(features, labels) of process 0, of process 1, ...]: contiguous shares in order
         from accelerate.utils import gather_object
 

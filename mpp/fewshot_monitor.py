@@ -19,15 +19,12 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from mpp.checkpoint import rng_state, set_rng_state
 from mpp.data import dataset_name
-from mpp.errors import UsageError
 from mpp.features import headline_spec, vit_featurizer
 from mpp.probe_runs import Embedder, FewshotDraws, ProbeData
 
 SHOTS = (1, 5, 10, 25)  # the paper's few-shot counts
 DRAWS = 3  # draws per shot count (seeds 0..2), as eval/fewshot.py's default
 L2 = 2.0**10  # the paper's fixed ridge penalty
-
-
 CACHE_BYTES = 512 * 2**20  # the probe's images are decoded once and held in memory when they fit in this
 
 
@@ -45,13 +42,13 @@ class ProbeSet:
     @classmethod
     def build(cls, spec: str, image_size: int, max_images: int) -> ProbeSet:
         data = ProbeData.load(spec, image_size)  # loaded whole: the draws pick images by index
-        try:
-            draws = FewshotDraws.draw(data.train.labels().numpy(), len(data.test), SHOTS, DRAWS, max_images,
-                                      data.num_classes, data.class_names)
-        except UsageError as e:  # the draws' own message names --shots, which pretraining does not have
-            problem = str(e).split(": pass ")[0]
-            raise UsageError(f"the in-run few-shot probe of '{spec}' needs {max(SHOTS)} training images of every "
-                             f"class ({problem}): drop --fewshot-every, or pass a --fewshot-dataset with more") from e
+        def too_few(who: str, have: int, need: int) -> str:  # pretraining has no --shots to lower
+            return (f"the in-run few-shot probe of '{spec}' needs {max(SHOTS)} training images of every class "
+                    f"({who} has {have} training examples, fewer than {need} shots): drop --fewshot-every, "
+                    "or pass a --fewshot-dataset with more")
+
+        draws = FewshotDraws.draw(data.train.labels().numpy(), len(data.test), SHOTS, DRAWS, max_images,
+                                  data.num_classes, data.class_names, too_few)
         count = len(draws.union) + (len(data.test) if draws.test is None else len(draws.test))
         if count * 3 * image_size**2 * 4 > CACHE_BYTES:
             return cls(dataset_name(spec), data, draws, data.train, data.test, cached=False)

@@ -28,6 +28,7 @@ from mpp.probes import (
     linear_probe,
     sample_shots,
     stratified_dev_split,
+    too_few_shots,
 )
 
 STD_KIND = "population (ddof=0) over seeds"
@@ -46,9 +47,11 @@ class FewshotDraws:
 
     @classmethod
     def draw(cls, train_labels, test_size: int, shots, seeds: int, max_test: int = 0, num_classes: int | None = None,
-             class_names=None) -> FewshotDraws:
+             class_names=None, too_few=too_few_shots) -> FewshotDraws:
+        """`too_few`: the message for a class smaller than a shot count (mpp.probes.sample_shots)."""
         shots = tuple(dict.fromkeys(int(k) for k in shots))  # dedupe, keep the order
-        picks = {(k, s): sample_shots(train_labels, k, s, num_classes, class_names) for k in shots for s in range(seeds)}
+        picks = {(k, s): sample_shots(train_labels, k, s, num_classes, class_names, too_few)
+                 for k in shots for s in range(seeds)}
         union = np.unique(np.concatenate(list(picks.values())))
         return cls(shots, seeds, picks, union, fixed_subset(test_size, max_test))
 

@@ -109,12 +109,17 @@ def stratified_split(labels, count: int | Callable[[int], int], seed: int, *,
     return (np.sort(picked) if sort else picked), rest
 
 
-def sample_shots(labels, shots: int, seed: int, num_classes: int | None = None, class_names=None) -> np.ndarray:
+def too_few_shots(who: str, have: int, need: int) -> str:
+    """The message for a class with fewer images than the shots asked for (eval/fewshot.py's fix)."""
+    return (f"{who} has {have} training examples, fewer than {need} shots: "
+            "pass smaller --shots or a dataset with more examples per class")
+
+
+def sample_shots(labels, shots: int, seed: int, num_classes: int | None = None, class_names=None,
+                 too_few: Callable[[str, int, int], str] = too_few_shots) -> np.ndarray:
     """Indices of `shots` examples of every class, drawn without replacement (deterministic per seed),
-    in draw order class by class."""
-    def too_few(who: str, have: int, need: int) -> str:
-        return (f"{who} has {have} training examples, fewer than {need} shots: "
-                "pass smaller --shots or a dataset with more examples per class")
+    in draw order class by class; a class with fewer is a UsageError whose message is
+    `too_few(class label, images it has, shots)`."""
 
     picked, _ = stratified_split(labels, shots, seed, too_few=too_few, num_classes=num_classes,
                                  class_names=class_names, sort=False)

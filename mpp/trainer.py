@@ -86,13 +86,16 @@ class Trainer:
         if config.objective == "mpp":
             vit = ViT(dataclasses.replace(vit_cfg, num_classes=0), kernels.kernels)  # MPP predicts from patch tokens
             objective = MPPObjective(vit, mpp_config)
-            if objective.entry.render is None or objective.entry.decode is None:  # a target that cannot be drawn
-                self.preview = None
         else:
             vit = ViT(dataclasses.replace(vit_cfg, num_classes=self.info.num_classes), kernels.kernels)
             objective = SupervisedObjective(vit, config.label_smoothing)
         if config.compile:
             compile_blocks(vit)
+        # MPP's predictions on a fixed batch of held-out images, drawn into TensorBoard at each evaluation
+        # when its target can be drawn (read by every process, so a data error stops them all alike;
+        # only the main one draws; held_out_images moves no generator)
+        drawable = config.objective == "mpp" and objective.entry.render is not None and objective.entry.decode is not None
+        self.preview = held_out_images(self.eval_set, PREVIEW_IMAGES) if drawable else None
         self.run_cfg = run_config(config, mpp_config, vit, self.info)
         self.run_cfg["kernels"] = kernels.record()
         self.run_cfg["precision"] = str(acc.mixed_precision)  # what ran, whatever chose it (flag, Accelerate, GPU default)
@@ -148,9 +151,6 @@ class Trainer:
         self.streamed = self.train_set.streamed
         self.train_loader, self.eval_loader = data_loaders(self.train_set, self.eval_set, micro_batch,
                                                            config.num_workers, self.accelerator, self.streamed)
-        # MPP's predictions on a fixed batch of held-out images, drawn into TensorBoard at each evaluation
-        # (read by every process, so a data error stops them all alike; only the main one draws)
-        self.preview = held_out_images(self.eval_set, PREVIEW_IMAGES) if config.objective == "mpp" else None
         self.fewshot = None  # the in-run few-shot probe, with its draws fixed now (mpp.fewshot_monitor)
         if config.fewshot_every:  # TrainConfig.validate refused a stream without a --fewshot-dataset
             specs = ([] if self.streamed else [config.dataset]) + ([config.fewshot_dataset] if config.fewshot_dataset else [])

@@ -9,9 +9,7 @@ still end bitwise the same.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ import torch
 from mpp.checkpoint import check_shapes
 from mpp.datasets import ImageDataset
 from mpp.errors import UsageError
+from mpp.features import evaluating
 from mpp.model import ViT
 from mpp.objective import KEPT, RANDOM, MPPConfig, MPPObjective, patchify
 from mpp.probes import fixed_subset
@@ -53,19 +52,6 @@ def held_out_images(dataset: ImageDataset, n: int) -> torch.Tensor:
         raise UsageError(f"the data set {dataset.info.spec} has no images to draw: pass a --dataset with a test split")
     images = torch.stack([image for image, _ in items])  # (n, 3, H, W)
     return images.float() / 255 if images.dtype == torch.uint8 else images.float()
-
-
-@contextlib.contextmanager
-def evaluating(module: torch.nn.Module) -> Iterator[None]:
-    """Run `module` in eval mode under no_grad, then put every submodule back in the mode it was in."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def tile(rows: list[list[torch.Tensor]], scale: int | None = None) -> torch.Tensor:
