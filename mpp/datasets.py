@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import abc
 import io
+import multiprocessing
+import multiprocessing.context
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator
@@ -131,6 +133,12 @@ class MapImages(ImageDataset, Dataset):
         return (self.transform(image) if self.transform else image), label
 
 
+def new_skip_lock() -> Any:
+    """A lock that loader workers started any way share: a spawn-context lock is inherited by forked
+    workers too, where a fork-context one cannot be sent to spawned workers."""
+    return multiprocessing.get_context("spawn").Lock()
+
+
 class TableReader(ImageDataset):
     """A data set over a `datasets` table or stream (`table`): the image column is read undecoded and
     decoded here, so an unreadable file is caught with its path: skipped with a warning and counted
@@ -138,6 +146,10 @@ class TableReader(ImageDataset):
 
     def _use_table(self, table: Any, image_column: str, label_column: str) -> None:
         import datasets
+
+        # Guards the skip marks in shared memory: two loader workers can meet the same unreadable file
+        # at once (one reads it, another falls back on it), and only the first may count and warn.
+        self._skip_lock = new_skip_lock()
 
         table = table.select_columns([image_column, label_column])  # don't decode columns we drop
         if isinstance((table.features or {}).get(image_column), datasets.Image):  # cells become {"path", "bytes"}
@@ -156,7 +168,8 @@ class TableReader(ImageDataset):
             if self.strict:
                 raise UsageError(f"image '{name}' cannot be read ({reason}): remove or replace it, "
                                  "or drop --strict-images to skip unreadable images") from e
-            self.record_skip(name)
+            if not self.record_skip(name):
+                return None  # another worker has already counted and reported it
             # One write of the whole line: loader workers warn at once, and print() writes the text and
             # its newline separately, so their lines could interleave.
             sys.stderr.write(f"warning: skipping unreadable image '{name}' ({reason}); {self.skipped_images()} "
@@ -165,8 +178,20 @@ class TableReader(ImageDataset):
             return None
 
     @abc.abstractmethod
-    def record_skip(self, name: str) -> None:
-        """Remember that the image being read, `name`, is unreadable."""
+    def record_skip(self, name: str) -> bool:
+        """Remember that the image being read, `name`, is unreadable (under `_skip_lock`); True if
+        this is the first time it is met, so the caller reports it."""
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        if multiprocessing.context.get_spawning_popen() is None:
+            state["_skip_lock"] = None  # a copy (not a spawned worker) cannot share the lock: it gets its own
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self._skip_lock is None:
+            self._skip_lock = new_skip_lock()
 
 
 class HubImages(TableReader, MapImages):
@@ -195,8 +220,11 @@ class HubImages(TableReader, MapImages):
     def skipped_images(self) -> int:
         return int(self.unreadable.sum())
 
-    def record_skip(self, name: str) -> None:
-        self.unreadable[self._current] = True
+    def record_skip(self, name: str) -> bool:
+        with self._skip_lock:
+            first = not bool(self.unreadable[self._current])
+            self.unreadable[self._current] = True
+        return first
 
     def raw(self, index: int) -> tuple[torch.Tensor, int]:
         for offset in range(len(self)):
@@ -234,10 +262,13 @@ class HubImageStream(TableReader, IterableDataset):
     def skipped_images(self) -> int:
         return int(self.skipped)
 
-    def record_skip(self, name: str) -> None:
-        if name not in self._seen:
-            self._seen.add(name)
+    def record_skip(self, name: str) -> bool:
+        if name in self._seen:  # met again in a later epoch (each worker reads its own shards)
+            return False
+        self._seen.add(name)
+        with self._skip_lock:  # add_ on shared memory is a read and a write: workers must take turns
             self.skipped.add_(1)
+        return True
 
     def set_epoch(self, epoch: int) -> None:
         self.table.set_epoch(epoch)  # the stream keeps its epoch in shared memory itself

@@ -1,7 +1,9 @@
 """Tests for mpp.data: the digits default, image folders, transforms, errors, and a slice of real CIFAR-10."""
 from __future__ import annotations
 
+import copy
 import json
+import multiprocessing
 import pickle
 from collections import Counter
 from itertools import islice
@@ -14,6 +16,7 @@ from helpers.runs import run_script
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
+import mpp.datasets
 from mpp.data import (
     DEFAULT_DATASET,
     MEAN,
@@ -544,6 +547,42 @@ def test_unreadable_images_are_skipped_with_a_warning_and_counted(tmp_path, hf_c
     warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning: skipping")]
     assert len(warnings) == 3 and all("--strict-images" in w for w in warnings)
     assert {name for name in BAD_FILES if any(name in w for w in warnings)} == set(BAD_FILES)
+
+
+def _read_into(dataset, index: int, out) -> None:
+    out.put(dataset.raw(index)[1])
+
+
+def test_an_unreadable_image_another_worker_met_first_is_neither_warned_nor_counted_again(tmp_path, hf_cache, capfd,
+                                                                                          monkeypatch):
+    # Two workers meet one bad file at once when one reads it and the other falls back on it: the
+    # one that marks it first reports it, the other passes on to the next image in silence.
+    root = folder_with_bad_images(tmp_path / "pets", {"torn.jpg": b"HALF"})
+    dataset, _ = build_dataset(str(root), "train", 8, train=False)
+    bad = next(i for i in range(len(dataset)) if "torn" in str(dataset.table[i]["image"]["path"]))
+    context = multiprocessing.get_context("spawn")  # pickled like a spawned loader worker, lock included
+    out = context.Queue()
+    worker = context.Process(target=_read_into, args=(dataset, bad, out))
+    worker.start()
+    label = out.get(timeout=60)
+    worker.join(timeout=60)
+    assert worker.exitcode == 0 and dataset.skipped_images() == 1  # the worker's mark is seen here
+    capfd.readouterr()
+    assert dataset.raw(bad)[1] == label and "warning" not in capfd.readouterr().err
+
+    # The race itself: the mark appears while this process decodes the file.
+    dataset.unreadable[bad] = False
+    decode = mpp.datasets.open_image
+
+    def decode_while_another_worker_marks(cell):
+        if "torn" not in cell["path"]:
+            return decode(cell)
+        dataset.unreadable[bad] = True
+        raise OSError("truncated")
+    monkeypatch.setattr(mpp.datasets, "open_image", decode_while_another_worker_marks)
+    dataset.raw(bad)
+    assert dataset.skipped_images() == 1 and "warning" not in capfd.readouterr().err
+    assert copy.deepcopy(dataset).skipped_images() == 1  # a copy in this process gets a lock of its own
 
 
 def test_unreadable_images_are_dropped_from_a_stream(tmp_path, hf_cache, capfd):
