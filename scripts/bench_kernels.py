@@ -15,6 +15,12 @@ stream plus a bf16 branch (add_layer_norm(x fp32, r bf16)), against eager PyTorc
 ceilings. Every ratio is ours / theirs in time (< 1: ours is faster); all figures of one table come
 from the same process, so they compare as ratios on a shared, noisy machine. The JSON is rewritten
 after each table, so a run stopped early keeps what it measured.
+
+--smoke runs every code path at a Micro/4-sized shape, each timing one call after one warm-up, and
+compiles PyTorch's ops with the aot_eager backend: the same dynamo and AOT-autograd graphs, forward
+and backward, as on the GPU, but not Inductor's CPU code generation (C++ built by the system
+compiler, tens of seconds, a path the GPU run never takes; gpu_check's compiled_step smoke does the
+same). The JSON records the backend.
 """
 from __future__ import annotations
 
@@ -42,8 +48,10 @@ ATTENTION_SHAPES = [
 # (name, rows = B·N, width): the same models' token counts.
 LAYER_NORM_SHAPES = [("Ti/4", 256 * 65, 192), ("S/16", 128 * 197, 384), ("B/16", 128 * 197, 768),
                      ("H/14", 32 * 257, 1280)]
-SMOKE_ATTENTION = [("smoke", 1, 2, 65, 32)]
-SMOKE_LAYER_NORM = [("smoke", 65, 192)]
+# Micro/4's 17 tokens: the interpreter runs every program in Python, and 17 still leaves a ragged
+# tile (the interpreter's tiles are 32 and 64 rows) for the masks.
+SMOKE_ATTENTION = [("smoke", 1, 2, 17, 32)]
+SMOKE_LAYER_NORM = [("smoke", 17, 192)]
 KINDS = ("fwd", "bwd", "fwd+bwd")
 EPS = 1e-6  # the ViT's LayerNorm epsilon
 
@@ -59,19 +67,17 @@ class Clock:
         return self.deadline is not None and time.monotonic() > self.deadline
 
     def ms(self, fn) -> float:
-        """Median milliseconds per call of fn, after warm-up."""
+        """Milliseconds per call of fn after warm-up: do_bench's median on a GPU; on CPU (--smoke, whose
+        times mean nothing) one call after one warm-up, since each interpreted call takes long."""
         if self.cuda:
             from triton.testing import do_bench
 
             warmup, rep = (10, 30) if self.quick else (25, 100)  # milliseconds of calls
             return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
         fn()
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-        return sorted(times)[1]
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
 
 
 def fwd_bwd_timers(forward, inputs: list[torch.Tensor], grads: tuple[torch.Tensor, ...], clock: Clock) -> dict:
@@ -133,10 +139,11 @@ def scale(unit: str) -> float:
     return {"GBps": 1e9, "TFLOPs": 1e12}[unit]
 
 
-def bench_layer_norm(shapes, device: str, branch_dtype: torch.dtype, clock: Clock) -> list[dict]:
+def bench_layer_norm(shapes, device: str, branch_dtype: torch.dtype, clock: Clock,
+                     compile_backend: str = "inductor") -> list[dict]:
     """LayerNorm of the fp32 stream, and a block's residual add (fp32 stream + `branch_dtype` branch,
     as under autocast) fused with the LayerNorm after it, against the same PyTorch ops eager and
-    compiled."""
+    compiled (torch.compile with `compile_backend`)."""
     from torch._functorch import config as functorch_config
 
     from triton_kernels import add_layer_norm, layer_norm
@@ -165,7 +172,8 @@ def bench_layer_norm(shapes, device: str, branch_dtype: torch.dtype, clock: Cloc
             for op, inputs in (("layer_norm", [x, w, b]), ("add_layer_norm", [x, r, w, b])):
                 work = moved[op] | {"fwd+bwd": moved[op]["fwd"] + moved[op]["bwd"]}
                 impls = {"triton": ours[op], "torch": eager[op],
-                         "torch-compile": torch.compile(eager[op], dynamic=False)}  # fixed shapes, as training
+                         "torch-compile": torch.compile(eager[op], dynamic=False,  # fixed shapes, as training
+                                                        backend=compile_backend)}
                 outs = eager[op](*inputs)
                 grads = tuple(torch.randn_like(o) for o in (outs if isinstance(outs, tuple) else (outs,)))
                 dtypes = f"x {str(x.dtype)[6:]}" + (f", r {str(r.dtype)[6:]}" if op == "add_layer_norm" else "")
@@ -251,6 +259,7 @@ def main() -> None:
     device = "cuda" if cuda else "cpu"
     dtype = getattr(torch, args.dtype) if cuda else torch.float32  # the interpreter has no bf16
     clock = Clock(cuda, args.quick, args.time_limit)
+    compile_backend = "inductor" if cuda else "aot_eager"  # --smoke: see the module's docstring
     import triton
 
     gpu = torch.cuda.get_device_name() if cuda else f"cpu-interpreter-{platform.machine()}"
@@ -259,7 +268,7 @@ def main() -> None:
             "layout": "vit: q, k, v views of (B, N, 3, H, D); dO (B, N, H, D) seen as (B, H, N, D)",
             "ratio": "ours_over_this: our time / this implementation's time (< 1: ours faster)",
             "timing": ("triton.testing.do_bench median" + (" (quick)" if args.quick else "")) if cuda
-            else "perf_counter median of 3 (smoke)"}
+            else "perf_counter, one call after one warm-up (smoke)", "compile_backend": compile_backend}
     print(" ".join(f"{k}={v}" for k, v in info.items() if k not in ("layout", "ratio")))
     slug = "".join(c if c.isalnum() else "-" for c in gpu.lower()).strip("-")
     out = Path(args.output) if args.output else REPO / "benchmarks" / "results" / f"kernels-{slug}.json"
@@ -277,7 +286,7 @@ def main() -> None:
     print_table(result["attention"], "TFLOPs")
     write()
     result["layer_norm"] = bench_layer_norm(SMOKE_LAYER_NORM if args.smoke else LAYER_NORM_SHAPES, device, dtype,
-                                            clock)
+                                            clock, compile_backend)
     print_table(result["layer_norm"], "GBps")
     result["complete"] = not any("skipped" in r for r in result["attention"] + result["layer_norm"])
     write()

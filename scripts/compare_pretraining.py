@@ -67,8 +67,9 @@ class Budget:
 
 
 BUDGETS = {
-    # A few steps of everything: checks the pipeline, not the science.
-    "smoke": Budget("Micro/4", 16, 0.5, 64, 1e-3, 2, (0.35, 1.0), 1, 32, (0.01, 0.03), 1, 0, 5),
+    # A few steps of everything: checks the pipeline, not the science. Its 11 pretraining steps are
+    # probed in the run at step 0 and at the end only (the probe would cost more than the training).
+    "smoke": Budget("Micro/4", 16, 0.5, 64, 1e-3, 2, (0.35, 1.0), 1, 32, (0.01, 0.03), 1, 0, 100),
     # CIFAR-10 on 2 CPU cores in about an hour and a half: 17 tokens per image (8×8 patches at 32 px).
     "cpu": Budget("Micro/8", 32, 4, 256, 1e-3, 100, (0.35, 1.0), 8, 128, (0.01, 0.03, 0.1), 20, 0, 195),
     # One GPU: the paper's small-image model (Ti/4, 65 tokens) for far longer.

@@ -29,6 +29,8 @@ def test_smoke_run_writes_every_figure(tmp_path):
     result = json.loads(out.read_text())
     assert {"device", "torch", "triton", "commit", "ceilings", "layer_norm", "attention"} <= set(result)
     assert result["complete"] is True
+    # CPU: PyTorch's ops compiled through dynamo and AOT autograd, not Inductor's C++ (see bench_kernels' docstring)
+    assert result["compile_backend"] == "aot_eager"
     assert {(r["op"], r["impl"]) for r in result["layer_norm"]} == {  # against eager and compiled PyTorch
         (op, impl) for op in ("layer_norm", "add_layer_norm") for impl in ("triton", "torch", "torch-compile")}
     impls = {r["impl"] for r in result["attention"]}

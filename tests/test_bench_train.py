@@ -1,5 +1,6 @@
 """scripts/bench_train.py: a tiny run writes every figure, and its FLOP count matches the ViT's arithmetic."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,13 @@ from mpp.benchmark_stats import median_interval, paired_ratios
 from mpp.model import vit_config
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def one_thread() -> dict:
+    """The environment (read now: the fixtures' MPP_KERNELS included) with one torch thread for a
+    subprocess: a Micro/4 step at batch 8 spends more time synchronising two threads than computing
+    (on a 2-core machine one thread halved these runs); nothing asserted depends on it."""
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def test_flops_per_image_match_the_vit_arithmetic():
@@ -56,7 +64,7 @@ def test_a_tiny_run_writes_every_figure(tmp_path):
         # numbers and FLOP counts have tests of their own (test_flops_count_our_triton_attention_like_pytorchs)
         [sys.executable, "scripts/bench_train.py", "--model", "Micro/4", "--batch-size", "8", "--rounds", "2",
          "--steps", "1", "--warmup", "1", "--loader-batches", "2", "--num-workers", "0", "--profile", "5",
-         "--kernels", "torch", "--output", str(out)],
+         "--kernels", "torch", "--threads", "1", "--output", str(out)],  # --threads 1: see one_thread
         cwd=REPO, check=False, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -115,42 +123,43 @@ def test_the_malloc_comparison_runs_both_settings(tmp_path):
     out = tmp_path / "malloc.json"
     proc = subprocess.run(
         [sys.executable, "scripts/bench_cpu_malloc.py", "--model", "Micro/4", "--batch-size", "8", "--rounds", "1",
-         "--steps", "1", "--output", str(out)], cwd=REPO, check=False, capture_output=True, text=True, timeout=600)
+         "--steps", "1", "--output", str(out)], cwd=REPO, env=one_thread(), check=False, capture_output=True, text=True,
+        timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert set(result["rounds_ms"][0]) == {"default", "reuse"} and result["speedup_median"] > 0
 
 
 FLOPS = """
-import sys, torch
+import json, torch
 from mpp.benchmark import Case
 from mpp.benchmark_costs import flops_per_image
 from mpp.model import vit_config
 from mpp.ops import Kernels
-torch.manual_seed(0)
-kernels = Kernels(attention=sys.argv[1], layer_norm=sys.argv[1], add_layer_norm=sys.argv[1])
-case = Case("ours", "mpp", vit_config("Micro/4"), torch.rand(2, 3, 16, 16), torch.zeros(2, dtype=torch.long),
-            torch.float32, compile_model=False, kernels=kernels)
-flops = flops_per_image(case)
-case.loss()  # then the step itself, on the kernels the model was built with
-print(flops, case.module.vit.kernels.attention)
+counted = {}
+for name in ("torch", "triton"):  # each case's own model, seeded alike
+    torch.manual_seed(0)
+    kernels = Kernels(attention=name, layer_norm=name, add_layer_norm=name)
+    case = Case("ours", "mpp", vit_config("Micro/4"), torch.rand(2, 3, 16, 16), torch.zeros(2, dtype=torch.long),
+                torch.float32, compile_model=False, kernels=kernels)
+    flops = flops_per_image(case)
+    case.loss()  # then the step itself, on the kernels the model was built with
+    counted[name] = {"flops": flops, "built_with": case.module.vit.kernels.attention}
+print(json.dumps(counted))
 """
 
 
 @pytest.mark.slow
 def test_flops_count_our_triton_attention_like_pytorchs():
-    import os
-
-    counted = {}
-    for kernels in ("torch", "triton"):
-        env = {**os.environ, "TRITON_INTERPRET": "1"}  # our kernels on CPU tensors
-        out = subprocess.run([sys.executable, "-c", FLOPS, kernels], cwd=REPO, env=env, check=False,
-                             capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-3000:]
-        flops, built_with = out.stdout.split()[-2:]
-        assert built_with == kernels
-        counted[kernels] = float(flops)
-    assert counted["triton"] == counted["torch"] > 0
+    # One process for both cases (each process pays ~4 s of imports); a subprocess, so that our kernels
+    # run on CPU tensors through the interpreter even on a machine with a GPU.
+    env = {**one_thread(), "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", FLOPS], cwd=REPO, env=env, check=False, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    counted = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {name: c["built_with"] for name, c in counted.items()} == {"torch": "torch", "triton": "triton"}
+    assert counted["triton"]["flops"] == counted["torch"]["flops"] > 0
 
 
 def test_kernels_are_decided_at_each_objectives_shapes():

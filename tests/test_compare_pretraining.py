@@ -45,7 +45,7 @@ def test_dry_run_lists_every_stage_in_order(tmp_path, capsys):
     assert sum("--random-init" in c for c in cmds) == 0
     assert sum("--layers all" in c for c in cmds) == 2 * 6  # every block, on the main dataset
     pretrains = [c for c in cmds if "scripts/pretrain_" in c]
-    assert len(pretrains) == 5 and all("--fewshot-every 5 " in c for c in pretrains)
+    assert len(pretrains) == 5 and all("--fewshot-every 100 " in c for c in pretrains)
     assert not any("--fewshot-dataset" in c for c in pretrains)  # the transfer set is the run's own here
     assert not root.exists()  # a dry run writes nothing
     no_ablations = commands(capsys, ["--budget", "smoke", "--root", str(root), "--no-ablations", "--dry-run"])
@@ -171,7 +171,9 @@ def test_smoke_comparison_end_to_end_then_everything_is_skipped(tmp_path):
     for run in ("mpp", "supervised", "scratch"):
         assert (root / run / "fewshot.json").is_file() and (root / run / "linear-probe.json").is_file()
     assert set(json.loads((root / "mpp" / "fewshot.json").read_text())["references"]) == {"random_init", "pixels"}
-    assert any("fewshot/digits/1shot" in line for line in (root / "mpp" / "metrics.jsonl").read_text().splitlines())
+    records = [json.loads(line) for line in (root / "mpp" / "metrics.jsonl").read_text().splitlines()]
+    probed = [r["step"] for r in records if "fewshot/digits/1shot" in r]
+    assert probed == [0, max(r["step"] for r in records)]  # the smoke budget probes at step 0 and at the end
     for run in ("mpp", "supervised"):
         results = json.loads((root / run / "finetune" / "finetune.json").read_text())
         assert results["init"] == "pretrained" and len(results["grid"]) == 2 and results["seeds"] == [0]

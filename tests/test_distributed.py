@@ -1,9 +1,13 @@
 """Several processes under `accelerate launch` (gloo on CPU): the data is sharded without overlap,
 2 processes with half the batch each train what 1 process with the whole batch trains, evaluation
-and probes see every image once, and only the main process writes."""
+and probes see every image once, only the main process writes, and a 2-process run resumes as one."""
 import json
+import shutil
+import sys
 
 import pytest
+import torch
+from helpers import shard_probe
 from helpers.runs import (
     FAST,
     final_weights,
@@ -13,19 +17,41 @@ from helpers.runs import (
     run_script,
 )
 
+from eval import fewshot, linear_probe
+from mpp.checkpoint import load_checkpoint
+from mpp.rundir import list_checkpoints
+from mpp.train import parse_args, train
+
 pytestmark = pytest.mark.slow
 
+SHARDS = ["103", "37"]  # training and held-out images: neither a multiple of the batch nor of 2 processes
 
-def shard_records(processes: int, micro_batch: int, workers: int) -> list[dict]:
-    args = ["tests/helpers/shard_probe.py", "103", "37", str(micro_batch), "2", str(workers)]
-    done = launch_2(*args) if processes == 2 else run_script(*args)
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """One 2-process MPP pretraining (~15 s of launch), read by every test below that needs one: 10
+    steps, checkpoints at 5 and 10, the in-run probe at 0, 5 and 10 (it gathers from both processes).
+    Tests that write into a run (a resume, a probe's TensorBoard scalars) work on a copy."""
+    run = tmp_path_factory.mktemp("launched") / "run"
+    done = launch_2("scripts/pretrain_mpp.py", "--output-dir", str(run), *FAST, "--max-steps", "10",
+                    "--save-every", "5", "--fewshot-every", "5")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run, done
+
+
+def copy_of(run, tmp_path):
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_each_sample_once_per_epoch_and_the_same_global_batches(monkeypatch, capsys):
+    # The one-process reference in this process (no interpreter start-up); the 2 processes through the CLI.
+    monkeypatch.setattr(sys, "argv", ["shard_probe.py", *SHARDS, "8", "2", "0"])
+    shard_probe.main()
+    (one,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    done = launch_2("tests/helpers/shard_probe.py", *SHARDS, "4", "2", "1")
     assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def test_each_sample_once_per_epoch_and_the_same_global_batches():
-    (one,) = shard_records(1, 8, 0)
-    first, second = shard_records(2, 4, 1)
+    first, second = json.loads(done.stdout.strip().splitlines()[-1])
     for epoch in ("0", "1"):
         # step t's global batch is process 0's batch t followed by process 1's
         merged = [a + b for a, b in zip(first["train"][epoch], second["train"][epoch], strict=True)]
@@ -40,11 +66,10 @@ def test_each_sample_once_per_epoch_and_the_same_global_batches():
 def test_two_processes_with_half_batches_match_one_process(tmp_path):
     # Supervised, no dropout: given the same images and augmentations a step is deterministic, so
     # any difference is the order of floating-point sums (the gradient mean over 2 × 16 vs 32).
-    common = ["scripts/pretrain_supervised.py", *FAST, "--num-workers", "1", "--max-steps", "20",
-              "--save-every", "10"]
-    one = run_script(*common, "--output-dir", str(tmp_path / "one"))
-    two = launch_2(*common, "--output-dir", str(tmp_path / "two"))
-    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
+    common = [*FAST, "--num-workers", "1", "--max-steps", "20", "--save-every", "10"]
+    train(*parse_args("supervised", [*common, "--output-dir", str(tmp_path / "one")]))  # the reference, in-process
+    two = launch_2("scripts/pretrain_supervised.py", *common, "--output-dir", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
     difference = max_difference(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"))
     print(f"largest weight difference, 1 vs 2 processes after 20 steps: {difference:.2e}")
     # Adam divides by the gradients' own scale, so float-order noise in a near-zero gradient can move
@@ -57,11 +82,8 @@ def test_two_processes_with_half_batches_match_one_process(tmp_path):
     assert evals[0]["loss"] == pytest.approx(evals[1]["loss"], rel=1e-3)
 
 
-def test_only_the_main_process_writes(tmp_path):
-    run = tmp_path / "run"
-    done = launch_2("scripts/pretrain_mpp.py", "--output-dir", str(run), *FAST, "--max-steps", "10",
-                    "--save-every", "5", "--fewshot-every", "5")  # the in-run probe gathers from both processes
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_only_the_main_process_writes(launched):
+    run, done = launched
     files = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
     events = [f for f in files if "tfevents" in f]  # the scalars' file and the hparams' one
     assert len({f.rsplit(".", 2)[-2] for f in events}) == 1, files  # written by one process (the pid in the name)
@@ -74,15 +96,36 @@ def test_only_the_main_process_writes(tmp_path):
     assert done.stdout.count("done:") == 1
 
 
-def test_probes_gather_features_from_every_process(tmp_path):
-    run = tmp_path / "run"
-    assert run_script("scripts/pretrain_mpp.py", "--output-dir", str(run), *FAST, "--max-steps", "5").returncode == 0
-    for script, name in (("eval/fewshot.py", "fewshot"), ("eval/linear_probe.py", "linear-probe")):
-        args = [script, "--run", str(run), "--num-workers", "0", "--layers", "1", "-1"]  # references on, as by default
-        one = run_script(*args, "--output", str(tmp_path / f"{name}-1.json"))
-        two = launch_2(*args, "--output", str(tmp_path / f"{name}-2.json"))
-        assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
-        a, b = (json.loads((tmp_path / f"{name}-{n}.json").read_text()) for n in (1, 2))
+def test_two_processes_through_accelerate_launch(launched, tmp_path):
+    # On a machine without CUDA, `--multi_gpu` is accelerate's torchrun launcher; the trainer then
+    # joins the processes in one gloo group (a plain `--cpu --num_processes 2` starts one process).
+    run = copy_of(launched[0], tmp_path)  # the resume below writes into it
+    ckpt = load_checkpoint(list_checkpoints(run)[-1])
+    assert ckpt["step"] == 10 and ckpt["config"]["num_processes"] == 2
+    # each process has its own random streams (corruption, augmentation), saved for resuming
+    assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
+    # 2 processes × 16 images = the global batch of 32: 10 micro-batches of this epoch per process
+    assert ckpt["data"] == {"epoch": 0, "batch_in_epoch": 10}
+    assert [m["step"] for m in read_metrics(run) if "train/loss" in m] == [5, 10]  # one writer, not two
+    flags = ["--output-dir", str(run), *FAST, "--save-every", "5", "--resume"]  # a resume may drop the probe
+    resumed = launch_2("scripts/pretrain_mpp.py", *flags, "--max-steps", "15")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert load_checkpoint(list_checkpoints(run)[-1])["step"] == 15
+    # the same run with one process would see other batches: refused, with a single error line
+    single = run_script("scripts/pretrain_mpp.py", *flags, "--max-steps", "20")
+    assert single.returncode == 2 and "processes 2 → 1" in single.stderr
+
+
+def test_probes_gather_features_from_every_process(launched, tmp_path):
+    run = copy_of(launched[0], tmp_path)  # each probe adds its scalars to the run's TensorBoard folder
+    for entry, script, name in ((fewshot, "eval/fewshot.py", "fewshot"),
+                                (linear_probe, "eval/linear_probe.py", "linear-probe")):
+        args = ["--run", str(run), "--num-workers", "0", "--layers", "1", "-1"]  # references on, as by default
+        a = entry.main([*args, "--output", str(tmp_path / f"{name}-1.json")])  # 1 process: this one
+        two = launch_2(script, *args, "--output", str(tmp_path / f"{name}-2.json"))  # 2, through the CLI
+        assert two.returncode == 0, two.stderr[-3000:]
+        b = json.loads((tmp_path / f"{name}-2.json").read_text())
+        a = json.loads(json.dumps(a))  # as written to its file: tuples become lists
         assert a["dataset"] == b["dataset"]  # the same image counts: every image embedded once
         assert two.stdout.count("wrote ") == 1  # one report
         if name == "fewshot":

@@ -18,7 +18,7 @@ from helpers.runs import ENV, FAST, REPO, read_metrics, run_script
 
 from mpp.checkpoint import load_checkpoint
 from mpp.rundir import list_checkpoints
-from mpp.train import TrainConfig
+from mpp.train import TrainConfig, main
 
 WORKERS = [*FAST, "--num-workers", "2"]  # FAST has none; the hangs needed workers
 PROMPT_S = 60  # "within seconds", with a 2-core machine's start-up (torch, accelerate) included
@@ -85,12 +85,13 @@ def test_a_crash_with_loader_workers_ends_the_run_and_its_workers(tmp_path, faul
 
 
 @pytest.mark.slow
-def test_a_bad_flag_that_crashed_in_a_step_is_refused_and_a_second_ctrl_c_ends_the_run(tmp_path):
-    # The reproduction of the hang: --cells 0 crashed inside the first step. It is now refused up front.
-    proc = start(["--target", "downsample", "--cells", "0", "--batch-size", "16", "--max-steps", "2",
-                  "--output-dir", str(tmp_path / "x")])
-    _, err = finish(proc)
-    assert proc.returncode == 2 and "--cells 0 is out of range" in one_error_line(err)
+def test_a_bad_flag_that_crashed_in_a_step_is_refused_and_a_second_ctrl_c_ends_the_run(tmp_path, capsys):
+    # The reproduction of the hang: --cells 0 crashed inside the first step. It is now refused up front,
+    # before any worker exists: in-process (a process of its own would only add torch's import).
+    with pytest.raises(SystemExit) as e:
+        main("mpp", ["--target", "downsample", "--cells", "0", "--batch-size", "16", "--max-steps", "2",
+                     "--output-dir", str(tmp_path / "x")])
+    assert e.value.code == 2 and "--cells 0 is out of range" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "x").exists()
     # Two Ctrl-Cs to the whole process group (a terminal's), workers on: the second quits at once.
     run = tmp_path / "run"
@@ -112,8 +113,7 @@ def _file_size_limit(limit: int):
 @pytest.mark.slow
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_newest_checkpoint(tmp_path):
     run = tmp_path / "run"
-    first = run_script("scripts/pretrain_mpp.py", "--output-dir", str(run), *FAST, "--max-steps", "3")
-    assert first.returncode == 0, first.stderr[-2000:]
+    main("mpp", ["--output-dir", str(run), *FAST, "--max-steps", "3"])  # in-process: the fault is in the resume
     (kept,) = list_checkpoints(run)
     before = snapshot(run)
     # The resumed run may write its small records, not another checkpoint: every checkpoint file is
@@ -141,12 +141,12 @@ def test_a_stop_during_the_final_evaluation_saves_the_final_step(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-2000:]
     assert "stopped at step 7 of 7" in out + err
     assert load_checkpoint(list_checkpoints(run)[-1])["step"] == 7 and not (run / "summary.json").exists()
-    done = run_script("scripts/pretrain_mpp.py", "--output-dir", str(run), *FAST, "--max-steps", "7", "--resume")
-    assert done.returncode == 0 and json.loads((run / "summary.json").read_text())["steps"] == 7, done.stderr[-2000:]
+    main("mpp", ["--output-dir", str(run), *FAST, "--max-steps", "7", "--resume"])  # in-process: only checks the save
+    assert json.loads((run / "summary.json").read_text())["steps"] == 7
 
 
 @pytest.mark.slow
-def test_two_runs_on_one_output_directory_the_second_is_refused_and_a_dead_holder_is_taken_over(tmp_path):
+def test_two_runs_on_one_output_directory_the_second_is_refused_and_a_dead_holder_is_taken_over(tmp_path, capsys):
     run = tmp_path / "run"
     first = start(["--output-dir", str(run), *FAST, "--max-steps", "100000", "--save-every", "2"])
     wait_until(lambda: bool(list_checkpoints(run)), first)
@@ -157,10 +157,11 @@ def test_two_runs_on_one_output_directory_the_second_is_refused_and_a_dead_holde
     first.communicate()
     assert str(first.pid) in (run / "run.lock").read_text()
     step = load_checkpoint(list_checkpoints(run)[-1])["step"]
-    third = run_script("scripts/pretrain_mpp.py", "--output-dir", str(run), *FAST, "--max-steps", str(step + 1),
-                       "--resume")
-    assert third.returncode == 0, third.stderr[-2000:]
-    assert f"taking over the lock of process {first.pid}" in third.stderr and "no longer running" in third.stderr
+    capsys.readouterr()
+    # In-process: this process is another one than the dead holder, which is all the take-over needs.
+    main("mpp", ["--output-dir", str(run), *FAST, "--max-steps", str(step + 1), "--resume"])
+    err = capsys.readouterr().err
+    assert f"taking over the lock of process {first.pid}" in err and "no longer running" in err, err[-2000:]
     assert (run / "run.lock").read_text() == ""  # a clean end leaves it free
 
 
@@ -168,8 +169,6 @@ def test_resume_with_another_max_steps_keeps_the_schedule_consistent(tmp_path):
     """The rule: --max-steps (or --epochs) may change on --resume, and from the resumed step on every
     step's learning rate is the schedule of the new length; it used to take one step at the old
     schedule's rate, then jump."""
-    from mpp.train import main
-
     run, lr = tmp_path / "run", 1e-3
     argv = ["--output-dir", str(run), *FAST, "--log-every", "1", "--lr", str(lr), "--warmup-steps", "2"]
     main("mpp", [*argv, "--max-steps", "4"])
@@ -186,8 +185,6 @@ def test_resume_with_another_max_steps_keeps_the_schedule_consistent(tmp_path):
 
 
 def test_resume_repairs_a_torn_metrics_line_and_a_missing_config(tmp_path):
-    from mpp.train import main
-
     run = tmp_path / "run"
     argv = ["--output-dir", str(run), *FAST, "--log-every", "1", "--save-every", "2"]
     main("mpp", [*argv, "--max-steps", "3"])  # checkpoints at 2 and 3
@@ -206,8 +203,6 @@ def test_resume_repairs_a_torn_metrics_line_and_a_missing_config(tmp_path):
 
 def test_an_output_directory_inside_the_dataset_is_refused(tmp_path, capsys):
     from PIL import Image
-
-    from mpp.train import main
 
     for split in ("train", "test"):
         (tmp_path / "data" / split / "a").mkdir(parents=True)

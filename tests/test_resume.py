@@ -3,6 +3,7 @@ newest checkpoint, a non-finite loss. A run stopped and resumed ends with exactl
 the same run never stopped (bitwise, on CPU)."""
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,11 +27,18 @@ def pretrain(run, *extra) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted_run(tmp_path_factory):
+    """The run never stopped, trained once per module: every fault's resumed run must end with its
+    weights, and a copy of it is the finished run whose checkpoints the unreadable-checkpoint test damages."""
     run = tmp_path_factory.mktemp("uninterrupted") / "run"
     done = subprocess.run(pretrain(run), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    return final_weights(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run):
+    return final_weights(uninterrupted_run)
 
 
 def assert_identical(run, expected) -> None:
@@ -78,29 +86,36 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(tmp_path,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_stop_signal_saves_a_checkpoint_then_resume_gives_identical_weights(tmp_path, uninterrupted, sig):
-    run = tmp_path / "run"
-    # Its own process group, signalled as a whole: Ctrl-C and most schedulers reach the loader workers too.
-    proc = subprocess.Popen(pretrain(run), cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    assert wait_for(lambda: (run / "metrics.jsonl").is_file() and read_metrics(run), proc), "never logged"
-    os.killpg(proc.pid, sig)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + sig, err[-2000:]
-    stopped = load_checkpoint(list_checkpoints(run)[-1])["step"]
-    assert 5 <= stopped < 60 and f"stopped at step {stopped} of 60" in out + err and "--resume" in out + err
-    assert "Traceback" not in err
+def test_sigterm_then_sigint_each_save_a_checkpoint_then_resume_gives_identical_weights(tmp_path, uninterrupted):
+    # One run stopped twice, so that both signals cost one run to the end, not two: SIGTERM (a
+    # scheduler) once the fresh run has logged, then SIGINT (Ctrl-C) once the resumed run has logged.
+    run, stopped = tmp_path / "run", 0
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        resume = ["--resume"] if stopped else []
+        # Its own process group, signalled as a whole: Ctrl-C and most schedulers reach the loader workers too.
+        proc = subprocess.Popen(pretrain(run, *resume), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        assert wait_for(lambda before=stopped: (run / "metrics.jsonl").is_file()
+                        and any(m["step"] > before for m in read_metrics(run)), proc), "never logged"
+        os.killpg(proc.pid, sig)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + sig, err[-2000:]
+        if stopped:  # this run was itself a resumed one
+            assert f"resumed {run} at step {stopped}" in out + err, err[-2000:]
+        before, stopped = stopped, load_checkpoint(list_checkpoints(run)[-1])["step"]
+        assert max(5, before + 1) <= stopped < 60, (sig, before, stopped)
+        assert f"stopped at step {stopped} of 60" in out + err and "--resume" in out + err
+        assert "Traceback" not in err
     done = subprocess.run(pretrain(run, "--resume"), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and f"resumed {run} at step {stopped}" in done.stdout + done.stderr, done.stderr[-2000:]
     assert_identical(run, uninterrupted)
 
 
 @pytest.mark.slow
-def test_unreadable_newest_checkpoints_are_reported_and_an_older_one_used(tmp_path, uninterrupted):
+def test_unreadable_newest_checkpoints_are_reported_and_an_older_one_used(tmp_path, uninterrupted_run,
+                                                                          uninterrupted, capsys):
     run = tmp_path / "run"
-    done = subprocess.run(pretrain(run), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    shutil.copytree(uninterrupted_run, run)  # a finished run (--output-dir may change on --resume), not trained again
     older, previous, newest = list_checkpoints(run)  # steps 49, 56, 60: the newest 3 are kept
     data = newest.read_bytes()
     newest.write_bytes(data[: len(data) // 2])  # torn: a disk that filled up, a copy cut short
@@ -117,8 +132,12 @@ def test_unreadable_newest_checkpoints_are_reported_and_an_older_one_used(tmp_pa
 
     for path in list_checkpoints(run):  # nothing readable left: one error line, not a fresh start
         path.write_bytes(b"")
-    again = run_script("scripts/pretrain_mpp.py", "--output-dir", str(run), *RUN, "--resume")
-    assert again.returncode == 2 and "no readable checkpoint" in again.stderr and "Traceback" not in again.stderr
+    capsys.readouterr()  # in-process: the command line of this fault was the resume above
+    with pytest.raises(SystemExit) as e:
+        main("mpp", ["--output-dir", str(run), *RUN, "--resume"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no readable checkpoint" in err and "Traceback" not in err
+    assert [p.read_bytes() for p in list_checkpoints(run)] == [b""] * 3  # refused: nothing written
 
 
 def test_non_finite_loss_names_the_step_and_keeps_the_good_checkpoints(tmp_path, capsys, monkeypatch):

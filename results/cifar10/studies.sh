@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The three studies of results/cifar10/REPORT.md (which feature, how long, which seed), in the order
 # they ran. Rerunnable: a finished stage is skipped, an interrupted pretraining resumes.
+# Each finished stage (pretraining and its probes) is kept in results/cifar10/runs/<name>, without
+# checkpoints or events (config, summary, metrics.jsonl, the probe JSONs), and restored from there
+# into a new checkout's runs/, so the studies span sessions whose runs/ does not survive.
 # Data: data/cifar10 and data/imagenette, unpacked from ../shared/data (see the README).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -10,6 +13,19 @@ COMMON=(--dataset data/cifar10 --model Micro/8 --image-size 32 --batch-size 256 
         --crop-scale 0.35 1 --log-every 20)
 # The in-run few-shot probe, every epoch (195 steps), on CIFAR-10 and on Imagenette (transfer).
 FEWSHOT=(--fewshot-every 195 --fewshot-dataset data/imagenette)
+
+KEPT=$PWD/results/cifar10/runs
+
+restore() {  # run_name: a stage kept by an earlier checkout is not run again
+  [[ -d $KEPT/$1 && ! -e $ROOT/$1 ]] && mkdir -p "$ROOT" && cp -r "$KEPT/$1" "$ROOT/$1"
+  return 0
+}
+
+keep() {  # run_name: the stage's results, small enough for git (no checkpoints, no events)
+  mkdir -p "$KEPT/$1"
+  (cd "$ROOT/$1" && find . -maxdepth 3 \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' \) \
+      -not -path '*/checkpoints/*' -not -path '*/tensorboard/*' -exec cp --parents {} "$KEPT/$1/" \;)
+}
 
 pretrain() {  # objective run_name extra-flags...
   local objective=$1 run=$ROOT/$2; shift 2
@@ -26,27 +42,33 @@ probe() {  # run_name: the layer sweeps with their references, and the transfer 
       --image-size 32 --layers all --output "$run/fewshot-imagenette.json"
 }
 
+stage() {  # objective run_name extra-flags...: restore or pretrain, probe, keep
+  restore "$2"; pretrain "$@"; probe "$2"; keep "$2"
+}
+
 # Study 1 (which feature) and 3 (which seed): the report's models at the report's budget.
-pretrain mpp mpp --epochs 4 --save-every 200 --seed 0
-pretrain supervised supervised --epochs 4 --save-every 200 --seed 0
-probe mpp; probe supervised
-for seed in 1 2; do pretrain mpp mpp-seed$seed --epochs 4 --save-every 200 --seed $seed; probe mpp-seed$seed; done
-# Study 2 (how long): 5× the report's length (20 epochs, 3,900 steps), few-shot every epoch.
-pretrain mpp mpp-long --epochs 20 --save-every 195 --seed 0
-pretrain supervised supervised-long --epochs 20 --save-every 195 --seed 0
-probe mpp-long; probe supervised-long
+stage mpp mpp --epochs 4 --save-every 200 --seed 0
+# What MPP predicts and where it attends, from the seed-0 model (needs its checkpoint).
+[[ -d results/cifar10/visualize-mpp || ! -d $ROOT/mpp/checkpoints ]] || \
+    python eval/visualize.py --run "$ROOT/mpp" --output results/cifar10/visualize-mpp
+stage supervised supervised --epochs 4 --save-every 200 --seed 0
+for seed in 1 2; do stage mpp mpp-seed$seed --epochs 4 --save-every 200 --seed $seed; done
 
 # Study 1 (which feature): the ablations and the from-scratch model.
-pretrain mpp mpp-4x4 --epochs 4 --save-every 200 --seed 0 --target downsample
-pretrain mpp mpp-l2 --epochs 4 --save-every 200 --seed 0 --target l2
-pretrain mpp mpp-15pct --epochs 4 --save-every 200 --seed 0 --corrupt-rate 0.15
-for run in mpp-4x4 mpp-l2 mpp-15pct; do probe $run; done
+stage mpp mpp-4x4 --epochs 4 --save-every 200 --seed 0 --target downsample
+stage mpp mpp-l2 --epochs 4 --save-every 200 --seed 0 --target l2
+stage mpp mpp-15pct --epochs 4 --save-every 200 --seed 0 --corrupt-rate 0.15
 # From scratch: the supervised fine-tuning protocol from a random init on 10% of the labels, at the
 # lr the report's dev grid chose for it (0.03) and one seed: its model is what the probes measure.
+restore scratch
 [[ -f $ROOT/scratch/finetune.json ]] || python eval/finetune.py --model Micro/8 --image-size 32 --dataset data/cifar10 \
     --train-fraction 0.1 --dev-fraction 0.1 --lrs 0.03 --seeds 1 --batch-size 128 --epochs 8 \
     --warmup-steps 20 --crop-scale 0.35 1 --output-dir "$ROOT/scratch"
-probe scratch
+probe scratch; keep scratch
+
+# Study 2 (how long): 5× the report's length (20 epochs, 3,900 steps), few-shot every epoch.
+stage mpp mpp-long --epochs 20 --save-every 195 --seed 0
+stage supervised supervised-long --epochs 20 --save-every 195 --seed 0
 
 # The tables and plots (by block, in-run few-shot curves, references) of each study.
 python eval/compare.py "$ROOT"/mpp "$ROOT"/mpp-seed1 "$ROOT"/mpp-seed2 "$ROOT"/supervised "$ROOT"/scratch \
