@@ -318,11 +318,19 @@ def run_script(*args):
 def test_real_tiny_run_end_to_end(runs, tmp_path):
     """A real 3-step MPP run, few-shot evaluated (every block, with the references) and with its random-init
     baseline, compared through the CLI with the hand-written supervised run of the same architecture."""
+    from eval import fewshot
+    from mpp.train import main as pretrain
+
     real = runs.parent / "real" / "mpp"
-    run_script("scripts/pretrain_mpp.py", "--max-steps", "3", "--batch-size", "32", "--save-every", "3",
-               "--log-every", "1", "--num-workers", "0", "--output-dir", real)
+    # The run and its probes in this process (their command lines have subprocess tests of their own);
+    # the comparison through the CLI.
+    threads = torch.get_num_threads()
+    pretrain("mpp", ["--max-steps", "3", "--batch-size", "32", "--save-every", "3", "--log-every", "1",
+                     "--num-workers", "0", "--output-dir", str(real)])
+    torch.set_num_threads(threads)  # train() sets the process's threads
     for extra in (["--layers", "all"], ["--random-init"]):
-        run_script("eval/fewshot.py", "--run", real, "--shots", "1", "5", "--seeds", "2", "--max-test", "100", *extra)
+        fewshot.main(["--run", str(real), "--shots", "1", "5", "--seeds", "2", "--max-test", "100",
+                      "--num-workers", "0", *extra])
     out = tmp_path / "out"
     done = run_script("eval/compare.py", real, runs / "sup", "--output", out)
     assert done.stdout.startswith("### Runs (few-shot on digits)")
