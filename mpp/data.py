@@ -17,7 +17,6 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import PIL.Image
 import torch
 
@@ -29,6 +28,7 @@ from mpp.datasets import (
     MapImages,
     TransformFn,
 )
+from mpp.digits import load_digits, stratified_split
 from mpp.errors import UsageError
 from mpp.folders import TEST_FOLDERS, folder_listing
 
@@ -99,18 +99,13 @@ def load_split(
 
 
 def _load_digits(spec: str, split: str, streaming: bool) -> tuple[Make, DatasetInfo]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()  # pixel values 0..16
+    digit_images, target = load_digits()  # float64 [1797, 8, 8] with values 0..16, int64 [1797]
     # Fixed stratified split, the same on every machine: 1437 train / 360 test.
-    train_index, test_index = train_test_split(
-        np.arange(len(digits.target)), test_size=0.2, stratify=digits.target, random_state=0
-    )
+    train_index, test_index = stratified_split(target)
     index = torch.from_numpy(train_index if split == "train" else test_index)  # int64 [N]
-    pixels = (torch.from_numpy(digits.images) * 255 / 16).round().to(torch.uint8)  # uint8 [1797, 8, 8]
+    pixels = (torch.from_numpy(digit_images) * 255 / 16).round().to(torch.uint8)  # uint8 [1797, 8, 8]
     images = pixels[index].unsqueeze(1).repeat(1, 3, 1, 1)  # uint8 [N, 3, 8, 8], grey in every channel
-    labels = torch.from_numpy(digits.target)[index]  # int64 [N]
+    labels = torch.from_numpy(target)[index]  # int64 [N]
     info = DatasetInfo(spec, 10, [str(d) for d in range(10)])
     if not streaming:
         return functools.partial(TensorImages, images, labels), info

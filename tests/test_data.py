@@ -63,6 +63,33 @@ def test_digits_splits_are_fixed_stratified_and_three_channel() -> None:
         assert abs(test_counts[digit] - 0.2 * total) <= 1
 
 
+def test_digits_are_sklearns_images_and_split_read_without_importing_sklearn() -> None:
+    """mpp.digits reads sklearn's file and redraws its split: both must be sklearn's own, bitwise (the
+    README's tables were made on that split), and loading the digits must not import sklearn."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
+
+    from mpp.digits import load_digits, stratified_split
+
+    images, target = load_digits()
+    expected = sklearn_digits()
+    assert np.array_equal(images, expected.images) and np.array_equal(target, expected.target)
+    train, test = stratified_split(target)
+    want_train, want_test = train_test_split(np.arange(len(target)), test_size=0.2, stratify=target, random_state=0)
+    assert np.array_equal(train, want_train) and np.array_equal(test, want_test)
+    for seed in (1, 7):  # the draws themselves, not one lucky seed
+        got = stratified_split(target, 0.3, seed)
+        want = train_test_split(np.arange(len(target)), test_size=0.3, stratify=target, random_state=seed)
+        assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+    code = "import sys; from mpp.data import load_split; load_split('digits', 'train'); print('sklearn' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.split()[-1] == "False", done.stderr[-2000:]
+
+
 def test_digits_are_deterministic_across_loads() -> None:
     first, _ = load_split("digits", "test")
     second, _ = load_split("digits", "test")
