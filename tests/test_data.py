@@ -576,6 +576,19 @@ def test_unreadable_images_are_skipped_with_a_warning_and_counted(tmp_path, hf_c
     assert {name for name in BAD_FILES if any(name in w for w in warnings)} == set(BAD_FILES)
 
 
+def test_a_stream_warns_about_an_unreadable_image_once_and_counts_it_once(tmp_path, hf_cache, capfd):
+    # A stream has no index to mark: each process remembers the names it skipped, so a second epoch
+    # over the same shards neither warns nor counts the same images again (as the map-style set).
+    root = folder_with_bad_images(tmp_path / "pets", BAD_FILES)
+    stream, _ = build_dataset(str(root), "train", 8, train=False, streaming=True, shuffle_buffer=4, seed=0)
+    for epoch in (0, 1):
+        stream.set_epoch(epoch)
+        assert len([y for _, y in stream]) == 6  # the 6 readable images: the 3 others are skipped
+    assert stream.skipped_images() == 3
+    warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning: skipping")]
+    assert len(warnings) == 3 and {name for name in BAD_FILES if any(name in w for w in warnings)} == set(BAD_FILES)
+
+
 def _read_into(dataset, index: int, out) -> None:
     out.put(dataset.raw(index)[1])
 
