@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.runs import threads_kept
 from PIL import Image
 
 from eval.compare import main
@@ -324,10 +325,9 @@ def test_real_tiny_run_end_to_end(runs, tmp_path):
     real = runs.parent / "real" / "mpp"
     # The run and its probes in this process (their command lines have subprocess tests of their own);
     # the comparison through the CLI.
-    threads = torch.get_num_threads()
-    pretrain("mpp", ["--max-steps", "3", "--batch-size", "32", "--save-every", "3", "--log-every", "1",
-                     "--num-workers", "0", "--output-dir", str(real)])
-    torch.set_num_threads(threads)  # train() sets the process's threads
+    with threads_kept():
+        pretrain("mpp", ["--max-steps", "3", "--batch-size", "32", "--save-every", "3", "--log-every", "1",
+                         "--num-workers", "0", "--output-dir", str(real)])
     for extra in (["--layers", "all"], ["--random-init"]):
         fewshot.main(["--run", str(real), "--shots", "1", "5", "--seeds", "2", "--max-test", "100",
                       "--num-workers", "0", *extra])

@@ -14,7 +14,7 @@ import types
 from pathlib import Path
 
 import pytest
-import torch
+from helpers.runs import threads_kept
 
 from mpp.files import write_json
 from mpp.train import parse_args
@@ -163,7 +163,6 @@ def test_archive_members_outside_the_folder_are_refused(tmp_path, monkeypatch):
     assert list((tmp_path / "data").iterdir()) == []
 
 
-@pytest.mark.slow
 def stage_in_process(cmd: list[str]) -> subprocess.CompletedProcess:
     """subprocess.run for one stage (python SCRIPT ARGS...): the script run as __main__ here."""
     script, args = cmd[1], cmd[2:]
@@ -179,19 +178,19 @@ def stage_in_process(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, code)
 
 
+@pytest.mark.slow
 def test_smoke_comparison_end_to_end_then_everything_is_skipped(tmp_path, monkeypatch):
     root, out = tmp_path / "root", tmp_path / "compare"
     argv = [sys.executable, "scripts/compare_pretraining.py", "--budget", "smoke", "--no-ablations", "--seeds", "1",
             "--fewshot-seeds", "1", "--root", str(root), "--output", str(out)]
     env_kw = {"cwd": REPO, "capture_output": True, "text": True, "timeout": 900}
     # The first pass runs each stage's command line in this process (runpy, with its argv), not in a
-    # process of its own: 15 stages would pay torch's, timm's and sklearn's imports 15 times. Every
+    # process of its own: 15 stages would pay torch's and timm's imports 15 times. Every
     # stage's CLI has subprocess tests of its own; the second pass below is the real command line.
     monkeypatch.chdir(REPO)
     monkeypatch.setattr(cp, "subprocess", types.SimpleNamespace(run=stage_in_process))
-    threads = torch.get_num_threads()
-    cp.main(argv[2:])
-    torch.set_num_threads(threads)  # the pretraining stages set this process's threads
+    with threads_kept():  # the pretraining stages set this process's threads
+        cp.main(argv[2:])
     for run in ("mpp", "supervised", "scratch"):
         assert (root / run / "fewshot.json").is_file() and (root / run / "linear-probe.json").is_file()
     assert set(json.loads((root / "mpp" / "fewshot.json").read_text())["references"]) == {"random_init", "pixels"}

@@ -11,7 +11,7 @@ from eval import fewshot
 from mpp.checkpoint import load_checkpoint
 from mpp.rundir import list_checkpoints
 from mpp.train import TrainConfig, train
-from tests.helpers.runs import read_metrics, run_script
+from tests.helpers.runs import read_metrics, run_script, threads_kept
 
 TINY = dict(max_steps=6, batch_size=32, num_workers=0, cpu_threads=2, warmup_steps=2, log_every=2, save_every=3)
 SHOTS = (1, 5, 10, 25)
@@ -26,10 +26,9 @@ def runs(tmp_path_factory):
     """The same 6-step MPP run without and with the in-run probe (every 2 steps), the latter also
     evaluated (and its predictions drawn into TensorBoard) every 3 steps."""
     root = tmp_path_factory.mktemp("monitor")
-    threads = torch.get_num_threads()
-    plain = train(TrainConfig(output_dir=str(root / "plain"), **TINY))
-    probed = train(TrainConfig(output_dir=str(root / "probed"), fewshot_every=2, eval_every=3, **TINY))
-    torch.set_num_threads(threads)  # train() sets the process's threads
+    with threads_kept():
+        plain = train(TrainConfig(output_dir=str(root / "plain"), **TINY))
+        probed = train(TrainConfig(output_dir=str(root / "probed"), fewshot_every=2, eval_every=3, **TINY))
     return plain, probed
 
 
@@ -145,11 +144,10 @@ def test_bad_settings_are_one_line(tmp_path, capsys, extra, message):
 
 
 def test_a_resume_may_add_the_probe(tmp_path):
-    threads = torch.get_num_threads()
     run = tmp_path / "run"
-    train(TrainConfig(output_dir=str(run), **{**TINY, "max_steps": 4, "save_every": 4}))
-    train(TrainConfig(output_dir=str(run), resume=True, fewshot_every=3, **{**TINY, "save_every": 4}))
-    torch.set_num_threads(threads)
+    with threads_kept():
+        train(TrainConfig(output_dir=str(run), **{**TINY, "max_steps": 4, "save_every": 4}))
+        train(TrainConfig(output_dir=str(run), resume=True, fewshot_every=3, **{**TINY, "save_every": 4}))
     assert [m["step"] for m in read_metrics(run) if "fewshot/digits/1shot" in m] == [6]  # no step 0 on a resume
 
 

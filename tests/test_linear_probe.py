@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.runs import threads_kept
 
 from eval.linear_probe import main
 from mpp import probes
@@ -130,17 +131,14 @@ def test_ties_go_to_the_larger_l2_in_any_order():
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
     """A real MPP run on digits: 2 steps of batch 32, a checkpoint at step 2."""
-    import torch
-
     from mpp.train import TrainConfig, train
 
-    threads = torch.get_num_threads()
     run = tmp_path_factory.mktemp("linear-probe") / "run"
-    with pytest.MonkeyPatch.context() as mp:  # module-scoped: the per-test MPP_KERNELS fixture is not set up yet
+    # module-scoped: the per-test MPP_KERNELS fixture is not set up yet
+    with pytest.MonkeyPatch.context() as mp, threads_kept():
         mp.setenv("MPP_KERNELS", "torch")
         train(TrainConfig(output_dir=str(run), max_steps=2, batch_size=32, save_every=2, num_workers=0,
                           cpu_threads=1, warmup_steps=1, log_every=1))
-    torch.set_num_threads(threads)  # train() sets the process's threads
     return run
 
 

@@ -1,4 +1,5 @@
-"""Running the entry points from tests: as subprocesses, alone or under `accelerate launch`."""
+"""Running the entry points from tests: as subprocesses, alone or under `accelerate launch`, or in-process."""
+import contextlib
 import json
 import os
 import subprocess
@@ -47,3 +48,14 @@ def final_weights(run) -> dict[str, torch.Tensor]:
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+@contextlib.contextmanager
+def threads_kept():
+    """Training in this process (train(), a script's main): it sets the process's torch threads to
+    its --cpu-threads, which the next test must not inherit."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
