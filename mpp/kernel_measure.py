@@ -147,7 +147,7 @@ def measure_op(op: str, shapes: RunShapes, device: torch.device, mode: str = "au
             result.update(error=worst[0], bound=worst[1], worst=worst[2])
             if worst[0] > worst[1]:
                 return {**result, "cause": f"wrong numbers: {worst[2]} error {worst[0]:.3g} > bound {worst[1]:.3g} "
-                                           "(2× PyTorch's + 1 ulp)"}
+                                           "(2× PyTorch's + 1 ulp; fp32: 2e-5 relative)"}
             if mode == "triton" and device.type != "cuda":
                 return result  # forced, and the interpreter's times would mean nothing: not timed
             args, grads = cases[0]
@@ -220,11 +220,24 @@ def run_op(spec: Measured, fn: Callable, args: dict, grads: list, backward: bool
     return named
 
 
+# fp32 (IEEE products): the tests' tolerance, a few ulps of the data (tests/test_attention.py).
+FP32_TOLERANCE = 2e-5
+
+
 def error_and_bound(got: torch.Tensor, theirs: torch.Tensor, want: torch.Tensor) -> tuple[float, float, float]:
     """The tests' rule, as (our error, PyTorch's error, the bound): our max error against the float64
-    reference `want` may be at most twice PyTorch's own in that dtype plus one ulp at want's scale."""
+    reference `want` may be at most twice PyTorch's own in that dtype plus one ulp at want's scale;
+    in fp32 at least FP32_TOLERANCE × max(1, |want|). In half precision both errors are set by the
+    output's rounding, so twice PyTorch's is a sharp test. In fp32 both sit at a few ulps set by
+    the order of the sums, and each is the largest of thousands of heavy-tailed element errors: which
+    of the two maxima is larger is chance (at Micro/4's shapes ours is 2.5× PyTorch's on dv and 0.4×
+    on dq, with equal mean errors), while a real fault (tf32 products, a wrong mask) is off by 100×."""
     err, terr = _max_err(got, want), _max_err(theirs, want)
-    return err, terr, 2 * terr + torch.finfo(got.dtype).eps * want.abs().max().item()
+    magnitude = want.abs().max().item()
+    bound = 2 * terr + torch.finfo(got.dtype).eps * magnitude
+    if got.dtype == torch.float32:
+        bound = max(bound, FP32_TOLERANCE * max(1.0, magnitude))
+    return err, terr, bound
 
 
 def _max_err(got: torch.Tensor, want: torch.Tensor) -> float:

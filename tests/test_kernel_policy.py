@@ -325,3 +325,18 @@ def test_a_kernel_that_breaks_the_cuda_context_stops_the_run(monkeypatch):
     with pytest.raises(kernel_measure.BrokenContext, match="illegal memory access"):
         kernel_measure._ours(torch.device("cuda"), broken)
     assert kernel_measure._ours(torch.device("cpu"), broken).startswith("RuntimeError at the run's shapes")
+
+
+def test_the_error_bound_is_twice_pytorchs_in_half_precision_and_a_few_ulps_in_fp32():
+    want = torch.linspace(-2, 2, 1000, dtype=torch.float64)
+    ulp = torch.finfo(torch.float32).eps * 2  # one fp32 ulp at |want| = 2
+    near = (want + 0.25 * ulp).float()  # PyTorch: its largest error 1/4 ulp
+    # fp32: 7 ulps where PyTorch has 1/4 (the chance of two maxima, as at Micro/4's dv) is within...
+    err, terr, bound = kernel_measure.error_and_bound((want + 7 * ulp).float(), near, want)
+    assert err > 2 * terr + ulp and err <= bound == pytest.approx(kernel_measure.FP32_TOLERANCE * 2)
+    # ...tf32 products (10 mantissa bits) or a wrong element are not
+    assert kernel_measure.error_and_bound((want * (1 + 2**-11)).float(), near, want)[0] > bound
+    # bf16: twice PyTorch's error plus one bf16 ulp, nothing looser
+    rounded = want.bfloat16()
+    err, terr, bound = kernel_measure.error_and_bound(rounded, rounded, want)
+    assert bound == pytest.approx(2 * terr + torch.finfo(torch.bfloat16).eps * 2)
