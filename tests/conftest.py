@@ -9,7 +9,26 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
+
+
+def _pin_this_worker() -> None:
+    """Under pytest-xdist (`-n N`), each worker on cores of its own, before torch is imported (its
+    OpenMP pool is sized when the library loads, and a thread keeps the cores it was started on).
+    mpp sizes its torch threads by the cores it may use, and a subprocess inherits them, so N
+    workers never put more threads than cores on the machine and every run a test compares
+    bitwise keeps one thread count. Oversubscribed, an idle OpenMP thread spin-waits on the core a
+    busy one needs: every torch op then cost ~8 ms, and a 6-step run with probes took 170 s, not 10."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if worker.startswith("gw") and 1 < count <= len(cores):
+        share, index = len(cores) // count, int(worker[2:]) % count
+        os.sched_setaffinity(0, cores[index * share:(index + 1) * share])
+        os.environ["OMP_NUM_THREADS"] = str(share)
+
+
+_pin_this_worker()
+
+import torch  # noqa: E402 - after the pinning above
 
 # Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter. Triton reads
 # this when a kernel is defined, so it is set before any test module imports triton_kernels.

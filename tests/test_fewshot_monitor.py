@@ -6,12 +6,12 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from helpers.runs import read_metrics, run_script, threads_kept
 
 from eval import fewshot
 from mpp.checkpoint import load_checkpoint
 from mpp.rundir import list_checkpoints
 from mpp.train import TrainConfig, train
-from tests.helpers.runs import read_metrics, run_script, threads_kept
 
 TINY = dict(max_steps=6, batch_size=32, num_workers=0, cpu_threads=2, warmup_steps=2, log_every=2, save_every=3)
 SHOTS = (1, 5, 10, 25)

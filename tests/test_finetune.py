@@ -4,13 +4,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers.runs import launch_2, run_script
 
 from eval import finetune as finetune_entry
 from mpp import finetune as ft
@@ -18,7 +18,6 @@ from mpp.checkpoint import load_checkpoint, load_run, save_checkpoint
 from mpp.files import write_json
 from mpp.finetune_start import check_same_start
 from mpp.model import ViT, ViTConfig, resample_pos_embed
-from tests.helpers.runs import run_script
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_dim=64)
@@ -269,12 +268,8 @@ def test_existing_results_need_resume(tmp_path, capsys):
 def test_two_processes_score_every_test_image_once(tmp_path):
     # `--multi_gpu` on a machine without CUDA: two gloo CPU processes (see test_train.py).
     out = tmp_path / "ft"
-    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "eval/finetune.py", "--model", "Micro/4",
-              "--steps", "3", "--batch-size", "32", "--num-workers", "0", "--lrs", "0.01", "0.1", "--seeds", "1",
-              "--output-dir", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(launch, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    proc = launch_2("eval/finetune.py", "--model", "Micro/4", "--steps", "3", "--batch-size", "32", "--num-workers",
+                    "0", "--lrs", "0.01", "0.1", "--seeds", "1", "--output-dir", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "finetune.json").read_text())
     # 360 test and 142 dev images split over 2 processes: gathered without the even-batch padding

@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from helpers.runs import run_script
 
 from eval import fewshot, linear_probe
 from mpp.errors import UsageError
 from mpp.features import FeatureSpec, layer_specs, pixel_featurizer, vit_featurizer
 from mpp.model import ViT, vit_config
-from tests.helpers.runs import run_script
 
 
 def test_layer_specs():

@@ -16,12 +16,15 @@ REPO = Path(__file__).resolve().parents[2]
 FAST = ["--batch-size", "32", "--num-workers", "0", "--log-every", "5", "--warmup-steps", "5"]
 # The PyTorch ops, not the Triton kernels (which run under Triton's slow interpreter without a GPU):
 # conftest sets MPP_KERNELS per test, which a module-scoped fixture's subprocess would not see.
-# A run uses the machine's 2 cores; runs compared bitwise use the same thread count.
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", "MPP_KERNELS": "torch"}
+# A run uses the cores this process may use (conftest gives each pytest-xdist worker its own), so
+# runs compared bitwise, here and in subprocesses, use the same thread count.
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(CORES), "MPP_KERNELS": "torch"}
 # `accelerate launch` with 2 processes; without CUDA `--multi_gpu` is torchrun, and the trainer
-# joins the processes in one gloo group.
+# joins the processes in one gloo group. Port 0: a free port of its own (not 29500), since the
+# suite's workers may launch at the same time.
 LAUNCH_2 = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no"]
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
 
 
 def run_script(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
@@ -30,7 +33,7 @@ def run_script(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
 
 
 def launch_2(*args, timeout=300) -> subprocess.CompletedProcess:
-    """2 processes on one thread each: they share the 2 cores."""
+    """2 processes on one thread each: they share the cores this process may use."""
     return subprocess.run([*LAUNCH_2, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **ENV, "OMP_NUM_THREADS": "1"})
 
