@@ -20,9 +20,10 @@ def _pin_this_worker() -> None:
     busy one needs: every torch op then cost ~8 ms, and a 6-step run with probes took 170 s, not 10."""
     worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if worker.startswith("gw") and 1 < count <= len(cores):
-        share, index = len(cores) // count, int(worker[2:]) % count
-        os.sched_setaffinity(0, cores[index * share:(index + 1) * share])
+    if worker.startswith("gw") and count > 1 and cores:
+        share = max(1, len(cores) // count)  # more workers than cores: one core each, shared
+        start = (int(worker[2:]) * share) % len(cores)
+        os.sched_setaffinity(0, cores[start:start + share])
         os.environ["OMP_NUM_THREADS"] = str(share)
 
 
