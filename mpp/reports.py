@@ -391,6 +391,16 @@ def baseline_rows(found: list[Reference], notes: list[str]) -> list[Row]:
     for (key, probe), refs in shown.items():
         if len(refs) > 1:
             rule = "the first run's" + (", a random-init report before references" if key[0] == "random-init" else "")
+            same = [r for r in refs[1:] if _scores(r.entry) == _scores(refs[0].entry)]
+            other = [r for r in refs[1:] if r not in same]
+            where = [f"the same numbers are also in {', '.join(map(source_of, same))}"] if same else []
+            if other:  # e.g. a random init drawn with each run's own seed: not one baseline, several draws of it
+                where.append(f"other numbers (another draw) in {', '.join(map(source_of, other))}")
             notes.append(f"{rows[key].name}, {PROBES[probe][0]} on {key[2]}: shown once, from {source_of(refs[0])} "
-                         f"({rule}); the same baseline is also in {', '.join(map(source_of, refs[1:]))}")
+                         f"({rule}); {'; '.join(where)}")
     return list(rows.values())
+
+
+def _scores(entry: dict):
+    """What a baseline's table cells show: its linear-probe accuracy or its few-shot results."""
+    return entry["accuracy"] if "accuracy" in entry else entry["results"]

@@ -91,7 +91,7 @@ def runs(tmp_path_factory) -> Path:
     write(sup / "config.json", config("supervised"))
     write(sup / "summary.json", {"objective": "supervised", "steps": 200, "wall_time_s": 7300.0})
     write(sup / "fewshot.json", fewshot("digits", {1: (0.4, 0.01), 5: (0.6, 0.02), 25: (0.8, 0.005)}, step=100))
-    write(sup / "fewshot-random-init.json", fewshot("digits", {1: (0.9, 0.0)}, "random"))  # the same baseline
+    write(sup / "fewshot-random-init.json", fewshot("digits", {1: (0.9, 0.0)}, "random"))  # one row, not the same numbers
     write(sup / "metrics.jsonl", '{"step": 1, "train/loss": 9.0}\n')  # TensorBoard comes first
     from torch.utils.tensorboard import SummaryWriter
 
@@ -167,7 +167,7 @@ def test_markdown_json_and_notes(compared, runs, capsys):
            "shown: finetune-digits/finetune.json (it is on the run's data)" in notes
     assert "random init (Micro/4, 16 px), few-shot on digits: shown once, from mpp/fewshot-random-init.json " \
            "(the first run's, a random-init report before references); " \
-           "the same baseline is also in sup/fewshot-random-init.json" in notes
+           "other numbers (another draw) in sup/fewshot-random-init.json" in notes  # one architecture, two draws
     assert "sup: fewshot.json evaluated the step-100 checkpoint of 200 steps" in notes
     assert "Notes:" in markdown and "shown once" in markdown
 
@@ -431,7 +431,7 @@ def layered(tmp_path_factory) -> Path:
     sup = root / "sup"
     write(sup / "config.json", config("supervised"))
     write(sup / "fewshot.json", {**fewshot("digits", {1: (0.5, 0.0), 5: (0.6, 0.0)}),
-                                 "references": references("fewshot", 0.11, 0.21),
+                                 "references": references("fewshot", 0.11, 0.20),  # pixels as mpp's, another random init
                                  "layers": layer_sweep(lambda b, v: 0.2 + 0.05 * b + OFFSETS[v], depth=6)})
     old = root / "old"
     write(old / "config.json", config("supervised"))
@@ -460,10 +460,10 @@ def test_reference_rows_random_init_and_raw_pixels(layered_report):
     assert layered_report["pixels"][0]["linear_probe"]["in"] == "references.pixels"
     notes = "\n".join(layered_report["notes"])
     assert ("random init (Micro/4, 16 px), few-shot on digits: shown once, from mpp/fewshot-random-init.json (the "
-            "first run's, a random-init report before references); the same baseline is also in "
+            "first run's, a random-init report before references); other numbers (another draw) in "
             "mpp/fewshot.json references.random_init, sup/fewshot.json references.random_init") in notes
     assert ("raw pixels (16 px), few-shot on digits: shown once, from mpp/fewshot.json references.pixels "
-            "(the first run's); the same baseline is also in sup/fewshot.json references.pixels") in notes
+            "(the first run's); the same numbers are also in sup/fewshot.json references.pixels") in notes
     assert "linear-probe on digits" not in notes  # one run has a linear probe: nothing to choose
     markdown = layered_report["markdown"]
     assert "| raw pixels (16 px) | raw pixels | – | 21.0 ± 0.0 | 25.0 ± 0.0 | 39.0 |" in markdown
