@@ -1,14 +1,11 @@
 """eval/compare.py: the table, the plots, TensorBoard, and bad input, on hand-written runs and one real tiny run."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers.runs import threads_kept
+from helpers.runs import run_script, threads_kept
 from PIL import Image
 
 from eval.compare import main
@@ -19,7 +16,6 @@ from mpp.plots import curve_panels, mosaic
 from mpp.posembed import pos_embed_similarity
 from mpp.reports import Row
 
-REPO = Path(__file__).resolve().parents[1]
 # Micro/4 at 16 px: the architecture the real tiny run trains, so its random-init row and the
 # hand-written runs' are the same baseline.
 MICRO = {"image_size": 16, "patch_size": 4, "in_chans": 3, "embed_dim": 128, "depth": 6, "num_heads": 4,
@@ -301,18 +297,9 @@ def test_usage_errors(case, message, tmp_path, capsys):
 
 
 def test_script_error_is_one_line(tmp_path):
-    done = subprocess.run([sys.executable, "eval/compare.py", str(tmp_path / "nope")], cwd=REPO, check=False,
-                          capture_output=True, text=True, timeout=120)
+    done = run_script("eval/compare.py", str(tmp_path / "nope"), timeout=120)
     assert done.returncode == 2 and done.stderr.startswith("error:") and done.stderr.count("\n") == 1
     assert "Traceback" not in done.stderr and str(tmp_path / "nope") in done.stderr
-
-
-def run_script(*args):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MPP_KERNELS": "torch"}
-    done = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, check=False, capture_output=True, text=True,
-                          timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done
 
 
 @pytest.mark.slow
@@ -332,7 +319,8 @@ def test_real_tiny_run_end_to_end(runs, tmp_path):
         fewshot.main(["--run", str(real), "--shots", "1", "5", "--seeds", "2", "--max-test", "100",
                       "--num-workers", "0", *extra])
     out = tmp_path / "out"
-    done = run_script("eval/compare.py", real, runs / "sup", "--output", out)
+    done = run_script("eval/compare.py", str(real), str(runs / "sup"), "--output", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("### Runs (few-shot on digits)")
     assert "overlay the runs: tensorboard --logdir" in done.stdout
     report = json.loads((out / "compare.json").read_text())
@@ -565,15 +553,15 @@ def test_a_malformed_layers_or_references_entry_is_one_line_naming_the_file(case
 
 def test_layers_through_the_command_line(layered, tmp_path):
     out = tmp_path / "out"
-    done = run_script("eval/compare.py", layered / "mpp", layered / "old", "--output", out)
+    done = run_script("eval/compare.py", str(layered / "mpp"), str(layered / "old"), "--output", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
     assert "### By block: 5-shot on digits" in done.stdout and "### By block: linear probe on digits" in done.stdout
     assert "| raw pixels (16 px) | raw pixels |" in done.stdout
     assert "wrote compare.md, compare.json, fewshot.png, layers.png in" in done.stdout
     check_png(out / "layers.png")
     bad = tmp_path / "bad"
     write(bad / "fewshot.json", {**fewshot("digits", {1: (0.5, 0.0)}), "layers": {"specs": []}})
-    failed = subprocess.run([sys.executable, "eval/compare.py", str(bad), "--output", str(out)], cwd=REPO,
-                            check=False, capture_output=True, text=True, timeout=120)
+    failed = run_script("eval/compare.py", str(bad), "--output", str(out), timeout=120)
     assert failed.returncode == 2 and failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr
     assert failed.stderr.startswith(f"error: '{bad / 'fewshot.json'}' is not a few-shot report (malformed 'layers'")
 
