@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The three studies of results/cifar10/REPORT.md (which feature, how long, which seed), in the order
-# they ran. Rerunnable: a finished stage is skipped, an interrupted pretraining resumes.
+# The three studies of results/cifar10/REPORT.md (which feature, how long, which seed), stage by
+# stage. Rerunnable: a finished stage is skipped, an interrupted pretraining resumes.
 # Each finished stage (pretraining and its probes) is kept in results/cifar10/runs/<name>, without
 # checkpoints or events (config, summary, metrics.jsonl, the probe JSONs), and restored from there
 # into a new checkout's runs/, so the studies span sessions whose runs/ does not survive.
@@ -53,10 +53,18 @@ stage mpp mpp --epochs 4 --save-every 200 --seed 0
     python eval/visualize.py --run "$ROOT/mpp" --output results/cifar10/visualize-mpp
 stage supervised supervised --epochs 4 --save-every 200 --seed 0
 for seed in 1 2; do stage mpp mpp-seed$seed --epochs 4 --save-every 200 --seed $seed; done
+# Study 3 (which seed): the three MPP seeds beside the supervised run (REPORT.md section 6).
+python eval/compare.py "$ROOT"/mpp "$ROOT"/mpp-seed1 "$ROOT"/mpp-seed2 "$ROOT"/supervised --output results/cifar10/seeds
 
 # Study 1 (which feature): the ablations and the from-scratch model.
 stage mpp mpp-4x4 --epochs 4 --save-every 200 --seed 0 --target downsample
 stage mpp mpp-l2 --epochs 4 --save-every 200 --seed 0 --target l2
+# Study 2 (how long): 5× the report's length (20 epochs, 3,900 steps), few-shot every epoch. Here,
+# before the last ablation and the from-scratch model: a stage survives a session only once it has
+# finished (checkpoints are not kept), and these take about 2 h each on 2 cores, so each needs a
+# session's start.
+stage mpp mpp-long --epochs 20 --save-every 195 --seed 0
+stage supervised supervised-long --epochs 20 --save-every 195 --seed 0
 stage mpp mpp-15pct --epochs 4 --save-every 200 --seed 0 --corrupt-rate 0.15
 # From scratch: the supervised fine-tuning protocol from a random init on 10% of the labels, at the
 # lr the report's dev grid chose for it (0.03) and one seed: its model is what the probes measure.
@@ -65,10 +73,6 @@ restore scratch
     --train-fraction 0.1 --dev-fraction 0.1 --lrs 0.03 --seeds 1 --batch-size 128 --epochs 8 \
     --warmup-steps 20 --crop-scale 0.35 1 --output-dir "$ROOT/scratch"
 probe scratch; keep scratch
-
-# Study 2 (how long): 5× the report's length (20 epochs, 3,900 steps), few-shot every epoch.
-stage mpp mpp-long --epochs 20 --save-every 195 --seed 0
-stage supervised supervised-long --epochs 20 --save-every 195 --seed 0
 
 # The tables and plots (by block, in-run few-shot curves, references) of each study.
 python eval/compare.py "$ROOT"/mpp "$ROOT"/mpp-seed1 "$ROOT"/mpp-seed2 "$ROOT"/supervised "$ROOT"/scratch \
