@@ -147,7 +147,7 @@ def measure_op(op: str, shapes: RunShapes, device: torch.device, mode: str = "au
             result.update(error=worst[0], bound=worst[1], worst=worst[2])
             if worst[0] > worst[1]:
                 return {**result, "cause": f"wrong numbers: {worst[2]} error {worst[0]:.3g} > bound {worst[1]:.3g} "
-                                           "(2× PyTorch's + 1 ulp; fp32: 2e-5 relative)"}
+                                           f"(2× PyTorch's + 1 ulp; fp32: {FP32_TOLERANCE:g} relative)"}
             if mode == "triton" and device.type != "cuda":
                 return result  # forced, and the interpreter's times would mean nothing: not timed
             args, grads = cases[0]

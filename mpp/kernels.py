@@ -9,11 +9,12 @@ Modes: `torch` runs PyTorch's ops and checks nothing (triton is never imported).
 default) uses our kernel for an op only where, on this device and at these shapes, it is correct
 and faster: it runs ours and PyTorch's op forward and backward on inputs of the run's shapes,
 checks ours against an fp32 reference with the tests' rule (error at most twice PyTorch's own in
-that dtype, plus one ulp; in fp32 a few ulps, 2e-5 relative) and times both; a compile or launch error, an exhausted resource or a
-non-finite output means PyTorch for that op, with one warning line. `triton` uses ours wherever it
-runs correctly and makes any failed check an error. The measurements are cached on disk, keyed by
-the device, driver, torch and triton versions and a hash of the kernel sources, so the next run
-with the same shapes starts at once (`--kernel-cache DIR|off`, `MPP_KERNEL_CACHE`).
+that dtype, plus one ulp; in fp32 at least a few ulps, 2e-5 relative) and times both; a compile or
+launch error, an exhausted resource or a non-finite output means PyTorch for that op, with one
+warning line. `triton` uses ours wherever it runs correctly and makes any failed check an error.
+The measurements are cached on disk, keyed by the device, driver, torch and triton versions and a
+hash of the kernel sources, so the next run with the same shapes starts at once
+(`--kernel-cache DIR|off`, `MPP_KERNEL_CACHE`).
 
 This module is the policy: the flags, the run's shapes, the verdicts and the decision.
 `mpp.kernel_measure` measures one op; `mpp.kernel_cache` keys and stores the measurements.

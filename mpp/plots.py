@@ -94,8 +94,8 @@ def plot_layers(runs: list[Row], baselines: list[Row], views: list[LayerView], p
                if any(row_layers(r, v) for v in views)]
     handles += [Line2D([], [], color="black", marker=markers[v], linestyle="none", label=v) for v in variants]
     handles += [Line2D([], [], color="gray", linestyle=BASELINE_STYLES["random-init"], label="random init (same run's colour)")]
-    shown = {b.name: b for b in pixels if any(reference_accuracy(b, v) is not None for v in views)}  # a row per
-    # dataset, one name (and colour) per resolution: one legend entry each
+    # a pixels row per dataset, but one name (and colour) per resolution: one legend entry each
+    shown = {b.name: b for b in pixels if any(reference_accuracy(b, v) is not None for v in views)}
     handles += [Line2D([], [], color=colors[b.name + b.kind], linestyle=BASELINE_STYLES["pixels"], label=name)
                 for name, b in shown.items()]
     fig.legend(handles=handles, loc="outside lower center", ncol=min(6, len(handles)), fontsize="small")

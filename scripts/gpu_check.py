@@ -197,7 +197,7 @@ def part_attention(smoke: bool, out: dict, save) -> None:
     ours, sdpa = IMPLEMENTATIONS["attention"]["triton"], IMPLEMENTATIONS["attention"]["torch"]  # what the ViT calls
     spec = replace(measure.MEASURED["attention"], constants=())  # called as fn(q, k, v): attention_ref's own scale
     out |= {"dtype": str(dtype)[6:], "rule": "error <= 2 x SDPA's error + eps x max|reference| (1 ulp)"
-                                             "; fp32: at least 2e-5 x max(1, max|reference|)",
+                                             f"; fp32: at least {measure.FP32_TOLERANCE:g} x max(1, max|reference|)",
             "cases": []}
     for B, H, nq, nk, D in SMOKE_ATTENTION_CASES if smoke else ATTENTION_CASES:
         randn = measure.seeded_randn(device, B * 7919 + H * 97 + nq * 13 + nk + D)

@@ -19,7 +19,6 @@ from mpp.files import write_json
 from mpp.finetune_start import check_same_start
 from mpp.model import ViT, ViTConfig, resample_pos_embed
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = dict(image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_dim=64)
 # A few seconds per fine-tune: tiny model, small batches, no worker processes.
 FAST = dict(steps=4, batch_size=32, warmup_steps=1, num_workers=0, log_every=2, lrs=(0.01, 0.1), seeds=2)
