@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from eval import fewshot
+from eval import compare, fewshot
 from mpp import timm_io
 from mpp.errors import UsageError
 from mpp.model import ViT, vit_config
@@ -120,12 +120,16 @@ def test_fewshot_on_a_timm_model_equals_the_same_weights_as_our_run(checkpoint, 
 
     save_file(timm_model.state_dict(), tmp_path / "micro.safetensors")
     done = run_script("eval/fewshot.py", "--run", str(tmp_path / "micro.safetensors"), *FEWSHOT,
-                      "--output", str(tmp_path / "timm.json"))
+                      "--output", str(tmp_path / "timm-micro" / "fewshot.json"))
     assert done.returncode == 0, done.stderr
-    theirs = json.loads((tmp_path / "timm.json").read_text())
+    theirs = json.loads((tmp_path / "timm-micro" / "fewshot.json").read_text())
     ours = fewshot.main(["--run", str(path), *FEWSHOT, "--output", str(tmp_path / "ours.json")])
     assert theirs["results"] == ours["results"]
     assert theirs["imported"]["name"] == "micro.safetensors" and theirs["imported"]["mean"] == [0.5, 0.5, 0.5]
+    # eval/compare.py puts the folder holding its report in the table, labelled by the import.
+    table = compare.main([str(tmp_path / "timm-micro"), "--output", str(tmp_path / "cmp")])
+    assert "| timm-micro | timm (micro.safetensors) |" in table["markdown"]
+    assert "timm (micro.safetensors)" in (tmp_path / "cmp" / "compare.md").read_text()
     # No run directory to write beside, and a Hub name offline: one line each.
     no_output = run_script("eval/fewshot.py", "--run", str(tmp_path / "micro.safetensors"), *FEWSHOT)
     assert no_output.returncode == 2 and "--output" in no_output.stderr and no_output.stderr.count("\n") == 1
@@ -133,3 +137,20 @@ def test_fewshot_on_a_timm_model_equals_the_same_weights_as_our_run(checkpoint, 
     offline = run_script("eval/fewshot.py", "--run", "timm:vit_tiny_patch16_224.augreg_in21k", *FEWSHOT,
                          "--output", str(tmp_path / "hub.json"))
     assert offline.returncode == 2 and offline.stderr.count("\n") == 1 and "go online" in offline.stderr
+
+
+def test_finetune_starts_from_a_timm_model_identified_by_its_weights(checkpoint, exported, tmp_path):
+    """The fine-tune's start (mpp.finetune_start) from an exported folder and from the same weights as a
+    state dict: the same ViT, the same identity (so a --resume may name either), the import's record."""
+    from safetensors.torch import save_file
+
+    from mpp.finetune import FinetuneConfig
+    from mpp.finetune_start import starting_model
+
+    save_file(checkpoint[1].state_dict(), tmp_path / "same.safetensors")
+    vit, record, dataset, start = starting_model(FinetuneConfig(run=str(exported[0])))
+    twin, _, _, twin_start = starting_model(FinetuneConfig(run=str(tmp_path / "same.safetensors")))
+    assert dataset == "digits" and record["name"] == "micro" and start["init"] == "pretrained"
+    assert start["sha256"] == twin_start["sha256"] and start["checkpoint"] == str(exported[0])
+    for name, tensor in checkpoint[1].state_dict().items():
+        assert torch.equal(vit.state_dict()[name], tensor) and torch.equal(twin.state_dict()[name], tensor)
