@@ -152,10 +152,9 @@ class ProbeTarget:
     def report_head(self, args) -> dict:
         return {"init": "random" if args.random_init else "trained", "run": str(self.run_dir) if self.run_dir else None,
                 "checkpoint": str(self.checkpoint) if self.checkpoint else None, "step": self.step,
-                "imported": self.imported,
                 "features": args.features, "kernels": self.vit.kernels.names(),  # which ops computed the features
                 "reference_seed": reference_seed(args, self.config) if args.references and not args.random_init
-                else None}
+                else None, **({"imported": self.imported} if self.imported else {})}  # only for a timm --run
 
     def output(self, args) -> Path:  # RUN_DIR/<prefix with dashes>.json unless --output
         return Path(args.output) if args.output else self.run_dir / f"{self.prefix.replace('_', '-')}.json"
