@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from mpp import checkpoint as ckpt_io
-from mpp import rundir
+from mpp import rundir, timm_io
 from mpp.data import DEFAULT_DATASET
 from mpp.errors import UsageError
 from mpp.files import writable_dir, write_json
@@ -38,6 +39,9 @@ def starting_model(config: FinetuneConfig) -> tuple[ViT, dict | None, str, dict]
     overrides = {"dropout": config.dropout}
     if config.image_size:
         overrides["image_size"] = config.image_size
+    if timm_io.is_timm_source(config.run):
+        imported, vit, start = import_start(config.run, **overrides)
+        return vit, imported, config.dataset or DEFAULT_DATASET, start
     if config.run:
         run_cfg, vit, start = load_start(config.run, **overrides)
         return vit, run_cfg, config.dataset or run_cfg["train"]["dataset"], start
@@ -57,6 +61,19 @@ def load_start(run: str, **overrides) -> tuple[dict, ViT, dict]:
         run_cfg, vit, path = ckpt_io.load_run(run, **overrides)
         step = rundir.step_of_name(path)  # a run's checkpoints are all ckpt-<step>.pt
     return run_cfg, vit, {"init": "pretrained", "checkpoint": str(path), "step": step, "sha256": file_sha256(path)}
+
+
+def import_start(run: str, **overrides) -> tuple[dict, ViT, dict]:
+    """(the import's record, ViT, starting point) of a timm --run (mpp.timm_io): identified by the sha256
+    of its weights, so a --resume may name the same weights by a copied file or folder, but no others."""
+    imported = timm_io.load_source(run, overrides.get("image_size"))
+    vit = ViT(replace(imported.vit.config, **overrides))
+    vit.load_state_dict(imported.vit.state_dict())
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vit.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return imported.record(), vit, {"init": "pretrained", "checkpoint": run, "step": None, "sha256": digest.hexdigest()}
 
 
 def file_sha256(path: Path) -> str:

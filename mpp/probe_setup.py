@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from mpp import timm_io
 from mpp.checkpoint import KernelsFor, load_checkpoint, load_run
 from mpp.config import AT_LEAST_1, SEED, Range, device_flag, number_flag
 from mpp.data import DEFAULT_DATASET
@@ -62,6 +63,13 @@ def check_flags(args: argparse.Namespace) -> None:
     """The checks that span flags (each flag's own range is checked as it is parsed)."""
     if args.model and not args.output:
         raise UsageError("--model has no run directory to write to: pass --output PATH for the results JSON")
+    if timm_io.is_timm_source(args.run):
+        if not args.output:
+            raise UsageError(f"--run {args.run} is a timm model, with no run directory to write to: "
+                             "pass --output PATH for the results JSON")
+        if args.random_init or args.model:
+            raise UsageError("--random-init/--model build our own untrained ViT: drop them for a timm --run "
+                             "(its report already holds the random-init reference)")
 
 
 def probe_kernels(args) -> KernelsFor:
@@ -139,13 +147,14 @@ class ProbeTarget:
     dataset: str  # --dataset, else the run's training dataset
     prefix: str  # e.g. "fewshot" or "fewshot_random_init": TensorBoard tag and default file name
     step: int  # the checkpoint's step (0 for a random init)
+    imported: dict | None = None  # a timm --run's record (mpp.timm_io.Imported.record), else None
 
     def report_head(self, args) -> dict:
         return {"init": "random" if args.random_init else "trained", "run": str(self.run_dir) if self.run_dir else None,
                 "checkpoint": str(self.checkpoint) if self.checkpoint else None, "step": self.step,
                 "features": args.features, "kernels": self.vit.kernels.names(),  # which ops computed the features
                 "reference_seed": reference_seed(args, self.config) if args.references and not args.random_init
-                else None}
+                else None, **({"imported": self.imported} if self.imported else {})}  # only for a timm --run
 
     def output(self, args) -> Path:  # RUN_DIR/<prefix with dashes>.json unless --output
         return Path(args.output) if args.output else self.run_dir / f"{self.prefix.replace('_', '-')}.json"
@@ -153,6 +162,8 @@ class ProbeTarget:
 
 def probe_target(args, name: str) -> ProbeTarget:
     """The model and settings a probe CLI (`name`: fewshot, linear_probe) evaluates."""
+    if timm_io.is_timm_source(args.run):
+        return timm_target(args, name)
     config, vit, run_dir, ckpt_path = build_model(args)
     if args.compile:
         compile_blocks(vit)
@@ -160,6 +171,18 @@ def probe_target(args, name: str) -> ProbeTarget:
     prefix = f"{name}_random_init" if args.random_init else name
     prefix += "_avg" if args.features == "avg" else ""
     return ProbeTarget(config, vit, run_dir, ckpt_path, dataset, prefix, checkpoint_step(ckpt_path) if ckpt_path else 0)
+
+
+def timm_target(args, name: str) -> ProbeTarget:
+    """A timm --run (mpp.timm_io): converted once into our ViT, built with the probe's kernels. The probe
+    normalises with mpp.data's mean/std as for our runs; the model's own is recorded in the report."""
+    imported = timm_io.load_source(args.run, args.image_size)
+    vit = ViT(imported.vit.config, probe_kernels(args)(imported.vit.config))
+    vit.load_state_dict(imported.vit.state_dict())
+    if args.compile:
+        compile_blocks(vit)
+    prefix = name + ("_avg" if args.features == "avg" else "")
+    return ProbeTarget(None, vit.eval(), None, None, args.dataset or DEFAULT_DATASET, prefix, 0, imported.record())
 
 
 def check_writable(output: Path) -> None:

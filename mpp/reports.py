@@ -332,8 +332,10 @@ def read_run(run_dir: Path, name: str, notes: list[str]) -> tuple[Row, list[Refe
 
     by_dataset: dict[str, list[dict]] = {}
     probes = []
+    imported = None
     for probe, pattern in (("fewshot", FEWSHOT_GLOB), ("linear_probe", LINEAR_PROBE_GLOB)):
         for path, report in read_reports(run_dir, pattern):
+            imported = imported or report.get("imported")  # a timm model's reports (mpp.timm_io): no config
             entry = PROBES[probe][1](path, report, run_dir, spec)
             inside += references_of(path, report, run_dir, name, config, probe)
             if is_random_init(path, report):
@@ -348,6 +350,8 @@ def read_run(run_dir: Path, name: str, notes: list[str]) -> tuple[Row, list[Refe
     tunes = [finetune_entry(p, r, run_dir, spec) for pattern in FINETUNE_GLOBS for p, r in read_reports(run_dir, pattern)]
     row.finetune = pick(tunes, own, "fine-tune", name, notes)
     row.objective, row.label = objective_label(config, summary, row.finetune)
+    if row.objective is None and imported:
+        row.label = f"timm ({imported['name']})"
     row.loss_scale = loss_scale(config, row.objective)
     if row.objective == "finetune" and row.finetune and row.steps is None:  # a fine-tune run: its own training
         row.steps, row.wall_time_s = row.finetune.get("steps"), row.finetune.get("wall_time_s")

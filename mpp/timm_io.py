@@ -1,0 +1,228 @@
+"""Weights out to timm and the Hub, and timm weights in as our ViT: the one place that talks to timm's hub code.
+
+Out: a run's ViT becomes a timm `VisionTransformer` (built from `timm_kwargs`, loaded strictly) and timm's own
+`save_for_hf` writes it, so the folder has timm's Hub layout by construction: `model.safetensors` and a
+`config.json` naming an architecture timm can build plus the `model_args` of our size (Micro too), so
+`timm.create_model("local-dir:DIR", pretrained=True)` or a Hub repo id loads it strictly.
+
+In: `--run` of the probe CLIs may name, besides our runs, `timm:NAME` (timm's registry, weights from the Hub),
+a folder with timm's Hub layout, or a bare timm state dict (`.safetensors`, or `.pth` / `.bin` read
+weights-only). It is converted once into our `ViT` with a strict load; a timm variant our ViT cannot
+represent is refused with one line naming what differs. `Imported.record()` is its "run config" in reports.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mpp.errors import UsageError
+from mpp.model import SIZES, ViT, ViTConfig, timm_kwargs
+
+PREFIX = "timm:"
+STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".bin")  # our own checkpoints are .pt
+HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what timm's Hub layout holds
+# timm builds any size from `model_args`; the architecture name only picks the class and its defaults.
+EXPORT_ARCHITECTURE = "vit_base_patch16_224"
+
+
+def is_timm_source(run: str | None) -> bool:
+    """Whether --run names a timm model rather than one of our runs or checkpoints."""
+    if not run:
+        return False
+    path = Path(run)
+    if run.startswith(PREFIX):
+        return True
+    if path.is_file():
+        return path.suffix in STATE_DICT_SUFFIXES
+    hub_layout = (path / "config.json").is_file() and any((path / f).is_file() for f in HUB_WEIGHTS)
+    return path.is_dir() and hub_layout and not (path / "checkpoints").exists()
+
+
+@dataclasses.dataclass(frozen=True)
+class Imported:
+    """A timm model converted into our ViT, and what reports say about it."""
+    vit: ViT
+    name: str  # the label in tables: the timm name, or the folder's / file's name
+    source: str  # what --run said: timm:NAME, a folder or a file
+    architecture: str  # timm's architecture name, or "state dict" for a bare file
+    mean: tuple[float, ...]  # the model's pretrained_cfg normalisation (the probes normalise with mpp.data's)
+    std: tuple[float, ...]
+
+    def record(self) -> dict:
+        """The documented stand-in for a run config: {name, source, architecture, mean, std}."""
+        return {"name": self.name, "source": self.source, "architecture": self.architecture,
+                "mean": list(self.mean), "std": list(self.std)}
+
+
+# ---------------------------------------------------------------- weights out
+
+def timm_twin(vit: ViT) -> nn.Module:
+    """timm's VisionTransformer of `vit`'s architecture holding its weights (loaded strictly)."""
+    import timm
+
+    model = timm.create_model(EXPORT_ARCHITECTURE, pretrained=False, **timm_kwargs(vit.config))
+    model.load_state_dict(vit.state_dict(), strict=True)
+    return model.eval()
+
+
+def export(vit: ViT, output: Path, overwrite: bool = False) -> Path:
+    """Write `vit` in timm's Hub layout to `output` (model.safetensors + config.json). A folder that
+    exists and is not empty is refused unless `overwrite`; its other files are then left alone."""
+    from timm.models import save_for_hf
+
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"export folder '{output}' is a file: pass a folder path as --output")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise UsageError(f"export folder '{output}' is not empty: pass --overwrite to replace its "
+                         "model.safetensors and config.json, or another --output")
+    twin = timm_twin(vit)
+    # Our tag, not the architecture's default pretrained tag: these weights are not timm's.
+    config = {"pretrained_cfg": {"tag": "mpp", "license": None}}
+    try:
+        save_for_hf(twin, str(output), model_config=config, safe_serialization=True)
+    except OSError as e:
+        raise UsageError(f"cannot write the export to '{output}' ({e.strerror or e}): pass a writable --output") from e
+    return output
+
+
+def push(folder: Path, repo: str) -> str:
+    """Upload an exported folder to the Hub repo `repo` through huggingface_hub; one line when offline."""
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(repo, exist_ok=True)
+        return api.upload_folder(repo_id=repo, folder_path=str(folder)).commit_url
+    except Exception as e:  # offline, no token, no permission: all end here, after the local export
+        raise UsageError(f"could not push '{folder}' to the Hub repo '{repo}' ({type(e).__name__}); the local "
+                         "export is written: go online and log in (huggingface-cli login), then rerun") from e
+
+
+# ---------------------------------------------------------------- weights in
+
+def load_source(run: str, image_size: int | None = None) -> Imported:
+    """Our ViT from a timm name, a folder in timm's Hub layout or a bare timm state dict."""
+    path = Path(run)
+    if run.startswith(PREFIX):
+        name = run[len(PREFIX):]
+        model = create(name, f"timm model '{name}' could not be loaded from the Hub",
+                       "go online, or pass a local file or folder (scripts/export.py or timm's save_for_hf writes one)")
+        return from_timm(model, name, run, image_size)
+    if path.is_dir():
+        model = create(f"local-dir:{path}", f"folder '{path}' could not be loaded as a timm model",
+                       "pass a folder with timm's Hub layout (config.json + model.safetensors)")
+        return from_timm(model, path.name, run, image_size)
+    return from_state_dict(read_state_dict(path), path.name, run, image_size)
+
+
+def create(name: str, problem: str, fix: str) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=True).eval()
+    except Exception as e:  # no network, an unknown name, a malformed config: timm's errors are many kinds
+        raise UsageError(f"{problem} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}): "
+                         f"{fix}") from e
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A bare timm state dict: safetensors, or a pickle read weights-only (never code to run)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        if path.suffix in (".pth", ".bin"):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise UsageError(f"'{path}' is no timm weights file: pass a .safetensors, .pth or .bin state dict")
+    except UsageError:
+        raise
+    except Exception as e:
+        raise UsageError(f"'{path}' cannot be read as a safe state dict ({type(e).__name__}): pass a .safetensors "
+                         "file or a .pth/.bin that holds only tensors") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # timm's training checkpoints nest it
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UsageError(f"'{path}' holds no state dict of tensors: pass a timm model's state_dict()")
+    return state
+
+
+def representable(model: nn.Module) -> None:
+    """Refuse, in one line, a timm model our ViT cannot represent (what a strict load would not notice)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise UsageError(f"timm model of class {type(model).__name__} is not a ViT: pass a timm VisionTransformer")
+    block = model.blocks[0] if len(model.blocks) else None
+    differences = [
+        (model.cls_token is None, "no class token"),
+        (getattr(model, "reg_token", None) is not None, "register tokens"),
+        (getattr(model, "no_embed_class", False), "position embeddings without the class token's"),
+        (model.pos_embed is None, "no absolute position embeddings"),
+        (getattr(model, "dynamic_img_size", False), "a dynamic image size"),
+        (model.global_pool != "token", f"global pool '{model.global_pool}' (ours: the class token)"),
+        (not isinstance(model.norm_pre, nn.Identity), "a LayerNorm before the blocks"),
+        (not isinstance(model.fc_norm, nn.Identity), "a norm on the pooled features (fc_norm)"),
+        (getattr(model.patch_embed, "norm", nn.Identity()).__class__ is not nn.Identity, "a norm in the patch embedding"),
+        (block is not None and type(block).__name__ != "Block", f"blocks of type {type(block).__name__}"),
+        (block is not None and not isinstance(block.mlp.act, nn.GELU), "an MLP activation other than GELU"),
+        (block is not None and getattr(block.mlp.act, "approximate", "none") != "none", "tanh-approximated GELU"),
+        (block is not None and not isinstance(block.attn.q_norm, nn.Identity), "query/key norms"),
+        (block is not None and block.attn.qkv.bias is None, "no qkv bias"),
+        (block is not None and not isinstance(block.norm1, nn.LayerNorm), f"{type(block.norm1).__name__} norms"),
+    ]
+    named = [what for bad, what in differences if bad]
+    if named:
+        raise UsageError(f"this timm ViT has {', '.join(named)}, which our ViT cannot represent: "
+                         "pass a plain timm ViT (class token, pre-norm LayerNorm blocks, absolute positions)")
+
+
+def from_timm(model: nn.Module, name: str, source: str, image_size: int | None) -> Imported:
+    representable(model)
+    _, h, w = model.pretrained_cfg.get("input_size", (3, *model.patch_embed.img_size))
+    if h != w:
+        raise UsageError(f"timm model '{name}' takes {h}x{w} images: our ViT takes square ones; pass a square model")
+    first = model.blocks[0]
+    config = ViTConfig(image_size=image_size or int(model.patch_embed.img_size[0]),
+                       patch_size=int(model.patch_embed.patch_size[0]), in_chans=model.patch_embed.proj.in_channels,
+                       embed_dim=model.embed_dim, depth=len(model.blocks), num_heads=first.attn.num_heads,
+                       mlp_dim=first.mlp.fc1.out_features, num_classes=model.num_classes, ln_eps=first.norm1.eps)
+    vit = load_strict(config, model.state_dict(), name)
+    cfg = model.pretrained_cfg
+    return Imported(vit, name, source, getattr(model, "default_cfg", {}).get("architecture", type(model).__name__),
+                    tuple(cfg.get("mean", (0.5,) * 3)), tuple(cfg.get("std", (0.5,) * 3)))
+
+
+def from_state_dict(state: dict, name: str, source: str, image_size: int | None) -> Imported:
+    """A bare state dict says every size but the number of heads: that is read from our size table
+    (the ViT paper's sizes, 64-wide heads, and Micro); any other width needs a folder with config.json."""
+    needed = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight")
+    if missing := [k for k in needed if k not in state]:
+        raise UsageError(f"'{source}' is no plain timm ViT state dict (no {', '.join(missing)}): pass a timm "
+                         "VisionTransformer's state_dict() or a folder with timm's Hub layout")
+    dim, chans, patch, _ = state["patch_embed.proj.weight"].shape
+    heads = {d: h for _, d, _, h in SIZES.values()}.get(dim)
+    if heads is None:
+        raise UsageError(f"'{source}' has width {dim}, whose number of heads a bare state dict does not say: "
+                         "pass a folder with timm's config.json (timm's save_for_hf or scripts/export.py writes one)")
+    grid = math.isqrt(state["pos_embed"].shape[1] - 1)
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    head = state.get("head.weight")
+    config = ViTConfig(image_size=image_size or grid * patch, patch_size=patch, in_chans=chans, embed_dim=dim,
+                       depth=depth, num_heads=heads, mlp_dim=state["blocks.0.mlp.fc1.weight"].shape[0],
+                       num_classes=0 if head is None else head.shape[0])
+    return Imported(load_strict(config, state, source), name, source, "state dict", (0.5,) * 3, (0.5,) * 3)
+
+
+def load_strict(config: ViTConfig, state: dict, source: str) -> ViT:
+    from mpp.checkpoint import load_vit_weights
+
+    vit = ViT(config.validate())
+    load_vit_weights(vit, state, f"timm model '{source}'",
+                     "pass a plain timm ViT (class token, pre-norm LayerNorm blocks, absolute positions)")
+    return vit.eval()

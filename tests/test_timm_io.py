@@ -1,0 +1,156 @@
+"""Weights out to timm (scripts/export.py) and timm weights in (a timm --run of the probe CLIs), offline."""
+import dataclasses
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from eval import compare, fewshot
+from mpp import timm_io
+from mpp.errors import UsageError
+from mpp.model import ViT, vit_config
+from tests.helpers.runs import run_script
+
+FEWSHOT = ["--dataset", "digits", "--shots", "1", "5", "--seeds", "2", "--max-test", "60", "--no-references",
+           "--batch-size", "64"]
+
+
+def pre_logits_timm(model, x):
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> tuple[Path, ViT]:
+    """One of our checkpoint files (what a run saves: its config and timm-named weights), of a 2-block Micro."""
+    torch.manual_seed(1)
+    vit = ViT(vit_config("Micro/4", depth=2, num_classes=0)).eval()
+    path = tmp_path_factory.mktemp("ckpt") / "ckpt-2.pt"
+    torch.save({"config": {"vit": dataclasses.asdict(vit.config)}, "model": vit.state_dict(), "step": 2}, path)
+    return path, vit
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory) -> tuple[Path, "object"]:
+    """The checkpoint exported by the CLI."""
+    out = tmp_path_factory.mktemp("export") / "micro"
+    done = run_script("scripts/export.py", "--run", str(checkpoint[0]), "--output", str(out))
+    return out, done
+
+
+def test_export_cli_writes_timm_hub_layout_that_timm_loads_strictly(checkpoint, exported):
+    out, done = exported
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_classes"] == 0 and config["model_args"]["depth"] == 2 and config["model_args"]["embed_dim"] == 128
+    x = torch.randn(3, 3, 16, 16)
+    ours = checkpoint[1].forward_features(x)["pre_logits"]
+    by_dir = timm.create_model(f"local-dir:{out}", pretrained=True).eval()  # timm loads strictly by default
+    by_file = timm.create_model(config["architecture"], pretrained=True, **config["model_args"],
+                                pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"))).eval()
+    with torch.no_grad():
+        for model in (by_dir, by_file):
+            torch.testing.assert_close(pre_logits_timm(model, x), ours, atol=1e-5, rtol=0)
+
+
+def test_export_refusals_are_one_line(checkpoint, exported, tmp_path, monkeypatch):
+    out, _ = exported
+    before = (out / "model.safetensors").read_bytes()
+    again = run_script("scripts/export.py", "--run", str(checkpoint[0]), "--output", str(out))
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "--overwrite" in again.stderr
+    assert (out / "model.safetensors").read_bytes() == before
+    missing = run_script("scripts/export.py", "--run", str(tmp_path / "nope"), "--output", str(tmp_path / "x"))
+    assert missing.returncode == 2 and missing.stderr.startswith("error: ") and missing.stderr.count("\n") == 1
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pushed = run_script("scripts/export.py", "--run", str(checkpoint[0]), "--output", str(tmp_path / "p"),
+                        "--push-to-hub", "someone/mpp-micro")
+    assert pushed.returncode == 2 and pushed.stderr.count("\n") == 1 and "local export is written" in pushed.stderr
+    assert (tmp_path / "p" / "model.safetensors").is_file()
+
+
+def test_import_folder_and_state_dict_equal_ours(checkpoint, exported, tmp_path):
+    vit = checkpoint[1]
+    x = torch.randn(2, 3, 16, 16)
+    imported = timm_io.load_source(str(exported[0]))
+    assert imported.vit.config == vit.config and imported.record()["name"] == "micro"
+    torch.testing.assert_close(imported.vit.forward_features(x)["tokens"], vit.forward_features(x)["tokens"])
+    # A timm model saved as a bare state dict (.pth, read weights-only), with its classifier head.
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2).eval()
+    torch.save(model.state_dict(), tmp_path / "tiny.pth")
+    imported = timm_io.load_source(str(tmp_path / "tiny.pth"))
+    assert (imported.vit.config.num_heads, imported.vit.config.num_classes) == (3, 1000)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(imported.vit(x), model(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant, named", [(dict(reg_tokens=4), "register tokens"),
+                                            (dict(class_token=False, global_pool="avg"), "no class token"),
+                                            (dict(init_values=1e-5), "ls1.gamma")])
+def test_unrepresentable_timm_vits_are_refused_naming_what_differs(variant, named):
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1, **variant)
+    with pytest.raises(UsageError, match=named):
+        timm_io.from_timm(model, "variant", "variant", None)
+
+
+def test_unsafe_or_foreign_files_are_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps({"x": Evil()}))
+    with pytest.raises(UsageError, match="safe state dict"):
+        timm_io.load_source(str(tmp_path / "evil.pth"))
+    torch.save({"x": torch.zeros(1)}, tmp_path / "other.bin")
+    with pytest.raises(UsageError, match="no plain timm ViT"):
+        timm_io.load_source(str(tmp_path / "other.bin"))
+
+
+def test_fewshot_on_a_timm_model_equals_the_same_weights_as_our_run(checkpoint, tmp_path, monkeypatch):
+    """eval/fewshot.py (subprocess) on a timm state dict scores what it scores on our checkpoint of the same weights."""
+    path, vit = checkpoint
+    timm_model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, img_size=16, patch_size=4,
+                                   embed_dim=128, depth=2, num_heads=4)
+    timm_model.load_state_dict(vit.state_dict(), strict=True)
+    from safetensors.torch import save_file
+
+    save_file(timm_model.state_dict(), tmp_path / "micro.safetensors")
+    done = run_script("eval/fewshot.py", "--run", str(tmp_path / "micro.safetensors"), *FEWSHOT,
+                      "--output", str(tmp_path / "timm-micro" / "fewshot.json"))
+    assert done.returncode == 0, done.stderr
+    theirs = json.loads((tmp_path / "timm-micro" / "fewshot.json").read_text())
+    ours = fewshot.main(["--run", str(path), *FEWSHOT, "--output", str(tmp_path / "ours.json")])
+    assert theirs["results"] == ours["results"]
+    assert theirs["imported"]["name"] == "micro.safetensors" and theirs["imported"]["mean"] == [0.5, 0.5, 0.5]
+    # eval/compare.py puts the folder holding its report in the table, labelled by the import.
+    table = compare.main([str(tmp_path / "timm-micro"), "--output", str(tmp_path / "cmp")])
+    assert "| timm-micro | timm (micro.safetensors) |" in table["markdown"]
+    assert "timm (micro.safetensors)" in (tmp_path / "cmp" / "compare.md").read_text()
+    # No run directory to write beside, and a Hub name offline: one line each.
+    no_output = run_script("eval/fewshot.py", "--run", str(tmp_path / "micro.safetensors"), *FEWSHOT)
+    assert no_output.returncode == 2 and "--output" in no_output.stderr and no_output.stderr.count("\n") == 1
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline = run_script("eval/fewshot.py", "--run", "timm:vit_tiny_patch16_224.augreg_in21k", *FEWSHOT,
+                         "--output", str(tmp_path / "hub.json"))
+    assert offline.returncode == 2 and offline.stderr.count("\n") == 1 and "go online" in offline.stderr
+
+
+def test_finetune_starts_from_a_timm_model_identified_by_its_weights(checkpoint, exported, tmp_path):
+    """The fine-tune's start (mpp.finetune_start) from an exported folder and from the same weights as a
+    state dict: the same ViT, the same identity (so a --resume may name either), the import's record."""
+    from safetensors.torch import save_file
+
+    from mpp.finetune import FinetuneConfig
+    from mpp.finetune_start import starting_model
+
+    save_file(checkpoint[1].state_dict(), tmp_path / "same.safetensors")
+    vit, record, dataset, start = starting_model(FinetuneConfig(run=str(exported[0])))
+    twin, _, _, twin_start = starting_model(FinetuneConfig(run=str(tmp_path / "same.safetensors")))
+    assert dataset == "digits" and record["name"] == "micro" and start["init"] == "pretrained"
+    assert start["sha256"] == twin_start["sha256"] and start["checkpoint"] == str(exported[0])
+    for name, tensor in checkpoint[1].state_dict().items():
+        assert torch.equal(vit.state_dict()[name], tensor) and torch.equal(twin.state_dict()[name], tensor)
