@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from mpp.errors import UsageError
 from mpp.kernels import KernelChoice, KernelPolicy, RunShapes, resolve
 from mpp.stopping import end_workers_at_exit, loader_worker_init
 
@@ -69,6 +70,7 @@ def make_accelerator(mixed_precision: str = "", cpu_threads: int = 0, **kwargs):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
+    refuse_sharding(os.environ)  # before the Accelerator: an FSDP or DeepSpeed one may fail on its own first
     accelerator = Accelerator(
         # Processes started by torchrun (`accelerate launch --multi_gpu`) on a machine without CUDA
         # would each train alone; cpu=True makes them one gloo process group instead.
@@ -83,6 +85,21 @@ def make_accelerator(mixed_precision: str = "", cpu_threads: int = 0, **kwargs):
         torch.set_num_threads(cpu_threads or max(1, len(os.sched_getaffinity(0)) // local))
         reuse_freed_memory()  # CPU steps are otherwise dominated by page faults on fresh activations
     return accelerator
+
+
+# What `accelerate launch --use_fsdp` / `--use_deepspeed` (or a config file asking for them) set
+# for the processes it starts (accelerate/commands/launch.py); the Accelerator reads the same ones.
+SHARDED_LAUNCHES = {"ACCELERATE_USE_FSDP": "--use_fsdp", "ACCELERATE_USE_DEEPSPEED": "--use_deepspeed"}
+
+
+def refuse_sharding(environ) -> None:
+    """Refuse a sharded launch (FSDP, DeepSpeed) at start, before anything is written: checkpoints,
+    resume and the probes save and load the whole model's state_dict from one process, which sharded
+    weights would break silently."""
+    for name, flag in SHARDED_LAUNCHES.items():
+        if str(environ.get(name, "")).lower() in ("1", "true", "yes"):
+            raise UsageError(f"accelerate launch {flag} is not supported: checkpoints hold whole weights; "
+                             f"launch without {flag} (DDP, e.g. accelerate launch --multi_gpu)")
 
 
 def loader_kwargs(micro_batch: int, num_workers: int) -> dict:
