@@ -1,11 +1,15 @@
 """Tar shards (`shards:LOCATION`): read streamed and loaded with the right labels, pretrained on
 through the command line, and bad shards refused with one line."""
+import shutil
+
 import pytest
-from helpers.runs import FAST, run_script
+import torch
+from helpers.runs import FAST, final_weights, run_script
 from helpers.shard_files import synthetic_shards, write_tar
 
 from mpp.data import load_split
 from mpp.errors import UsageError
+from mpp.rundir import list_checkpoints
 from mpp.shards import expand_braces
 
 
@@ -45,3 +49,20 @@ def test_pretraining_streams_shards_from_the_command_line(shards, hf_cache, tmp_
                       "--image-size", "16", *FAST, "--max-steps", "4", "--output-dir", str(tmp_path / "run"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "run" / "checkpoints").is_dir()
+
+
+@pytest.mark.slow
+def test_a_streamed_shard_run_resumed_mid_epoch_ends_with_the_uninterrupted_weights(shards, hf_cache, tmp_path):
+    # 96 images, batch 32: 3 steps an epoch; the resume from step 4 restarts mid-epoch and crosses into the third.
+    args = ["scripts/pretrain_mpp.py", "--dataset", f"shards:{shards}", "--streaming", "--model", "Micro/4",
+            "--image-size", "16", *FAST, "--num-workers", "1", "--max-steps", "8", "--save-every", "4"]
+    whole = run_script(*args, "--output-dir", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    run = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "whole", run)
+    list_checkpoints(run)[-1].unlink()  # the step-8 checkpoint: resume from step 4
+    (run / "summary.json").unlink()
+    resumed = run_script(*args, "--output-dir", str(run), "--resume")
+    assert resumed.returncode == 0 and "at step 4" in resumed.stdout + resumed.stderr, resumed.stderr[-2000:]
+    a, b = final_weights(tmp_path / "whole"), final_weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same images, in the same order, with the same crops
