@@ -1,7 +1,8 @@
 """Image classification data for every entry point, named by one spec string.
 
 A spec is `digits` (scikit-learn's bundled 8x8 handwritten digits: real, offline, always there),
-a local folder laid out as `train/<class>/<image>` plus `test/` or `val/`, or `hf:NAME[:CONFIG]`
+a local folder laid out as `train/<class>/<image>` plus `test/` or `val/`, `shards:LOCATION` (tar
+shards in the webdataset layout, `<key>.jpg` + `<key>.cls`: mpp.shards), or `hf:NAME[:CONFIG]`
 (a Hugging Face hub dataset). `load_split` and `build_dataset` build a split whole, as a data set
 keeping mpp.datasets' contract. Raw items are (uint8 [3, H, W] RGB, int label); the transforms make
 float32 [3, S, S] in [0, 1], and `normalize` maps a batch to the model's [-1, 1] input on device.
@@ -31,13 +32,16 @@ from mpp.datasets import (
 from mpp.digits import load_digits, stratified_split
 from mpp.errors import UsageError
 from mpp.folders import TEST_FOLDERS, folder_listing
+from mpp.shards import PREFIX as SHARDS_PREFIX
+from mpp.shards import load_shards
 
 DEFAULT_DATASET = "digits"
 # The paper's (big_vision) convention: the model sees (x - 0.5) / 0.5, i.e. pixels in [-1, 1].
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
 
-SPEC_FORMS = "pass --dataset digits, a folder laid out as train/<class>/<image>, or hf:NAME"
+SPEC_FORMS = ("pass --dataset digits, a folder laid out as train/<class>/<image>, shards:FOLDER (webdataset "
+              "tar shards), or hf:NAME")
 # A "test" request falls back to a validation split when there is no test split.
 TEST_SPLITS = ("test", "validation", "val")
 # A source's data set class with its source's arguments bound; load_split adds the contract's (info, ...).
@@ -67,8 +71,12 @@ class TensorImages(MapImages):
 
 
 def dataset_name(spec: str) -> str:
-    """A short name for tables and TensorBoard tags: "hf:cifar10" → "cifar10", "/data/pets/" → "pets"."""
-    name = Path(spec.removeprefix("hf:").rstrip("/")).name or spec
+    """A short name for tables and TensorBoard tags: "hf:cifar10" → "cifar10", "/data/pets/" → "pets",
+    "shards:/data/in1k/train-{000000..001281}.tar" → "in1k" (the shards' folder)."""
+    path = Path(spec.removeprefix("hf:").removeprefix(SHARDS_PREFIX).rstrip("/"))
+    if spec.startswith(SHARDS_PREFIX) and (path.suffix == ".tar" or any(c in path.name for c in "{*?")):
+        path = path.parent  # a pattern's file name says nothing of the data
+    name = path.name or spec
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
@@ -90,6 +98,8 @@ def load_split(
         make, info = _load_digits(spec, split, streaming)
     elif spec.startswith("hf:"):
         make, info = _load_hub(spec, split, streaming)
+    elif spec.startswith(SHARDS_PREFIX):
+        make, info = load_shards(spec, split, streaming)
     elif spec.startswith((".", "/", "~")) or "/" in spec or os.sep in spec or os.path.exists(spec):
         make, info = _load_folder(spec, split, streaming)
     else:

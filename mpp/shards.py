@@ -1,0 +1,253 @@
+"""Tar shards in the webdataset layout as a dataset source: `shards:LOCATION`.
+
+A shard is a plain tar whose samples are runs of members sharing a key: `<key>.jpg` (or any image
+suffix `datasets` knows: png, webp, ...) and `<key>.cls` (the label as decimal text), the layout
+timm, webdataset and most clusters use. They are read through `datasets`' webdataset builder, so a
+stream's shards are the tar files: shuffled by seed + epoch, then mixed through the buffer, and
+split between DataLoader workers (mpp.datasets.HubImageStream); without `--streaming` they are
+loaded whole into an Arrow cache and read by index (mpp.datasets.HubImages).
+
+LOCATION is
+- a folder: its `train-*.tar` are the train split, and the first of `test-*.tar`, `val-*.tar`,
+  `validation-*.tar` present the test split;
+- or a pattern naming the train shards: `{000000..000099}` ranges (zero-padded like their first
+  bound), `{a,b}` lists and `*` / `?` globs, e.g. `shards:/data/in1k/train-{000000..001281}.tar`.
+  Every shard a brace names must exist. The test split is the folder's shards named like the
+  pattern with `train` replaced by test, val or validation (any numbers: `test-*.tar`).
+
+Classes: `classes.txt` (one name per line, line i is label i) or `classes.json` (a list of names)
+beside the shards. Without one, the classes are 0..max label of the train split, read from the
+loaded labels; a stream cannot list its labels without reading every shard, so `--streaming` needs
+the file (scripts/make_shards.py writes it). Each shard's first sample is checked when the data set
+is built (a readable tar, an image and a `cls` member); a later sample without them, or a label
+out of range, stops the run with one line when it is read.
+"""
+from __future__ import annotations
+
+import functools
+import glob
+import io
+import itertools
+import json
+import re
+import tarfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from mpp.datasets import DatasetInfo, HubImages, HubImageStream, ImageDataset
+from mpp.errors import UsageError
+from mpp.files import atomic_write
+
+PREFIX = "shards:"
+CLASS_FILES = ("classes.txt", "classes.json")
+TEST_WORDS = ("test", "val", "validation")  # a test split's shards: the first of these names present
+LABEL = "cls"  # the label member's suffix (webdataset's; datasets decodes it with int())
+FORM = "pass shards:FOLDER (holding train-*.tar) or shards:/path/train-{000000..000099}.tar"
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """`a-{00..02}.tar` → a-00.tar, a-01.tar, a-02.tar; `{x,y}` lists; several groups multiply, in order."""
+    match = _BRACE.search(pattern)
+    if match is None:
+        return [pattern]
+    head, body, tail = pattern[:match.start()], match.group(1), pattern[match.end():]
+    bounds = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if bounds:
+        first, last = bounds.groups()
+        if int(last) < int(first):
+            raise UsageError(f"shard range {{{body}}} runs backwards: write {{{last}..{first}}}")
+        words = [str(i).zfill(len(first)) for i in range(int(first), int(last) + 1)]
+    elif "," in body:
+        words = body.split(",")
+    else:
+        raise UsageError(f"'{{{body}}}' in shard pattern '{pattern}' is neither a range nor a list: "
+                         "write {000000..000099} or {a,b}")
+    return [head + word + rest for word in words for rest in expand_braces(tail)]
+
+
+def shard_files(location: str, split: str) -> list[Path]:
+    """The tar files of `split` ("train" or "test") named by LOCATION (the module docstring)."""
+    path = Path(location).expanduser()
+    if path.is_dir():
+        folder, name = path, "train-*.tar"
+    else:
+        folder, name = path.parent, path.name
+    if not folder.is_dir():
+        raise UsageError(f"shard folder '{folder}' does not exist: {FORM}")
+    if split == "train":
+        return _train_files(folder, name)
+    if "train" not in _BRACE.sub("", name):
+        raise UsageError(f"shard pattern '{location}' has no 'train' in its file name, so its test shards cannot "
+                         "be named: call the shards train-*.tar and test-*.tar (or val-*.tar)")
+    globbed = _BRACE.sub("*", name)
+    for word in TEST_WORDS:
+        found = sorted(folder.glob(globbed.replace("train", word, 1)))
+        if found:
+            return found
+    tried = ", ".join(globbed.replace("train", w, 1) for w in TEST_WORDS)
+    raise UsageError(f"shard folder '{folder}' has no test split (no {tried}): add test shards beside the train ones")
+
+
+def _train_files(folder: Path, name: str) -> list[Path]:
+    if _BRACE.search(name):
+        files = [folder / n for n in expand_braces(name)]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise UsageError(f"{len(missing)} of the {len(files)} shards named are missing from '{folder}' ({shown}): "
+                             "fix the range or copy the shards")
+        return files
+    files = sorted(Path(p) for p in glob.glob(str(folder / name)) if Path(p).is_file())
+    if not files:
+        raise UsageError(f"no shard matches '{folder / name}': {FORM}")
+    return files
+
+
+def check_first_sample(path: Path) -> None:
+    """A readable tar whose first sample has an image member and a `cls` member holding an integer:
+    a few header reads per shard, so every shard is checked when the data set is built."""
+    from datasets.packaged_modules.webdataset.webdataset import (
+        IMAGE_EXTENSIONS,
+        base_plus_ext,
+    )
+
+    try:
+        with tarfile.open(path) as tar:
+            fields, key = {}, None
+            for member in tar:
+                member_key, field = base_plus_ext(member.name)
+                if member_key is None or not member.isfile():
+                    continue
+                if key is not None and member_key != key:
+                    break
+                key = member_key
+                fields[field] = tar.extractfile(member).read() if field == LABEL else b""
+    except (tarfile.TarError, OSError) as e:
+        raise UsageError(f"shard '{path}' is not a readable tar file ({e}): replace it") from e
+    found = ", ".join(sorted(fields)) or "no members"
+    if key is None:
+        raise UsageError(f"shard '{path}' holds no samples: remove it or write <key>.jpg and <key>.cls members")
+    if LABEL not in fields or not any(f.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS for f in fields):
+        raise UsageError(f"shard '{path}': sample '{key}' has {found}, not an image and a cls member: "
+                         "write shards with <key>.jpg and <key>.cls members (scripts/make_shards.py)")
+    try:
+        int(fields[LABEL])
+    except ValueError:
+        raise UsageError(f"shard '{path}': sample '{key}' has the label {fields[LABEL][:20]!r}, not an integer: "
+                         "write each <key>.cls as the class index in decimal") from None
+
+
+def read_class_names(folder: Path) -> list[str] | None:
+    """The class names in `folder`'s classes.txt or classes.json, or None when it has neither."""
+    for name in CLASS_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8")
+        try:
+            names = json.loads(text) if name.endswith(".json") else [line.strip() for line in text.splitlines()]
+        except json.JSONDecodeError as e:
+            raise UsageError(f"'{path}' is not JSON ({e.msg}): write a list of class names") from e
+        names = [str(n) for n in names if str(n)] if isinstance(names, list) else []
+        if not names:
+            raise UsageError(f"'{path}' lists no class names: write one name per line (label i on line i + 1)")
+        return names
+    return None
+
+
+def check_row(row: dict, *, spec: str, num_classes: int, image_column: str) -> dict:
+    """A streamed sample as it is read: it has its image and a label in range, or the run stops with one line."""
+    where = f"sample '{row['__key__']}' of shard '{row['__url__']}'"
+    if row[image_column] is None or row[LABEL] is None:
+        raise UsageError(f"{where} lacks its {'image' if row[image_column] is None else 'cls'} member: "
+                         f"fix or remove the shard of dataset '{spec}'")
+    if not 0 <= row[LABEL] < num_classes:
+        raise UsageError(f"{where} has label {row[LABEL]}, outside the {num_classes} classes: "
+                         "fix the label or list every class in classes.txt beside the shards")
+    return row
+
+
+def load_shards(spec: str, split: str, streaming: bool) -> tuple[Callable[..., ImageDataset], DatasetInfo]:
+    """The split of `shards:LOCATION` as a constructor (taking the contract's info, transform, seed, ...)
+    and the split's DatasetInfo, as mpp.data.load_split's other sources."""
+    location = spec.removeprefix(PREFIX)
+    if not location:
+        raise UsageError(f"'{spec}' names no shards: {FORM}")
+    files = shard_files(location, split)
+    for path in files:
+        check_first_sample(path)
+    folder = files[0].parent
+    class_names = read_class_names(folder)
+    if class_names is None and streaming:
+        raise UsageError(f"streamed shards '{location}' do not list their classes: put classes.txt beside them "
+                         "(one class name per line, label i on line i + 1), or drop --streaming")
+    import datasets
+    import pyarrow.compute as pc
+
+    table = _load(spec, files, split, streaming)
+    # The first sample's members have been checked, so datasets has inferred an image column.
+    image_column = next(c for c, f in table.features.items() if isinstance(f, datasets.Image))
+    if class_names is None:  # map-style: the classes are 0..max of train's labels
+        train = table if split == "train" else _load(spec, shard_files(location, "train"), "train", False)
+        class_names = [str(c) for c in range(pc.max(train.data.table.column(LABEL)).as_py() + 1)]
+    info = DatasetInfo(spec, len(class_names), class_names)
+    # Undecoded from here: the check below must not decode images, and mpp.datasets decodes them itself.
+    table = table.select_columns(["__key__", "__url__", image_column, LABEL]).cast_column(
+        image_column, datasets.Image(decode=False))
+    checker = functools.partial(check_row, spec=spec, num_classes=info.num_classes, image_column=image_column)
+    if streaming:
+        table = table.map(checker, features=table.features)  # checked as read: a stream is not scanned
+        return functools.partial(HubImageStream, table, image_column, LABEL), info
+    _check_table(table, checker, image_column)
+    return functools.partial(HubImages, table, image_column, LABEL), info
+
+
+def _load(spec: str, files: list[Path], split: str, streaming: bool) -> Any:
+    import datasets
+
+    try:
+        return datasets.load_dataset("webdataset", data_files={split: [str(f) for f in files]},
+                                     streaming=streaming, split=split)
+    except (ValueError, OSError, tarfile.TarError) as e:  # members not shared by every sample, a torn tar ...
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"the shards of '{spec}' cannot be loaded ({reason}): write every sample with the same "
+                         "members (<key>.jpg and <key>.cls)") from e
+
+
+def _check_table(table: Any, checker: Callable[[dict], dict], image_column: str) -> None:
+    """A loaded split's samples all have their image and an in-range label: read from the Arrow
+    columns (no image decoded); the first bad sample is then checked row-wise for its message."""
+    import pyarrow.compute as pc
+
+    data = table.data.table
+    labels, images = data.column(LABEL), data.column(image_column)
+    bad = pc.or_(pc.or_(pc.is_null(labels), pc.is_null(images)),
+                 pc.or_(pc.less(labels, 0), pc.greater_equal(labels, checker.keywords["num_classes"])))
+    bad = pc.fill_null(bad, True)
+    if pc.any(bad).as_py():
+        index = pc.index(bad, True).as_py()
+        checker(data.slice(index, 1).to_pylist()[0])
+
+
+def write_shards(samples: Iterable[tuple[bytes, str, int]], out: Path, split: str, per_shard: int) -> list[Path]:
+    """Write `samples` (image file bytes, its suffix such as "jpg", label), read lazily in order, as
+    out/<split>-000000.tar, ...: `per_shard` samples each, keyed <split>-<index>; each tar written whole."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths, samples = [], iter(samples)
+    while chunk := list(itertools.islice(samples, per_shard)):
+        path = out / f"{split}-{len(paths):06d}.tar"
+        first = len(paths) * per_shard
+        atomic_write(path, functools.partial(_write_tar, chunk, split, first))
+        paths.append(path)
+    return paths
+
+
+def _write_tar(chunk: list[tuple[bytes, str, int]], split: str, first: int, f: Any) -> None:
+    with tarfile.open(fileobj=f, mode="w") as tar:
+        for index, (data, suffix, label) in enumerate(chunk, first):
+            key = f"{split}-{index:08d}"
+            for name, payload in ((f"{key}.{suffix}", data), (f"{key}.{LABEL}", str(label).encode())):
+                member = tarfile.TarInfo(name)
+                member.size = len(payload)
+                tar.addfile(member, io.BytesIO(payload))

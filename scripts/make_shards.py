@@ -1,0 +1,54 @@
+"""Write an image folder (`train/<class>/<image>` plus `test/` or `val/`) as tar shards in the
+webdataset layout (`<key>.jpg` + `<key>.cls`), with the class names in classes.txt, for
+`--dataset shards:OUT`. Each split's images are shuffled once (by --seed) before sharding, so a
+stream's shard order and buffer mix classes from the first step. The image files are copied as they
+are, not re-encoded.
+
+    python scripts/make_shards.py data/cifar10 data/cifar10-shards --per-shard 5000
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from mpp.config import AT_LEAST_1, Parser, Range, number_flag
+from mpp.errors import UsageError, cli_main
+from mpp.files import atomic_write, writable_dir
+from mpp.folders import TEST_FOLDERS, folder_listing
+from mpp.shards import CLASS_FILES, write_shards
+
+
+def build_parser() -> Parser:
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("folder", help="the image folder: train/<class>/<image> plus test/ or val/")
+    p.add_argument("out", help="an empty (or new) folder for train-*.tar, test-*.tar and classes.txt")
+    number_flag(p, "--per-shard", int, AT_LEAST_1, default=10_000, help="images per tar shard")
+    number_flag(p, "--seed", int, Range(0), default=0, help="the shuffle of each split before sharding")
+    return p
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    root, out = Path(args.folder).expanduser(), Path(args.out).expanduser()
+    if not (root / "train").is_dir():
+        raise UsageError(f"'{root}' has no train/ folder: lay it out as train/<class>/<image> and test/<class>/<image>")
+    if out.is_dir() and any(out.glob("*.tar")):
+        raise UsageError(f"'{out}' already holds tar files: pass an empty or new output folder")
+    test_folder = next((f for f in TEST_FOLDERS if (root / f).is_dir()), None)
+    listings = {split: folder_listing(root, str(root), split, test_folder)
+                for split in ("train", "test") if split == "train" or test_folder}
+    writable_dir(out, "OUT")
+    for split, (class_names, paths, labels) in listings.items():
+        order = list(zip(paths, labels))
+        random.Random(args.seed).shuffle(order)
+        samples = ((Path(p).read_bytes(), Path(p).suffix[1:].lower(), label) for p, label in order)
+        shards = write_shards(samples, out, split, args.per_shard)
+        print(f"{split}: {len(order)} images in {len(shards)} shards")
+    names = listings["train"][0]
+    atomic_write(out / CLASS_FILES[0], lambda f: f.write("".join(f"{n}\n" for n in names).encode()))
+    print(f"wrote {out}: {len(names)} classes in {CLASS_FILES[0]}; train with --dataset shards:{out}")
+
+
+if __name__ == "__main__":
+    main()
