@@ -120,13 +120,22 @@ def load_source(run: str, image_size: int | None = None) -> Imported:
 
 
 def create(name: str, problem: str, fix: str) -> nn.Module:
+    import logging
+
     import timm
 
+    # huggingface_hub logs a warning per failed request before it raises: offline, the one-line error
+    # would come after several lines of retries.
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
     try:
         return timm.create_model(name, pretrained=True).eval()
     except Exception as e:  # no network, an unknown name, a malformed config: timm's errors are many kinds
         raise UsageError(f"{problem} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}): "
                          f"{fix}") from e
+    finally:
+        hub_log.setLevel(level)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -154,3 +154,25 @@ def test_finetune_starts_from_a_timm_model_identified_by_its_weights(checkpoint,
     assert start["sha256"] == twin_start["sha256"] and start["checkpoint"] == str(exported[0])
     for name, tensor in checkpoint[1].state_dict().items():
         assert torch.equal(vit.state_dict()[name], tensor) and torch.equal(twin.state_dict()[name], tensor)
+
+
+def test_the_hubs_retry_warnings_stay_out_of_the_one_line(monkeypatch, caplog):
+    """Offline without HF_HUB_OFFLINE, huggingface_hub logs a warning per retried request before it
+    raises (about 45 s of them); only the UsageError may reach the user."""
+    import logging
+
+    import timm
+
+    from mpp.errors import UsageError
+    from mpp.timm_io import create
+
+    def unreachable(*args, **kwargs):
+        logging.getLogger("huggingface_hub.utils._http").warning("'Connection refused' thrown while requesting HEAD")
+        raise OSError("Connection refused")
+
+    monkeypatch.setattr(timm, "create_model", unreachable)
+    before = logging.getLogger("huggingface_hub").level
+    with caplog.at_level(logging.WARNING), pytest.raises(UsageError, match="go online"):
+        create("vit_tiny_patch16_224", "timm model could not be loaded from the Hub", "go online")
+    assert not [r for r in caplog.records if r.name.startswith("huggingface_hub")]
+    assert logging.getLogger("huggingface_hub").level == before  # restored
