@@ -1,6 +1,7 @@
 """Tar shards (`shards:LOCATION`): read streamed and loaded with the right labels, pretrained on
 through the command line, and bad shards refused with one line."""
 import shutil
+from collections import Counter
 
 import pytest
 import torch
@@ -66,3 +67,17 @@ def test_a_streamed_shard_run_resumed_mid_epoch_ends_with_the_uninterrupted_weig
     assert resumed.returncode == 0 and "at step 4" in resumed.stdout + resumed.stderr, resumed.stderr[-2000:]
     a, b = final_weights(tmp_path / "whole"), final_weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same images, in the same order, with the same crops
+
+
+def test_cifar10_shards_from_make_shards_hold_the_folder_readers_images_and_labels(cifar10_slice, hf_cache, tmp_path):
+    out = tmp_path / "cifar-shards"
+    done = run_script("scripts/make_shards.py", str(cifar10_slice), str(out), "--per-shard", "64")
+    assert done.returncode == 0 and len(list(out.glob("train-*.tar"))) == 4, done.stderr[-2000:]
+    folder, folder_info = load_split(str(cifar10_slice), "test")
+    stream, info = load_split(f"shards:{out}", "test", streaming=True)
+    expected = Counter((im.numpy().tobytes(), label) for im, label in (folder[i] for i in range(len(folder))))
+    assert info.class_names == folder_info.class_names and len(expected) == 100
+    assert Counter((im.numpy().tobytes(), label) for im, label in stream) == expected  # shuffled, same pairs
+    again = run_script("scripts/make_shards.py", str(cifar10_slice), str(out))
+    assert again.returncode == 2 and again.stderr.strip().splitlines() == [
+        f"error: '{out}' already holds tar files: pass an empty or new output folder"]
