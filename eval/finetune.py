@@ -19,6 +19,7 @@ as a checkpoint that eval/fewshot.py and eval/linear_probe.py read like any run.
 """
 from __future__ import annotations
 
+from mpp.config import Invocation
 from mpp.errors import cli_main
 from mpp.finetune import build_parser, finetune, parse_args
 
@@ -26,7 +27,7 @@ __all__ = ["build_parser", "main"]  # the flags are the library's; tests/test_fl
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli_main(lambda: finetune(parse_args(argv)))()
+    cli_main(lambda: finetune(parse_args(argv), Invocation.of(argv)))()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,12 @@ The dataclass stays the single source of names, defaults and documentation; its 
 (field name → `Range`) says which values each numeric field accepts, and the same check serves the
 flag (at parse time) and the dataclass's `validate()` (for configs built in code). Every entry point
 parses with `Parser`, whose errors are one line: `error: <problem>: <fix>`, exit code 2.
+
+Every `Parser` also takes `--config FILE`: the defaults from a file, overridden by the flags given.
+FILE is a run's own config.json (mpp.trainer.run_config, mpp.finetune: the sections that record this
+entry point's dataclass fields are read, the rest, derived, is ignored) or a JSON/YAML mapping of
+this entry point's flags (`lr` or `max-steps`: a dest or a flag name). Its values pass the flags'
+own type, choice and range checks, and a bad one is the same one line, naming the file and the key.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import argparse
 import dataclasses
 import inspect
 import io
+import json
 import math
 import os
 import re
@@ -20,6 +27,7 @@ import tokenize
 import typing
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 from mpp.errors import UsageError
 
@@ -98,15 +106,209 @@ class Number:
 
 class Parser(argparse.ArgumentParser):
     """argparse with the repository's error form: one line, `error: <problem>: <fix>`, exit code 2,
-    printed once (by the main process under `accelerate launch`)."""
+    printed once (by the main process under `accelerate launch`); and `--config FILE`, whose values
+    become the defaults of this parse (see the module's docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The sections of a run's config.json that record this parser's flags (add_dataclass_flags adds them).
+        self.run_sections: list[str] = []
+        self.add_argument(CONFIG_FLAG, metavar="FILE", default=None,
+                          help="defaults from a file, overridden by the flags given: a run's config.json "
+                          "(its settings) or a JSON/YAML mapping of flags, e.g. {\"lr\": 0.001, \"max-steps\": 40}")
+
+    def parse_known_args(self, args=None, namespace=None):
+        argv = sys.argv[1:] if args is None else list(args)
+        path = config_file_in(argv)
+        namespace = argparse.Namespace() if namespace is None else namespace
+        if path is not None:
+            try:
+                values = file_defaults(self, path)
+            except UsageError as e:  # its own fix, whatever its words
+                self.exit_with(str(e))
+            for dest, value in values.items():  # argparse fills in only what the namespace lacks
+                if not hasattr(namespace, dest):
+                    setattr(namespace, dest, value)
+        namespace, extras = super().parse_known_args(argv, namespace)
+        if namespace.config != path:  # argparse resolved --config otherwise than config_file_in (an abbreviation)
+            self.error(f"{CONFIG_FLAG} was not understood as given: pass {CONFIG_FLAG} FILE in full")
+        return namespace, extras
 
     def error(self, message: str) -> typing.NoReturn:
         # "argument --lr: --lr nan is not finite: ..." (a Number's message names its flag) → "--lr nan ..."
         message = re.sub(r"^argument (\S+): \1 ", r"\1 ", message)
+        self.exit_with(message + ("" if ": pass " in message else f": see {self.prog} --help"))
+
+    def exit_with(self, line: str) -> typing.NoReturn:
+        """`error: <line>` on stderr (from the main process only), exit code 2."""
         if os.environ.get("RANK", "0") == "0":
-            fix = "" if ": pass " in message else f": see {self.prog} --help"
-            print(f"error: {message}{fix}", file=sys.stderr, flush=True)
+            print(f"error: {line}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+CONFIG_FLAG = "--config"
+CONFIG_FORMATS = {".json": "JSON", ".yaml": "YAML", ".yml": "YAML"}
+
+
+class _NoConfig(Exception):
+    """The pre-parse found no usable --config; the full parse reports why, if anything is wrong."""
+
+
+class _ConfigOnly(argparse.ArgumentParser):
+    def error(self, message):
+        raise _NoConfig(message)
+
+
+def config_file_in(argv: list[str]) -> str | None:
+    """The --config FILE of a command line, found before the full parse (whose defaults it sets); None
+    when there is none or it is malformed (the full parse then says so)."""
+    pre = _ConfigOnly(add_help=False)
+    pre.add_argument(CONFIG_FLAG, default=None)
+    try:
+        return pre.parse_known_args(argv)[0].config
+    except _NoConfig:
+        return None
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """How an entry point was called, as a run's config.json records it beside its settings."""
+
+    config_file: str | None  # the --config FILE, as an absolute path; None: none was given
+    command_line: tuple[str, ...] | None  # the arguments as given (after the program); None: called from Python
+
+    @classmethod
+    def of(cls, argv: list[str] | None) -> Invocation:
+        """The invocation of an entry point handed `argv` (None: this process's command line)."""
+        argv = sys.argv[1:] if argv is None else list(argv)
+        path = config_file_in(argv)
+        return cls(str(Path(path).expanduser().absolute()) if path is not None else None, tuple(argv))
+
+    def record(self) -> dict:
+        return {"config_file": self.config_file,
+                "command_line": list(self.command_line) if self.command_line is not None else None}
+
+
+def read_config_file(path: str) -> dict:
+    """The mapping a --config FILE holds; one-line UsageError for a missing, unreadable or malformed file."""
+    fix = "pass a run's config.json or a JSON/YAML mapping of flags"
+    file = Path(path).expanduser()
+    kind = CONFIG_FORMATS.get(file.suffix.lower())
+    if kind is None:
+        raise UsageError(f"{CONFIG_FLAG} {path}: unknown format (not .json, .yaml or .yml): {fix}")
+    if not file.is_file():
+        raise UsageError(f"{CONFIG_FLAG} {path}: no such file: {fix}")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{CONFIG_FLAG} {path} cannot be read ({type(e).__name__}: {e}): {fix}") from None
+    try:
+        if kind == "JSON":
+            data = json.loads(text)  # NaN and Infinity parse: the range checks then name them
+        else:
+            import yaml  # PyYAML; safe_load builds plain data only
+
+            data = yaml.safe_load(text)
+    except ValueError as e:  # json.JSONDecodeError
+        raise UsageError(f"{CONFIG_FLAG} {path} is not valid JSON ({e}): fix the file or {fix}") from None
+    except Exception as e:  # yaml.YAMLError; its message spans lines
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise UsageError(f"{CONFIG_FLAG} {path} is not valid YAML{at} "
+                         f"({getattr(e, 'problem', None) or type(e).__name__}): fix the file or {fix}") from None
+    if data is None:  # an empty YAML file
+        raise UsageError(f"{CONFIG_FLAG} {path} is empty: {fix}")
+    if not isinstance(data, dict):
+        raise UsageError(f"{CONFIG_FLAG} {path} holds a {type(data).__name__}, not a mapping of flags: {fix}")
+    return data
+
+
+def _recorded_sections(data: dict) -> tuple[str, ...] | None:
+    """The sections of a run's config.json that may hold flags; None for a flat mapping of flags. Every
+    run's config.json has a "train" section; a fine-tune's records its flags under "finetune" (its
+    "train" only summarises the run for the readers of pretraining runs)."""
+    if not isinstance(data.get("train"), dict):
+        return None
+    return ("finetune",) if isinstance(data.get("finetune"), dict) else ("train", "mpp")
+
+
+def file_defaults(parser: Parser, path: str) -> dict:
+    """dest → value for the flags a --config FILE sets, each checked as the flag itself would be."""
+    data = read_config_file(path)
+    actions = {}  # every name an optional flag goes by: its dest, its flag names with and without dashes
+    for action in parser._actions:
+        if action.option_strings and action.dest not in (argparse.SUPPRESS, "help"):
+            longs = [o.lstrip("-") for o in action.option_strings if o.startswith("--")]
+            if isinstance(action, argparse.BooleanOptionalAction):
+                longs = longs[:1]  # not --no-X: a key's value is the setting's, `hflip: false`
+            for name in (action.dest, *longs):
+                actions.setdefault(name, action)
+                actions.setdefault(name.replace("-", "_"), action)
+    sections = _recorded_sections(data)
+    if sections is None:
+        items = [(str(key), str(key), value) for key, value in data.items()]
+    else:
+        wanted = [s for s in parser.run_sections if s in sections and isinstance(data.get(s), dict)]
+        if not wanted:
+            kind = "a fine-tune's" if sections == ("finetune",) else "a pretraining run's"
+            raise UsageError(f"{CONFIG_FLAG} {path} is {kind} config.json, which records no flags of {parser.prog}: "
+                             f"pass a JSON/YAML mapping of its flags (see {parser.prog} --help)")
+        # the fields a run records that are not flags here (objective, ...) are its own business
+        items = [(f"{s}.{key}", key, value) for s in wanted for key, value in data[s].items() if key in actions]
+    values: dict = {}
+    for where, key, value in items:
+        action = actions.get(key)
+        if action is None or action.dest == "config":
+            what = "another --config" if action is not None else f"not a flag of {parser.prog}"
+            raise UsageError(f"{CONFIG_FLAG} {path}: key '{key}' is {what}: drop it (see {parser.prog} --help)")
+        if action.dest in values:
+            raise UsageError(f"{CONFIG_FLAG} {path}: key '{key}' sets {action.option_strings[0]} a second time: "
+                             "keep one of the two")
+        try:
+            values[action.dest] = _file_value(action, value)
+        except (argparse.ArgumentTypeError, UsageError) as e:
+            raise UsageError(f"{CONFIG_FLAG} {path}, key '{where}': {e}") from None
+    return values
+
+
+def _file_value(action: argparse.Action, value):
+    """A file's value for one flag, through the flag's own type, nargs and choices."""
+    flag = action.option_strings[0]
+    if isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise UsageError(f"{flag} takes true or false, not {value!r}: pass true or false")
+        return value
+    if type(action) is not argparse._StoreAction:
+        raise UsageError(f"{flag} cannot be set from a file: pass it on the command line")
+    if value is None:
+        if action.default is None:
+            return None
+        raise UsageError(f"{flag} is null: pass a value or drop the key")
+    many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    if not many:
+        return _one_value(action, flag, value)
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if isinstance(action.nargs, int) and len(items) != action.nargs:
+        raise UsageError(f"{flag} takes {action.nargs} values, not {len(items)}: pass a list of {action.nargs}")
+    if action.nargs == "+" and not items:
+        raise UsageError(f"{flag} takes at least one value: pass a non-empty list")
+    return [_one_value(action, flag, item) for item in items]
+
+
+def _one_value(action: argparse.Action, flag: str, value):
+    if isinstance(value, bool) and not isinstance(action.type, Number):
+        # YAML reads off / no / yes unquoted as booleans: a text flag must not become False
+        raise UsageError(f"{flag} {value!r} is a boolean, not text: quote the value in the file")
+    if isinstance(value, (dict, list, tuple)) or value is None:
+        raise UsageError(f"{flag} takes one value, not {value!r}: pass a single value")
+    text = repr(value) if isinstance(value, float) else str(value)  # repr: a float's every digit, nan, inf
+    try:
+        converted = action.type(text) if action.type is not None else text
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{flag} {text!r} is not valid ({e}): see the flag in --help") from None
+    if action.choices is not None and converted not in action.choices:
+        raise UsageError(f"{flag} {converted!r} is not one of {', '.join(map(str, action.choices))}: pass one of them")
+    return converted
 
 
 def number_flag(parser, flag: str, kind: type, range_: Range, **kwargs) -> None:
@@ -155,11 +357,14 @@ def field_comments(cls: type) -> dict[str, str]:
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, defaults: dict | None = None,
-                        skip: tuple[str, ...] = ()) -> None:
+                        skip: tuple[str, ...] = (), run_section: str = "") -> None:
     """Add one flag per field of `cls` (defaults: overrides for this entry point). A numeric field
     must have its range in `cls.RANGES`: an unchecked number is a bug caught when the flags are built.
     A field's help is its comment, or `cls.FLAG_HELP[name]()` where the class computes it (from a
-    table that can grow, such as mpp.objective.TARGETS)."""
+    table that can grow, such as mpp.objective.TARGETS). `run_section`: the section of a run's
+    config.json that records these fields, which `--config RUN/config.json` then reads."""
+    if run_section and isinstance(parser, Parser):
+        parser.run_sections.append(run_section)
     hints = typing.get_type_hints(cls)
     comments = {**field_comments(cls), **{k: make() for k, make in getattr(cls, "FLAG_HELP", {}).items()}}
     ranges = getattr(cls, "RANGES", {})

@@ -30,6 +30,7 @@ from mpp.config import (
     OPEN_FRACTION,
     POSITIVE,
     SEED,
+    Invocation,
     Parser,
     Range,
     add_dataclass_flags,
@@ -50,6 +51,7 @@ from mpp.model import ViT
 from mpp.ops import Kernels
 from mpp.optim import Schedule
 from mpp.probes import stratified_split
+from mpp.provenance import provenance
 from mpp.runlock import RunLock
 from mpp.runtime import (
     autocast_dtype,
@@ -275,14 +277,15 @@ def select_lr(grid: dict[str, dict]) -> float:
     return min((-v["dev_accuracy"], float(lr)) for lr, v in grid.items())[1]
 
 
-def finetune(config: FinetuneConfig) -> dict:
+def finetune(config: FinetuneConfig, invocation: Invocation | None = None) -> dict:
     """Choose the lr on the dev split, train every seed on the labelled set, score on the test split.
-    The output directory is held (mpp.runlock) until the fine-tune ends, however it ends."""
+    The output directory is held (mpp.runlock) until the fine-tune ends, however it ends. `invocation`:
+    the command line that asked for it, which config.json records (None: called from Python)."""
     with contextlib.ExitStack() as held:
-        return _finetune(config, held)
+        return _finetune(config, held, invocation or Invocation(None, None))
 
 
-def _finetune(config: FinetuneConfig, held: contextlib.ExitStack) -> dict:
+def _finetune(config: FinetuneConfig, held: contextlib.ExitStack, invocation: Invocation) -> dict:
     # ---- config
     config.validate()
     policy = KernelPolicy.from_flags(config.kernels, config.kernel_cache)
@@ -327,6 +330,7 @@ def _finetune(config: FinetuneConfig, held: contextlib.ExitStack) -> dict:
                   "model": config.model or (pretrained_cfg or {}).get("train", {}).get("model") or SCRATCH_MODEL,
                   "image_size": image_size, "seed": 0},
         "vit": dataclasses.asdict(start.config), "finetune": settings, "command": " ".join(sys.argv),
+        **invocation.record(), **provenance(),  # as a pretraining run's (mpp.trainer.RECORDED)
     }
     prepare_output(out, config, settings, run_cfg, accelerator, results)
     results.update({
@@ -402,7 +406,7 @@ def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
 def build_parser() -> Parser:
 
     parser = Parser(description=__doc__.split("\n\n")[0])
-    add_dataclass_flags(parser, FinetuneConfig)
+    add_dataclass_flags(parser, FinetuneConfig, run_section="finetune")
     return parser
 
 

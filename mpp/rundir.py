@@ -2,7 +2,13 @@
 resume in one, and repairs of what a kill can leave torn in it.
 
     RUN/
-      config.json        the run config (`train`, `mpp`, `model`, `kernels`, ...), plus `resumed[]`: one entry per resume
+      config.json        the run config (`train`, `mpp`, `model`, `kernels`, ...), plus `resumed[]`: one entry per resume;
+                         how it started: `config_file` (the --config FILE, absolute, or null), `command_line`
+                         (the arguments given, or null from Python), `commit` (git HEAD of the checkout holding
+                         mpp, "+dirty" when a tracked file differs, "unknown" outside git) and `versions`
+                         (python, torch, triton, timm, accelerate, datasets; null: not installed); each
+                         resumed[] entry records the same four of what resumed it. A resume compares only
+                         `train`/`mpp` (and precision, processes): these records may differ
       metrics.jsonl      one JSON line per logged step ({"step": int, "<tag>": float, ...})
       summary.json       written once, at the end: final metrics, steps, wall time
       tensorboard/       TensorBoard events (the run's own; probes add tensorboard/<probe>/)

@@ -19,6 +19,7 @@ from mpp.config import (
     OPEN_FRACTION,
     POSITIVE,
     SEED,
+    Invocation,
     Parser,
     Range,
     add_dataclass_flags,
@@ -117,13 +118,14 @@ class TrainConfig:
         return Schedule(total_steps, self.warmup_steps, self.schedule, self.min_lr / self.lr)
 
 
-def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig()) -> Path:
-    """Train, log and checkpoint one run; returns its directory.
+def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig(), invocation: Invocation | None = None) -> Path:
+    """Train, log and checkpoint one run; returns its directory. `invocation`: the command line that
+    asked for it, which config.json records (None: called from Python).
 
     What the run holds (the run directory's lock, the stop-signal handlers) is released however it
     ends: finished, stopped by a signal, refused, or crashed."""
     with contextlib.ExitStack() as held:
-        return Trainer(config, mpp_config, held).run()
+        return Trainer(config, mpp_config, held, invocation).run()
 
 
 def build_parser(objective: str):
@@ -131,9 +133,10 @@ def build_parser(objective: str):
     parser = Parser(
         description=f"{objective} training of a ViT (run it with `accelerate launch` for several GPUs or machines)",
     )
-    add_dataclass_flags(parser, TrainConfig, defaults={"output_dir": f"runs/{objective}"}, skip=("objective",))
+    add_dataclass_flags(parser, TrainConfig, defaults={"output_dir": f"runs/{objective}"}, skip=("objective",),
+                        run_section="train")
     if objective == "mpp":
-        add_dataclass_flags(parser, MPPConfig)
+        add_dataclass_flags(parser, MPPConfig, run_section="mpp")
     return parser
 
 
@@ -144,4 +147,4 @@ def parse_args(objective: str, argv: list[str] | None = None) -> tuple[TrainConf
 
 
 def main(objective: str, argv: list[str] | None = None) -> None:
-    cli_main(lambda: train(*parse_args(objective, argv)))()
+    cli_main(lambda: train(*parse_args(objective, argv), Invocation.of(argv)))()

@@ -1,8 +1,8 @@
 """One pretraining run, MPP or supervised: the state a run carries from its first step to its last.
 
-`Trainer(config, mpp_config, held)` builds, top to bottom, what a run needs: the Accelerator and the
-run directory, the data, the kernels, the model and objective, the optimizer and schedule, and, with
-`--resume`, the state of the newest checkpoint. `run()` is the loop: steps, logging, held-out
+`Trainer(config, mpp_config, held, invocation)` builds, top to bottom, what a run needs: the
+Accelerator and the run directory, the data, the kernels, the model and objective, the optimizer and
+schedule, and, with `--resume`, the state of the newest checkpoint. `run()` is the loop: steps, logging, held-out
 evaluation, checkpoints, and the stop a signal asks for. Where the run stands (`Progress`) is one
 object, saved whole in every checkpoint and restored whole on resume.
 """
@@ -21,6 +21,7 @@ import torch
 
 from mpp import checkpoint as ckpt_io
 from mpp import rundir
+from mpp.config import Invocation
 from mpp.data import build_dataset
 from mpp.errors import UsageError
 from mpp.fewshot_monitor import FewshotMonitor
@@ -30,6 +31,7 @@ from mpp.loop import agree, data_loaders, evaluate, optimizer_step
 from mpp.model import ViT, vit_config
 from mpp.objective import MPPConfig, MPPObjective, SupervisedObjective, corrupted_count
 from mpp.optim import param_groups
+from mpp.provenance import provenance
 from mpp.reproducible import seed_step
 from mpp.runlock import RunLock
 from mpp.runtime import autocast_dtype, choose_kernels, compile_blocks, make_accelerator
@@ -52,11 +54,12 @@ class Progress:
 class Trainer:
     """Everything one run holds; `held` releases the lock, the stop handlers and the metrics file."""
 
-    def __init__(self, config, mpp_config: MPPConfig, held: contextlib.ExitStack):
+    def __init__(self, config, mpp_config: MPPConfig, held: contextlib.ExitStack, invocation: Invocation | None = None):
         from accelerate.utils import set_seed
 
         # ---- config
         self.config, self.mpp_config, self.held = config.validate(), mpp_config.validate(), held
+        self.invocation = invocation or Invocation(None, None)  # None: a run started from Python, no command line
         policy = KernelPolicy.from_flags(config.kernels, config.kernel_cache)  # the one decision's inputs
         vit_cfg = vit_config(config.model, image_size=config.image_size or None, dropout=config.dropout)
 
@@ -96,7 +99,7 @@ class Trainer:
         # only the main one draws; held_out_images moves no generator)
         drawable = config.objective == "mpp" and objective.entry.render is not None and objective.entry.decode is not None
         self.preview = held_out_images(self.eval_set, PREVIEW_IMAGES) if drawable else None
-        self.run_cfg = run_config(config, mpp_config, vit, self.info)
+        self.run_cfg = run_config(config, mpp_config, vit, self.info, self.invocation)
         self.run_cfg["kernels"] = kernels.record()
         self.run_cfg["precision"] = str(acc.mixed_precision)  # what ran, whatever chose it (flag, Accelerate, GPU default)
         self.run_cfg["num_processes"] = acc.num_processes
@@ -205,9 +208,10 @@ class Trainer:
         if acc.is_main_process:
             if saved is not None:
                 original = rundir.read_run_config(run_dir, saved)
-                original.setdefault("resumed", []).append({
+                original.setdefault("resumed", []).append({  # what resumed it, and the code that did
                     "step": step, "command": self.run_cfg["command"], "max_steps": self.config.max_steps,
-                    "epochs": self.config.epochs, "kernels": self.run_cfg["kernels"]})
+                    "epochs": self.config.epochs, "kernels": self.run_cfg["kernels"],
+                    **{k: self.run_cfg[k] for k in RECORDED}})
                 write_json(run_dir / rundir.CONFIG, original)
                 rundir.trim_metrics(run_dir / rundir.METRICS, step)
             else:
@@ -407,7 +411,12 @@ class Trainer:
         return run_dir
 
 
-def run_config(config, mpp: MPPConfig, vit: ViT, data_info) -> dict:
+# What a run's config.json records of how and by which code it was started (a resume records its own
+# in its resumed[] entry): the --config FILE and the arguments given, the git commit, the versions.
+RECORDED = ("config_file", "command_line", "commit", "versions")
+
+
+def run_config(config, mpp: MPPConfig, vit: ViT, data_info, invocation: Invocation) -> dict:
     """Everything needed to rebuild and compare this run, saved in config.json and every checkpoint."""
     return {
         "train": dataclasses.asdict(config),
@@ -415,7 +424,8 @@ def run_config(config, mpp: MPPConfig, vit: ViT, data_info) -> dict:
         "vit": dataclasses.asdict(vit.config),
         "data": {"num_classes": data_info.num_classes, "class_names": list(data_info.class_names)},
         "command": " ".join(sys.argv),
-        "versions": {"torch": str(torch.__version__), "python": sys.version.split()[0]},
+        **invocation.record(),  # config_file, command_line
+        **provenance(),  # commit, versions
     }
 
 

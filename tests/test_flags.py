@@ -7,6 +7,7 @@ range declared once), so a flag added with a bare `type=float` fails here. The b
 generated from each flag's declared range."""
 import dataclasses
 import importlib.util
+import json
 import math
 import re
 import subprocess
@@ -97,6 +98,33 @@ def test_every_numeric_flag_is_range_checked(path, capsys):
         if default is not None:
             for x in default if isinstance(default, (list, tuple)) else [default]:
                 assert x in action.type.range, (flag, default)
+
+
+@pytest.mark.parametrize("path", CASES)
+def test_every_entry_point_takes_a_config_file_checked_like_its_flags(path, tmp_path, capsys):
+    """`--config FILE` on every entry point (mpp.config.Parser): a file's NaN for its first numeric flag,
+    and a key that is none of its flags, are each one line naming the file and the key, exit code 2."""
+    parser = load_parser(path)
+    assert parser._option_string_actions["--config"].dest == "config"
+    action = next(numeric_actions(parser), None)
+    if action is None:
+        bad = {"no-such-flag": 1}
+    else:
+        many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+        bad = {action.option_strings[0].lstrip("-"):
+               [math.nan] * (action.nargs if isinstance(action.nargs, int) else 1) if many else math.nan}
+    file = tmp_path / "flags.json"
+    file.write_text(json.dumps(bad))  # NaN: Python's json writes and reads it
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args([*positionals(parser), "--config", str(file)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    key = next(iter(bad))
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"error: --config {file}, key '{key}'" if
+                                                                         action else f"error: --config {file}: key '{key}'"), lines
+    flag = action.option_strings[0] if action else None  # an int flag's NaN is "not a whole number", as typed
+    assert (any(f"{flag} {nan} is not {what}: pass a number" in lines[0]
+                for nan, what in (("nan", "finite"), ("'nan'", "a whole number"))) if action
+            else "is not a flag of" in lines[0] and "--help" in lines[0]), lines[0]
 
 
 def config_classes():
