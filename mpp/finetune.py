@@ -60,6 +60,7 @@ from mpp.runtime import (
     loader_kwargs,
     make_accelerator,
 )
+from mpp.trackers import Trackers, check_report_to, flat_config
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class FinetuneConfig:
     output_dir: str = ""  # results, TensorBoard, fine-tuned weights; empty: RUN/finetune or runs/finetune-scratch
     resume: bool = False  # keep the trainings already recorded in OUTPUT_DIR/finetune.json, run the rest
     log_every: int = 25  # steps between logged training metrics
+    report_to: str = "tensorboard"  # where each training's curves go: tensorboard | wandb | all (mpp.trackers)
 
     # What each numeric field accepts (checked at parse time and by validate(); mpp.config.Range).
     RANGES: ClassVar[dict[str, Range]] = {
@@ -114,6 +116,7 @@ class FinetuneConfig:
             raise UsageError("--model builds a from-scratch model: drop it (a --run brings its own architecture)")
         if not self.lrs:
             raise UsageError("--lrs is empty: pass learning rates, e.g. --lrs 0.003 0.01 0.03")
+        check_report_to(self.report_to)
         check_ranges(self)
         if self.crop_scale[0] > self.crop_scale[1]:
             raise UsageError(f"--crop-scale {self.crop_scale} must satisfy 0 < min <= max <= 1")
@@ -213,7 +216,6 @@ class Finetuner:
         """Train from the starting weights on `indices` of the training split; accuracy on `score_on`
         (the number of images scored is kept in `self.scored`)."""
         from accelerate.utils import set_seed
-        from torch.utils.tensorboard import SummaryWriter
         from tqdm.auto import tqdm
 
         config, acc = self.config, self.accelerator
@@ -232,7 +234,8 @@ class Finetuner:
         eval_loader = loop.eval_loader(self.eval_sets[score_on], acc, kw)
         scheduler = Schedule(self.steps, config.warmup_steps, "cosine").scheduler(optimizer)
         set_seed(seed, device_specific=True)  # each process its own augmentation and mixup draws
-        tb = SummaryWriter(str(self.out / rundir.TENSORBOARD / tag)) if acc.is_main_process else None
+        trackers = Trackers(config.report_to, self.out, f"{rundir.TENSORBOARD}/{tag}", f"{self.out.name}/{tag}",
+                            main=acc.is_main_process, job_type="finetune")
         bar = tqdm(total=self.steps, desc=f"finetune {tag}", disable=not acc.is_local_main_process,
                    dynamic_ncols=True, leave=False)
         step, epoch, window = 0, 0, []
@@ -254,20 +257,20 @@ class Finetuner:
                     step += 1
                     window.append(loss.detach())
                     bar.update(1)
-                    if tb and (step % config.log_every == 0 or step == self.steps):
-                        tb.add_scalar("train/loss", torch.stack(window).mean().item(), step)
-                        tb.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+                    if step % config.log_every == 0 or step == self.steps:
+                        if trackers.active:
+                            trackers.log({"train/loss": torch.stack(window).mean().item(),
+                                          "train/lr": scheduler.get_last_lr()[0]}, step)
                         window = []
                     if step >= self.steps:
                         break
                 epoch += 1
+            model = acc.unwrap_model(vit)
+            score, self.scored = self.accuracy(model, eval_loader)
+            trackers.log({f"{score_on}/accuracy": score}, step)
         finally:
             bar.close()  # ends the bar's line, so an error message starts on a line of its own
-        model = acc.unwrap_model(vit)
-        score, self.scored = self.accuracy(model, eval_loader)
-        if tb:
-            tb.add_scalar(f"{score_on}/accuracy", score, step)
-            tb.close()
+            trackers.finish()
         acc.free_memory()
         return score, model
 
@@ -384,13 +387,11 @@ def _finetune(config: FinetuneConfig, held: contextlib.ExitStack, invocation: In
         "wall_time_s": sum(t.get("wall_time_s", 0.0) for t in trainings.values()),  # every training, resumed or not
     })
     if accelerator.is_main_process:
-        from torch.utils.tensorboard import SummaryWriter
-
         write_json(out / rundir.FINETUNE, results)
-
-        with SummaryWriter(str(out / rundir.TENSORBOARD / "summary")) as tb:
-            tb.add_scalar("finetune/test_accuracy", results["test_accuracy"]["mean"], steps)
-            tb.add_scalar("finetune/lr", lr, steps)
+        summary = Trackers(config.report_to, out, f"{rundir.TENSORBOARD}/summary", f"{out.name}/summary",
+                           main=True, job_type="finetune", config=flat_config(run_cfg, ("train", "vit", "finetune")))
+        summary.log({"finetune/test_accuracy": results["test_accuracy"]["mean"], "finetune/lr": lr}, steps)
+        summary.finish()
         acc = results["test_accuracy"]
         accelerator.print(f"test accuracy {100 * acc['mean']:.2f} ± {100 * acc['std']:.2f}% over {config.seeds} "
                           f"seed(s) at lr {lr:g}; wrote {out / rundir.FINETUNE}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,7 +29,8 @@ SCRATCH_MODEL = "Micro/4"
 # Settings that do not change what a fine-tune computes: a --resume may differ in them. --run is
 # among them because the starting checkpoint is compared by content instead (check_same_start): a
 # resume may name the same checkpoint by its file rather than by its run, but not a newer one.
-RESUMABLE = {"num_workers", "cpu_threads", "kernels", "kernel_cache", "compile", "output_dir", "resume", "log_every", "seeds", "run"}
+RESUMABLE = {"num_workers", "cpu_threads", "kernels", "kernel_cache", "compile", "output_dir", "resume", "log_every", "seeds", "run",
+             "report_to"}
 
 
 def starting_model(config: FinetuneConfig) -> tuple[ViT, dict | None, str, dict]:
@@ -67,8 +67,7 @@ def import_start(run: str, **overrides) -> tuple[dict, ViT, dict]:
     """(the import's record, ViT, starting point) of a timm --run (mpp.timm_io): identified by the sha256
     of its weights, so a --resume may name the same weights by a copied file or folder, but no others."""
     imported = timm_io.load_source(run, overrides.get("image_size"))
-    vit = ViT(replace(imported.vit.config, **overrides))
-    vit.load_state_dict(imported.vit.state_dict())
+    vit = imported.rebuilt(**overrides)
     digest = hashlib.sha256()
     for name, tensor in sorted(vit.state_dict().items()):
         digest.update(name.encode())

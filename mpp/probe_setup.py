@@ -177,8 +177,7 @@ def timm_target(args, name: str) -> ProbeTarget:
     """A timm --run (mpp.timm_io): converted once into our ViT, built with the probe's kernels. The probe
     normalises with mpp.data's mean/std as for our runs; the model's own is recorded in the report."""
     imported = timm_io.load_source(args.run, args.image_size)
-    vit = ViT(imported.vit.config, probe_kernels(args)(imported.vit.config))
-    vit.load_state_dict(imported.vit.state_dict())
+    vit = imported.rebuilt(probe_kernels(args)(imported.vit.config))
     if args.compile:
         compile_blocks(vit)
     prefix = name + ("_avg" if args.features == "avg" else "")

@@ -11,7 +11,8 @@ resume in one, and repairs of what a kill can leave torn in it.
                          `train`/`mpp` (and precision, processes): these records may differ
       metrics.jsonl      one JSON line per logged step ({"step": int, "<tag>": float, ...})
       summary.json       written once, at the end: final metrics, steps, wall time
-      tensorboard/       TensorBoard events (the run's own; probes add tensorboard/<probe>/)
+      tensorboard/       TensorBoard events (the run's own with --report-to tensorboard|all; probes add tensorboard/<probe>/)
+      wandb/             W&B's files with --report-to wandb|all: one W&B run per process start (mpp.trackers)
       checkpoints/       ckpt-<step:08d>.pt (see mpp.checkpoint), the newest K kept
       run.lock           who holds the run (see mpp.runlock)
       fewshot*.json, linear-probe*.json, finetune*/finetune.json   evaluation reports written beside it
@@ -104,7 +105,7 @@ def prepare_run_dir(config) -> Path:
 
 # Settings a resumed run may change: they do not alter what it computes, only how long and how it reports.
 RESUMABLE = {"max_steps", "epochs", "log_every", "save_every", "keep_checkpoints", "eval_every", "num_workers",
-             "cpu_threads", "kernels", "kernel_cache", "compile", "resume", "output_dir", "strict_images",
+             "cpu_threads", "kernels", "kernel_cache", "compile", "resume", "output_dir", "strict_images", "report_to",
              # the in-run few-shot probe reads the model and changes nothing (mpp.fewshot_monitor)
              "fewshot_every", "fewshot_max_images", "fewshot_dataset"}
 

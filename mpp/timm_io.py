@@ -21,6 +21,7 @@ from torch import nn
 
 from mpp.errors import UsageError
 from mpp.model import SIZES, ViT, ViTConfig, timm_kwargs
+from mpp.ops import TORCH, Kernels
 
 PREFIX = "timm:"
 STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".bin")  # our own checkpoints are .pt
@@ -51,6 +52,13 @@ class Imported:
     architecture: str  # timm's architecture name, or "state dict" for a bare file
     mean: tuple[float, ...]  # the model's pretrained_cfg normalisation (the probes normalise with mpp.data's)
     std: tuple[float, ...]
+
+    def rebuilt(self, kernels: Kernels = TORCH, **overrides) -> ViT:
+        """A new ViT holding the imported weights, with `kernels` and `overrides` of its config
+        (fields that change no parameter's shape, such as dropout)."""
+        vit = ViT(dataclasses.replace(self.vit.config, **overrides), kernels)
+        vit.load_state_dict(self.vit.state_dict())
+        return vit
 
     def record(self) -> dict:
         """The documented stand-in for a run config: {name, source, architecture, mean, std}."""

@@ -30,6 +30,7 @@ from mpp.data import dataset_name
 from mpp.errors import UsageError, cli_main
 from mpp.objective import MPPConfig
 from mpp.optim import SCHEDULES, Schedule
+from mpp.trackers import check_report_to
 from mpp.trainer import Trainer
 
 OBJECTIVES = ("mpp", "supervised")
@@ -70,6 +71,7 @@ class TrainConfig:
     seed: int = 0  # seeds initialisation, data order, augmentation and corruption
     resume: bool = False  # continue the run in --output-dir from its newest checkpoint
     log_every: int = 25  # steps between logged metrics
+    report_to: str = "tensorboard"  # where the curves go besides metrics.jsonl: tensorboard | wandb | all (mpp.trackers)
     save_every: int = 500  # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 3  # the newest K checkpoints are kept
     eval_every: int = 0  # steps between held-out evaluations; 0: only at the end
@@ -95,6 +97,7 @@ class TrainConfig:
             raise UsageError(f"unknown schedule '{self.schedule}': use cosine or linear")
         if self.mixed_precision not in ("", "no", "fp16", "bf16"):
             raise UsageError(f"unknown --mixed-precision '{self.mixed_precision}': use no, fp16 or bf16")
+        check_report_to(self.report_to)
         check_ranges(self)
         if self.min_lr > self.lr:
             raise UsageError(f"--min-lr {self.min_lr:g} is above --lr {self.lr:g}: pass a --min-lr of at most --lr")

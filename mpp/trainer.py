@@ -36,6 +36,7 @@ from mpp.reproducible import seed_step
 from mpp.runlock import RunLock
 from mpp.runtime import autocast_dtype, choose_kernels, compile_blocks, make_accelerator
 from mpp.stopping import StopRequest
+from mpp.trackers import Trackers, flat_config
 from mpp.visualize import LEGEND, held_out_images, prediction_mosaic
 
 PREVIEW_IMAGES = 8  # held-out images whose MPP predictions TensorBoard shows at each evaluation
@@ -66,7 +67,6 @@ class Trainer:
         # ---- accelerator and run directory
         self.accelerator = acc = make_accelerator(
             config.mixed_precision, config.cpu_threads, gradient_accumulation_steps=config.grad_accum_steps,
-            log_with="tensorboard", project_dir=config.output_dir,
         )
         self.run_dir = self._open_run_dir()
         set_seed(config.seed, device_specific=False)
@@ -205,6 +205,12 @@ class Trainer:
         """config.json (a resume is recorded in the run's original one, and drops the metrics logged
         after its checkpoint), TensorBoard, and metrics.jsonl open for appending."""
         acc, run_dir, step = self.accelerator, self.run_dir, self.progress.step
+        # First: a tracker that cannot start (W&B not logged in...) stops the run before its records change.
+        self.trackers = Trackers(self.config.report_to, run_dir, rundir.TENSORBOARD,
+                                 run_dir.name if saved is None else f"{run_dir.name}@{step}",
+                                 main=acc.is_main_process, job_type=self.config.objective,
+                                 config=flat_config(self.run_cfg, ("train", "mpp", "vit")))
+        self.held.callback(self.trackers.finish)  # also when the run fails
         if acc.is_main_process:
             if saved is not None:
                 original = rundir.read_run_config(run_dir, saved)
@@ -216,16 +222,15 @@ class Trainer:
                 rundir.trim_metrics(run_dir / rundir.METRICS, step)
             else:
                 write_json(run_dir / rundir.CONFIG, self.run_cfg)
-        acc.init_trackers("tensorboard", config=flat_hparams(self.run_cfg))
-        if acc.is_main_process and self.preview is not None:  # what the prediction mosaic's columns show
-            acc.get_tracker("tensorboard", unwrap=True).add_text("mpp/predictions", LEGEND, step)
+        if self.preview is not None:  # what the prediction mosaic's columns show
+            self.trackers.text("mpp/predictions", LEGEND, step)
         self.metrics_file = (self.held.enter_context(open(run_dir / rundir.METRICS, "a"))
                              if acc.is_main_process else None)
 
     # ---- records
 
     def log(self, values: dict, at: int) -> None:
-        self.accelerator.log(values, step=at)
+        self.trackers.log(values, at)
         if self.metrics_file:
             self.metrics_file.write(json.dumps({"step": at, **values}) + "\n")
             self.metrics_file.flush()
@@ -284,8 +289,8 @@ class Trainer:
         self.log({f"eval/{k}": v for k, v in results.items()}, at)
         if acc.is_main_process and self.preview is not None and len(self.preview):
             # Its own generator, eval mode, no gradients: the run goes on bitwise as without it (mpp.visualize).
-            writer = acc.get_tracker("tensorboard", unwrap=True)
-            writer.add_image("mpp/predictions", prediction_mosaic(self.model, self.preview, seed=self.config.seed), at)
+            mosaic = prediction_mosaic(self.model, self.preview, seed=self.config.seed)  # (3, H', W') in [0, 1]
+            self.trackers.image("mpp/predictions", mosaic, at, caption=LEGEND)
         return results
 
     def run_fewshot(self, at: int) -> None:
@@ -391,6 +396,7 @@ class Trainer:
         if results is None or self.last_save != step:
             self.save(step)
         if results is None:
+            self.trackers.finish()
             acc.end_training()
             acc.print(f"stopped at step {step} of {self.total_steps}; checkpoint saved in "
                       f"{rundir.checkpoint_dir(run_dir)}: rerun the same command with --resume to continue")
@@ -405,6 +411,7 @@ class Trainer:
             }
             write_json(run_dir / rundir.SUMMARY, summary)
             acc.print(f"done: {run_dir} ({step} steps; eval {json.dumps({k: round(v, 4) for k, v in results.items()})})")
+        self.trackers.finish()
         acc.end_training()
         if self.stop.requested:  # it came during the final save: the run is complete, the scheduler still sees why it ended
             sys.exit(self.stop.exit_code)
@@ -427,12 +434,3 @@ def run_config(config, mpp: MPPConfig, vit: ViT, data_info, invocation: Invocati
         **invocation.record(),  # config_file, command_line
         **provenance(),  # commit, versions
     }
-
-
-def flat_hparams(run_cfg: dict) -> dict:
-    """TensorBoard's hparams accept scalars and strings only."""
-    flat = {}
-    for section in ("train", "mpp", "vit"):
-        for k, v in run_cfg[section].items():
-            flat[f"{section}.{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return flat
