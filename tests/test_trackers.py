@@ -120,3 +120,37 @@ def test_wandb_that_cannot_start_stops_the_run_before_its_records(tmp_path):
     assert "the wandb tracker could not start" in error[0] and "--report-to tensorboard" in error[0]
     assert "Traceback" not in done.stderr
     assert not (out / "config.json").exists() and not (out / "tensorboard").exists()
+
+
+def test_sigterm_with_wandb_saves_stops_and_leaves_no_process(tmp_path):
+    """W&B runs a service process of its own: a stopped run still ends promptly, saved, with nothing left."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "scripts/pretrain_mpp.py", *FAST, "--max-steps", "5000", "--output-dir",
+                             str(out), "--report-to", "all", "--num-workers", "2"], cwd=REPO,
+                            env={**os.environ, **ENV, **OFFLINE}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):  # training, W&B started
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.monotonic() < deadline, "the run logged nothing within 120 s"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        stdout, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the run did not stop within 60 s of SIGTERM")
+    assert proc.returncode == 128 + signal.SIGTERM and "rerun the same command with --resume" in stdout, stderr[-2000:]
+    for _ in range(100):  # its loader workers and W&B's service go with it
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("a process of the run outlived it")
+    assert list((out / "checkpoints").glob("ckpt-*.pt")) and b"train/loss" in wandb_runs(out)[0].read_bytes()
