@@ -250,7 +250,10 @@ class HubImageStream(TableReader, IterableDataset):
 
     def __init__(self, stream: Any, image_column: str, label_column: str, *, info: DatasetInfo,
                  transform: TransformFn | None = None, seed: int | None = None, strict: bool = False,
-                 shuffle_buffer: int = 0):
+                 shuffle_buffer: int = 0, read_error: Callable[[BaseException], str] | None = None):
+        # read_error: the one line for a failure inside the stream's own reading (a bad file it met);
+        # None: a line naming the dataset and the error
+        self.read_error = read_error
         seed = 0 if seed is None else seed  # a stream's order and crops always repeat
         super().__init__(info, transform, seed, strict)
         self._use_table(stream, image_column, label_column)
@@ -278,7 +281,7 @@ class HubImageStream(TableReader, IterableDataset):
         # resumed run, which reads its way back to the same position, repeats the same crops.
         info = torch.utils.data.get_worker_info()
         worker, epoch = (info.id if info else 0), self.table.epoch
-        for k, row in enumerate(self.table):
+        for k, row in enumerate(self._rows()):
             image = self.read(row)  # uint8 [3, H, W] | None
             if image is None:
                 continue
@@ -286,6 +289,24 @@ class HubImageStream(TableReader, IterableDataset):
                 torch.manual_seed(seed_of(self.seed, epoch, worker, k))
                 image = self.transform(image) if self.transform else image
             yield image, int(row[self.label_column])
+
+    def _rows(self) -> Iterator[dict]:
+        """The stream's rows; an error of its own reading (not of ours, such as a row check's
+        UsageError) becomes one line."""
+        rows = iter(self.table)
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except UsageError:  # already its one line (mpp.shards.check_row)
+                raise
+            except (ValueError, OSError) as e:  # e.g. a label that is not a number, a file cut short
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise UsageError(self.read_error(e) if self.read_error else
+                                 f"the stream of dataset '{self.info.name}' could not be read ({reason}): "
+                                 "fix or remove the file it met") from e
+            yield row
 
 
 def open_image(cell: Any) -> Any:

@@ -19,8 +19,9 @@ Classes: `classes.txt` (one name per line, line i is label i) or `classes.json` 
 beside the shards. Without one, the classes are 0..max label of the train split, read from the
 loaded labels; a stream cannot list its labels without reading every shard, so `--streaming` needs
 the file (scripts/make_shards.py writes it). Each shard's first sample is checked when the data set
-is built (a readable tar, an image and a `cls` member); a later sample without them, or a label
-out of range, stops the run with one line when it is read.
+is built (a readable tar, an image and a `cls` member, a decimal label); a later sample without
+them, a label that is not an integer (named by shard and key) or out of range stops the run with one
+line: when loaded, at the start; when streamed, as it is read, also inside DataLoader workers.
 """
 from __future__ import annotations
 
@@ -131,11 +132,22 @@ def check_first_sample(path: Path) -> None:
     if LABEL not in fields or not any(f.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS for f in fields):
         raise UsageError(f"shard '{path}': sample '{key}' has {found}, not an image and a cls member: "
                          "write shards with <key>.jpg and <key>.cls members (scripts/make_shards.py)")
+    if not_integer(fields[LABEL]):
+        raise UsageError(label_line(path, key, fields[LABEL]))
+
+
+def not_integer(text: bytes) -> bool:
+    """Whether a `cls` member's bytes fail datasets' own decoding of it (int())."""
     try:
-        int(fields[LABEL])
+        int(text)
     except ValueError:
-        raise UsageError(f"shard '{path}': sample '{key}' has the label {fields[LABEL][:20]!r}, not an integer: "
-                         "write each <key>.cls as the class index in decimal") from None
+        return True
+    return False
+
+
+def label_line(path: Path, key: str, text: bytes) -> str:
+    return (f"shard '{path}': sample '{key}' has the label {text[:20]!r}, not an integer: "
+            "write each <key>.cls as the class index in decimal")
 
 
 def read_class_names(folder: Path) -> list[str] | None:
@@ -198,7 +210,8 @@ def load_shards(spec: str, split: str, streaming: bool) -> tuple[Callable[..., I
     checker = functools.partial(check_row, spec=spec, num_classes=info.num_classes, image_column=image_column)
     if streaming:
         table = table.map(checker, features=table.features)  # checked as read: a stream is not scanned
-        return functools.partial(HubImageStream, table, image_column, LABEL), info
+        read_error = functools.partial(stream_error, spec, files)
+        return functools.partial(HubImageStream, table, image_column, LABEL, read_error=read_error), info
     _check_table(table, checker, image_column)
     return functools.partial(HubImages, table, image_column, LABEL), info
 
@@ -209,10 +222,41 @@ def _load(spec: str, files: list[Path], split: str, streaming: bool) -> Any:
     try:
         return datasets.load_dataset("webdataset", data_files={split: [str(f) for f in files]},
                                      streaming=streaming, split=split)
-    except (ValueError, OSError, tarfile.TarError) as e:  # members not shared by every sample, a torn tar ...
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UsageError(f"the shards of '{spec}' cannot be loaded ({reason}): write every sample with the same "
-                         "members (<key>.jpg and <key>.cls)") from e
+    except (ValueError, OSError, tarfile.TarError, datasets.exceptions.DatasetGenerationError) as e:
+        # members not shared by every sample, a torn tar, a label that is not a number (datasets' int()) ...
+        cause = e.__cause__ if isinstance(e, datasets.exceptions.DatasetGenerationError) and e.__cause__ else e
+        raise UsageError(bad_label(files) or f"the shards of '{spec}' cannot be loaded ({first_line(cause)}): "
+                         "write every sample with the same members (<key>.jpg and <key>.cls)") from e
+
+
+def stream_error(spec: str, files: list[Path], error: BaseException) -> str:
+    """The one line for a streamed shard that datasets failed to read (mpp.datasets.HubImageStream)."""
+    return bad_label(files) or (f"the shards of '{spec}' could not be read ({first_line(error)}): "
+                                "fix or remove the shard")
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def bad_label(files: list[Path]) -> str | None:
+    """The one line for the first `cls` member of `files` that is not a decimal integer, or None
+    (a scan of the tar headers and the tiny label members, run once something failed to load)."""
+    from datasets.packaged_modules.webdataset.webdataset import base_plus_ext
+
+    for path in files:
+        try:
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    key, field = base_plus_ext(member.name)
+                    if field != LABEL or not member.isfile():
+                        continue
+                    text = tar.extractfile(member).read()
+                    if not_integer(text):
+                        return label_line(path, key, text)
+        except (tarfile.TarError, OSError):
+            continue  # a torn shard: the caller's own message says what datasets met
+    return None
 
 
 def _check_table(table: Any, checker: Callable[[dict], dict], image_column: str) -> None:

@@ -3,10 +3,11 @@ through the command line, and bad shards refused with one line."""
 import shutil
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from helpers.runs import FAST, final_weights, run_script
-from helpers.shard_files import synthetic_shards, write_tar
+from helpers.shard_files import png, synthetic_shards, write_tar
 
 from mpp.data import load_split
 from mpp.errors import UsageError
@@ -45,11 +46,34 @@ def test_bad_shards_are_one_line_errors(tmp_path, hf_cache):
         load_split(f"shards:{tmp_path}", "train")
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_label_that_is_not_an_integer_in_a_later_sample_is_one_line(tmp_path, hf_cache, streaming):
+    # the first sample is fine (check_first_sample passes); datasets' int() fails on a later one
+    rng = np.random.default_rng(0)
+    write_tar(tmp_path / "train-000000.tar", [("k0.png", png(rng)), ("k0.cls", b"0"),
+                                             ("k1.png", png(rng)), ("k1.cls", b"two")])
+    (tmp_path / "classes.txt").write_text("a\nb\n")
+    with pytest.raises(UsageError, match=r"sample 'k1' has the label b'two', not an integer") as e:
+        data, _ = load_split(f"shards:{tmp_path}", "train", streaming=streaming)
+        list(data)
+    assert "\n" not in str(e.value)
+
+
 def test_pretraining_streams_shards_from_the_command_line(shards, hf_cache, tmp_path):
     done = run_script("scripts/pretrain_mpp.py", "--dataset", f"shards:{shards}", "--streaming", "--model", "Micro/4",
                       "--image-size", "16", *FAST, "--max-steps", "4", "--output-dir", str(tmp_path / "run"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "run" / "checkpoints").is_dir()
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    rng = np.random.default_rng(1)
+    write_tar(bad / "train-000003.tar", [("z0.png", png(rng)), ("z0.cls", b"1.5")])
+    failed = run_script("scripts/pretrain_mpp.py", "--dataset", f"shards:{bad}", "--streaming", "--model", "Micro/4",
+                        "--image-size", "16", *FAST, "--num-workers", "2", "--max-steps", "8",
+                        "--output-dir", str(tmp_path / "bad-run"))
+    lines = failed.stderr.strip().splitlines()
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr[-2000:]
+    assert lines[-1].startswith("error: shard") and "'z0' has the label b'1.5'" in lines[-1]
 
 
 @pytest.mark.slow
