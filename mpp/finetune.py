@@ -268,6 +268,9 @@ class Finetuner:
             model = acc.unwrap_model(vit)
             score, self.scored = self.accuracy(model, eval_loader)
             trackers.log({f"{score_on}/accuracy": score}, step)
+        except BaseException as e:
+            trackers.finish(failed=not isinstance(e, SystemExit))
+            raise
         finally:
             bar.close()  # ends the bar's line, so an error message starts on a line of its own
             trackers.finish()

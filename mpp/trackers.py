@@ -106,9 +106,18 @@ class Trackers:
         if writer is not None:
             writer.add_text(tag, text, step)
 
-    def finish(self) -> None:
-        """Flush and close every tracker (again: nothing)."""
+    def finish(self, failed: bool = False) -> None:
+        """Flush and close every tracker (again: nothing). `failed`: the training ended by an error,
+        so its W&B run is marked failed (exit code 1), not finished."""
         active, self.active = self.active, []
         for tracker in active:
-            if getattr(tracker, "writer", None) is not None or getattr(tracker, "run", None) is not None:
+            if tracker.name == "wandb" and failed and getattr(tracker, "run", None) is not None:
+                tracker.run.finish(exit_code=1)  # Accelerate's WandBTracker.finish() passes no exit code
+            elif getattr(tracker, "writer", None) is not None or getattr(tracker, "run", None) is not None:
                 tracker.finish()
+
+    def finish_on_exit(self, error_type, error, traceback) -> bool:
+        """ExitStack.push's form of `finish`: failed when the block it closes raised (a stop's
+        SystemExit is not a failure); returns False, so the error goes on."""
+        self.finish(failed=error_type is not None and not issubclass(error_type, SystemExit))
+        return False

@@ -210,7 +210,7 @@ class Trainer:
                                  run_dir.name if saved is None else f"{run_dir.name}@{step}",
                                  main=acc.is_main_process, job_type=self.config.objective,
                                  config=flat_config(self.run_cfg, ("train", "mpp", "vit")))
-        self.held.callback(self.trackers.finish)  # also when the run fails
+        self.held.push(self.trackers.finish_on_exit)  # also when the run fails: then marked failed
         if acc.is_main_process:
             if saved is not None:
                 original = rundir.read_run_config(run_dir, saved)

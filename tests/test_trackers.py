@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from helpers.runs import ENV, FAST, REPO, run_script
+from helpers.wandb_records import exit_code
 
 from mpp.curves import tensorboard_scalars
 from mpp.errors import UsageError
@@ -57,6 +58,16 @@ def test_report_to_all_writes_the_curves_and_the_mosaic_to_both(reported):
     assert [s for s, _ in scalars["train/loss"]] == [2, 4] and [s for s, _ in scalars["eval/loss"]] == [2, 4]
     assert events, "no TensorBoard events"
     assert json.loads((run / "config.json").read_text())["train"]["report_to"] == "all"
+    assert exit_code(first) == 0  # finished, not failed
+
+
+def test_a_run_that_crashes_marks_its_w_and_b_run_failed(reported, tmp_path):
+    out = tmp_path / "run"
+    done = run_script("tests/helpers/faults.py", "step", *PRETRAIN[1:], "--output-dir", str(out),
+                      "--report-to", "wandb")
+    assert done.returncode != 0 and "injected fault in a training step" in done.stderr, done.stderr[-2000:]
+    [crashed] = wandb_runs(out)
+    assert exit_code(crashed) == 1  # W&B shows it failed, not finished
 
 
 def test_a_resume_is_a_w_and_b_run_of_its_own_and_wandb_alone_writes_no_events(reported):
@@ -81,6 +92,13 @@ def test_finetune_reports_each_training_to_wandb(reported, tmp_path):
     assert len(records) == 2  # one lr, so no grid: the seed-0 training, then the summary
     assert b"train/loss" in records[0] and b"test/accuracy" in records[0] and b"ft/seed0" in records[0]
     assert b"finetune/test_accuracy" in records[1]
+    assert [exit_code(p) for p in wandb_runs(out)] == [0, 0]
+    diverged = tmp_path / "diverged"  # a training that ends by an error: its W&B run is marked failed
+    done = run_script("eval/finetune.py", "--run", str(run), "--steps", "4", "--lrs", "1e30", "--seeds", "1",
+                      "--batch-size", "16", "--warmup-steps", "0", "--grad-clip", "0", "--num-workers", "0",
+                      "--output-dir", str(diverged), "--report-to", "wandb")
+    assert done.returncode == 2 and "not finite" in done.stderr, done.stderr[-2000:]
+    assert [exit_code(p) for p in wandb_runs(diverged)] == [1]
     assert not (out / "tensorboard").exists()
 
 
@@ -154,3 +172,4 @@ def test_sigterm_with_wandb_saves_stops_and_leaves_no_process(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("a process of the run outlived it")
     assert list((out / "checkpoints").glob("ckpt-*.pt")) and b"train/loss" in wandb_runs(out)[0].read_bytes()
+    assert exit_code(wandb_runs(out)[0]) == 0  # a stop is not a failure: saved, and --resume goes on
