@@ -19,19 +19,6 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def versions() -> dict:
-    import timm
-
-    found = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__}
-    try:
-        import triton
-
-        found["triton"] = triton.__version__
-    except ImportError:
-        found["triton"] = None
-    return found
-
-
 def result_name(device: torch.device, model: str, image_size: int, dtype: str, compile: bool, compile_scope: str,
                 default_malloc: bool) -> str:
     """train-<device>-<model>-<size>px-<dtype>[-compile | -compile-blocks][-default-malloc], without ".json"."""

@@ -52,7 +52,7 @@ from mpp.benchmark_costs import (
     step_peak_bytes,
 )
 from mpp.benchmark_loader import loader_rate
-from mpp.benchmark_report import device_name, markdown, result_name, versions
+from mpp.benchmark_report import device_name, markdown, result_name
 from mpp.benchmark_stats import median_interval, paired_ratios
 from mpp.config import AT_LEAST_1, NON_NEGATIVE, Parser, Range, number_flag
 from mpp.errors import cli_main
@@ -60,7 +60,7 @@ from mpp.files import write_json
 from mpp.kernels import KernelPolicy
 from mpp.model import vit_config
 from mpp.ops import TORCH
-from mpp.provenance import git_commit
+from mpp.provenance import git_commit, versions
 from mpp.runtime import reuse_freed_memory
 
 
