@@ -43,6 +43,7 @@ from mpp.files import writable_dir, write_json
 from mpp.finetune_start import (
     SCRATCH_MODEL,
     prepare_output,
+    pretrained_source,
     recorded_results,
     starting_model,
 )
@@ -341,7 +342,7 @@ def _finetune(config: FinetuneConfig, held: contextlib.ExitStack, invocation: In
     prepare_output(out, config, settings, run_cfg, accelerator, results)
     results.update({
         "start": start_point,  # what every recorded training started from: a --resume must start there too
-        "pretrained": str(rundir.run_dir_of(Path(config.run))) if config.run else None,
+        "pretrained": pretrained_source(config.run),
         "init": "pretrained" if config.run else "scratch",
         "pretrained_objective": (pretrained_cfg or {}).get("train", {}).get("objective"),
         "dataset": {"spec": dataset, "image_size": image_size, "num_classes": info.num_classes,

@@ -51,6 +51,16 @@ def starting_model(config: FinetuneConfig) -> tuple[ViT, dict | None, str, dict]
     return vit, None, config.dataset or DEFAULT_DATASET, start
 
 
+def pretrained_source(run: str) -> str | None:
+    """What finetune.json's `pretrained` names: the run directory of one of our runs (or of its
+    checkpoint file), a timm source as itself (timm:NAME, or the absolute path), None from scratch."""
+    if not run:
+        return None
+    if timm_io.is_timm_source(run):
+        return run if run.startswith(timm_io.PREFIX) else str(Path(run).expanduser().absolute())
+    return str(rundir.run_dir_of(Path(run)))
+
+
 def load_start(run: str, **overrides) -> tuple[dict, ViT, dict]:
     """(run config, ViT, starting point) of --run: the run's newest readable checkpoint, or the file it names."""
     path = Path(run)

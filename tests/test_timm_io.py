@@ -156,6 +156,22 @@ def test_finetune_starts_from_a_timm_model_identified_by_its_weights(checkpoint,
         assert torch.equal(vit.state_dict()[name], tensor) and torch.equal(twin.state_dict()[name], tensor)
 
 
+def test_finetune_from_an_exported_folder_runs_through_the_command_line(exported, tmp_path):
+    """The whole fine-tune protocol from a timm folder: it trains, scores, and records where it started."""
+    out = tmp_path / "ft"
+    done = run_script("eval/finetune.py", "--run", str(exported[0]), "--steps", "2", "--lrs", "0.01", "--seeds", "1",
+                      "--batch-size", "16", "--warmup-steps", "1", "--num-workers", "0", "--output-dir", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((out / "finetune.json").read_text())
+    assert results["pretrained"] == str(exported[0]) and results["start"]["checkpoint"] == str(exported[0])
+    assert 0 <= results["test_accuracy"]["mean"] <= 1 and results["dataset"]["spec"] == "digits"
+    from mpp.finetune_start import pretrained_source
+
+    weights = exported[0] / "model.safetensors"  # a timm file names itself, not the folder holding it
+    assert pretrained_source("timm:vit_tiny_patch16_224") == "timm:vit_tiny_patch16_224"
+    assert pretrained_source(str(weights)) == str(weights) and pretrained_source("") is None
+
+
 def test_the_hubs_retry_warnings_stay_out_of_the_one_line(monkeypatch, caplog):
     """Offline without HF_HUB_OFFLINE, huggingface_hub logs a warning per retried request before it
     raises (about 45 s of them); only the UsageError may reach the user."""
