@@ -9,6 +9,9 @@ In: `--run` of the probe CLIs may name, besides our runs, `timm:NAME` (timm's re
 a folder with timm's Hub layout, or a bare timm state dict (`.safetensors`, or `.pth` / `.bin` read
 weights-only). It is converted once into our `ViT` with a strict load; a timm variant our ViT cannot
 represent is refused with one line naming what differs. `Imported.record()` is its "run config" in reports.
+The probes feed every model mpp.data's normalisation; a timm model trained with another (ImageNet's
+mean and std) has it folded into its patch embedding at import (`fold_normalization`, exact: the
+patch projection is linear), so it sees what it was trained on.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mpp.data import MEAN, STD
 from mpp.errors import UsageError
 from mpp.model import SIZES, ViT, ViTConfig, timm_kwargs
 from mpp.ops import TORCH, Kernels
@@ -50,7 +54,7 @@ class Imported:
     name: str  # the label in tables: the timm name, or the folder's / file's name
     source: str  # what --run said: timm:NAME, a folder or a file
     architecture: str  # timm's architecture name, or "state dict" for a bare file
-    mean: tuple[float, ...]  # the model's pretrained_cfg normalisation (the probes normalise with mpp.data's)
+    mean: tuple[float, ...]  # the model's pretrained_cfg normalisation, folded into vit (fold_normalization)
     std: tuple[float, ...]
 
     def rebuilt(self, kernels: Kernels = TORCH, **overrides) -> ViT:
@@ -211,8 +215,27 @@ def from_timm(model: nn.Module, name: str, source: str, image_size: int | None) 
                        mlp_dim=first.mlp.fc1.out_features, num_classes=model.num_classes, ln_eps=first.norm1.eps)
     vit = load_strict(config, model.state_dict(), name)
     cfg = model.pretrained_cfg
+    mean, std = tuple(cfg.get("mean", MEAN)), tuple(cfg.get("std", STD))
+    fold_normalization(vit, mean, std)
     return Imported(vit, name, source, getattr(model, "default_cfg", {}).get("architecture", type(model).__name__),
-                    tuple(cfg.get("mean", (0.5,) * 3)), tuple(cfg.get("std", (0.5,) * 3)))
+                    mean, std)
+
+
+@torch.no_grad()
+def fold_normalization(vit: ViT, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    """Make `vit` on mpp.data's input x = (p - MEAN) / STD compute what it computed on its own
+    (p - mean) / std: that input is x * STD / std + (MEAN - mean) / std per channel, and the patch
+    projection (a convolution with stride = kernel, no padding) is linear, so the scale goes into its
+    weight and the shift into its bias. Nothing changes when the two normalisations agree."""
+    if len(mean) != len(MEAN) or len(std) != len(STD):
+        raise UsageError(f"the timm model normalises {len(mean)} channels: pass a 3-channel (RGB) model")
+    if tuple(mean) == MEAN and tuple(std) == STD:
+        return
+    proj = vit.patch_embed.proj
+    scale = torch.tensor([a / s for a, s in zip(STD, std)], dtype=proj.weight.dtype)  # [3]
+    shift = torch.tensor([(a - m) / s for a, m, s in zip(MEAN, mean, std)], dtype=proj.weight.dtype)  # [3]
+    proj.bias += (proj.weight * shift.view(1, -1, 1, 1)).sum(dim=(1, 2, 3))  # [D]
+    proj.weight *= scale.view(1, -1, 1, 1)  # [D, 3, P, P]
 
 
 def from_state_dict(state: dict, name: str, source: str, image_size: int | None) -> Imported:
@@ -233,7 +256,8 @@ def from_state_dict(state: dict, name: str, source: str, image_size: int | None)
     config = ViTConfig(image_size=image_size or grid * patch, patch_size=patch, in_chans=chans, embed_dim=dim,
                        depth=depth, num_heads=heads, mlp_dim=state["blocks.0.mlp.fc1.weight"].shape[0],
                        num_classes=0 if head is None else head.shape[0])
-    return Imported(load_strict(config, state, source), name, source, "state dict", (0.5,) * 3, (0.5,) * 3)
+    # a bare state dict says nothing of its normalisation: mpp.data's is assumed (timm's augreg ViTs use it)
+    return Imported(load_strict(config, state, source), name, source, "state dict", MEAN, STD)
 
 
 def load_strict(config: ViTConfig, state: dict, source: str) -> ViT:

@@ -88,6 +88,29 @@ def test_import_folder_and_state_dict_equal_ours(checkpoint, exported, tmp_path)
         torch.testing.assert_close(imported.vit(x), model(x), atol=1e-5, rtol=0)
 
 
+def test_a_timm_models_own_normalisation_is_folded_into_its_patch_embedding(tmp_path):
+    """A model trained on ImageNet's mean and std, fed mpp.data's normalisation by our probes, computes
+    what timm computes on its own input; saved in timm's Hub layout, the folder says the same."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from timm.models import save_for_hf
+
+    from mpp.data import normalize
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                              pretrained_cfg_overlay=dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)).eval()
+    save_for_hf(model, tmp_path / "inet")
+    pixels = torch.rand(2, 3, 32, 32)  # [B, 3, H, W] in [0, 1]
+    theirs_input = (pixels - torch.tensor(IMAGENET_DEFAULT_MEAN).view(-1, 1, 1)) / torch.tensor(
+        IMAGENET_DEFAULT_STD).view(-1, 1, 1)
+    with torch.no_grad():
+        expected = model(theirs_input)  # [B, 1000]
+        for imported in (timm_io.from_timm(model, "inet", "inet", None), timm_io.load_source(str(tmp_path / "inet"))):
+            assert imported.mean == IMAGENET_DEFAULT_MEAN and imported.std == IMAGENET_DEFAULT_STD
+            torch.testing.assert_close(imported.vit(normalize(pixels)), expected, atol=1e-5, rtol=1e-5)
+            assert not torch.allclose(imported.vit(theirs_input), expected, atol=1e-3)  # the fold did something
+
+
 @pytest.mark.parametrize("variant, named", [(dict(reg_tokens=4), "register tokens"),
                                             (dict(class_token=False, global_pool="avg"), "no class token"),
                                             (dict(init_values=1e-5), "ls1.gamma")])
