@@ -92,8 +92,9 @@ def export(vit: ViT, output: Path, overwrite: bool = False) -> Path:
         raise UsageError(f"export folder '{output}' is not empty: pass --overwrite to replace its "
                          "model.safetensors and config.json, or another --output")
     twin = timm_twin(vit)
-    # Our tag, not the architecture's default pretrained tag: these weights are not timm's.
-    config = {"pretrained_cfg": {"tag": "mpp", "license": None}}
+    # Our tag, not the architecture's default pretrained tag: these weights are not timm's; and the
+    # normalisation they were trained with (mpp.data's), which timm's data config then applies.
+    config = {"pretrained_cfg": {"tag": "mpp", "license": None, "mean": list(MEAN), "std": list(STD)}}
     try:
         save_for_hf(twin, str(output), model_config=config, safe_serialization=True)
     except OSError as e:
