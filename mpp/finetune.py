@@ -337,7 +337,7 @@ def _finetune(config: FinetuneConfig, held: contextlib.ExitStack, invocation: In
                   "model": config.model or (pretrained_cfg or {}).get("train", {}).get("model") or SCRATCH_MODEL,
                   "image_size": image_size, "seed": 0},
         "vit": dataclasses.asdict(start.config), "finetune": settings, "command": " ".join(sys.argv),
-        **invocation.record(), **provenance(),  # as a pretraining run's (mpp.trainer.RECORDED)
+        **invocation.record(), **provenance(),  # as a pretraining run's (mpp.rundir.RECORDED)
     }
     prepare_output(out, config, settings, run_cfg, accelerator, results)
     results.update({

@@ -146,7 +146,8 @@ def recorded_results(out: Path, config: FinetuneConfig, start: dict) -> dict:
 
 def prepare_output(out: Path, config: FinetuneConfig, settings: dict, run_cfg: dict, accelerator,
                    results: dict) -> None:
-    """Refuse to mix settings with the recorded results; a new fine-tune's config.json."""
+    """Refuse to mix settings with the recorded results; a new fine-tune's config.json, or a resume's
+    entry in its resumed[] (as a pretraining run records one)."""
     if results:
         saved = results.get("config", {})
         as_saved = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}  # JSON has no tuples
@@ -154,5 +155,18 @@ def prepare_output(out: Path, config: FinetuneConfig, settings: dict, run_cfg: d
         if changed:
             raise UsageError(f"'{out}' was fine-tuned with other settings ({'; '.join(changed)}): resume with "
                              "the same flags or pass a new --output-dir")
-    if accelerator.is_main_process and not config.resume:
+    if not accelerator.is_main_process:
+        return
+    if not config.resume:
         write_json(writable_dir(out, "--output-dir") / rundir.CONFIG, run_cfg)
+        return
+    try:
+        recorded = json.loads((out / rundir.CONFIG).read_text())
+    except (OSError, ValueError):  # missing or torn (a kill as it was written): the record starts again here
+        recorded = None
+    if not isinstance(recorded, dict):
+        recorded = dict(run_cfg)
+    recorded.setdefault("resumed", []).append({  # what resumed it, and the code that did
+        "trainings_done": len(results.get("trainings", {})), "command": run_cfg["command"],
+        **{k: run_cfg[k] for k in rundir.RECORDED}})
+    write_json(out / rundir.CONFIG, recorded)

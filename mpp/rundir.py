@@ -9,6 +9,7 @@ resume in one, and repairs of what a kill can leave torn in it.
                          (python, torch, triton, timm, accelerate, datasets; null: not installed); each
                          resumed[] entry records the same four of what resumed it. A resume compares only
                          `train`/`mpp` (and precision, processes): these records may differ
+                         (a fine-tune's OUT/config.json has the same records and resumed[] entries)
       metrics.jsonl      one JSON line per logged step ({"step": int, "<tag>": float, ...})
       summary.json       written once, at the end: final metrics, steps, wall time
       tensorboard/       TensorBoard events (the run's own with --report-to tensorboard|all; probes add tensorboard/<probe>/)
@@ -37,6 +38,9 @@ TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
 LOCK = "run.lock"
 FINETUNE = "finetune.json"  # a fine-tune's results, in its own --output-dir
+# What config.json records of how and by which code a run was started, and each resumed[] entry of
+# what resumed it: the --config FILE and the arguments given, the git commit, the versions.
+RECORDED = ("config_file", "command_line", "commit", "versions")
 # The reports an evaluation writes, as globs relative to the folder that holds them.
 REPORT_GLOBS = (SUMMARY, "fewshot*.json", "linear-probe*.json", FINETUNE, f"finetune*/{FINETUNE}")
 CKPT_RE = re.compile(r"ckpt-(\d+)\.pt$")

@@ -217,7 +217,7 @@ class Trainer:
                 original.setdefault("resumed", []).append({  # what resumed it, and the code that did
                     "step": step, "command": self.run_cfg["command"], "max_steps": self.config.max_steps,
                     "epochs": self.config.epochs, "kernels": self.run_cfg["kernels"],
-                    **{k: self.run_cfg[k] for k in RECORDED}})
+                    **{k: self.run_cfg[k] for k in rundir.RECORDED}})
                 write_json(run_dir / rundir.CONFIG, original)
                 rundir.trim_metrics(run_dir / rundir.METRICS, step)
             else:
@@ -416,11 +416,6 @@ class Trainer:
         if self.stop.requested:  # it came during the final save: the run is complete, the scheduler still sees why it ended
             sys.exit(self.stop.exit_code)
         return run_dir
-
-
-# What a run's config.json records of how and by which code it was started (a resume records its own
-# in its resumed[] entry): the --config FILE and the arguments given, the git commit, the versions.
-RECORDED = ("config_file", "command_line", "commit", "versions")
 
 
 def run_config(config, mpp: MPPConfig, vit: ViT, data_info, invocation: Invocation) -> dict:

@@ -148,9 +148,15 @@ def test_from_scratch_with_augmentations_and_resume(tmp_path, monkeypatch):
     results = json.loads((out / "finetune.json").read_text())
     del results["trainings"]["seed1"], results["test_accuracy"]
     write_json(out / "finetune.json", results)
+    started = json.loads((out / "config.json").read_text())
     calls = spy_trainings(monkeypatch)
     again = ft.finetune(dataclasses.replace(config, resume=True))
     assert [c["tag"] for c in calls] == ["seed1"]
+    recorded = json.loads((out / "config.json").read_text())  # the start's record kept, the resume's added
+    assert {k: v for k, v in recorded.items() if k != "resumed"} == started
+    [resume] = recorded["resumed"]
+    assert resume["trainings_done"] == len(results["trainings"]) and resume["commit"] == started["commit"]
+    assert {"config_file", "command_line", "versions", "command"} <= set(resume)
     assert again["trainings"]["seed0"] == first["trainings"]["seed0"]
     assert again["test_accuracy"]["per_seed"][1] == pytest.approx(first["test_accuracy"]["per_seed"][1])
 
@@ -178,13 +184,14 @@ def test_resume_after_the_pretraining_saved_a_newer_checkpoint_is_refused(pretra
     # The pretraining moves on: a newer checkpoint with other weights is now the run's newest.
     state = load_checkpoint(ckpt5)
     save_checkpoint(pretrained, 10, {**state, "model": {k: v + 1 for k, v in state["model"].items()}, "step": 10})
-    before = (out / "finetune.json").read_bytes()
+    before, config_before = (out / "finetune.json").read_bytes(), (out / "config.json").read_bytes()
     refused = finetune_cli(pretrained, out, "--seeds", "2", "--resume")
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
     assert refused.returncode == 2 and len(errors) == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
     assert f"from {ckpt5} (step 5) but --run is now {pretrained}/checkpoints/ckpt-00000010.pt (step 10)" in errors[0]
     assert f"pass --run {ckpt5} to finish it, or pass a new --output-dir" in errors[0]
     assert (out / "finetune.json").read_bytes() == before  # nothing recorded, nothing trained
+    assert (out / "config.json").read_bytes() == config_before  # no resume recorded either
 
     # The fix it names works (in this process, to save a start-up): the recorded checkpoint named by its
     # file trains the missing seed from it.
