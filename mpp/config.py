@@ -112,7 +112,7 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # The sections of a run's config.json that record this parser's flags (add_dataclass_flags adds them).
-        self.run_sections: list[str] = []
+        self.run_sections: dict[str, set[str]] = {}  # section -> the fields its dataclass records
         self.add_argument(CONFIG_FLAG, metavar="FILE", default=None,
                           help="defaults from a file, overridden by the flags given: a run's config.json "
                           "(its settings) or a JSON/YAML mapping of flags, e.g. {\"lr\": 0.001, \"max-steps\": 40}")
@@ -253,6 +253,10 @@ def file_defaults(parser: Parser, path: str) -> dict:
             kind = "a fine-tune's" if sections == ("finetune",) else "a pretraining run's"
             raise UsageError(f"{CONFIG_FLAG} {path} is {kind} config.json, which records no flags of {parser.prog}: "
                              f"pass a JSON/YAML mapping of its flags (see {parser.prog} --help)")
+        for section in wanted:  # a misspelt key in an edited copy must not fall back to the default unsaid
+            if unknown := sorted(set(data[section]) - parser.run_sections[section]):
+                raise UsageError(f"{CONFIG_FLAG} {path}: key '{section}.{unknown[0]}' is no setting a run records: "
+                                 f"fix its name or drop it (see {parser.prog} --help)")
         # the fields a run records that are not flags here (objective, ...) are its own business
         items = [(f"{s}.{key}", key, value) for s in wanted for key, value in data[s].items() if key in actions]
     values: dict = {}
@@ -364,7 +368,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, defaults: di
     table that can grow, such as mpp.objective.TARGETS). `run_section`: the section of a run's
     config.json that records these fields, which `--config RUN/config.json` then reads."""
     if run_section and isinstance(parser, Parser):
-        parser.run_sections.append(run_section)
+        parser.run_sections[run_section] = {f.name for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     comments = {**field_comments(cls), **{k: make() for k, make in getattr(cls, "FLAG_HELP", {}).items()}}
     ranges = getattr(cls, "RANGES", {})

@@ -114,7 +114,7 @@ def check_first_sample(path: Path) -> None:
     )
 
     try:
-        with tarfile.open(path) as tar:
+        with tarfile.open(path, "r:") as tar:  # a plain tar (not compressed): one reason when it is not
             fields, key = {}, None
             for member in tar:
                 member_key, field = base_plus_ext(member.name)
@@ -125,7 +125,7 @@ def check_first_sample(path: Path) -> None:
                 key = member_key
                 fields[field] = tar.extractfile(member).read() if field == LABEL else b""
     except (tarfile.TarError, OSError) as e:
-        raise UsageError(f"shard '{path}' is not a readable tar file ({e}): replace it") from e
+        raise UsageError(f"shard '{path}' is not a readable tar file ({first_line(e)}): replace it") from e
     found = ", ".join(sorted(fields)) or "no members"
     if key is None:
         raise UsageError(f"shard '{path}' holds no samples: remove it or write <key>.jpg and <key>.cls members")

@@ -151,6 +151,8 @@ BAD_FILES = [  # file name, content (bytes: written as is), what the one line sa
     ("broken.yaml", "lr: [0.1\n", "is not valid YAML at line 2"),
     ("binary.json", b"\xff\xfe\x00", "cannot be read (UnicodeDecodeError"),
     ("flags.toml", "lr = 0.1", "unknown format"),
+    ("typo/config.json", '{"train": {"lr": 0.1, "max_stepz": 3}, "mpp": {}}',  # an edited run's config.json
+     "key 'train.max_stepz' is no setting a run records: fix its name or drop it"),
     ("finetune/config.json", '{"train": {"objective": "finetune", "model": "Ti/4"}, "finetune": {"lrs": [0.1]}}',
      "is a fine-tune's config.json, which records no flags of"),
 ]

@@ -41,6 +41,9 @@ def test_bad_shards_are_one_line_errors(tmp_path, hf_cache):
     synthetic_shards(tmp_path / "s")
     with pytest.raises(UsageError, match="1 of the 3 shards named are missing"):
         load_split(f"shards:{tmp_path}/s/train-{{000002..000004}}.tar", "train")
+    (tmp_path / "s" / "train-000002.tar").write_bytes(b"")  # one empty shard among good ones
+    with pytest.raises(UsageError, match=r"shard '.*train-000002.tar' is not a readable tar file \(empty file\)"):
+        load_split(f"shards:{tmp_path}/s", "train")
     write_tar(tmp_path / "train-000000.tar", [("a.txt", b"hello")])
     with pytest.raises(UsageError, match="not an image and a cls member"):
         load_split(f"shards:{tmp_path}", "train")

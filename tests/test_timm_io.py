@@ -63,6 +63,12 @@ def test_export_refusals_are_one_line(checkpoint, exported, tmp_path, monkeypatc
     again = run_script("scripts/export.py", "--run", str(checkpoint[0]), "--output", str(out))
     assert again.returncode == 2 and again.stderr.count("\n") == 1 and "--overwrite" in again.stderr
     assert (out / "model.safetensors").read_bytes() == before
+    run = tmp_path / "run"  # one of our runs: --overwrite would replace its own config.json
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text('{"train": {"lr": 0.1}}')
+    into_run = run_script("scripts/export.py", "--run", str(checkpoint[0]), "--output", str(run), "--overwrite")
+    assert into_run.returncode == 2 and into_run.stderr.count("\n") == 1 and "is a run directory" in into_run.stderr
+    assert (run / "config.json").read_text() == '{"train": {"lr": 0.1}}' and not (run / "model.safetensors").exists()
     missing = run_script("scripts/export.py", "--run", str(tmp_path / "nope"), "--output", str(tmp_path / "x"))
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and missing.stderr.count("\n") == 1
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
