@@ -2,13 +2,18 @@
 webdataset layout (`<key>.jpg` + `<key>.cls`), with the class names in classes.txt, for
 `--dataset shards:OUT`. Each split's images are shuffled once (by --seed) before sharding, so a
 stream's shard order and buffer mix classes from the first step. The image files are copied as they
-are, not re-encoded.
+are, not re-encoded. They are written into a hidden folder beside OUT, renamed to OUT when every
+shard and classes.txt are written: an interrupted run (Ctrl-C, SIGTERM, a full disk) leaves no
+partial OUT that would train on part of the data.
 
     python scripts/make_shards.py data/cifar10 data/cifar10-shards --per-shard 5000
 """
 from __future__ import annotations
 
 import random
+import shutil
+import signal
+import sys
 from pathlib import Path
 
 from mpp.config import AT_LEAST_1, Parser, Range, number_flag
@@ -33,21 +38,36 @@ def main(argv: list[str] | None = None) -> None:
     root, out = Path(args.folder).expanduser(), Path(args.out).expanduser()
     if not (root / "train").is_dir():
         raise UsageError(f"'{root}' has no train/ folder: lay it out as train/<class>/<image> and test/<class>/<image>")
-    if out.is_dir() and any(out.glob("*.tar")):
-        raise UsageError(f"'{out}' already holds tar files: pass an empty or new output folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise UsageError(f"'{out}' is not empty: pass an empty or new output folder")
+    if out.resolve().is_relative_to(root.resolve()):
+        raise UsageError(f"'{out}' is inside the image folder '{root}': pass an output folder outside it")
     test_folder = next((f for f in TEST_FOLDERS if (root / f).is_dir()), None)
     listings = {split: folder_listing(root, str(root), split, test_folder)
                 for split in ("train", "test") if split == "train" or test_folder}
-    writable_dir(out, "OUT")
-    for split, (class_names, paths, labels) in listings.items():
-        order = list(zip(paths, labels))
-        random.Random(args.seed).shuffle(order)
-        samples = ((Path(p).read_bytes(), Path(p).suffix[1:].lower(), label) for p, label in order)
-        shards = write_shards(samples, out, split, args.per_shard)
-        print(f"{split}: {len(order)} images in {len(shards)} shards")
-    names = listings["train"][0]
-    atomic_write(out / CLASS_FILES[0], lambda f: f.write("".join(f"{n}\n" for n in names).encode()))
+    writable_dir(out.parent, "OUT's parent folder")
+    staging = out.parent / f".{out.name}.partial"  # ours by name: a stale one is an interrupted run's
+    shutil.rmtree(staging, ignore_errors=True)
+    signal.signal(signal.SIGTERM, stopped)  # as Ctrl-C: the staging folder goes, OUT was never there
+    try:
+        for split, (class_names, paths, labels) in listings.items():
+            order = list(zip(paths, labels))
+            random.Random(args.seed).shuffle(order)
+            samples = ((Path(p).read_bytes(), Path(p).suffix[1:].lower(), label) for p, label in order)
+            shards = write_shards(samples, staging, split, args.per_shard)
+            print(f"{split}: {len(order)} images in {len(shards)} shards")
+        names = listings["train"][0]
+        atomic_write(staging / CLASS_FILES[0], lambda f: f.write("".join(f"{n}\n" for n in names).encode()))
+        staging.replace(out)  # atomic; onto OUT only when it is absent or empty (checked above)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     print(f"wrote {out}: {len(names)} classes in {CLASS_FILES[0]}; train with --dataset shards:{out}")
+
+
+def stopped(signum, frame) -> None:
+    print(f"stopped by signal {signum}: no shards written", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

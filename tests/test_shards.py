@@ -107,4 +107,23 @@ def test_cifar10_shards_from_make_shards_hold_the_folder_readers_images_and_labe
     assert Counter((im.numpy().tobytes(), label) for im, label in stream) == expected  # shuffled, same pairs
     again = run_script("scripts/make_shards.py", str(cifar10_slice), str(out))
     assert again.returncode == 2 and again.stderr.strip().splitlines() == [
-        f"error: '{out}' already holds tar files: pass an empty or new output folder"]
+        f"error: '{out}' is not empty: pass an empty or new output folder"]
+    inside = run_script("scripts/make_shards.py", str(cifar10_slice), str(cifar10_slice / "train" / "shards"))
+    assert inside.returncode == 2 and "is inside the image folder" in inside.stderr
+    assert not (cifar10_slice / "train" / "shards").exists()
+
+
+def test_make_shards_stopped_midway_leaves_no_output_folder(cifar10_slice, tmp_path):
+    """SIGTERM at the 150th of the 200 train images read (2 shards written): no OUT, no staging
+    folder, one line; a rerun then writes the whole set."""
+    out = tmp_path / "shards"
+    kill = ("import os, pathlib, runpy, signal, sys; read, n = pathlib.Path.read_bytes, [0]\n"
+            "def counted(self):\n    n[0] += 1\n    n[0] == 150 and os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    return read(self)\n"
+            "pathlib.Path.read_bytes = counted; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    stopped = run_script("-c", kill, "scripts/make_shards.py", str(cifar10_slice), str(out), "--per-shard", "64")
+    assert stopped.returncode == 128 + 15 and "Traceback" not in stopped.stderr, stopped.stderr[-2000:]
+    assert stopped.stderr.strip().splitlines() == ["stopped by signal 15: no shards written"]
+    assert list(tmp_path.iterdir()) == []  # neither OUT nor the hidden staging folder
+    done = run_script("scripts/make_shards.py", str(cifar10_slice), str(out), "--per-shard", "64")
+    assert done.returncode == 0 and len(list(out.glob("*.tar"))) == 6 and (out / "classes.txt").is_file()
