@@ -10,6 +10,7 @@ import pickle
 import random
 import re
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -111,6 +112,14 @@ def unsafe(path: Path, name: str) -> BadCheckpoint:
                          "unsafe", reason)
 
 
+def load_weights_only(path: Path, **kwargs):
+    """torch.load restricted to tensors and plain data, on the CPU. A legacy (not zip) pickle makes
+    torch warn of its protocol: held back, so a refusal stays one line."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+
+
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     """A checkpoint's dict, loaded weights-only: a file may hold tensors and plain data, never code
     to run (issue #15), so a checkpoint from anywhere is safe to open. `mmap` maps the tensors instead
@@ -120,7 +129,7 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
         raise UsageError(f"checkpoint '{path}' does not exist: pass a run directory or a checkpoint file that exists")
     try:
         with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            state = load_weights_only(path, mmap=mmap)
     except pickle.UnpicklingError as e:  # a refused global, or bytes that are no pickle at all
         match = _REFUSED_GLOBAL.search(str(e))
         raise (unsafe(path, match.group(1)) if match else unreadable(path, type(e).__name__)) from e

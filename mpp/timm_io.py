@@ -174,7 +174,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         if path.suffix in (".pth", ".bin"):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            from mpp.checkpoint import load_weights_only
+
+            state = load_weights_only(path)
         else:
             raise UsageError(f"'{path}' is no timm weights file: pass a .safetensors, .pth or .bin state dict")
     except UsageError:

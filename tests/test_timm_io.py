@@ -138,6 +138,11 @@ def test_unsafe_or_foreign_files_are_refused(tmp_path):
     torch.save({"x": torch.zeros(1)}, tmp_path / "other.bin")
     with pytest.raises(UsageError, match="no plain timm ViT"):
         timm_io.load_source(str(tmp_path / "other.bin"))
+    # Through the command line a legacy (not zip) pickle stays one line: torch's protocol warning held back.
+    (tmp_path / "legacy.pth").write_bytes(pickle.dumps({"x": Evil()}, protocol=4))
+    done = run_script("eval/fewshot.py", "--run", str(tmp_path / "legacy.pth"), "--output", str(tmp_path / "f.json"))
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "safe state dict" in lines[0] and "ran" not in done.stdout
 
 
 def test_fewshot_on_a_timm_model_equals_the_same_weights_as_our_run(checkpoint, tmp_path, monkeypatch):
