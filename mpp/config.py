@@ -129,7 +129,16 @@ class Parser(argparse.ArgumentParser):
             for dest, value in values.items():  # argparse fills in only what the namespace lacks
                 if not hasattr(namespace, dest):
                     setattr(namespace, dest, value)
-        namespace, extras = super().parse_known_args(argv, namespace)
+        # A required flag the file sets is given: argparse checks only the command line, so it is not
+        # required for this parse (restored after it).
+        given = [a for a in self._actions if a.required and a.option_strings and hasattr(namespace, a.dest)]
+        for action in given:
+            action.required = False
+        try:
+            namespace, extras = super().parse_known_args(argv, namespace)
+        finally:
+            for action in given:
+                action.required = True
         if namespace.config != path:  # argparse resolved --config otherwise than config_file_in (an abbreviation)
             self.error(f"{CONFIG_FLAG} was not understood as given: pass {CONFIG_FLAG} FILE in full")
         return namespace, extras
@@ -262,6 +271,10 @@ def file_defaults(parser: Parser, path: str) -> dict:
     values: dict = {}
     for where, key, value in items:
         action = actions.get(key)
+        if action is None and (positive := re.sub(r"^no[-_]", "", key)) != key and isinstance(
+                actions.get(positive), argparse.BooleanOptionalAction):  # --no-hflip's setting is hflip: false
+            raise UsageError(f"{CONFIG_FLAG} {path}: key '{key}' is --{key.replace('_', '-')}'s flag, not a "
+                             f"setting: write '{positive}: false' instead")
         if action is None or action.dest == "config":
             what = "another --config" if action is not None else f"not a flag of {parser.prog}"
             raise UsageError(f"{CONFIG_FLAG} {path}: key '{key}' is {what}: drop it (see {parser.prog} --help)")

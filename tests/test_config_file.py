@@ -143,6 +143,7 @@ BAD_FILES = [  # file name, content (bytes: written as is), what the one line sa
     ("null.json", '{"lr": null}', "--lr is null"),
     ("unknown.json", '{"lr": 0.1, "lrr": 0.1}', "key 'lrr' is not a flag of"),
     ("objective.json", '{"objective": "supervised"}', "key 'objective' is not a flag of"),
+    ("negated.json", '{"no-hflip": true}', "key 'no-hflip' is --no-hflip's flag, not a setting: write 'hflip: false'"),
     ("twice.json", '{"max-steps": 3, "max_steps": 4}', "sets --max-steps a second time"),
     ("nested.json", '{"config": "other.json"}', "key 'config' is another --config"),
     ("list.json", "[1, 2]", "holds a list, not a mapping of flags"),
@@ -254,3 +255,16 @@ def test_provenance_of_a_checkout(tmp_path):
     assert provenance(outside)["versions"]["torch"] == importlib.metadata.version("torch")
     assert all(v is None or isinstance(v, str) for v in provenance(outside)["versions"].values())
     assert sys.version.startswith(provenance(outside)["versions"]["python"])
+
+
+def test_a_required_flag_may_come_from_the_file(tmp_path, capsys):
+    from mpp.config import Parser
+
+    parser = Parser(prog="export.py")
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--output", required=True)
+    (tmp_path / "f.json").write_text('{"run": "runs/a"}')
+    args = parser.parse_args(["--config", str(tmp_path / "f.json"), "--output", "out"])
+    assert (args.run, args.output) == ("runs/a", "out")
+    assert "required: --output" in one_line(capsys, ["--config", str(tmp_path / "f.json")], parser.parse_args)
+    assert all(a.required for a in parser._actions if a.dest in ("run", "output"))  # restored after the parse
