@@ -30,7 +30,7 @@ from mpp.datasets import (
     TransformFn,
 )
 from mpp.digits import load_digits, stratified_split
-from mpp.errors import UsageError
+from mpp.errors import UsageError, first_line
 from mpp.folders import TEST_FOLDERS, folder_listing
 from mpp.shards import PREFIX as SHARDS_PREFIX
 from mpp.shards import load_shards
@@ -178,8 +178,7 @@ def _load_hub(spec: str, split: str, streaming: bool) -> tuple[Make, DatasetInfo
     try:
         splits = datasets.load_dataset(name, config or None, streaming=streaming)
     except Exception as e:  # offline, unknown name, bad config, ...: all fixed by the user
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UsageError(f"could not load hub dataset '{name}' ({reason}): "
+        raise UsageError(f"could not load hub dataset '{name}' ({first_line(e)}): "
                          "check the name and your network, or pass a local image folder") from e
     return _wrap(splits, spec, split, streaming, fix="pass a dataset with a train and a test or validation split")
 

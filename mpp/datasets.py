@@ -21,7 +21,7 @@ import PIL.Image
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
-from mpp.errors import UsageError
+from mpp.errors import UsageError, first_line
 from mpp.reproducible import seed_of
 
 TransformFn = Callable[[torch.Tensor], torch.Tensor]
@@ -164,7 +164,7 @@ class TableReader(ImageDataset):
             return rgb_tensor(open_image(cell))
         except UNREADABLE as e:
             name = (cell.get("path") if isinstance(cell, dict) else None) or f"row with label {row[self.label_column]}"
-            reason = (str(e).strip().splitlines() or [""])[0] or type(e).__name__
+            reason = first_line(e)
             if self.strict:
                 raise UsageError(f"image '{name}' cannot be read ({reason}): remove or replace it, "
                                  "or drop --strict-images to skip unreadable images") from e
@@ -302,9 +302,8 @@ class HubImageStream(TableReader, IterableDataset):
             except UsageError:  # already its one line (mpp.shards.check_row)
                 raise
             except (ValueError, OSError) as e:  # e.g. a label that is not a number, a file cut short
-                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise UsageError(self.read_error(e) if self.read_error else
-                                 f"the stream of dataset '{self.info.name}' could not be read ({reason}): "
+                                 f"the stream of dataset '{self.info.name}' could not be read ({first_line(e)}): "
                                  "fix or remove the file it met") from e
             yield row
 

@@ -20,6 +20,11 @@ def one_line(error: UsageError) -> str:
     return lines[-1].removeprefix(f"{UsageError.__module__}.{UsageError.__name__}: ") if lines else str(error)
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's first line, or its type's name when it says nothing: the reason inside a one-line error."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def cli_main(main: F) -> F:
     """Wrap an entry point so a `UsageError` ends the process with its one line and exit code 2.
 

@@ -269,8 +269,8 @@ class Finetuner:
             model = acc.unwrap_model(vit)
             score, self.scored = self.accuracy(model, eval_loader)
             trackers.log({f"{score_on}/accuracy": score}, step)
-        except BaseException as e:
-            trackers.finish(failed=not isinstance(e, SystemExit))
+        except BaseException as e:  # marked failed (unless a stop's SystemExit), then raised on
+            trackers.finish_on_exit(type(e), e, e.__traceback__)
             raise
         finally:
             bar.close()  # ends the bar's line, so an error message starts on a line of its own

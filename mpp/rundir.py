@@ -80,6 +80,19 @@ def run_dir_of(path: str | Path) -> Path:
 RUN_MARKERS = (CONFIG, METRICS)
 
 
+def holds_run(folder: Path) -> bool:
+    """Whether `folder` is a pretraining run or a fine-tune's output (this layout), which no export may
+    write over. Unlike RUN_MARKERS, a config.json counts only with a `train` section: an export's
+    config.json is timm's."""
+    if any((folder / name).exists() for name in (CHECKPOINTS, METRICS, FINETUNE)):
+        return True
+    try:
+        recorded = json.loads((folder / CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(recorded, dict) and "train" in recorded
+
+
 def changed_settings(saved: dict, now: dict, free: set[str] | frozenset[str] = frozenset(), flag=None) -> list[str]:
     """`--flag old → new` for each setting in `now` that differs from `saved` and is not in `free`:
     the one comparison behind every "this would be a different run, refuse" check."""

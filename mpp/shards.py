@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from mpp.datasets import DatasetInfo, HubImages, HubImageStream, ImageDataset
-from mpp.errors import UsageError
+from mpp.errors import UsageError, first_line
 from mpp.files import atomic_write
 
 PREFIX = "shards:"
@@ -233,10 +233,6 @@ def stream_error(spec: str, files: list[Path], error: BaseException) -> str:
     """The one line for a streamed shard that datasets failed to read (mpp.datasets.HubImageStream)."""
     return bad_label(files) or (f"the shards of '{spec}' could not be read ({first_line(error)}): "
                                 "fix or remove the shard")
-
-
-def first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def bad_label(files: list[Path]) -> str | None:

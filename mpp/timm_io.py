@@ -16,7 +16,6 @@ patch projection is linear), so it sees what it was trained on.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
@@ -83,17 +82,6 @@ def timm_twin(vit: ViT) -> nn.Module:
     return model.eval()
 
 
-def is_run(folder: Path) -> bool:
-    """Whether `folder` is one of our runs or fine-tunes (mpp.rundir's layout), never an export's place."""
-    if (folder / rundir.CHECKPOINTS).exists() or (folder / rundir.METRICS).exists() or (folder / rundir.FINETUNE).exists():
-        return True
-    try:
-        recorded = json.loads((folder / rundir.CONFIG).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(recorded, dict) and "train" in recorded
-
-
 def export(vit: ViT, output: Path, overwrite: bool = False) -> Path:
     """Write `vit` in timm's Hub layout to `output` (model.safetensors + config.json). A folder that
     exists and is not empty is refused unless `overwrite`; its other files are then left alone."""
@@ -101,7 +89,7 @@ def export(vit: ViT, output: Path, overwrite: bool = False) -> Path:
 
     if output.exists() and not output.is_dir():
         raise UsageError(f"export folder '{output}' is a file: pass a folder path as --output")
-    if output.is_dir() and is_run(output):  # --overwrite would replace the run's own config.json
+    if output.is_dir() and rundir.holds_run(output):  # --overwrite would replace the run's own config.json
         raise UsageError(f"export folder '{output}' is a run directory: pass another --output (e.g. exports/NAME)")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise UsageError(f"export folder '{output}' is not empty: pass --overwrite to replace its "

@@ -111,9 +111,11 @@ class Trackers:
         so its W&B run is marked failed (exit code 1), not finished."""
         active, self.active = self.active, []
         for tracker in active:
-            if tracker.name == "wandb" and failed and getattr(tracker, "run", None) is not None:
+            if getattr(tracker, "writer", None) is None and getattr(tracker, "run", None) is None:
+                continue  # it never started
+            if failed and tracker.name == "wandb":
                 tracker.run.finish(exit_code=1)  # Accelerate's WandBTracker.finish() passes no exit code
-            elif getattr(tracker, "writer", None) is not None or getattr(tracker, "run", None) is not None:
+            else:
                 tracker.finish()
 
     def finish_on_exit(self, error_type, error, traceback) -> bool:
