@@ -57,9 +57,10 @@ def main(argv: list[str] | None = None) -> dict:
     target = probe_target(args, "fewshot")
     vit, dataset, prefix = target.vit, target.dataset, target.prefix
     image_size = vit.config.image_size
+    data = ProbeData.load(dataset, image_size)  # an unlabelled dataset is refused here, before anything is written
     check_writable(target.output(args))  # before the embedding, not after it
     layers = layer_specs(vit.config.depth, args.layers)
-    out = run_fewshot(vit, ProbeData.load(dataset, image_size), Embedder(args.batch_size, args.device, args.num_workers),
+    out = run_fewshot(vit, data, Embedder(args.batch_size, args.device, args.num_workers),
                       tuple(args.shots), args.seeds, tuple(args.l2), args.max_test, args.features, layers,
                       random_init_like(args, target), pixels=args.references)
 

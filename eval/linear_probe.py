@@ -64,9 +64,10 @@ def main(argv: list[str] | None = None) -> dict:
     vit, dataset, prefix = target.vit, target.dataset, target.prefix
     image_size = vit.config.image_size
     output = target.output(args)
+    data = ProbeData.load(dataset, image_size)  # an unlabelled dataset is refused here, before anything is written
     check_writable(output)
     layers = layer_specs(vit.config.depth, args.layers)
-    out = run_linear_probe(vit, ProbeData.load(dataset, image_size),
+    out = run_linear_probe(vit, data,
                            Embedder(args.batch_size, args.device, args.num_workers), tuple(args.l2), args.dev_fraction,
                            args.max_train, args.max_test, args.features, layers, random_init_like(args, target),
                            pixels=args.references)

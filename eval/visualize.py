@@ -16,9 +16,10 @@ import torch
 from mpp import attention_maps, visualize
 from mpp.checkpoint import load_checkpoint, load_run
 from mpp.config import AT_LEAST_1, SEED, Parser, device_flag, number_flag
-from mpp.data import build_dataset
 from mpp.errors import UsageError, cli_main
+from mpp.holdout import pretraining_splits
 from mpp.rundir import TENSORBOARD, run_dir_of, step_of_name
+from mpp.train import TrainConfig
 
 WHAT = ("predictions", "attention")
 
@@ -30,7 +31,8 @@ def build_parser() -> Parser:
                    "MPP run, skipped with a note otherwise)")
     number_flag(p, "--images", int, AT_LEAST_1, default=8, metavar="N", help="held-out images, one row each (8)")
     number_flag(p, "--seed", int, SEED, default=0, help="seed of the corruption drawn for the predictions (0)")
-    p.add_argument("--dataset", metavar="SPEC", help="dataset spec whose test split is drawn (default: the run's)")
+    p.add_argument("--dataset", metavar="SPEC", help="dataset spec whose test split (or, without one, the split "
+                   "pretraining holds out) is drawn (default: the run's)")
     p.add_argument("--output", metavar="DIR", help="folder for the PNGs (default: RUN_DIR/visualize)")
     p.add_argument("--device", type=device_flag, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (default: cuda if there is one)")
@@ -50,9 +52,11 @@ def pictures(args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], list[st
                              "or an MPP run (scripts/pretrain_mpp.py) for --what predictions")
         notes.append(f"{args.run} is a {objective} run: no MPP predictions to draw, only attention")
         what = [w for w in what if w != "predictions"]
-    dataset = args.dataset or config["train"]["dataset"]
-    held_out, _ = build_dataset(dataset, "test", vit.config.image_size, train=False,
-                                streaming=bool(config["train"].get("streaming", False)))
+    dataset, train = args.dataset or config["train"]["dataset"], config["train"]
+    # The run's held-out images: its test split, or (none) the split pretraining carved from train (mpp.holdout).
+    held_out = pretraining_splits(dataset, vit.config.image_size, streaming=bool(train.get("streaming", False)),
+                                  holdout_images=train.get("holdout_images", TrainConfig.holdout_images),
+                                  shuffle_buffer=train.get("shuffle_buffer", TrainConfig.shuffle_buffer)).eval
     images = visualize.held_out_images(held_out, args.images).to(args.device)  # (n, 3, S, S)
     vit = vit.to(args.device)
     drawn = {}

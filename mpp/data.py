@@ -30,8 +30,8 @@ from mpp.datasets import (
     TransformFn,
 )
 from mpp.digits import load_digits, stratified_split
-from mpp.errors import UsageError, first_line
-from mpp.folders import TEST_FOLDERS, folder_listing
+from mpp.errors import MissingSplit, UsageError, first_line
+from mpp.folders import LAYOUTS, folder_listing
 from mpp.shards import PREFIX as SHARDS_PREFIX
 from mpp.shards import load_shards
 
@@ -40,8 +40,11 @@ DEFAULT_DATASET = "digits"
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
 
-SPEC_FORMS = ("pass --dataset digits, a folder laid out as train/<class>/<image>, shards:FOLDER (webdataset "
-              "tar shards), or hf:NAME")
+SPEC_FORMS = ("pass --dataset digits, a folder of images (train/<class>/<image> for classes), shards:FOLDER "
+              "(webdataset tar shards), or hf:NAME (hf:PATH for a local dataset)")
+# What makes a dataset labelled, for the refusals of those that need labels (DatasetInfo.require_labels).
+LABELLED_FORMS = ("a folder laid out as train/<class>/<image>, tar shards with <key>.cls members, or an hf: dataset "
+                  "with a label column")
 # A "test" request falls back to a validation split when there is no test split.
 TEST_SPLITS = ("test", "validation", "val")
 # A source's data set class with its source's arguments bound; load_split adds the contract's (info, ...).
@@ -94,18 +97,24 @@ def load_split(
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
     if shuffle_buffer and not streaming:
         raise ValueError("shuffle_buffer shuffles a stream: a map-style split is shuffled by its DataLoader")
-    if spec == "digits":
-        make, info = _load_digits(spec, split, streaming)
-    elif spec.startswith("hf:"):
-        make, info = _load_hub(spec, split, streaming)
-    elif spec.startswith(SHARDS_PREFIX):
-        make, info = load_shards(spec, split, streaming)
-    elif spec.startswith((".", "/", "~")) or "/" in spec or os.sep in spec or os.path.exists(spec):
-        make, info = _load_folder(spec, split, streaming)
-    else:
-        raise UsageError(f"unknown dataset '{spec}': {SPEC_FORMS}")
+    make, info = split_source(spec, split, streaming)
     stream_only = {"shuffle_buffer": shuffle_buffer} if streaming else {}
     return make(info=info, transform=transform, seed=seed, strict=strict, **stream_only), info
+
+
+def split_source(spec: str, split: str, streaming: bool = False) -> tuple[Make, DatasetInfo]:
+    """(the split's data set class with its source's arguments bound, its DatasetInfo): what
+    `load_split` builds from, for those (mpp.holdout) that build several data sets from one source.
+    A source without the split raises MissingSplit."""
+    if spec == "digits":
+        return _load_digits(spec, split, streaming)
+    if spec.startswith("hf:"):
+        return _load_hub(spec, split, streaming)
+    if spec.startswith(SHARDS_PREFIX):
+        return load_shards(spec, split, streaming)
+    if spec.startswith((".", "/", "~")) or "/" in spec or os.sep in spec or os.path.exists(spec):
+        return _load_folder(spec, split, streaming)
+    raise UsageError(f"unknown dataset '{spec}': {SPEC_FORMS}")
 
 
 def _load_digits(spec: str, split: str, streaming: bool) -> tuple[Make, DatasetInfo]:
@@ -116,7 +125,7 @@ def _load_digits(spec: str, split: str, streaming: bool) -> tuple[Make, DatasetI
     pixels = (torch.from_numpy(digit_images) * 255 / 16).round().to(torch.uint8)  # uint8 [1797, 8, 8]
     images = pixels[index].unsqueeze(1).repeat(1, 3, 1, 1)  # uint8 [N, 3, 8, 8], grey in every channel
     labels = torch.from_numpy(target)[index]  # int64 [N]
-    info = DatasetInfo(spec, 10, [str(d) for d in range(10)])
+    info = DatasetInfo(spec, [str(d) for d in range(10)], "scikit-learn's handwritten digits")
     if not streaming:
         return functools.partial(TensorImages, images, labels), info
     # Streamed through `datasets` like any other source, so --streaming works (and is testable) offline.
@@ -129,8 +138,8 @@ def _load_digits(spec: str, split: str, streaming: bool) -> tuple[Make, DatasetI
 
 
 def _load_folder(spec: str, split: str, streaming: bool) -> tuple[Make, DatasetInfo]:
-    """The split of an image folder, loaded or streamed from one listing (`_folder_listing`), so both
-    modes hold the same classes, labels and images in the same order by construction (mpp.folders).
+    """The split of an image folder, loaded or streamed from one listing (mpp.folders), so both
+    modes hold the same classes (or none), labels and images in the same order by construction.
 
     Nothing is opened or statted per image: a directory scan takes a few seconds per million names
     (`load_dataset("imagefolder")` stats every file of every split first, about 2 minutes per 100,000)."""
@@ -138,67 +147,100 @@ def _load_folder(spec: str, split: str, streaming: bool) -> tuple[Make, DatasetI
     if not root.is_dir():
         problem = "is not a folder" if root.exists() else "does not exist"
         raise UsageError(f"dataset folder '{spec}' {problem}: {SPEC_FORMS}")
-    found = sorted(p.name for p in root.iterdir() if p.is_dir())
-    listing = ", ".join(f"{name}/" for name in found) or "no subfolders"
-    if "train" not in found:
-        raise UsageError(f"dataset folder '{spec}' has no train/ subfolder (found {listing}): "
-                         "lay it out as train/<class>/<image> and test/<class>/<image>")
-    test_folder = next((f for f in TEST_FOLDERS if f in found), None)
-    if split == "test" and test_folder is None:
-        raise UsageError(f"dataset folder '{spec}' has no test split (found {listing}): "
-                         "add test/<class>/<image> or val/<class>/<image>")
-    class_names, paths, labels = folder_listing(root, spec, split, test_folder)
+    listing = folder_listing(root, spec, split)
     import datasets
 
-    info = DatasetInfo(spec, len(class_names), class_names)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=class_names)})
+    info = DatasetInfo(spec, listing.class_names, LAYOUTS[listing.layout])
+    columns = {"image": listing.paths}
+    features = {"image": datasets.Image()}
+    if info.labelled:
+        columns["label"] = listing.labels
+        features["label"] = datasets.ClassLabel(names=info.class_names)
+    label_column = "label" if info.labelled else None
     if streaming:
         # Lists in gen_kwargs are the stream's shards: one per image, so .shuffle() permutes all of them
         # (then mixes through the buffer) and processes and DataLoader workers split them evenly.
-        stream = datasets.IterableDataset.from_generator(
-            _folder_rows, features=features, gen_kwargs={"paths": paths, "labels": labels})
-        return functools.partial(HubImageStream, stream, "image", "label"), info
+        stream = datasets.IterableDataset.from_generator(_folder_rows, features=datasets.Features(features),
+                                                         gen_kwargs={"paths": listing.paths, "labels": listing.labels})
+        return functools.partial(HubImageStream, stream, "image", label_column), info
     # An in-memory table of paths (about 3 s per million to build), no Arrow cache file: forked
     # DataLoader workers share it, and HubImages decodes each image itself.
-    table = datasets.Dataset.from_dict({"image": paths, "label": labels}, features=features)
-    return functools.partial(HubImages, table, "image", "label"), info
+    table = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+    return functools.partial(HubImages, table, "image", label_column), info
 
 
-def _folder_rows(paths: list[str], labels: list[int]) -> Iterator[dict]:
-    for path, label in zip(paths, labels):
-        yield {"image": {"path": path, "bytes": None}, "label": label}
+def _folder_rows(paths: list[str], labels: list[int] | None) -> Iterator[dict]:
+    for index, path in enumerate(paths):
+        row = {"image": {"path": path, "bytes": None}}
+        yield row if labels is None else {**row, "label": labels[index]}
 
 
 def _load_hub(spec: str, split: str, streaming: bool) -> tuple[Make, DatasetInfo]:
+    """hf:NAME[:CONFIG] from the hub, or hf:PATH of a local dataset: a `save_to_disk` folder, or a folder or
+    file `datasets.load_dataset` reads (parquet, arrow, imagefolder, ...)."""
     name, _, config = spec.removeprefix("hf:").partition(":")
     if not name:
         raise UsageError(f"'{spec}' names no hub dataset: pass hf:NAME or hf:NAME:CONFIG, e.g. hf:uoft-cs/cifar10")
     import datasets
 
+    local = Path(name).expanduser()
     try:
-        splits = datasets.load_dataset(name, config or None, streaming=streaming)
+        if _saved_to_disk(local):
+            splits = _from_disk(local, streaming)
+        elif local.is_file():  # one data file: its suffix names the builder
+            builder = {".parquet": "parquet", ".arrow": "arrow"}.get(local.suffix.lower())
+            if builder is None:
+                raise UsageError(f"'{name}' is not a .parquet or .arrow file: pass hf:FOLDER for other local data")
+            splits = datasets.load_dataset(builder, data_files={"train": str(local)}, streaming=streaming)
+        else:
+            splits = datasets.load_dataset(str(local) if local.exists() else name, config or None, streaming=streaming)
+    except UsageError:
+        raise
     except Exception as e:  # offline, unknown name, bad config, ...: all fixed by the user
         raise UsageError(f"could not load hub dataset '{name}' ({first_line(e)}): "
                          "check the name and your network, or pass a local image folder") from e
     return _wrap(splits, spec, split, streaming, fix="pass a dataset with a train and a test or validation split")
 
 
+def _saved_to_disk(path: Path) -> bool:
+    """Whether `path` is a folder `Dataset(Dict).save_to_disk` wrote (read by load_from_disk, not load_dataset)."""
+    return path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json"))
+
+
+def _from_disk(path: Path, streaming: bool) -> Any:
+    """A `save_to_disk` folder as a split dict (a single saved Dataset is the train split), streamed
+    from its Arrow files without a copy when asked."""
+    import datasets
+
+    found = datasets.load_from_disk(str(path))
+    splits = found if isinstance(found, datasets.DatasetDict) else datasets.DatasetDict({"train": found})
+    if streaming:  # shards for workers and the shuffle: at most one per 1,000 rows, at least one
+        return datasets.IterableDatasetDict({k: v.to_iterable_dataset(num_shards=max(1, min(64, len(v) // 1000)))
+                                             for k, v in splits.items()})
+    return splits
+
+
 def _wrap(splits: Any, spec: str, split: str, streaming: bool, fix: str) -> tuple[Make, DatasetInfo]:
-    """Pick `split` out of a `datasets` (Iterable)DatasetDict, to be wrapped as one of our data sets."""
+    """Pick `split` out of a `datasets` (Iterable)DatasetDict, to be wrapped as one of our data sets.
+    A split without a label column is unlabelled; one without an image column is refused."""
     import datasets
 
     names = [s for s in ((split,) if split == "train" else TEST_SPLITS) if s in splits]
     if not names:
-        raise UsageError(f"dataset '{spec}' has no {split} split (it has {', '.join(splits) or 'none'}): {fix}")
+        problem = f"dataset '{spec}' has no {split} split (it has {', '.join(splits) or 'none'})"
+        raise MissingSplit(problem, fix) if split == "test" else UsageError(f"{problem}: {fix}")
     table = splits[names[0]]
     features = table.features or {}  # a stream may not know its columns
     image_column = next((c for c, f in features.items() if isinstance(f, datasets.Image)), None)
     image_column = image_column or next((c for c in ("img", "image") if c in features), None)
     label_column = next((c for c, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
     label_column = label_column or next((c for c in ("label", "labels", "fine_label") if c in features), None)
-    if image_column is None or label_column is None:
-        raise UsageError(f"dataset '{spec}' has no image and label columns (columns: "
-                         f"{', '.join(features) or 'unknown'}): pass an image classification dataset")
+    if image_column is None:
+        raise UsageError(f"dataset '{spec}' has no image column (columns: {', '.join(features) or 'unknown'}): "
+                         "pass an image dataset (an Image feature, or a column named image or img)")
+    if label_column is None:  # an image-only dataset: unlabelled, for self-supervised pretraining
+        info = DatasetInfo(spec, None, "a Hugging Face dataset without a label column")
+        return functools.partial(HubImageStream if streaming else HubImages, table, image_column, None), info
     if len(names) > 1 and not _labelled(table, label_column):  # e.g. ImageNet-1k's test split: all -1
         table = splits[names[1]]
     if isinstance(features[label_column], datasets.ClassLabel):
@@ -207,7 +249,7 @@ def _wrap(splits: Any, spec: str, split: str, streaming: bool, fix: str) -> tupl
         class_names = [str(c) for c in range(max(table[label_column]) + 1)]
     else:
         raise UsageError(f"streamed dataset '{spec}' does not list its classes: drop --streaming")
-    info = DatasetInfo(spec, len(class_names), class_names)
+    info = DatasetInfo(spec, class_names, f"a Hugging Face dataset with labels in '{label_column}'")
     wrapper = HubImageStream if streaming else HubImages
     return functools.partial(wrapper, table, image_column, label_column), info
 

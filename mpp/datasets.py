@@ -9,7 +9,10 @@ looking for attributes. (`import datasets` in this module is Hugging Face's libr
 from __future__ import annotations
 
 import abc
+import functools
+import hashlib
 import io
+import itertools
 import multiprocessing
 import multiprocessing.context
 import sys
@@ -29,21 +32,48 @@ TransformFn = Callable[[torch.Tensor], torch.Tensor]
 UNREADABLE = (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError)
 
 
+NO_LABEL = -1  # the label every item of an unlabelled data set carries (a batch still collates)
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What a split holds, whatever its source: its spec and classes."""
+    """What a split holds, whatever its source: its spec, and its classes or that it has none.
+
+    A source is labelled (its classes are named: label i is class_names[i]) or unlabelled
+    (class_names is None, every item's label is NO_LABEL, `labels()` refuses): the source's own
+    layout says which (mpp.data), and nothing downstream guesses. Whoever needs labels calls
+    `require_labels` once, where the data set is built, before anything is written."""
 
     spec: str  # the spec string as given
-    num_classes: int
-    class_names: list[str]  # label i is class_names[i]
+    class_names: list[str] | None  # label i is class_names[i]; None: unlabelled
+    layout: str = ""  # how the source was read, said in the log and in refusals, e.g. "a folder without train/"
+
+    @property
+    def labelled(self) -> bool:
+        return self.class_names is not None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names) if self.class_names is not None else 0
+
+    def require_labels(self, fix: str) -> DatasetInfo:
+        """This info, or a one-line UsageError when the data set has no labels; `fix` says what to pass."""
+        if not self.labelled:
+            raise UsageError(f"dataset '{self.spec}' has no labels ({self.layout or 'unlabelled'}): {fix}")
+        return self
+
+    def describe(self) -> str:
+        """What the log says of the data: "10 classes" or "unlabelled (a folder without train/ ...)"."""
+        return f"{self.num_classes} classes" if self.labelled else f"unlabelled ({self.layout})"
 
 
 class ImageDataset(abc.ABC):
     """The interface of every data set: items (image, int label), the image the raw uint8 [3, H, W] RGB
-    or what `transform` makes of it (mpp.data's: float32 [3, S, S] in [0, 1]).
+    or what `transform` makes of it (mpp.data's: float32 [3, S, S] in [0, 1]); the label is NO_LABEL
+    in every item of an unlabelled set.
 
     Members, each fixed by the constructor (only the epoch moves, by `set_epoch`):
-    - `info`: a DatasetInfo: the spec, the number of classes and their names.
+    - `info`: a DatasetInfo: the spec, and the classes' names or that there are none (unlabelled).
     - `transform`: the function applied to each raw image; None: the items are raw.
     - `streamed`: False for a map-style set (a torch Dataset with `len()`, `dataset[i]` and `labels()`,
       see MapImages); True for a stream (a torch IterableDataset without a length, read in its own
@@ -112,7 +142,8 @@ class MapImages(ImageDataset, Dataset):
 
     @abc.abstractmethod
     def labels(self) -> torch.Tensor:
-        """int64 [N]: the label of every index, as listed (an unreadable image's stand-in may differ)."""
+        """int64 [N]: the label of every index, as listed (an unreadable image's stand-in may differ).
+        An unlabelled set has none: a UsageError (DatasetInfo.require_labels)."""
 
     @abc.abstractmethod
     def raw(self, index: int) -> tuple[torch.Tensor, int]:
@@ -122,6 +153,8 @@ class MapImages(ImageDataset, Dataset):
         self._epoch.fill_(epoch)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= index < len(self):  # as a sequence: so iterating the set ends (HubImages.raw wraps around)
+            raise IndexError(f"index {index} out of range for a data set of {len(self)} images")
         if self.seed is None:
             return self._transformed(index)
         with torch.random.fork_rng(devices=[]):  # CPU only: transforms run on CPU; the caller's stream is untouched
@@ -144,14 +177,17 @@ class TableReader(ImageDataset):
     decoded here, so an unreadable file is caught with its path: skipped with a warning and counted
     (`record_skip`), or, when `strict`, a one-line error."""
 
-    def _use_table(self, table: Any, image_column: str, label_column: str) -> None:
+    def _use_table(self, table: Any, image_column: str, label_column: str | None) -> None:
+        """`label_column` None: the table has no labels (info.class_names is None), items carry NO_LABEL."""
         import datasets
 
+        if (label_column is None) == self.info.labelled:
+            raise ValueError(f"label column {label_column!r} for a data set whose info says {self.info.describe()}")
         # Guards the skip marks in shared memory: two loader workers can meet the same unreadable file
         # at once (one reads it, another falls back on it), and only the first may count and warn.
         self._skip_lock = new_skip_lock()
 
-        table = table.select_columns([image_column, label_column])  # don't decode columns we drop
+        table = table.select_columns([c for c in (image_column, label_column) if c])  # don't decode columns we drop
         if isinstance((table.features or {}).get(image_column), datasets.Image):  # cells become {"path", "bytes"}
             table = table.cast_column(image_column, datasets.Image(decode=False))
         self.table = table
@@ -163,7 +199,7 @@ class TableReader(ImageDataset):
         try:
             return rgb_tensor(open_image(cell))
         except UNREADABLE as e:
-            name = (cell.get("path") if isinstance(cell, dict) else None) or f"row with label {row[self.label_column]}"
+            name = (cell.get("path") if isinstance(cell, dict) else None) or f"row with label {self.label_of(row)}"
             reason = first_line(e)
             if self.strict:
                 raise UsageError(f"image '{name}' cannot be read ({reason}): remove or replace it, "
@@ -176,6 +212,9 @@ class TableReader(ImageDataset):
                              "skipped so far: pass --strict-images to stop instead\n")
             sys.stderr.flush()
             return None
+
+    def label_of(self, row: dict) -> int:
+        return int(row[self.label_column]) if self.label_column else NO_LABEL
 
     @abc.abstractmethod
     def record_skip(self, name: str) -> bool:
@@ -201,7 +240,7 @@ class HubImages(TableReader, MapImages):
     and marked, so it is reported and decoded once, not each time a neighbour falls back on it. The
     marks live in shared memory, so DataLoader worker processes add to them."""
 
-    def __init__(self, table: Any, image_column: str, label_column: str, *, info: DatasetInfo,
+    def __init__(self, table: Any, image_column: str, label_column: str | None, *, info: DatasetInfo,
                  transform: TransformFn | None = None, seed: int | None = None, strict: bool = False):
         super().__init__(info, transform, seed, strict)
         self._use_table(table, image_column, label_column)
@@ -212,6 +251,7 @@ class HubImages(TableReader, MapImages):
         return len(self.table)
 
     def labels(self) -> torch.Tensor:
+        self.info.require_labels("a probe or a supervised run needs a labelled dataset")
         # One column, read as an Arrow batch: no image decoded, and not a Python object per row (which
         # `table[column]` builds: minutes for ImageNet).
         column = self.table.select_columns([self.label_column]).with_format("numpy")[:][self.label_column]
@@ -234,7 +274,7 @@ class HubImages(TableReader, MapImages):
             row = self.table[self._current]
             image = self.read(row)  # uint8 [3, H, W] | None
             if image is not None:
-                return image, int(row[self.label_column])
+                return image, self.label_of(row)
         raise UsageError("no image of the dataset can be read: check the files (see the warnings above)")
 
 
@@ -248,15 +288,18 @@ class HubImageStream(TableReader, IterableDataset):
 
     streamed = True
 
-    def __init__(self, stream: Any, image_column: str, label_column: str, *, info: DatasetInfo,
+    def __init__(self, stream: Any, image_column: str, label_column: str | None, *, info: DatasetInfo,
                  transform: TransformFn | None = None, seed: int | None = None, strict: bool = False,
-                 shuffle_buffer: int = 0, read_error: Callable[[BaseException], str] | None = None):
+                 shuffle_buffer: int = 0, read_error: Callable[[BaseException], str] | None = None,
+                 exclude: frozenset[str] = frozenset()):
         # read_error: the one line for a failure inside the stream's own reading (a bad file it met);
         # None: a line naming the dataset and the error
         self.read_error = read_error
         seed = 0 if seed is None else seed  # a stream's order and crops always repeat
         super().__init__(info, transform, seed, strict)
         self._use_table(stream, image_column, label_column)
+        if exclude:  # images held out (mpp.holdout), known by image_identity: skipped wherever they come
+            self.table = self.table.filter(functools.partial(_kept, image_column, exclude))
         if shuffle_buffer:  # reshuffled each epoch, with seed + epoch (`set_epoch`)
             self.table = self.table.shuffle(seed=seed, buffer_size=shuffle_buffer)
         self.skipped = torch.zeros((), dtype=torch.int64).share_memory_()  # int64 []: distinct images skipped
@@ -288,7 +331,11 @@ class HubImageStream(TableReader, IterableDataset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed_of(self.seed, epoch, worker, k))
                 image = self.transform(image) if self.transform else image
-            yield image, int(row[self.label_column])
+            yield image, self.label_of(row)
+
+    def head(self, n: int) -> list[dict]:
+        """The stream's first `n` rows in its order (epoch 0), undecoded: {image column: {"path", "bytes"}, ...}."""
+        return list(itertools.islice(self._rows(), n))
 
     def _rows(self) -> Iterator[dict]:
         """The stream's rows; an error of its own reading (not of ours, such as a row check's
@@ -303,9 +350,23 @@ class HubImageStream(TableReader, IterableDataset):
                 raise
             except (ValueError, OSError) as e:  # e.g. a label that is not a number, a file cut short
                 raise UsageError(self.read_error(e) if self.read_error else
-                                 f"the stream of dataset '{self.info.name}' could not be read ({first_line(e)}): "
+                                 f"the stream of dataset '{self.info.spec}' could not be read ({first_line(e)}): "
                                  "fix or remove the file it met") from e
             yield row
+
+
+def image_identity(cell: Any) -> str:
+    """What tells two images of a table apart, without decoding: the file's bytes (their SHA-1), or
+    its path when a cell holds only that (an image folder's rows)."""
+    if isinstance(cell, dict) and cell.get("bytes"):
+        return hashlib.sha1(cell["bytes"]).hexdigest()
+    if isinstance(cell, dict) and cell.get("path"):
+        return f"path:{cell['path']}"
+    return hashlib.sha1(np.ascontiguousarray(np.asarray(cell)).tobytes()).hexdigest()  # a decoded image
+
+
+def _kept(image_column: str, exclude: frozenset[str], row: dict) -> bool:
+    return image_identity(row[image_column]) not in exclude
 
 
 def open_image(cell: Any) -> Any:

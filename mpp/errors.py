@@ -13,6 +13,16 @@ class UsageError(Exception):
     """Bad input the user can fix. The message is one line: the problem, then what to do."""
 
 
+class MissingSplit(UsageError):
+    """A dataset without the split asked for (a test split): pretraining carves a held-out split from
+    its training images instead (mpp.holdout), saying why (`problem`); everything else stops with
+    this one line."""
+
+    def __init__(self, problem: str, fix: str):
+        super().__init__(f"{problem}: {fix}")
+        self.problem = problem
+
+
 def one_line(error: UsageError) -> str:
     """The error's own line. Raised in a DataLoader worker, it comes back re-raised by PyTorch with
     the worker's traceback in front ("Caught UsageError in DataLoader worker ... Traceback ...")."""

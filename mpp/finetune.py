@@ -37,7 +37,7 @@ from mpp.config import (
     check_ranges,
     dataclass_from_args,
 )
-from mpp.data import build_dataset, normalize
+from mpp.data import LABELLED_FORMS, build_dataset, normalize
 from mpp.errors import UsageError
 from mpp.files import writable_dir, write_json
 from mpp.finetune_start import (
@@ -311,12 +311,13 @@ def _finetune(config: FinetuneConfig, held: contextlib.ExitStack, invocation: In
     # ---- model and data
     start, pretrained_cfg, dataset, start_point = starting_model(config)
     results = recorded_results(out, config, start_point)
-    if accelerator.is_main_process:  # one fine-tune writes an output directory at a time
-        held.enter_context(RunLock(writable_dir(out, "--output-dir")))
     image_size = start.config.image_size
     train_set, info = build_dataset(dataset, "train", image_size, train=True, transform=train_transform(config, image_size))
+    info.require_labels(f"fine-tuning learns the labels: pass --dataset SPEC, a labelled dataset ({LABELLED_FORMS})")
     train_eval_set, _ = build_dataset(dataset, "train", image_size, train=False)  # the dev split, unaugmented
     test_set, _ = build_dataset(dataset, "test", image_size, train=False)
+    if accelerator.is_main_process:  # one fine-tune writes an output directory at a time; a refused dataset wrote none
+        held.enter_context(RunLock(writable_dir(out, "--output-dir")))
     start.reset_head(info.num_classes)  # the paper's zero-initialised linear head
     split = split_labelled(train_set.labels().numpy(), config)
     steps = math.ceil(config.epochs * len(split["train"]) / config.batch_size) if config.epochs > 0 else config.steps

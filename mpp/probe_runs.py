@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpp.data import build_dataset
+from mpp.data import LABELLED_FORMS, build_dataset
 from mpp.features import (
     FeatureSpec,
     extract_feature_sets,
@@ -85,7 +85,9 @@ class ProbeData:
 
     @classmethod
     def load(cls, spec: str, image_size: int) -> ProbeData:
+        """Both splits of a labelled dataset; an unlabelled one is refused (one line) before anything is read."""
         train, info = build_dataset(spec, "train", image_size, train=False)
+        info.require_labels(f"a probe scores classes: pass a labelled dataset to probe ({LABELLED_FORMS})")
         test, _ = build_dataset(spec, "test", image_size, train=False)
         return cls(spec, image_size, train, test, info.num_classes, tuple(info.class_names))
 

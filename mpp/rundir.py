@@ -100,8 +100,9 @@ def changed_settings(saved: dict, now: dict, free: set[str] | frozenset[str] = f
     return [f"{flag(k)} {saved.get(k)} → {v}" for k, v in now.items() if k not in free and saved.get(k) != v]
 
 
-def prepare_run_dir(config) -> Path:
-    """Refuse to overwrite a run, and to resume one that has nothing to resume from."""
+def check_run_dir(config) -> Path:
+    """Refuse, writing nothing, to overwrite a run, to resume one that has nothing to resume from, and
+    to write a run where the dataset's images are read."""
     from mpp.folders import TEST_FOLDERS  # mpp.folders reads RUN_MARKERS from here
     run_dir = Path(config.output_dir)
     has_ckpt = bool(list_checkpoints(run_dir))
@@ -113,11 +114,18 @@ def prepare_run_dir(config) -> Path:
     if config.resume and not has_ckpt:
         raise UsageError(f"--resume: no checkpoint in '{checkpoint_dir(run_dir)}': drop --resume to start this run")
     data = Path(config.dataset).expanduser()
-    for split in (data / name for name in ("train", *TEST_FOLDERS)) if data.is_dir() else ():
-        if split.is_dir() and run_dir.resolve().is_relative_to(split.resolve()):  # its files would become data
-            raise UsageError(f"--output-dir '{run_dir}' is inside the dataset's {split.name}/ folder: "
-                             "pass an --output-dir outside the dataset")
-    return writable_dir(run_dir, "--output-dir")
+    splits = [data / name for name in ("train", *TEST_FOLDERS) if (data / name).is_dir()] if data.is_dir() else []
+    # A folder without train/ is read whole (mpp.folders): a run anywhere inside it would be in its data.
+    for folder in splits or ([data] if data.is_dir() else []):
+        if run_dir.resolve().is_relative_to(folder.resolve()):  # its files would become data
+            where = f"the dataset's {folder.name}/ folder" if splits else f"the dataset folder '{data}'"
+            raise UsageError(f"--output-dir '{run_dir}' is inside {where}: pass an --output-dir outside the dataset")
+    return run_dir
+
+
+def prepare_run_dir(config) -> Path:
+    """`check_run_dir`, then the run directory created and proved writable."""
+    return writable_dir(check_run_dir(config), "--output-dir")
 
 
 # Settings a resumed run may change: they do not alter what it computes, only how long and how it reports.
@@ -135,6 +143,11 @@ def check_resume(saved: dict, run_cfg: dict, num_processes: int, source: str) ->
         changed.append(f"--mixed-precision {saved['precision']} → {run_cfg['precision']}")
     if saved.get("num_processes", num_processes) != num_processes:
         changed.append(f"processes {saved['num_processes']} → {num_processes}")
+    held, now = (saved.get("data") or {}).get("holdout"), run_cfg["data"]["holdout"]
+    if "holdout" in (saved.get("data") or {}) and (held or {}).get("rule") != (now or {}).get("rule"):
+        # the images were carved by count and order: another carve means the dataset changed
+        changed.append(f"held-out split '{(held or {}).get('rule', 'the test split')}' → "
+                       f"'{(now or {}).get('rule', 'the test split')}' (the dataset changed)")
     if changed:
         raise UsageError(f"{source} was trained with other settings ({'; '.join(changed)}): resume with the "
                          "run's own settings (see its config.json) or pass a new --output-dir")

@@ -15,13 +15,17 @@ LOCATION is
   Every shard a brace names must exist. The test split is the folder's shards named like the
   pattern with `train` replaced by test, val or validation (any numbers: `test-*.tar`).
 
-Classes: `classes.txt` (one name per line, line i is label i) or `classes.json` (a list of names)
-beside the shards. Without one, the classes are 0..max label of the train split, read from the
-loaded labels; a stream cannot list its labels without reading every shard, so `--streaming` needs
-the file (scripts/make_shards.py writes it). Each shard's first sample is checked when the data set
-is built (a readable tar, an image and a `cls` member, a decimal label); a later sample without
-them, a label that is not an integer (named by shard and key) or out of range stops the run with one
-line: when loaded, at the start; when streamed, as it is read, also inside DataLoader workers.
+Labels: shards whose samples have `cls` members are labelled; shards whose samples have only an
+image are unlabelled (for self-supervised pretraining). The first sample of every shard says which,
+and every shard must say the same. Classes of labelled shards: `classes.txt` (one name per line,
+line i is label i) or `classes.json` (a list of names) beside the shards. Without one, the classes
+are 0..max label of the train split, read from the loaded labels; a stream cannot list its labels
+without reading every shard, so `--streaming` needs the file (scripts/make_shards.py writes it). A
+class file beside shards without `cls` members is refused: the labels it names are missing. Each
+shard's first sample is checked when the data set is built (a readable tar, an image member, a
+decimal label when labelled); a later sample without its members, a label that is not an integer
+(named by shard and key) or out of range stops the run with one line: when loaded, at the start;
+when streamed, as it is read, also inside DataLoader workers.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from mpp.datasets import DatasetInfo, HubImages, HubImageStream, ImageDataset
-from mpp.errors import UsageError, first_line
+from mpp.errors import MissingSplit, UsageError, first_line
 from mpp.files import atomic_write
 
 PREFIX = "shards:"
@@ -87,7 +91,7 @@ def shard_files(location: str, split: str) -> list[Path]:
         if found:
             return found
     tried = ", ".join(globbed.replace("train", w, 1) for w in TEST_WORDS)
-    raise UsageError(f"shard folder '{folder}' has no test split (no {tried}): add test shards beside the train ones")
+    raise MissingSplit(f"shard folder '{folder}' has no test split (no {tried})", "add test shards beside the train ones")
 
 
 def _train_files(folder: Path, name: str) -> list[Path]:
@@ -105,9 +109,10 @@ def _train_files(folder: Path, name: str) -> list[Path]:
     return files
 
 
-def check_first_sample(path: Path) -> None:
-    """A readable tar whose first sample has an image member and a `cls` member holding an integer:
-    a few header reads per shard, so every shard is checked when the data set is built."""
+def check_first_sample(path: Path) -> bool:
+    """A readable tar whose first sample has an image member, and a `cls` member holding an integer
+    when it has one: a few header reads per shard, so every shard is checked when the data set is
+    built. Whether that sample is labelled (has a `cls` member)."""
     from datasets.packaged_modules.webdataset.webdataset import (
         IMAGE_EXTENSIONS,
         base_plus_ext,
@@ -129,11 +134,23 @@ def check_first_sample(path: Path) -> None:
     found = ", ".join(sorted(fields)) or "no members"
     if key is None:
         raise UsageError(f"shard '{path}' holds no samples: remove it or write <key>.jpg and <key>.cls members")
-    if LABEL not in fields or not any(f.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS for f in fields):
-        raise UsageError(f"shard '{path}': sample '{key}' has {found}, not an image and a cls member: "
-                         "write shards with <key>.jpg and <key>.cls members (scripts/make_shards.py)")
-    if not_integer(fields[LABEL]):
+    if not any(f.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS for f in fields):
+        raise UsageError(f"shard '{path}': sample '{key}' has {found}, no image member: write shards with "
+                         "<key>.jpg members, and <key>.cls for labels (scripts/make_shards.py)")
+    if LABEL in fields and not_integer(fields[LABEL]):
         raise UsageError(label_line(path, key, fields[LABEL]))
+    return LABEL in fields
+
+
+def labelled_shards(files: list[Path]) -> bool:
+    """Whether the shards are labelled: their first samples, each checked, all have a `cls` member or none has."""
+    found = {path: check_first_sample(path) for path in files}
+    with_label = [p.name for p, labelled in found.items() if labelled]
+    if with_label and len(with_label) < len(found):
+        without = [p.name for p, labelled in found.items() if not labelled]
+        raise UsageError(f"shards {with_label[0]} and {without[0]} disagree: the first has cls members (labels) and "
+                         "the second has none: write every shard with <key>.cls members, or none of them")
+    return bool(with_label)
 
 
 def not_integer(text: bytes) -> bool:
@@ -169,8 +186,13 @@ def read_class_names(folder: Path) -> list[str] | None:
 
 
 def check_row(row: dict, *, spec: str, num_classes: int, image_column: str) -> dict:
-    """A streamed sample as it is read: it has its image and a label in range, or the run stops with one line."""
+    """A streamed sample as it is read: it has its image and (num_classes > 0: labelled shards) a label
+    in range, or the run stops with one line."""
     where = f"sample '{row['__key__']}' of shard '{row['__url__']}'"
+    if not num_classes:  # unlabelled: its image is all it must have
+        if row[image_column] is None:
+            raise UsageError(f"{where} lacks its image member: fix or remove the shard of dataset '{spec}'")
+        return row
     if row[image_column] is None or row[LABEL] is None:
         raise UsageError(f"{where} lacks its {'image' if row[image_column] is None else 'cls'} member: "
                          f"fix or remove the shard of dataset '{spec}'")
@@ -187,11 +209,13 @@ def load_shards(spec: str, split: str, streaming: bool) -> tuple[Callable[..., I
     if not location:
         raise UsageError(f"'{spec}' names no shards: {FORM}")
     files = shard_files(location, split)
-    for path in files:
-        check_first_sample(path)
-    folder = files[0].parent
-    class_names = read_class_names(folder)
-    if class_names is None and streaming:
+    labelled = labelled_shards(files)
+    class_names = read_class_names(files[0].parent)
+    if not labelled and class_names is not None:
+        raise UsageError(f"the shards of '{location}' have no cls members, yet classes are listed beside them "
+                         f"({', '.join(CLASS_FILES)}): write the labels as <key>.cls members, or remove the "
+                         "class file to read them unlabelled")
+    if labelled and class_names is None and streaming:
         raise UsageError(f"streamed shards '{location}' do not list their classes: put classes.txt beside them "
                          "(one class name per line, label i on line i + 1), or drop --streaming")
     import datasets
@@ -200,20 +224,21 @@ def load_shards(spec: str, split: str, streaming: bool) -> tuple[Callable[..., I
     table = _load(spec, files, split, streaming)
     # The first sample's members have been checked, so datasets has inferred an image column.
     image_column = next(c for c, f in table.features.items() if isinstance(f, datasets.Image))
-    if class_names is None:  # map-style: the classes are 0..max of train's labels
+    if labelled and class_names is None:  # map-style: the classes are 0..max of train's labels
         train = table if split == "train" else _load(spec, shard_files(location, "train"), "train", False)
         class_names = [str(c) for c in range(pc.max(train.data.table.column(LABEL)).as_py() + 1)]
-    info = DatasetInfo(spec, len(class_names), class_names)
+    info = DatasetInfo(spec, class_names, f"tar shards {'with' if labelled else 'without'} cls members")
+    label_column = LABEL if labelled else None
     # Undecoded from here: the check below must not decode images, and mpp.datasets decodes them itself.
-    table = table.select_columns(["__key__", "__url__", image_column, LABEL]).cast_column(
+    table = table.select_columns(["__key__", "__url__", image_column, *([LABEL] if labelled else [])]).cast_column(
         image_column, datasets.Image(decode=False))
     checker = functools.partial(check_row, spec=spec, num_classes=info.num_classes, image_column=image_column)
     if streaming:
         table = table.map(checker, features=table.features)  # checked as read: a stream is not scanned
         read_error = functools.partial(stream_error, spec, files)
-        return functools.partial(HubImageStream, table, image_column, LABEL, read_error=read_error), info
+        return functools.partial(HubImageStream, table, image_column, label_column, read_error=read_error), info
     _check_table(table, checker, image_column)
-    return functools.partial(HubImages, table, image_column, LABEL), info
+    return functools.partial(HubImages, table, image_column, label_column), info
 
 
 def _load(spec: str, files: list[Path], split: str, streaming: bool) -> Any:
@@ -261,18 +286,21 @@ def _check_table(table: Any, checker: Callable[[dict], dict], image_column: str)
     import pyarrow.compute as pc
 
     data = table.data.table
-    labels, images = data.column(LABEL), data.column(image_column)
-    bad = pc.or_(pc.or_(pc.is_null(labels), pc.is_null(images)),
-                 pc.or_(pc.less(labels, 0), pc.greater_equal(labels, checker.keywords["num_classes"])))
+    images, num_classes = data.column(image_column), checker.keywords["num_classes"]
+    bad = pc.is_null(images)
+    if num_classes:  # labelled: every label present and in range
+        labels = data.column(LABEL)
+        bad = pc.or_(pc.or_(pc.is_null(labels), bad), pc.or_(pc.less(labels, 0), pc.greater_equal(labels, num_classes)))
     bad = pc.fill_null(bad, True)
     if pc.any(bad).as_py():
         index = pc.index(bad, True).as_py()
         checker(data.slice(index, 1).to_pylist()[0])
 
 
-def write_shards(samples: Iterable[tuple[bytes, str, int]], out: Path, split: str, per_shard: int) -> list[Path]:
-    """Write `samples` (image file bytes, its suffix such as "jpg", label), read lazily in order, as
-    out/<split>-000000.tar, ...: `per_shard` samples each, keyed <split>-<index>; each tar written whole."""
+def write_shards(samples: Iterable[tuple[bytes, str, int | None]], out: Path, split: str, per_shard: int) -> list[Path]:
+    """Write `samples` (image file bytes, its suffix such as "jpg", label or None: no cls member), read
+    lazily in order, as out/<split>-000000.tar, ...: `per_shard` samples each, keyed <split>-<index>;
+    each tar written whole."""
     out.mkdir(parents=True, exist_ok=True)
     paths, samples = [], iter(samples)
     while chunk := list(itertools.islice(samples, per_shard)):
@@ -283,11 +311,12 @@ def write_shards(samples: Iterable[tuple[bytes, str, int]], out: Path, split: st
     return paths
 
 
-def _write_tar(chunk: list[tuple[bytes, str, int]], split: str, first: int, f: Any) -> None:
+def _write_tar(chunk: list[tuple[bytes, str, int | None]], split: str, first: int, f: Any) -> None:
     with tarfile.open(fileobj=f, mode="w") as tar:
         for index, (data, suffix, label) in enumerate(chunk, first):
             key = f"{split}-{index:08d}"
-            for name, payload in ((f"{key}.{suffix}", data), (f"{key}.{LABEL}", str(label).encode())):
+            members = [(f"{key}.{suffix}", data)] + ([(f"{key}.{LABEL}", str(label).encode())] if label is not None else [])
+            for name, payload in members:
                 member = tarfile.TarInfo(name)
                 member.size = len(payload)
                 tar.addfile(member, io.BytesIO(payload))

@@ -39,7 +39,7 @@ OBJECTIVES = ("mpp", "supervised")
 @dataclass(frozen=True)
 class TrainConfig:
     objective: str = "mpp"  # mpp (self-supervised, no labels) | supervised (labels; also the from-scratch baseline)
-    dataset: str = "digits"  # digits (offline default) | PATH to an image folder (train/<class>/...) | hf:NAME
+    dataset: str = "digits"  # digits (offline default) | PATH: a folder of images (train/<class>/... for classes, else unlabelled) | shards:PATH | hf:NAME or hf:PATH
     model: str = "Micro/4"  # ViT preset: Micro/4, Ti/4, S/4 (32 px), Ti/16, S/16, B/16, L/16, H/14, or SIZE/PATCH
     image_size: int = 0  # training resolution in pixels, divisible by the patch size; 0: the preset's (Micro 16, /4 32, else 224)
     dropout: float = 0.0  # ViT dropout (the paper used 0.1 for supervised training on smaller datasets)
@@ -75,6 +75,7 @@ class TrainConfig:
     save_every: int = 500  # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 3  # the newest K checkpoints are kept
     eval_every: int = 0  # steps between held-out evaluations; 0: only at the end
+    holdout_images: int = 1000  # a dataset without a test split: training images held out for the held-out evaluation (at most a tenth of them; never trained on)
     fewshot_every: int = 0  # steps between in-run few-shot probes (also at step 0 and the end); 0: off
     fewshot_max_images: int = 2000  # test images each in-run probe scores (a fixed random subset; 0: all); the 1/5/10/25-shot draws add at most 123 images per class
     fewshot_dataset: str = ""  # a second dataset the in-run probe scores (transfer), besides the run's own
@@ -87,7 +88,7 @@ class TrainConfig:
         "lr": POSITIVE, "min_lr": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
         "beta1": OPEN_FRACTION, "beta2": OPEN_FRACTION, "grad_clip": NON_NEGATIVE, "label_smoothing": OPEN_FRACTION,
         "seed": SEED, "log_every": AT_LEAST_1, "save_every": AT_LEAST_1, "keep_checkpoints": AT_LEAST_1,
-        "eval_every": NON_NEGATIVE, "fewshot_every": NON_NEGATIVE, "fewshot_max_images": NON_NEGATIVE,
+        "eval_every": NON_NEGATIVE, "holdout_images": Range(1, 100_000), "fewshot_every": NON_NEGATIVE, "fewshot_max_images": NON_NEGATIVE,
     }
 
     def validate(self) -> TrainConfig:

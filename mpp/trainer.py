@@ -22,9 +22,10 @@ import torch
 from mpp import checkpoint as ckpt_io
 from mpp import rundir
 from mpp.config import Invocation
-from mpp.data import build_dataset
+from mpp.data import LABELLED_FORMS
 from mpp.errors import UsageError
 from mpp.fewshot_monitor import FewshotMonitor
+from mpp.holdout import pretraining_splits
 from mpp.files import write_json
 from mpp.kernels import KernelPolicy, RunShapes
 from mpp.loop import agree, data_loaders, evaluate, optimizer_step
@@ -64,11 +65,11 @@ class Trainer:
         policy = KernelPolicy.from_flags(config.kernels, config.kernel_cache)  # the one decision's inputs
         vit_cfg = vit_config(config.model, image_size=config.image_size or None, dropout=config.dropout)
 
-        # ---- accelerator and run directory
+        # ---- accelerator
         self.accelerator = acc = make_accelerator(
             config.mixed_precision, config.cpu_threads, gradient_accumulation_steps=config.grad_accum_steps,
         )
-        self.run_dir = self._open_run_dir()
+        self._on_main(lambda: rundir.check_run_dir(config))  # a wrong --resume or --output-dir: before the data
         set_seed(config.seed, device_specific=False)
         world = acc.num_processes * config.grad_accum_steps
         if config.batch_size % world:
@@ -76,8 +77,10 @@ class Trainer:
                              f"= {world}: pass a multiple of {world}")
         micro_batch = config.batch_size // world
 
-        # ---- data
+        # ---- data, then the run directory: a dataset this run cannot use leaves nothing written
         self._build_data(vit_cfg.image_size, micro_batch)
+        self._on_main(lambda: self.held.enter_context(RunLock(rundir.prepare_run_dir(config))))  # one writer
+        self.run_dir = Path(config.output_dir)
 
         # ---- kernels: decided once, at this run's shapes, by the main process for all of them
         last_queries = corrupted_count(mpp_config.corrupt_rate, vit_cfg.num_patches) if config.objective == "mpp" else 1
@@ -99,7 +102,7 @@ class Trainer:
         # only the main one draws; held_out_images moves no generator)
         drawable = config.objective == "mpp" and objective.entry.render is not None and objective.entry.decode is not None
         self.preview = held_out_images(self.eval_set, PREVIEW_IMAGES) if drawable else None
-        self.run_cfg = run_config(config, mpp_config, vit, self.info, self.invocation)
+        self.run_cfg = run_config(config, mpp_config, vit, self.info, self.splits.holdout, self.invocation)
         self.run_cfg["kernels"] = kernels.record()
         self.run_cfg["precision"] = str(acc.mixed_precision)  # what ran, whatever chose it (flag, Accelerate, GPU default)
         self.run_cfg["num_processes"] = acc.num_processes
@@ -124,42 +127,52 @@ class Trainer:
 
     # ---- setup, in the order __init__ calls it
 
-    def _open_run_dir(self) -> Path:
-        """The main process checks and creates the run directory; every process learns the verdict, so
-        a bad --output-dir stops them all instead of leaving the others waiting."""
+    def _on_main(self, check) -> None:
+        """Run `check` on the main process (it may raise UsageError); every process learns the verdict,
+        so a refusal stops them all instead of leaving the others waiting."""
         from accelerate.utils import broadcast_object_list
 
         verdict = [None]
         if self.accelerator.is_main_process:
-            try:  # one process writes a run directory at a time
-                self.held.enter_context(RunLock(rundir.prepare_run_dir(self.config)))
+            try:
+                check()
             except UsageError as e:
                 verdict[0] = str(e)
         broadcast_object_list(verdict)
         if verdict[0]:
             raise UsageError(verdict[0])
-        return Path(self.config.output_dir)
 
     def _build_data(self, image_size: int, micro_batch: int) -> None:
-        config = self.config
-        self.train_set, self.info = build_dataset(
-            config.dataset, "train", image_size, train=True, crop_scale=config.crop_scale, hflip=config.hflip,
-            streaming=config.streaming, shuffle_buffer=config.shuffle_buffer, seed=config.seed,
-            strict=config.strict_images,
-        )
-        self.eval_set, _ = build_dataset(config.dataset, "test", image_size, train=False, streaming=config.streaming,
-                                         strict=config.strict_images)
+        config, acc = self.config, self.accelerator
+        # The test split, or a held-out split carved from the training images (mpp.holdout).
+        self.splits = splits = pretraining_splits(
+            config.dataset, image_size, holdout_images=config.holdout_images, crop_scale=config.crop_scale,
+            hflip=config.hflip, streaming=config.streaming, shuffle_buffer=config.shuffle_buffer, seed=config.seed,
+            strict=config.strict_images)
+        self.train_set, self.eval_set, self.info = splits.train, splits.eval, splits.info
+        acc.print(f"dataset {config.dataset}: {self.info.describe()}")
+        if splits.note():
+            acc.print(splits.note())
+        if config.objective == "supervised":
+            self.info.require_labels(f"supervised pretraining learns the labels: pretrain it by MPP "
+                                     f"(scripts/pretrain_mpp.py), or pass a labelled dataset ({LABELLED_FORMS})")
         # Each image's augmentation draws from (seed, epoch, index), or (seed, epoch, worker, k) for a
         # stream: the same after a resume or on N processes (mpp.datasets).
         self.streamed = self.train_set.streamed
         self.train_loader, self.eval_loader = data_loaders(self.train_set, self.eval_set, micro_batch,
-                                                           config.num_workers, self.accelerator, self.streamed)
+                                                           config.num_workers, acc, self.streamed)
         self.fewshot = None  # the in-run few-shot probe, with its draws fixed now (mpp.fewshot_monitor)
-        if config.fewshot_every:  # TrainConfig.validate refused a stream without a --fewshot-dataset
-            specs = ([] if self.streamed else [config.dataset]) + ([config.fewshot_dataset] if config.fewshot_dataset else [])
-            self.fewshot = FewshotMonitor(specs, image_size, config.fewshot_max_images, batch_size=micro_batch)
-            self.accelerator.print(f"few-shot probe every {config.fewshot_every} steps, at step 0 and at the end "
-                                   f"(1/5/10/25 shots × 3 draws, l2 = 2^10), each embedding {self.fewshot.cost()}")
+        if not config.fewshot_every:
+            return
+        if not self.info.labelled and not config.fewshot_dataset:
+            raise UsageError(f"--fewshot-every probes the run's dataset, which has no labels ({self.info.layout}): "
+                             f"pass --fewshot-dataset SPEC, a labelled dataset to probe instead ({LABELLED_FORMS})")
+        # A stream cannot be probed by index (TrainConfig.validate asked for a --fewshot-dataset), nor unlabelled data.
+        own = [config.dataset] if self.info.labelled and not self.streamed else []
+        self.fewshot = FewshotMonitor(own + ([config.fewshot_dataset] if config.fewshot_dataset else []), image_size,
+                                      config.fewshot_max_images, batch_size=micro_batch)
+        acc.print(f"few-shot probe every {config.fewshot_every} steps, at step 0 and at the end "
+                  f"(1/5/10/25 shots × 3 draws, l2 = 2^10), each embedding {self.fewshot.cost()}")
 
     def _total_steps(self) -> int:
         config = self.config
@@ -418,13 +431,15 @@ class Trainer:
         return run_dir
 
 
-def run_config(config, mpp: MPPConfig, vit: ViT, data_info, invocation: Invocation) -> dict:
+def run_config(config, mpp: MPPConfig, vit: ViT, data_info, holdout: dict | None, invocation: Invocation) -> dict:
     """Everything needed to rebuild and compare this run, saved in config.json and every checkpoint."""
     return {
         "train": dataclasses.asdict(config),
         "mpp": dataclasses.asdict(mpp),
         "vit": dataclasses.asdict(vit.config),
-        "data": {"num_classes": data_info.num_classes, "class_names": list(data_info.class_names)},
+        "data": {"num_classes": data_info.num_classes, "labelled": data_info.labelled, "layout": data_info.layout,
+                 "class_names": None if data_info.class_names is None else list(data_info.class_names),
+                 "holdout": holdout},  # how the held-out split was carved from train (mpp.holdout); None: a test split
         "command": " ".join(sys.argv),
         **invocation.record(),  # config_file, command_line
         **provenance(),  # commit, versions

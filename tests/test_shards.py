@@ -45,7 +45,7 @@ def test_bad_shards_are_one_line_errors(tmp_path, hf_cache):
     with pytest.raises(UsageError, match=r"shard '.*train-000002.tar' is not a readable tar file \(empty file\)"):
         load_split(f"shards:{tmp_path}/s", "train")
     write_tar(tmp_path / "train-000000.tar", [("a.txt", b"hello")])
-    with pytest.raises(UsageError, match="not an image and a cls member"):
+    with pytest.raises(UsageError, match="sample 'a' has txt, no image member"):
         load_split(f"shards:{tmp_path}", "train")
 
 

@@ -5,8 +5,12 @@ process (its loader workers, signal handlers, exit path) is exactly what a user 
 - step: a bug inside the second training step's forward pass;
 - worker: a bug inside a loader worker, on its fifth image;
 - save: a bug inside torch.save, at the first checkpoint;
-- slow-eval: every evaluation batch takes 0.5 s and, the first time, creates the file $FAULT_MARKER.
+- slow-eval: every evaluation batch takes 0.5 s and, the first time, creates the file $FAULT_MARKER;
+- sigterm-after: the process sends itself SIGTERM once optimizer step $FAULT_STEP is done, as a scheduler
+  would at that moment: a stop that lands at the same step every time (the run trains one more step,
+  saves it and exits 143), so a resumed run can be compared bitwise with one never stopped.
 """
+import signal
 import os
 import sys
 import time
@@ -65,6 +69,20 @@ def slow_eval() -> None:
     mpp.objective.MPPObjective.forward = slow
 
 
+def sigterm_after() -> None:
+    import mpp.trainer
+
+    after_step, at = mpp.trainer.Trainer._after_step, int(os.environ["FAULT_STEP"])
+
+    def signalling(self, bar, stopping):
+        stopping = after_step(self, bar, stopping)
+        if self.progress.step == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return stopping
+
+    mpp.trainer.Trainer._after_step = signalling
+
+
 if __name__ == "__main__":
-    {"step": step, "worker": worker, "save": save, "slow-eval": slow_eval}[sys.argv[1]]()
+    {"step": step, "worker": worker, "save": save, "slow-eval": slow_eval, "sigterm-after": sigterm_after}[sys.argv[1]]()
     main("mpp", sys.argv[2:])

@@ -1,0 +1,261 @@
+"""Unlabelled data: every source that can be unlabelled (a flat folder, nested folders, a train/-only
+folder, an image-only Hugging Face dataset saved to disk, tar shards without cls members), loaded
+and streamed, through the data layer and through the command line: MPP trains on each with the
+in-run probe on a labelled set and resumes bitwise, its held-out split is carved from the training
+images, and whatever needs labels refuses each in one line, writing nothing."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from helpers.runs import ENV, REPO, final_weights, run_script, threads_kept
+from helpers.shard_files import png
+
+from mpp.data import load_split
+from mpp.datasets import NO_LABEL, image_identity
+from mpp.errors import UsageError
+from mpp.folders import folder_listing
+from mpp.holdout import pretraining_splits
+from mpp.rundir import check_run_dir
+from mpp.shards import write_shards
+from mpp.train import TrainConfig, main
+
+IMAGES = 48  # per source: a tenth (4) is held out, 44 train, 5 steps of 8 per epoch
+SOURCES = ("flat", "nested", "train-only", "hf-disk", "shards")
+
+
+def noise(rng) -> PIL.Image.Image:
+    return PIL.Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, str]:
+    """Each unlabelled source as a --dataset spec, 48 distinct 8×8 images each."""
+    root, rng = tmp_path_factory.mktemp("unlabelled"), np.random.default_rng(0)
+    specs = {}
+    flat = root / "flat"
+    flat.mkdir()
+    for i in range(IMAGES):
+        noise(rng).save(flat / f"{i:03d}.png")
+    specs["flat"] = str(flat)
+    nested = root / "nested"  # images at three depths, with folder names that are not classes
+    for i in range(IMAGES):
+        folder = nested / ("" if i < 16 else "2019" if i < 32 else "2020/trip")
+        folder.mkdir(parents=True, exist_ok=True)
+        noise(rng).save(folder / f"{i:03d}.jpg")
+    (nested / "notes.txt").write_text("not an image")
+    (nested / ".hidden").mkdir()
+    noise(rng).save(nested / ".hidden" / "skipped.png")  # hidden: never read
+    specs["nested"] = str(nested)
+    only = root / "train-only" / "train"
+    only.mkdir(parents=True)
+    for i in range(IMAGES):
+        noise(rng).save(only / f"{i:03d}.png")
+    specs["train-only"] = str(root / "train-only")
+    features = datasets.Features({"image": datasets.Image()})
+    datasets.Dataset.from_dict({"image": [noise(rng) for _ in range(IMAGES)]}, features=features).save_to_disk(
+        str(root / "hf-disk"))
+    specs["hf-disk"] = f"hf:{root / 'hf-disk'}"
+    write_shards(((png(rng), "png", None) for _ in range(IMAGES)), root / "shards", "train", per_shard=16)
+    specs["shards"] = f"shards:{root / 'shards'}"
+    return specs
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> str:
+    """A tiny labelled folder for the in-run probe: 2 classes × 25 training images, 3 test images each."""
+    root, rng = tmp_path_factory.mktemp("labelled") / "pets", np.random.default_rng(1)
+    for split, n in (("train", 25), ("test", 3)):
+        for c in ("cat", "dog"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                noise(rng).save(root / split / c / f"{i}.png")
+    return str(root)
+
+
+# ---------------------------------------------------------------- the data layer
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("source", SOURCES)
+def test_every_source_reads_unlabelled(sources, hf_cache, source, streaming):
+    data, info = load_split(sources[source], "train", streaming=streaming)
+    items = list(data)
+    assert not info.labelled and info.class_names is None and info.num_classes == 0 and info.layout
+    assert len(items) == IMAGES and {label for _, label in items} == {NO_LABEL}
+    assert all(image.shape == (3, 8, 8) and image.dtype == torch.uint8 for image, _ in items)
+    if not streaming:
+        with pytest.raises(UsageError, match="has no labels"):
+            data.labels()
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("source", SOURCES)
+def test_the_held_out_split_is_a_fixed_tenth_never_trained_on(sources, hf_cache, source, streaming):
+    def identities(splits) -> tuple[set, set]:
+        if streaming:  # the rows as they come, undecoded: what the training stream reads and what it skips
+            train = {image_identity(r[splits.train.image_column]) for r in splits.train.head(10**6)}
+            held = {image_identity(r[splits.eval.image_column]) for r in splits.eval.table}
+        else:  # both are subsets of one base set
+            train, held = set(splits.train.indices.tolist()), set(splits.eval.indices.tolist())
+        return train, held
+
+    splits = pretraining_splits(sources[source], 8, holdout_images=1000, streaming=streaming, shuffle_buffer=16, seed=3)
+    train, held = identities(splits)
+    assert len(held) == len(splits.eval) == IMAGES // 10 and len(train) == IMAGES - len(held) and not train & held
+    assert splits.holdout["images"] == IMAGES // 10 and "has no test split" in splits.holdout["why"]
+    # The carve depends on the data alone: not on the run's seed, the global generators or the process.
+    torch.manual_seed(123)
+    np.random.seed(123)
+    again = pretraining_splits(sources[source], 8, holdout_images=1000, streaming=streaming, shuffle_buffer=16, seed=9)
+    assert identities(again) == (train, held) and again.holdout == splits.holdout
+    fewer = pretraining_splits(sources[source], 8, holdout_images=2, streaming=streaming, shuffle_buffer=16)
+    assert len(fewer.eval) == 2
+
+
+def test_a_labelled_folder_keeps_its_classes_and_labels(tmp_path):
+    """The classes layout reads as it always has: an image's class is the first folder under train/, at
+    any depth, checked against an independent walk of the folder."""
+    rng = np.random.default_rng(0)
+    for path in ("train/cat/a.png", "train/cat/2019/b.png", "train/dog/c.png", "train/dog/x/y/d.png", "test/dog/e.png"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        noise(rng).save(tmp_path / path)
+    listing = folder_listing(tmp_path, str(tmp_path), "train")
+    walked = sorted((Path(d).relative_to(tmp_path / "train").parts[0], os.path.join(d, f))
+                    for d, _, files in os.walk(tmp_path / "train") for f in files)
+    assert listing.layout == "classes" and listing.class_names == ["cat", "dog"]
+    assert list(zip(listing.labels, listing.paths)) == [(["cat", "dog"].index(c), p) for c, p in walked]
+    _, info = load_split(str(tmp_path), "test")
+    assert info.labelled and info.class_names == ["cat", "dog"]
+
+
+def test_ambiguous_layouts_are_refused_in_one_line(tmp_path):
+    rng = np.random.default_rng(0)
+    for path in ("mixed/train/a.png", "mixed/train/cat/b.png", "split/train/a.png", "split/test/cat/b.png",
+                 "valonly/val/a.png", "valonly/more/b.png"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        noise(rng).save(tmp_path / path)
+    for folder, needle in (("mixed", "beside its subfolders"), ("split", "lay every split out the same"),
+                           ("valonly", "has val/ but no train/")):
+        with pytest.raises(UsageError, match=needle) as e:
+            load_split(str(tmp_path / folder), "test" if folder == "split" else "train")
+        assert "\n" not in str(e.value)
+
+
+def test_shards_say_their_labels_with_one_voice(tmp_path, hf_cache):
+    rng = np.random.default_rng(0)
+    write_shards(((png(rng), "png", None) for _ in range(4)), tmp_path / "a", "train", per_shard=2)
+    (tmp_path / "a" / "classes.txt").write_text("x\ny\n")
+    with pytest.raises(UsageError, match="have no cls members, yet classes are listed"):
+        load_split(f"shards:{tmp_path / 'a'}", "train")
+    write_shards(((png(rng), "png", None) for _ in range(2)), tmp_path / "b", "train", per_shard=2)
+    write_shards(((png(rng), "png", 0) for _ in range(2)), tmp_path / "c", "train", per_shard=2)
+    (tmp_path / "c" / "train-000000.tar").rename(tmp_path / "b" / "train-000001.tar")
+    with pytest.raises(UsageError, match="disagree"):
+        load_split(f"shards:{tmp_path / 'b'}", "train")
+
+
+def test_a_run_inside_an_unlabelled_folder_is_refused(sources):
+    config = TrainConfig(dataset=sources["nested"], output_dir=str(Path(sources["nested"]) / "runs" / "x"))
+    with pytest.raises(UsageError, match="inside the dataset folder"):
+        check_run_dir(config)
+    assert not (Path(sources["nested"]) / "runs").exists()
+
+
+# ---------------------------------------------------------------- pretraining through the command line
+
+# 6 steps of 8 images cross an epoch of 44; the probe (on a labelled folder) at steps 0 and 6.
+TINY = ["--model", "Micro/4", "--image-size", "8", "--batch-size", "8", "--num-workers", "0", "--log-every", "3",
+        "--warmup-steps", "2", "--max-steps", "6", "--shuffle-buffer", "16", "--save-every", "100"]
+
+
+def stopped_at_step_3(args: list[str]) -> subprocess.CompletedProcess:
+    """The pretraining command, sent SIGTERM once step 2 is done: it trains step 3, saves it and exits 143."""
+    return subprocess.run([sys.executable, "tests/helpers/faults.py", "sigterm-after", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env={**ENV, "FAULT_STEP": "2"})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("streaming", [False, True], ids=["loaded", "streamed"])
+@pytest.mark.parametrize("source", SOURCES)
+def test_mpp_trains_on_each_source_and_resumes_bitwise(sources, labelled, hf_cache, tmp_path, source, streaming):
+    args = ["--dataset", sources[source], *TINY, *(["--streaming"] if streaming else [])]
+    probed = ["--fewshot-every", "6", "--fewshot-dataset", labelled]
+    run = tmp_path / "run"
+    stopped = stopped_at_step_3([*args, *probed, "--output-dir", str(run)])
+    assert stopped.returncode == 143 and "stopped at step 3 of 6" in stopped.stdout + stopped.stderr, stopped.stderr[-3000:]
+    log = stopped.stdout + stopped.stderr
+    assert f"dataset {sources[source]}: unlabelled (" in log and "held-out split: " in log
+    resumed = run_script("scripts/pretrain_mpp.py", *args, *probed, "--output-dir", str(run), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    with threads_kept():  # the same run never stopped, in this process and without the probe (which changes nothing)
+        main("mpp", [*args, "--output-dir", str(tmp_path / "straight")])
+    got, expected = final_weights(run), final_weights(tmp_path / "straight")
+    assert all(torch.equal(got[k], expected[k]) for k in expected), "the resumed run differs from the straight one"
+
+    config = json.loads((run / "config.json").read_text())
+    holdout = config["data"]["holdout"]
+    assert config["data"]["labelled"] is False and config["data"]["class_names"] is None
+    assert holdout["images"] == IMAGES // 10 and holdout["of"] == (None if streaming else IMAGES)
+    assert holdout == json.loads((tmp_path / "straight" / "config.json").read_text())["data"]["holdout"]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    probes = [m["step"] for m in metrics if "fewshot/pets/25shot" in m]
+    assert probes == [0, 6] and json.loads((run / "summary.json").read_text())["eval"]["loss"] > 0
+
+
+# ---------------------------------------------------------------- whatever needs labels refuses
+
+def refusals(spec: str, out: Path) -> dict[str, list[str]]:
+    """Each label-needing command, as argv after `python`, writing (if it wrote) only under `out`."""
+    probe = ["--model", "Micro/4", "--random-init", "--dataset", spec]
+    return {
+        "supervised": ["scripts/pretrain_supervised.py", "--dataset", spec, "--output-dir", str(out / "run")],
+        "fewshot-every": ["scripts/pretrain_mpp.py", "--dataset", spec, "--fewshot-every", "5",
+                          "--output-dir", str(out / "run")],
+        "finetune": ["eval/finetune.py", "--model", "Micro/4", "--dataset", spec, "--output-dir", str(out / "tune")],
+        "fewshot": ["eval/fewshot.py", *probe, "--output", str(out / "probe" / "fewshot.json")],
+        "linear_probe": ["eval/linear_probe.py", *probe, "--output", str(out / "probe" / "linear-probe.json")],
+    }
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_every_label_needing_command_refuses_every_unlabelled_source(sources, hf_cache, tmp_path, capsys, source):
+    import eval.fewshot
+    import eval.finetune
+    import eval.linear_probe
+
+    entry = {"scripts/pretrain_supervised.py": lambda argv: main("supervised", argv),
+             "scripts/pretrain_mpp.py": lambda argv: main("mpp", argv),
+             "eval/finetune.py": eval.finetune.main, "eval/fewshot.py": eval.fewshot.main,
+             "eval/linear_probe.py": eval.linear_probe.main}
+    out = tmp_path / "out"  # each command's output goes below it: none may be created
+    for command, argv in refusals(sources[source], out).items():
+        with threads_kept(), pytest.raises(SystemExit) as e:
+            entry[argv[0]](argv[1:])
+        assert e.value.code == 2 and one_error_line(capsys.readouterr().err), command
+        assert not out.exists(), f"{command} wrote {list(out.rglob('*'))}"
+
+
+def one_error_line(stderr: str) -> bool:
+    """One `error:` line, the last, saying the data has no labels and what to pass; no traceback
+    (progress bars of `datasets` reading the data may come before it)."""
+    lines = stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    return (len(errors) == 1 and lines[-1] == errors[0] and "has no labels" in errors[0]
+            and "labelled dataset" in errors[0] and "Traceback" not in stderr)
+
+
+def test_the_refusals_through_the_command_line(sources, hf_cache, tmp_path):
+    """Each command once as a user runs it, each on another source."""
+    out = tmp_path / "out"
+    for (command, argv), source in zip(refusals("", out).items(), SOURCES):
+        argv = [sources[source] if a == "" else a for a in argv]
+        done = run_script(*argv)
+        assert done.returncode == 2 and one_error_line(done.stderr), (command, done.stderr[-2000:])
+        assert not out.exists(), command
