@@ -1,10 +1,10 @@
-"""The two probe protocols on a model and a dataset: few-shot (fixed draws, fixed l2) and the linear
-probe (l2 chosen on a dev split), each over one or several feature sets from one forward pass, and
-each beside two references scored on exactly the same images: a random init of the same
-architecture, and the raw pixels at the model's resolution.
+"""The three probe protocols on a model and a dataset: few-shot (fixed draws, fixed l2), the linear
+probe (l2 chosen on a dev split) and weighted k-NN (DINO's), each over one or several feature sets
+from one forward pass, and each beside two references scored on exactly the same images: a random
+init of the same architecture, and the raw pixels at the model's resolution.
 
-eval/fewshot.py and eval/linear_probe.py are their command lines; the training loop's in-run
-few-shot probe (mpp.fewshot_monitor) uses the same draws and solver. The math is mpp.probes'.
+eval/fewshot.py, eval/linear_probe.py and eval/knn.py are their command lines; the training loop's
+in-run probe (mpp.fewshot_monitor) uses the same draws and solvers. The math is mpp.probes'.
 """
 from __future__ import annotations
 
@@ -24,8 +24,10 @@ from mpp.features import (
 )
 from mpp.probes import (
     DEFAULT_L2S,
+    check_knn,
     fewshot_probe_grid,
     fixed_subset,
+    knn_probe_grid,
     linear_probe,
     sample_shots,
     stratified_dev_split,
@@ -33,6 +35,8 @@ from mpp.probes import (
 )
 
 STD_KIND = "population (ddof=0) over seeds"
+KNN_KS = (10, 20)  # DINO's k-NN: 10 and 20 neighbours,
+KNN_TEMPERATURE = 0.07  # votes weighted exp(cosine similarity / 0.07)
 
 
 @dataclass(frozen=True)
@@ -148,7 +152,7 @@ def run_fewshot(vit, data: ProbeData, embed: Embedder, shots=(1, 5, 10, 25), see
 
 
 def results_of(result: dict) -> dict:
-    """What a layer sweep keeps of a few-shot result ({"results", "feature_dim"}): its results."""
+    """What a layer sweep keeps of a few-shot or k-NN result ({"results", "feature_dim"}): its results."""
     return result["results"]
 
 
@@ -213,3 +217,42 @@ def run_linear_probe(vit, data: ProbeData, embed: Embedder, l2s=DEFAULT_L2S, dev
            "l2": main["l2"], "accuracy": main["accuracy"]}
     return {**out, **extra}
 
+
+def knn_plan(data: ProbeData, ks, temperature: float, max_train: int = 0,
+             max_test: int = 0) -> tuple[list[int], np.ndarray | None, np.ndarray | None]:
+    """(the k values, deduplicated in order; the training indices; the test indices; None: all of a
+    split) of the k-NN probe, once `ks` and `temperature` are usable with that many training images;
+    else the one-line UsageError. It reads the labels only: eval/knn.py asks before writing anything."""
+    train_idx, test_idx = fixed_subset(len(data.train), max_train), fixed_subset(len(data.test), max_test)
+    ks = check_knn(ks, temperature, len(data.train) if train_idx is None else len(train_idx))
+    return ks, train_idx, test_idx
+
+
+def knn_results(train_x, train_y, test_x, test_y, ks, temperature: float, num_classes: int | None) -> dict:
+    """{str(k): {"k", "accuracy"}} for every k, from one neighbour search (as reports hold them)."""
+    found = knn_probe_grid(train_x, train_y, test_x, test_y, ks, temperature, num_classes)
+    return {str(k): {"k": k, "accuracy": accuracy} for k, accuracy in found.items()}
+
+
+def run_knn(vit, data: ProbeData, embed: Embedder, ks=KNN_KS, temperature: float = KNN_TEMPERATURE,
+            max_train: int = 0, max_test: int = 0, features: str = "token", layers: list[FeatureSpec] = (),
+            random_init=None, pixels: bool = False) -> dict:
+    """Weighted k-NN accuracy of `vit`'s features for every k in `ks` (the training split, or a fixed
+    `max_train` of it, against the test split or a fixed `max_test`): headline, layers and references
+    alike, every one from one embedding of the same images."""
+    ks, train_idx, test_idx = knn_plan(data, ks, temperature, max_train, max_test)  # before the (long) embedding
+    head, specs = model_specs(vit, features, layers)
+
+    def score(train_x, train_y, test_x, test_y) -> dict:
+        return {"results": knn_results(train_x, train_y, test_x, test_y, ks, temperature, data.num_classes),
+                "feature_dim": int(train_x.shape[1])}
+
+    found, extra = with_references(embed.scorer(data, train_idx, test_idx, score), vit, head, specs, layers,
+                                   random_init, pixels, data.image_size, layer_brief=results_of)
+    out = {"dataset": {"spec": data.spec, "image_size": data.image_size, "num_classes": data.num_classes,
+                       "train_size": len(data.train), "test_size": len(data.test),
+                       "train_used": len(data.train) if train_idx is None else len(train_idx),
+                       "test_used": len(data.test) if test_idx is None else len(test_idx)},
+           "k": ks, "temperature": temperature, "results": found[head.name]["results"],
+           "feature_dim": found[head.name]["feature_dim"]}
+    return {**out, **extra}

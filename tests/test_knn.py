@@ -1,15 +1,26 @@
 """Weighted k-NN (DINO's protocol): the chunked search against scikit-learn's neighbours and an explicit
-vote, its bounds and one-line errors."""
+vote, its bounds and one-line errors; eval/knn.py through the command line."""
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from helpers.runs import run_script
 from sklearn.neighbors import NearestNeighbors
 
-from mpp import probes
+from eval import knn
+from mpp import probe_setup, probes
+from mpp.checkpoint import save_checkpoint
+from mpp.curves import tensorboard_scalars
 from mpp.errors import UsageError
+from mpp.features import extract_features
+from mpp.files import write_json
+from mpp.model import ViT, ViTConfig
+from mpp.probe_runs import ProbeData
 from mpp.probes import knn_chunks, knn_predict, knn_probe, knn_probe_grid
+
+TINY = dict(image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_dim=64)
 
 
 def clusters(n=400, m=200, d=16, k=6, spread=1.5, seed=0):
@@ -127,3 +138,93 @@ def test_bad_input_is_one_line(change, message):
                        args["temperature"])
     text = str(error.value)
     assert message in text and "\n" not in text and ": " in text
+
+
+# ---- eval/knn.py through the command line, and its reports in the comparison
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A finished run in miniature: config.json and a 2-block checkpoint at step 7 (seed 3)."""
+    torch.manual_seed(1)
+    vit = ViT(ViTConfig(**TINY))
+    config = {"train": {"dataset": "digits", "image_size": 16, "model": "tiny", "seed": 3, "objective": "mpp"},
+              "vit": {**TINY, "num_classes": 1000}, "data": {"num_classes": 10, "class_names": list("0123456789")}}
+    run = tmp_path_factory.mktemp("knn") / "run"
+    run.mkdir()
+    write_json(run / "config.json", config)
+    save_checkpoint(run, 7, {"config": config, "model": vit.state_dict(), "step": 7})
+    return run
+
+
+@pytest.fixture(scope="module")
+def trained(run_dir):
+    """eval/knn.py as a user runs it: every block, both references, 150 fixed test images."""
+    done = run_script("eval/knn.py", "--run", str(run_dir), "--layers", "all", "--max-test", "150", "--k", "5", "20")
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done, json.loads((run_dir / "knn.json").read_text())
+
+
+def test_cli_report_references_layers_and_tensorboard(trained, run_dir):
+    done, report = trained
+    assert report["init"] == "trained" and report["step"] == 7 and report["checkpoint"].endswith("ckpt-00000007.pt")
+    assert report["dataset"] == {"spec": "digits", "image_size": 16, "num_classes": 10, "train_size": 1437,
+                                 "test_size": 360, "train_used": 1437, "test_used": 150}
+    assert report["k"] == [5, 20] and report["temperature"] == 0.07 and report["feature_dim"] == 32
+    for results in (report["results"], *(r["results"] for r in report["references"].values())):
+        assert list(results) == ["5", "20"] and all(r["k"] == int(k) and 0 <= r["accuracy"] <= 1
+                                                    for k, r in results.items())
+    assert set(report["references"]) == {"random_init", "pixels"} and report["references"]["pixels"]["grid"] == 16
+    assert report["references"]["pixels"]["results"]["5"]["accuracy"] > 0.9  # digits' pixels are nearly separable
+    assert len(report["layers"]["features"]) == 8 and report["layers"]["results"]["2/token+norm"] == report["results"]
+    assert report["layers"]["random_init"]["2/token+norm"] == report["references"]["random_init"]["results"]
+    assert "5-NN |   20-NN" in done.stdout and "raw pixels |" in done.stdout and "by block (20-NN, %)" in done.stdout
+    assert tensorboard_scalars(run_dir / "tensorboard" / "knn") == {
+        f"knn/digits/{k}nn": [(7, pytest.approx(report["results"][str(k)]["accuracy"]))] for k in (5, 20)}
+
+    # The same numbers from features taken here and the library call: the CLI scores what it says.
+    _, vit, _, _ = probe_setup.build_model(knn.parse_args(["--run", str(run_dir)]))
+    data = ProbeData.load("digits", 16)
+    test_idx = probes.fixed_subset(360, 150)
+    train_x, train_y = extract_features(vit, data.train, progress=False)
+    test_x, test_y = extract_features(vit, data.test, indices=test_idx, progress=False)
+    assert knn_probe_grid(train_x, train_y, test_x, test_y, (5, 20), num_classes=10) == {
+        k: report["results"][str(k)]["accuracy"] for k in (5, 20)}
+
+
+@pytest.fixture(scope="module")
+def baseline(trained, run_dir):
+    """The run's random init, as `--random-init` scores it (in this process: the CLI has its own test)."""
+    return knn.main(["--run", str(run_dir), "--random-init", "--max-test", "150", "--k", "5", "20", "--no-references"])
+
+
+def test_cli_random_init_and_mean_patch_token_get_their_own_files(trained, baseline, run_dir):
+    _, report = trained
+    assert json.loads((run_dir / "knn-random-init.json").read_text()) == json.loads(json.dumps(baseline))
+    assert baseline["init"] == "random" and baseline["step"] == 0 and "references" not in baseline
+    assert baseline["results"] == report["references"]["random_init"]["results"]  # the run's seed, the same images
+    avg = knn.main(["--run", str(run_dir), "--features", "avg", "--no-references", "--max-test", "150", "--k", "5"])
+    assert avg["features"] == "avg" and (run_dir / "knn-avg.json").is_file()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--k", "0"], "error: --k 0 is out of range: pass a number >= 1"),
+    (["--temperature", "nan"], "error: --temperature nan is not finite: pass a number > 0"),
+    (["--k", "10", "100000"], "error: k-NN with k=100000 needs at least 100000 training images, but it has 1437"),
+])
+def test_cli_bad_settings_are_one_line_and_write_nothing(extra, message, tmp_path):
+    out = tmp_path / "out" / "knn.json"
+    done = run_script("eval/knn.py", "--model", "Micro/4", "--random-init", "--output", str(out), *extra, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith(message) and done.stderr.count("\n") == 1, done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_dataset_refused_writes_nothing(tmp_path, capsys):
+    """The data is loaded before the output is prepared: a refused dataset leaves no folder behind."""
+    with pytest.raises(SystemExit) as stopped:
+        knn.main(["--model", "Micro/4", "--random-init", "--dataset", str(tmp_path / "nope"),
+                  "--output", str(tmp_path / "out" / "knn.json")])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.startswith("error: dataset folder") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
