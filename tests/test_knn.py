@@ -1,5 +1,5 @@
 """Weighted k-NN (DINO's protocol): the chunked search against scikit-learn's neighbours and an explicit
-vote, its bounds and one-line errors; eval/knn.py through the command line."""
+vote, its bounds and one-line errors; eval/knn.py through the command line; its reports in the comparison."""
 import json
 import math
 
@@ -12,6 +12,7 @@ from sklearn.neighbors import NearestNeighbors
 from eval import knn
 from mpp import probe_setup, probes
 from mpp.checkpoint import save_checkpoint
+from mpp.comparison import compare
 from mpp.curves import tensorboard_scalars
 from mpp.errors import UsageError
 from mpp.features import extract_features
@@ -228,3 +229,25 @@ def test_a_dataset_refused_writes_nothing(tmp_path, capsys):
     assert stopped.value.code == 2 and err.startswith("error: dataset folder") and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
+
+def test_compare_shows_the_knn_columns_and_reference_rows(trained, baseline, run_dir, tmp_path):
+    _, report = trained
+    found = compare([run_dir], tmp_path / "out")
+    table = found["tables"][0]
+    assert table["columns"] == ["run", "objective", "data", "linear probe", "k-NN k=5 (digits)", "k-NN k=20 (digits)",
+                                "fine-tune", "steps", "wall time"]
+    rows = {row[0]: dict(zip(table["columns"], row)) for row in table["rows"]}
+    assert list(rows) == ["run", "random init (tiny, 16 px)", "raw pixels (16 px)"]
+
+    def cell(results, k):
+        return f"{100 * results[str(k)]['accuracy']:.1f}"
+
+    refs = report["references"]
+    for name, results in (("run", report["results"]), ("random init (tiny, 16 px)", refs["random_init"]["results"]),
+                          ("raw pixels (16 px)", refs["pixels"]["results"])):
+        assert [rows[name][f"k-NN k={k} (digits)"] for k in (5, 20)] == [cell(results, 5), cell(results, 20)]
+    notes = "\n".join(found["notes"])
+    assert "random init (tiny, 16 px), k-NN on digits: shown once, from run/knn-random-init.json" in notes
+    assert [t["title"] for t in found["layer_tables"]] == ["By block: 20-NN on digits"]
+    assert found["plots"]["layers"]["panels"] == ["5-NN on digits", "20-NN on digits"]
+    assert "| k-NN k=5 (digits) | k-NN k=20 (digits) |" in found["markdown"]
