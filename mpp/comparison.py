@@ -14,7 +14,7 @@ import re
 from dataclasses import asdict
 from pathlib import Path
 
-from mpp.curves import read_curves, read_fewshot_curves
+from mpp.curves import read_curves, read_probe_curves
 from mpp.errors import UsageError
 from mpp.files import atomic_write, writable_dir, write_json
 from mpp.plots import (
@@ -161,8 +161,8 @@ def draw(runs: list[Row], baselines: list[Row], tables: list[dict], views: list[
         plots["curves"] = {"file": "curves.png", "panels": panels, "sources": sources}
     else:
         notes.append("no training curves: no run has TensorBoard events or metrics.jsonl with train/loss or eval/*")
-    probed = {run.name: found for run in runs if (found := read_fewshot_curves(run.path))[1]}
-    if probed:  # the in-run few-shot probe (--fewshot-every) against images seen
+    probed = {run.name: found for run in runs if (found := read_probe_curves(run.path))[1]}
+    if probed:  # the in-run probe (--fewshot-every: few-shot and k-NN) against images seen
         panels = plot_fewshot_curves(runs, probed, output / "fewshot_curves.png", colors)
         plots["fewshot_curves"] = {"file": "fewshot_curves.png", "panels": panels, "runs": list(probed)}
     for run, found in zip(runs, pos_embeds):

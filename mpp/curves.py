@@ -58,15 +58,26 @@ def read_curves(run_dir: str | Path) -> tuple[str | None, Curves]:
     return (METRICS if curves else None), curves
 
 
-def is_fewshot_tag(tag: str) -> bool:  # the in-run probe's points: fewshot[_avg]/<dataset>/<k>shot
-    return tag.startswith(("fewshot/", "fewshot_avg/")) and tag.endswith("shot")
+# The in-run probe's points (mpp.fewshot_monitor): <probe>[_avg]/<dataset>/<n><unit>, n shots or neighbours.
+IN_RUN_PROBES = {"fewshot": "shot", "knn": "nn"}
 
 
-def read_fewshot_curves(run_dir: str | Path) -> tuple[int | None, Curves]:
-    """(the run's global batch size, {tag: [(step, accuracy)]}) of the in-run few-shot probe
-    (`--fewshot-every`), from metrics.jsonl; (None, {}) when the run has none."""
+def probe_tag(tag: str) -> tuple[str, str, int] | None:
+    """(probe, dataset, n) of an in-run probe's tag, the class token's or the mean patch token's
+    ("knn_avg/digits/20nn" → ("knn", "digits", 20)); None for any other tag."""
+    parts = tag.split("/")
+    probe = parts[0].removesuffix("_avg")
+    if len(parts) != 3 or probe not in IN_RUN_PROBES or not parts[2].endswith(IN_RUN_PROBES[probe]):
+        return None
+    n = parts[2].removesuffix(IN_RUN_PROBES[probe])
+    return (probe, parts[1], int(n)) if n.isdigit() else None
+
+
+def read_probe_curves(run_dir: str | Path) -> tuple[int | None, Curves]:
+    """(the run's global batch size, {tag: [(step, accuracy)]}) of the in-run probe (`--fewshot-every`:
+    few-shot and k-NN), from metrics.jsonl; (None, {}) when the run has none."""
     run_dir = Path(run_dir)
-    curves = {t: v for t, v in metrics_scalars(run_dir / METRICS).items() if is_fewshot_tag(t)}
+    curves = {t: v for t, v in metrics_scalars(run_dir / METRICS).items() if probe_tag(t)}
     try:
         batch = json.loads((run_dir / CONFIG).read_text())["train"]["batch_size"]
     except (OSError, ValueError, KeyError, TypeError):

@@ -5,10 +5,14 @@ The draws are fixed when the run starts (1/5/10/25 images per class, 3 draws eac
 random subset of at most `--fewshot-max-images` test images), so every point of the curve scores
 the same images with the same solver as eval/fewshot.py (mpp.probe_runs). Those images are decoded
 once and held in memory when they fit (CACHE_BYTES); each probe then costs one forward pass over
-them. The run's log states the count when it starts. It never changes the
-training: the model is read in eval mode without gradients, every random generator is restored
-afterwards, and the training loader is not touched, so a run ends with bitwise the weights it has
-without the probe (tests/test_fewshot_monitor.py).
+them. The run's log states the count when it starts. From the same features it also scores DINO's
+weighted k-NN (k = 10, 20; T = 0.07; mpp.probes.knn_probe_grid) with the union of the draws'
+images as its training set, against the same test images: at most 123 training images per class
+rather than the whole split, so its numbers sit below eval/knn.py's, on the same curve from step 0.
+
+It never changes the training: the model is read in eval mode without gradients, every random
+generator is restored afterwards, and the training loader is not touched, so a run ends with
+bitwise the weights it has without the probe (tests/test_fewshot_monitor.py).
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from mpp.checkpoint import rng_state, set_rng_state
 from mpp.data import dataset_name
 from mpp.features import headline_spec, vit_featurizer
-from mpp.probe_runs import Embedder, FewshotDraws, ProbeData
+from mpp.probe_runs import KNN_KS, KNN_TEMPERATURE, Embedder, FewshotDraws, ProbeData
+from mpp.probes import knn_probe_grid
 
 SHOTS = (1, 5, 10, 25)  # the paper's few-shot counts
 DRAWS = 3  # draws per shot count (seeds 0..2), as eval/fewshot.py's default
@@ -71,7 +76,8 @@ class FewshotMonitor:
     """Scores the run's ViT by the few-shot probe on `specs` (the run's dataset, a transfer set, ...).
 
     `__call__(vit, device)` → {"fewshot/<dataset>/<k>shot": mean accuracy (the class token),
-    "fewshot_avg/<dataset>/<k>shot": (the mean patch token)}, identical on every process."""
+    "fewshot_avg/<dataset>/<k>shot": (the mean patch token), "knn/<dataset>/<k>nn" and
+    "knn_avg/<dataset>/<k>nn": k-NN accuracy (the draws' union as training set)}, identical on every process."""
 
     def __init__(self, specs: list[str], image_size: int, max_images: int, batch_size: int = 256):
         self.batch_size = batch_size  # images per forward pass: the run's micro-batch, which fits beside training
@@ -99,10 +105,13 @@ class FewshotMonitor:
                 train_idx, test_idx = s.indices()
                 train_x, train_y = embed(featurize, vit, s.train, train_idx, "fewshot train")
                 test_x, test_y = embed(featurize, vit, s.test, test_idx, "fewshot test")
-                for spec, prefix in zip(specs, ("fewshot", "fewshot_avg")):
+                for spec, suffix in zip(specs, ("", "_avg")):
                     scored = s.draws.score(train_x[spec.name], train_y, test_x[spec.name], test_y, [L2],
                                            s.data.num_classes)
-                    values.update({f"{prefix}/{s.name}/{k}shot": r["mean"] for k, r in scored.items()})
+                    values.update({f"fewshot{suffix}/{s.name}/{k}shot": r["mean"] for k, r in scored.items()})
+                    nearest = knn_probe_grid(train_x[spec.name], train_y, test_x[spec.name], test_y, KNN_KS,
+                                             KNN_TEMPERATURE, s.data.num_classes)
+                    values.update({f"knn{suffix}/{s.name}/{k}nn": accuracy for k, accuracy in nearest.items()})
             return values
         finally:
             set_rng_state(saved)

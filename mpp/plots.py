@@ -1,5 +1,5 @@
-"""The comparison's figures: few-shot accuracy vs shots, accuracy by block, training curves,
-position-embedding similarity.
+"""The comparison's figures: few-shot accuracy vs shots, accuracy by block, training curves, the
+in-run probe's curves (few-shot and k-NN), position-embedding similarity.
 
 Plots are drawn on matplotlib `Figure`s (Agg), never through pyplot, so a program that draws them
 keeps its own matplotlib backend. Each run has one colour in every figure (`run_colors`).
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mpp.curves import IN_RUN_PROBES, probe_tag
 from mpp.reports import Row
 from mpp.tables import LayerView, accuracy, reference_accuracy, row_layers, shot_counts
 
@@ -176,45 +177,49 @@ def plot_pos_embed(name: str, found: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def fewshot_curve_panels(curves: dict[str, tuple[int | None, dict]]) -> list[tuple[str, int]]:
-    """(dataset, shots) of every in-run few-shot curve, datasets in the order first seen, shots ascending."""
-    found: dict[str, set[int]] = {}
+def probe_curve_panels(curves: dict[str, tuple[int | None, dict]]) -> list[LayerView]:
+    """An evaluation per in-run probe curve: few-shot, then k-NN; datasets in the order first seen,
+    shots or k ascending."""
+    found: dict[tuple[str, str], set[int]] = {}
     for _, tags in curves.values():
         for tag in tags:
-            _, dataset, shots = tag.split("/")
-            found.setdefault(dataset, set()).add(int(shots.removesuffix("shot")))
-    return [(d, k) for d, ks in found.items() for k in sorted(ks)]
+            probe, dataset, n = probe_tag(tag)
+            found.setdefault((probe, dataset), set()).add(n)
+    order = sorted(found, key=lambda key: list(IN_RUN_PROBES).index(key[0]))  # stable: datasets as first seen
+    return [LayerView(probe, dataset, **{"shots" if probe == "fewshot" else "k": n})
+            for probe, dataset in order for n in sorted(found[probe, dataset])]
 
 
 def plot_fewshot_curves(runs: list[Row], curves: dict[str, tuple[int | None, dict]], path: Path,
                         colors: dict[str, str]) -> list[str]:
-    """The in-run few-shot probe against images seen (step × batch): one panel per (dataset, shots),
-    four to a row; a solid line per run (class token), dashed for its mean patch token, and a dotted
-    level at its step-0 point (the untrained model: the random-init level). Returns the panel titles."""
+    """The in-run probe against images seen (step × batch): one panel per (probe, dataset, shots or
+    k), four to a row; a solid line per run (class token), dashed for its mean patch token, and a
+    dotted level at its step-0 point (the untrained model: the random-init level). Returns the panel
+    titles."""
     from matplotlib.lines import Line2D
 
-    panels = fewshot_curve_panels(curves)
+    panels = probe_curve_panels(curves)
     cols = min(4, len(panels))
     rows_n = -(-len(panels) // cols)
     fig = new_figure(4.2 * cols, 3.4 * rows_n + 0.7)
     axes = fig.subplots(rows_n, cols, squeeze=False).ravel()
     by_images = all(batch for batch, _ in curves.values())  # else every run in steps: one x axis for all
-    for ax, (dataset, shots) in zip(axes, panels):
+    for ax, view in zip(axes, panels):
+        n = view.shots if view.probe == "fewshot" else view.k
         for run in runs:
             batch, tags = curves.get(run.name, (None, {}))
             scale = batch if by_images else 1
-            for prefix, style in (("fewshot", "-"), ("fewshot_avg", "--")):
-                points = tags.get(f"{prefix}/{dataset}/{shots}shot")
+            for prefix, style in ((view.probe, "-"), (f"{view.probe}_avg", "--")):
+                points = tags.get(f"{prefix}/{view.dataset}/{n}{IN_RUN_PROBES[view.probe]}")
                 if not points:
                     continue
                 steps, values = zip(*sorted(points))
                 color = colors[run.name + run.kind]
                 ax.plot([s * scale for s in steps], [100 * v for v in values], linestyle=style, marker="o",
                         markersize=3, color=color, alpha=1.0 if style == "-" else 0.6)
-                if prefix == "fewshot" and steps[0] == 0:
+                if style == "-" and steps[0] == 0:
                     ax.axhline(100 * values[0], linestyle=":", color=color, linewidth=1)
-        ax.set(title=f"{shots}-shot on {dataset}", xlabel="images seen" if by_images else "steps",
-               ylabel="test accuracy (%)")
+        ax.set(title=view.title(), xlabel="images seen" if by_images else "steps", ylabel="test accuracy (%)")
         ax.grid(alpha=0.3)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
@@ -224,4 +229,4 @@ def plot_fewshot_curves(runs: list[Row], curves: dict[str, tuple[int | None, dic
                 Line2D([], [], color="gray", linestyle=":", label="step 0: the untrained model")]
     fig.legend(handles=handles, loc="outside lower center", ncol=min(6, len(handles)), fontsize="small")
     fig.savefig(path, dpi=100)
-    return [f"{shots}-shot on {dataset}" for dataset, shots in panels]
+    return [view.title() for view in panels]

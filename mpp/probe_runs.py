@@ -1,13 +1,14 @@
-"""The two probe protocols on a model and a dataset: few-shot (fixed draws, fixed l2) and the linear
-probe (l2 chosen on a dev split), each over one or several feature sets from one forward pass, and
-each beside two references scored on exactly the same images: a random init of the same
-architecture, and the raw pixels at the model's resolution.
+"""The three probe protocols on a model and a dataset: few-shot (fixed draws, fixed l2), the linear
+probe (l2 chosen on a dev split) and weighted k-NN (DINO's), each over one or several feature sets
+from one forward pass, and each beside two references scored on exactly the same images: a random
+init of the same architecture, and the raw pixels at the model's resolution.
 
-eval/fewshot.py and eval/linear_probe.py are their command lines; the training loop's in-run
-few-shot probe (mpp.fewshot_monitor) uses the same draws and solver. The math is mpp.probes'.
+eval/fewshot.py, eval/linear_probe.py and eval/knn.py are their command lines; the training loop's
+in-run probe (mpp.fewshot_monitor) uses the same draws and solvers. The math is mpp.probes'.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,8 +24,10 @@ from mpp.features import (
 )
 from mpp.probes import (
     DEFAULT_L2S,
+    check_knn,
     fewshot_probe_grid,
     fixed_subset,
+    knn_probe_grid,
     linear_probe,
     sample_shots,
     stratified_dev_split,
@@ -32,6 +35,8 @@ from mpp.probes import (
 )
 
 STD_KIND = "population (ddof=0) over seeds"
+KNN_KS = (10, 20)  # DINO's k-NN: 10 and 20 neighbours,
+KNN_TEMPERATURE = 0.07  # votes weighted exp(cosine similarity / 0.07)
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,17 @@ class Embedder:
         return extract_feature_sets(featurize, module, dataset, self.batch_size, self.device, indices,
                                     self.num_workers, self.progress, desc)
 
+    def scorer(self, data: ProbeData, train_idx, test_idx, score: Callable) -> Callable[..., dict]:
+        """`probed(featurize, module, who)` → {feature name: score(train features, train labels, test
+        features, test labels)}: one embedding of the training images `train_idx` and the test images
+        `test_idx` (None: all) by `featurize` through `module`, every feature it makes scored."""
+        def probed(featurize, module, who: str) -> dict:
+            train_x, train_y = self(featurize, module, data.train, train_idx, f"{who} train")
+            test_x, test_y = self(featurize, module, data.test, test_idx, f"{who} test")
+            return {n: score(train_x[n], train_y, test_x[n], test_y) for n in train_x}
+
+        return probed
+
 
 def model_specs(vit, features: str, layers: list[FeatureSpec]) -> tuple[FeatureSpec, list[FeatureSpec]]:
     """(the headline spec, every spec to embed: the headline first, then the layer sweep's)."""
@@ -122,32 +138,48 @@ def run_fewshot(vit, data: ProbeData, embed: Embedder, shots=(1, 5, 10, 25), see
                               data.num_classes, data.class_names)
     head, specs = model_specs(vit, features, layers)
 
-    def scored(featurize, module, who: str) -> dict[str, dict]:
-        train_x, train_y = embed(featurize, module, data.train, draws.union, f"{who} train")
-        test_x, test_y = embed(featurize, module, data.test, draws.test, f"{who} test")
-        return {n: draws.score(train_x[n], train_y, test_x[n], test_y, l2s, data.num_classes) for n in train_x}, \
-            {n: int(x.shape[1]) for n, x in train_x.items()}, len(test_y)
+    def score(train_x, train_y, test_x, test_y) -> dict:
+        return {"results": draws.score(train_x, train_y, test_x, test_y, l2s, data.num_classes),
+                "feature_dim": int(train_x.shape[1])}
 
-    found, dims, test_used = scored(vit_featurizer(vit, specs), vit, "model")
+    found, extra = with_references(embed.scorer(data, draws.union, draws.test, score), vit, head, specs, layers,
+                                   random_init, pixels, data.image_size, layer_brief=results_of)
     out = {"dataset": {"spec": data.spec, "image_size": data.image_size, "num_classes": data.num_classes,
-                       "train_size": len(data.train), "test_size": len(data.test), "test_used": test_used,
+                       "train_size": len(data.train), "test_size": len(data.test),
+                       "test_used": len(data.test) if draws.test is None else len(draws.test),
                        "train_embedded": len(draws.union)},
            "shots": list(draws.shots), "seeds": list(range(seeds)), "l2_grid": l2s, "headline_l2": l2s[0],
-           "std": STD_KIND, "feature_dim": dims[head.name], "results": found[head.name]}
-    references, random_layers = {}, None
+           "std": STD_KIND, "feature_dim": found[head.name]["feature_dim"], "results": found[head.name]["results"]}
+    return {**out, **extra}
+
+
+def results_of(result: dict) -> dict:
+    """What a layer sweep keeps of a few-shot or k-NN result ({"results", "feature_dim"}): its results."""
+    return result["results"]
+
+
+def with_references(probed: Callable[..., dict], vit, head: FeatureSpec, specs: list[FeatureSpec],
+                    layers: list[FeatureSpec], random_init, pixels: bool, image_size: int,
+                    brief: Callable[[dict], dict] = lambda r: r, layer_brief: Callable[[dict], dict] | None = None
+                    ) -> tuple[dict, dict]:
+    """(the model's result per feature name, the report's "references" and "layers" where there are
+    any): `probed` (Embedder.scorer) run on `vit`'s `specs`, on the `random_init` ViT's and on the raw
+    `pixels`; a reference keeps `brief(result)`, a layer sweep `layer_brief(result)` (default: brief)."""
+    layer_brief = layer_brief or brief
+    found = probed(vit_featurizer(vit, specs), vit, "model")
+    references, extra, random_layers = {}, {}, None
     if random_init is not None:
-        ref, ref_dims, _ = scored(vit_featurizer(random_init, specs), random_init, "random init")
-        references["random_init"] = {"results": ref[head.name], "feature_dim": ref_dims[head.name]}
-        random_layers = {s.name: ref[s.name] for s in layers}
+        ref = probed(vit_featurizer(random_init, specs), random_init, "random init")
+        references["random_init"] = brief(ref[head.name])
+        random_layers = {s.name: layer_brief(ref[s.name]) for s in layers}
     if pixels:
-        ref, ref_dims, _ = scored(pixel_featurizer(data.image_size), None, "pixels")
-        references["pixels"] = {"results": ref["pixels"], "feature_dim": ref_dims["pixels"],
-                                "image_size": data.image_size, "grid": pixel_grid(data.image_size)}
+        ref = probed(pixel_featurizer(image_size), None, "pixels")
+        references["pixels"] = {**brief(ref["pixels"]), "image_size": image_size, "grid": pixel_grid(image_size)}
     if references:
-        out["references"] = references
+        extra["references"] = references
     if layers:
-        out["layers"] = layer_record(layers, {s.name: found[s.name] for s in layers}, random_layers)
-    return out
+        extra["layers"] = layer_record(layers, {s.name: layer_brief(found[s.name]) for s in layers}, random_layers)
+    return found, extra
 
 
 def layer_record(layers: list[FeatureSpec], results: dict, random_init: dict | None) -> dict:
@@ -170,34 +202,59 @@ def run_linear_probe(vit, data: ProbeData, embed: Embedder, l2s=DEFAULT_L2S, dev
                          num_classes=data.num_classes, class_names=data.class_names)
     head, specs = model_specs(vit, features, layers)
 
-    def probed(featurize, module, who: str) -> dict[str, dict]:
-        train_x, train_y = embed(featurize, module, data.train, train_idx, f"{who} train")
-        test_x, test_y = embed(featurize, module, data.test, test_idx, f"{who} test")
-        return {n: {**linear_probe(train_x[n], train_y, test_x[n], test_y, l2s, dev_fraction, data.num_classes,
-                                   data.class_names), "feature_dim": int(train_x[n].shape[1])} for n in train_x}
+    def score(train_x, train_y, test_x, test_y) -> dict:
+        return {**linear_probe(train_x, train_y, test_x, test_y, l2s, dev_fraction, data.num_classes,
+                               data.class_names), "feature_dim": int(train_x.shape[1])}
 
-    found = probed(vit_featurizer(vit, specs), vit, "model")
+    def brief(r: dict) -> dict:
+        return {"accuracy": r["accuracy"], "l2": r["l2"], "feature_dim": r["feature_dim"]}
+
+    found, extra = with_references(embed.scorer(data, train_idx, test_idx, score), vit, head, specs, layers,
+                                   random_init, pixels, data.image_size, brief)
     main = found[head.name]
     out = {"dataset": {"spec": data.spec, "image_size": data.image_size, "num_classes": data.num_classes,
                        "train_size": main["train_size"], "dev_size": main["dev_size"], "test_size": main["test_size"]},
            "feature_dim": main["feature_dim"], "l2_grid": main["l2_grid"],
            "dev_accuracy": {f"{l2:.12g}": acc for l2, acc in main["dev_accuracy"].items()},  # JSON keys: "1024"
            "l2": main["l2"], "accuracy": main["accuracy"]}
+    return {**out, **extra}
 
-    def brief(r: dict) -> dict:
-        return {"accuracy": r["accuracy"], "l2": r["l2"], "feature_dim": r["feature_dim"]}
 
-    references, random_layers = {}, None
-    if random_init is not None:
-        ref = probed(vit_featurizer(random_init, specs), random_init, "random init")
-        references["random_init"] = brief(ref[head.name])
-        random_layers = {s.name: brief(ref[s.name]) for s in layers}
-    if pixels:
-        ref = probed(pixel_featurizer(data.image_size), None, "pixels")
-        references["pixels"] = {**brief(ref["pixels"]), "image_size": data.image_size,
-                                "grid": pixel_grid(data.image_size)}
-    if references:
-        out["references"] = references
-    if layers:
-        out["layers"] = layer_record(layers, {s.name: brief(found[s.name]) for s in layers}, random_layers)
-    return out
+def knn_plan(data: ProbeData, ks, temperature: float, max_train: int = 0,
+             max_test: int = 0) -> tuple[list[int], np.ndarray | None, np.ndarray | None]:
+    """(the k values, deduplicated in order; the training indices; the test indices; None: all of a
+    split) of the k-NN probe, once `ks` and `temperature` are usable with that many training images;
+    else the one-line UsageError. It reads the labels only: eval/knn.py asks before writing anything."""
+    train_idx, test_idx = fixed_subset(len(data.train), max_train), fixed_subset(len(data.test), max_test)
+    ks = check_knn(ks, temperature, len(data.train) if train_idx is None else len(train_idx))
+    return ks, train_idx, test_idx
+
+
+def knn_results(train_x, train_y, test_x, test_y, ks, temperature: float, num_classes: int | None) -> dict:
+    """{str(k): {"k", "accuracy"}} for every k, from one neighbour search (as reports hold them)."""
+    found = knn_probe_grid(train_x, train_y, test_x, test_y, ks, temperature, num_classes)
+    return {str(k): {"k": k, "accuracy": accuracy} for k, accuracy in found.items()}
+
+
+def run_knn(vit, data: ProbeData, embed: Embedder, ks=KNN_KS, temperature: float = KNN_TEMPERATURE,
+            max_train: int = 0, max_test: int = 0, features: str = "token", layers: list[FeatureSpec] = (),
+            random_init=None, pixels: bool = False) -> dict:
+    """Weighted k-NN accuracy of `vit`'s features for every k in `ks` (the training split, or a fixed
+    `max_train` of it, against the test split or a fixed `max_test`): headline, layers and references
+    alike, every one from one embedding of the same images."""
+    ks, train_idx, test_idx = knn_plan(data, ks, temperature, max_train, max_test)  # before the (long) embedding
+    head, specs = model_specs(vit, features, layers)
+
+    def score(train_x, train_y, test_x, test_y) -> dict:
+        return {"results": knn_results(train_x, train_y, test_x, test_y, ks, temperature, data.num_classes),
+                "feature_dim": int(train_x.shape[1])}
+
+    found, extra = with_references(embed.scorer(data, train_idx, test_idx, score), vit, head, specs, layers,
+                                   random_init, pixels, data.image_size, layer_brief=results_of)
+    out = {"dataset": {"spec": data.spec, "image_size": data.image_size, "num_classes": data.num_classes,
+                       "train_size": len(data.train), "test_size": len(data.test),
+                       "train_used": len(data.train) if train_idx is None else len(train_idx),
+                       "test_used": len(data.test) if test_idx is None else len(test_idx)},
+           "k": ks, "temperature": temperature, "results": found[head.name]["results"],
+           "feature_dim": found[head.name]["feature_dim"]}
+    return {**out, **extra}

@@ -1,14 +1,18 @@
-"""Linear probes of frozen features, and the per-class draws they are fit on.
+"""Probes of frozen features (linear and k-NN), and the per-class draws they are fit on.
 
 The solver is the ViT paper's few-shot probe (arXiv 2010.11929; big_vision's `fewshot_lsr.py`): a
 regularised least-squares classifier to {-1,+1} one-hot targets, solved in closed form, every l2 of
 a grid from one eigendecomposition. On top of it: the few-shot draw (`sample_shots`), and the linear
 probe on all the training data with its l2 chosen on a stratified dev split (`linear_probe`). Every
 per-class draw (shots, dev splits, fine-tuning's labelled subsets) is one `stratified_split`.
+Beside it, DINO's weighted k-NN classifier (`knn_probe`, `knn_probe_grid`; facebookresearch/dino
+`eval_knn.py`), searched in chunks so that a million training features fit.
 Inputs are numpy arrays or torch tensors; features are [n, d], labels [n].
 """
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 
 import numpy as np
@@ -175,3 +179,125 @@ def fixed_subset(n: int, cap: int) -> np.ndarray | None:
     if 0 < cap < n:
         return np.sort(np.random.default_rng(0).permutation(n)[:cap])
     return None
+
+
+# ---------------------------------------------------------------- weighted k-NN (DINO's protocol)
+
+KNN_CHUNK_FLOATS = 2**24  # 64 MiB of float32: the most any one block of the k-NN search holds
+
+
+def check_knn(ks, temperature: float, train_size: int) -> list[int]:
+    """The k values (deduplicated, in the order given) once each k and the temperature are usable
+    with `train_size` training images; else the one-line UsageError."""
+    ks = list(dict.fromkeys(ks))
+    if not ks:
+        raise UsageError("k-NN got no k: pass --k with at least one number of neighbours, e.g. --k 10 20")
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise UsageError(f"k-NN k={k} is out of range: pass --k as whole numbers of at least 1, e.g. --k 10 20")
+        if k > train_size:
+            raise UsageError(f"k-NN with k={k} needs at least {k} training images, but it has {train_size}: "
+                             f"pass a --k of at most {train_size} (or more training images: "
+                             "a larger --max-train or dataset)")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+            or not math.isfinite(temperature) or temperature <= 0:
+        raise UsageError(f"k-NN temperature {temperature} is not a finite number > 0: pass e.g. --temperature 0.07")
+    return [int(k) for k in ks]
+
+
+def knn_chunks(test_size: int, train_size: int, dim: int, k: int, classes: int,
+               budget: int = KNN_CHUNK_FLOATS) -> tuple[int, int]:
+    """(test rows, training rows) of one block of the search, so that each array it holds at once
+    (the similarities and the running top-k with their indices, a float32 copy of the training
+    rows, the test rows, the votes) is at most about `budget` floats, whatever the sizes."""
+    train_rows = max(1, min(train_size, budget // max(dim, 1)))
+    per_test_row = train_rows + 8 * k + 2 * classes  # similarities; top-k values + int64 indices, twice; float64 votes
+    test_rows = max(1, min(test_size, budget // per_test_row, budget // max(dim, 1)))
+    return test_rows, train_rows
+
+
+def as_rows(x) -> torch.Tensor:
+    """Features as a CPU tensor, without a copy where one is not needed (its dtype is kept: the search
+    converts one chunk at a time, so a large float64 matrix is never copied whole)."""
+    return x.detach().cpu() if torch.is_tensor(x) else torch.as_tensor(np.asarray(x))
+
+
+def finite_rows(x: torch.Tensor, what: str) -> torch.Tensor:
+    """The rows as float32 (a view when they already are), refused when a value is NaN or inf."""
+    x = x.to(torch.float32)  # (r, d)
+    if not torch.isfinite(x).all():
+        raise UsageError(f"the k-NN {what} features are not finite (NaN or inf), so no neighbour is defined: "
+                         "probe a checkpoint from before the model diverged, or check the images")
+    return x
+
+
+def inverse_norms(x: torch.Tensor) -> torch.Tensor:
+    """1 / ‖row‖ (r,); a zero row keeps a zero similarity to everything, as under torch's F.normalize."""
+    return 1.0 / torch.linalg.vector_norm(x, dim=1).clamp_min(1e-12)
+
+
+def knn_predict(train_x, train_y, test_x, ks, temperature: float = 0.07, num_classes: int | None = None,
+                chunks: tuple[int, int] | None = None) -> dict[int, np.ndarray]:
+    """Predicted test classes for every k in `ks`, from ONE search for the max(ks) nearest training
+    rows (the only copy of the k-NN math).
+
+    DINO's weighted vote: features L2-normalised, cosine similarity, each of a test row's k most
+    similar training rows votes for its class with weight exp(similarity / temperature), the class
+    with the largest sum wins (a tie: the lower class number). The weights leave out each row's
+    common factor exp(top similarity / temperature), which changes no argmax and keeps a small
+    temperature from overflowing. Test rows are taken `chunks[0]` at a time against `chunks[1]`
+    training rows at a time, a running top-k merged over the training chunks (default: knn_chunks)."""
+    x, xt, y = as_rows(train_x), as_rows(test_x), torch.as_tensor(as_labels(train_y))  # (n, d), (m, d), (n,)
+    if x.ndim != 2 or xt.ndim != 2 or x.shape[1] != xt.shape[1] or len(x) != len(y) or not len(x) or not len(xt) \
+            or not x.shape[1]:
+        raise UsageError(f"k-NN probe got train features {tuple(x.shape)}, labels {tuple(y.shape)}, test features "
+                         f"{tuple(xt.shape)}: pass non-empty [n, d] features with one label each and the same d")
+    ks = check_knn(ks, temperature, len(x))
+    classes = int(num_classes or y.max() + 1)
+    if y.min() < 0 or y.max() >= classes:
+        raise UsageError(f"k-NN train labels run {int(y.min())}..{int(y.max())}, outside the classes 0..{classes - 1}: "
+                         "pass labels that are class numbers (and num_classes above the largest)")
+    kmax = max(ks)
+    test_rows, train_rows = chunks or knn_chunks(len(xt), len(x), x.shape[1], kmax, classes)
+    # One pass for the training rows' norms (n floats) and the finiteness check: the chunks below
+    # are then scaled after the product, with no normalised copy of the training matrix.
+    inverse = torch.cat([inverse_norms(finite_rows(x[a:a + train_rows], "train"))
+                         for a in range(0, len(x), train_rows)])  # (n,)
+    out = {k: np.empty(len(xt), dtype=np.int64) for k in ks}
+    for i in range(0, len(xt), test_rows):
+        query = finite_rows(xt[i:i + test_rows], "test")  # (t, d)
+        query = query * inverse_norms(query)[:, None]  # unit rows
+        best_s, best_i = query.new_empty(len(query), 0), torch.empty(len(query), 0, dtype=torch.int64)  # (t, ≤kmax)
+        for a in range(0, len(x), train_rows):
+            sims = query @ x[a:a + train_rows].to(torch.float32).T  # (t, r)
+            sims *= inverse[a:a + train_rows]  # cosine similarities
+            top_s, top_i = sims.topk(min(kmax, sims.shape[1]), dim=1)  # (t, ≤kmax)
+            merged_s, merged_i = torch.cat([best_s, top_s], 1), torch.cat([best_i, top_i + a], 1)  # (t, ≤2·kmax)
+            best_s, picked = merged_s.topk(min(kmax, merged_s.shape[1]), dim=1)  # sorted, most similar first
+            best_i = merged_i.gather(1, picked)
+        weights = ((best_s.double() - best_s[:, :1].double()) / temperature).exp()  # (t, kmax), in (0, 1]
+        labels = y[best_i]  # (t, kmax)
+        votes = torch.zeros(len(query), classes, dtype=torch.float64)  # (t, C)
+        done = 0
+        for k in sorted(ks):  # the neighbours of a smaller k are the first of a larger one's
+            votes.scatter_add_(1, labels[:, done:k], weights[:, done:k])
+            done = k
+            out[k][i:i + len(query)] = votes.argmax(1).numpy()
+    return {k: out[k] for k in ks}
+
+
+def knn_probe_grid(train_x, train_y, test_x, test_y, ks=(10, 20), temperature: float = 0.07,
+                   num_classes: int | None = None, chunks: tuple[int, int] | None = None) -> dict[int, float]:
+    """Test accuracy in [0, 1] of the weighted k-NN classifier for every k in `ks` (one neighbour search)."""
+    xt, y_test = as_rows(test_x), as_labels(test_y)  # (m, d), (m,)
+    if xt.ndim == 2 and len(y_test) != len(xt):  # another shape: knn_predict says what it got
+        raise UsageError(f"k-NN probe got {len(xt)} test features and {len(y_test)} test labels: "
+                         "pass one label per test row")
+    preds = knn_predict(train_x, train_y, xt, ks, temperature, num_classes, chunks)
+    return {k: float((p == y_test).mean()) for k, p in preds.items()}
+
+
+def knn_probe(train_x, train_y, test_x, test_y, k: int = 20, temperature: float = 0.07,
+              num_classes: int | None = None) -> float:
+    """Test accuracy in [0, 1] of DINO's weighted k-NN classifier (k neighbours, weights exp(cos / temperature))."""
+    return knn_probe_grid(train_x, train_y, test_x, test_y, [k], temperature, num_classes)[k]

@@ -7,13 +7,15 @@ is parsed into its entry's "layers" (see `parse_layers`); reports without it kee
 
 What a run directory may hold is defined in mpp.rundir; the reports themselves are written by
 scripts/pretrain_*.py (summary.json), eval/fewshot.py (fewshot*.json), eval/linear_probe.py
-(linear-probe*.json) and eval/finetune.py (finetune.json, in the run itself or in RUN/finetune*/).
+(linear-probe*.json), eval/knn.py (knn*.json) and eval/finetune.py (finetune.json, in the run itself
+or in RUN/finetune*/).
 A report this module cannot use is refused with one line that names the file.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from mpp.data import dataset_name
@@ -24,6 +26,7 @@ from mpp.rundir import CHECKPOINTS, CONFIG, FINETUNE, SUMMARY, run_dir_of
 DASH = "–"  # a missing result, in every cell
 FEWSHOT_GLOB = "fewshot*.json"
 LINEAR_PROBE_GLOB = "linear-probe*.json"
+KNN_GLOB = "knn*.json"
 FINETUNE_GLOBS = (FINETUNE, f"finetune*/{FINETUNE}")
 # What makes two random-init baselines the same model; the head and dropout do not change the features.
 ARCH_FIELDS = ("image_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_dim")
@@ -44,6 +47,7 @@ class Row:
     # dataset → {"spec", "dataset", "file", "in", "step", "results": {k: {mean, std}}, "layers"}
     fewshot: dict[str, dict] = field(default_factory=dict)
     linear_probe: dict | None = None  # {"accuracy", "l2", "dataset", "spec", "file", "in", "layers"}
+    knn: dict | None = None  # a few-shot entry's keys, "results" {k: accuracy}, and "temperature"
     finetune: dict | None = None  # {"mean", "std", "lr", "dataset", "spec", "init", "file", ...}
     loss_scale: str | None = None  # runs whose losses can share an axis have the same loss scale
     sources: list[str] = field(default_factory=list)  # baseline rows: the runs whose reports hold the baseline
@@ -57,8 +61,8 @@ class Reference:
     kind: str  # random-init | pixels
     key: tuple  # what makes two the same baseline: the architecture (random init), the image size (pixels)
     label: str  # the row's name in brackets: "Micro/4, 16 px" or "32 px"
-    probe: str  # fewshot | linear_probe
-    entry: dict  # as fewshot_entry / linear_probe_entry make it; "in" names the references key, None for a file
+    probe: str  # fewshot | linear_probe | knn
+    entry: dict  # as PROBES' entry functions make it; "in" names the references key, None for a file
 
 
 # ---------------------------------------------------------------- one report
@@ -96,6 +100,13 @@ def parse_shots(results) -> dict[int, dict]:
     parsed = {int(r.get("shots", k)): {"mean": float(r["mean"]), "std": float(r.get("std") or 0.0)}
               for k, r in results.items()}
     return dict(sorted(parsed.items()))
+
+
+def parse_knn(results) -> dict[int, float]:
+    """{"10": {"k": 10, "accuracy"}, ...} → {10: accuracy, ...}, sorted by k; raises on a bad one."""
+    if not isinstance(results, dict) or not results:
+        raise ValueError("no results")
+    return dict(sorted((int(r.get("k", k)), float(r["accuracy"])) for k, r in results.items()))
 
 
 def parse_probe(result) -> dict:
@@ -153,20 +164,23 @@ def parse_layers(path: Path, found, what: str, parse_one) -> dict | None:
     return parsed
 
 
-def fewshot_entry(path: Path, report: dict, run_dir: Path, fallback_spec: str | None, where: str | None = None) -> dict:
-    """The few-shot report's entry; `where` ("references.pixels") reads that part of it instead of the top level."""
+def results_entry(path: Path, report: dict, run_dir: Path, fallback_spec: str | None, where: str | None = None, *,
+                  what: str, parse, number: str, keep: tuple[str, ...] = ()) -> dict:
+    """The entry of a report whose "results" `parse` reads (few-shot, k-NN); `where` ("references.pixels")
+    reads that part of it instead of the top level; `number` names what a result must hold; `keep`:
+    the report's own fields the entry also holds."""
     found = report if where is None else report["references"][where.split(".", 1)[1]]
     inside = f" in {where}" if where else ""
     if not isinstance(found.get("results"), dict) or not found["results"]:
-        raise bad_report(path, "few-shot", f"no 'results'{inside}")
+        raise bad_report(path, what, f"no 'results'{inside}")
     try:
-        results = parse_shots(found["results"])
+        results = parse(found["results"])
     except (AttributeError, KeyError, TypeError, ValueError) as e:
-        raise bad_report(path, "few-shot", f"a result{inside} without a numeric mean: {e}") from e
+        raise bad_report(path, what, f"a result{inside} without a numeric {number}: {e}") from e
     spec = report_spec(report, fallback_spec)
-    layers = parse_layers(path, report.get("layers"), "few-shot", parse_shots) if where is None else None
+    layers = parse_layers(path, report.get("layers"), what, parse) if where is None else None
     return {"spec": spec, "dataset": dataset_name(spec), "file": path.relative_to(run_dir).as_posix(), "in": where,
-            "step": report.get("step"), "results": results, "layers": layers}
+            "step": report.get("step"), "results": results, "layers": layers, **{k: report.get(k) for k in keep}}
 
 
 def linear_probe_entry(path: Path, report: dict, run_dir: Path, fallback_spec: str | None,
@@ -271,7 +285,11 @@ def arch_of(vit: dict | None, model: str | None) -> tuple[tuple, str]:
 # ---------------------------------------------------------------- references: the baselines a run's reports hold
 
 REFERENCES = {"random_init": "random-init", "pixels": "pixels"}  # a report's "references" key → the row kind
-PROBES = {"fewshot": ("few-shot", fewshot_entry), "linear_probe": ("linear-probe", linear_probe_entry)}
+PROBES = {  # probe → (what errors call its report, its entry: (path, report, run_dir, fallback spec, where) → dict)
+    "fewshot": ("few-shot", partial(results_entry, what="few-shot", parse=parse_shots, number="mean")),
+    "linear_probe": ("linear-probe", linear_probe_entry),
+    "knn": ("k-NN", partial(results_entry, what="k-NN", parse=parse_knn, number="accuracy", keep=("temperature",))),
+}
 
 
 def report_arch(report: dict, config: dict) -> tuple[tuple, str]:
@@ -331,9 +349,9 @@ def read_run(run_dir: Path, name: str, notes: list[str]) -> tuple[Row, list[Refe
     inside: list[Reference] = []
 
     by_dataset: dict[str, list[dict]] = {}
-    probes = []
+    single: dict[str, list[dict]] = {"linear_probe": [], "knn": []}  # probes with one entry per row
     imported = None
-    for probe, pattern in (("fewshot", FEWSHOT_GLOB), ("linear_probe", LINEAR_PROBE_GLOB)):
+    for probe, pattern in (("fewshot", FEWSHOT_GLOB), ("linear_probe", LINEAR_PROBE_GLOB), ("knn", KNN_GLOB)):
         for path, report in read_reports(run_dir, pattern):
             imported = imported or report.get("imported")  # a timm model's reports (mpp.timm_io): no config
             entry = PROBES[probe][1](path, report, run_dir, spec)
@@ -343,9 +361,10 @@ def read_run(run_dir: Path, name: str, notes: list[str]) -> tuple[Row, list[Refe
             elif probe == "fewshot":
                 by_dataset.setdefault(entry["dataset"], []).append(entry)
             else:
-                probes.append(entry)
+                single[probe].append(entry)
     row.fewshot = {ds: pick(entries, None, f"few-shot ({ds})", name, notes) for ds, entries in by_dataset.items()}
-    row.linear_probe = pick(probes, own, "linear-probe", name, notes)
+    row.linear_probe = pick(single["linear_probe"], own, "linear-probe", name, notes)
+    row.knn = pick(single["knn"], own, "k-NN", name, notes)
 
     tunes = [finetune_entry(p, r, run_dir, spec) for pattern in FINETUNE_GLOBS for p, r in read_reports(run_dir, pattern)]
     row.finetune = pick(tunes, own, "fine-tune", name, notes)
@@ -355,13 +374,13 @@ def read_run(run_dir: Path, name: str, notes: list[str]) -> tuple[Row, list[Refe
     row.loss_scale = loss_scale(config, row.objective)
     if row.objective == "finetune" and row.finetune and row.steps is None:  # a fine-tune run: its own training
         row.steps, row.wall_time_s = row.finetune.get("steps"), row.finetune.get("wall_time_s")
-    note_stale_fewshot(row, notes)
+    note_stale(row, notes)
     return row, files + inside
 
 
-def note_stale_fewshot(row: Row, notes: list[str]) -> None:
-    """A few-shot report of an earlier checkpoint than the run's end is worth saying."""
-    for entry in row.fewshot.values():
+def note_stale(row: Row, notes: list[str]) -> None:
+    """A few-shot or k-NN report of an earlier checkpoint than the run's end is worth saying."""
+    for entry in [*row.fewshot.values(), *([row.knn] if row.knn else [])]:
         if row.steps and entry.get("step") and entry["step"] != row.steps:
             notes.append(f"{row.name}: {entry['file']} evaluated the step-{entry['step']} checkpoint "
                          f"of {row.steps} steps")
@@ -392,6 +411,8 @@ def baseline_rows(found: list[Reference], notes: list[str]) -> list[Row]:
             row.fewshot[ref.entry["dataset"]] = ref.entry
         elif ref.probe == "linear_probe" and row.linear_probe is None:
             row.linear_probe = ref.entry
+        elif ref.probe == "knn" and row.knn is None:
+            row.knn = ref.entry
     for (key, probe), refs in shown.items():
         if len(refs) > 1:
             rule = "the first run's" + (", a random-init report before references" if key[0] == "random-init" else "")

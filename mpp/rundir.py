@@ -16,7 +16,7 @@ resume in one, and repairs of what a kill can leave torn in it.
       wandb/             W&B's files with --report-to wandb|all: one W&B run per process start (mpp.trackers)
       checkpoints/       ckpt-<step:08d>.pt (see mpp.checkpoint), the newest K kept
       run.lock           who holds the run (see mpp.runlock)
-      fewshot*.json, linear-probe*.json, finetune*/finetune.json   evaluation reports written beside it
+      fewshot*.json, linear-probe*.json, knn*.json, finetune*/finetune.json   evaluation reports written beside it
 
 Eval reports written elsewhere are still found by the readers in mpp.reports.
 """
@@ -42,7 +42,7 @@ FINETUNE = "finetune.json"  # a fine-tune's results, in its own --output-dir
 # what resumed it: the --config FILE and the arguments given, the git commit, the versions.
 RECORDED = ("config_file", "command_line", "commit", "versions")
 # The reports an evaluation writes, as globs relative to the folder that holds them.
-REPORT_GLOBS = (SUMMARY, "fewshot*.json", "linear-probe*.json", FINETUNE, f"finetune*/{FINETUNE}")
+REPORT_GLOBS = (SUMMARY, "fewshot*.json", "linear-probe*.json", "knn*.json", FINETUNE, f"finetune*/{FINETUNE}")
 CKPT_RE = re.compile(r"ckpt-(\d+)\.pt$")
 
 

@@ -1,13 +1,15 @@
 """The comparison's tables from its rows (mpp.reports), as data and as markdown.
 
 A table is {"title", "dataset", "columns", "rows" (cells as text), "names"}: the main one has every
-run, then the baselines (random init, raw pixels) with a result in it; each few-shot dataset other
-than the main one (a transfer check) gets a table of its own.
+run, then the baselines (random init, raw pixels) with a result in it (few-shot, linear probe, a
+`k-NN k=<k>` column per k of the k-NN reports, fine-tuning); each few-shot dataset other than the
+main one (a transfer check) gets a table of its own.
 
 Runs whose reports have "layers" also get per-block tables (`layer_tables`): one per few-shot
-dataset at its largest shot count and one per linear-probe dataset, a row per (run, feature
-variant) and its random init, a column per block; they add "caption" (the best cell per run, the
-raw-pixels reference) and "best" ({run: {"block", "features", "accuracy"}}).
+dataset at its largest shot count, one per linear-probe dataset and one per k-NN dataset at its
+largest k, a row per (run, feature variant) and its random init, a column per block; they add
+"caption" (the best cell per run, the raw-pixels reference) and "best" ({run: {"block", "features",
+"accuracy"}}).
 """
 from __future__ import annotations
 
@@ -63,18 +65,27 @@ def finetune_text(entry: dict) -> str:
     return pct(entry["mean"], entry["std"]) + lr
 
 
+def knn_cells(row: Row, shared: str | None, ks: list[int]) -> list[str]:
+    results = row.knn["results"] if row.knn else {}
+    return [result_cell(row.knn, shared, pct(results[k])) if k in results else DASH for k in ks]
+
+
 def main_table(runs: list[Row], baselines: list[Row], dataset: str | None) -> dict:
     """Every run, then the baselines with a result in this table."""
-    shown = [b for b in baselines if dataset in b.fewshot or b.linear_probe]
+    shown = [b for b in baselines if dataset in b.fewshot or b.linear_probe or b.knn]
     rows = runs + shown
     shots = shot_counts(rows, dataset) if dataset else []
     probe_ds = shared_dataset([r.linear_probe for r in rows])
+    knn_ds = shared_dataset([r.knn for r in rows])
+    ks = sorted({k for r in rows if r.knn for k in r.knn["results"]})
     tune_ds = shared_dataset([r.finetune for r in rows])
     columns = ["run", "objective", "data", *[f"{k}-shot" for k in shots],
                f"linear probe ({probe_ds})" if probe_ds else "linear probe",
+               *[f"k-NN k={k}" + (f" ({knn_ds})" if knn_ds else "") for k in ks],
                f"fine-tune ({tune_ds})" if tune_ds else "fine-tune", "steps", "wall time"]
     cells = [[r.name, r.label, r.dataset or DASH, *fewshot_cells(r, dataset, shots),
               result_cell(r.linear_probe, probe_ds, pct(r.linear_probe["accuracy"]) if r.linear_probe else ""),
+              *knn_cells(r, knn_ds, ks),
               result_cell(r.finetune, tune_ds, finetune_text(r.finetune) if r.finetune else ""),
               f"{r.steps:,}" if isinstance(r.steps, int) else DASH, duration(r.wall_time_s)] for r in rows]
     title = f"Runs (few-shot on {dataset})" if dataset else "Runs"
@@ -99,19 +110,26 @@ def build_tables(runs: list[Row], baselines: list[Row]) -> list[dict]:
 
 @dataclass(frozen=True)
 class LayerView:
-    """One evaluation of the per-block comparison: few-shot at `shots` on `dataset`, or the linear probe (shots None)."""
+    """One evaluation of the per-block comparison: few-shot at `shots` on `dataset`, k-NN with `k`
+    neighbours, or the linear probe (neither)."""
 
-    probe: str  # fewshot | linear_probe
+    probe: str  # fewshot | linear_probe | knn
     dataset: str
     shots: int | None = None
+    k: int | None = None
 
     def title(self) -> str:
-        return f"{self.shots}-shot on {self.dataset}" if self.probe == "fewshot" else f"linear probe on {self.dataset}"
+        if self.probe == "fewshot":
+            return f"{self.shots}-shot on {self.dataset}"
+        return f"{self.k}-NN on {self.dataset}" if self.probe == "knn" else f"linear probe on {self.dataset}"
 
 
 def view_entry(row: Row, view: LayerView) -> dict | None:
     """The row's shown report entry for this evaluation, or None."""
-    entry = row.fewshot.get(view.dataset) if view.probe == "fewshot" else row.linear_probe
+    if view.probe == "fewshot":
+        entry = row.fewshot.get(view.dataset)
+    else:
+        entry = row.knn if view.probe == "knn" else row.linear_probe
     return entry if entry and entry["dataset"] == view.dataset else None
 
 
@@ -122,12 +140,13 @@ def row_layers(row: Row, view: LayerView) -> dict | None:
 
 
 def accuracy(result: dict | None, view: LayerView) -> float | None:
-    """A result's accuracy in this evaluation: a few-shot {k: {mean, std}} at the view's shots, or a probe's."""
+    """A result's accuracy in this evaluation: a few-shot {shots: {mean, std}} at the view's shots,
+    a k-NN {k: accuracy} at its k, or a probe's."""
     if result is None:
         return None
     if view.probe == "fewshot":
         return result[view.shots]["mean"] if view.shots in result else None
-    return result["accuracy"]
+    return result.get(view.k) if view.probe == "knn" else result["accuracy"]
 
 
 def reference_accuracy(row: Row, view: LayerView) -> float | None:
@@ -135,12 +154,13 @@ def reference_accuracy(row: Row, view: LayerView) -> float | None:
     entry = view_entry(row, view)
     if entry is None:
         return None
-    return accuracy(entry["results"], view) if view.probe == "fewshot" else entry["accuracy"]
+    return entry["accuracy"] if view.probe == "linear_probe" else accuracy(entry["results"], view)
 
 
 def layer_views(runs: list[Row], datasets: list[str | None]) -> list[LayerView]:
     """Every evaluation some run has per-block results for: few-shot datasets in the tables' order
-    (`datasets`, then any other) at every shot count, then the linear probe per dataset."""
+    (`datasets`, then any other) at every shot count, then the linear probe per dataset, then k-NN
+    per dataset at every k."""
     shots: dict[str, set] = {}
     for row in runs:
         for ds, entry in row.fewshot.items():
@@ -149,7 +169,12 @@ def layer_views(runs: list[Row], datasets: list[str | None]) -> list[LayerView]:
     order = [d for d in datasets if d in shots] + [d for d in shots if d not in datasets]
     views = [LayerView("fewshot", ds, k) for ds in order for k in sorted(shots[ds])]
     probed = dict.fromkeys(r.linear_probe["dataset"] for r in runs if r.linear_probe and r.linear_probe["layers"])
-    return views + [LayerView("linear_probe", ds) for ds in probed]
+    ks: dict[str, set] = {}
+    for row in runs:
+        if row.knn and row.knn["layers"]:
+            ks.setdefault(row.knn["dataset"], set()).update(k for r in row.knn["layers"]["results"].values() for k in r)
+    return (views + [LayerView("linear_probe", ds) for ds in probed]
+            + [LayerView("knn", ds, k=k) for ds, found in ks.items() for k in sorted(found)])
 
 
 def best_layer(layers: dict, view: LayerView) -> dict | None:
@@ -187,15 +212,15 @@ def layer_table(runs: list[Row], baselines: list[Row], view: LayerView) -> dict:
     if refs:
         caption.append("Reference: " + "; ".join(f"{name} {pct(a)}" for name, a in refs) + ".")
     return {"title": f"By block: {view.title()}", "dataset": view.dataset, "probe": view.probe, "shots": view.shots,
-            "columns": ["run", "features", *[f"block {b}" for b in blocks]], "rows": cells,
+            "k": view.k, "columns": ["run", "features", *[f"block {b}" for b in blocks]], "rows": cells,
             "names": [c[0] for c in cells], "caption": " ".join(caption), "best": best}
 
 
 def layer_tables(runs: list[Row], baselines: list[Row], views: list[LayerView]) -> list[dict]:
-    """A per-block table at each few-shot dataset's largest shot count and for each linear-probe dataset."""
-    largest = {v.dataset: v for v in views if v.probe == "fewshot"}  # views are in increasing shots
-    chosen = list(largest.values()) + [v for v in views if v.probe == "linear_probe"]
-    return [layer_table(runs, baselines, v) for v in chosen]
+    """A per-block table at each few-shot dataset's largest shot count, for each linear-probe dataset
+    and at each k-NN dataset's largest k (the views' order)."""
+    largest = {(v.probe, v.dataset): v for v in views}  # views are in increasing shots and k
+    return [layer_table(runs, baselines, v) for v in largest.values()]
 
 
 # ---------------------------------------------------------------- markdown

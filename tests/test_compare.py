@@ -375,6 +375,8 @@ def layer_sweep(value, probe: str = "fewshot", random=None, depth: int = 6, shot
     def result(accuracy: float) -> dict:
         if probe == "linear_probe":
             return {"accuracy": accuracy, "l2": 1.0}
+        if probe == "knn":  # k-NN: at the largest k, 5 points less at the others
+            return knn_results({k: accuracy - (0.0 if k == max(shots) else 0.05) for k in shots})
         means = {k: accuracy - (0.0 if k == max(shots) else 0.1) for k in shots}
         return {str(k): {"shots": k, "mean": m, "std": 0.01, "per_seed": [m - 0.01, m + 0.01]} for k, m in means.items()}
 
@@ -589,3 +591,106 @@ def test_in_run_fewshot_curves_are_drawn_against_images_seen(tmp_path):
     assert str(tmp_path / "out" / "fewshot_curves.png") in report["files"]
     alone = compare([plain], tmp_path / "out2")
     assert alone["plots"]["fewshot_curves"] is None and not (tmp_path / "out2" / "fewshot_curves.png").exists()
+
+
+# ---------------------------------------------------------------- k-NN reports (eval/knn.py)
+
+def knn_results(accuracies: dict[int, float]) -> dict:
+    return {str(k): {"k": k, "accuracy": a} for k, a in accuracies.items()}
+
+
+def knn_report(accuracies: dict[int, float], init: str = "trained", **extra) -> dict:
+    """A report shaped as eval/knn.py writes it (the fields compare reads, plus a few)."""
+    return {"init": init, "step": 0, "features": "token", "model": None, "vit": MICRO,
+            "dataset": {"spec": "digits", "image_size": 16, "train_used": 1437, "test_used": 360},
+            "k": list(accuracies), "temperature": 0.07, "results": knn_results(accuracies), **extra}
+
+
+@pytest.fixture(scope="module")
+def knn_compared(tmp_path_factory) -> dict:
+    """"mpp" with a k-NN report holding both references and an every-block sweep (and a mean-patch-token
+    report the table leaves out), "sup" with k = 20 only and a random-init report of its own."""
+    root = tmp_path_factory.mktemp("knn") / "runs"
+    mpp = root / "mpp"
+    write(mpp / "config.json", config("mpp", mpp={"target": "mean_color", "corrupt_rate": 0.5}))
+    write(mpp / "fewshot.json", fewshot("digits", {1: (0.5, 0.01)}))
+    refs = {"random_init": {"results": knn_results({10: 0.30, 20: 0.31}), "feature_dim": 128},
+            "pixels": {"results": knn_results({10: 0.90, 20: 0.88}), "feature_dim": 768, "image_size": 16, "grid": 16}}
+    write(mpp / "knn.json", knn_report({10: 0.60, 20: 0.62}, references=refs,
+                                       layers=layer_sweep(mpp_value, "knn", random=lambda b, v: 0.2, shots=(10, 20))))
+    write(mpp / "knn-avg.json", {**knn_report({10: 0.99, 20: 0.99}), "features": "avg"})
+    sup = root / "sup"
+    write(sup / "config.json", config("supervised"))
+    write(sup / "knn.json", knn_report({20: 0.70}))
+    write(sup / "knn-random-init.json", knn_report({10: 0.25, 20: 0.27}, init="random"))
+    return compare([mpp, sup], root / "out")
+
+
+def test_knn_columns_reference_rows_and_notes(knn_compared):
+    table = knn_compared["tables"][0]
+    assert table["columns"] == ["run", "objective", "data", "1-shot", "linear probe", "k-NN k=10 (digits)",
+                                "k-NN k=20 (digits)", "fine-tune", "steps", "wall time"]
+    rows = rows_by_name(table)
+    assert list(rows) == ["mpp", "sup", "random init (Micro/4, 16 px)", "raw pixels (16 px)"]
+    assert [rows["mpp"]["k-NN k=10 (digits)"], rows["mpp"]["k-NN k=20 (digits)"]] == ["60.0", "62.0"]  # not knn-avg's
+    assert [rows["sup"]["k-NN k=10 (digits)"], rows["sup"]["k-NN k=20 (digits)"]] == [DASH, "70.0"]
+    # the first run's random init (its report's references) is shown; sup's own draw is named in a note
+    assert [rows["random init (Micro/4, 16 px)"][f"k-NN k={k} (digits)"] for k in (10, 20)] == ["30.0", "31.0"]
+    assert [rows["raw pixels (16 px)"][f"k-NN k={k} (digits)"] for k in (10, 20)] == ["90.0", "88.0"]
+    assert rows["raw pixels (16 px)"]["1-shot"] == DASH
+    assert ("random init (Micro/4, 16 px), k-NN on digits: shown once, from mpp/knn.json references.random_init "
+            "(the first run's, a random-init report before references); other numbers (another draw) in "
+            "sup/knn-random-init.json") in knn_compared["notes"]
+    saved = json.loads((Path(knn_compared["output"]) / "compare.json").read_text())
+    assert saved["runs"][0]["knn"]["results"] == {"10": 0.6, "20": 0.62}  # {k: accuracy}
+    assert "| mpp | mpp (mean_color, 50%) | digits | 50.0 ± 1.0 | – | 60.0 | 62.0 | – |" in knn_compared["markdown"]
+
+
+def test_knn_by_block_table_and_panels(knn_compared):
+    (table,) = knn_compared["layer_tables"]
+    assert table["title"] == "By block: 20-NN on digits" and (table["probe"], table["k"]) == ("knn", 20)
+    assert table["names"] == ["mpp"] * 4 + ["mpp (random init)"] * 4
+    rows = {(r[0], r[1]): r[2:] for r in table["rows"]}
+    assert rows["mpp", "avg+norm"][3] == "**90.0**" and rows["mpp (random init)", "token"] == ["20.0"] * 6
+    assert table["caption"] == ("Best per run (in bold): mpp block 4, avg+norm (90.0). "
+                                "Reference: raw pixels (16 px) 88.0.")
+    assert knn_compared["plots"]["layers"]["panels"] == ["10-NN on digits", "20-NN on digits"]
+    check_png(Path(knn_compared["output"]) / "layers.png")
+
+
+@pytest.mark.parametrize("report, message", [
+    ({"init": "trained", "k": [10]}, "is not a k-NN report (no 'results')"),
+    (knn_report({10: 0.5}) | {"results": {"10": {"k": 10, "accuracy": "high"}}}, "a result without a numeric accuracy"),
+    (knn_report({10: 0.5}, references={"pixels": {"results": {}}}), "no 'results' in references.pixels"),
+])
+def test_a_malformed_knn_report_is_one_line_naming_the_file(report, message, tmp_path, capsys):
+    run = tmp_path / "run"
+    write(run / "config.json", config("mpp"))
+    write(run / "knn.json", report)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(run), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: '{run / 'knn.json'}' ") and message in err
+    assert not (tmp_path / "out" / "compare.json").exists()
+
+
+def test_a_run_with_only_knn_reports_is_a_run(tmp_path):
+    write(tmp_path / "probed" / "knn-random-init.json", knn_report({20: 0.3}, init="random", model="Micro/4"))
+    found = compare([tmp_path / "probed"], tmp_path / "out")
+    assert rows_by_name(found["tables"][0])["random init (Micro/4, 16 px)"]["k-NN k=20 (digits)"] == "30.0"
+
+
+def test_in_run_knn_curves_are_panels_beside_the_fewshot_ones(tmp_path):
+    run = tmp_path / "mpp"
+    cfg = config("mpp")
+    cfg["train"]["batch_size"] = 32
+    write(run / "config.json", cfg)
+    lines = [{"step": step, "fewshot/digits/1shot": 0.1 + step / 1000, "fewshot/seconds": 1.0,
+              **{f"{p}/digits/{k}nn": 0.2 + step / 500 + k / 100 for p in ("knn", "knn_avg") for k in (10, 20)}}
+             for step in (0, 50, 100)]
+    write(run / "metrics.jsonl", "\n".join(json.dumps(m) for m in lines) + "\n")
+    report = compare([run], tmp_path / "out")
+    assert report["plots"]["fewshot_curves"] == {
+        "file": "fewshot_curves.png", "panels": ["1-shot on digits", "10-NN on digits", "20-NN on digits"], "runs": ["mpp"]}
+    check_png(tmp_path / "out" / "fewshot_curves.png", (700, 300))

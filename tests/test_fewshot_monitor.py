@@ -173,3 +173,28 @@ def test_a_class_too_small_for_25_shots_is_one_line(tmp_path):
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 2 and last.startswith("error: the in-run few-shot probe of ") and "needs 25" in last
     assert "drop --fewshot-every" in last and "Traceback" not in done.stderr
+
+
+def test_the_in_run_knn_scores_the_draws_union_against_the_same_test_images(runs):
+    """k-NN beside few-shot, from the same features: the draws' union is its training set."""
+    from mpp.features import extract_feature_sets, headline_spec, vit_featurizer
+    from mpp.fewshot_monitor import FewshotMonitor
+    from mpp.model import ViT, ViTConfig
+    from mpp.probes import knn_probe_grid
+
+    _, probed = runs
+    points = {m["step"]: m for m in read_metrics(probed) if "knn/digits/20nn" in m}
+    assert sorted(points) == [0, 2, 4, 6]
+    knn_tags = [f"{p}/digits/{k}nn" for p in ("knn", "knn_avg") for k in (10, 20)]
+    assert all(0 <= m[t] <= 1 for m in points.values() for t in knn_tags)
+    state = load_checkpoint(list_checkpoints(probed)[-1])  # step 6
+    vit = ViT(ViTConfig(**state["config"]["vit"]))
+    vit.load_state_dict(state["model"])
+    probe = FewshotMonitor(["digits"], vit.config.image_size, 2000).sets[0]
+    assert probe.cached and len(probe.train) == len(probe.draws.union) < 1437  # the union, not the whole split
+    specs = [headline_spec(vit.config.depth, "token"), headline_spec(vit.config.depth, "avg")]
+    train_x, train_y = extract_feature_sets(vit_featurizer(vit, specs), vit, probe.train, progress=False)
+    test_x, test_y = extract_feature_sets(vit_featurizer(vit, specs), vit, probe.test, progress=False)
+    for spec, prefix in zip(specs, ("knn", "knn_avg")):
+        found = knn_probe_grid(train_x[spec.name], train_y, test_x[spec.name], test_y, (10, 20), 0.07, 10)
+        assert [points[6][f"{prefix}/digits/{k}nn"] for k in (10, 20)] == [found[10], found[20]]
