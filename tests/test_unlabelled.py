@@ -3,6 +3,7 @@ folder, an image-only Hugging Face dataset saved to disk, tar shards without cls
 and streamed, through the data layer and through the command line: MPP trains on each with the
 in-run probe on a labelled set and resumes bitwise, its held-out split is carved from the training
 images, and whatever needs labels refuses each in one line, writing nothing."""
+import itertools
 import json
 import os
 import subprocess
@@ -221,6 +222,7 @@ def refusals(spec: str, out: Path) -> dict[str, list[str]]:
         "finetune": ["eval/finetune.py", "--model", "Micro/4", "--dataset", spec, "--output-dir", str(out / "tune")],
         "fewshot": ["eval/fewshot.py", *probe, "--output", str(out / "probe" / "fewshot.json")],
         "linear_probe": ["eval/linear_probe.py", *probe, "--output", str(out / "probe" / "linear-probe.json")],
+        "knn": ["eval/knn.py", *probe, "--output", str(out / "probe" / "knn.json")],
     }
 
 
@@ -228,12 +230,13 @@ def refusals(spec: str, out: Path) -> dict[str, list[str]]:
 def test_every_label_needing_command_refuses_every_unlabelled_source(sources, hf_cache, tmp_path, capsys, source):
     import eval.fewshot
     import eval.finetune
+    import eval.knn
     import eval.linear_probe
 
     entry = {"scripts/pretrain_supervised.py": lambda argv: main("supervised", argv),
              "scripts/pretrain_mpp.py": lambda argv: main("mpp", argv),
              "eval/finetune.py": eval.finetune.main, "eval/fewshot.py": eval.fewshot.main,
-             "eval/linear_probe.py": eval.linear_probe.main}
+             "eval/linear_probe.py": eval.linear_probe.main, "eval/knn.py": eval.knn.main}
     out = tmp_path / "out"  # each command's output goes below it: none may be created
     for command, argv in refusals(sources[source], out).items():
         with threads_kept(), pytest.raises(SystemExit) as e:
@@ -252,9 +255,9 @@ def one_error_line(stderr: str) -> bool:
 
 
 def test_the_refusals_through_the_command_line(sources, hf_cache, tmp_path):
-    """Each command once as a user runs it, each on another source."""
+    """Each command once as a user runs it, on the sources in turn."""
     out = tmp_path / "out"
-    for (command, argv), source in zip(refusals("", out).items(), SOURCES):
+    for (command, argv), source in zip(refusals("", out).items(), itertools.cycle(SOURCES)):
         argv = [sources[source] if a == "" else a for a in argv]
         done = run_script(*argv)
         assert done.returncode == 2 and one_error_line(done.stderr), (command, done.stderr[-2000:])
