@@ -172,7 +172,8 @@ class Trainer:
         self.fewshot = FewshotMonitor(own + ([config.fewshot_dataset] if config.fewshot_dataset else []), image_size,
                                       config.fewshot_max_images, batch_size=micro_batch)
         acc.print(f"few-shot probe every {config.fewshot_every} steps, at step 0 and at the end "
-                  f"(1/5/10/25 shots × 3 draws, l2 = 2^10), each embedding {self.fewshot.cost()}")
+                  f"(1/5/10/25 shots × 3 draws, l2 = 2^10; k-NN, k = 10 and 20, on the draws' images), "
+                  f"each embedding {self.fewshot.cost()}")
 
     def _total_steps(self) -> int:
         config = self.config

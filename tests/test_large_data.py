@@ -14,6 +14,8 @@ import torch
 from helpers.runs import ENV, FAST, REPO, final_weights, read_metrics
 
 from mpp.data import load_split
+from mpp.datasets import NO_LABEL
+from mpp.holdout import pretraining_splits
 
 
 def image_folder(root, n_per_class: int, classes: int = 4, test_per_class: int = 2):
@@ -38,6 +40,21 @@ def test_a_streamed_folder_is_listed_not_read_at_start_up(tmp_path, hf_cache, mo
     image, label = next(iter(stream))
     assert image.shape == (3, 8, 8) and info.num_classes == 4
     assert len(opened) <= 2, f"start-up opened {len(opened)} images"  # the one yielded (datasets may peek one)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("streaming", [False, True], ids=["loaded", "streamed"])
+def test_an_unlabelled_folder_and_its_held_out_split_are_listed_not_read(tmp_path, hf_cache, monkeypatch, streaming):
+    """A folder without train/ (every image at any depth), carved into train and held-out splits
+    without opening an image: the carve knows images by their paths."""
+    root = image_folder(tmp_path / "big", 500)  # 2,000 images below big/train/c<k>/ and big/test/...
+    opened = []
+    real_open = PIL.Image.open
+    monkeypatch.setattr(PIL.Image, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    splits = pretraining_splits(str(root / "train"), 8, holdout_images=100, streaming=streaming, shuffle_buffer=256)
+    assert not splits.info.labelled and len(splits.eval) == 100 and not opened, f"start-up opened {len(opened)} images"
+    image, label = next(iter(splits.train))
+    assert image.shape == (3, 8, 8) and label == NO_LABEL and len(opened) <= 2
 
 
 MEASURE = textwrap.dedent("""
