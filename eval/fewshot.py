@@ -11,17 +11,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from mpp.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Parser, Range, number_flag
+from mpp.config import AT_LEAST_1, POSITIVE, Parser, Range, number_flag
 from mpp.data import dataset_name
 from mpp.errors import cli_main
 from mpp.features import is_main_process, layer_specs
 from mpp.probe_runs import Embedder, ProbeData, run_fewshot
 from mpp.probe_setup import (
+    REFERENCE_NAMES,
     add_model_flags,
+    add_output_flag,
     add_runtime_flags,
-    check_flags,
+    add_subset_flags,
     check_writable,
     layer_lines,
+    parse_probe_args,
     probe_target,
     random_init_like,
     save_report,
@@ -35,20 +38,14 @@ def build_parser() -> Parser:
     number_flag(p, "--seeds", int, Range(1, 1000), default=3, help="few-shot draws per shot count, seeds 0..N-1 (3)")
     number_flag(p, "--l2", float, POSITIVE, nargs="+", default=[2.0**10], help="ridge penalties, the first is the "
                 "headline (1024); the others are only reported: choosing by test accuracy would leak the test set")
-    number_flag(p, "--max-test", int, NON_NEGATIVE, default=0, metavar="N",
-                help="test on a fixed random N images; 0 = all (0)")
+    add_subset_flags(p, train=False)
     add_runtime_flags(p)
-    p.add_argument("--output", metavar="PATH", help="results JSON (default: RUN_DIR/fewshot[-random-init].json)")
+    add_output_flag(p, "fewshot")
     return p
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    check_flags(args)
-    return args
-
-
-REFERENCE_NAMES = {"random_init": "random init", "pixels": "raw pixels"}
+    return parse_probe_args(build_parser(), argv)
 
 
 @cli_main

@@ -14,23 +14,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from mpp.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Parser, number_flag
+from mpp.config import AT_LEAST_1, POSITIVE, Parser, number_flag
 from mpp.data import dataset_name
 from mpp.errors import cli_main
 from mpp.features import is_main_process, layer_specs
 from mpp.probe_runs import KNN_KS, KNN_TEMPERATURE, Embedder, ProbeData, knn_plan, run_knn
 from mpp.probe_setup import (
+    REFERENCE_NAMES,
     add_model_flags,
+    add_output_flag,
     add_runtime_flags,
-    check_flags,
+    add_subset_flags,
     check_writable,
     layer_lines,
+    parse_probe_args,
     probe_target,
     random_init_like,
     save_report,
 )
-
-REFERENCE_NAMES = {"random_init": "random init", "pixels": "raw pixels"}
 
 
 def build_parser() -> Parser:
@@ -40,19 +41,14 @@ def build_parser() -> Parser:
                 help="neighbours that vote, each at most the training images used (10 20)")
     number_flag(p, "--temperature", float, POSITIVE, default=KNN_TEMPERATURE, metavar="T",
                 help="a neighbour's vote is exp(cosine similarity / T) (0.07)")
-    number_flag(p, "--max-train", int, NON_NEGATIVE, default=0, metavar="N",
-                help="use a fixed random N training images; 0 = all (0)")
-    number_flag(p, "--max-test", int, NON_NEGATIVE, default=0, metavar="N",
-                help="test on a fixed random N images; 0 = all (0)")
+    add_subset_flags(p)
     add_runtime_flags(p)
-    p.add_argument("--output", metavar="PATH", help="results JSON (default: RUN_DIR/knn[-random-init].json)")
+    add_output_flag(p, "knn")
     return p
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    check_flags(args)
-    return args
+    return parse_probe_args(build_parser(), argv)
 
 
 @cli_main

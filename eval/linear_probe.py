@@ -16,17 +16,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from mpp.config import NON_NEGATIVE, POSITIVE, Parser, Range, number_flag
+from mpp.config import POSITIVE, Parser, Range, number_flag
 from mpp.data import dataset_name
 from mpp.errors import cli_main
 from mpp.features import is_main_process, layer_specs
 from mpp.probe_runs import Embedder, ProbeData, run_linear_probe
 from mpp.probe_setup import (
+    REFERENCE_NAMES,
     add_model_flags,
+    add_output_flag,
     add_runtime_flags,
-    check_flags,
+    add_subset_flags,
     check_writable,
     layer_lines,
+    parse_probe_args,
     probe_target,
     random_init_like,
     save_report,
@@ -41,20 +44,14 @@ def build_parser() -> Parser:
                 help="ridge penalties to choose from on the dev split (2^-4, 2^-2, ..., 2^14)")
     number_flag(p, "--dev-fraction", float, Range(0, 0.5, low_open=True), default=0.1, metavar="F",
                 help="fraction of each class's training images held out to choose l2, in (0, 0.5] (0.1)")
-    number_flag(p, "--max-train", int, NON_NEGATIVE, default=0, metavar="N",
-                help="use a fixed random N training images; 0 = all (0)")
-    number_flag(p, "--max-test", int, NON_NEGATIVE, default=0, metavar="N",
-                help="test on a fixed random N images; 0 = all (0)")
+    add_subset_flags(p)
     add_runtime_flags(p)
-    p.add_argument("--output", metavar="PATH",
-                   help="results JSON (default: RUN_DIR/linear-probe[-random-init].json)")
+    add_output_flag(p, "linear-probe")
     return p
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    check_flags(args)
-    return args
+    return parse_probe_args(build_parser(), argv)
 
 
 @cli_main
@@ -88,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
         # The dev optimum may lie beyond the grid: say so rather than silently report a clipped choice.
         edge = "smallest" if out["l2"] == min(out["l2_grid"]) else "largest"
         print(f"note: the chosen l2 is the grid's {edge}; a wider --l2 grid may do better on dev")
-    rows = [("model", out)] + [({"random_init": "random init", "pixels": f"raw pixels ({ref.get('grid')} px)"}[key], ref)
+    rows = [("model", out)] + [(REFERENCE_NAMES[key] + (f" ({ref.get('grid')} px)" if key == "pixels" else ""), ref)
                                for key, ref in out.get("references", {}).items()]
     print(f"{'':>18} | test accuracy (%) | l2")
     for name, r in rows:

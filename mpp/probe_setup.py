@@ -15,7 +15,7 @@ import torch
 
 from mpp import timm_io
 from mpp.checkpoint import KernelsFor, load_checkpoint, load_run
-from mpp.config import AT_LEAST_1, SEED, Range, device_flag, number_flag
+from mpp.config import AT_LEAST_1, NON_NEGATIVE, SEED, Range, device_flag, number_flag
 from mpp.data import DEFAULT_DATASET
 from mpp.errors import UsageError
 from mpp.features import FEATURES, process_device, process_group
@@ -57,6 +57,30 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--references", default=True, action=argparse.BooleanOptionalAction,
                    help="score the same probe on the same images for a random init of the same architecture "
                    "and for the raw pixels at the model's resolution (above 32 px: averaged to 32×32) (default: on)")
+
+
+def add_subset_flags(p: argparse.ArgumentParser, *, train: bool = True) -> None:
+    """--max-train (with `train`) and --max-test: fixed random subsets of the splits."""
+    if train:
+        number_flag(p, "--max-train", int, NON_NEGATIVE, default=0, metavar="N",
+                    help="use a fixed random N training images; 0 = all (0)")
+    number_flag(p, "--max-test", int, NON_NEGATIVE, default=0, metavar="N",
+                help="test on a fixed random N images; 0 = all (0)")
+
+
+def add_output_flag(p: argparse.ArgumentParser, report: str) -> None:
+    p.add_argument("--output", metavar="PATH", help=f"results JSON (default: RUN_DIR/{report}[-random-init].json)")
+
+
+def parse_probe_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """A probe CLI's flags, each checked as parsed, then the checks that span flags."""
+    args = parser.parse_args(argv)
+    check_flags(args)
+    return args
+
+
+# How a probe CLI's printed table names a report's reference rows.
+REFERENCE_NAMES = {"random_init": "random init", "pixels": "raw pixels"}
 
 
 def check_flags(args: argparse.Namespace) -> None:

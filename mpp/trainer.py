@@ -25,8 +25,8 @@ from mpp.config import Invocation
 from mpp.data import LABELLED_FORMS
 from mpp.errors import UsageError
 from mpp.fewshot_monitor import FewshotMonitor
-from mpp.holdout import pretraining_splits
 from mpp.files import write_json
+from mpp.holdout import pretraining_splits
 from mpp.kernels import KernelPolicy, RunShapes
 from mpp.loop import agree, data_loaders, evaluate, optimizer_step
 from mpp.model import ViT, vit_config

@@ -161,6 +161,16 @@ def test_shards_say_their_labels_with_one_voice(tmp_path, hf_cache):
         load_split(f"shards:{tmp_path / 'b'}", "train")
 
 
+def test_make_shards_writes_an_unlabelled_folder_as_label_less_shards(sources, hf_cache, tmp_path):
+    done = run_script("scripts/make_shards.py", sources["nested"], str(tmp_path / "shards"), "--per-shard", "20")
+    assert done.returncode == 0 and "unlabelled (no cls members)" in done.stdout, done.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [f"train-00000{i}.tar" for i in range(3)]
+    data, info = load_split(f"shards:{tmp_path / 'shards'}", "train")
+    folder, _ = load_split(sources["nested"], "train")
+    assert not info.labelled and len(data) == len(folder) == IMAGES
+    assert sorted(x.sum().item() for x, _ in data) == sorted(x.sum().item() for x, _ in folder)  # the same images
+
+
 def test_a_run_inside_an_unlabelled_folder_is_refused(sources):
     config = TrainConfig(dataset=sources["nested"], output_dir=str(Path(sources["nested"]) / "runs" / "x"))
     with pytest.raises(UsageError, match="inside the dataset folder"):
@@ -185,7 +195,8 @@ def stopped_at_step_3(args: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("streaming", [False, True], ids=["loaded", "streamed"])
 @pytest.mark.parametrize("source", SOURCES)
 def test_mpp_trains_on_each_source_and_resumes_bitwise(sources, labelled, hf_cache, tmp_path, source, streaming):
-    args = ["--dataset", sources[source], *TINY, *(["--streaming"] if streaming else [])]
+    # Streamed with 2 loader workers: each filters the held-out images out of its own shards.
+    args = ["--dataset", sources[source], *TINY, *(["--streaming", "--num-workers", "2"] if streaming else [])]
     probed = ["--fewshot-every", "6", "--fewshot-dataset", labelled]
     run = tmp_path / "run"
     stopped = stopped_at_step_3([*args, *probed, "--output-dir", str(run)])

@@ -10,8 +10,8 @@ process (its loader workers, signal handlers, exit path) is exactly what a user 
   would at that moment: a stop that lands at the same step every time (the run trains one more step,
   saves it and exits 143), so a resumed run can be compared bitwise with one never stopped.
 """
-import signal
 import os
+import signal
 import sys
 import time
 from pathlib import Path
