@@ -31,6 +31,11 @@ IMAGES = 48  # per source: a tenth (4) is held out, 44 train, 5 steps of 8 per e
 SOURCES = ("flat", "nested", "train-only", "hf-disk", "shards")
 
 
+# 6 steps of 8 images cross an epoch of 44; the probe (on a labelled folder) at steps 0 and 6.
+TINY = ["--model", "Micro/4", "--image-size", "8", "--batch-size", "8", "--num-workers", "0", "--log-every", "3",
+        "--warmup-steps", "2", "--max-steps", "6", "--shuffle-buffer", "16", "--save-every", "100"]
+
+
 def noise(rng) -> PIL.Image.Image:
     return PIL.Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
 
@@ -178,12 +183,36 @@ def test_a_run_inside_an_unlabelled_folder_is_refused(sources):
     assert not (Path(sources["nested"]) / "runs").exists()
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_too_few_images_to_hold_out_a_tenth_is_one_line(tmp_path, hf_cache, streaming):
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        noise(rng).save(tmp_path / f"{i}.png")
+    with pytest.raises(UsageError, match="too few") as e:
+        pretraining_splits(str(tmp_path), 8, holdout_images=1000, streaming=streaming, shuffle_buffer=16)
+    assert "\n" not in str(e.value) and "has no test split" in str(e.value)
+
+
+def test_a_resume_on_a_folder_that_changed_is_refused(tmp_path, capsys):
+    """More images carve another held-out split: resuming would train on images the run held out."""
+    rng, folder = np.random.default_rng(0), tmp_path / "photos"
+    folder.mkdir()
+    for i in range(40):
+        noise(rng).save(folder / f"{i:03d}.png")
+    args = ["--dataset", str(folder), *TINY, "--max-steps", "2", "--output-dir", str(tmp_path / "run")]
+    with threads_kept():
+        main("mpp", args)
+        for i in range(40, 60):
+            noise(rng).save(folder / f"{i:03d}.png")
+        before = {f: f.read_bytes() for f in (tmp_path / "run").rglob("*") if f.is_file()}
+        with pytest.raises(SystemExit) as e:
+            main("mpp", [*args, "--max-steps", "4", "--resume"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "(the dataset changed)" in err and "4 of the 40 training images" in err
+    assert {f: f.read_bytes() for f in (tmp_path / "run").rglob("*") if f.is_file()} == before
+
+
 # ---------------------------------------------------------------- pretraining through the command line
-
-# 6 steps of 8 images cross an epoch of 44; the probe (on a labelled folder) at steps 0 and 6.
-TINY = ["--model", "Micro/4", "--image-size", "8", "--batch-size", "8", "--num-workers", "0", "--log-every", "3",
-        "--warmup-steps", "2", "--max-steps", "6", "--shuffle-buffer", "16", "--save-every", "100"]
-
 
 def stopped_at_step_3(args: list[str]) -> subprocess.CompletedProcess:
     """The pretraining command, sent SIGTERM once step 2 is done: it trains step 3, saves it and exits 143."""
