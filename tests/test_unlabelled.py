@@ -212,6 +212,18 @@ def test_a_resume_on_a_folder_that_changed_is_refused(tmp_path, capsys):
     assert {f: f.read_bytes() for f in (tmp_path / "run").rglob("*") if f.is_file()} == before
 
 
+@pytest.mark.parametrize("streaming", [False, True], ids=["loaded", "streamed"])
+def test_visualize_draws_an_unlabelled_runs_held_out_images(sources, hf_cache, tmp_path, streaming):
+    import eval.visualize
+
+    run = tmp_path / "run"
+    with threads_kept():
+        main("mpp", ["--dataset", sources["nested"], *TINY, "--max-steps", "2", "--output-dir", str(run),
+                     *(["--streaming"] if streaming else [])])
+        drawn = eval.visualize.main(["--run", str(run), "--images", "3"])
+    assert sorted(drawn) == ["attention", "predictions"] and all(Path(f).is_file() for f in drawn.values())
+
+
 # ---------------------------------------------------------------- pretraining through the command line
 
 def stopped_at_step_3(args: list[str]) -> subprocess.CompletedProcess:
