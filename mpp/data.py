@@ -13,6 +13,7 @@ An image folder's layout (which files are images of which class) is mpp.folders'
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -69,8 +70,11 @@ class TensorImages(MapImages):
     def skipped_images(self) -> int:
         return 0  # nothing to decode, so nothing unreadable
 
-    def raw(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.images[index], int(self._labels[index])  # uint8 [3, H, W], int
+    def try_raw(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self._labels[index])  # uint8 [3, H, W], int: never unreadable
+
+    def identity(self, index: int) -> str:
+        return hashlib.sha1(self.images[index].numpy().tobytes()).hexdigest()
 
 
 def dataset_name(spec: str) -> str:
@@ -100,6 +104,15 @@ def load_split(
     make, info = split_source(spec, split, streaming)
     stream_only = {"shuffle_buffer": shuffle_buffer} if streaming else {}
     return make(info=info, transform=transform, seed=seed, strict=strict, **stream_only), info
+
+
+def local_folder(spec: str) -> Path | None:
+    """The local folder a spec reads its files from (an image folder, hf:PATH, shards:), or None (digits, a hub name)."""
+    if spec == "digits":
+        return None
+    path = Path(spec.removeprefix("hf:").removeprefix(SHARDS_PREFIX)).expanduser()
+    folder = path if path.is_dir() else path.parent
+    return folder if (path.exists() or spec.startswith(SHARDS_PREFIX)) and folder.is_dir() else None
 
 
 def split_source(spec: str, split: str, streaming: bool = False) -> tuple[Make, DatasetInfo]:
@@ -245,6 +258,10 @@ def _wrap(splits: Any, spec: str, split: str, streaming: bool, fix: str) -> tupl
         table = splits[names[1]]
     if isinstance(features[label_column], datasets.ClassLabel):
         class_names = list(features[label_column].names)
+    elif not _integers(features[label_column]):
+        raise UsageError(f"dataset '{spec}' has a label column '{label_column}' of {features[label_column]}, not class "
+                         "numbers: cast it to class numbers (datasets' class_encode_column) or drop it to read the "
+                         "images unlabelled")
     elif not streaming:  # plain integer labels: classes 0..max
         class_names = [str(c) for c in range(max(table[label_column]) + 1)]
     else:
@@ -252,6 +269,13 @@ def _wrap(splits: Any, spec: str, split: str, streaming: bool, fix: str) -> tupl
     info = DatasetInfo(spec, class_names, f"a Hugging Face dataset with labels in '{label_column}'")
     wrapper = HubImageStream if streaming else HubImages
     return functools.partial(wrapper, table, image_column, label_column), info
+
+
+def _integers(feature: Any) -> bool:
+    """Whether a `datasets` feature holds one integer per row (a label column of class numbers)."""
+    import datasets
+
+    return isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint"))
 
 
 def _labelled(table: Any, label_column: str) -> bool:

@@ -12,7 +12,6 @@ import abc
 import functools
 import hashlib
 import io
-import itertools
 import multiprocessing
 import multiprocessing.context
 import sys
@@ -125,7 +124,9 @@ class ImageDataset(abc.ABC):
 
 class MapImages(ImageDataset, Dataset):
     """A map-style data set: `len(dataset)` items, `dataset[index]`, and `labels()`, every label read
-    without decoding an image. Subclasses say how to read one raw item (`raw`).
+    without decoding an image. Subclasses say how to try to read one raw item (`try_raw`) and what
+    tells an item's image apart (`identity`); `raw` replaces an unreadable image by the next readable
+    one of the same set (deterministically, wrapping around).
 
     The epoch lives in a shared-memory tensor, so persistent DataLoader workers (forked or spawned)
     see `set_epoch` without being restarted."""
@@ -146,8 +147,17 @@ class MapImages(ImageDataset, Dataset):
         An unlabelled set has none: a UsageError (DatasetInfo.require_labels)."""
 
     @abc.abstractmethod
+    def try_raw(self, index: int) -> tuple[torch.Tensor, int] | None:
+        """Item `index` untransformed, (uint8 [3, H, W] RGB, int label), or None when its image cannot be
+        read (then skipped: warned and counted once, or with `strict` a one-line UsageError)."""
+
+    @abc.abstractmethod
+    def identity(self, index: int) -> str:
+        """What tells item `index`'s image apart from every other, read without decoding it."""
+
     def raw(self, index: int) -> tuple[torch.Tensor, int]:
-        """Item `index` untransformed: (uint8 [3, H, W] RGB, int label)."""
+        """Item `index` untransformed; an unreadable image's stand-in is the next readable one of this set."""
+        return first_readable(self.try_raw, range(len(self)), index)
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch.fill_(epoch)
@@ -164,6 +174,16 @@ class MapImages(ImageDataset, Dataset):
     def _transformed(self, index: int) -> tuple[torch.Tensor, int]:
         image, label = self.raw(index)  # uint8 [3, H, W], int
         return (self.transform(image) if self.transform else image), label
+
+
+def first_readable(try_raw: Callable[[int], Any], indices: Any, position: int) -> Any:
+    """try_raw(indices[position]), or when that image is unreadable, of the next position that is
+    readable (wrapping around): a set's stand-ins come from the set itself, never from beyond it."""
+    for offset in range(len(indices)):
+        item = try_raw(int(indices[(int(position) + offset) % len(indices)]))
+        if item is not None:
+            return item
+    raise UsageError("no image of the dataset can be read: check the files (see the warnings above)")
 
 
 def new_skip_lock() -> Any:
@@ -236,9 +256,9 @@ class TableReader(ImageDataset):
 class HubImages(TableReader, MapImages):
     """A map-style `datasets.Dataset` (hub or image folder) whose images decode to uint8 RGB tensors.
 
-    An unreadable image is replaced by the next readable one (deterministically, wrapping around)
-    and marked, so it is reported and decoded once, not each time a neighbour falls back on it. The
-    marks live in shared memory, so DataLoader worker processes add to them."""
+    An unreadable image is marked, so it is reported and decoded once, not each time a neighbour
+    falls back on it (MapImages.raw). The marks live in shared memory, so DataLoader worker processes
+    add to them."""
 
     def __init__(self, table: Any, image_column: str, label_column: str | None, *, info: DatasetInfo,
                  transform: TransformFn | None = None, seed: int | None = None, strict: bool = False):
@@ -266,16 +286,16 @@ class HubImages(TableReader, MapImages):
             self.unreadable[self._current] = True
         return first
 
-    def raw(self, index: int) -> tuple[torch.Tensor, int]:
-        for offset in range(len(self)):
-            self._current = (int(index) + offset) % len(self)
-            if self.unreadable[self._current]:
-                continue
-            row = self.table[self._current]
-            image = self.read(row)  # uint8 [3, H, W] | None
-            if image is not None:
-                return image, self.label_of(row)
-        raise UsageError("no image of the dataset can be read: check the files (see the warnings above)")
+    def try_raw(self, index: int) -> tuple[torch.Tensor, int] | None:
+        if self.unreadable[index]:
+            return None
+        self._current = index
+        row = self.table[index]
+        image = self.read(row)  # uint8 [3, H, W] | None
+        return None if image is None else (image, self.label_of(row))
+
+    def identity(self, index: int) -> str:
+        return image_identity(self.table[int(index)][self.image_column])  # the cell undecoded: path or bytes
 
 
 class HubImageStream(TableReader, IterableDataset):
@@ -333,9 +353,9 @@ class HubImageStream(TableReader, IterableDataset):
                 image = self.transform(image) if self.transform else image
             yield image, self.label_of(row)
 
-    def head(self, n: int) -> list[dict]:
-        """The stream's first `n` rows in its order (epoch 0), undecoded: {image column: {"path", "bytes"}, ...}."""
-        return list(itertools.islice(self._rows(), n))
+    def undecoded_rows(self) -> Iterator[dict]:
+        """The stream's rows in its order (epoch 0), undecoded: {image column: {"path", "bytes"}, ...}."""
+        return self._rows()
 
     def _rows(self) -> Iterator[dict]:
         """The stream's rows; an error of its own reading (not of ours, such as a row check's

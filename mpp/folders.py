@@ -21,6 +21,7 @@ skipped with a warning.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,9 @@ from mpp.rundir import RUN_MARKERS  # even when --output-dir points into a datas
 
 TEST_FOLDERS = ("test", "val", "validation")  # an image folder's test split: the first of these it has
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+# Folder names that mean a split without being one of ours (Train/, training/, val2017/, test_set/): refused
+# in a folder without train/, which would otherwise be read whole, test images and all.
+SPLIT_LIKE = re.compile(r"(?i)(train|training|test|testing|val|valid|validation)[\W_]*(set|data|images)?[\W_]*\d*")
 LAYOUTS = {  # what the log and the refusals say of each layout
     "classes": "train/<class>/<image>",
     "unlabelled splits": "a train/ folder holding its images without class folders",
@@ -55,6 +59,11 @@ def folder_layout(root: Path, spec: str) -> tuple[str | None, str | None]:
     if "train" not in found and test_folder:
         raise UsageError(f"dataset folder '{spec}' has {test_folder}/ but no train/: add train/ beside it "
                          f"(train/<class>/<image> for classes), or pass a folder of images without split folders")
+    splitlike = sorted(name for name in found if SPLIT_LIKE.fullmatch(name))
+    if "train" not in found and splitlike:  # read whole, their test images would be trained on
+        raise UsageError(f"dataset folder '{spec}' holds {_some(f'{n}/' for n in splitlike)}, named like split folders "
+                         "but not train/, test/ or val/ exactly: rename them so (train/<class>/<image> for classes), "
+                         "or pass one split's folder to read its images unlabelled")
     return ("train" if "train" in found else None), test_folder
 
 
@@ -70,6 +79,8 @@ def folder_listing(root: Path, spec: str, split: str) -> Listing:
     try:
         if train_folder is None:
             return _unlabelled(root, spec, split, skipped)
+        if split == "train":
+            _warn_beside_splits(root, spec, {"train", test_folder})
         classes, loose = _split_entries(root, "train", skipped)
         if loose and not classes:
             return _unlabelled_splits(root, spec, split, test_folder, skipped)
@@ -97,6 +108,8 @@ def _classes(root: Path, spec: str, split: str, test_folder: str | None, classes
     else:  # a class without a folder in the test split has no test images
         images = {c: _images_below(root, f"{test_folder}/{c}", skipped) if c in test_classes else []
                   for c in classes}
+        if not any(images.values()):
+            raise _empty_test(spec, test_folder)
     prefix = os.path.join(str(root), "")  # joined as strings: a Path per image costs 5x the listing itself
     paths = [prefix + rel for c in classes for rel in images[c]]
     labels = [label for label, c in enumerate(classes) for _ in images[c]]
@@ -112,6 +125,8 @@ def _unlabelled_splits(root: Path, spec: str, split: str, test_folder: str | Non
         raise UsageError(f"'{spec}/{folder}/' holds subfolders ({_some(f'{folder}/{n}' for n in subfolders)}) while "
                          "train/ holds its images directly: lay every split out the same, images directly in it "
                          "(unlabelled) or in <split>/<class>/ folders (classes)")
+    if not loose and split != "train":
+        raise _empty_test(spec, folder)
     prefix = os.path.join(str(root), folder, "")
     return Listing("unlabelled splits", None, [prefix + name for name in sorted(loose)], None)
 
@@ -125,6 +140,22 @@ def _unlabelled(root: Path, spec: str, split: str, skipped: list[str]) -> Listin
                          f"({', '.join(sorted(IMAGE_SUFFIXES))})")
     prefix = os.path.join(str(root), "")
     return Listing("unlabelled", None, [prefix + rel for rel in found], None)
+
+
+def _warn_beside_splits(root: Path, spec: str, splits: set[str | None]) -> None:
+    """One line naming the folders and images beside the split folders, which are never read (an
+    `unlabeled/` folder, loose images): nothing a layout leaves out goes unsaid."""
+    beside = sorted(f"{e.name}/" if e.is_dir() else e.name for e in os.scandir(root)
+                    if not e.name.startswith(".") and e.name not in splits
+                    and (_is_image(e.name) or (e.is_dir() and not _is_run_dir(e.path))))
+    if beside:
+        print(f"warning: not reading {_some(beside)} in dataset folder '{spec}': only its split folders "
+              f"({', '.join(f'{s}/' for s in sorted(filter(None, splits)))}) are read", file=sys.stderr, flush=True)
+
+
+def _empty_test(spec: str, folder: str) -> UsageError:
+    return UsageError(f"the test split '{folder}/' of dataset folder '{spec}' holds no images: put its images in "
+                      f"it, or remove {folder}/ (pretraining then holds out training images instead)")
 
 
 def _no_test(root: Path, spec: str, fix: str) -> MissingSplit:

@@ -6,23 +6,35 @@ the same images (any seed, either objective) is evaluated on the same held-out i
 on the ones it started with, and every process of `accelerate launch` draws the same. Its images are
 never trained on.
 - A map-style set (loaded): `--holdout-images` images (at most a tenth of the set), a seeded random
-  subset of it; training reads the rest (`MapSubset`).
+  subset of it; training reads the rest (`MapSubset`). An unreadable image's stand-in comes from its
+  own side of the carve.
 - A stream: the first `--holdout-images` images of the stream in the order HOLDOUT_SEED shuffles it
-  (its shards permuted, then mixed through the run's shuffle buffer), or the first tenth of a stream
-  that ends sooner. They are held in memory, undecoded, and read as a map-style set; the training
-  stream skips every image with the same bytes (or path) wherever it meets one
-  (mpp.datasets.image_identity).
-What was carved is written in the run's config.json (`data.holdout`) and said in its log.
+  (its shards permuted, then mixed through the run's shuffle buffer). The stream is counted on, undecoded,
+  up to ten times that many images: one that ends sooner holds out its first tenth. The held-out
+  images are held in memory, undecoded, and read as a map-style set; the training stream skips
+  every image with the same bytes (or path) wherever it meets one (mpp.datasets.image_identity).
+What was carved is written in the run's config.json (`data.holdout`: its count, seed, rule and a
+fingerprint of the images held out) and said in its log; a resume that would carve other images is
+refused (mpp.rundir.check_resume).
 """
 from __future__ import annotations
 
+import hashlib
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from mpp.data import build_dataset, eval_transform, split_source, train_transform
-from mpp.datasets import DatasetInfo, HubImages, ImageDataset, MapImages, TransformFn, image_identity
+from mpp.datasets import (
+    DatasetInfo,
+    HubImages,
+    ImageDataset,
+    MapImages,
+    TransformFn,
+    image_identity,
+)
 from mpp.errors import MissingSplit, UsageError
 
 HOLDOUT_SEED = 0  # draws every carve: the same held-out images for every run on the same data
@@ -51,8 +63,16 @@ class MapSubset(MapImages):
     def skipped_images(self) -> int:
         return self.base.skipped_images()
 
-    def raw(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.base.raw(int(self.indices[index]))  # uint8 [3, H, W], int
+    def try_raw(self, index: int) -> tuple[torch.Tensor, int] | None:
+        return self.base.try_raw(int(self.indices[index]))  # uint8 [3, H, W], int | None
+
+    def identity(self, index: int) -> str:
+        return self.base.identity(int(self.indices[index]))
+
+
+def fingerprint(identities) -> str:
+    """One hash of a set of images (mpp.datasets.image_identity each): equal exactly when the sets are."""
+    return hashlib.sha1("\n".join(sorted(identities)).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -86,21 +106,26 @@ def pretraining_splits(spec: str, image_size: int, *, holdout_images: int, crop_
     return Splits(train, held_out, info, None)
 
 
+def too_few(spec: str, total: int) -> UsageError:
+    return UsageError(f"dataset '{spec}' has no test split and only {total} training image(s), too few to hold out a "
+                      f"tenth for the held-out evaluation: pass a dataset with {MAX_SHARE} or more images or with a "
+                      "test split")
+
+
 def _carve_map(spec: str, image_size: int, wanted: int, why: str, train_kw: dict) -> Splits:
     make, info = split_source(spec, "train", False)
     base = make(info=info, transform=None, seed=None, strict=train_kw["strict"])
     total = len(base)
     count = min(wanted, total // MAX_SHARE)
     if count < 1:
-        raise UsageError(f"dataset '{spec}' has no test split and only {total} training image(s), too few to hold "
-                         f"out a tenth for the held-out evaluation: pass a dataset with {MAX_SHARE} or more images "
-                         "or with a test split")
+        raise too_few(spec, total)
     held = np.sort(np.random.default_rng(HOLDOUT_SEED).choice(total, size=count, replace=False))  # int64 [count]
     rest = np.setdiff1d(np.arange(total), held)  # int64 [total - count], sorted
     train = MapSubset(base, rest, info=info, transform=train_transform(image_size, train_kw["crop_scale"],
                       train_kw["hflip"]), seed=train_kw["seed"], strict=train_kw["strict"])
     held_out = MapSubset(base, held, info=info, transform=eval_transform(image_size), strict=train_kw["strict"])
     record = {"images": count, "of": total, "seed": HOLDOUT_SEED, "why": why,
+              "fingerprint": fingerprint(held_out.identity(i) for i in range(count)),
               "rule": f"{count:,} of the {total:,} training images (a random subset drawn with seed {HOLDOUT_SEED}) "
                       f"are held out and never trained on; training reads the other {total - count:,}"}
     return Splits(train, held_out, info, record)
@@ -112,20 +137,25 @@ def _carve_stream(spec: str, image_size: int, wanted: int, why: str, train_kw: d
     make, info = split_source(spec, "train", True)
     buffer = train_kw["shuffle_buffer"]
     base = make(info=info, transform=None, seed=HOLDOUT_SEED, strict=train_kw["strict"], shuffle_buffer=buffer)
-    rows = base.head(wanted)  # undecoded: {image column: {"path", "bytes"}, label column?, ...}
-    if len(rows) < wanted:  # the stream ended: all of it was read, a tenth of it is held out
-        rows = rows[:len(rows) // MAX_SHARE]
+    stream = base.undecoded_rows()  # {image column: {"path", "bytes"}, label column?, ...}: nothing decoded
+    rows = list(itertools.islice(stream, wanted))
+    # Counted on (not kept) to ten times as many: a shorter stream holds out only its first tenth.
+    total = len(rows) + sum(1 for _ in itertools.islice(stream, (MAX_SHARE - 1) * wanted))
+    known = total < MAX_SHARE * wanted  # the stream ended: its length is known
+    rows = rows[:total // MAX_SHARE] if known else rows
     if not rows:
-        raise UsageError(f"dataset '{spec}' has no test split and too few training images to hold out a tenth for "
-                         "the held-out evaluation: pass a dataset with a test split or more images")
-    exclude = frozenset(image_identity(row[base.image_column]) for row in rows)
+        raise too_few(spec, total)
+    identities = [image_identity(row[base.image_column]) for row in rows]
+    exclude = frozenset(identities)
     train = make(info=info, transform=train_transform(image_size, train_kw["crop_scale"], train_kw["hflip"]),
                  seed=train_kw["seed"], strict=train_kw["strict"], shuffle_buffer=buffer, exclude=exclude)
     table = datasets.Dataset.from_list(rows)  # a few MB to a few hundred: the held-out images' files, in memory
     held_out = HubImages(table, base.image_column, base.label_column, info=info, transform=eval_transform(image_size),
                          strict=train_kw["strict"])
-    record = {"images": len(rows), "of": None, "seed": HOLDOUT_SEED, "why": why,
-              "rule": f"the first {len(rows):,} images of the training stream shuffled with seed {HOLDOUT_SEED} "
+    of = f"of its {total:,} images" if known else f"of its at least {total:,} images"
+    record = {"images": len(rows), "of": total if known else None, "seed": HOLDOUT_SEED, "why": why,
+              "fingerprint": fingerprint(identities),
+              "rule": f"the first {len(rows):,} {of} in the training stream shuffled with seed {HOLDOUT_SEED} "
                       f"(shards permuted, a {buffer:,}-image buffer) are held out; training skips every image "
                       "with the same bytes (or path)"}
     return Splits(train, held_out, info, record)

@@ -92,7 +92,8 @@ class ProbeData:
     def load(cls, spec: str, image_size: int) -> ProbeData:
         """Both splits of a labelled dataset; an unlabelled one is refused (one line) before anything is read."""
         train, info = build_dataset(spec, "train", image_size, train=False)
-        info.require_labels(f"a probe scores classes: pass a labelled dataset to probe ({LABELLED_FORMS})")
+        info.require_labels(f"a probe scores classes: pass a labelled dataset to probe (--dataset SPEC to the probe "
+                            f"CLIs, --fewshot-dataset SPEC in pretraining): {LABELLED_FORMS}")
         test, _ = build_dataset(spec, "test", image_size, train=False)
         return cls(spec, image_size, train, test, info.num_classes, tuple(info.class_names))
 

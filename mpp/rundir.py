@@ -113,7 +113,8 @@ def check_run_dir(config) -> Path:
         )
     if config.resume and not has_ckpt:
         raise UsageError(f"--resume: no checkpoint in '{checkpoint_dir(run_dir)}': drop --resume to start this run")
-    data = Path(config.dataset).expanduser()
+    from mpp.data import local_folder  # mpp.data reads RUN_MARKERS from here, through mpp.folders
+    data = local_folder(config.dataset) or Path(config.dataset).expanduser()
     splits = [data / name for name in ("train", *TEST_FOLDERS) if (data / name).is_dir()] if data.is_dir() else []
     # A folder without train/ is read whole (mpp.folders): a run anywhere inside it would be in its data.
     for folder in splits or ([data] if data.is_dir() else []):
@@ -143,9 +144,15 @@ def check_resume(saved: dict, run_cfg: dict, num_processes: int, source: str) ->
         changed.append(f"--mixed-precision {saved['precision']} → {run_cfg['precision']}")
     if saved.get("num_processes", num_processes) != num_processes:
         changed.append(f"processes {saved['num_processes']} → {num_processes}")
+    if run_cfg["train"].get("streaming") and saved["train"].get("num_workers") != run_cfg["train"].get("num_workers"):
+        # a stream's shards are split among the loader workers, each drawing its own augmentations
+        # (mpp.datasets.HubImageStream): another count reads other images in another order
+        changed.append(f"--num-workers {saved['train'].get('num_workers')} → {run_cfg['train'].get('num_workers')} "
+                       "(a streamed run's loader workers split its shards)")
     held, now = (saved.get("data") or {}).get("holdout"), run_cfg["data"]["holdout"]
-    if "holdout" in (saved.get("data") or {}) and (held or {}).get("rule") != (now or {}).get("rule"):
-        # the images were carved by count and order: another carve means the dataset changed
+    same = ("images", "seed", "fingerprint")  # which images are held out (mpp.holdout), not how the log words it
+    if "holdout" in (saved.get("data") or {}) and [(held or {}).get(k) for k in same] != [(now or {}).get(k) for k in same]:
+        # other held-out images: the run would train on images it evaluated on, or evaluate on others
         changed.append(f"held-out split '{(held or {}).get('rule', 'the test split')}' → "
                        f"'{(now or {}).get('rule', 'the test split')}' (the dataset changed)")
     if changed:

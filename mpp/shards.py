@@ -78,6 +78,8 @@ def shard_files(location: str, split: str) -> list[Path]:
         folder, name = path, "train-*.tar"
     else:
         folder, name = path.parent, path.name
+    if not path.is_dir() and not any(c in path.name for c in "*?{") and not path.name.endswith(".tar"):
+        folder = path  # named as a folder, not a pattern or a shard
     if not folder.is_dir():
         raise UsageError(f"shard folder '{folder}' does not exist: {FORM}")
     if split == "train":

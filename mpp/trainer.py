@@ -150,12 +150,12 @@ class Trainer:
             hflip=config.hflip, streaming=config.streaming, shuffle_buffer=config.shuffle_buffer, seed=config.seed,
             strict=config.strict_images)
         self.train_set, self.eval_set, self.info = splits.train, splits.eval, splits.info
-        acc.print(f"dataset {config.dataset}: {self.info.describe()}")
-        if splits.note():
-            acc.print(splits.note())
         if config.objective == "supervised":
             self.info.require_labels(f"supervised pretraining learns the labels: pretrain it by MPP "
                                      f"(scripts/pretrain_mpp.py), or pass a labelled dataset ({LABELLED_FORMS})")
+        acc.print(f"dataset {config.dataset}: {self.info.describe()}")
+        if splits.note():
+            acc.print(splits.note())
         # Each image's augmentation draws from (seed, epoch, index), or (seed, epoch, worker, k) for a
         # stream: the same after a resume or on N processes (mpp.datasets).
         self.streamed = self.train_set.streamed

@@ -23,7 +23,7 @@ from mpp.datasets import NO_LABEL, image_identity
 from mpp.errors import UsageError
 from mpp.folders import folder_listing
 from mpp.holdout import pretraining_splits
-from mpp.rundir import check_run_dir
+from mpp.rundir import check_resume, check_run_dir
 from mpp.shards import write_shards
 from mpp.train import TrainConfig, main
 
@@ -105,7 +105,7 @@ def test_every_source_reads_unlabelled(sources, hf_cache, source, streaming):
 def test_the_held_out_split_is_a_fixed_tenth_never_trained_on(sources, hf_cache, source, streaming):
     def identities(splits) -> tuple[set, set]:
         if streaming:  # the rows as they come, undecoded: what the training stream reads and what it skips
-            train = {image_identity(r[splits.train.image_column]) for r in splits.train.head(10**6)}
+            train = {image_identity(r[splits.train.image_column]) for r in splits.train.undecoded_rows()}
             held = {image_identity(r[splits.eval.image_column]) for r in splits.eval.table}
         else:  # both are subsets of one base set
             train, held = set(splits.train.indices.tolist()), set(splits.eval.indices.tolist())
@@ -122,6 +122,9 @@ def test_the_held_out_split_is_a_fixed_tenth_never_trained_on(sources, hf_cache,
     assert identities(again) == (train, held) and again.holdout == splits.holdout
     fewer = pretraining_splits(sources[source], 8, holdout_images=2, streaming=streaming, shuffle_buffer=16)
     assert len(fewer.eval) == 2
+    # More than a tenth asked: a tenth of the images (a stream is counted on to know it has fewer than 10 × 10)
+    tenth = pretraining_splits(sources[source], 8, holdout_images=10, streaming=streaming, shuffle_buffer=16)
+    assert len(tenth.eval) == IMAGES // 10 and tenth.holdout["of"] == IMAGES
 
 
 def test_a_labelled_folder_keeps_its_classes_and_labels(tmp_path):
@@ -143,14 +146,51 @@ def test_a_labelled_folder_keeps_its_classes_and_labels(tmp_path):
 def test_ambiguous_layouts_are_refused_in_one_line(tmp_path):
     rng = np.random.default_rng(0)
     for path in ("mixed/train/a.png", "mixed/train/cat/b.png", "split/train/a.png", "split/test/cat/b.png",
-                 "valonly/val/a.png", "valonly/more/b.png"):
+                 "valonly/val/a.png", "valonly/more/b.png", "caps/Train/cat/a.png", "caps/Test/cat/b.png",
+                 "coco/train2017/a.png", "coco/val2017/b.png", "emptytest/train/a.png", "emptytest/test/notes.txt",
+                 "emptyclasses/train/cat/a.png", "emptyclasses/val/cat/notes.txt"):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
-        noise(rng).save(tmp_path / path)
+        noise(rng).save(tmp_path / path) if path.endswith(".png") else (tmp_path / path).write_text("x")
     for folder, needle in (("mixed", "beside its subfolders"), ("split", "lay every split out the same"),
-                           ("valonly", "has val/ but no train/")):
+                           ("valonly", "has val/ but no train/"), ("caps", "'Test/', 'Train/', named like split"),
+                           ("coco", "'train2017/', 'val2017/', named like split"),
+                           ("emptytest", "test split 'test/' of .* holds no images: put its images in it, or remove"),
+                           ("emptyclasses", "test split 'val/' of .* holds no images")):
         with pytest.raises(UsageError, match=needle) as e:
-            load_split(str(tmp_path / folder), "test" if folder == "split" else "train")
+            load_split(str(tmp_path / folder), "test" if folder in ("split", "emptytest", "emptyclasses") else "train")
         assert "\n" not in str(e.value)
+
+
+def test_what_lies_beside_the_split_folders_is_named_not_read(tmp_path, capfd):
+    """An STL-10-like folder: train/ and test/ with classes, an unlabeled/ folder and loose images beside them."""
+    rng = np.random.default_rng(0)
+    for path in ("train/a/0.png", "train/b/1.png", "test/a/2.png", "unlabeled/3.png", "4.png", "notes.txt"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        noise(rng).save(tmp_path / path) if path.endswith(".png") else (tmp_path / path).write_text("x")
+    data, info = load_split(str(tmp_path), "train")
+    assert info.class_names == ["a", "b"] and len(data) == 2
+    warned = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert warned == [f"warning: not reading '4.png', 'unlabeled/' in dataset folder '{tmp_path}': only its split "
+                      "folders (test/, train/) are read"]
+
+
+def test_an_unreadable_images_stand_in_comes_from_its_own_side_of_the_carve(tmp_path, capfd):
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        noise(rng).save(tmp_path / f"{i:02d}.png")
+    held = pretraining_splits(str(tmp_path), 8, holdout_images=2).eval.indices.tolist()  # 2 of 20
+    # One unreadable image on each side, each just before an image of the other side: the next image
+    # of the whole folder would cross the carve.
+    held_index = next(h for h in held if h + 1 < 20 and h + 1 not in held)
+    train_index = next(h - 1 for h in held if h >= 1 and h - 1 not in held)
+    for i in (held_index, train_index):
+        (tmp_path / f"{i:02d}.png").write_bytes(b"not an image")
+    splits = pretraining_splits(str(tmp_path), 8, holdout_images=2)
+    held_images = [splits.eval.raw(i)[0] for i in range(len(splits.eval))]  # the readable held image, twice
+    assert all(torch.equal(image, held_images[1]) for image in held_images)
+    for j in range(len(splits.train)):
+        assert not any(torch.equal(splits.train.raw(j)[0], image) for image in held_images), j
+    assert splits.train.skipped_images() == 2 and "skipping unreadable image" in capfd.readouterr().err
 
 
 def test_shards_say_their_labels_with_one_voice(tmp_path, hf_cache):
@@ -176,11 +216,13 @@ def test_make_shards_writes_an_unlabelled_folder_as_label_less_shards(sources, h
     assert sorted(x.sum().item() for x, _ in data) == sorted(x.sum().item() for x, _ in folder)  # the same images
 
 
-def test_a_run_inside_an_unlabelled_folder_is_refused(sources):
-    config = TrainConfig(dataset=sources["nested"], output_dir=str(Path(sources["nested"]) / "runs" / "x"))
+@pytest.mark.parametrize("source", ["nested", "hf-disk"])
+def test_a_run_inside_an_unlabelled_folder_is_refused(sources, source):
+    folder = Path(sources[source].removeprefix("hf:"))
+    config = TrainConfig(dataset=sources[source], output_dir=str(folder / "runs" / "x"))
     with pytest.raises(UsageError, match="inside the dataset folder"):
         check_run_dir(config)
-    assert not (Path(sources["nested"]) / "runs").exists()
+    assert not (folder / "runs").exists()
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -193,16 +235,22 @@ def test_too_few_images_to_hold_out_a_tenth_is_one_line(tmp_path, hf_cache, stre
     assert "\n" not in str(e.value) and "has no test split" in str(e.value)
 
 
-def test_a_resume_on_a_folder_that_changed_is_refused(tmp_path, capsys):
-    """More images carve another held-out split: resuming would train on images the run held out."""
+@pytest.mark.parametrize("change", ["added", "swapped"])
+def test_a_resume_on_a_folder_that_changed_is_refused(tmp_path, capsys, change):
+    """Other held-out images (more images, or the same count with the held ones replaced): resuming
+    would train on images the run evaluated on."""
     rng, folder = np.random.default_rng(0), tmp_path / "photos"
     folder.mkdir()
     for i in range(40):
         noise(rng).save(folder / f"{i:03d}.png")
+    held = pretraining_splits(str(folder), 8, holdout_images=1000).eval.indices.tolist()
     args = ["--dataset", str(folder), *TINY, "--max-steps", "2", "--output-dir", str(tmp_path / "run")]
     with threads_kept():
         main("mpp", args)
-        for i in range(40, 60):
+        if change == "swapped":  # as many images as before: the same count and rule, other held-out images
+            for i in held:
+                (folder / f"{i:03d}.png").unlink()
+        for i in range(40, 60 if change == "added" else 40 + len(held)):
             noise(rng).save(folder / f"{i:03d}.png")
         before = {f: f.read_bytes() for f in (tmp_path / "run").rglob("*") if f.is_file()}
         with pytest.raises(SystemExit) as e:
@@ -210,6 +258,28 @@ def test_a_resume_on_a_folder_that_changed_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "(the dataset changed)" in err and "4 of the 40 training images" in err
     assert {f: f.read_bytes() for f in (tmp_path / "run").rglob("*") if f.is_file()} == before
+
+
+def test_a_streamed_resume_keeps_its_loader_workers():
+    """A stream's shards are split among the loader workers, each drawing its own augmentations."""
+    saved = {"train": {"objective": "mpp", "streaming": True, "num_workers": 2}, "mpp": {}, "precision": "no",
+             "data": {"holdout": None}}
+    now = {**saved, "train": {**saved["train"], "num_workers": 0}}
+    with pytest.raises(UsageError, match="--num-workers 2 → 0"):
+        check_resume(saved, now, 1, "ckpt")
+    check_resume({**saved, "train": {**saved["train"], "streaming": False}},
+                 {**now, "train": {**now["train"], "streaming": False}}, 1, "ckpt")  # loaded: workers may change
+
+
+def test_hf_label_columns_that_are_not_class_numbers_are_one_line(tmp_path, hf_cache):
+    rng = np.random.default_rng(0)
+    images = [noise(rng) for _ in range(4)]
+    for name, labels in (("text", ["0", "1", "0", "1"]), ("lists", [[0], [1], [0], [1]])):
+        datasets.Dataset.from_dict({"image": images, "label": labels},
+                                   features=None).cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / name))
+        with pytest.raises(UsageError, match="not class numbers") as e:
+            load_split(f"hf:{tmp_path / name}", "train")
+        assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["loaded", "streamed"])
@@ -255,7 +325,7 @@ def test_mpp_trains_on_each_source_and_resumes_bitwise(sources, labelled, hf_cac
     config = json.loads((run / "config.json").read_text())
     holdout = config["data"]["holdout"]
     assert config["data"]["labelled"] is False and config["data"]["class_names"] is None
-    assert holdout["images"] == IMAGES // 10 and holdout["of"] == (None if streaming else IMAGES)
+    assert holdout["images"] == IMAGES // 10 and holdout["of"] == IMAGES and len(holdout["fingerprint"]) == 40
     assert holdout == json.loads((tmp_path / "straight" / "config.json").read_text())["data"]["holdout"]
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     probes = [m["step"] for m in metrics if "fewshot/pets/25shot" in m]
