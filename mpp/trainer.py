@@ -79,6 +79,7 @@ class Trainer:
 
         # ---- data, then the run directory: a dataset this run cannot use leaves nothing written
         self._build_data(vit_cfg.image_size, micro_batch)
+        self.total_steps = self._total_steps()  # a training set smaller than one batch is refused here too
         self._on_main(lambda: self.held.enter_context(RunLock(rundir.prepare_run_dir(config))))  # one writer
         self.run_dir = Path(config.output_dir)
 
@@ -108,7 +109,6 @@ class Trainer:
         self.run_cfg["num_processes"] = acc.num_processes
 
         # ---- optimizer and schedule
-        self.total_steps = self._total_steps()
         self.schedule = config.lr_schedule(self.total_steps)
         optimizer = torch.optim.AdamW(param_groups(objective, config.weight_decay, objective.no_weight_decay()), lr=config.lr,
                                       betas=(config.beta1, config.beta2))
@@ -181,8 +181,14 @@ class Trainer:
             raise UsageError("--epochs needs a dataset of known length: use --max-steps with --streaming")
         # Optimizer steps per pass over this process's shard (a trailing partial accumulation also steps).
         steps_per_epoch = 0 if self.streamed else math.ceil(len(self.train_loader) / config.grad_accum_steps)
-        if not self.streamed and steps_per_epoch == 0:
-            raise UsageError(f"the training set ({len(self.train_set)} images) is smaller than one batch "
+        if self.streamed:  # a stream's length is known only when a carve counted it to its end (mpp.holdout)
+            carved = self.splits.holdout or {}
+            images = carved["of"] - carved["images"] if carved.get("of") else None
+            too_small = images is not None and images < config.batch_size
+        else:
+            images, too_small = len(self.train_set), steps_per_epoch == 0
+        if too_small:
+            raise UsageError(f"the training set ({images} images) is smaller than one batch "
                              f"({config.batch_size}): pass a smaller --batch-size")
         return math.ceil(config.epochs * steps_per_epoch) if config.epochs > 0 else config.max_steps
 

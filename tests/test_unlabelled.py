@@ -260,6 +260,19 @@ def test_a_resume_on_a_folder_that_changed_is_refused(tmp_path, capsys, change):
     assert {f: f.read_bytes() for f in (tmp_path / "run").rglob("*") if f.is_file()} == before
 
 
+@pytest.mark.parametrize("streaming", [False, True], ids=["loaded", "streamed"])
+def test_a_training_set_smaller_than_one_batch_is_refused_before_anything_is_written(tmp_path, capsys, streaming):
+    rng = np.random.default_rng(0)
+    (tmp_path / "photos").mkdir()
+    for i in range(12):  # 1 held out, 11 to train on: a stream knows it, having counted them for the carve
+        noise(rng).save(tmp_path / "photos" / f"{i}.png")
+    with threads_kept(), pytest.raises(SystemExit) as e:
+        main("mpp", ["--dataset", str(tmp_path / "photos"), *TINY, "--batch-size", "16", "--output-dir",
+                     str(tmp_path / "run"), *(["--streaming"] if streaming else [])])
+    assert e.value.code == 2 and "the training set (11 images) is smaller than one batch (16)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_streamed_resume_keeps_its_loader_workers():
     """A stream's shards are split among the loader workers, each drawing its own augmentations."""
     saved = {"train": {"objective": "mpp", "streaming": True, "num_workers": 2}, "mpp": {}, "precision": "no",
