@@ -107,12 +107,12 @@ def load_split(
 
 
 def local_folder(spec: str) -> Path | None:
-    """The local folder a spec reads its files from (an image folder, hf:PATH, shards:), or None (digits, a hub name)."""
-    if spec == "digits":
+    """The local folder whose files a spec reads, wherever they lie below it (an image folder, an
+    hf:PATH folder), or None (digits, a hub name, shards or files named one by one)."""
+    if spec == "digits" or spec.startswith(SHARDS_PREFIX):
         return None
-    path = Path(spec.removeprefix("hf:").removeprefix(SHARDS_PREFIX)).expanduser()
-    folder = path if path.is_dir() else path.parent
-    return folder if (path.exists() or spec.startswith(SHARDS_PREFIX)) and folder.is_dir() else None
+    path = Path(spec.removeprefix("hf:")).expanduser()
+    return path if path.is_dir() else None
 
 
 def split_source(spec: str, split: str, streaming: bool = False) -> tuple[Make, DatasetInfo]:

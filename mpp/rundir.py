@@ -114,10 +114,10 @@ def check_run_dir(config) -> Path:
     if config.resume and not has_ckpt:
         raise UsageError(f"--resume: no checkpoint in '{checkpoint_dir(run_dir)}': drop --resume to start this run")
     from mpp.data import local_folder  # mpp.data reads RUN_MARKERS from here, through mpp.folders
-    data = local_folder(config.dataset) or Path(config.dataset).expanduser()
-    splits = [data / name for name in ("train", *TEST_FOLDERS) if (data / name).is_dir()] if data.is_dir() else []
+    data = local_folder(config.dataset)
+    splits = [data / name for name in ("train", *TEST_FOLDERS) if (data / name).is_dir()] if data else []
     # A folder without train/ is read whole (mpp.folders): a run anywhere inside it would be in its data.
-    for folder in splits or ([data] if data.is_dir() else []):
+    for folder in splits or ([data] if data else []):
         if run_dir.resolve().is_relative_to(folder.resolve()):  # its files would become data
             where = f"the dataset's {folder.name}/ folder" if splits else f"the dataset folder '{data}'"
             raise UsageError(f"--output-dir '{run_dir}' is inside {where}: pass an --output-dir outside the dataset")
