@@ -344,7 +344,7 @@ class HubImageStream(TableReader, IterableDataset):
         # resumed run, which reads its way back to the same position, repeats the same crops.
         info = torch.utils.data.get_worker_info()
         worker, epoch = (info.id if info else 0), self.table.epoch
-        for k, row in enumerate(self._rows()):
+        for k, row in enumerate(self.undecoded_rows()):
             image = self.read(row)  # uint8 [3, H, W] | None
             if image is None:
                 continue
@@ -354,12 +354,8 @@ class HubImageStream(TableReader, IterableDataset):
             yield image, self.label_of(row)
 
     def undecoded_rows(self) -> Iterator[dict]:
-        """The stream's rows in its order (epoch 0), undecoded: {image column: {"path", "bytes"}, ...}."""
-        return self._rows()
-
-    def _rows(self) -> Iterator[dict]:
-        """The stream's rows; an error of its own reading (not of ours, such as a row check's
-        UsageError) becomes one line."""
+        """The stream's rows in its order, undecoded ({image column: {"path", "bytes"}, ...}); an error
+        of its own reading (not of ours, such as a row check's UsageError) becomes one line."""
         rows = iter(self.table)
         while True:
             try:
