@@ -68,7 +68,7 @@ from mpp.trackers import Trackers, check_report_to, flat_config
 class FinetuneConfig:
     run: str = ""  # pretrained run directory or checkpoint file; empty: train from scratch (a random --model)
     model: str = ""  # ViT preset when training from scratch; empty: Micro/4 (a --run brings its own)
-    dataset: str = ""  # digits | PATH to an image folder | hf:NAME; empty: the run's pretraining dataset (digits from scratch)
+    dataset: str = ""  # a labelled dataset: digits | PATH (train/<class>/...) | shards:PATH | hf:NAME; empty: the run's pretraining dataset (digits from scratch)
     image_size: int = 0  # fine-tuning resolution; 0: the pretrained one (another size resamples the position embeddings)
     train_fraction: float = 1.0  # labelled subset: this fraction of each class of the training split
     train_per_class: int = 0  # labelled subset: this many images of each class instead (0: use --train-fraction)
