@@ -252,23 +252,30 @@ def _wrap(splits: Any, spec: str, split: str, streaming: bool, fix: str) -> tupl
         raise UsageError(f"dataset '{spec}' has no image column (columns: {', '.join(features) or 'unknown'}): "
                          "pass an image dataset (an Image feature, or a column named image or img)")
     if label_column is None:  # an image-only dataset: unlabelled, for self-supervised pretraining
-        info = DatasetInfo(spec, None, "a Hugging Face dataset without a label column")
-        return functools.partial(HubImageStream if streaming else HubImages, table, image_column, None), info
-    if len(names) > 1 and not _labelled(table, label_column):  # e.g. ImageNet-1k's test split: all -1
-        table = splits[names[1]]
-    if isinstance(features[label_column], datasets.ClassLabel):
-        class_names = list(features[label_column].names)
-    elif not _integers(features[label_column]):
-        raise UsageError(f"dataset '{spec}' has a label column '{label_column}' of {features[label_column]}, not class "
-                         "numbers: cast it to class numbers (datasets' class_encode_column) or drop it to read the "
-                         "images unlabelled")
-    elif not streaming:  # plain integer labels: classes 0..max
-        class_names = [str(c) for c in range(max(table[label_column]) + 1)]
+        class_names, layout = None, "a Hugging Face dataset without a label column"
     else:
-        raise UsageError(f"streamed dataset '{spec}' does not list its classes: drop --streaming")
-    info = DatasetInfo(spec, class_names, f"a Hugging Face dataset with labels in '{label_column}'")
+        if len(names) > 1 and not _labelled(table, label_column):  # e.g. ImageNet-1k's test split: all -1
+            table = splits[names[1]]
+        class_names, layout = _class_names(table, label_column, spec, streaming), \
+            f"a Hugging Face dataset with labels in '{label_column}'"
     wrapper = HubImageStream if streaming else HubImages
-    return functools.partial(wrapper, table, image_column, label_column), info
+    return functools.partial(wrapper, table, image_column, label_column), DatasetInfo(spec, class_names, layout)
+
+
+def _class_names(table: Any, label_column: str, spec: str, streaming: bool) -> list[str]:
+    """A label column's classes: a ClassLabel's names, or 0..max of integer labels (read whole: not a stream)."""
+    import datasets
+
+    feature = table.features[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    if not _integers(feature):
+        raise UsageError(f"dataset '{spec}' has a label column '{label_column}' of {feature}, not class numbers: "
+                         "cast it to class numbers (datasets' class_encode_column) or drop it to read the images "
+                         "unlabelled")
+    if streaming:
+        raise UsageError(f"streamed dataset '{spec}' does not list its classes: drop --streaming")
+    return [str(c) for c in range(max(table[label_column]) + 1)]
 
 
 def _integers(feature: Any) -> bool:

@@ -83,6 +83,14 @@ class Splits:
     info: DatasetInfo
     holdout: dict | None  # how the held-out split was carved (config.json's data.holdout); None: the test split
 
+    def train_images(self) -> int | None:
+        """How many images training reads per epoch, or None for a stream whose length is not known
+        (a carve counts a stream only when it ends within ten times the held-out images)."""
+        if not self.train.streamed:
+            return len(self.train)
+        counted = (self.holdout or {}).get("of")
+        return None if counted is None else counted - self.holdout["images"]
+
     def note(self) -> str | None:
         """The log's line on the carve, or None when the source has a test split."""
         if self.holdout is None:

@@ -181,12 +181,9 @@ class Trainer:
             raise UsageError("--epochs needs a dataset of known length: use --max-steps with --streaming")
         # Optimizer steps per pass over this process's shard (a trailing partial accumulation also steps).
         steps_per_epoch = 0 if self.streamed else math.ceil(len(self.train_loader) / config.grad_accum_steps)
-        if self.streamed:  # a stream's length is known only when a carve counted it to its end (mpp.holdout)
-            carved = self.splits.holdout or {}
-            images = carved["of"] - carved["images"] if carved.get("of") else None
-            too_small = images is not None and images < config.batch_size
-        else:
-            images, too_small = len(self.train_set), steps_per_epoch == 0
+        images = self.splits.train_images()  # None: a stream of unknown length
+        # Map-style: not one full batch per process; a stream of known length: fewer images than one batch.
+        too_small = (images is not None and images < config.batch_size) if self.streamed else steps_per_epoch == 0
         if too_small:
             raise UsageError(f"the training set ({images} images) is smaller than one batch "
                              f"({config.batch_size}): pass a smaller --batch-size")
