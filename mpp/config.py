@@ -7,7 +7,7 @@ flag (at parse time) and the dataclass's `validate()` (for configs built in code
 parses with `Parser`, whose errors are one line: `error: <problem>: <fix>`, exit code 2.
 
 Every `Parser` also takes `--config FILE`: the defaults from a file, overridden by the flags given.
-FILE is a run's own config.json (mpp.trainer.run_config, mpp.finetune: the sections that record this
+FILE is a run's own config.json (mpp.rundir.run_config, mpp.finetune: the sections that record this
 entry point's dataclass fields are read, the rest, derived, is ignored) or a JSON/YAML mapping of
 this entry point's flags (`lr` or `max-steps`: a dest or a flag name). Its values pass the flags'
 own type, choice and range checks, and a bad one is the same one line, naming the file and the key.

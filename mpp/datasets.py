@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 
 from mpp.errors import UsageError, first_line
+from mpp.readlimit import read_limit
 from mpp.reproducible import seed_of
 
 TransformFn = Callable[[torch.Tensor], torch.Tensor]
@@ -216,10 +217,11 @@ class TableReader(ImageDataset):
     def read(self, row: dict) -> torch.Tensor | None:
         """uint8 [3, H, W] RGB of the row's image; None (after a warning) when it is unreadable."""
         cell = row[self.image_column]
+        name = (cell.get("path") if isinstance(cell, dict) else None) or f"row with label {self.label_of(row)}"
         try:
-            return rgb_tensor(open_image(cell))
+            with read_limit(f"image '{name}'"):  # a file that never answers (a FIFO, a stalled mount) is named
+                return rgb_tensor(open_image(cell))
         except UNREADABLE as e:
-            name = (cell.get("path") if isinstance(cell, dict) else None) or f"row with label {self.label_of(row)}"
             reason = first_line(e)
             if self.strict:
                 raise UsageError(f"image '{name}' cannot be read ({reason}): remove or replace it, "
@@ -359,7 +361,8 @@ class HubImageStream(TableReader, IterableDataset):
         rows = iter(self.table)
         while True:
             try:
-                row = next(rows)
+                with read_limit(f"the stream of dataset '{self.info.spec}'"):  # a stalled remote or mount
+                    row = next(rows)
             except StopIteration:
                 return
             except UsageError:  # already its one line (mpp.shards.check_row)

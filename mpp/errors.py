@@ -1,9 +1,11 @@
 """One-line errors for bad input, and the wrapper that prints them without a traceback."""
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
+import threading
 from typing import Callable, TypeVar
 
 F = TypeVar("F", bound=Callable)
@@ -35,19 +37,86 @@ def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+# A write the disk refused: no room, a quota, a file-size limit, a read-only mount. Never a bug.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def disk_refused(error: BaseException) -> str | None:
+    """The one line for a write the disk refused (`DISK_ERRNOS`), wherever it was made (metrics,
+    TensorBoard events, a report); None for any other error. Files written whole (mpp.files) are
+    left as they were, so what is on disk stays consistent."""
+    if not isinstance(error, OSError) or error.errno not in DISK_ERRNOS:
+        return None
+    import shutil
+
+    where = str(error.filename or "")
+    try:
+        folder = os.path.dirname(os.path.abspath(where)) if where else "."
+        free = f"; {shutil.disk_usage(folder).free / 2**20:,.1f} MiB free there"
+    except OSError:
+        free = ""
+    return (f"could not write {repr(where) if where else 'a file'} ({error.strerror or error}{free}): free space "
+            "on that disk (or lift the quota, or mount it writable), then run again (a training run: the same command "
+            "with --resume)")
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is an allocation that failed: CUDA's (torch.OutOfMemoryError) or the CPU's."""
+    return type(error).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(error)
+
+
+def loader_timed_out(error: BaseException) -> UsageError | None:
+    """PyTorch's "DataLoader timed out" (its `timeout`, mpp.runtime.LOADER_LIMIT_S) as one line; None
+    for any other error."""
+    if not isinstance(error, RuntimeError) or not str(error).startswith("DataLoader timed out"):
+        return None
+    return UsageError(f"the loader workers sent no batch in time ({first_line(error)}: a read stuck where no "
+                      "signal reaches it, e.g. a hung network mount, or a worker that stopped answering): check "
+                      "the dataset's disk or mount, then run again (a training run: with --resume)")
+
+
+def environment_line(error: BaseException) -> str | None:
+    """The one line for a failure of the machine, not of the code nor of the input: a write the disk
+    refused, a loader that sent nothing, memory that ran out. None for anything else (a bug)."""
+    timed_out = loader_timed_out(error)
+    if timed_out is not None:
+        return str(timed_out)
+    if out_of_memory(error):
+        return (f"out of memory ({first_line(error)[:160]}): pass a smaller --batch-size (or a smaller model or "
+                "image size)")
+    return disk_refused(error)
+
+
+def _quiet_disk_errors(args) -> None:
+    """A write the disk refused in a background thread (TensorBoard's event writer) is raised again
+    in the main thread at its next write, where it becomes the one line: no traceback here too."""
+    if disk_refused(args.exc_value) is None:
+        threading.__excepthook__(args)
+
+
 def cli_main(main: F) -> F:
     """Wrap an entry point so a `UsageError` ends the process with its one line and exit code 2.
 
-    Ctrl-C ends it with one line and exit code 130. Anything else is a bug and keeps its traceback.
+    Ctrl-C ends it with one line and exit code 130; a failure of the machine (`environment_line`: a
+    full disk, no batch in time, out of memory) with one line and exit code 2 too. Anything else is a
+    bug and keeps its traceback.
     """
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        threading.excepthook = _quiet_disk_errors
         try:
             return main(*args, **kwargs)
         except UsageError as e:
             if os.environ.get("RANK", "0") == "0":  # one line, not one per process under accelerate launch
                 print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        except (OSError, RuntimeError) as e:
+            line = environment_line(e)
+            if line is None:
+                raise
+            if os.environ.get("RANK", "0") == "0":
+                print(f"error: {line}", file=sys.stderr, flush=True)
             sys.exit(2)
         except KeyboardInterrupt:  # Ctrl-C outside a training loop's handler, or a second one inside it
             if os.environ.get("RANK", "0") == "0":

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from mpp.data import normalize
 from mpp.errors import UsageError
+from mpp.runtime import LOADER_LIMIT_S
 
 FEATURES = ("token", "avg")  # the paper's class-token pre-logits | the mean of the final-norm patch tokens
 POOLS = FEATURES  # how one block's tokens become one vector: its class token | the mean of its patch tokens
@@ -166,7 +167,8 @@ def extract_feature_sets(featurize, module, dataset, batch_size: int = 256, devi
     if state is not None:
         order = [int(i) for i in np.array_split(np.asarray(order, dtype=np.int64), state.num_processes)[state.process_index]]
         progress = progress and state.is_main_process
-    loader = DataLoader(Subset(dataset, order), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(Subset(dataset, order), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        timeout=LOADER_LIMIT_S if num_workers else 0)  # bounded: a stuck read is one line
     if module is not None:
         module.to(device)
     feats: dict[str, list[torch.Tensor]] = {}

@@ -50,6 +50,9 @@ def atomic_write(path: Path, write) -> None:
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        e.filename = str(path)  # the file meant, not its temporary name
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -68,6 +71,25 @@ def writable_dir(path: Path, flag: str) -> Path:
 
 def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, default=str) + "\n").encode()))
+
+
+def append_line(f, line: str) -> None:
+    """Append `line` and a newline to `f` (opened "ab", unbuffered) whole or not at all: a write the
+    disk refuses part-way (full) is cut back off, so the file never ends in half a line."""
+    data = (line + "\n").encode()
+    fd = f.fileno()
+    start = os.fstat(fd).st_size
+    try:
+        written = 0
+        while written < len(data):
+            written += os.write(fd, data[written:])
+    except OSError as e:
+        try:
+            os.ftruncate(fd, start)
+        except OSError:
+            pass  # the error that matters is the write's
+        e.filename = e.filename or getattr(f, "name", None)
+        raise
 
 
 def remove_killed_writes(folder: Path) -> None:

@@ -138,6 +138,8 @@ def recorded_results(out: Path, config: FinetuneConfig, start: dict) -> dict:
                          "or --output-dir for a new fine-tune")
     if config.resume and not path.is_file():
         raise UsageError(f"--resume: no {rundir.FINETUNE} in '{out}': drop --resume to start this fine-tune")
+    if not config.resume:
+        rundir.refuse_not_empty(out, "--output-dir", "fine-tune")
     results = json.loads(path.read_text()) if config.resume else {}
     if results:
         check_same_start(out, results.get("start"), start)

@@ -22,14 +22,18 @@ Eval reports written elsewhere are still found by the readers in mpp.reports.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import sys
+import uuid
 from pathlib import Path
 
 from mpp.errors import UsageError
 from mpp.files import atomic_write, writable_dir
+from mpp.provenance import provenance
+from mpp.runlock import holder_of
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -113,6 +117,8 @@ def check_run_dir(config) -> Path:
         )
     if config.resume and not has_ckpt:
         raise UsageError(f"--resume: no checkpoint in '{checkpoint_dir(run_dir)}': drop --resume to start this run")
+    if not config.resume:
+        refuse_not_empty(run_dir, "--output-dir", "run")
     from mpp.data import local_folder  # mpp.data reads RUN_MARKERS from here, through mpp.folders
     data = local_folder(config.dataset)
     splits = [data / name for name in ("train", *TEST_FOLDERS) if (data / name).is_dir()] if data else []
@@ -122,6 +128,36 @@ def check_run_dir(config) -> Path:
             where = f"the dataset's {folder.name}/ folder" if splits else f"the dataset folder '{data}'"
             raise UsageError(f"--output-dir '{run_dir}' is inside {where}: pass an --output-dir outside the dataset")
     return run_dir
+
+
+def refuse_not_empty(folder: Path, flag: str, what: str) -> None:
+    """A new run (or fine-tune) starts in an empty or new folder only: its records (config.json,
+    metrics.jsonl, TensorBoard events) are never appended to another run's (whose checkpoints were
+    deleted, or which died before its first) nor written over a user's own files."""
+    try:
+        held = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    except OSError:
+        return  # unreadable: writable_dir says why
+    if not held:
+        return
+    user = holder_of(folder)
+    if user:
+        raise UsageError(f"run directory '{folder}' is in use by {user}: wait for that run to end, stop it, "
+                         f"or pass another {flag}")
+    shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+    raise UsageError(f"{flag} '{folder}' is not empty ({shown}) and holds nothing to resume: a new {what} "
+                     f"starts in an empty or new folder, so that no records but its own are written there: pass "
+                     f"a new {flag}, or delete '{folder}' if nothing in it is needed")
+
+
+def check_same_run(run_dir: Path, recorded: dict, checkpoint: dict) -> None:
+    """Refuse to resume from a checkpoint of another run than the one whose records (config.json,
+    metrics.jsonl) the directory holds: e.g. checkpoints copied in from another run's directory."""
+    mine, theirs = recorded.get("run_id"), checkpoint.get("run_id")
+    if mine and theirs and mine != theirs:
+        raise UsageError(f"the checkpoints in '{checkpoint_dir(run_dir)}' are of run {theirs[:8]}, but the records "
+                         f"of '{run_dir}' (config.json, metrics.jsonl) are of run {mine[:8]}: resume each run in "
+                         "its own directory (copy a run's directory whole)")
 
 
 def prepare_run_dir(config) -> Path:
@@ -200,3 +236,19 @@ def trim_metrics(path: Path, step: int) -> None:
         except (ValueError, KeyError, TypeError):
             pass  # torn or foreign: never read again
     atomic_write(path, lambda f: f.write("".join(f"{line}\n" for line in kept).encode()))
+
+
+def run_config(config, mpp, vit, data_info, holdout: dict | None, invocation) -> dict:
+    """Everything needed to rebuild and compare this run, saved in config.json and every checkpoint."""
+    return {
+        "run_id": uuid.uuid4().hex,  # which run a directory's records and checkpoints belong to (a resume keeps it)
+        "train": dataclasses.asdict(config),
+        "mpp": dataclasses.asdict(mpp),
+        "vit": dataclasses.asdict(vit.config),
+        "data": {"num_classes": data_info.num_classes, "labelled": data_info.labelled, "layout": data_info.layout,
+                 "class_names": None if data_info.class_names is None else list(data_info.class_names),
+                 "holdout": holdout},  # how the held-out split was carved from train (mpp.holdout); None: a test split
+        "command": " ".join(sys.argv),
+        **invocation.record(),  # config_file, command_line
+        **provenance(),  # commit, versions
+    }

@@ -76,6 +76,21 @@ class RunLock:
         self._fd = None
 
 
+def holder_of(run_dir: str | Path) -> str | None:
+    """Who holds `run_dir` now, described, or None (free, or no lock file); changes no file. Not for
+    a directory this process holds: closing any descriptor of the file drops this process's lock."""
+    path = Path(run_dir) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        holder = _read_holder(fd)
+        return None if _try_lock(fd, holder, path) else _describe(holder)
+    finally:
+        os.close(fd)  # drops the lock just taken, if any
+
+
 def _read_holder(fd: int) -> dict:
     """The holder's line, {} when the file is empty (free) or torn (its writer died mid-write)."""
     try:

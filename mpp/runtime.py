@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from mpp.errors import UsageError
+from mpp.errors import UsageError, first_line
 from mpp.kernels import KernelChoice, KernelPolicy, RunShapes, resolve
-from mpp.stopping import end_workers_at_exit, loader_worker_init
+from mpp.stopping import end_with_launcher, end_workers_at_exit, loader_worker_init
 
 PRECISIONS = ("no", "fp16", "bf16")
 AUTOCAST_DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -71,6 +71,7 @@ def make_accelerator(mixed_precision: str = "", cpu_threads: int = 0, **kwargs):
     from accelerate.utils import DataLoaderConfiguration
 
     refuse_sharding(os.environ)  # before the Accelerator: an FSDP or DeepSpeed one may fail on its own first
+    end_with_launcher()  # a process of a launch never outlives its launcher (even one killed by SIGKILL)
     accelerator = Accelerator(
         # Processes started by torchrun (`accelerate launch --multi_gpu`) on a machine without CUDA
         # would each train alone; cpu=True makes them one gloo process group instead.
@@ -102,13 +103,28 @@ def refuse_sharding(environ) -> None:
                              f"launch without {flag} (DDP, e.g. accelerate launch --multi_gpu)")
 
 
+# The longest the main process waits for one batch from its loader workers. Each image read has its own
+# limit (mpp.readlimit); this one bounds what no signal interrupts (a read stuck in the kernel, a hung
+# network mount), and a worker that stopped answering.
+LOADER_LIMIT_S = 600
+
+
 def loader_kwargs(micro_batch: int, num_workers: int) -> dict:
     """DataLoader settings of training and evaluation (also what scripts/bench_train.py times). Workers
     persist across epochs and end with the process, however it ends (mpp.stopping)."""
     if num_workers:
         end_workers_at_exit()  # a crash must not leave the process waiting for its workers
     return {"batch_size": micro_batch, "num_workers": num_workers, "pin_memory": torch.cuda.is_available(),
-            "persistent_workers": num_workers > 0, "worker_init_fn": loader_worker_init}
+            "persistent_workers": num_workers > 0, "worker_init_fn": loader_worker_init,
+            "timeout": LOADER_LIMIT_S if num_workers else 0}
+
+
+def out_of_memory_line(error: BaseException, config, step: int) -> str:
+    """The one line for a training step that ran out of memory: what to lower (in a new run: the
+    batch, the model and the image size are the run's settings, which a resume keeps)."""
+    return (f"out of memory at step {step} ({first_line(error)[:160]}): start a new run (another --output-dir) "
+            f"with a smaller --batch-size (now {config.batch_size}), or the same batch in more --grad-accum-steps "
+            f"(now {config.grad_accum_steps}), a smaller --image-size or --model, or --mixed-precision bf16 on a GPU")
 
 
 def autocast_dtype(accelerator) -> str:

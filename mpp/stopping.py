@@ -19,8 +19,19 @@ import os
 import signal
 import sys
 import threading
+import time
+from collections.abc import Iterable, Iterator
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+WAIT_GRACE_S = 5.0  # after a stop, how long a wait for data may go on before it is abandoned
+LAUNCHER_POLL_S = 1.0  # how often a launched process checks that its launcher is alive
+ORPHAN_LIMIT_S = 60.0  # after its launcher died, how long a process may take to save and end
+
+
+class StopWhileWaiting(BaseException):
+    """A stop was asked for while the run waited for data that did not come within WAIT_GRACE_S.
+    A BaseException, as KeyboardInterrupt is: no `except Exception` on the way (a dataset's skip of
+    unreadable images, a loader's retry) may swallow it."""
 
 
 class StopRequest:
@@ -30,6 +41,9 @@ class StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
+        self._waiting_since: float | None = None  # monotonic time the current wait for data began (None: not waiting)
+        self._requested_at = 0.0
+        self._timer: threading.Timer | None = None
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():  # signal.signal works only there
@@ -41,10 +55,60 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def waiting(self, batches: Iterable) -> Iterator:
+        """`batches`, with every wait for the next one bounded once a stop is asked for: a wait still
+        going WAIT_GRACE_S after the stop (and after the wait began) raises StopWhileWaiting, so a read
+        that never returns (a stuck file, a stalled mount) cannot hold a stop back. Waits before a stop
+        are bounded by the reads' own limit (mpp.readlimit) and the loader's timeout."""
+        it = iter(batches)
+        while True:
+            self._waiting_since = time.monotonic()
+            if self.requested:
+                self._arm()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            finally:
+                self._waiting_since = None
+            yield item
+
+    def _arm(self) -> None:
+        """A timer that, once the current wait has outlasted the grace, signals this process again
+        (SIGTERM, whose handler stays ours): the signal interrupts the blocked call, and `_handle`
+        raises out of it."""
+        if self._timer is not None or not self._previous:
+            return
+        self._timer = threading.Timer(WAIT_GRACE_S, self._nudge)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _nudge(self) -> None:
+        self._timer = None
+        since = self._waiting_since
+        if since is None or not self._previous:
+            return  # the data came; a later wait arms its own timer
+        left = max(since, self._requested_at) + WAIT_GRACE_S - time.monotonic()
+        if left > 0.05:  # a newer wait: give it its whole grace
+            self._timer = threading.Timer(left, self._nudge)
+            self._timer.daemon = True
+            self._timer.start()
+            return
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def _handle(self, signum: int, _frame) -> None:
+        if self.signum is not None and signum == signal.SIGTERM and self._waiting_since is not None:
+            since = max(self._waiting_since, self._requested_at)
+            if time.monotonic() - since >= WAIT_GRACE_S - 0.05:  # the nudge, or a scheduler's later SIGTERM
+                raise StopWhileWaiting()
         if self.signum is None:
             self.signum = signum
+            self._requested_at = time.monotonic()
+            if self._waiting_since is not None:
+                self._arm()
             if os.environ.get("RANK", "0") == "0":  # one message, not one per process
                 print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint"
                       + (" (Ctrl-C again to quit now)" if signum == signal.SIGINT else ""), file=sys.stderr, flush=True)
@@ -84,6 +148,12 @@ def end_workers_at_exit() -> None:
         _registered = True
 
 
+def end_loader_workers() -> None:
+    """SIGKILL this process's loader workers now (they ignore SIGTERM, and one stuck in a read would
+    keep PyTorch's shutdown waiting on it): for a run that gives up on its data."""
+    _kill_daemonic_children()
+
+
 def _kill_daemonic_children() -> None:
     import multiprocessing
 
@@ -96,3 +166,33 @@ def _kill_daemonic_children() -> None:
         p.kill()
     for p in children:
         p.join(timeout=5)
+
+
+_watching = False
+
+
+def end_with_launcher() -> None:
+    """Under a launcher (`accelerate launch` on several processes, torchrun: LOCAL_RANK is set), end
+    this process when the launcher dies: killed with SIGKILL, it cannot stop its children, which would
+    train on as orphans writing the run directory. The check is the parent process id changing
+    (the orphan was reparented), polled every LAUNCHER_POLL_S; then a SIGTERM to itself (a training
+    run saves and stops, see StopRequest) and, if it has not ended ORPHAN_LIMIT_S later (a save
+    waiting on a peer that is gone), an exit without cleanup. Idempotent."""
+    global _watching
+    if _watching or "LOCAL_RANK" not in os.environ or not hasattr(os, "getppid"):
+        return
+    _watching = True
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(LAUNCHER_POLL_S)
+        if os.environ.get("RANK", "0") == "0":  # one line, not one per process
+            print(f"warning: the launcher (process {parent}) of this run is gone: stopping too (a training run "
+                  "saves its step first), so that no process outlives it; rerun the launch with --resume to "
+                  "continue", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(ORPHAN_LIMIT_S)
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()

@@ -17,6 +17,7 @@ the run's TensorBoard, not here.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -59,6 +60,7 @@ class Trackers:
 
         check_report_to(report_to)
         self.active: list = []
+        self.folder = folder / subdir  # where TensorBoard's events go: named when a write there fails
         if not main:
             return
         names = wanted(report_to)
@@ -84,16 +86,28 @@ class Trackers:
         """The library's own object (SummaryWriter, wandb Run) of tracker `name`, or None."""
         return next((t.tracker for t in self.active if t.name == name), None)
 
+    @contextlib.contextmanager
+    def _writing(self):
+        """A failed write (a full disk) names the events folder: TensorBoard's writer thread raises it
+        again here without a file name."""
+        try:
+            yield
+        except OSError as e:
+            e.filename = e.filename or str(self.folder)
+            raise
+
     def log(self, values: dict[str, float], step: int) -> None:
-        for tracker in self.active:
-            tracker.log(values, step=step)
+        with self._writing():
+            for tracker in self.active:
+                tracker.log(values, step=step)
 
     def image(self, tag: str, image: torch.Tensor, step: int, caption: str = "") -> None:
         """`image` (3, H, W) float in [0, 1]; `caption` says what it shows (W&B shows it under the
         image; TensorBoard gets it once through `text`)."""
         for tracker in self.active:
             if tracker.name == "tensorboard":
-                tracker.writer.add_image(tag, image, step)
+                with self._writing():
+                    tracker.writer.add_image(tag, image, step)
             else:
                 import wandb
 
@@ -104,7 +118,8 @@ class Trackers:
         """TensorBoard text (W&B gets the same as image captions)."""
         writer = self.get("tensorboard")
         if writer is not None:
-            writer.add_text(tag, text, step)
+            with self._writing():
+                writer.add_text(tag, text, step)
 
     def finish(self, failed: bool = False) -> None:
         """Flush and close every tracker (again: nothing). `failed`: the training ended by an error,
@@ -113,10 +128,12 @@ class Trackers:
         for tracker in active:
             if getattr(tracker, "writer", None) is None and getattr(tracker, "run", None) is None:
                 continue  # it never started
-            if failed and tracker.name == "wandb":
-                tracker.run.finish(exit_code=1)  # Accelerate's WandBTracker.finish() passes no exit code
-            else:
-                tracker.finish()
+            # After a failure, the error that ended the run is the one to report, not a flush's (a full disk)
+            with contextlib.suppress(OSError) if failed else self._writing():
+                if failed and tracker.name == "wandb":
+                    tracker.run.finish(exit_code=1)  # Accelerate's WandBTracker.finish() passes no exit code
+                else:
+                    tracker.finish()
 
     def finish_on_exit(self, error_type, error, traceback) -> bool:
         """ExitStack.push's form of `finish`: failed when the block it closes raised (a stop's

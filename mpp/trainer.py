@@ -23,20 +23,20 @@ from mpp import checkpoint as ckpt_io
 from mpp import rundir
 from mpp.config import Invocation
 from mpp.data import LABELLED_FORMS
-from mpp.errors import UsageError
+from mpp.errors import UsageError, loader_timed_out, out_of_memory
 from mpp.fewshot_monitor import FewshotMonitor
-from mpp.files import write_json
+from mpp.files import append_line, write_json
 from mpp.holdout import pretraining_splits
 from mpp.kernels import KernelPolicy, RunShapes
 from mpp.loop import agree, data_loaders, evaluate, optimizer_step
 from mpp.model import ViT, vit_config
 from mpp.objective import MPPConfig, MPPObjective, SupervisedObjective, corrupted_count
 from mpp.optim import param_groups
-from mpp.provenance import provenance
+from mpp.readlimit import StuckRead
 from mpp.reproducible import seed_step
 from mpp.runlock import RunLock
-from mpp.runtime import autocast_dtype, choose_kernels, compile_blocks, make_accelerator
-from mpp.stopping import StopRequest
+from mpp.runtime import autocast_dtype, choose_kernels, compile_blocks, make_accelerator, out_of_memory_line
+from mpp.stopping import WAIT_GRACE_S, StopRequest, StopWhileWaiting, end_loader_workers
 from mpp.trackers import Trackers, flat_config
 from mpp.visualize import LEGEND, held_out_images, prediction_mosaic
 
@@ -103,7 +103,7 @@ class Trainer:
         # only the main one draws; held_out_images moves no generator)
         drawable = config.objective == "mpp" and objective.entry.render is not None and objective.entry.decode is not None
         self.preview = held_out_images(self.eval_set, PREVIEW_IMAGES) if drawable else None
-        self.run_cfg = run_config(config, mpp_config, vit, self.info, self.splits.holdout, self.invocation)
+        self.run_cfg = rundir.run_config(config, mpp_config, vit, self.info, self.splits.holdout, self.invocation)
         self.run_cfg["kernels"] = kernels.record()
         self.run_cfg["precision"] = str(acc.mixed_precision)  # what ran, whatever chose it (flag, Accelerate, GPU default)
         self.run_cfg["num_processes"] = acc.num_processes
@@ -123,6 +123,7 @@ class Trainer:
         self.progress = Progress()
         self.last_save: int | None = None  # the step of the newest checkpoint this process took part in
         saved = self._resume() if config.resume else None
+        self.last_save = self.progress.step if saved else None  # a resumed run's step is saved already
         self._start_records(saved)
 
     # ---- setup, in the order __init__ calls it
@@ -203,6 +204,7 @@ class Trainer:
             f"resume with what the run was trained with (scripts/pretrain_{saved['train']['objective']}.py "
             f"--model {saved['train']['model']} --image-size {saved['vit']['image_size']}) or pass a new --output-dir"))
         rundir.check_resume(saved, self.run_cfg, acc.num_processes, str(path))  # after the shapes: names parameters
+        self.run_cfg["run_id"] = saved.get("run_id", self.run_cfg["run_id"])  # the run it continues
         self.model.load_state_dict(weights)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -231,6 +233,7 @@ class Trainer:
         if acc.is_main_process:
             if saved is not None:
                 original = rundir.read_run_config(run_dir, saved)
+                rundir.check_same_run(run_dir, original, saved)  # the records are this run's own
                 original.setdefault("resumed", []).append({  # what resumed it, and the code that did
                     "step": step, "command": self.run_cfg["command"], "max_steps": self.config.max_steps,
                     "epochs": self.config.epochs, "kernels": self.run_cfg["kernels"],
@@ -241,16 +244,15 @@ class Trainer:
                 write_json(run_dir / rundir.CONFIG, self.run_cfg)
         if self.preview is not None:  # what the prediction mosaic's columns show
             self.trackers.text("mpp/predictions", LEGEND, step)
-        self.metrics_file = (self.held.enter_context(open(run_dir / rundir.METRICS, "a"))
-                             if acc.is_main_process else None)
+        self.metrics_file = (self.held.enter_context(open(run_dir / rundir.METRICS, "ab", buffering=0))
+                             if acc.is_main_process else None)  # unbuffered: each line is written whole or not at all
 
     # ---- records
 
     def log(self, values: dict, at: int) -> None:
         self.trackers.log(values, at)
         if self.metrics_file:
-            self.metrics_file.write(json.dumps({"step": at, **values}) + "\n")
-            self.metrics_file.flush()
+            append_line(self.metrics_file, json.dumps({"step": at, **values}))  # a full disk: one line, no torn line
 
     def save(self, at: int) -> None:
         """A checkpoint of step `at` (the main process writes it; every process learns whether it could)."""
@@ -297,7 +299,7 @@ class Trainer:
                 _, metrics = model(images, labels)
             return {k: v.float().item() * len(images) for k, v in metrics.items()}
 
-        results, scored = evaluate(model, batch_sums, self.eval_loader, acc, seed=self.config.seed,
+        results, scored = evaluate(model, batch_sums, self.stop.waiting(self.eval_loader), acc, seed=self.config.seed,
                                    stop=lambda: self.stop.requested)
         if any(gather_object([self.stop.requested])):
             return None
@@ -336,11 +338,45 @@ class Trainer:
         self.stop = self.held.enter_context(StopRequest())  # from the first step to the final save, a stop saves first
         stopping = False
         try:
-            while progress.step < self.total_steps and not stopping:
-                stopping = self._epoch(bar)
-        finally:
-            bar.close()  # ends the bar's line, so an error message starts on a line of its own
-        return self._finish(stopping)
+            try:
+                while progress.step < self.total_steps and not stopping:
+                    stopping = self._epoch(bar)
+            except (StopWhileWaiting, StuckRead, RuntimeError) as e:
+                stopping = self._interrupted(e)
+            finally:
+                bar.close()  # ends the bar's line, so an error message starts on a line of its own
+            return self._finish(stopping)
+        except RuntimeError as e:  # torch.OutOfMemoryError is one, and a CPU allocation's failure
+            if not out_of_memory(e):
+                raise
+            raise UsageError(out_of_memory_line(e, self.config, self.progress.step + 1)) from e
+
+    def _interrupted(self, error: BaseException) -> bool:
+        """The loop ended by an exception. A wait for data given up on (a stop that outlasted its grace,
+        a stuck read, a loader that sent nothing) keeps the last whole step: the micro-batches of an
+        unfinished step are read again on resume. Returns True (stop) or raises; anything else goes on."""
+        acc, progress = self.accelerator, self.progress
+        if isinstance(error, RuntimeError):
+            if out_of_memory(error) or loader_timed_out(error) is None:
+                raise error
+            error = loader_timed_out(error)
+        progress.batch_in_epoch -= self.micro
+        self.micro = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        end_loader_workers()  # one may be stuck in its read: the exit must not wait on it
+        if acc.num_processes > 1:  # the others wait for this one in a collective: no save can gather them now
+            if isinstance(error, StopWhileWaiting):
+                acc.print(f"stopped at step {progress.step} without saving: no data came within {WAIT_GRACE_S:g} s "
+                          "of the stop; rerun the same command with --resume to continue from the newest checkpoint")
+                sys.exit(self.stop.exit_code)
+            raise error
+        if self.last_save != progress.step:
+            self.save(progress.step)
+        if not isinstance(error, StopWhileWaiting):
+            raise error
+        acc.print(f"note: no data came within {WAIT_GRACE_S:g} s of the stop: saved step {progress.step}, the last "
+                  "whole step, without waiting for it")
+        return True
 
     def _epoch(self, bar) -> bool:
         """Train through the rest of the current epoch, or until the step budget or a stop; whether to stop."""
@@ -351,7 +387,7 @@ class Trainer:
         batches = (acc.skip_first_batches(self.train_loader, progress.batch_in_epoch) if progress.batch_in_epoch
                    else self.train_loader)
         stopping = False
-        for images, labels in batches:
+        for images, labels in self.stop.waiting(batches):  # a stop never waits long on data (mpp.stopping)
             progress.batch_in_epoch += 1
             with acc.accumulate(self.objective):
                 seed_step(config.seed, progress.step, self.micro, acc.process_index)
@@ -398,26 +434,34 @@ class Trainer:
             self.values = values
             bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}")
             self.window = {"t": time.perf_counter(), "steps": 0, "sums": {}}
+        if step % config.save_every == 0 and step < self.total_steps:
+            self.save(step)  # first: a failure in what follows (an evaluation, a probe) cannot lose this step
         if config.eval_every and step % config.eval_every == 0 and step < self.total_steps:
             stopping = self.run_eval(step) is None or stopping
-        if self.fewshot is not None and not stopping and (step % config.fewshot_every == 0 or step == self.total_steps):
-            self.run_fewshot(step)
-        if (step % config.save_every == 0 and step < self.total_steps) or stopping:
+        if self.fewshot is not None and not stopping and step % config.fewshot_every == 0 and step < self.total_steps:
+            self.run_fewshot(step)  # the last step's comes after its save and evaluation (_finish)
+        if stopping and self.last_save != step:
             self.save(step)
         return stopping
 
     def _finish(self, stopping: bool) -> Path:
-        """The final evaluation and checkpoint (a stop during the evaluation saves this step, then stops)."""
+        """The final checkpoint, then (so that no failure in them can lose the last step) the final
+        evaluation, the final few-shot probe and the summary. A stop during the evaluation stops."""
         acc, step, run_dir = self.accelerator, self.progress.step, self.run_dir
-        results = None if stopping else self.run_eval(step)
-        if results is None or self.last_save != step:
+        if self.last_save != step:
             self.save(step)
+        try:
+            results = None if stopping else self.run_eval(step)
+        except StopWhileWaiting:  # the evaluation's data did not come after a stop: the step is saved
+            results = None
         if results is None:
             self.trackers.finish()
             acc.end_training()
             acc.print(f"stopped at step {step} of {self.total_steps}; checkpoint saved in "
                       f"{rundir.checkpoint_dir(run_dir)}: rerun the same command with --resume to continue")
             sys.exit(self.stop.exit_code)
+        if self.fewshot is not None:
+            self.run_fewshot(step)
         if acc.is_main_process:
             summary = {
                 "objective": self.config.objective, "steps": step,
@@ -433,18 +477,3 @@ class Trainer:
         if self.stop.requested:  # it came during the final save: the run is complete, the scheduler still sees why it ended
             sys.exit(self.stop.exit_code)
         return run_dir
-
-
-def run_config(config, mpp: MPPConfig, vit: ViT, data_info, holdout: dict | None, invocation: Invocation) -> dict:
-    """Everything needed to rebuild and compare this run, saved in config.json and every checkpoint."""
-    return {
-        "train": dataclasses.asdict(config),
-        "mpp": dataclasses.asdict(mpp),
-        "vit": dataclasses.asdict(vit.config),
-        "data": {"num_classes": data_info.num_classes, "labelled": data_info.labelled, "layout": data_info.layout,
-                 "class_names": None if data_info.class_names is None else list(data_info.class_names),
-                 "holdout": holdout},  # how the held-out split was carved from train (mpp.holdout); None: a test split
-        "command": " ".join(sys.argv),
-        **invocation.record(),  # config_file, command_line
-        **provenance(),  # commit, versions
-    }

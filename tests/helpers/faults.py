@@ -9,6 +9,10 @@ process (its loader workers, signal handlers, exit path) is exactly what a user 
 - sigterm-after: the process sends itself SIGTERM once optimizer step $FAULT_STEP is done, as a scheduler
   would at that moment: a stop that lands at the same step every time (the run trains one more step,
   saves it and exits 143), so a resumed run can be compared bitwise with one never stopped.
+- read-limit: no fault, a shorter bound: each image read may take $FAULT_READ_LIMIT seconds (a test's
+  stuck read, e.g. a FIFO in the dataset, is then given up on in seconds, not minutes).
+- eval: a bug inside the first evaluation's forward pass (with --eval-every 0: the final evaluation).
+- oom: the third training step's forward pass fails to allocate, as torch.OutOfMemoryError says.
 """
 import os
 import signal
@@ -83,6 +87,36 @@ def sigterm_after() -> None:
     mpp.trainer.Trainer._after_step = signalling
 
 
+def read_limit() -> None:
+    import mpp.readlimit
+
+    mpp.readlimit.READ_LIMIT_S = float(os.environ["FAULT_READ_LIMIT"])
+
+
+def eval_bug() -> None:
+    forward = mpp.objective.MPPObjective.forward
+
+    def crashing(self, images, labels=None):
+        if not self.training:
+            raise RuntimeError("injected fault in an evaluation")
+        return forward(self, images, labels)
+
+    mpp.objective.MPPObjective.forward = crashing
+
+
+def oom() -> None:
+    forward, calls = mpp.objective.MPPObjective.forward, [0]
+
+    def failing(self, images, labels=None):
+        calls[0] += self.training
+        if calls[0] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
+        return forward(self, images, labels)
+
+    mpp.objective.MPPObjective.forward = failing
+
+
 if __name__ == "__main__":
-    {"step": step, "worker": worker, "save": save, "slow-eval": slow_eval, "sigterm-after": sigterm_after}[sys.argv[1]]()
+    {"step": step, "worker": worker, "save": save, "slow-eval": slow_eval, "sigterm-after": sigterm_after,
+     "read-limit": read_limit, "eval": eval_bug, "oom": oom}[sys.argv[1]]()
     main("mpp", sys.argv[2:])
