@@ -18,11 +18,12 @@ from mpp.features import is_main_process, layer_specs
 from mpp.probe_runs import Embedder, ProbeData, run_fewshot
 from mpp.probe_setup import (
     REFERENCE_NAMES,
+    ProbeTarget,
     add_model_flags,
     add_output_flag,
     add_runtime_flags,
     add_subset_flags,
-    check_writable,
+    claim_report,
     layer_lines,
     parse_probe_args,
     probe_target,
@@ -52,10 +53,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     target = probe_target(args, "fewshot")
+    # An unlabelled dataset is refused here, before anything is written; the report is claimed before the embedding.
+    data = ProbeData.load(target.dataset, target.vit.config.image_size)
+    with claim_report(target.output(args)):  # until it is written: a second probe on it is refused
+        return probe(args, target, data)
+
+
+def probe(args: argparse.Namespace, target: ProbeTarget, data: ProbeData) -> dict:
+    """Score the model and its references, print the table, write the report (main process only)."""
     vit, dataset, prefix = target.vit, target.dataset, target.prefix
     image_size = vit.config.image_size
-    data = ProbeData.load(dataset, image_size)  # an unlabelled dataset is refused here, before anything is written
-    check_writable(target.output(args))  # before the embedding, not after it
     layers = layer_specs(vit.config.depth, args.layers)
     out = run_fewshot(vit, data, Embedder(args.batch_size, args.device, args.num_workers),
                       tuple(args.shots), args.seeds, tuple(args.l2), args.max_test, args.features, layers,

@@ -21,11 +21,12 @@ from mpp.features import is_main_process, layer_specs
 from mpp.probe_runs import KNN_KS, KNN_TEMPERATURE, Embedder, ProbeData, knn_plan, run_knn
 from mpp.probe_setup import (
     REFERENCE_NAMES,
+    ProbeTarget,
     add_model_flags,
     add_output_flag,
     add_runtime_flags,
     add_subset_flags,
-    check_writable,
+    claim_report,
     layer_lines,
     parse_probe_args,
     probe_target,
@@ -55,14 +56,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     target = probe_target(args, "knn")
-    vit, dataset, prefix = target.vit, target.dataset, target.prefix
-    image_size = vit.config.image_size
-    output = target.output(args)
     # The data first: a dataset the probe refuses, or a --k it has too few training images for,
     # leaves nothing written (not even the output's folder); then the output, before the embedding.
-    data = ProbeData.load(dataset, image_size)
+    data = ProbeData.load(target.dataset, target.vit.config.image_size)
     knn_plan(data, args.k, args.temperature, args.max_train, args.max_test)
-    check_writable(output)
+    with claim_report(target.output(args)):  # until it is written: a second probe on it is refused
+        return probe(args, target, data)
+
+
+def probe(args: argparse.Namespace, target: ProbeTarget, data: ProbeData) -> dict:
+    """Score the model and its references, print the table, write the report (main process only)."""
+    vit, dataset, prefix = target.vit, target.dataset, target.prefix
+    image_size, output = vit.config.image_size, target.output(args)
     layers = layer_specs(vit.config.depth, args.layers)
     out = run_knn(vit, data, Embedder(args.batch_size, args.device, args.num_workers), tuple(args.k),
                   args.temperature, args.max_train, args.max_test, args.features, layers,

@@ -23,11 +23,12 @@ from mpp.features import is_main_process, layer_specs
 from mpp.probe_runs import Embedder, ProbeData, run_linear_probe
 from mpp.probe_setup import (
     REFERENCE_NAMES,
+    ProbeTarget,
     add_model_flags,
     add_output_flag,
     add_runtime_flags,
     add_subset_flags,
-    check_writable,
+    claim_report,
     layer_lines,
     parse_probe_args,
     probe_target,
@@ -58,11 +59,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     target = probe_target(args, "linear_probe")
+    # An unlabelled dataset is refused here, before anything is written; the report is claimed before the embedding.
+    data = ProbeData.load(target.dataset, target.vit.config.image_size)
+    with claim_report(target.output(args)):  # until it is written: a second probe on it is refused
+        return probe(args, target, data)
+
+
+def probe(args: argparse.Namespace, target: ProbeTarget, data: ProbeData) -> dict:
+    """Score the model and its references, print the table, write the report (main process only)."""
     vit, dataset, prefix = target.vit, target.dataset, target.prefix
-    image_size = vit.config.image_size
-    output = target.output(args)
-    data = ProbeData.load(dataset, image_size)  # an unlabelled dataset is refused here, before anything is written
-    check_writable(output)
+    image_size, output = vit.config.image_size, target.output(args)
     layers = layer_specs(vit.config.depth, args.layers)
     out = run_linear_probe(vit, data,
                            Embedder(args.batch_size, args.device, args.num_workers), tuple(args.l2), args.dev_fraction,

@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import inspect
 import io
-import json
 import math
 import os
 import re
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from mpp import unique_keys
 from mpp.errors import UsageError
 
 SEED_MAX = 2**32 - 1  # numpy's seeding (used by accelerate's set_seed and the probes) takes 32 bits
@@ -211,13 +211,10 @@ def read_config_file(path: str) -> dict:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"{CONFIG_FLAG} {path} cannot be read ({type(e).__name__}: {e}): {fix}") from None
-    try:
-        if kind == "JSON":
-            data = json.loads(text)  # NaN and Infinity parse: the range checks then name them
-        else:
-            import yaml  # PyYAML; safe_load builds plain data only
-
-            data = yaml.safe_load(text)
+    try:  # NaN and Infinity parse as JSON: the range checks then name them
+        data = unique_keys.load_json(text) if kind == "JSON" else unique_keys.load_yaml(text)
+    except unique_keys.RepeatedKey as e:  # json and yaml would keep the last value without a word
+        raise UsageError(f"{CONFIG_FLAG} {path} sets {e} more than once: keep one of them") from None
     except ValueError as e:  # json.JSONDecodeError
         raise UsageError(f"{CONFIG_FLAG} {path} is not valid JSON ({e}): fix the file or {fix}") from None
     except Exception as e:  # yaml.YAMLError; its message spans lines

@@ -399,13 +399,38 @@ def open_image(cell: Any) -> Any:
 
 
 def rgb_tensor(image: Any) -> torch.Tensor:
-    """A decoded image of any PIL mode (L, P, RGBA, CMYK, 16-bit ...) or an array -> uint8 [3, H, W] RGB."""
+    """A decoded image of any PIL mode (L, P, RGBA, CMYK, 16-bit, 32-bit int or float ...) or an array ->
+    uint8 [3, H, W] RGB. Pixels wider than a byte are scaled by their range (`byte_values`): PIL's
+    own convert would clip them, so a float image in [0, 1] or 8-bit values stored in 16 bits came out black."""
     from torchvision.transforms.v2.functional import pil_to_tensor
 
     if not isinstance(image, PIL.Image.Image):
-        image = PIL.Image.fromarray(np.asarray(image))
-    if image.mode.startswith("I"):  # 16-bit grayscale (PNG/TIFF): PIL's convert would clip to white
-        image = PIL.Image.fromarray((np.asarray(image).clip(0, 65535) >> 8).astype(np.uint8))
+        values = np.asarray(image)
+        image = PIL.Image.fromarray(values if values.dtype in (np.uint8, np.bool_) else byte_values(values))
+    elif image.mode == "F" or image.mode.startswith("I"):  # one channel of float32, int32 or uint16 values
+        image = PIL.Image.fromarray(byte_values(np.asarray(image)))
     elif image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # PIL warns when palette transparency goes straight to RGB
     return pil_to_tensor(image.convert("RGB"))  # uint8 [3, H, W]
+
+
+def byte_values(values: np.ndarray) -> np.ndarray:
+    """Integer or float pixels -> uint8, by the range the values lie in, the conventions of the files
+    that hold them: 0..255 as they are (8-bit data saved wider, e.g. by astype(np.uint16)); integers up
+    to 65535 as 16-bit (the top byte: 16-bit PNG and TIFF); floats in [0, 1] times 255 (the float-image
+    convention); anything else (negative values, 32-bit counts, floats beyond 255) stretched from the
+    image's own minimum to its maximum. NaN or infinite pixels: unreadable (ValueError), not guessed."""
+    values = np.asarray(values)
+    if values.dtype.kind not in "iuf":
+        raise ValueError(f"pixels of type {values.dtype} are not numbers")
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        raise ValueError("the image holds NaN or infinite pixel values")
+    low, high = (values.min(), values.max()) if values.size else (0, 0)
+    if values.dtype.kind == "f" and 0 <= low and high <= 1:
+        return np.rint(values * 255).astype(np.uint8)
+    if 0 <= low and high <= 255:
+        return np.rint(values).astype(np.uint8)  # rint: a no-op on integers, the nearest byte for floats
+    if values.dtype.kind in "iu" and 0 <= low and high <= 65535:
+        return (values.astype(np.uint32) >> 8).astype(np.uint8)
+    span = float(high) - float(low) or 1.0  # a constant image outside 0..255 becomes black: no range to show
+    return np.rint((values.astype(np.float64) - low) * (255 / span)).astype(np.uint8)

@@ -6,6 +6,7 @@ headline scalars in the run's TensorBoard at the checkpoint's step).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -18,11 +19,12 @@ from mpp.checkpoint import KernelsFor, load_checkpoint, load_run
 from mpp.config import AT_LEAST_1, NON_NEGATIVE, SEED, Range, device_flag, number_flag
 from mpp.data import DEFAULT_DATASET
 from mpp.errors import UsageError
-from mpp.features import FEATURES, process_device, process_group
+from mpp.features import FEATURES, is_main_process, process_device, process_group
 from mpp.files import write_json
 from mpp.kernels import MODES, KernelPolicy, RunShapes
 from mpp.model import ViT, ViTConfig, vit_config
 from mpp.rundir import CONFIG, TENSORBOARD, run_dir_of, step_of_name
+from mpp.runlock import ReportLock
 from mpp.runtime import choose_kernels, compile_blocks
 
 DEFAULT_RUN = "runs/mpp"  # where scripts/pretrain_mpp.py writes by default (TrainConfig.output_dir)
@@ -206,6 +208,14 @@ def timm_target(args, name: str) -> ProbeTarget:
         compile_blocks(vit)
     prefix = name + ("_avg" if args.features == "avg" else "")
     return ProbeTarget(None, vit.eval(), None, None, args.dataset or DEFAULT_DATASET, prefix, 0, imported.record())
+
+
+def claim_report(output: Path) -> contextlib.AbstractContextManager:
+    """Check that `output` can be written, then hold it (a `with` block) until the report is written:
+    a second probe on the same report meanwhile is refused in one line. The main process holds it;
+    the other processes of a launch write nothing."""
+    check_writable(output)
+    return ReportLock(output) if is_main_process() else contextlib.nullcontext()
 
 
 def check_writable(output: Path) -> None:

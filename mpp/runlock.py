@@ -13,6 +13,10 @@ A lock left by a process that is gone is taken over with a note. The file itself
 (deleting a locked file lets a second process lock a new file of the same name); a clean exit
 empties it. On a file system without locks, the holder's line decides: a live process on this
 host, or one on another host (whose liveness cannot be seen from here), keeps the run.
+
+A probe's report (eval/fewshot.py, eval/linear_probe.py, eval/knn.py) is held the same way, by
+`ReportLock` on `<report>.lock` beside it: two probes on one report would each embed for minutes,
+and the later would replace the earlier's report without a word.
 """
 from __future__ import annotations
 
@@ -49,9 +53,8 @@ class RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             holder = _read_holder(fd)
-            if not _try_lock(fd, holder, self.path):
-                raise UsageError(f"run directory '{self.path.parent}' is in use by {_describe(holder)}: wait for "
-                                 f"that run to end, stop it, or pass another {self.flag}")
+            if not _try_lock(fd, holder, self.path, self.flag):
+                raise UsageError(self.in_use(holder))
             if holder and os.environ.get("RANK", "0") == "0":
                 print(f"note: taking over the lock of {_describe(holder)}, which is no longer running",
                       file=sys.stderr, flush=True)
@@ -63,6 +66,11 @@ class RunLock:
             os.close(fd)
             raise
         self._fd = fd
+
+    def in_use(self, holder: dict) -> str:
+        """The refusal's line when a live process holds the lock."""
+        return (f"run directory '{self.path.parent}' is in use by {_describe(holder)}: wait for that run to end, "
+                f"stop it, or pass another {self.flag}")
 
     def release(self) -> None:
         """Empty the file (so the next run takes no note), then drop the lock."""
@@ -86,9 +94,23 @@ def holder_of(run_dir: str | Path) -> str | None:
         return None
     try:
         holder = _read_holder(fd)
-        return None if _try_lock(fd, holder, path) else _describe(holder)
+        return None if _try_lock(fd, holder, path, "--output-dir") else _describe(holder)
     finally:
         os.close(fd)  # drops the lock just taken, if any
+
+
+class ReportLock(RunLock):
+    """`with ReportLock(report):` holds one report file (its `<report>.lock`) while a probe computes
+    and writes it, or raises a one-line UsageError; the report is written atomically (mpp.files)."""
+
+    def __init__(self, report: str | Path, flag: str = "--output"):
+        super().__init__(Path(report).parent, flag)
+        self.report = Path(report)
+        self.path = self.report.with_name(f"{self.report.name}.lock")
+
+    def in_use(self, holder: dict) -> str:
+        return (f"report '{self.report}' is being written by {_describe(holder)}: wait for that probe to end, "
+                f"stop it, or pass another {self.flag}")
 
 
 def _read_holder(fd: int) -> dict:
@@ -100,7 +122,7 @@ def _read_holder(fd: int) -> dict:
     return holder if isinstance(holder, dict) else {}
 
 
-def _try_lock(fd: int, holder: dict, path: Path) -> bool:
+def _try_lock(fd: int, holder: dict, path: Path, flag: str) -> bool:
     """True when this process now holds the lock; False when a live process does."""
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -109,7 +131,7 @@ def _try_lock(fd: int, holder: dict, path: Path) -> bool:
         if e.errno in (errno.EACCES, errno.EAGAIN):  # held by another process
             return False
         if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            raise UsageError(f"cannot lock '{path}' ({e.strerror}): pass a --output-dir on a local disk") from e
+            raise UsageError(f"cannot lock '{path}' ({e.strerror}): pass a {flag} on a local disk") from e
     return not _holder_alive(holder)  # no locks on this file system: the holder's line decides
 
 

@@ -114,6 +114,8 @@ def test_flags_given_override_the_file(repeated):
     ("flags.json", '{"lr": 0.003, "max-steps": 40, "crop_scale": [0.3, 1.0], "hflip": false, "target": "l2"}'),
     ("flags.yaml", 'lr: 0.003\nmax-steps: 40\ncrop_scale: [0.3, 1.0]\nhflip: false\ntarget: l2\n'),
     ("flags.yml", 'lr: "3e-3"\nmax_steps: "40"\ncrop-scale: [0.3, 1]\nhflip: no\ntarget: "l2"\n'),
+    # A YAML merge's keys may be overridden: not a key set twice.
+    ("merged.yaml", '<<: {lr: 0.1, max-steps: 40}\nlr: 0.003\ncrop_scale: [0.3, 1.0]\nhflip: false\ntarget: l2\n'),
 ])
 def test_a_flat_file_of_flags_sets_the_defaults(tmp_path, name, text):
     path = tmp_path / name
@@ -145,6 +147,10 @@ BAD_FILES = [  # file name, content (bytes: written as is), what the one line sa
     ("objective.json", '{"objective": "supervised"}', "key 'objective' is not a flag of"),
     ("negated.json", '{"no-hflip": true}', "key 'no-hflip' is --no-hflip's flag, not a setting: write 'hflip: false'"),
     ("twice.json", '{"max-steps": 3, "max_steps": 4}', "sets --max-steps a second time"),
+    # json and yaml keep a repeated key's last value without a word
+    ("repeated.json", '{"lr": 0.1, "max-steps": 3, "lr": 0.2}', "sets key 'lr' more than once: keep one of them"),
+    ("repeated.yaml", "lr: 0.1\nmax-steps: 3\nlr: 0.2\n", "sets key 'lr' (lines 1 and 3) more than once: keep one"),
+    ("section/config.json", '{"train": {"lr": 0.1, "seed": 1, "lr": 0.2}, "mpp": {}}', "sets key 'train.lr' more than"),
     ("nested.json", '{"config": "other.json"}', "key 'config' is another --config"),
     ("list.json", "[1, 2]", "holds a list, not a mapping of flags"),
     ("empty.yaml", "", "is empty"),
@@ -187,6 +193,16 @@ def test_a_bad_value_in_the_file_through_the_command_line_changes_nothing(tmp_pa
     assert done.returncode == 2 and done.stdout == "" and not out.exists()
     assert done.stderr.strip().splitlines() == [
         f"error: --config {bad}, key 'warmup-steps': --warmup-steps -1 is out of range: pass a number >= 0"]
+
+
+def test_a_repeated_key_through_the_command_line_changes_nothing(tmp_path):
+    flags = tmp_path / "flags.yaml"
+    flags.write_text("max-steps: 4\nlr: 0.001\nseed: 3\nlr: 0.01\n")  # an lr appended below the old one
+    out = tmp_path / "run"
+    done = run_script("scripts/pretrain_mpp.py", "--config", str(flags), "--output-dir", str(out))
+    assert done.returncode == 2 and done.stdout == "" and not out.exists()
+    assert done.stderr.strip().splitlines() == [
+        f"error: --config {flags} sets key 'lr' (lines 2 and 4) more than once: keep one of them"]
 
 
 def test_a_finetune_reads_its_own_section_and_records_how_it_started(tmp_path, capsys):
