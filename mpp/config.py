@@ -29,7 +29,7 @@ from functools import cache
 from pathlib import Path
 
 from mpp import unique_keys
-from mpp.errors import UsageError
+from mpp.errors import UsageError, first_line
 
 SEED_MAX = 2**32 - 1  # numpy's seeding (used by accelerate's set_seed and the probes) takes 32 bits
 
@@ -215,8 +215,8 @@ def read_config_file(path: str) -> dict:
         data = unique_keys.load_json(text) if kind == "JSON" else unique_keys.load_yaml(text)
     except unique_keys.RepeatedKey as e:  # json and yaml would keep the last value without a word
         raise UsageError(f"{CONFIG_FLAG} {path} sets {e} more than once: keep one of them") from None
-    except ValueError as e:  # json.JSONDecodeError
-        raise UsageError(f"{CONFIG_FLAG} {path} is not valid JSON ({e}): fix the file or {fix}") from None
+    except ValueError as e:  # json.JSONDecodeError; in YAML a value that cannot be built (the date 2020-13-45)
+        raise UsageError(f"{CONFIG_FLAG} {path} is not valid {kind} ({first_line(e)}): fix the file or {fix}") from None
     except Exception as e:  # yaml.YAMLError; its message spans lines
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""

@@ -95,7 +95,7 @@ def split_entries(root: Path, folder: str, passed: Passed) -> tuple[list[str], l
     """(sorted subfolder names, sorted image names lying directly in it) of root/`folder`, less
     hidden entries and what `passed` takes: run directories, looping links, names not UTF-8."""
     names, loose = [], []
-    with os.scandir(root / folder) as entries:
+    with scan(root / folder) as entries:
         for entry in entries:
             if entry.name.startswith("."):  # .ipynb_checkpoints, .DS_Store, ._name (macOS resource forks)
                 continue
@@ -107,6 +107,15 @@ def split_entries(root: Path, folder: str, passed: Passed) -> tuple[list[str], l
             elif is_dir is False and is_image(entry.name):
                 loose.append(entry.name)
     return sorted(names), sorted(loose)
+
+
+def scan(folder: Path):
+    """os.scandir(folder), or a one-line error when the folder cannot be read (its permissions)."""
+    try:
+        return os.scandir(folder)
+    except OSError as e:
+        raise UsageError(f"cannot read the dataset's folder '{folder}' ({e.strerror or e}): make it readable "
+                         "(chmod u+rx), or move it out of the dataset") from e
 
 
 def _is_dir(entry: os.DirEntry, head: str, passed: Passed) -> bool | None:
@@ -153,7 +162,7 @@ class Walker:
         while pending:
             current = pending.pop()
             head, real = (f"{current}/" if current else ""), None  # real: the folder resolved, for its links
-            with os.scandir(self.root / current) as entries:
+            with scan(self.root / current) as entries:
                 for entry in entries:  # the loop runs once per file: kept to a few C calls each
                     name = entry.name
                     if name.startswith("."):

@@ -173,3 +173,22 @@ def test_the_command_lines_read_odd_folders_and_refuse_two_labels(tmp_path, hf_c
     assert stopped.value.code == 2 and len(errors) == 1, errors
     assert errors[0].startswith("error: class folders 'train/dark' and 'train/darker'")
     assert not (tmp_path / "x.json").exists()
+
+
+def test_an_unreadable_subfolder_is_one_line(tmp_path, monkeypatch):
+    # chmod 000 does not stop root (CI runs as root), so the refusal is made by os.scandir itself.
+    import mpp.folder_walk
+
+    for split in ("train", "test"):
+        (tmp_path / "data" / split / "cat" / "locked").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "data" / split / "cat" / "0.png")
+    scandir = os.scandir
+
+    def refusing(path):
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(mpp.folder_walk.os, "scandir", refusing)
+    with pytest.raises(UsageError, match=r"cannot read the dataset's folder '.*locked' \(Permission denied\)"):
+        load_split(str(tmp_path / "data"), "train")
