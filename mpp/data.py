@@ -8,7 +8,8 @@ keeping mpp.datasets' contract. Raw items are (uint8 [3, H, W] RGB, int label); 
 float32 [3, S, S] in [0, 1], and `normalize` maps a batch to the model's [-1, 1] input on device.
 `datasets`, scikit-learn and torchvision are imported where used: they are slow to import.
 
-An image folder's layout (which files are images of which class) is mpp.folders' convention.
+An image folder's layout (which files are images of which class) is mpp.folders' convention. Every
+source's labels are checked against its classes where the split is built (mpp.labels says how).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import functools
 import hashlib
 import os
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -33,6 +35,7 @@ from mpp.datasets import (
 from mpp.digits import load_digits, stratified_split
 from mpp.errors import MissingSplit, UsageError, first_line
 from mpp.folders import LAYOUTS, folder_listing
+from mpp.labels import NO_LABEL, check_labels, class_counts, inferred_classes
 from mpp.shards import PREFIX as SHARDS_PREFIX
 from mpp.shards import load_shards
 
@@ -138,7 +141,8 @@ def _load_digits(spec: str, split: str, streaming: bool) -> tuple[Make, DatasetI
     pixels = (torch.from_numpy(digit_images) * 255 / 16).round().to(torch.uint8)  # uint8 [1797, 8, 8]
     images = pixels[index].unsqueeze(1).repeat(1, 3, 1, 1)  # uint8 [N, 3, 8, 8], grey in every channel
     labels = torch.from_numpy(target)[index]  # int64 [N]
-    info = DatasetInfo(spec, [str(d) for d in range(10)], "scikit-learn's handwritten digits")
+    counts = tuple(int(n) for n in torch.bincount(labels, minlength=10))
+    info = DatasetInfo(spec, [str(d) for d in range(10)], "scikit-learn's handwritten digits", split, counts)
     if not streaming:
         return functools.partial(TensorImages, images, labels), info
     # Streamed through `datasets` like any other source, so --streaming works (and is testable) offline.
@@ -163,7 +167,10 @@ def _load_folder(spec: str, split: str, streaming: bool) -> tuple[Make, DatasetI
     listing = folder_listing(root, spec, split)
     import datasets
 
-    info = DatasetInfo(spec, listing.class_names, LAYOUTS[listing.layout])
+    counts = None
+    if listing.labels is not None:  # images per class, from the listing: no image opened
+        counts = tuple(Counter(listing.labels)[c] for c in range(len(listing.class_names)))
+    info = DatasetInfo(spec, listing.class_names, LAYOUTS[listing.layout], split, counts)
     columns = {"image": listing.paths}
     features = {"image": datasets.Image()}
     if info.labelled:
@@ -236,46 +243,104 @@ def _from_disk(path: Path, streaming: bool) -> Any:
 def _wrap(splits: Any, spec: str, split: str, streaming: bool, fix: str) -> tuple[Make, DatasetInfo]:
     """Pick `split` out of a `datasets` (Iterable)DatasetDict, to be wrapped as one of our data sets.
     A split without a label column is unlabelled; one without an image column is refused."""
-    import datasets
-
     names = [s for s in ((split,) if split == "train" else TEST_SPLITS) if s in splits]
     if not names:
         problem = f"dataset '{spec}' has no {split} split (it has {', '.join(splits) or 'none'})"
         raise MissingSplit(problem, fix) if split == "test" else UsageError(f"{problem}: {fix}")
     table = splits[names[0]]
+    image_column, label_column = _columns(table)
+    if label_column and len(names) > 1 and not _labelled(table, label_column):  # e.g. ImageNet-1k's test split: all -1
+        names = names[1:]
+        table = splits[names[0]]
+        image_column, label_column = _columns(table)
+    if image_column is None:
+        columns = ", ".join(table.features or {}) or "unknown"  # a stream may not know its columns
+        raise UsageError(f"dataset '{spec}' has no image column (columns: {columns}): pass an image dataset (an Image "
+                         "feature, or a column named image or img)")
+    if label_column is None:  # an image-only dataset: unlabelled, for self-supervised pretraining
+        info = DatasetInfo(spec, None, "a Hugging Face dataset without a label column", names[0])
+    else:
+        info = _hub_labels(splits, table, label_column, spec, names[0], streaming)
+    wrapper = HubImageStream if streaming else HubImages
+    return functools.partial(wrapper, table, image_column, label_column if info.labelled else None), info
+
+
+def _columns(table: Any) -> tuple[str | None, str | None]:
+    """(the image column, the label column) of a `datasets` split, each None when it has none."""
+    import datasets
+
     features = table.features or {}  # a stream may not know its columns
     image_column = next((c for c, f in features.items() if isinstance(f, datasets.Image)), None)
     image_column = image_column or next((c for c in ("img", "image") if c in features), None)
     label_column = next((c for c, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
-    label_column = label_column or next((c for c in ("label", "labels", "fine_label") if c in features), None)
-    if image_column is None:
-        raise UsageError(f"dataset '{spec}' has no image column (columns: {', '.join(features) or 'unknown'}): "
-                         "pass an image dataset (an Image feature, or a column named image or img)")
-    if label_column is None:  # an image-only dataset: unlabelled, for self-supervised pretraining
-        class_names, layout = None, "a Hugging Face dataset without a label column"
-    else:
-        if len(names) > 1 and not _labelled(table, label_column):  # e.g. ImageNet-1k's test split: all -1
-            table = splits[names[1]]
-        class_names, layout = _class_names(table, label_column, spec, streaming), \
-            f"a Hugging Face dataset with labels in '{label_column}'"
-    wrapper = HubImageStream if streaming else HubImages
-    return functools.partial(wrapper, table, image_column, label_column), DatasetInfo(spec, class_names, layout)
+    return image_column, label_column or next((c for c in ("label", "labels", "fine_label") if c in features), None)
 
 
-def _class_names(table: Any, label_column: str, spec: str, streaming: bool) -> list[str]:
-    """A label column's classes: a ClassLabel's names, or 0..max of integer labels (read whole: not a stream)."""
+def _hub_labels(splits: Any, table: Any, column: str, spec: str, split: str, streaming: bool) -> DatasetInfo:
+    """The info of a Hugging Face split with a label column: the classes of the train split (its
+    ClassLabel's names, or 0..its largest label: mpp.labels), this split's labels checked against
+    them and counted; unlabelled when the train split's labels are all -1 (no label). A stream's
+    labels are checked as they are read (TableReader.label_of), so it needs the names."""
     import datasets
 
-    feature = table.features[label_column]
+    train = table if split == "train" else splits.get("train")
+    if train is None:
+        raise UsageError(f"dataset '{spec}' has no train split (it has {', '.join(splits)}): pass a dataset with a "
+                         "train split, the classes its labels are numbers of")
+    if column not in (train.features or {}):  # labels in test alone would be numbers of no train class
+        return DatasetInfo(spec, None, f"a Hugging Face dataset whose train split has no label column '{column}'",
+                           split)
+    listed = _class_list(train, column, spec)
+    if isinstance(table.features[column], datasets.ClassLabel) and _class_list(table, column, spec) != listed:
+        raise UsageError(f"split '{split}' of dataset '{spec}' names other classes than its train split in "
+                         f"'{column}': give every split the same ClassLabel")
+    layout = f"a Hugging Face dataset with labels in '{column}'"
+    if streaming:
+        if listed is None:
+            raise UsageError(f"streamed dataset '{spec}' does not list its classes: drop --streaming")
+        return DatasetInfo(spec, listed, layout, split)
+
+    def row(name: str, index: int) -> str:
+        return f"row {index} of split '{name}' of dataset '{spec}'"
+
+    whose, unlisted = ("its ClassLabel lists", "fix the label") if listed else \
+        ("the train split's labels give", "fix the label, or list every class (a ClassLabel: datasets' cast_column)")
+    train_labels = _label_values(train, column, functools.partial(row, "train"))
+    check_labels(train_labels, NO_LABEL, len(listed) if listed else None, functools.partial(row, "train"), whose,
+                 unlisted)
+    if not (train_labels >= 0).any():  # Hugging Face's -1 throughout: published without labels
+        return DatasetInfo(spec, None, f"a Hugging Face dataset whose train labels in '{column}' are all -1, "
+                           "no label", split)
+    classes = listed or inferred_classes(train_labels, functools.partial(row, "train"), unlisted)
+    labels = train_labels if split == "train" else _label_values(table, column, functools.partial(row, split))
+    check_labels(labels, NO_LABEL, len(classes), functools.partial(row, split), whose, unlisted)
+    return DatasetInfo(spec, classes, layout, split, *class_counts(labels, len(classes)))
+
+
+def _class_list(table: Any, column: str, spec: str) -> list[str] | None:
+    """The names of a label column's ClassLabel, None for integer labels; any other column is refused."""
+    import datasets
+
+    feature = (table.features or {})[column]
     if isinstance(feature, datasets.ClassLabel):
         return list(feature.names)
     if not _integers(feature):
-        raise UsageError(f"dataset '{spec}' has a label column '{label_column}' of {feature}, not class numbers: "
+        raise UsageError(f"dataset '{spec}' has a label column '{column}' of {feature}, not class numbers: "
                          "cast it to class numbers (datasets' class_encode_column) or drop it to read the images "
                          "unlabelled")
-    if streaming:
-        raise UsageError(f"streamed dataset '{spec}' does not list its classes: drop --streaming")
-    return [str(c) for c in range(max(table[label_column]) + 1)]
+    return None
+
+
+def _label_values(table: Any, column: str, name_row: Callable[[int], str]) -> Any:
+    """A loaded split's labels, read whole from Arrow (no image decoded, no Python object per row)
+    in their own integer type; a row without a label is refused."""
+    import pyarrow.compute as pc
+
+    values = table.select_columns([column]).with_format("arrow")[:][column]  # pyarrow ChunkedArray
+    if values.null_count:
+        raise UsageError(f"{name_row(pc.index(pc.is_null(values), True).as_py())} has no label: give every image "
+                         "its class number (or -1: no label)")
+    return values.to_numpy()  # [N]
 
 
 def _integers(feature: Any) -> bool:
@@ -288,7 +353,7 @@ def _integers(feature: Any) -> bool:
 def _labelled(table: Any, label_column: str) -> bool:
     """Whether a split has labels: hub test splits are sometimes published with every label -1."""
     first = next(iter(table.select_columns([label_column])), None)  # skips decoding the image
-    return first is not None and first[label_column] >= 0
+    return first is not None and first[label_column] is not None and first[label_column] >= 0
 
 
 def train_transform(image_size: int, crop_scale: tuple[float, float] = (0.08, 1.0), hflip: bool = True) -> TransformFn:

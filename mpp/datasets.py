@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 
 from mpp.errors import UsageError, first_line
+from mpp.labels import NO_LABEL
 from mpp.readlimit import read_limit
 from mpp.reproducible import seed_of
 
@@ -32,21 +33,25 @@ TransformFn = Callable[[torch.Tensor], torch.Tensor]
 UNREADABLE = (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError)
 
 
-NO_LABEL = -1  # the label every item of an unlabelled data set carries (a batch still collates)
-
-
 @dataclass(frozen=True)
 class DatasetInfo:
     """What a split holds, whatever its source: its spec, and its classes or that it has none.
 
     A source is labelled (its classes are named: label i is class_names[i]) or unlabelled
     (class_names is None, every item's label is NO_LABEL, `labels()` refuses): the source's own
-    layout says which (mpp.data), and nothing downstream guesses. Whoever needs labels calls
-    `require_labels` once, where the data set is built, before anything is written."""
+    layout says which (mpp.data), and nothing downstream guesses. The labels were checked against
+    the classes when the split was built (mpp.labels), and counted unless it is a stream. Whoever
+    needs labels calls `require_labels` once, where the data set is built, before anything is written."""
 
     spec: str  # the spec string as given
     class_names: list[str] | None  # label i is class_names[i]; None: unlabelled
     layout: str = ""  # how the source was read, said in the log and in refusals, e.g. "a folder without train/"
+    split: str = "train"  # the source's split this is ("train", "test", "validation", ...), named in refusals
+    # Images per class (label i: class_counts[i]) and images labelled NO_LABEL in a labelled split
+    # (Hugging Face's -1, "no label"), counted when it was built; None and 0 when not counted (a
+    # stream, whose labels are checked as they are read, or an unlabelled split).
+    class_counts: tuple[int, ...] | None = None
+    unlabelled_items: int = 0
 
     @property
     def labelled(self) -> bool:
@@ -56,10 +61,36 @@ class DatasetInfo:
     def num_classes(self) -> int:
         return len(self.class_names) if self.class_names is not None else 0
 
-    def require_labels(self, fix: str) -> DatasetInfo:
-        """This info, or a one-line UsageError when the data set has no labels; `fix` says what to pass."""
+    def require_labels(self, fix: str, train: DatasetInfo | None = None) -> DatasetInfo:
+        """This info when a classifier can learn from (or, given the `train` split's info, be scored
+        on) this split's labels; else a one-line UsageError ending with `fix`: unlabelled, images
+        labelled -1 among labelled ones, fewer than 2 classes to learn, or test images of a class
+        without a training image (which a classifier trained on `train` cannot predict)."""
         if not self.labelled:
             raise UsageError(f"dataset '{self.spec}' has no labels ({self.layout or 'unlabelled'}): {fix}")
+        if self.unlabelled_items:
+            total = self.unlabelled_items + sum(self.class_counts or ())
+            raise UsageError(f"{self.unlabelled_items:,} of the {total:,} images in split '{self.split}' of dataset "
+                             f"'{self.spec}' are labelled -1 (no label): keep only the labelled ones (datasets' "
+                             f"Dataset.filter on the label >= 0, then save_to_disk), or pretrain by MPP, which ignores "
+                             f"labels; {fix}")
+        counted = self.class_counts is not None
+        if train is None:  # the split learnt from: two classes at least, each with an image when counted
+            held = sum(1 for n in self.class_counts if n) if counted else self.num_classes
+            if held < 2:
+                named = ", ".join(f"'{self.class_names[c]}'" for c, n in enumerate(self.class_counts or ()) if n)
+                raise UsageError(f"split '{self.split}' of dataset '{self.spec}' has images of {held} class"
+                                 f"{'' if held == 1 else 'es'}{f' ({named})' if named else ''}, and a classifier "
+                                 f"needs 2 or more ({self.layout}): {fix}")
+        elif counted and train.class_counts is not None:
+            missing = [c for c, n in enumerate(self.class_counts) if n and not train.class_counts[c]]
+            if missing:
+                c = missing[0]
+                raise UsageError(f"split '{self.split}' of dataset '{self.spec}' has {self.class_counts[c]:,} images "
+                                 f"of class {c} ('{self.class_names[c]}'), which has no image in split "
+                                 f"'{train.split}' ({len(missing):,} such classes), so a classifier trained there "
+                                 f"cannot predict them: pass a dataset whose train split holds every class of its "
+                                 f"test split; {fix}")
         return self
 
     def describe(self) -> str:
@@ -91,12 +122,22 @@ class ImageDataset(abc.ABC):
       warning and counted.
     - `skipped_images()`: how many distinct images were skipped as unreadable so far, over all loader
       worker processes; 0 for a set held in memory.
+    - `require_labels(fix, train)`: called once by whoever needs labels, before its loaders start.
     """
 
     streamed: ClassVar[bool]
 
     def __init__(self, info: DatasetInfo, transform: TransformFn | None, seed: int | None, strict: bool):
         self._info, self._transform, self._seed, self._strict = info, transform, seed, strict
+        self._labels_fix: str | None = None  # set by require_labels: the fix of a refusal met while reading
+
+    def require_labels(self, fix: str, train: DatasetInfo | None = None) -> DatasetInfo:
+        """`info.require_labels(fix, train)` (DatasetInfo); and from now on an image labelled NO_LABEL
+        that only reading can find (a stream's, not counted when it was built) stops the run with one
+        line ending in `fix`, here and in the loader workers started afterwards (they copy this set)."""
+        info = self.info.require_labels(fix, train)
+        self._labels_fix = fix
+        return info
 
     @property
     def info(self) -> DatasetInfo:
@@ -217,7 +258,7 @@ class TableReader(ImageDataset):
     def read(self, row: dict) -> torch.Tensor | None:
         """uint8 [3, H, W] RGB of the row's image; None (after a warning) when it is unreadable."""
         cell = row[self.image_column]
-        name = (cell.get("path") if isinstance(cell, dict) else None) or f"row with label {self.label_of(row)}"
+        name = (cell.get("path") if isinstance(cell, dict) else None) or f"a row of split '{self.info.split}'"
         try:
             with read_limit(f"image '{name}'"):  # a file that never answers (a FIFO, a stalled mount) is named
                 return rgb_tensor(open_image(cell))
@@ -236,7 +277,30 @@ class TableReader(ImageDataset):
             return None
 
     def label_of(self, row: dict) -> int:
-        return int(row[self.label_column]) if self.label_column else NO_LABEL
+        """The row's label, checked (a stream's rows are checked only here): a class number, or
+        NO_LABEL while no one has required labels (`require_labels`)."""
+        if not self.label_column:
+            return NO_LABEL
+        label = row[self.label_column]
+        if label is None or not NO_LABEL <= label < self.info.num_classes or (label == NO_LABEL and self._labels_fix):
+            raise UsageError(self._refused_label(row, label))
+        return int(label)
+
+    def _refused_label(self, row: dict, label: Any) -> str:
+        cell = row[self.image_column]
+        if "__key__" in row:  # a shard's sample (mpp.shards)
+            where = f"sample '{row['__key__']}' of shard '{row['__url__']}'"
+        else:
+            path = cell.get("path") if isinstance(cell, dict) else None
+            where = f"image '{path}'" if path else f"an image of split '{self.info.split}'"
+            where += f" of dataset '{self.info.spec}'"
+        if label is None:
+            return f"{where} has no label: give every image its label, or drop the label column to read it unlabelled"
+        if label == NO_LABEL:
+            return (f"{where} is labelled -1 (no label): keep only the labelled images (datasets' Dataset.filter), "
+                    f"or pretrain by MPP, which ignores labels; {self._labels_fix}")
+        return (f"{where} has label {label}, outside the {self.info.num_classes} classes of the dataset "
+                f"(0..{self.info.num_classes - 1}): fix the label, or list every class (a ClassLabel feature)")
 
     @abc.abstractmethod
     def record_skip(self, name: str) -> bool:
@@ -367,7 +431,7 @@ class HubImageStream(TableReader, IterableDataset):
                 return
             except UsageError:  # already its one line (mpp.shards.check_row)
                 raise
-            except (ValueError, OSError) as e:  # e.g. a label that is not a number, a file cut short
+            except (ValueError, OSError, OverflowError) as e:  # a label not a number or over 64 bits, a torn file
                 raise UsageError(self.read_error(e) if self.read_error else
                                  f"the stream of dataset '{self.info.spec}' could not be read ({first_line(e)}): "
                                  "fix or remove the file it met") from e

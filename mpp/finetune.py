@@ -313,9 +313,11 @@ def _finetune(config: FinetuneConfig, held: contextlib.ExitStack, invocation: In
     results = recorded_results(out, config, start_point)
     image_size = start.config.image_size
     train_set, info = build_dataset(dataset, "train", image_size, train=True, transform=train_transform(config, image_size))
-    info.require_labels(f"fine-tuning learns the labels: pass --dataset SPEC, a labelled dataset ({LABELLED_FORMS})")
+    fix = f"fine-tuning learns the labels: pass --dataset SPEC, a labelled dataset ({LABELLED_FORMS})"
+    train_set.require_labels(fix)
     train_eval_set, _ = build_dataset(dataset, "train", image_size, train=False)  # the dev split, unaugmented
     test_set, _ = build_dataset(dataset, "test", image_size, train=False)
+    test_set.require_labels(fix, train=info)  # every test image of a class the head learns
     if accelerator.is_main_process:  # one fine-tune writes an output directory at a time; a refused dataset wrote none
         held.enter_context(RunLock(writable_dir(out, "--output-dir")))
     start.reset_head(info.num_classes)  # the paper's zero-initialised linear head

@@ -60,6 +60,10 @@ class MapSubset(MapImages):
     def labels(self) -> torch.Tensor:
         return self.base.labels()[torch.from_numpy(self.indices)]  # int64 [n]
 
+    def require_labels(self, fix: str, train: DatasetInfo | None = None) -> DatasetInfo:
+        self.base.require_labels(fix, train)  # the items are the base's: its reads check their labels
+        return super().require_labels(fix, train)
+
     def skipped_images(self) -> int:
         return self.base.skipped_images()
 

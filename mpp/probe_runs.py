@@ -91,10 +91,12 @@ class ProbeData:
     @classmethod
     def load(cls, spec: str, image_size: int) -> ProbeData:
         """Both splits of a labelled dataset; an unlabelled one is refused (one line) before anything is read."""
+        fix = (f"a probe scores classes: pass a labelled dataset to probe (--dataset SPEC to the probe CLIs, "
+               f"--fewshot-dataset SPEC in pretraining): {LABELLED_FORMS}")
         train, info = build_dataset(spec, "train", image_size, train=False)
-        info.require_labels(f"a probe scores classes: pass a labelled dataset to probe (--dataset SPEC to the probe "
-                            f"CLIs, --fewshot-dataset SPEC in pretraining): {LABELLED_FORMS}")
+        train.require_labels(fix)
         test, _ = build_dataset(spec, "test", image_size, train=False)
+        test.require_labels(fix, train=info)  # every test image of a class the probe learns
         return cls(spec, image_size, train, test, info.num_classes, tuple(info.class_names))
 
 

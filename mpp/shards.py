@@ -19,13 +19,15 @@ Labels: shards whose samples have `cls` members are labelled; shards whose sampl
 image are unlabelled (for self-supervised pretraining). The first sample of every shard says which,
 and every shard must say the same. Classes of labelled shards: `classes.txt` (one name per line,
 line i is label i) or `classes.json` (a list of names) beside the shards. Without one, the classes
-are 0..max label of the train split, read from the loaded labels; a stream cannot list its labels
-without reading every shard, so `--streaming` needs the file (scripts/make_shards.py writes it). A
-class file beside shards without `cls` members is refused: the labels it names are missing. Each
-shard's first sample is checked when the data set is built (a readable tar, an image member, a
-decimal label when labelled); a later sample without its members, a label that is not an integer
-(named by shard and key) or out of range stops the run with one line: when loaded, at the start;
-when streamed, as it is read, also inside DataLoader workers.
+are 0..max label of the train split, read from the loaded labels, the largest below the number of
+train samples (mpp.labels); a stream cannot list its labels without reading every shard, so
+`--streaming` needs the file (scripts/make_shards.py writes it). A class file beside shards without
+`cls` members is refused: the labels it names are missing. A label is a class number: decimal text
+of 0..K-1 (webdataset has no "no label" value: negative is refused). Each shard's first sample is
+checked when the data set is built (a readable tar, an image member, a class number when
+labelled); a later sample without its members, or whose label is not a class number or outside
+the classes (named by shard and key) stops the run with one line: when loaded, at the start; when
+streamed, as it is read, also inside DataLoader workers.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ from typing import Any, Callable, Iterable
 from mpp.datasets import DatasetInfo, HubImages, HubImageStream, ImageDataset
 from mpp.errors import MissingSplit, UsageError, first_line
 from mpp.files import atomic_write
+from mpp.labels import class_counts, inferred_classes
 
 PREFIX = "shards:"
 CLASS_FILES = ("classes.txt", "classes.json")
@@ -139,8 +142,8 @@ def check_first_sample(path: Path) -> bool:
     if not any(f.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS for f in fields):
         raise UsageError(f"shard '{path}': sample '{key}' has {found}, no image member: write shards with "
                          "<key>.jpg members, and <key>.cls for labels (scripts/make_shards.py)")
-    if LABEL in fields and not_integer(fields[LABEL]):
-        raise UsageError(label_line(path, key, fields[LABEL]))
+    if LABEL in fields and (problem := label_problem(fields[LABEL])):
+        raise UsageError(label_line(path, key, fields[LABEL], problem))
     return LABEL in fields
 
 
@@ -155,18 +158,21 @@ def labelled_shards(files: list[Path]) -> bool:
     return bool(with_label)
 
 
-def not_integer(text: bytes) -> bool:
-    """Whether a `cls` member's bytes fail datasets' own decoding of it (int())."""
+def label_problem(text: bytes) -> str | None:
+    """What is wrong with a `cls` member's bytes as a class number, or None: datasets decodes it with
+    int() (so "1.5", "nan", "True" fail there) into Arrow's int64, and a class number is 0 or more."""
     try:
-        int(text)
+        label = int(text)
     except ValueError:
-        return True
-    return False
+        return "not an integer"
+    if label < 0:
+        return "a negative number"
+    return "too large for a class number (over 64 bits)" if label >= 2**63 else None
 
 
-def label_line(path: Path, key: str, text: bytes) -> str:
-    return (f"shard '{path}': sample '{key}' has the label {text[:20]!r}, not an integer: "
-            "write each <key>.cls as the class index in decimal")
+def label_line(path: Path, key: str, text: bytes, problem: str) -> str:
+    return (f"shard '{path}': sample '{key}' has the label {text[:20]!r}, {problem}: "
+            "write each <key>.cls as the class index in decimal (0 or more)")
 
 
 def read_class_names(folder: Path) -> list[str] | None:
@@ -187,20 +193,28 @@ def read_class_names(folder: Path) -> list[str] | None:
     return None
 
 
-def check_row(row: dict, *, spec: str, num_classes: int, image_column: str) -> dict:
-    """A streamed sample as it is read: it has its image and (num_classes > 0: labelled shards) a label
-    in range, or the run stops with one line."""
+def check_row(row: dict, *, spec: str, num_classes: int | None, image_column: str, whose: str = "listed",
+              others: int = 0) -> dict:
+    """A sample (a streamed one as it is read): it has its image and, labelled, a class number below
+    num_classes (the classes `whose`, e.g. "listed"), or the run stops with one line (saying that
+    `others` samples more are bad). num_classes 0: unlabelled shards; None: labelled shards whose
+    classes are not known yet (any class number passes)."""
     where = f"sample '{row['__key__']}' of shard '{row['__url__']}'"
-    if not num_classes:  # unlabelled: its image is all it must have
+    if num_classes == 0:  # unlabelled: its image is all it must have
         if row[image_column] is None:
             raise UsageError(f"{where} lacks its image member: fix or remove the shard of dataset '{spec}'")
         return row
     if row[image_column] is None or row[LABEL] is None:
         raise UsageError(f"{where} lacks its {'image' if row[image_column] is None else 'cls'} member: "
                          f"fix or remove the shard of dataset '{spec}'")
-    if not 0 <= row[LABEL] < num_classes:
-        raise UsageError(f"{where} has label {row[LABEL]}, outside the {num_classes} classes: "
-                         "fix the label or list every class in classes.txt beside the shards")
+    also = f" (as do {others:,} more samples)" if others else ""
+    if row[LABEL] < 0:
+        raise UsageError(f"{where} has label {row[LABEL]}, not a class number (0 or more){also}: write each "
+                         "<key>.cls as the class index in decimal")
+    if num_classes is not None and row[LABEL] >= num_classes:
+        raise UsageError(f"{where} has label {row[LABEL]}, outside the {num_classes} classes {whose} "
+                         f"(0..{num_classes - 1}){also}: fix the label or list every class in classes.txt beside "
+                         "the shards")
     return row
 
 
@@ -221,26 +235,52 @@ def load_shards(spec: str, split: str, streaming: bool) -> tuple[Callable[..., I
         raise UsageError(f"streamed shards '{location}' do not list their classes: put classes.txt beside them "
                          "(one class name per line, label i on line i + 1), or drop --streaming")
     import datasets
-    import pyarrow.compute as pc
 
     table = _load(spec, files, split, streaming)
-    # The first sample's members have been checked, so datasets has inferred an image column.
-    image_column = next(c for c, f in table.features.items() if isinstance(f, datasets.Image))
-    if labelled and class_names is None:  # map-style: the classes are 0..max of train's labels
+    whose = "listed" if class_names is not None else "the train split's labels give"
+    if labelled and class_names is None:  # map-style: the classes are 0..max of train's labels, checked first
         train = table if split == "train" else _load(spec, shard_files(location, "train"), "train", False)
-        class_names = [str(c) for c in range(pc.max(train.data.table.column(LABEL)).as_py() + 1)]
-    info = DatasetInfo(spec, class_names, f"tar shards {'with' if labelled else 'without'} cls members")
+        class_names = _inferred_classes(spec, train)
+    layout = f"tar shards {'with' if labelled else 'without'} cls members"
     label_column = LABEL if labelled else None
+    # The first sample's members have been checked, so datasets has inferred an image column.
+    image_column = _image_column(table)
     # Undecoded from here: the check below must not decode images, and mpp.datasets decodes them itself.
     table = table.select_columns(["__key__", "__url__", image_column, *([LABEL] if labelled else [])]).cast_column(
         image_column, datasets.Image(decode=False))
-    checker = functools.partial(check_row, spec=spec, num_classes=info.num_classes, image_column=image_column)
+    num_classes = len(class_names) if labelled else 0
+    checker = functools.partial(check_row, spec=spec, num_classes=num_classes, image_column=image_column, whose=whose)
     if streaming:
         table = table.map(checker, features=table.features)  # checked as read: a stream is not scanned
         read_error = functools.partial(stream_error, spec, files)
+        info = DatasetInfo(spec, class_names, layout, split)
         return functools.partial(HubImageStream, table, image_column, label_column, read_error=read_error), info
     _check_table(table, checker, image_column)
-    return functools.partial(HubImages, table, image_column, label_column), info
+    counts = class_counts(table.data.table.column(LABEL).to_numpy(), num_classes) if labelled else (None, 0)
+    return functools.partial(HubImages, table, image_column, label_column), DatasetInfo(spec, class_names, layout,
+                                                                                        split, *counts)
+
+
+def _image_column(table: Any) -> str:
+    import datasets
+
+    return next(c for c, f in table.features.items() if isinstance(f, datasets.Image))
+
+
+def _inferred_classes(spec: str, train: Any) -> list[str]:
+    """The classes of loaded labelled shards without a class file: 0..the largest label of the train
+    split, once every train sample has its members and a class number, and the largest is plausible
+    (mpp.labels.inferred_classes)."""
+    _check_table(train, functools.partial(check_row, spec=spec, num_classes=None, image_column=_image_column(train)),
+                 _image_column(train))
+    data = train.data.table
+
+    def name_row(index: int) -> str:
+        row = data.slice(index, 1).select(["__key__", "__url__"]).to_pylist()[0]
+        return f"sample '{row['__key__']}' of shard '{row['__url__']}'"
+
+    return inferred_classes(data.column(LABEL).to_numpy(), name_row, "fix the label, or list the classes in "
+                            "classes.txt beside the shards (one name per line, label i on line i + 1)")
 
 
 def _load(spec: str, files: list[Path], split: str, streaming: bool) -> Any:
@@ -249,8 +289,8 @@ def _load(spec: str, files: list[Path], split: str, streaming: bool) -> Any:
     try:
         return datasets.load_dataset("webdataset", data_files={split: [str(f) for f in files]},
                                      streaming=streaming, split=split)
-    except (ValueError, OSError, tarfile.TarError, datasets.exceptions.DatasetGenerationError) as e:
-        # members not shared by every sample, a torn tar, a label that is not a number (datasets' int()) ...
+    except (ValueError, OSError, OverflowError, tarfile.TarError, datasets.exceptions.DatasetGenerationError) as e:
+        # members not shared by every sample, a torn tar, a label not a number (datasets' int()) or over 64 bits ...
         cause = e.__cause__ if isinstance(e, datasets.exceptions.DatasetGenerationError) and e.__cause__ else e
         raise UsageError(bad_label(files) or f"the shards of '{spec}' cannot be loaded ({first_line(cause)}): "
                          "write every sample with the same members (<key>.jpg and <key>.cls)") from e
@@ -263,7 +303,7 @@ def stream_error(spec: str, files: list[Path], error: BaseException) -> str:
 
 
 def bad_label(files: list[Path]) -> str | None:
-    """The one line for the first `cls` member of `files` that is not a decimal integer, or None
+    """The one line for the first `cls` member of `files` that is not a class number (label_problem), or None
     (a scan of the tar headers and the tiny label members, run once something failed to load)."""
     from datasets.packaged_modules.webdataset.webdataset import base_plus_ext
 
@@ -275,28 +315,32 @@ def bad_label(files: list[Path]) -> str | None:
                     if field != LABEL or not member.isfile():
                         continue
                     text = tar.extractfile(member).read()
-                    if not_integer(text):
-                        return label_line(path, key, text)
+                    if problem := label_problem(text):
+                        return label_line(path, key, text, problem)
         except (tarfile.TarError, OSError):
             continue  # a torn shard: the caller's own message says what datasets met
     return None
 
 
-def _check_table(table: Any, checker: Callable[[dict], dict], image_column: str) -> None:
-    """A loaded split's samples all have their image and an in-range label: read from the Arrow
-    columns (no image decoded); the first bad sample is then checked row-wise for its message."""
+def _check_table(table: Any, checker: Callable[..., dict], image_column: str) -> None:
+    """A loaded split's samples all have their image and a label in range (check_row's num_classes):
+    read from the Arrow columns (no image decoded); the first bad sample is then checked row-wise
+    for its message."""
     import pyarrow.compute as pc
 
     data = table.data.table
     images, num_classes = data.column(image_column), checker.keywords["num_classes"]
     bad = pc.is_null(images)
-    if num_classes:  # labelled: every label present and in range
+    if num_classes != 0:  # labelled: every label present and a class number (below num_classes when known)
         labels = data.column(LABEL)
-        bad = pc.or_(pc.or_(pc.is_null(labels), bad), pc.or_(pc.less(labels, 0), pc.greater_equal(labels, num_classes)))
+        outside = pc.less(labels, 0) if num_classes is None else \
+            pc.or_(pc.less(labels, 0), pc.greater_equal(labels, num_classes))
+        bad = pc.or_(pc.or_(pc.is_null(labels), bad), outside)
     bad = pc.fill_null(bad, True)
     if pc.any(bad).as_py():
         index = pc.index(bad, True).as_py()
-        checker(data.slice(index, 1).to_pylist()[0])
+        row = data.slice(index, 1).select(["__key__", "__url__", image_column, *([LABEL] if num_classes != 0 else [])])
+        checker(row.to_pylist()[0], others=pc.sum(bad).as_py() - 1)
 
 
 def write_shards(samples: Iterable[tuple[bytes, str, int | None]], out: Path, split: str, per_shard: int) -> list[Path]:

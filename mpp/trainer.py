@@ -151,9 +151,11 @@ class Trainer:
             hflip=config.hflip, streaming=config.streaming, shuffle_buffer=config.shuffle_buffer, seed=config.seed,
             strict=config.strict_images)
         self.train_set, self.eval_set, self.info = splits.train, splits.eval, splits.info
-        if config.objective == "supervised":
-            self.info.require_labels(f"supervised pretraining learns the labels: pretrain it by MPP "
-                                     f"(scripts/pretrain_mpp.py), or pass a labelled dataset ({LABELLED_FORMS})")
+        if config.objective == "supervised":  # learns train's labels and scores the held-out split's
+            fix = (f"supervised pretraining learns the labels: pretrain it by MPP (scripts/pretrain_mpp.py), or pass "
+                   f"a labelled dataset ({LABELLED_FORMS})")
+            self.train_set.require_labels(fix)
+            self.eval_set.require_labels(fix, train=self.info)
         acc.print(f"dataset {config.dataset}: {self.info.describe()}")
         if splits.note():
             acc.print(splits.note())

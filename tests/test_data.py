@@ -50,13 +50,15 @@ def test_digits_splits_are_fixed_stratified_and_three_channel() -> None:
     test, test_info = load_split("digits", "test")
     assert (len(train), len(test)) == (1437, 360)
     assert info.spec == "digits" and info.num_classes == 10 and list(info.class_names) == [str(d) for d in range(10)]
-    assert test_info == info
+    assert test_info.class_names == info.class_names and (info.split, test_info.split) == ("train", "test")
     images = torch.stack([train[i][0] for i in range(len(train))])  # uint8 [1437, 3, 8, 8]
     assert images.dtype == torch.uint8 and images.shape == (1437, 3, 8, 8)
     assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 0], images[:, 2])
     assert images.min() == 0 and images.max() == 255  # 0..16 scaled to the full byte range
     label_counts = Counter(train[i][1] for i in range(len(train)))
     test_counts = Counter(test[i][1] for i in range(len(test)))
+    assert info.class_counts == tuple(label_counts[d] for d in range(10)) and info.unlabelled_items == 0
+    assert test_info.class_counts == tuple(test_counts[d] for d in range(10))
     assert all(isinstance(train[i][1], int) for i in range(5))
     for digit in range(10):  # stratified: every class splits 80/20 (within one image)
         total = label_counts[digit] + test_counts[digit]
