@@ -24,6 +24,7 @@ from torch import nn
 from mpp import hub_folder, rundir, weights
 from mpp.data import MEAN, STD
 from mpp.errors import UsageError
+from mpp.files import recover_killed_folders, replace_folder
 from mpp.model import SIZES, ViT, timm_kwargs
 from mpp.ops import TORCH, Kernels
 
@@ -82,12 +83,19 @@ def timm_twin(vit: ViT) -> nn.Module:
 
 
 def export(vit: ViT, output: Path, overwrite: bool = False) -> Path:
-    """Write `vit` in timm's Hub layout to `output` (model.safetensors + config.json). A folder that
-    exists and is not empty is refused unless `overwrite`; its other files are then left alone."""
+    """Write `vit` in timm's Hub layout to `output` (model.safetensors + config.json), whole or not at
+    all (mpp.files.replace_folder: written beside it, then swapped in). A folder that exists and is not
+    empty is refused unless `overwrite`; its other files are then kept. What a killed export left is
+    put right first: the previous export back in place, a half-written one deleted, never read."""
     from timm.models import save_for_hf
 
     if output.exists() and not output.is_dir():
         raise UsageError(f"export folder '{output}' is a file: pass a folder path as --output")
+    try:
+        recover_killed_folders(output)
+    except OSError as e:
+        raise UsageError(f"cannot clean up the killed export beside '{output}' ({e.strerror or e}): remove its "
+                         f".{output.name}.* folders by hand, or pass another --output") from e
     if output.is_dir() and rundir.holds_run(output):  # --overwrite would replace the run's own config.json
         raise UsageError(f"export folder '{output}' is a run directory: pass another --output (e.g. exports/NAME)")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
@@ -98,7 +106,9 @@ def export(vit: ViT, output: Path, overwrite: bool = False) -> Path:
     # normalisation they were trained with (mpp.data's), which timm's data config then applies.
     config = {"pretrained_cfg": {"tag": "mpp", "license": None, "mean": list(MEAN), "std": list(STD)}}
     try:
-        save_for_hf(twin, str(output), model_config=config, safe_serialization=True)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        replace_folder(output, lambda folder: save_for_hf(twin, str(folder), model_config=config,
+                                                          safe_serialization=True))
     except OSError as e:
         raise UsageError(f"cannot write the export to '{output}' ({e.strerror or e}): pass a writable --output") from e
     return output
