@@ -115,7 +115,7 @@ def vit_config_of(fields, source: str, fix: str) -> ViTConfig:
     if unknown := sorted(set(fields) - set(known)):
         raise UsageError(f"{source} records unknown ViT config field(s) {unknown}: {fix}")
     for name, value in fields.items():
-        whole = known[name].type == "int"  # annotations are strings here (postponed evaluation)
+        whole = known[name].type in ("int", int)  # a string under postponed evaluation of annotations
         kind = "a whole number" if whole else "a number"
         if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
             raise UsageError(f"{source} records ViT {name} {value!r}, not {kind}: {fix}")
