@@ -5,6 +5,7 @@ the ViT's weights under timm's names (`"model"`), so they load into timm as they
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import random
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from torch.torch_version import TorchVersion
 
+from mpp import weights
 from mpp.errors import UsageError
 from mpp.files import atomic_write, remove_killed_writes
 from mpp.model import ViT, ViTConfig
@@ -236,8 +238,17 @@ def load_vit_weights(vit: ViT, state_dict: dict, source: str, hint: str = "") ->
 
 def vit_from_checkpoint(ckpt: dict, source: str, kernels_for: KernelsFor | None = None, **overrides) -> ViT:
     """Rebuild the ViT a checkpoint was trained with (overrides, e.g. image_size, change the config).
-    `kernels_for(config)` gives the kernels to build it with (decided at its shapes); PyTorch's ops by default."""
-    config = ViTConfig(**{**ckpt["config"]["vit"], **overrides})
+    `kernels_for(config)` gives the kernels to build it with (decided at its shapes); PyTorch's ops by default.
+    Its weights are checked against the config it stores (mpp.weights) before anything is built."""
+    fix = "pass another checkpoint of the run (an earlier one) or a fresh copy of this one"
+    stored = ckpt["config"].get("vit") if isinstance(ckpt.get("config"), dict) else None
+    for part, value in (("ViT config (config.vit)", stored), ("model", ckpt.get("model"))):
+        if not isinstance(value, dict):
+            raise UsageError(f"checkpoint '{source}' has no {part}, which every checkpoint of a run holds: "
+                             "pass a checkpoint written by this repository's training")
+    config = weights.vit_config_of(stored, f"checkpoint '{source}'", fix)
+    weights.check(ckpt["model"], config, f"checkpoint '{source}'", fix)
+    config = dataclasses.replace(config, **overrides).validate()
     vit = ViT(config, kernels_for(config) if kernels_for else TORCH)
     load_vit_weights(vit, ckpt["model"], source)
     return vit

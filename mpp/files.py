@@ -1,17 +1,24 @@
 """Files written whole: a reader, or a run resumed after a kill, sees the old file or the new one.
 
 Every file the project writes that something later reads (checkpoints, config and summary JSON,
-reports, the kernel verdict cache, metrics rewritten on resume) goes through `atomic_write`.
+reports, the kernel verdict cache, metrics rewritten on resume) goes through `atomic_write`; a
+folder whose files only make sense together (an export: weights and the config.json that describes
+them) goes through `replace_folder`.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from mpp.errors import UsageError
 
 TMP_MARK = ".tmp-"  # atomic_write's temporary files: .<name>.tmp-<pid of the writer>
+PARTIAL_MARK = ".partial-"  # replace_folder's folder being written: .<name>.partial-<pid of the writer>
+ASIDE_MARK = ".replaced-"  # the folder it replaces, moved aside until the new one is in: .<name>.replaced-<pid>
 
 
 class _WriteErrors:
@@ -110,3 +117,104 @@ def process_alive(pid: int) -> bool:
     except PermissionError:  # exists, someone else's
         return True
     return True
+
+
+def replace_folder(path: Path, write: Callable[[Path], None]) -> None:
+    """Write a folder whole: `write(tmp)` fills a temporary sibling, its files are fsynced, then it takes
+    `path`'s place by renames. A reader, or the next call after a kill at any moment, finds the old
+    folder or the whole new one, or (killed between the two renames) none, which the next call puts
+    back (`recover_killed_folders`). Entries of the old folder that `write` did not write are carried
+    into the new one (hard links where the file system allows, else copies). Any failure raises OSError
+    with the old folder in place."""
+    recover_killed_folders(path)
+    tmp, aside = (path.with_name(f".{path.name}{mark}{os.getpid()}") for mark in (PARTIAL_MARK, ASIDE_MARK))
+    try:
+        tmp.mkdir()
+        write(tmp)
+        sync_tree(tmp)
+        if path.is_dir():
+            carry_over(path, tmp)
+            sync_tree(tmp, files=False)  # the carried entries: old files, new directory entries
+        if path.is_dir() and any(path.iterdir()):
+            os.rename(path, aside)
+            try:
+                os.rename(tmp, path)
+            except OSError:
+                os.rename(aside, path)
+                raise
+        else:
+            os.replace(tmp, path)  # none there, or an empty folder, which rename replaces
+        sync_dir(path.parent)
+    finally:
+        remove(tmp)
+    remove(aside)
+
+
+def recover_killed_folders(path: Path) -> None:
+    """Undo what a killed `replace_folder` of `path` left beside it (SIGKILL runs no cleanup): its
+    half-written folder is deleted, never read; the old folder it had moved aside goes back when the new
+    one never took its place, else is deleted. What a live writer (another process) holds stays."""
+    for mark in (PARTIAL_MARK, ASIDE_MARK):
+        prefix = f".{path.name}{mark}"
+        for leftover in path.parent.glob(f"{glob.escape(prefix)}*"):
+            pid = leftover.name[len(prefix):]
+            # our own pid: a dead process's leftover whose pid this one reuses (ours are made after this)
+            if not pid.isdigit() or (int(pid) != os.getpid() and process_alive(int(pid))):
+                continue
+            if mark == ASIDE_MARK and not os.path.lexists(path):
+                os.rename(leftover, path)
+                sync_dir(path.parent)
+            else:
+                remove(leftover)
+
+
+def remove(path: Path) -> None:
+    """Delete a folder and what it holds, or a link in its place (an --output that was a link), if there."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def carry_over(old: Path, new: Path) -> None:
+    """Every entry of `old` that `new` lacks, into `new`: hard links, or copies where links fail
+    (another file system, a file system without them); symbolic links as links."""
+    def link_or_copy(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    for entry in old.iterdir():
+        target = new / entry.name
+        if os.path.lexists(target):
+            continue  # written anew
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), target)
+        elif entry.is_dir():
+            shutil.copytree(entry, target, symlinks=True, copy_function=link_or_copy)
+        else:
+            link_or_copy(entry, target)
+
+
+def sync_tree(folder: Path, files: bool = True) -> None:
+    """fsync every file (unless not `files`) and directory under `folder`: on disk before a rename
+    makes them visible."""
+    for root, _, names in os.walk(folder):
+        for name in names if files else ():
+            if os.path.islink(os.path.join(root, name)):
+                continue  # its target is not ours to sync
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        sync_dir(Path(root))
+
+
+def sync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -2,8 +2,8 @@
 the cache files keyed by it, so that a run with the same shapes on the same setup starts at once.
 
 An entry is one JSON file {"key": {"environment", "shapes"}, "measurements": {op: ...}}, named by a
-hash of its key, written whole (`mpp.files.write_json`); a torn, unreadable or mismatched entry is
-a miss. Any change of device, driver, torch, triton, the kernels' sources or the verification's
+hash of its key, written whole (`mpp.files.write_json`); an entry for another key is a miss, and a
+torn one or one whose measurements break their schema is a miss with a warning. Any change of device, driver, torch, triton, the kernels' sources or the verification's
 measures again.
 """
 from __future__ import annotations
@@ -13,11 +13,14 @@ import hashlib
 import importlib.metadata
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from mpp.config import Range
 from mpp.files import write_json
+from mpp.ops import OPS
 from triton_kernels.gate import interpreting
 
 # The verification's own sources (beside the kernels'): a change to how ours is checked or timed,
@@ -80,17 +83,60 @@ def cache_file(folder: Path | None, key: dict) -> Path | None:
     return folder / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24] + ".json")
 
 
-def read_cache(path: Path | None, key: dict) -> dict | None:
-    """{op: measurement} of the entry at `path`, or None when it is absent, torn or for another key."""
-    if path is None:
+def read_cache(path: Path | None, key: dict, warn: Callable[[str], None]) -> dict | None:
+    """{op: measurement} of the entry at `path`, or None when it is absent or for another key. An entry
+    that is torn, or whose measurements break the schema (`measurement_problem`), is ignored with one
+    `warn` line: measured again, and rewritten."""
+    if path is None or not path.is_file():
         return None
     try:
         entry = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None  # absent, unreadable or torn: measure again
-    if not isinstance(entry, dict) or entry.get("key") != json.loads(json.dumps(key)):
-        return None
-    return entry.get("measurements") if isinstance(entry.get("measurements"), dict) else None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        problem = f"unreadable or torn: {type(e).__name__}"
+    else:
+        if not isinstance(entry, dict) or entry.get("key") != json.loads(json.dumps(key)):
+            return None
+        problem = entry_problem(entry.get("measurements"))
+        if problem is None:
+            return entry["measurements"]
+    warn(f"warning: kernels: ignoring the verdict cache entry {path} ({problem}): measuring again")
+    return None
+
+
+# What measure_op records: a failure's cause, the check's figures, the timings. The figures only
+# say what was measured; a cached entry never admits a kernel by them (mpp.kernels rechecks).
+FIGURES = {"error": Range(0), "bound": Range(0), "ours_ms": Range(0, low_open=True),
+           "torch_ms": Range(0, low_open=True), "ratio": Range(0, low_open=True)}
+TIMINGS = ("ours_ms", "torch_ms", "ratio")
+CHECKED = ("error", "bound", "worst")
+
+
+def entry_problem(measurements) -> str | None:
+    """Why a cache entry's measurements are not what measure_op writes, or None."""
+    if not isinstance(measurements, dict):
+        return f"measurements is a {type(measurements).__name__}, not an object"
+    for op, m in measurements.items():
+        if op not in OPS:
+            return f"{op!r} is not an op"
+        if not isinstance(m, dict):
+            return f"{op} is a {type(m).__name__}, not an object"
+        if unknown := sorted(set(m) - {"cause", "head_dim", *FIGURES, *CHECKED}):
+            return f"{op} has unknown field(s) {unknown}"
+        for name, range_ in FIGURES.items():
+            if name in m and range_.problem(name, m[name]) is not None:
+                return f"{op}: {range_.problem(name, m[name]).split(':')[0]}"
+        if "cause" in m and (not isinstance(m["cause"], str) or not m["cause"]):
+            return f"{op}: cause {m['cause']!r} is not a sentence"
+        if "head_dim" in m and (isinstance(m["head_dim"], bool) or not isinstance(m["head_dim"], int)):
+            return f"{op}: head_dim {m['head_dim']!r} is not a whole number"
+        if "worst" in m and not isinstance(m["worst"], str):
+            return f"{op}: worst {m['worst']!r} is not an output's name"
+        for group in (CHECKED, TIMINGS):
+            if 0 < sum(name in m for name in group) < len(group):
+                return f"{op} has some of {', '.join(group)} but not all"
+        if "cause" not in m and "error" not in m:
+            return f"{op} has neither a cause nor a check's figures"
+    return None
 
 
 def write_cache(path: Path | None, key: dict, measurements: dict) -> None:

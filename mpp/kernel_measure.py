@@ -116,10 +116,15 @@ MEASURED = {
 # ---- the measurement
 
 
-def measure_op(op: str, shapes: RunShapes, device: torch.device, mode: str = "auto") -> dict:
+def check_op(op: str, shapes: RunShapes, device: torch.device, mode: str = "auto") -> dict:
+    """measure_op without the timing: our kernel's outputs and gradients against the reference, now."""
+    return measure_op(op, shapes, device, mode, timed=False)
+
+
+def measure_op(op: str, shapes: RunShapes, device: torch.device, mode: str = "auto", timed: bool = True) -> dict:
     """Run our kernel and PyTorch's op at the run's shapes: errors against a float64 reference, both
-    timed. A failure of ours is a 'cause' in the result, not an exception; a failure of the reference
-    or of PyTorch's op raises NotOurs (and is not cached)."""
+    timed (unless not `timed`). A failure of ours is a 'cause' in the result, not an exception; a failure
+    of the reference or of PyTorch's op raises NotOurs (and is not cached)."""
     spec = MEASURED[op]
     ours, theirs = IMPLEMENTATIONS[op]["triton"], IMPLEMENTATIONS[op]["torch"]
     if shapes.compiled and spec.compiled_baseline:
@@ -148,7 +153,7 @@ def measure_op(op: str, shapes: RunShapes, device: torch.device, mode: str = "au
             if worst[0] > worst[1]:
                 return {**result, "cause": f"wrong numbers: {worst[2]} error {worst[0]:.3g} > bound {worst[1]:.3g} "
                                            f"(2× PyTorch's + 1 ulp; fp32: {FP32_TOLERANCE:g} relative)"}
-            if mode == "triton" and device.type != "cuda":
+            if not timed or (mode == "triton" and device.type != "cuda"):
                 return result  # forced, and the interpreter's times would mean nothing: not timed
             args, grads = cases[0]
             timed = _ours(device, time_pair, lambda: run_op(spec, ours, args, grads, shapes.backward),  # fwd (+ bwd)

@@ -13,8 +13,9 @@ that dtype, plus one ulp; in fp32 at least a few ulps, 2e-5 relative) and times 
 launch error, an exhausted resource or a non-finite output means PyTorch for that op, with one
 warning line. `triton` uses ours wherever it runs correctly and makes any failed check an error.
 The measurements are cached on disk, keyed by the device, driver, torch and triton versions and a
-hash of the kernel sources, so the next run with the same shapes starts at once
-(`--kernel-cache DIR|off`, `MPP_KERNEL_CACHE`).
+hash of the kernel sources, so the next run with the same shapes skips the timing
+(`--kernel-cache DIR|off`, `MPP_KERNEL_CACHE`). The cache only ever spares the timing: a kernel it
+would put in is checked again against the tolerance first, and a malformed entry is measured again.
 
 This module is the policy: the flags, the run's shapes, the verdicts and the decision.
 `mpp.kernel_measure` measures one op; `mpp.kernel_cache` keys and stores the measurements.
@@ -31,7 +32,7 @@ import torch
 
 from mpp.errors import UsageError
 from mpp.kernel_cache import cache_file, environment, read_cache, write_cache
-from mpp.kernel_measure import BrokenContext, NotOurs, measure_op
+from mpp.kernel_measure import BrokenContext, NotOurs, check_op, measure_op
 from mpp.ops import OPS, Kernels
 from triton_kernels.gate import (
     MAX_GRID_Y,
@@ -190,7 +191,8 @@ def _decide(policy: KernelPolicy, shapes: RunShapes, device: torch.device, warn)
     measure = [op for op in OPS if reasons[op] is None]
     key = {"environment": env, "shapes": asdict(shapes)}
     path = cache_file(policy.cache_dir(), key) if measure else None
-    measured, source = ({}, "not measured") if not measure else _measurements(policy, shapes, device, key, path, measure)
+    measured, source = ({}, "not measured") if not measure else _measurements(policy, shapes, device, key, path,
+                                                                                  measure, warn)
     verdicts = []
     for op in OPS:
         if reasons[op]:
@@ -235,17 +237,34 @@ def _verdict(op: str, m: dict, mode: str) -> Verdict:
     return Verdict(op, "triton", "verified and faster" + (" (padded head dim, timed)" if padded else ""), figures)
 
 
-def _measurements(policy, shapes, device, key, path, ops) -> tuple[dict, str]:
-    """{op: measurement} from the cache, or measured now (and cached); and where they came from."""
-    cached = read_cache(path, key) or {}
+def _admits(m: dict, mode: str) -> bool:
+    """Whether this measurement would put our kernel in (auto: verified and faster; triton: verified)."""
+    return "cause" not in m and (mode == "triton" or m.get("ratio", 1) < 1)
+
+
+def _measurements(policy, shapes, device, key, path, ops, warn) -> tuple[dict, str]:
+    """{op: measurement} from the cache, or measured now (and cached); and where they came from.
+    A cached entry spares the timing only: where it would admit our kernel, the kernel's numbers are
+    checked again now (check_op), so an edited or stale entry can keep it out but never put it in."""
+    cached = read_cache(path, key, warn) or {}
     # auto needs the timings, which a forced run on the interpreter skipped
     usable = {op: m for op, m in cached.items() if "cause" in m or "ratio" in m or policy.mode == "triton"}
-    if all(op in usable for op in ops):
-        return usable, "cache"
-    measured, transient = dict(cached), {}
+    measured, transient, changed = dict(cached), {}, False
     for op in ops:
-        if op in usable:
+        if op in usable and not _admits(usable[op], policy.mode):
             continue
+        if op in usable:
+            try:
+                check = check_op(op, shapes, device, policy.mode)
+            except NotOurs as e:
+                transient[op] = {"cause": f"could not be verified: the reference or PyTorch's op failed ({e})"}
+                continue
+            if "cause" in check:  # the entry said verified, today's check says not: today's replaces it
+                measured[op], changed = check, True
+            else:  # today's figures, the cached timings
+                measured[op] = {**usable[op], **check}
+            continue
+        changed = True
         write_cache(path, key, {**measured, op: {"cause": UNFINISHED}})  # a crash or hang here is remembered
         try:
             measured[op] = measure_op(op, shapes, device, policy.mode)
@@ -255,5 +274,6 @@ def _measurements(policy, shapes, device, key, path, ops) -> tuple[dict, str]:
         except (KeyboardInterrupt, SystemExit):  # the user's Ctrl-C is not the kernel's fault: no marker
             write_cache(path, key, measured)
             raise
-    write_cache(path, key, measured)
-    return {**measured, **transient}, "measured"
+    if changed:
+        write_cache(path, key, measured)
+    return {**measured, **transient}, "measured" if changed else "cache"

@@ -346,6 +346,23 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int) -> torch.Tensor:
     )
 
 
+def vit_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of `ViT(config).state_dict()`, in its order, without building it: what a
+    file's weights are checked against (mpp.weights) before a model of a size read from a file is built."""
+    D, M, C, P = config.embed_dim, config.mlp_dim, config.in_chans, config.patch_size
+    shapes = {"cls_token": (1, 1, D), "pos_embed": (1, config.num_patches + 1, D),
+              "patch_embed.proj.weight": (D, C, P, P), "patch_embed.proj.bias": (D,)}
+    block = {"norm1.weight": (D,), "norm1.bias": (D,), "attn.qkv.weight": (3 * D, D), "attn.qkv.bias": (3 * D,),
+             "attn.proj.weight": (D, D), "attn.proj.bias": (D,), "norm2.weight": (D,), "norm2.bias": (D,),
+             "mlp.fc1.weight": (M, D), "mlp.fc1.bias": (M,), "mlp.fc2.weight": (D, M), "mlp.fc2.bias": (D,)}
+    for i in range(config.depth):
+        shapes.update({f"blocks.{i}.{name}": shape for name, shape in block.items()})
+    shapes.update({"norm.weight": (D,), "norm.bias": (D,)})
+    if config.num_classes > 0:
+        shapes.update({"head.weight": (config.num_classes, D), "head.bias": (config.num_classes,)})
+    return shapes
+
+
 def timm_kwargs(config: ViTConfig) -> dict:
     """Arguments for timm's `VisionTransformer` with the same architecture (for export and tests)."""
     return dict(

@@ -16,16 +16,16 @@ patch projection is linear), so it sees what it was trained on.
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from mpp import rundir
+from mpp import hub_folder, rundir, weights
 from mpp.data import MEAN, STD
 from mpp.errors import UsageError
-from mpp.model import SIZES, ViT, ViTConfig, timm_kwargs
+from mpp.files import recover_killed_folders, replace_folder
+from mpp.model import SIZES, ViT, timm_kwargs
 from mpp.ops import TORCH, Kernels
 
 PREFIX = "timm:"
@@ -83,12 +83,19 @@ def timm_twin(vit: ViT) -> nn.Module:
 
 
 def export(vit: ViT, output: Path, overwrite: bool = False) -> Path:
-    """Write `vit` in timm's Hub layout to `output` (model.safetensors + config.json). A folder that
-    exists and is not empty is refused unless `overwrite`; its other files are then left alone."""
+    """Write `vit` in timm's Hub layout to `output` (model.safetensors + config.json), whole or not at
+    all (mpp.files.replace_folder: written beside it, then swapped in). A folder that exists and is not
+    empty is refused unless `overwrite`; its other files are then kept. What a killed export left is
+    put right first: the previous export back in place, a half-written one deleted, never read."""
     from timm.models import save_for_hf
 
     if output.exists() and not output.is_dir():
         raise UsageError(f"export folder '{output}' is a file: pass a folder path as --output")
+    try:
+        recover_killed_folders(output)
+    except OSError as e:
+        raise UsageError(f"cannot clean up the killed export beside '{output}' ({e.strerror or e}): remove its "
+                         f".{output.name}.* folders by hand, or pass another --output") from e
     if output.is_dir() and rundir.holds_run(output):  # --overwrite would replace the run's own config.json
         raise UsageError(f"export folder '{output}' is a run directory: pass another --output (e.g. exports/NAME)")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
@@ -99,7 +106,9 @@ def export(vit: ViT, output: Path, overwrite: bool = False) -> Path:
     # normalisation they were trained with (mpp.data's), which timm's data config then applies.
     config = {"pretrained_cfg": {"tag": "mpp", "license": None, "mean": list(MEAN), "std": list(STD)}}
     try:
-        save_for_hf(twin, str(output), model_config=config, safe_serialization=True)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        replace_folder(output, lambda folder: save_for_hf(twin, str(folder), model_config=config,
+                                                          safe_serialization=True))
     except OSError as e:
         raise UsageError(f"cannot write the export to '{output}' ({e.strerror or e}): pass a writable --output") from e
     return output
@@ -129,10 +138,27 @@ def load_source(run: str, image_size: int | None = None) -> Imported:
                        "go online, or pass a local file or folder (scripts/export.py or timm's save_for_hf writes one)")
         return from_timm(model, name, run, image_size)
     if path.is_dir():
+        check_folder(path)
         model = create(f"local-dir:{path}", f"folder '{path}' could not be loaded as a timm model",
                        "pass a folder with timm's Hub layout (config.json + model.safetensors)")
         return from_timm(model, path.name, run, image_size)
     return from_state_dict(read_state_dict(path), path.name, run, image_size)
+
+
+def check_folder(folder: Path) -> None:
+    """What timm would build from a folder in its Hub layout, checked before it builds anything:
+    config.json's fields (mpp.hub_folder), the weights file's names, ranks and dtypes, and that the two
+    describe one model. The values are checked again, with the shapes, once timm has loaded them (load_strict)."""
+    stated = hub_folder.read_config(folder)
+    weights_file = next((folder / name for name in HUB_WEIGHTS if (folder / name).is_file()), None)
+    if weights_file is None:
+        raise UsageError(f"folder '{folder}' holds no {' or '.join(HUB_WEIGHTS)}: pass a folder with timm's Hub layout")
+    state = read_state_dict(weights_file)
+    source = f"timm folder '{folder}' ({weights_file.name})"
+    fix = "pass a folder that scripts/export.py or timm's save_for_hf wrote (a plain timm ViT's)"
+    held = weights.plain_vit_sizes({name: tuple(t.shape) for name, t in state.items()}, source, fix)
+    hub_folder.agree(stated, held, folder, weights_file.name)
+    weights.check_values(state, source)  # dtypes before timm casts them into its float parameters
 
 
 def create(name: str, problem: str, fix: str) -> nn.Module:
@@ -215,13 +241,14 @@ def from_timm(model: nn.Module, name: str, source: str, image_size: int | None) 
     if h != w:
         raise UsageError(f"timm model '{name}' takes {h}x{w} images: our ViT takes square ones; pass a square model")
     first = model.blocks[0]
-    config = ViTConfig(image_size=image_size or int(model.patch_embed.img_size[0]),
-                       patch_size=int(model.patch_embed.patch_size[0]), in_chans=model.patch_embed.proj.in_channels,
-                       embed_dim=model.embed_dim, depth=len(model.blocks), num_heads=first.attn.num_heads,
-                       mlp_dim=first.mlp.fc1.out_features, num_classes=model.num_classes, ln_eps=first.norm1.eps)
-    vit = load_strict(config, model.state_dict(), name)
+    sizes = dict(image_size=int(model.patch_embed.img_size[0]), patch_size=int(model.patch_embed.patch_size[0]),
+                 in_chans=model.patch_embed.proj.in_channels, embed_dim=model.embed_dim, depth=len(model.blocks),
+                 num_heads=first.attn.num_heads, mlp_dim=first.mlp.fc1.out_features, num_classes=model.num_classes,
+                 ln_eps=first.norm1.eps)
+    vit = load_strict(sizes, model.state_dict(), name, image_size)
     cfg = model.pretrained_cfg
-    mean, std = tuple(cfg.get("mean", MEAN)), tuple(cfg.get("std", STD))
+    mean, std = hub_folder.normalization(cfg.get("mean", MEAN), cfg.get("std", STD), f"timm model '{name}'",
+                                         "pass a model whose pretrained_cfg gives its input normalisation")
     fold_normalization(vit, mean, std)
     return Imported(vit, name, source, getattr(model, "default_cfg", {}).get("architecture", type(model).__name__),
                     mean, std)
@@ -247,29 +274,27 @@ def fold_normalization(vit: ViT, mean: tuple[float, ...], std: tuple[float, ...]
 def from_state_dict(state: dict, name: str, source: str, image_size: int | None) -> Imported:
     """A bare state dict says every size but the number of heads: that is read from our size table
     (the ViT paper's sizes, 64-wide heads, and Micro); any other width needs a folder with config.json."""
-    needed = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight")
-    if missing := [k for k in needed if k not in state]:
-        raise UsageError(f"'{source}' is no plain timm ViT state dict (no {', '.join(missing)}): pass a timm "
-                         "VisionTransformer's state_dict() or a folder with timm's Hub layout")
-    dim, chans, patch, _ = state["patch_embed.proj.weight"].shape
-    heads = {d: h for _, d, _, h in SIZES.values()}.get(dim)
+    sizes = weights.plain_vit_sizes({k: tuple(v.shape) for k, v in state.items()}, f"'{source}'",
+                                    "pass a timm VisionTransformer's state_dict() or a folder with timm's Hub layout")
+    heads = {d: h for _, d, _, h in SIZES.values()}.get(sizes["embed_dim"])
     if heads is None:
-        raise UsageError(f"'{source}' has width {dim}, whose number of heads a bare state dict does not say: "
-                         "pass a folder with timm's config.json (timm's save_for_hf or scripts/export.py writes one)")
-    grid = math.isqrt(state["pos_embed"].shape[1] - 1)
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    head = state.get("head.weight")
-    config = ViTConfig(image_size=image_size or grid * patch, patch_size=patch, in_chans=chans, embed_dim=dim,
-                       depth=depth, num_heads=heads, mlp_dim=state["blocks.0.mlp.fc1.weight"].shape[0],
-                       num_classes=0 if head is None else head.shape[0])
+        raise UsageError(f"'{source}' has width {sizes['embed_dim']}, whose number of heads a bare state dict does "
+                         "not say: pass a folder with timm's config.json (timm's save_for_hf or scripts/export.py "
+                         "writes one)")
     # a bare state dict says nothing of its normalisation: mpp.data's is assumed (timm's augreg ViTs use it)
-    return Imported(load_strict(config, state, source), name, source, "state dict", MEAN, STD)
+    vit = load_strict({**sizes, "num_heads": heads}, state, source, image_size)
+    return Imported(vit, name, source, "state dict", MEAN, STD)
 
 
-def load_strict(config: ViTConfig, state: dict, source: str) -> ViT:
+def load_strict(sizes: dict, state: dict, source: str, image_size: int | None = None) -> ViT:
+    """Our ViT of `sizes` holding `state`, both checked first (mpp.weights: every tensor of that ViT, of its
+    shape, floating point and finite); at `image_size`, when given, its position embeddings resampled."""
     from mpp.checkpoint import load_vit_weights
 
-    vit = ViT(config.validate())
-    load_vit_weights(vit, state, f"timm model '{source}'",
-                     "pass a plain timm ViT (class token, pre-norm LayerNorm blocks, absolute positions)")
+    what = f"timm model '{source}'"
+    fix = "pass a plain timm ViT (class token, pre-norm LayerNorm blocks, absolute positions)"
+    config = weights.vit_config_of(sizes, what, fix)
+    weights.check(state, config, what, fix)
+    vit = ViT(dataclasses.replace(config, image_size=image_size or config.image_size))
+    load_vit_weights(vit, state, what, fix)
     return vit.eval()

@@ -340,3 +340,90 @@ def test_the_error_bound_is_twice_pytorchs_in_half_precision_and_a_few_ulps_in_f
     rounded = want.bfloat16()
     err, terr, bound = kernel_measure.error_and_bound(rounded, rounded, want)
     assert bound == pytest.approx(2 * terr + torch.finfo(torch.bfloat16).eps * 2)
+
+
+def wrong_layer_norm(x, w, b, eps):
+    return torch_layer_norm(x, w, b, eps) * 1.001
+
+
+def test_a_cached_verdict_spares_the_timing_but_never_admits_a_kernel(monkeypatch, tmp_path, fast_ours):
+    """An entry hand-edited to call a kernel with wrong numbers verified and faster (its huge error left
+    in) does not put it in: the check runs again on every start, only the timing comes from the cache."""
+    p = policy(cache=tmp_path)
+    monkeypatch.setitem(IMPLEMENTATIONS["layer_norm"], "triton", wrong_layer_norm)
+    assert verdict(resolve(p, SHAPES, "cpu", warn=lambda _: None)).reason.startswith("wrong numbers")
+    entry = next(tmp_path.glob("*.json"))
+    record = json.loads(entry.read_text())
+    measured = record["measurements"]["layer_norm"]
+    assert measured["error"] > measured["bound"]
+    forged = {**{k: measured[k] for k in ("error", "bound", "worst")}, "ours_ms": 1.0, "torch_ms": 2.0, "ratio": 0.5}
+    entry.write_text(json.dumps({**record, "measurements": {"layer_norm": forged}}))
+    timed = []
+    monkeypatch.setattr(kernels, "measure_op", lambda *a, **k: timed.append(a[0]))
+    warnings = []
+    v = verdict(resolve(p, SHAPES, "cpu", warn=warnings.append))
+    assert v.impl == "torch" and v.reason.startswith("wrong numbers") and len(warnings) == 1, (v, warnings)
+    assert "cause" in json.loads(entry.read_text())["measurements"]["layer_norm"]  # the entry says so again
+    with pytest.raises(UsageError, match="--kernels triton, but our layer_norm kernel failed its check"):
+        resolve(policy("triton", cache=tmp_path), SHAPES, "cpu")
+    # A kernel that is right, cached as faster: used on the cache's timing and today's check.
+    monkeypatch.setitem(IMPLEMENTATIONS["layer_norm"], "triton", torch_layer_norm)
+    entry.write_text(json.dumps({**record, "measurements": {"layer_norm": forged}}))
+    choice = resolve(p, SHAPES, "cpu")
+    v = verdict(choice)
+    assert choice.source == "cache" and v.impl == "triton" and v.figures["ratio"] == 0.5, v
+    assert v.figures["error"] <= v.figures["bound"] and not timed
+
+
+MALFORMED = {  # a cache entry's measurements → what the warning says is wrong with them
+    "text-error": ({"layer_norm": {"error": "big", "bound": 1e-4, "worst": "y", "ours_ms": 1, "torch_ms": 2,
+                                   "ratio": 0.5}}, "error 'big' is not a number"),
+    "nan-ratio": ({"layer_norm": {"error": 0, "bound": 1e-4, "worst": "y", "ours_ms": 1, "torch_ms": 2,
+                                  "ratio": float("nan")}}, "ratio nan is not finite"),
+    "timings-only": ({"layer_norm": {"ours_ms": 1, "torch_ms": 2, "ratio": 0.5}}, "neither a cause nor"),
+    "half-timings": ({"layer_norm": {"error": 0, "bound": 1e-4, "worst": "y", "ratio": 0.5}}, "but not all"),
+    "cause-number": ({"layer_norm": {"cause": 3}}, "cause 3 is not a sentence"),
+    "not-an-op": ({"softmax": {"cause": "x"}}, "'softmax' is not an op"),
+    "list": ([], "measurements is a list"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_a_malformed_cache_entry_is_measured_again_with_one_warning(monkeypatch, tmp_path, fast_ours, case):
+    p = policy(cache=tmp_path)
+    resolve(p, SHAPES, "cpu")
+    entry = next(tmp_path.glob("*.json"))
+    measurements, says = MALFORMED[case]
+    entry.write_text(json.dumps({**json.loads(entry.read_text()), "measurements": measurements}))
+    calls, warnings = [], []
+    measure = kernels.measure_op
+    monkeypatch.setattr(kernels, "measure_op", lambda *a, **k: calls.append(a[0]) or measure(*a, **k))
+    choice = resolve(p, SHAPES, "cpu", warn=warnings.append)
+    assert choice.source == "measured" and calls == ["layer_norm"] and verdict(choice).impl == "triton"
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: kernels: ignoring the verdict cache entry {entry}")
+    assert says in warnings[0], warnings[0]
+    assert kernel_cache.entry_problem(json.loads(entry.read_text())["measurements"]) is None  # rewritten whole
+
+
+@pytest.mark.slow
+def test_a_malformed_cache_entry_through_the_command_line(tmp_path):
+    """A probe (eval/fewshot.py) whose verdict cache holds a hand-edited entry for its shapes: one warning
+    line, the op measured again, the run goes on and the entry is rewritten (it was a traceback)."""
+    from dataclasses import asdict
+
+    shapes = RunShapes.of(vit_config("Micro/4"), 16, "float32", backward=False)  # what the probe decides at
+    key = {"environment": kernel_cache.environment(torch.device("cpu")), "shapes": asdict(shapes)}
+    entry = kernel_cache.cache_file(tmp_path / "cache", key)
+    entry.parent.mkdir()
+    entry.write_text(json.dumps({"key": key, "measurements": {"layer_norm": {"ratio": "fast"}}}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "MPP_KERNELS_OFF": "attention,add_layer_norm"}
+    done = subprocess.run([sys.executable, "eval/fewshot.py", "--model", "Micro/4", "--random-init", "--dataset",
+                           "digits", "--shots", "1", "--seeds", "1", "--max-test", "20", "--no-references",
+                           "--batch-size", "16", "--kernels", "auto", "--kernel-cache", str(tmp_path / "cache"),
+                           "--output", str(tmp_path / "fewshot.json")], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "ignoring the verdict cache entry" in warnings[0], done.stderr[-3000:]
+    assert "ratio 'fast' is not a number" in warnings[0]
+    assert kernel_cache.entry_problem(json.loads(entry.read_text())["measurements"]) is None

@@ -2,6 +2,10 @@
 import dataclasses
 import json
 import pickle
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,7 @@ from eval import compare, fewshot
 from mpp import timm_io
 from mpp.errors import UsageError
 from mpp.model import ViT, vit_config
-from tests.helpers.runs import run_script
+from tests.helpers.runs import ENV, REPO, run_script
 
 FEWSHOT = ["--dataset", "digits", "--shots", "1", "5", "--seeds", "2", "--max-test", "60", "--no-references",
            "--batch-size", "64"]
@@ -227,3 +231,72 @@ def test_the_hubs_retry_warnings_stay_out_of_the_one_line(monkeypatch, caplog):
         create("vit_tiny_patch16_224", "timm model could not be loaded from the Hub", "go online")
     assert not [r for r in caplog.records if r.name.startswith("huggingface_hub")]
     assert logging.getLogger("huggingface_hub").level == before  # restored
+
+
+def visible_files(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` but hidden ones (a killed export's leftovers), by relative path."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
+
+
+def killed_export(fault: str, checkpoint: Path, output: Path, *flags: str) -> None:
+    """scripts/export.py stopped at `fault` (tests/helpers/export_faults.py), then SIGKILLed there."""
+    marker = output.parent / f"{fault}.marker"
+    proc = subprocess.Popen([sys.executable, "tests/helpers/export_faults.py", fault, "--run", str(checkpoint),
+                             "--output", str(output), *flags], cwd=REPO, env={**ENV, "FAULT_MARKER": str(marker)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "the export never reached the fault"
+            time.sleep(0.1)
+    finally:
+        proc.kill()  # SIGKILL: no cleanup of its own runs
+        proc.wait()
+        proc.stderr.close()
+    marker.unlink()
+
+
+@pytest.mark.slow
+def test_an_export_killed_between_its_files_or_mid_write_leaves_the_previous_one_whole(checkpoint, exported,
+                                                                                      tmp_path):
+    """Killed at either moment, the folder is the previous export byte for byte (or, for a first export,
+    absent); the next export cleans up what the kill left and succeeds, keeping the folder's other files."""
+    exports = tmp_path / "exports"
+    previous = exports / "micro"
+    shutil.copytree(exported[0], previous)
+    (previous / "README.md").write_text("model card\n")  # not the export's: --overwrite keeps it
+    before = visible_files(exports)
+    other = tmp_path / "other.pt"  # other weights, so that any byte of them in the folder shows
+    torch.manual_seed(2)
+    vit = ViT(checkpoint[1].config)
+    torch.save({"config": {"vit": dataclasses.asdict(vit.config)}, "model": vit.state_dict(), "step": 3}, other)
+    killed_export("between", other, previous, "--overwrite")
+    killed_export("mid-write", other, exports / "fresh")
+    assert visible_files(exports) == before and not (exports / "fresh").exists()
+    assert {p.name.rsplit("-", 1)[0] for p in exports.glob(".*")} == {".micro.partial", ".fresh.partial"}
+    assert not timm_io.is_timm_source(str(exports / "fresh"))
+    again = run_script("scripts/export.py", "--run", str(checkpoint[0]), "--output", str(previous), "--overwrite")
+    assert again.returncode == 0, again.stderr
+    timm_io.export(checkpoint[1], exports / "fresh")
+    assert visible_files(exports) == {**before, **{f"fresh/{k.split('/')[1]}": v for k, v in before.items()
+                                                   if k.startswith("micro/") and k != "micro/README.md"}}
+    assert not list(exports.glob(".*"))  # the leftovers are gone
+
+
+def test_an_export_killed_between_its_renames_is_put_back(checkpoint, exported, tmp_path):
+    """Killed after the previous export was moved aside and before the new one took its place: the
+    next export puts the previous one back first (refused without --overwrite, replaced with it)."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid no process has now
+    output = tmp_path / "micro"
+    shutil.copytree(exported[0], tmp_path / f".micro.replaced-{dead.pid}")
+    before = visible_files(tmp_path / f".micro.replaced-{dead.pid}")
+    with pytest.raises(UsageError, match="is not empty"):
+        timm_io.export(checkpoint[1], output)
+    assert visible_files(output) == before and not list(tmp_path.glob(".*"))
+    vit = ViT(vit_config("Micro/4", depth=1, num_classes=0))
+    timm_io.export(vit, output, overwrite=True)
+    assert json.loads((output / "config.json").read_text())["model_args"]["depth"] == 1
+    assert not list(tmp_path.glob(".*"))
