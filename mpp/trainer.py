@@ -343,7 +343,7 @@ class Trainer:
             try:
                 while progress.step < self.total_steps and not stopping:
                     stopping = self._epoch(bar)
-            except (StopWhileWaiting, StuckRead, RuntimeError) as e:
+            except (StopWhileWaiting, StuckRead, RuntimeError, ValueError) as e:
                 stopping = self._interrupted(e)
             finally:
                 bar.close()  # ends the bar's line, so an error message starts on a line of its own
@@ -358,6 +358,12 @@ class Trainer:
         a stuck read, a loader that sent nothing) keeps the last whole step: the micro-batches of an
         unfinished step are read again on resume. Returns True (stop) or raises; anything else goes on."""
         acc, progress = self.accelerator, self.progress
+        if isinstance(error, ValueError):  # Accelerate's word for a stream that ends before one batch
+            if not str(error).startswith("Batch does not contain any data"):
+                raise error
+            raise UsageError(f"the training stream of '{self.config.dataset}' ended before one whole batch of "
+                             f"{self.config.batch_size} images: pass a smaller --batch-size and a new --output-dir (or delete "
+                             f"'{self.run_dir}', which holds only this start's records)") from error
         if isinstance(error, RuntimeError):
             if out_of_memory(error) or loader_timed_out(error) is None:
                 raise error

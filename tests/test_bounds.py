@@ -262,3 +262,18 @@ def test_the_stuck_read_bound_interrupts_a_blocked_open(stuck_data, monkeypatch)
         pass
     time.sleep(0.4)  # no alarm left to fire
 
+
+
+def test_a_stream_shorter_than_one_batch_is_one_line(stuck_data, tmp_path):
+    # A stream's length is unknown before it is read (a test split: no carve counted it); Accelerate
+    # then raised "Batch does not contain any data" as a traceback.
+    data = tmp_path / "few"
+    for split in ("train", "test"):
+        (data / split / "a").mkdir(parents=True)
+        for i in range(2):
+            (data / split / "a" / f"{i}.png").write_bytes((stuck_data / "train" / "a" / f"{i}.png").read_bytes())
+    done = run_script("scripts/pretrain_mpp.py", "--dataset", str(data), "--output-dir", str(tmp_path / "run"),
+                      "--model", "Micro/4", "--image-size", "16", "--batch-size", "8", "--max-steps", "3",
+                      "--streaming", "--num-workers", "0")
+    line = one_error_line(done.stderr)
+    assert done.returncode == 2 and "ended before one whole batch of 8 images" in line, line
