@@ -59,9 +59,12 @@ def save_failure(folder: Path, step: int, state: dict, error: OSError) -> str:
         free = ""
     kept = list_checkpoints(folder.parent)
     left = f"the newest complete one, {kept[-1].name}, is intact" if kept else "no earlier checkpoint exists"
+    # without a checkpoint there is nothing to resume: the run starts again, in a folder of its own
+    again = ("rerun the same command with --resume" if kept else
+             f"start the run again with a new --output-dir (or after deleting '{folder.parent}')")
     return (f"could not write the step-{step} checkpoint in {folder} ({error.strerror or error}; it needs about "
             f"{need:,.0f} MiB{free}; {left}): free at least that much space on that disk (or fix the folder's "
-            "permissions), then rerun the same command with --resume")
+            f"permissions), then {again}")
 
 
 def _tensors(obj):

@@ -23,7 +23,7 @@ import PIL.Image
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
-from mpp.errors import UsageError, first_line
+from mpp.errors import LocalError, UsageError, first_line
 from mpp.labels import NO_LABEL
 from mpp.readlimit import read_limit
 from mpp.reproducible import seed_of
@@ -265,7 +265,7 @@ class TableReader(ImageDataset):
         except UNREADABLE as e:
             reason = first_line(e)
             if self.strict:
-                raise UsageError(f"image '{name}' cannot be read ({reason}): remove or replace it, "
+                raise LocalError(f"image '{name}' cannot be read ({reason}): remove or replace it, "
                                  "or drop --strict-images to skip unreadable images") from e
             if not self.record_skip(name):
                 return None  # another worker has already counted and reported it

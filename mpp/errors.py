@@ -15,6 +15,12 @@ class UsageError(Exception):
     """Bad input the user can fix. The message is one line: the problem, then what to do."""
 
 
+class LocalError(UsageError):
+    """A failure of one process's own work (its share of the data: a stuck read, an unreadable image
+    under --strict-images), which the other processes of a launch do not meet: every process prints
+    its own, where a UsageError they all raise alike is printed by the main process alone."""
+
+
 class MissingSplit(UsageError):
     """A dataset without the split asked for (a test split): pretraining carves a held-out split from
     its training images instead (mpp.holdout), saying why (`problem`); everything else stops with
@@ -29,7 +35,11 @@ def one_line(error: UsageError) -> str:
     """The error's own line. Raised in a DataLoader worker, it comes back re-raised by PyTorch with
     the worker's traceback in front ("Caught UsageError in DataLoader worker ... Traceback ...")."""
     lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[-1].removeprefix(f"{UsageError.__module__}.{UsageError.__name__}: ") if lines else str(error)
+    if not lines:
+        return str(error)
+    for cls in type(error).__mro__:  # "mpp.readlimit.StuckRead: ..." as PyTorch re-raises a worker's error
+        lines[-1] = lines[-1].removeprefix(f"{cls.__module__}.{cls.__name__}: ")
+    return lines[-1]
 
 
 def first_line(error: BaseException) -> str:
@@ -57,7 +67,7 @@ def disk_refused(error: BaseException) -> str | None:
         free = ""
     return (f"could not write {repr(where) if where else 'a file'} ({error.strerror or error}{free}): free space "
             "on that disk (or lift the quota, or mount it writable), then run again (a training run: the same command "
-            "with --resume)")
+            "with --resume if it saved a checkpoint, else with a new --output-dir)")
 
 
 def out_of_memory(error: BaseException) -> bool:
@@ -65,12 +75,16 @@ def out_of_memory(error: BaseException) -> bool:
     return type(error).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(error)
 
 
+# What a collective says when a process of the group is gone (gloo; NCCL's watchdog).
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
+
+
 def loader_timed_out(error: BaseException) -> UsageError | None:
     """PyTorch's "DataLoader timed out" (its `timeout`, mpp.runtime.LOADER_LIMIT_S) as one line; None
     for any other error."""
     if not isinstance(error, RuntimeError) or not str(error).startswith("DataLoader timed out"):
         return None
-    return UsageError(f"the loader workers sent no batch in time ({first_line(error)}: a read stuck where no "
+    return LocalError(f"the loader workers sent no batch in time ({first_line(error)}: a read stuck where no "
                       "signal reaches it, e.g. a hung network mount, or a worker that stopped answering): check "
                       "the dataset's disk or mount, then run again (a training run: with --resume)")
 
@@ -81,6 +95,9 @@ def environment_line(error: BaseException) -> str | None:
     timed_out = loader_timed_out(error)
     if timed_out is not None:
         return str(timed_out)
+    if any(s in str(error) for s in PEER_GONE):
+        return ("another process of this run ended (a collective lost its peer): its own line above says why; fix "
+                "that, then launch again (a training run: with --resume if it saved a checkpoint)")
     if out_of_memory(error):
         return (f"out of memory ({first_line(error)[:160]}): pass a smaller --batch-size (or a smaller model or "
                 "image size)")
@@ -108,8 +125,11 @@ def cli_main(main: F) -> F:
         try:
             return main(*args, **kwargs)
         except UsageError as e:
-            if os.environ.get("RANK", "0") == "0":  # one line, not one per process under accelerate launch
+            rank = os.environ.get("RANK", "0")
+            if rank == "0":  # one line, not one per process under accelerate launch
                 print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+            elif isinstance(e, LocalError):  # its own (re-raised from a loader worker too)
+                print(f"error: process {rank}: {one_line(e)}", file=sys.stderr, flush=True)
             sys.exit(2)
         except (OSError, RuntimeError) as e:
             line = environment_line(e)

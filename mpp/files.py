@@ -43,7 +43,9 @@ class _WriteErrors:
 def atomic_write(path: Path, write) -> None:
     """Write via a temporary file in the same folder, fsync, then rename: a reader (or a resumed run)
     sees the old file or the whole new one, never a torn one. Any failure to write (a full disk
-    included, however the writer reports it) raises OSError and leaves no temporary file."""
+    included, however the writer reports it) raises OSError and leaves no temporary file. A link is
+    written through: the file it names is replaced, and the link stays."""
+    path = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
         with open(tmp, "wb") as raw:

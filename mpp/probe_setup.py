@@ -18,7 +18,7 @@ from mpp import timm_io
 from mpp.checkpoint import KernelsFor, load_checkpoint, load_run
 from mpp.config import AT_LEAST_1, NON_NEGATIVE, SEED, Range, device_flag, number_flag
 from mpp.data import DEFAULT_DATASET
-from mpp.errors import UsageError
+from mpp.errors import UsageError, disk_refused
 from mpp.features import FEATURES, is_main_process, process_device, process_group
 from mpp.files import write_json
 from mpp.kernels import MODES, KernelPolicy, RunShapes
@@ -236,7 +236,7 @@ def save_report(target: ProbeTarget, output: Path, report: dict, scalars: dict[s
         output.parent.mkdir(parents=True, exist_ok=True)
         write_json(output, report)
     except OSError as e:
-        raise UsageError(f"cannot write '{output}' ({e.strerror}): pass a writable --output") from e
+        raise UsageError(disk_refused(e) or f"cannot write '{output}' ({e.strerror}): pass a writable --output") from e
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str((target.run_dir or output.parent) / TENSORBOARD / folder)) as tb:

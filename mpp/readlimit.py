@@ -16,12 +16,12 @@ import signal
 import threading
 from collections.abc import Iterator
 
-from mpp.errors import UsageError
+from mpp.errors import LocalError
 
 READ_LIMIT_S = 120.0  # one image (open, read, decode) may take this long before the run gives up on it
 
 
-class StuckRead(UsageError):
+class StuckRead(LocalError):
     """A read that did not finish within its limit: one line naming what was read."""
 
 
@@ -35,8 +35,8 @@ def read_limit(name: str, seconds: float | None = None) -> Iterator[None]:
 
     def expired(_signum, _frame):
         raise StuckRead(f"reading {name} did not finish within {limit:g} s (a FIFO or a stalled network mount "
-                        "never answers): fix or remove that file (or its mount), then run again (a training "
-                        "run: rerun it with --resume once it has a checkpoint)")
+                        "never answers): fix or remove that file (or its mount), then run the same command "
+                        "again (a training run: with --resume if it saved a checkpoint)")
 
     previous = signal.signal(signal.SIGALRM, expired)
     signal.setitimer(signal.ITIMER_REAL, limit)

@@ -60,8 +60,12 @@ class RunLock:
                       file=sys.stderr, flush=True)
             me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
                   "command": " ".join(sys.argv)}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+            except OSError as e:  # a full disk: the one line names the lock file (mpp.errors.disk_refused)
+                e.filename = str(self.path)
+                raise
         except BaseException:
             os.close(fd)
             raise
@@ -104,8 +108,10 @@ class ReportLock(RunLock):
     and writes it, or raises a one-line UsageError; the report is written atomically (mpp.files)."""
 
     def __init__(self, report: str | Path, flag: str = "--output"):
-        super().__init__(Path(report).parent, flag)
-        self.report = Path(report)
+        # a link to a report is locked as the report it names: both paths write one file (mpp.files.atomic_write)
+        report = Path(os.path.realpath(report)) if os.path.islink(report) else Path(report)
+        super().__init__(report.parent, flag)
+        self.report = report
         self.path = self.report.with_name(f"{self.report.name}.lock")
 
     def in_use(self, holder: dict) -> str:

@@ -16,6 +16,8 @@ patch projection is linear), so it sees what it was trained on.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -23,7 +25,7 @@ from torch import nn
 
 from mpp import hub_folder, rundir, weights
 from mpp.data import MEAN, STD
-from mpp.errors import UsageError
+from mpp.errors import UsageError, disk_refused
 from mpp.files import recover_killed_folders, replace_folder
 from mpp.model import SIZES, ViT, timm_kwargs
 from mpp.ops import TORCH, Kernels
@@ -89,6 +91,7 @@ def export(vit: ViT, output: Path, overwrite: bool = False) -> Path:
     put right first: the previous export back in place, a half-written one deleted, never read."""
     from timm.models import save_for_hf
 
+    output = Path(os.path.realpath(output)) if output.is_symlink() else output  # a link: the folder it names
     if output.exists() and not output.is_dir():
         raise UsageError(f"export folder '{output}' is a file: pass a folder path as --output")
     try:
@@ -107,11 +110,22 @@ def export(vit: ViT, output: Path, overwrite: bool = False) -> Path:
     config = {"pretrained_cfg": {"tag": "mpp", "license": None, "mean": list(MEAN), "std": list(STD)}}
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        replace_folder(output, lambda folder: save_for_hf(twin, str(folder), model_config=config,
-                                                          safe_serialization=True))
+        replace_folder(output, lambda folder: _save_for_hf(save_for_hf, twin, folder, config))
     except OSError as e:
-        raise UsageError(f"cannot write the export to '{output}' ({e.strerror or e}): pass a writable --output") from e
+        raise UsageError(disk_refused(e) or f"cannot write the export to '{output}' ({e.strerror or e}): pass a "
+                         "writable --output") from e
     return output
+
+
+def _save_for_hf(save_for_hf, twin, folder: Path, config: dict) -> None:
+    """timm's writer, whose safetensors errors (a full disk among them) become the OSError they are."""
+    try:
+        save_for_hf(twin, str(folder), model_config=config, safe_serialization=True)
+    except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError has no public base to catch
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(folder)) from e
 
 
 def push(folder: Path, repo: str) -> str:

@@ -9,6 +9,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -56,6 +57,7 @@ def test_a_read_that_never_returns_ends_the_run_naming_the_file(stuck_data, tmp_
     _, err = finish(proc)
     line = one_error_line(err)
     assert proc.returncode == 2 and "pipe.png" in line and "did not finish within 3 s" in line, line
+    assert line.startswith("error: reading image"), line  # not "mpp.readlimit.StuckRead: ..." from a worker
     assert time.monotonic() - started < PROMPT_S
     # the last whole step (0: the stuck read was in the first batch) is saved, so --resume continues
     assert [load_checkpoint(p)["step"] for p in list_checkpoints(run)] == [0]
@@ -147,8 +149,10 @@ def test_a_new_run_never_writes_into_records_that_are_not_its_own(short_run, tmp
         main("mpp", ["--output-dir", str(mine), *FAST, "--max-steps", "1"])
     assert e.value.code == 2 and "is not empty (metrics.jsonl)" in one_error_line(capsys.readouterr().err)
     assert [p.name for p in mine.iterdir()] == ["metrics.jsonl"] and (mine / "metrics.jsonl").read_text() == "my notes\n"
-    # An empty folder is a new run's.
+    # An empty folder is a new run's, and so is one holding only the empty lock of a start that wrote
+    # no record (refused by its data, stopped before its first step): else no command could use it again.
     (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "run.lock").touch()
     main("mpp", ["--output-dir", str(tmp_path / "empty"), *FAST, "--max-steps", "1"])
     assert [m["step"] for m in read_metrics(tmp_path / "empty") if "train/loss" in m] == [1]
 
@@ -277,3 +281,46 @@ def test_a_stream_shorter_than_one_batch_is_one_line(stuck_data, tmp_path):
                       "--streaming", "--num-workers", "0")
     line = one_error_line(done.stderr)
     assert done.returncode == 2 and "ended before one whole batch of 8 images" in line, line
+
+
+@pytest.mark.slow
+def test_a_stuck_read_under_accelerate_launch_is_named_by_the_process_that_met_it(stuck_data, tmp_path):
+    # It was rank 0's gloo traceback ("Connection closed by peer"), the file named nowhere.
+    done = subprocess.run([*LAUNCH_2, "tests/helpers/faults.py", "read-limit", "--dataset", str(stuck_data),
+                           "--output-dir", str(tmp_path / "run"), "--image-size", "16", "--batch-size", "8",
+                           "--max-steps", "20", "--num-workers", "0"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**ENV, "OMP_NUM_THREADS": "1", "FAULT_READ_LIMIT": "3"})
+    lines = re.findall(r"error: [^\r\n]*", done.stderr)  # rank 1's line may follow rank 0's progress bar
+    assert done.returncode != 0 and any("pipe.png" in line and "did not finish within 3 s" in line for line in lines), \
+        done.stderr[-3000:]
+    assert not any("Connection closed by peer" in line and not line.startswith("error: ") for line in
+                   done.stderr.splitlines() if line.startswith("[rank")), done.stderr[-3000:]
+
+
+def test_a_worker_s_error_is_its_own_line():
+    from mpp.errors import one_line
+    from mpp.readlimit import StuckRead
+
+    reraised = StuckRead("Caught StuckRead in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                         "last):\n  File ...\nmpp.readlimit.StuckRead: reading image 'x.png' did not finish: fix it")
+    assert one_line(reraised) == "reading image 'x.png' did not finish: fix it"
+
+
+def test_an_export_through_a_link_replaces_the_folder_it_names(short_run, tmp_path):
+    real, link = tmp_path / "real", tmp_path / "link"
+    first = run_script("scripts/export.py", "--run", str(short_run), "--output", str(real))
+    assert first.returncode == 0, first.stderr[-2000:]
+    (real / "model.safetensors").write_bytes(b"stale")
+    link.symlink_to(real)
+    again = run_script("scripts/export.py", "--run", str(short_run), "--output", str(link), "--overwrite")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert link.is_symlink() and (real / "model.safetensors").read_bytes() != b"stale"
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_an_export_is_one_line_and_leaves_no_folder(short_run, small_disk):
+    _fill(small_disk)
+    done = run_script("scripts/export.py", "--run", str(short_run), "--output", str(small_disk / "exp"))
+    line = one_error_line(done.stderr)  # safetensors' own error, not an OSError, was a traceback
+    assert done.returncode == 2 and "No space left on device" in line, line
+    assert not (small_disk / "exp").exists() and not list(small_disk.glob(".exp*"))
