@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -70,20 +71,22 @@ def build_objective(impl: str, objective: str, config: ViTConfig, kernels: Kerne
     return MPPObjective(vit, MPPConfig()) if objective == "mpp" else SupervisedObjective(vit)
 
 
-def run_shapes(config: ViTConfig, objective: str, batch: int, dtype: torch.dtype) -> RunShapes:
+def run_shapes(config: ViTConfig, objective: str, batch: int, dtype: torch.dtype, compiled: bool = False) -> RunShapes:
     """The shapes one objective's training step calls the ops at: the last block computes the
-    corrupted patches alone for MPP (MPPObjective's keep), the class token alone for supervised."""
+    corrupted patches alone for MPP (MPPObjective's keep), the class token alone for supervised.
+    `compiled` (--compile): PyTorch's side is timed compiled, as training decides (mpp.trainer)."""
     last = corrupted_count(MPPConfig().corrupt_rate, config.num_patches) if objective == "mpp" else 1
-    return RunShapes.of(config, batch, str(dtype).removeprefix("torch."), backward=True, last_queries=last)
+    return RunShapes.of(config, batch, str(dtype).removeprefix("torch."), backward=True, last_queries=last,
+                        compiled=compiled)
 
 
 def choose_kernels(policy: KernelPolicy, config: ViTConfig, batch: int, dtype: torch.dtype,
-                   device: torch.device) -> dict[str, KernelChoice]:
+                   device: torch.device, compiled: bool = False) -> dict[str, KernelChoice]:
     """Our ViT's kernels per objective, decided as training decides them: at the step's own shapes.
     (mpp.runtime.choose_kernels decides one run's; this prints each line under its objective.)"""
     choices = {}
     for objective in OBJECTIVES:
-        choices[objective] = resolve(policy, run_shapes(config, objective, batch, dtype), device)
+        choices[objective] = resolve(policy, run_shapes(config, objective, batch, dtype, compiled), device)
         for line in choices[objective].lines():
             print(f"{objective}: {line}", flush=True)
     return choices
@@ -159,14 +162,16 @@ def time_steps(case: Case, steps: int) -> float:
     return elapsed * 1e3 / steps
 
 
-def time_rounds(cases: list[Case], rounds: int, steps: int, warmup: int) -> None:
+def time_rounds(cases: list[Case], rounds: int, steps: int, warmup: int,
+                after_round: Callable[[int], None] = lambda rounds_done: None) -> None:
     """`warmup` untimed steps of each case (compilation happens here), then `rounds` rounds, each
     appending every case's ms per step over `steps` steps to its `step_ms`; a line per round.
 
     cases: as built, each impl's MPP then supervised. Timing order: ours MPP, ours supervised, timm
     supervised, timm MPP. Three of the four compared pairs are neighbours in time, so a slow spell of
     the shared machine hits both sides of their ratio; every other round runs in reverse, so a drift
-    within a round favours neither side."""
+    within a round favours neither side. `after_round(r)` runs after each (a partial result written:
+    a run cut short by its time limit keeps the rounds it timed)."""
     order = cases[:2] + cases[2:][::-1]
     for case in order:
         for _ in range(warmup):
@@ -176,6 +181,7 @@ def time_rounds(cases: list[Case], rounds: int, steps: int, warmup: int) -> None
             case.step_ms.append(time_steps(case, steps))
         print(f"round {r + 1}/{rounds}: " + ", ".join(f"{c.name} {c.step_ms[-1]:.1f} ms" for c in cases),
               flush=True)
+        after_round(r + 1)
 
 
 def compared(cases: list[Case]) -> dict[str, tuple[Case, Case]]:

@@ -39,26 +39,34 @@ def torch_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.
     return s, F.layer_norm(s, s.shape[-1:], weight, bias, eps)
 
 
+_TRITON: dict[str, Callable] = {}  # the kernels' functions, once imported
+
+
+def _triton(name: str) -> Callable:
+    """triton_kernels.<name>, imported on first use: a `Kernels` naming a kernel imports it as it is
+    built, outside any torch.compile trace (torch 2.11's Dynamo cannot trace the import of our lazy
+    package); a later call, traced or not, only reads the dict."""
+    if not _TRITON:
+        import triton_kernels
+
+        _TRITON.update({op: getattr(triton_kernels, op) for op in OPS})
+    return _TRITON[name]
+
+
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
     """Our kernel; its output is in (B, Nq, H, hd) memory order, so the block's transpose + reshape is free."""
     if dropout_p > 0:  # mpp.kernels never picks the kernel for a model with attention dropout
         raise ValueError("the Triton attention kernel has no dropout: build the model with PyTorch's attention")
-    from triton_kernels import attention
-
-    return attention(q, k, v)
+    return _triton("attention")(q, k, v)
 
 
 def triton_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    from triton_kernels import layer_norm
-
-    return layer_norm(x, weight, bias, eps)
+    return _triton("layer_norm")(x, weight, bias, eps)
 
 
 def triton_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    from triton_kernels import add_layer_norm
-
-    return add_layer_norm(x, residual, weight, bias, eps)
+    return _triton("add_layer_norm")(x, residual, weight, bias, eps)
 
 
 IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
@@ -82,6 +90,8 @@ class Kernels:
         if bad:
             raise ValueError(f"unknown kernel implementation(s) {bad}: each op runs 'triton' or 'torch'")
         object.__setattr__(self, "functions", {op: IMPLEMENTATIONS[op][getattr(self, op)] for op in OPS})
+        if "triton" in self.names().values():
+            _triton("attention")  # imported now, not inside a compiled region
 
     @classmethod
     def of(cls, names: Mapping[str, str]) -> Kernels:

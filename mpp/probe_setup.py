@@ -104,7 +104,8 @@ def probe_kernels(args) -> KernelsFor:
     state = process_group()
 
     def kernels_for(vit_config: ViTConfig):
-        shapes = RunShapes.of(vit_config, args.batch_size, "float32", backward=False)
+        # under --compile, our kernels are weighed against compiled PyTorch (Inductor fuses its norms)
+        shapes = RunShapes.of(vit_config, args.batch_size, "float32", backward=False, compiled=args.compile)
         return choose_kernels(policy, shapes, process_device(args.device, state), state).kernels
 
     return kernels_for

@@ -10,6 +10,9 @@ from pathlib import Path
 
 # The libraries whose releases change what a run computes (or how fast): recorded with every run.
 PACKAGES = ("torch", "triton", "timm", "accelerate", "datasets")
+# Where a copy of the tree without .git (the device machine's) learns its commit: written by the machine
+# that sends the tree, before the call (`git rev-parse HEAD > COMMIT`, see scripts/gpu_check.sh).
+COMMIT_FILE = "COMMIT"
 
 
 def git_commit(repo: Path, exclude: tuple[str, ...] = ("benchmarks/results",), short: bool = True) -> str:
@@ -23,12 +26,25 @@ def git_commit(repo: Path, exclude: tuple[str, ...] = ("benchmarks/results",), s
     try:
         head = git("rev-parse", *(["--short"] if short else []), "HEAD")
         if head.returncode != 0:
-            return "unknown"
+            return sent_commit(repo, short)
         # Untracked files (runs/, data/ are git-ignored anyway) are no change of code; staged ones are.
         changed = git("diff", "--quiet", "HEAD", "--", ".", *(f":(exclude){p}" for p in exclude)).returncode != 0
     except OSError:  # no git on this machine
-        return "unknown"
+        return sent_commit(repo, short)
     return head.stdout.strip() + ("+dirty" if changed else "")
+
+
+def sent_commit(repo: Path, short: bool = True) -> str:
+    """The commit in `repo`/COMMIT (a hash, as the sender's git wrote it), marked "(sent)" since nothing
+    here can check that the tree still matches it; "unknown" without a well-formed file."""
+    try:
+        text = (Path(repo) / COMMIT_FILE).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return "unknown"
+    if not (7 <= len(text) <= 40 and all(c in "0123456789abcdef" for c in text.removesuffix("+dirty"))):
+        return "unknown"
+    head, dirty = text.removesuffix("+dirty"), text.endswith("+dirty")
+    return (head[:7] if short else head) + ("+dirty" if dirty else "") + " (sent)"
 
 
 def package_root() -> Path:

@@ -185,17 +185,24 @@ def main() -> None:
 
     ceiling = matmul_ceiling(device, dtype)
     # Our ViT's kernels, decided once per objective at this benchmark's shapes, as training decides them.
-    choices = choose_kernels(policy, config, args.batch_size, dtype, device) if "ours" in args.impls else {}
+    choices = (choose_kernels(policy, config, args.batch_size, dtype, device, compiled=args.compile)
+               if "ours" in args.impls else {})  # under --compile, against compiled PyTorch (as training)
     cases = [Case(i, o, config, images, labels, dtype, args.compile,
                   choices[o].kernels if i == "ours" else TORCH, args.compile_scope)
              for i in args.impls for o in OBJECTIVES]
-    time_rounds(cases, args.rounds, args.steps, args.warmup)
-    ceiling = max(ceiling, matmul_ceiling(device, dtype))  # before and after the rounds
-    result = summarize(args, device, S, cases, choices, reused, ceiling, loader)
-
     name = result_name(device, args.model, S, args.dtype, args.compile, args.compile_scope, args.default_malloc)
     out = Path(args.output or REPO / "benchmarks" / "results" / f"{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
+
+    def partial(rounds_done: int) -> None:  # rewritten after every round: a time limit keeps what was timed
+        write_json(out, {"partial": True, "rounds_done": rounds_done, "device": device_name(device),
+                         "args": vars(args), "commit": git_commit(REPO), "versions": versions(),
+                         "kernels": {o: c.record() for o, c in choices.items()},
+                         "step_ms_rounds": {c.name: c.step_ms for c in cases}})
+
+    time_rounds(cases, args.rounds, args.steps, args.warmup, after_round=partial)
+    ceiling = max(ceiling, matmul_ceiling(device, dtype))  # before and after the rounds
+    result = summarize(args, device, S, cases, choices, reused, ceiling, loader)
     write_json(out, result)
     print_summary(result, args, choices)
     print(f"wrote {out}")

@@ -4,21 +4,26 @@
     python scripts/gpu_check.py --only tests,attention_bf16    # some parts again, with the whole budget
     TRITON_INTERPRET=1 python scripts/gpu_check.py --smoke --output-dir /tmp/x   # CPU: the script runs
 
-Parts, most important first, each in its own process with its own time limit, so that a hung
-kernel, an illegal memory access or a timeout ends that part alone; the JSON is rewritten after
-every part, so a run killed from outside keeps what was done:
-  1 versions        torch, triton, timm, CUDA, driver, the GPU; the verified dispatch's verdicts
-                    (`resolve`, policy auto, cache off) at S/16 and B/16 training shapes, batch 128 bf16
-  2 tests           the kernel numerics tests, unfiltered, per test outcomes and failure messages
-  3 attention_bf16  attention in the ViT's memory layout, bf16: output and dq, dk, dv against an fp32
+Parts, the answer first (`--plan` prints them with their limits), each in its own process with its own
+time limit, so that a hung kernel, an illegal memory access or a timeout ends that part alone; the
+JSON is rewritten after every part, so a run killed from outside keeps what was done:
+  1 versions        torch, triton, timm, CUDA, driver, the GPU (no measurement)
+  2 attention_bf16  attention in the ViT's memory layout, bf16: output and dq, dk, dv against an fp32
                     reference (error ≤ 2× SDPA's bf16 error + 1 bf16 ulp), finite, bitwise repeatable
-  4 kernel_timings  scripts/bench_kernels.py --quick: ours against every SDPA backend, eager and compiled
-  5 compiled_step   an MPP step of a 2-block S/16, torch.compile(fullgraph=True), bf16 autocast: our
+  3 train_b16       scripts/bench_train.py B/16 bf16 --compile, ours against timm (the performance
+                    question); then, best effort in the time left:
+  4 train_s16       the same at S/16
+  5 kernel_timings  scripts/bench_kernels.py --quick: ours against every SDPA backend, eager and compiled
+  6 verdicts        the verified dispatch's verdicts (`resolve`, policy auto, cache off) at S/16 and
+                    B/16 training shapes, batch 128 bf16
+  7 compiled_step   an MPP step of a 2-block S/16, torch.compile(fullgraph=True), bf16 autocast: our
                     kernels (policy triton) against PyTorch's, same init and data, losses over 3 steps
-  6 train_s16, train_b16   scripts/bench_train.py bf16 --compile, ours against timm, as time allows
+  8 tests           the kernel numerics tests, unfiltered, per test outcomes and failure messages
+The commit comes from git, or on a machine sent the tree without .git from the COMMIT file written
+before the call (mpp.provenance.sent_commit).
 Writes benchmarks/results/gpu-check-<gpu>.json and .log (and copies both to $OUT when it is set);
-exit status 0 only when every part passed (part 6 may be cut short by the budget; --smoke: the parts
-that need CUDA are recorded as skipped).
+exit status 0 only when every part passed (parts 4-8 may be cut short by the budget; --smoke: the
+parts that need CUDA are recorded as skipped).
 """
 from __future__ import annotations
 
@@ -49,6 +54,7 @@ sys.path.insert(0, str(REPO))  # the check runs from a bare checkout: no install
 from mpp.config import Parser, Range, number_flag
 from mpp.files import write_json  # atomic: a reader (or a kill) never sees half a file
 from mpp.provenance import git_commit
+from mpp.pytest_record import TestRecorder, count_outcomes  # noqa: F401 - TestRecorder: tests use it from here
 
 TEST_FILES = ("tests/test_attention.py", "tests/test_layer_norm.py", "tests/test_kernels_vit.py")
 PER_TEST_S = 60  # a test past this fails (SIGALRM) and the rest still run; stacks are dumped at +30 s
@@ -69,10 +75,12 @@ class Part:
     min_s: float = 1.0  # not started with less time left than this
 
 
-# The limits sum to 440 s, under the 480 s budget; parts that finish early leave their time to part 6.
-PARTS = (Part("versions", 75), Part("tests", 140), Part("attention_bf16", 45), Part("kernel_timings", 80),
-         Part("compiled_step", 100), Part("train_s16", 240, smoke=False, optional=True, min_s=60),
-         Part("train_b16", 240, smoke=False, optional=True, min_s=60))
+# The answer first: what ran (no measurement), bf16 numerics, then the B/16 training A/B (about 5 of
+# the 8 minutes, `--plan`). Everything after it is best effort, in what time is left.
+PARTS = (Part("versions", 30), Part("attention_bf16", 45), Part("train_b16", 240, smoke=False, min_s=60),
+         Part("train_s16", 120, smoke=False, optional=True, min_s=60), Part("kernel_timings", 80, optional=True),
+         Part("verdicts", 75, optional=True), Part("compiled_step", 100, optional=True),
+         Part("tests", 140, optional=True))
 
 
 # ---- the parts, each run as `gpu_check.py --part NAME --result FILE` in a process of its own
@@ -89,14 +97,9 @@ def _setup(smoke: bool):
 
 
 def part_versions(smoke: bool, out: dict, save) -> None:
-    from dataclasses import asdict
-
     torch, device, dtype = _setup(smoke)
 
     from mpp.kernel_cache import environment, installed_version
-    from mpp.kernels import KernelPolicy, RunShapes, resolve
-    from mpp.model import vit_config
-    from mpp.objective import MPPConfig, corrupted_count
 
     # Versions without importing the packages: a broken triton is a verdict below.
     out["versions"] = {"python": platform.python_version(), "torch": torch.__version__,
@@ -107,7 +110,18 @@ def part_versions(smoke: bool, out: dict, save) -> None:
         out["versions"] |= {"driver": env["driver"], "cudnn": torch.backends.cudnn.version()}
         out["gpu"] = {"name": props.name, "capability": env["capability"], "memory_GiB": props.total_memory / 2**30,
                       "multiprocessors": props.multi_processor_count}
-    save()
+    out |= {"passed": True, "summary": ", ".join(f"{k} {v}" for k, v in out["versions"].items())}
+
+
+def part_verdicts(smoke: bool, out: dict, save) -> None:
+    """The verified dispatch's verdicts (`resolve`, policy auto, cache off) at S/16 and B/16 training shapes."""
+    from dataclasses import asdict
+
+    torch, device, dtype = _setup(smoke)
+    from mpp.kernels import KernelPolicy, RunShapes, resolve
+    from mpp.model import vit_config
+    from mpp.objective import MPPConfig, corrupted_count
+
     # A fixed policy: no MPP_KERNELS* from the environment, no cache, so the verdicts are measured here.
     policy = KernelPolicy.from_flags("auto", "off", environ={})
     warnings, out["verdicts"] = [], {}  # warnings: a kernel failing its check at a training shape, or no triton
@@ -126,46 +140,6 @@ def part_versions(smoke: bool, out: dict, save) -> None:
     out |= {"warnings": warnings, "passed": not warnings}
     out["summary"] = "; ".join(f"{k}: " + " ".join(f"{op} {v['impl']}" for op, v in r["verdicts"].items())
                                for k, r in out["verdicts"].items())
-
-
-class TestRecorder:
-    """A pytest plugin (handed to pytest.main, no conftest): every test's outcome, duration and
-    failure message, saved after each test so that a killed run keeps them, and a per-test limit."""
-
-    def __init__(self, out: dict, save, limit_s: float, alarm: bool):
-        self.save, self.limit_s, self.alarm = save, limit_s, alarm
-        self.tests: dict[str, dict] = out.setdefault("tests", {})
-
-    def pytest_runtest_logstart(self, nodeid, location):
-        self.tests[nodeid] = {"outcome": "started"}  # still "started" in the file: the test the run died in
-        self.save()
-
-    def _timeout(self, signum, frame):
-        raise TimeoutError(f"over the per-test limit of {self.limit_s:.0f} s")
-
-    def pytest_runtest_logreport(self, report):
-        # The alarm covers the test's call: armed as its setup is reported (the call comes next, whatever
-        # the order of other plugins' hooks), disarmed as the call is reported.
-        if self.alarm and report.when == "setup" and report.passed:
-            signal.signal(signal.SIGALRM, self._timeout)
-            signal.setitimer(signal.ITIMER_REAL, self.limit_s)
-        elif self.alarm and report.when == "call":
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        entry = self.tests.setdefault(report.nodeid, {"outcome": "started"})
-        entry["seconds"] = round(entry.get("seconds", 0.0) + report.duration, 3)
-        if report.when == "call" or report.outcome != "passed":
-            entry["outcome"] = "error" if report.failed and report.when != "call" else report.outcome
-            if report.skipped:
-                entry["reason"] = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-            elif report.failed:
-                lines = [line for line in report.longreprtext.splitlines() if line.startswith("E ")]
-                entry["message"] = "\n".join(lines[:12]) if lines else report.longreprtext[-800:]
-        self.save()
-
-
-def count_outcomes(tests: dict) -> dict[str, int]:
-    outcomes = [t["outcome"] for t in tests.values()]
-    return {k: outcomes.count(k) for k in sorted(set(outcomes))}
 
 
 def part_tests(smoke: bool, out: dict, save) -> None:
@@ -278,8 +252,8 @@ def part_compiled_step(smoke: bool, out: dict, save) -> None:
     out["summary"] = f"loss differences {diffs} (tolerance {tol:.3g} relative)"
 
 
-PART_FUNCS = {"versions": part_versions, "tests": part_tests, "attention_bf16": part_attention,
-              "compiled_step": part_compiled_step}
+PART_FUNCS = {"versions": part_versions, "verdicts": part_verdicts, "tests": part_tests,
+              "attention_bf16": part_attention, "compiled_step": part_compiled_step}
 
 
 def run_part_here(name: str, smoke: bool, result: Path) -> None:
@@ -470,10 +444,22 @@ def build_parser() -> Parser:
                    help="where gpu-check-<gpu>.json and .log go (and to $OUT as well when it is set)")
     number_flag(p, "--budget", float, Range(1, 3600), default=480.0, metavar="SECONDS",
                 help="the whole run's wall-clock budget; each part's limit is cut to what is left")
+    p.add_argument("--plan", action="store_true", help="print the parts in order with their limits, and exit")
     p.add_argument("--only", default="", help=f"comma-separated parts to run: {', '.join(x.name for x in PARTS)}")
     p.add_argument("--part", choices=sorted(PART_FUNCS), help=argparse.SUPPRESS)  # a part's own process
     p.add_argument("--result", help=argparse.SUPPRESS)
     return p
+
+
+def plan(budget: float) -> str:
+    """The parts in the order they run, each with its limit and the latest second it can end at (the
+    budget cuts a limit to what is left): what a lease buys, read before one is spent."""
+    lines, end = [f"{'part':<16}{'limit s':>8}{'ends by s':>11}  (budget {budget:.0f} s, {RESERVE_S:.0f} s kept back)"], 0.0
+    for part in PARTS:
+        end = min(end + part.limit_s, budget - RESERVE_S)
+        note = "best effort" if part.optional else "must pass"
+        lines.append(f"{part.name:<16}{part.limit_s:>8.0f}{end:>11.0f}  {note}{'' if part.smoke else ', CUDA only'}")
+    return "\n".join(lines)
 
 
 def selected(only: str) -> set[str] | None:
@@ -487,6 +473,9 @@ def main() -> None:
     unknown = (selected(args.only) or set()) - {p.name for p in PARTS}
     if unknown:
         parser.error(f"--only names {', '.join(sorted(unknown))}: pass some of {', '.join(p.name for p in PARTS)}")
+    if args.plan:
+        print(plan(args.budget))
+        return
     if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("error: --smoke runs the kernels through Triton's interpreter: set TRITON_INTERPRET=1")
     if args.part:

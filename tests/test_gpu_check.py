@@ -11,7 +11,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_check.py"
-PARTS = ["versions", "tests", "attention_bf16", "kernel_timings", "compiled_step", "train_s16", "train_b16"]
+PARTS = ["versions", "attention_bf16", "train_b16", "train_s16", "kernel_timings", "verdicts", "compiled_step", "tests"]
+CPU_PARTS = ["versions", "attention_bf16", "kernel_timings", "verdicts", "compiled_step", "tests"]
 ENV = {**os.environ, "TRITON_INTERPRET": "1"}
 
 
@@ -31,14 +32,14 @@ def test_smoke_run_records_every_part(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert r["mode"] == "smoke" and r["passed"] is True and list(r["parts"]) == PARTS
     parts = r["parts"]
-    for name in PARTS[:5]:  # the parts that run on CPU ran, and passed
+    for name in CPU_PARTS:  # the parts that run on CPU ran, and passed
         assert parts[name]["status"] == "passed", (name, parts[name])
         assert parts[name]["seconds"] <= parts[name]["limit_s"]
-    for name in PARTS[5:]:
+    for name in ("train_b16", "train_s16"):
         assert parts[name]["status"] == "skipped" and parts[name]["reason"].startswith("needs CUDA")
 
-    versions = parts["versions"]["result"]
-    assert {"torch", "triton", "timm", "cuda"} <= set(versions["versions"])
+    assert {"torch", "triton", "timm", "cuda"} <= set(parts["versions"]["result"]["versions"])
+    versions = parts["verdicts"]["result"]  # measured in a part of their own, after the training A/B
     assert set(versions["verdicts"]) == {"Micro/4 mpp", "Micro/4 supervised"}
     for verdicts in versions["verdicts"].values():
         assert verdicts["mode"] == "auto" and verdicts["source"] == "measured"  # cache off: measured here
@@ -73,13 +74,15 @@ def test_smoke_run_records_every_part(tmp_path):
 
 
 def test_the_budget_cuts_parts_and_the_json_says_so(tmp_path):
-    # 4 s of budget, 2 s kept back: the first part is killed at under 2 s (python, torch, timm and the
-    # interpreted kernels take longer), every later part is skipped, and the JSON and log record it all.
+    # 4 s of budget, 2 s kept back: the first part (versions: importing torch, no measurement) may end
+    # within its 2 s or be killed; the second (interpreted kernels take longer) cannot finish; every later
+    # part is skipped, and the JSON and log record it all.
     proc, r, out = check(tmp_path, "--budget", "4", timeout=120)
     assert proc.returncode == 1
     assert list(r["parts"]) == PARTS and r["passed"] is False
-    assert r["parts"]["versions"]["status"] == "timeout"
-    for name in PARTS[1:5]:
+    assert r["parts"]["versions"]["status"] in ("passed", "timeout")
+    assert r["parts"]["attention_bf16"]["status"] in ("skipped", "timeout")
+    for name in CPU_PARTS[2:]:
         assert r["parts"][name]["status"] == "skipped" and r["parts"][name]["reason"].startswith("budget")
     assert (out / "gpu-check-smoke-cpu.json").is_file() and (out / "gpu-check-smoke-cpu.log").is_file()
     assert "NOT PASSED" in proc.stdout
@@ -121,3 +124,52 @@ def test_the_recorder_fails_a_slow_test_and_runs_the_rest(tmp_path):
     assert tests["test_after_the_slow_one"]["outcome"] == "passed"
     assert tests["test_wrong"]["outcome"] == "failed" and "assert" in tests["test_wrong"]["message"]
     assert tests["test_skipped"]["outcome"] == "skipped" and "not here" in tests["test_skipped"]["reason"]
+
+
+def test_the_plan_puts_the_b16_training_ab_within_the_first_three_parts_and_its_limits_in_the_budget():
+    done = subprocess.run([sys.executable, str(SCRIPT), "--plan"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, check=False)  # no GPU, no torch import needed
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines()[1:]]
+    assert [r[0] for r in rows] == PARTS and rows.index(next(r for r in rows if r[0] == "train_b16")) < 3
+    ends = {r[0]: float(r[2]) for r in rows}
+    assert ends["train_b16"] <= 480 - 2 and all(e <= 478 for e in ends.values())
+    assert all(r[3] == "must" for r in rows[:3]) and all(r[3] == "best" for r in rows[3:])
+
+
+def test_a_tree_sent_without_git_records_the_commit_it_was_sent_as(tmp_path):
+    from mpp.provenance import git_commit
+
+    assert git_commit(tmp_path) == "unknown"  # no .git, no COMMIT: nothing to record
+    (tmp_path / "COMMIT").write_text("0123456789abcdef0123456789abcdef01234567\n")
+    assert git_commit(tmp_path) == "0123456 (sent)"
+    assert git_commit(tmp_path, short=False) == "0123456789abcdef0123456789abcdef01234567 (sent)"
+    (tmp_path / "COMMIT").write_text("not a hash; rm -rf /")
+    assert git_commit(tmp_path) == "unknown"
+
+
+def test_bench_train_weighs_kernels_against_compiled_pytorch_under_compile(monkeypatch):
+    # The verdicts under --compile were measured against eager PyTorch (run_shapes never passed
+    # `compiled`), so `auto` could put our LayerNorm where Inductor would have fused PyTorch's.
+    import mpp.benchmark as bench
+    from mpp.model import vit_config
+
+    seen = []
+    monkeypatch.setattr(bench, "resolve", lambda policy, shapes, device: seen.append(shapes) or _Choice())
+    bench.choose_kernels(None, vit_config("Micro/4"), 2, __import__("torch").float32, None, compiled=True)
+    assert seen and all(s.compiled for s in seen)
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_train
+
+    calls = []
+    monkeypatch.setattr(bench_train, "choose_kernels", lambda *a, **k: calls.append(k) or (_ for _ in ()).throw(
+        SystemExit(0)))
+    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--model", "Micro/4", "--compile", "--loader-batches", "0"])
+    with pytest.raises(SystemExit):
+        bench_train.main()
+    assert calls == [{"compiled": True}]
+
+
+class _Choice:
+    def lines(self):
+        return []

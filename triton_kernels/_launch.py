@@ -46,3 +46,11 @@ def as_op(name: str, launcher, fake):
     op = torch.library.custom_op(f"mpp_kernels::{name}", launcher, mutates_args=())
     op.register_fake(fake)
     return op
+
+
+def wrap_triton(kernel):
+    """torch.library.wrap_triton(kernel) for compiled Triton; under TRITON_INTERPRET=1 the kernel as it is
+    (an InterpretedFunction, launched directly by the opaque custom op of `as_op`): torch 2.14 passes
+    it through itself, torch 2.11 (the GPU machine's) refuses it ("wrap_triton only works on functions
+    annotated with triton.jit")."""
+    return kernel if interpreting() else torch.library.wrap_triton(kernel)

@@ -36,9 +36,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from triton_kernels._launch import as_op, launch_device
+from triton_kernels._launch import as_op, launch_device, wrap_triton
 from triton_kernels.gate import MAX_GRID_Y, MAX_HEAD_DIM, interpreting, platform_problem
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -26,9 +26,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from triton_kernels._launch import as_op, launch_device
+from triton_kernels._launch import as_op, launch_device, wrap_triton
 from triton_kernels.gate import MAX_WIDTH, interpreting, platform_problem
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
