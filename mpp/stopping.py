@@ -182,17 +182,25 @@ def end_with_launcher() -> None:
     if _watching or "LOCAL_RANK" not in os.environ or not hasattr(os, "getppid"):
         return
     _watching = True
-    parent = os.getppid()
+    parent, done = os.getppid(), threading.Event()
 
     def watch() -> None:
         while os.getppid() == parent:
-            time.sleep(LAUNCHER_POLL_S)
+            if done.wait(LAUNCHER_POLL_S):
+                return  # this process is exiting: no thread of ours is left running into its finalization
         if os.environ.get("RANK", "0") == "0":  # one line, not one per process
             print(f"warning: the launcher (process {parent}) of this run is gone: stopping too (a training run "
                   "saves its step first), so that no process outlives it; rerun the launch with --resume to "
                   "continue", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(ORPHAN_LIMIT_S)
-        os._exit(128 + signal.SIGTERM)
+        if not done.wait(ORPHAN_LIMIT_S):  # set as the process exits: it saved and ended in time
+            os._exit(128 + signal.SIGTERM)
 
-    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+    thread = threading.Thread(target=watch, name="launcher-watch", daemon=True)
+    thread.start()
+
+    def stop_watching() -> None:
+        done.set()
+        thread.join(timeout=LAUNCHER_POLL_S + 1)
+
+    atexit.register(stop_watching)
