@@ -18,6 +18,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from mpp.errors import UsageError
 from mpp.kernels import KernelChoice, KernelPolicy, RunShapes, resolve
 from mpp.model import ViT, ViTConfig, gather_tokens, timm_kwargs
 from mpp.objective import MPPConfig, MPPObjective, SupervisedObjective, corrupted_count
@@ -35,6 +36,24 @@ COMPARED = {
     "mpp/supervised step ours": ("ours mpp", "ours supervised"),  # MPP step cost, supervised = 1
     "mpp/supervised step timm": ("timm mpp", "timm supervised"),
 }
+
+
+# The legs of the training A/B (`bench_train.py --legs`, MPP only), each timed against timm's ViT with
+# SDPA: leg → (kernel mode, ops kept on PyTorch); None: timm itself.
+LEGS = {"timm": None, "ours-torch": ("torch", ""), "ours-triton": ("triton", ""),
+        "ours-no-ln": ("triton", "layer_norm,add_layer_norm")}
+
+
+def leg_kernels(leg: str, config: ViTConfig, batch: int, dtype: torch.dtype, device: torch.device,
+                compiled: bool) -> KernelChoice | str:
+    """Our ViT's kernels for `leg` at the MPP step's shapes, or why the leg cannot run (a forced kernel
+    that fails its own check there: recorded, the other legs still timed)."""
+    mode, off = LEGS[leg]
+    policy = KernelPolicy.from_flags(mode, "off", environ={"MPP_KERNELS_OFF": off})
+    try:
+        return resolve(policy, run_shapes(config, "mpp", batch, dtype, compiled), device)
+    except UsageError as e:
+        return str(e)
 
 
 class TimmTokens(nn.Module):
@@ -96,8 +115,9 @@ class Case:
     """One (impl, objective): its model, optimizer and a `step()` on a fixed batch."""
 
     def __init__(self, impl: str, objective: str, config: ViTConfig, images: torch.Tensor, labels: torch.Tensor,
-                 dtype: torch.dtype, compile_model: bool, kernels: Kernels = TORCH, compile_scope: str = "model"):
-        self.impl, self.objective, self.config = impl, objective, config
+                 dtype: torch.dtype, compile_model: bool, kernels: Kernels = TORCH, compile_scope: str = "model",
+                 label: str = ""):
+        self.impl, self.objective, self.config, self.label = impl, objective, config, label  # label: a leg's name
         self.module = build_objective(impl, objective, config, kernels).to(images.device)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         groups = param_groups(self.module, 0.05, self.module.no_weight_decay())
@@ -115,7 +135,7 @@ class Case:
 
     @property
     def name(self) -> str:
-        return f"{self.impl} {self.objective}"
+        return f"{self.label or self.impl} {self.objective}"
 
     def loss(self) -> torch.Tensor:
         with self.autocast():
@@ -187,4 +207,5 @@ def time_rounds(cases: list[Case], rounds: int, steps: int, warmup: int,
 def compared(cases: list[Case]) -> dict[str, tuple[Case, Case]]:
     """The ratios of COMPARED whose two cases were both run: name → (slow case, fast case)."""
     by_name = {c.name: c for c in cases}
-    return {k: (by_name[a], by_name[b]) for k, (a, b) in COMPARED.items() if a in by_name and b in by_name}
+    legs = {f"{c.label}/timm mpp": ("timm mpp", c.name) for c in cases if c.label.startswith("ours-")}
+    return {k: (by_name[a], by_name[b]) for k, (a, b) in {**COMPARED, **legs}.items() if a in by_name and b in by_name}

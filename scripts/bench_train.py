@@ -38,11 +38,13 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from mpp.benchmark import (
     IMPLS,
+    LEGS,
     NUM_CLASSES,
     OBJECTIVES,
     Case,
     choose_kernels,
     compared,
+    leg_kernels,
     time_rounds,
 )
 from mpp.benchmark_costs import (
@@ -85,6 +87,9 @@ def build_parser() -> Parser:
     number_flag(p, "--steps", int, AT_LEAST_1, default=3, help="steps per case per round")
     number_flag(p, "--warmup", int, NON_NEGATIVE, default=2, help="untimed steps per case first (compilation happens here)")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    p.add_argument("--legs", nargs="+", choices=list(LEGS), default=[],
+                   help="MPP only, instead of --impls: timm (SDPA), ours-torch (PyTorch's ops), ours-triton (every "
+                        "kernel forced), ours-no-ln (LayerNorm kernels off); each ours-* leg's ratio over timm")
     p.add_argument("--dataset", default="digits", help="for the loader timing: digits | image folder | hf:NAME")
     number_flag(p, "--num-workers", int, Range(0, 256), default=2,
                 help="loader worker processes, as --num-workers of training")
@@ -103,7 +108,7 @@ def case_row(case: Case, batch: int, ceiling: float, flops: float) -> dict:
     """One case's figures: median step time over the rounds, throughput, memory, FLOPs and MFU."""
     step_ms = median(case.step_ms)
     images_per_s = batch / (step_ms * 1e-3)
-    return {"impl": case.impl, "objective": case.objective, "step_ms": step_ms, "step_ms_rounds": case.step_ms,
+    return {"case": case.name, "impl": case.impl, "objective": case.objective, "step_ms": step_ms, "step_ms_rounds": case.step_ms,
             "minor_faults_rounds": case.faults,
             "images_per_s": images_per_s, "peak_mb": step_peak_bytes(case) / 2**20,
             "resident_mb": case.resident_bytes() / 2**20,
@@ -148,7 +153,7 @@ def print_summary(result: dict, args, choices: dict) -> None:
           + ("; ".join(f"{o} {c.kernels.names()}" for o, c in choices.items()) or "n/a"))
     print(f"{'case':<16}{'images/s':>10}{'step ms':>10}{'peak MB':>10}{'GFLOP/img':>11}{'MFU':>8}")
     for c in result["cases"]:
-        print(f"{c['impl'] + ' ' + c['objective']:<16}{c['images_per_s']:>10.1f}{c['step_ms']:>10.1f}"
+        print(f"{c['case']:<16}{c['images_per_s']:>10.1f}{c['step_ms']:>10.1f}"
               f"{c['peak_mb']:>10.0f}{c['gflops_per_image']:>11.3f}{100 * c['mfu']:>7.1f}%")
     print("ratios (median over pairs of rounds, 95% interval): " + ", ".join(
         f"{k} {v:.3f} [{r[k]['low']:.3f}, {r[k]['high']:.3f}]" for k, v in result["ratios"].items()))
@@ -158,6 +163,25 @@ def print_summary(result: dict, args, choices: dict) -> None:
     for name, ops in result.get("profile", {}).items():
         print(f"profile, {name}: " + ", ".join(f"{o['op']} {100 * o['share']:.1f}%" for o in ops))
     print(f"README rows:\n{markdown(result) if len(result['ratios']) == 4 else '(needs both impls)'}")
+
+
+def leg_cases(args, config, images, labels, dtype, device) -> tuple[list[Case], dict, dict[str, str]]:
+    """(the legs' MPP cases, our legs' kernel choices, {leg: why it was not timed})."""
+    cases, choices, skipped = [], {}, {}
+    for leg in args.legs:
+        choice = None if LEGS[leg] is None else leg_kernels(leg, config, args.batch_size, dtype, device, args.compile)
+        if isinstance(choice, str):
+            print(f"{leg}: not timed: {choice}", flush=True)
+            skipped[leg] = choice
+            continue
+        if choice is not None:
+            choices[leg] = choice
+            for line in choice.lines():
+                print(f"{leg}: {line}", flush=True)
+        cases.append(Case("timm" if choice is None else "ours", "mpp", config, images, labels, dtype, args.compile,
+                          TORCH if choice is None else choice.kernels, args.compile_scope,
+                          label="" if choice is None else leg))
+    return cases, choices, skipped
 
 
 @cli_main  # --kernels triton meeting a failed check, or too small a --dataset: one line, exit code 2
@@ -185,11 +209,14 @@ def main() -> None:
 
     ceiling = matmul_ceiling(device, dtype)
     # Our ViT's kernels, decided once per objective at this benchmark's shapes, as training decides them.
-    choices = (choose_kernels(policy, config, args.batch_size, dtype, device, compiled=args.compile)
-               if "ours" in args.impls else {})  # under --compile, against compiled PyTorch (as training)
-    cases = [Case(i, o, config, images, labels, dtype, args.compile,
-                  choices[o].kernels if i == "ours" else TORCH, args.compile_scope)
-             for i in args.impls for o in OBJECTIVES]
+    if args.legs:
+        cases, choices, skipped = leg_cases(args, config, images, labels, dtype, device)
+    else:
+        choices = (choose_kernels(policy, config, args.batch_size, dtype, device, compiled=args.compile)
+                   if "ours" in args.impls else {})  # under --compile, against compiled PyTorch (as training)
+        cases, skipped = [Case(i, o, config, images, labels, dtype, args.compile,
+                               choices[o].kernels if i == "ours" else TORCH, args.compile_scope)
+                          for i in args.impls for o in OBJECTIVES], {}
     name = result_name(device, args.model, S, args.dtype, args.compile, args.compile_scope, args.default_malloc)
     out = Path(args.output or REPO / "benchmarks" / "results" / f"{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -203,6 +230,8 @@ def main() -> None:
     time_rounds(cases, args.rounds, args.steps, args.warmup, after_round=partial)
     ceiling = max(ceiling, matmul_ceiling(device, dtype))  # before and after the rounds
     result = summarize(args, device, S, cases, choices, reused, ceiling, loader)
+    if skipped:
+        result["legs_skipped"] = skipped  # a forced kernel that failed its check: that leg was not timed
     write_json(out, result)
     print_summary(result, args, choices)
     print(f"wrote {out}")

@@ -10,8 +10,9 @@ JSON is rewritten after every part, so a run killed from outside keeps what was 
   1 versions        torch, triton, timm, CUDA, driver, the GPU (no measurement)
   2 attention_bf16  attention in the ViT's memory layout, bf16: output and dq, dk, dv against an fp32
                     reference (error ≤ 2× SDPA's bf16 error + 1 bf16 ulp), finite, bitwise repeatable
-  3 train_b16       scripts/bench_train.py B/16 bf16 --compile, ours against timm (the performance
-                    question); then, best effort in the time left:
+  3 train_b16       scripts/bench_train.py B/16 MPP bf16 --compile, the performance question: timm (SDPA)
+                    against ours on PyTorch's ops, with every kernel forced, and with the LayerNorm
+                    kernels off; MFU, peak memory, top ops; then, best effort in the time left:
   4 train_s16       the same at S/16
   5 kernel_timings  scripts/bench_kernels.py --quick: ours against every SDPA backend, eager and compiled
   6 verdicts        the verified dispatch's verdicts (`resolve`, policy auto, cache off) at S/16 and
@@ -290,9 +291,13 @@ def command(part: Part, smoke: bool, work: Path, limit_s: float) -> tuple[list[s
         return [*py, "scripts/bench_kernels.py", "--output", str(result)] + (
             ["--smoke"] if smoke else ["--quick", "--time-limit", f"{max(1.0, limit_s - 15):.0f}"]), result
     model = {"train_s16": "S/16", "train_b16": "B/16"}[part.name]
+    # B/16, the question: MPP, timm (SDPA) against ours on PyTorch's ops, with every kernel forced, and
+    # with the LayerNorm kernels off, each step's top ops profiled; S/16: ours (auto) against timm.
+    legs = (["--legs", "timm", "ours-torch", "ours-triton", "ours-no-ln", "--profile", "10"]
+            if part.name == "train_b16" else ["--kernels", "auto"])
     # Regional compilation, as training's --compile: one block's compilation serves all twelve.
     return [*py, "scripts/bench_train.py", "--model", model, "--batch-size", "128", "--dtype", "bf16", "--compile",
-            "--compile-scope", "blocks", "--kernels", "auto", "--rounds", "4", "--steps", "5", "--warmup", "2",
+            "--compile-scope", "blocks", *legs, "--rounds", "4", "--steps", "5", "--warmup", "2",
             "--loader-batches", "0", "--output", str(result)], result
 
 
@@ -311,9 +316,9 @@ def judge(part: Part, result: dict) -> tuple[bool, str]:
         note = "ours/fastest other, fwd+bwd time: " + ", ".join(ratios) + (
             "" if result.get("complete") else " (incomplete: time limit)")
         return not broken, (f"our kernel failed at {', '.join(broken)}; " if broken else "") + note
-    r = result.get("ratios", {})
-    return True, "timm/ours step time: " + ", ".join(f"{k.removeprefix('ours/timm ')} {v:.3f}" for k, v in r.items()
-                                                     if k.startswith("ours/timm"))
+    r, skipped = result.get("ratios", {}), result.get("legs_skipped", {})
+    note = "timm/ours step time: " + ", ".join(f"{k.replace('/timm', '')} {v:.3f}" for k, v in r.items() if "/timm" in k)
+    return True, note + "".join(f"; {leg} not timed ({why[:80]})" for leg, why in skipped.items())
 
 
 def run_logged(cmd: list[str], limit_s: float, log) -> tuple[int, bool]:

@@ -226,3 +226,20 @@ def test_every_timed_round_is_handed_on_as_it_ends(monkeypatch):
     bench.time_rounds(cases, rounds=3, steps=1, warmup=0,
                       after_round=lambda done: seen.append((done, [len(c.step_ms) for c in cases])))
     assert seen == [(r, [r] * 4) for r in (1, 2, 3)]
+
+
+def test_the_legs_of_the_ab_each_against_timm_and_a_leg_that_cannot_run_is_recorded(tmp_path):
+    # gpu_check's B/16 question: timm against ours on PyTorch's ops, with every kernel forced and with the
+    # LayerNorm kernels off. Here (CPU, no interpreter) the forced legs cannot run: recorded, not fatal.
+    out = tmp_path / "legs.json"
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_train.py", "--model", "Micro/4", "--batch-size", "8", "--rounds", "2",
+         "--steps", "1", "--warmup", "1", "--loader-batches", "0", "--threads", "1", "--output", str(out),
+         "--legs", "timm", "ours-torch", "ours-triton", "ours-no-ln"],
+        cwd=REPO, check=False, capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [c["case"] for c in result["cases"]] == ["timm mpp", "ours-torch mpp"]
+    assert set(result["ratios"]) == {"ours-torch/timm mpp"} and result["ratios"]["ours-torch/timm mpp"] > 0
+    assert set(result["legs_skipped"]) == {"ours-triton", "ours-no-ln"}
+    assert result["kernels"]["ours-torch"]["mode"] == "torch"
