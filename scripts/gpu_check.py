@@ -9,7 +9,7 @@ time limit, so that a hung kernel, an illegal memory access or a timeout ends th
 JSON is rewritten after every part, so a run killed from outside keeps what was done:
   1 versions        torch, triton, timm, CUDA, driver, the GPU (no measurement)
   2 attention_bf16  attention in the ViT's memory layout, bf16: output and dq, dk, dv against an fp32
-                    reference (error ≤ 2× SDPA's bf16 error + 1 bf16 ulp), finite, bitwise repeatable
+                    reference (≤ 2× SDPA's bf16 error + 1 ulp), finite, repeatable; both LayerNorms at B/16
   3 train_b16       scripts/bench_train.py B/16 MPP bf16 --compile, the performance question: timm (SDPA)
                     against ours on PyTorch's ops, with every kernel forced, and with the LayerNorm
                     kernels off; MFU, peak memory, top ops; then, best effort in the time left:
@@ -166,6 +166,8 @@ def part_tests(smoke: bool, out: dict, save) -> None:
 def part_attention(smoke: bool, out: dict, save) -> None:
     torch, device, dtype = _setup(smoke)
     from mpp import kernel_measure as measure
+    from mpp.kernels import RunShapes  # then the norms at the same model's shapes, forward and backward
+    from mpp.model import vit_config
     from mpp.ops import IMPLEMENTATIONS
     from triton_kernels import attention_ref
 
@@ -194,9 +196,14 @@ def part_attention(smoke: bool, out: dict, save) -> None:
               f"worst {worst[0]} error {worst[1]['error']:.3g} vs bound {worst[1]['bound']:.3g}", flush=True)
         save()
         del q, k, v, dout, args, grads, want, theirs, got, again
+    shapes = RunShapes.of(vit_config("Micro/4" if smoke else "B/16"), 2 if smoke else 128, str(dtype)[6:], backward=True)
+    out["norms"] = {op: measure.check_op(op, shapes, device, mode="triton") for op in ("layer_norm", "add_layer_norm")}
+    norms_ok = all("cause" not in r and r["error"] <= r["bound"] for r in out["norms"].values())
     passed = sum(c["passed"] for c in out["cases"])
-    out |= {"passed": passed == len(out["cases"]),
-            "summary": f"{passed}/{len(out['cases'])} shapes within bound, finite, repeatable"}
+    out |= {"passed": passed == len(out["cases"]) and norms_ok,
+            "summary": f"{passed}/{len(out['cases'])} attention shapes within bound, finite, repeatable; LayerNorm "
+                       + ", ".join(f"{op} {r.get('error', float('nan')):.2g} vs {r.get('bound', 0):.2g}"
+                                   + (f" ({r['cause']})" if "cause" in r else "") for op, r in out["norms"].items())}
 
 
 def part_compiled_step(smoke: bool, out: dict, save) -> None:

@@ -51,6 +51,8 @@ def test_smoke_run_records_every_part(tmp_path):
     assert tests["counts"].get("passed", 0) >= 2 and not tests["failures"] and tests["exit_code"] == 0
     assert all(t["outcome"] == "passed" and t["seconds"] >= 0 for t in tests["tests"].values())
 
+    norms = parts["attention_bf16"]["result"]["norms"]  # the LayerNorm kernels at the same model's shapes
+    assert set(norms) == {"layer_norm", "add_layer_norm"} and all(r["error"] <= r["bound"] for r in norms.values())
     cases = parts["attention_bf16"]["result"]["cases"]
     assert [c["Nq"] == c["Nk"] for c in cases] == [True, True, False, False]
     for case in cases:
