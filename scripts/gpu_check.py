@@ -123,14 +123,14 @@ def part_verdicts(smoke: bool, out: dict, save) -> None:
     from mpp.model import vit_config
     from mpp.objective import MPPConfig, corrupted_count
 
-    # A fixed policy: no MPP_KERNELS* from the environment, no cache, so the verdicts are measured here.
-    policy = KernelPolicy.from_flags("auto", "off", environ={})
+    policy = KernelPolicy.from_flags("auto", "off", environ={})  # no MPP_KERNELS*, no cache: measured here
     warnings, out["verdicts"] = [], {}  # warnings: a kernel failing its check at a training shape, or no triton
     for model in ("Micro/4",) if smoke else ("S/16", "B/16"):
         config = vit_config(model)
         for objective in ("mpp", "supervised"):
             last = corrupted_count(MPPConfig().corrupt_rate, config.num_patches) if objective == "mpp" else 1
-            shapes = RunShapes.of(config, 2 if smoke else 128, str(dtype)[6:], backward=True, last_queries=last)
+            shapes = RunShapes.of(config, 2 if smoke else 128, str(dtype)[6:], backward=True, last_queries=last,
+                                  compiled=not smoke)  # as the compiled training parts decide (--compile)
             started = time.monotonic()
             choice = resolve(policy, shapes, device, warn=warnings.append)
             out["verdicts"][f"{model} {objective}"] = {**choice.record(), "shapes": asdict(shapes),
