@@ -11,6 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from helpers.refusals import label_needing, run_in_process
 from helpers.runs import run_script, threads_kept
 from helpers.shard_files import png, write_tar
 
@@ -238,21 +239,10 @@ def test_a_streams_labels_are_checked_as_read_and_minus_one_refused_once_labels_
 
 # ---------------------------------------------------------------- what each command accepts
 
-PROBE = ["--model", "Micro/4", "--random-init", "--image-size", "8", "--device", "cpu"]
-
-
 def refusals(spec: str, out: Path) -> dict[str, list[str]]:
-    """Each label-needing command, as argv after `python`, writing (if it wrote) only under `out`."""
-    return {
-        "supervised": ["scripts/pretrain_supervised.py", "--dataset", spec, *TINY, "--output-dir", str(out / "run")],
-        "fewshot-every": ["scripts/pretrain_mpp.py", "--dataset", spec, *TINY, "--fewshot-every", "5",
-                          "--output-dir", str(out / "run")],
-        "finetune": ["eval/finetune.py", "--model", "Micro/4", "--image-size", "8", "--dataset", spec, "--output-dir",
-                     str(out / "tune")],
-        "fewshot": ["eval/fewshot.py", *PROBE, "--dataset", spec, "--output", str(out / "probe" / "fewshot.json")],
-        "linear_probe": ["eval/linear_probe.py", *PROBE, "--dataset", spec, "--output", str(out / "probe" / "lp.json")],
-        "knn": ["eval/knn.py", *PROBE, "--dataset", spec, "--output", str(out / "probe" / "knn.json")],
-    }
+    """Each label-needing command (tests/helpers/refusals.py) at this file's tiny sizes."""
+    return label_needing(spec, out, train=tuple(TINY), tune=("--image-size", "8"),
+                         probe=("--image-size", "8", "--device", "cpu"))
 
 
 def command_line(name: str, spec: str, out: Path) -> list[str]:
@@ -271,19 +261,10 @@ NEEDLES = {"partly-unlabelled": "3 of the 27 images in split 'train' of dataset"
 @pytest.mark.parametrize("source", NEEDLES)
 def test_every_label_needing_command_refuses_labels_it_cannot_learn_or_score(specs, hf_cache, tmp_path, capsys,
                                                                               source):
-    import eval.fewshot
-    import eval.finetune
-    import eval.knn
-    import eval.linear_probe
-
-    entry = {"scripts/pretrain_supervised.py": lambda argv: main("supervised", argv),
-             "scripts/pretrain_mpp.py": lambda argv: main("mpp", argv),
-             "eval/finetune.py": eval.finetune.main, "eval/fewshot.py": eval.fewshot.main,
-             "eval/linear_probe.py": eval.linear_probe.main, "eval/knn.py": eval.knn.main}
     out = tmp_path / "out"  # each command's output goes below it: none may be created
     for command, argv in refusals(specs[source], out).items():
         with threads_kept(), pytest.raises(SystemExit) as e:
-            entry[argv[0]](argv[1:])
+            run_in_process(argv)
         err = capsys.readouterr().err
         errors = [line for line in err.splitlines() if line.startswith("error: ")]
         assert e.value.code == 2 and len(errors) == 1 and NEEDLES[source] in errors[0], (command, err[-2000:])

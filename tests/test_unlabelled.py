@@ -15,6 +15,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from helpers.refusals import label_needing, run_in_process
 from helpers.runs import ENV, REPO, final_weights, run_script, threads_kept
 from helpers.shard_files import png
 
@@ -347,35 +348,12 @@ def test_mpp_trains_on_each_source_and_resumes_bitwise(sources, labelled, hf_cac
 
 # ---------------------------------------------------------------- whatever needs labels refuses
 
-def refusals(spec: str, out: Path) -> dict[str, list[str]]:
-    """Each label-needing command, as argv after `python`, writing (if it wrote) only under `out`."""
-    probe = ["--model", "Micro/4", "--random-init", "--dataset", spec]
-    return {
-        "supervised": ["scripts/pretrain_supervised.py", "--dataset", spec, "--output-dir", str(out / "run")],
-        "fewshot-every": ["scripts/pretrain_mpp.py", "--dataset", spec, "--fewshot-every", "5",
-                          "--output-dir", str(out / "run")],
-        "finetune": ["eval/finetune.py", "--model", "Micro/4", "--dataset", spec, "--output-dir", str(out / "tune")],
-        "fewshot": ["eval/fewshot.py", *probe, "--output", str(out / "probe" / "fewshot.json")],
-        "linear_probe": ["eval/linear_probe.py", *probe, "--output", str(out / "probe" / "linear-probe.json")],
-        "knn": ["eval/knn.py", *probe, "--output", str(out / "probe" / "knn.json")],
-    }
-
-
 @pytest.mark.parametrize("source", SOURCES)
 def test_every_label_needing_command_refuses_every_unlabelled_source(sources, hf_cache, tmp_path, capsys, source):
-    import eval.fewshot
-    import eval.finetune
-    import eval.knn
-    import eval.linear_probe
-
-    entry = {"scripts/pretrain_supervised.py": lambda argv: main("supervised", argv),
-             "scripts/pretrain_mpp.py": lambda argv: main("mpp", argv),
-             "eval/finetune.py": eval.finetune.main, "eval/fewshot.py": eval.fewshot.main,
-             "eval/linear_probe.py": eval.linear_probe.main, "eval/knn.py": eval.knn.main}
     out = tmp_path / "out"  # each command's output goes below it: none may be created
-    for command, argv in refusals(sources[source], out).items():
+    for command, argv in label_needing(sources[source], out).items():
         with threads_kept(), pytest.raises(SystemExit) as e:
-            entry[argv[0]](argv[1:])
+            run_in_process(argv)
         assert e.value.code == 2 and one_error_line(capsys.readouterr().err), command
         assert not out.exists(), f"{command} wrote {list(out.rglob('*'))}"
 
@@ -392,7 +370,7 @@ def one_error_line(stderr: str) -> bool:
 def test_the_refusals_through_the_command_line(sources, hf_cache, tmp_path):
     """Each command once as a user runs it, on the sources in turn."""
     out = tmp_path / "out"
-    for (command, argv), source in zip(refusals("", out).items(), itertools.cycle(SOURCES)):
+    for (command, argv), source in zip(label_needing("", out).items(), itertools.cycle(SOURCES)):
         argv = [sources[source] if a == "" else a for a in argv]
         done = run_script(*argv)
         assert done.returncode == 2 and one_error_line(done.stderr), (command, done.stderr[-2000:])
