@@ -2,7 +2,7 @@
 
     python eval/compare.py runs/cifar10-cpu/mpp runs/cifar10-cpu/supervised [--output DIR] [--names A B]
 
-In Python: `from mpp.comparison import compare; report = compare(run_dirs, output_dir, names=None)`
+In Python: `from mpp.report.comparison import compare; report = compare(run_dirs, output_dir, names=None)`
 (this file is only its command line).
 
 What a run directory may hold (each piece is optional, but a run needs config.json or at least one
@@ -47,17 +47,17 @@ Output (DIR, default `<common parent of the runs>/compare`, so that one `tensorb
 - `tensorboard/`: the markdown table as TensorBoard text.
 
 Plots are drawn on matplotlib `Figure`s (Agg), never through pyplot, so calling `compare` from
-another program leaves its matplotlib backend alone. Where each piece is read or drawn: mpp.reports
-(rows), mpp.tables, mpp.curves, mpp.posembed, mpp.plots; mpp.comparison puts them together.
+another program leaves its matplotlib backend alone. Where each piece is read or drawn: mpp.report.reports
+(rows), mpp.report.tables, mpp.report.curves, mpp.report.posembed, mpp.report.plots; mpp.report.comparison puts them together.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from mpp.comparison import compare, shown_path
-from mpp.config import Parser
-from mpp.errors import cli_main
+from mpp.core.config import Parser
+from mpp.core.errors import cli_main
+from mpp.report.comparison import compare, shown_path
 
 
 def build_parser() -> Parser:

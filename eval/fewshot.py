@@ -1,7 +1,7 @@
 """Few-shot linear evaluation of frozen ViT features (the ViT paper's protocol, arXiv 2010.11929).
 
 k images per class are embedded (the final-norm class token, "pre_logits"), and a regularised
-least-squares classifier to {-1,+1} one-hot targets is solved in closed form (mpp.probes), as
+least-squares classifier to {-1,+1} one-hot targets is solved in closed form (mpp.eval.probes), as
 big_vision's `fewshot_lsr.py`. Usage: `python eval/fewshot.py --run runs/mpp`. The same draws and
 test images also score two references (a random init of the same architecture, the raw pixels;
 `--no-references` skips them); `--layers all` probes every block's features as well.
@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from mpp.config import AT_LEAST_1, POSITIVE, Parser, Range, number_flag
-from mpp.data import dataset_name
-from mpp.errors import cli_main
-from mpp.features import is_main_process, layer_specs
-from mpp.probe_runs import Embedder, ProbeData, run_fewshot
-from mpp.probe_setup import (
+from mpp.core.config import AT_LEAST_1, POSITIVE, Parser, Range, number_flag
+from mpp.core.errors import cli_main
+from mpp.data.sources import dataset_name
+from mpp.eval.features import is_main_process, layer_specs
+from mpp.eval.probe_runs import Embedder, ProbeData, run_fewshot
+from mpp.eval.probe_setup import (
     REFERENCE_NAMES,
     ProbeTarget,
     add_model_flags,

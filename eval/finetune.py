@@ -19,9 +19,9 @@ as a checkpoint that eval/fewshot.py and eval/linear_probe.py read like any run.
 """
 from __future__ import annotations
 
-from mpp.config import Invocation
-from mpp.errors import cli_main
-from mpp.finetune import build_parser, finetune, parse_args
+from mpp.core.config import Invocation
+from mpp.core.errors import cli_main
+from mpp.train.finetune import build_parser, finetune, parse_args
 
 __all__ = ["build_parser", "main"]  # the flags are the library's; tests/test_flags.py reads every entry point's
 

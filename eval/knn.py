@@ -3,7 +3,7 @@
 The protocol: embed the training and test splits (eval transform, the final-norm class token,
 "pre_logits"); L2-normalise the features; each test image's k most cosine-similar training images
 vote for their class with weight exp(similarity / T); the class with the largest sum is the
-prediction. Every k of `--k` comes from one neighbour search (mpp.probes.knn_probe_grid), which
+prediction. Every k of `--k` comes from one neighbour search (mpp.eval.probes.knn_probe_grid), which
 works in chunks, so the 1.28 M features of ImageNet's training split fit in memory. Nothing is
 fitted and nothing is chosen on the test split. Usage: `python eval/knn.py --run runs/mpp`; it also
 scores a random init of the same architecture and the raw pixels on the same images
@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from mpp.config import AT_LEAST_1, POSITIVE, Parser, number_flag
-from mpp.data import dataset_name
-from mpp.errors import cli_main
-from mpp.features import is_main_process, layer_specs
-from mpp.probe_runs import KNN_KS, KNN_TEMPERATURE, Embedder, ProbeData, knn_plan, run_knn
-from mpp.probe_setup import (
+from mpp.core.config import AT_LEAST_1, POSITIVE, Parser, number_flag
+from mpp.core.errors import cli_main
+from mpp.data.sources import dataset_name
+from mpp.eval.features import is_main_process, layer_specs
+from mpp.eval.probe_runs import KNN_KS, KNN_TEMPERATURE, Embedder, ProbeData, knn_plan, run_knn
+from mpp.eval.probe_setup import (
     REFERENCE_NAMES,
     ProbeTarget,
     add_model_flags,

@@ -2,7 +2,7 @@
 
 The protocol: embed the whole train and test splits (eval transform, the final-norm class token,
 "pre_logits"); hold out a stratified dev split of the training features (`--dev-fraction`, seed 0);
-fit the closed-form regularised least-squares probe (mpp.probes) on the rest for every l2 of
+fit the closed-form regularised least-squares probe (mpp.eval.probes) on the rest for every l2 of
 a grid (one eigendecomposition); keep the l2 with the best dev accuracy (ties: the larger l2); refit
 on all the training features with it; score the test split once. The l2 is chosen on dev, never on
 test: picking it by test accuracy would make the reported number an optimistic, tuned-on-test one.
@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from mpp.config import POSITIVE, Parser, Range, number_flag
-from mpp.data import dataset_name
-from mpp.errors import cli_main
-from mpp.features import is_main_process, layer_specs
-from mpp.probe_runs import Embedder, ProbeData, run_linear_probe
-from mpp.probe_setup import (
+from mpp.core.config import POSITIVE, Parser, Range, number_flag
+from mpp.core.errors import cli_main
+from mpp.data.sources import dataset_name
+from mpp.eval.features import is_main_process, layer_specs
+from mpp.eval.probe_runs import Embedder, ProbeData, run_linear_probe
+from mpp.eval.probe_setup import (
     REFERENCE_NAMES,
     ProbeTarget,
     add_model_flags,
@@ -35,7 +35,7 @@ from mpp.probe_setup import (
     random_init_like,
     save_report,
 )
-from mpp.probes import DEFAULT_L2S
+from mpp.eval.probes import DEFAULT_L2S
 
 
 def build_parser() -> Parser:

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from mpp import attention_maps, visualize
-from mpp.checkpoint import load_checkpoint, load_run
-from mpp.config import AT_LEAST_1, SEED, Parser, device_flag, number_flag
-from mpp.errors import UsageError, cli_main
-from mpp.holdout import pretraining_splits
-from mpp.rundir import TENSORBOARD, run_dir_of, step_of_name
-from mpp.train import TrainConfig
+from mpp.core.config import AT_LEAST_1, SEED, Parser, device_flag, number_flag
+from mpp.core.errors import UsageError, cli_main
+from mpp.data.holdout import pretraining_splits
+from mpp.eval import attention_maps, visualize
+from mpp.run.checkpoint import load_checkpoint, load_run
+from mpp.run.rundir import TENSORBOARD, run_dir_of, step_of_name
+from mpp.train.pretrain import TrainConfig
 
 WHAT = ("predictions", "attention")
 
@@ -53,7 +53,7 @@ def pictures(args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], list[st
         notes.append(f"{args.run} is a {objective} run: no MPP predictions to draw, only attention")
         what = [w for w in what if w != "predictions"]
     dataset, train = args.dataset or config["train"]["dataset"], config["train"]
-    # The run's held-out images: its test split, or (none) the split pretraining carved from train (mpp.holdout).
+    # The run's held-out images: its test split, or (none) the split pretraining carved from train (mpp.data.holdout).
     held_out = pretraining_splits(dataset, vit.config.image_size, streaming=bool(train.get("streaming", False)),
                                   holdout_images=train.get("holdout_images", TrainConfig.holdout_images),
                                   shuffle_buffer=train.get("shuffle_buffer", TrainConfig.shuffle_buffer)).eval

@@ -1,10 +1,10 @@
-"""What `mpp.runtime.reuse_freed_memory` is worth on CPU: training steps with glibc's malloc as it
+"""What `mpp.run.runtime.reuse_freed_memory` is worth on CPU: training steps with glibc's malloc as it
 comes against malloc keeping freed memory, in fresh processes taking turns.
 
 glibc's default cannot be restored inside a process once changed, so each measurement is a new
 process: build the model, warm up, time a few steps of our ViT. Rounds alternate which setting goes
 first; the ratio is the median over rounds. Our ViT's kernels are decided in each process as training
-decides them (`--kernels`, `mpp.kernels.resolve` at the benchmark's shapes; on CPU without Triton's
+decides them (`--kernels`, `mpp.model.kernel_policy.resolve` at the benchmark's shapes; on CPU without Triton's
 interpreter that is PyTorch's ops). Writes benchmarks/results/cpu_malloc-<model>.json.
 
     python scripts/bench_cpu_malloc.py --model Ti/4 --batch-size 128
@@ -18,19 +18,19 @@ import sys
 from pathlib import Path
 from statistics import median
 
-from mpp.benchmark import OBJECTIVES
-from mpp.config import AT_LEAST_1, Parser, number_flag
-from mpp.files import write_json
-from mpp.provenance import git_commit
+from mpp.bench.cases import OBJECTIVES
+from mpp.core.config import AT_LEAST_1, Parser, number_flag
+from mpp.core.files import write_json
+from mpp.core.provenance import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
 
 CHILD = """
 import json, torch
-from mpp.benchmark import Case, run_shapes, time_steps
-from mpp.kernels import KernelPolicy, resolve
-from mpp.model import vit_config
-from mpp.runtime import reuse_freed_memory
+from mpp.bench.cases import Case, run_shapes, time_steps
+from mpp.model.kernel_policy import KernelPolicy, resolve
+from mpp.model.vit import vit_config
+from mpp.run.runtime import reuse_freed_memory
 if {reuse}:
     assert reuse_freed_memory()
 config = vit_config({model!r})

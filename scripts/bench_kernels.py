@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mpp.config import NON_NEGATIVE, Parser, number_flag
-from mpp.ops import torch_add_layer_norm, torch_layer_norm
-from mpp.provenance import git_commit
+from mpp.core.config import NON_NEGATIVE, Parser, number_flag
+from mpp.core.provenance import git_commit
+from mpp.model.ops import torch_add_layer_norm, torch_layer_norm
 
 REPO = Path(__file__).resolve().parents[1]
 # (name, B, H, N, D): ViT-B/16 and S/16 at 224 px (batch 128), Ti/4 at 32 px, H/14 (head dim 80,

@@ -22,10 +22,10 @@ import numpy as np
 import PIL.Image
 import torch
 
-from mpp.config import AT_LEAST_1, Parser, Range, number_flag
-from mpp.files import write_json
-from mpp.provenance import git_commit
-from mpp.rundir import METRICS
+from mpp.core.config import AT_LEAST_1, Parser, Range, number_flag
+from mpp.core.files import write_json
+from mpp.core.provenance import git_commit
+from mpp.run.rundir import METRICS
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@
     python scripts/bench_train.py --model S/16 --batch-size 32 --dataset data/imagenette
     python scripts/bench_train.py --model B/16 --batch-size 128 --dtype bf16 --compile      # GPU
 
-One training step is what `mpp/train.py` does per batch: forward, backward, gradient clipping and
+One training step is what `mpp/train/pretrain.py` does per batch: forward, backward, gradient clipping and
 an AdamW step, here on a fixed batch of random images so that only the model is timed. The four
 cases (ours and timm, each MPP and supervised) take turns, one round after another in one process,
 every other round in reverse order. Every ratio is the median over pairs of rounds (one in each
@@ -13,7 +13,7 @@ interval for that median: within a pair both sides sit at the same mean time, so
 steady drift of a shared, noisy machine hits both alike. timm's model is wrapped only
 to expose its patch embedding and its blocks to the same MPP objective; both sides run the same
 objective, optimizer and clipping. Our ViT's attention and LayerNorm are decided as training decides
-them (`mpp.kernels.resolve`, `--kernels`), once per objective at the step's own shapes (the last
+them (`mpp.model.kernel_policy.resolve`, `--kernels`), once per objective at the step's own shapes (the last
 block computes the corrupted patches alone for MPP, the class token alone for supervised); the
 verdicts, with their error and timing figures, go into the JSON.
 
@@ -36,7 +36,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
-from mpp.benchmark import (
+from mpp.bench.cases import (
     IMPLS,
     LEGS,
     NUM_CLASSES,
@@ -47,23 +47,23 @@ from mpp.benchmark import (
     leg_kernels,
     time_rounds,
 )
-from mpp.benchmark_costs import (
+from mpp.bench.costs import (
     flops_per_image,
     matmul_ceiling,
     profile_step,
     step_peak_bytes,
 )
-from mpp.benchmark_loader import loader_rate
-from mpp.benchmark_report import device_name, markdown, result_name
-from mpp.benchmark_stats import median_interval, paired_ratios
-from mpp.config import AT_LEAST_1, NON_NEGATIVE, Parser, Range, number_flag
-from mpp.errors import cli_main
-from mpp.files import write_json
-from mpp.kernels import KernelPolicy
-from mpp.model import vit_config
-from mpp.ops import TORCH
-from mpp.provenance import git_commit, versions
-from mpp.runtime import reuse_freed_memory
+from mpp.bench.loader import loader_rate
+from mpp.bench.report import device_name, markdown, result_name
+from mpp.bench.stats import median_interval, paired_ratios
+from mpp.core.config import AT_LEAST_1, NON_NEGATIVE, Parser, Range, number_flag
+from mpp.core.errors import cli_main
+from mpp.core.files import write_json
+from mpp.core.provenance import git_commit, versions
+from mpp.model.kernel_policy import KernelPolicy
+from mpp.model.ops import TORCH
+from mpp.model.vit import vit_config
+from mpp.run.runtime import reuse_freed_memory
 
 
 def build_parser() -> Parser:
@@ -78,7 +78,7 @@ def build_parser() -> Parser:
                         "training's --compile does (one block's compilation serves all: seconds, not minutes)")
     p.add_argument("--kernels", choices=("auto", "triton", "torch"), default="",
                    help="ours: attention/LayerNorm, decided per objective at this benchmark's shapes "
-                        "(mpp.kernels.resolve; default $MPP_KERNELS, else auto); MPP_KERNELS_OFF keeps named ops "
+                        "(mpp.model.kernel_policy.resolve; default $MPP_KERNELS, else auto); MPP_KERNELS_OFF keeps named ops "
                         "on PyTorch")
     p.add_argument("--kernel-cache", default="", help="verdict cache folder; off: measure every run "
                                                       "(default $MPP_KERNEL_CACHE or ~/.cache/mpp/kernels)")
@@ -96,7 +96,7 @@ def build_parser() -> Parser:
     number_flag(p, "--loader-batches", int, NON_NEGATIVE, default=20, help="batches timed from the loader; 0 skips it")
     number_flag(p, "--threads", int, Range(0, 4096), default=0, help="CPU: torch threads; 0: all cores")
     p.add_argument("--default-malloc", action="store_true",
-                   help="CPU: leave glibc's malloc as it is instead of what training does (mpp.runtime.reuse_freed_memory)")
+                   help="CPU: leave glibc's malloc as it is instead of what training does (mpp.run.runtime.reuse_freed_memory)")
     number_flag(p, "--profile", int, NON_NEGATIVE, default=0, metavar="TOP",
                    help="after the timing, profile one step of each case and report its TOP operators by self time")
     p.add_argument("--output", default="", help="JSON path; default benchmarks/results/train-<device>-<setup>.json")

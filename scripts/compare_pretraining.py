@@ -3,7 +3,7 @@
 Stages, each one command of this repository (printed, and saved to ROOT/commands.sh so every number
 can be rerun by hand):
   1. pretrain on the training images: MPP without labels, supervised with labels; with --ablations
-     also the other MPP targets (those of mpp.objective.TARGETS with an ablation run: 4×4 downsample,
+     also the other MPP targets (those of mpp.model.objective.TARGETS with an ablation run: 4×4 downsample,
      L2 pixels) and a 15% corruption rate (the paper's);
   2. fine-tune on a labelled subset (--train-fraction) from MPP, from supervised, and from scratch;
      lr from a grid on a dev split of that subset, then --seeds trainings scored on the test split;
@@ -37,9 +37,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from any folder
 
-from mpp.config import Parser, Range, number_flag  # noqa: E402
-from mpp.errors import UsageError, cli_main  # noqa: E402
-from mpp.rundir import (  # noqa: E402
+from mpp.core.config import Parser, Range, number_flag  # noqa: E402
+from mpp.core.errors import UsageError, cli_main  # noqa: E402
+from mpp.run.rundir import (  # noqa: E402
     CONFIG,
     FINETUNE,
     RESUMABLE,
@@ -80,8 +80,8 @@ BUDGETS = {
 def pretrainings() -> dict[str, tuple[str, list[str]]]:
     """name → (pretraining script, extra flags); the first two are the comparison, the rest the paper's
     ablations: every MPP target with an ablation run (mpp-4x4, mpp-l2, in the table's order), then 15%
-    corruption. Read when the pipeline runs: mpp.objective imports torch, which --help does without."""
-    from mpp.objective import TARGETS
+    corruption. Read when the pipeline runs: mpp.model.objective imports torch, which --help does without."""
+    from mpp.model.objective import TARGETS
 
     return {
         "mpp": ("mpp", []),
@@ -136,7 +136,7 @@ def unpack(archive: Path, target: Path) -> None:
 def remove_killed_unpacks(target: Path) -> None:
     """Delete the temporary folders of unpacks whose process is gone (a SIGKILL runs no cleanup): they are
     never read, and hold up to a dataset's worth of files. One whose unpacker may still run stays."""
-    from mpp.files import process_alive
+    from mpp.core.files import process_alive
 
     for work in target.parent.glob(f".{target.name}{UNPACKING}*"):
         pid = work.name.rsplit(UNPACKING, 1)[-1]
@@ -289,14 +289,14 @@ class Pipeline:
 
 
 def transfer_name(spec: str) -> str:
-    from mpp.data import dataset_name
+    from mpp.data.sources import dataset_name
 
     return dataset_name(spec)
 
 
 def check_same(run: Path, objective: str, flags: list[str]) -> None:
     """Refuse to reuse a finished pretraining trained with other settings than this budget's."""
-    from mpp.train import parse_args
+    from mpp.train.pretrain import parse_args
 
     ignored = RESUMABLE - {"max_steps", "epochs"}  # a finished run of another length is another run
     # As config.json records them (tuples as lists), so equal settings compare equal.
@@ -322,7 +322,7 @@ def build_parser() -> Parser:
     number_flag(p, "--seeds", int, Range(1, 1000), default=3, help="fine-tuning seeds per model")
     number_flag(p, "--fewshot-seeds", int, Range(1, 1000), default=3, help="few-shot draws per shot count")
     p.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True,
-                   help="also the other MPP targets (4×4 and L2: mpp.objective.TARGETS' ablation runs) and 15%% "
+                   help="also the other MPP targets (4×4 and L2: mpp.model.objective.TARGETS' ablation runs) and 15%% "
                    "corruption (few-shot and linear probes)")
     p.add_argument("--root", default="", help="run directories (default: runs/compare-<dataset>-<budget>)")
     p.add_argument("--output", default="", help="table and plots (default: ROOT/compare)")
@@ -337,7 +337,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.dataset = dataset_folder(args.dataset)
     if args.transfer:
         args.transfer = dataset_folder(args.transfer)
-    from mpp.data import dataset_name
+    from mpp.data.sources import dataset_name
 
     args.root = args.root or f"runs/compare-{dataset_name(args.dataset)}-{args.budget}"
     args.output = args.output or str(Path(args.root) / "compare")

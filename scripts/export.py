@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpp import timm_io
-from mpp.checkpoint import load_run
-from mpp.config import Parser
-from mpp.errors import cli_main
+from mpp.core.config import Parser
+from mpp.core.errors import cli_main
+from mpp.eval import timm_io
+from mpp.run.checkpoint import load_run
 
 
 def build_parser() -> Parser:

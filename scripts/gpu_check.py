@@ -21,7 +21,7 @@ JSON is rewritten after every part, so a run killed from outside keeps what was 
                     kernels (policy triton) against PyTorch's, same init and data, losses over 3 steps
   8 tests           the kernel numerics tests, unfiltered, per test outcomes and failure messages
 The commit comes from git, or on a machine sent the tree without .git from the COMMIT file written
-before the call (mpp.provenance.sent_commit).
+before the call (mpp.core.provenance.sent_commit).
 Writes benchmarks/results/gpu-check-<gpu>.json and .log (and copies both to $OUT when it is set);
 exit status 0 only when every part passed (parts 4-8 may be cut short by the budget; --smoke: the
 parts that need CUDA are recorded as skipped).
@@ -52,10 +52,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the check runs from a bare checkout: no install
 
-from mpp.config import Parser, Range, number_flag
-from mpp.files import write_json  # atomic: a reader (or a kill) never sees half a file
-from mpp.provenance import git_commit
-from mpp.pytest_record import TestRecorder, count_outcomes  # noqa: F401 - TestRecorder: tests use it from here
+from mpp.bench.pytest_record import TestRecorder, count_outcomes  # noqa: F401 - TestRecorder: tests use it from here
+from mpp.core.config import Parser, Range, number_flag
+from mpp.core.files import write_json  # atomic: a reader (or a kill) never sees half a file
+from mpp.core.provenance import git_commit
 
 TEST_FILES = ("tests/test_attention.py", "tests/test_layer_norm.py", "tests/test_kernels_vit.py")
 PER_TEST_S = 60  # a test past this fails (SIGALRM) and the rest still run; stacks are dumped at +30 s
@@ -100,7 +100,7 @@ def _setup(smoke: bool):
 def part_versions(smoke: bool, out: dict, save) -> None:
     torch, device, dtype = _setup(smoke)
 
-    from mpp.kernel_cache import environment, installed_version
+    from mpp.model.kernel_cache import environment, installed_version
 
     # Versions without importing the packages: a broken triton is a verdict below.
     out["versions"] = {"python": platform.python_version(), "torch": torch.__version__,
@@ -119,9 +119,9 @@ def part_verdicts(smoke: bool, out: dict, save) -> None:
     from dataclasses import asdict
 
     torch, device, dtype = _setup(smoke)
-    from mpp.kernels import KernelPolicy, RunShapes, resolve
-    from mpp.model import vit_config
-    from mpp.objective import MPPConfig, corrupted_count
+    from mpp.model.kernel_policy import KernelPolicy, RunShapes, resolve
+    from mpp.model.objective import MPPConfig, corrupted_count
+    from mpp.model.vit import vit_config
 
     policy = KernelPolicy.from_flags("auto", "off", environ={})  # no MPP_KERNELS*, no cache: measured here
     warnings, out["verdicts"] = [], {}  # warnings: a kernel failing its check at a training shape, or no triton
@@ -165,10 +165,10 @@ def part_tests(smoke: bool, out: dict, save) -> None:
 
 def part_attention(smoke: bool, out: dict, save) -> None:
     torch, device, dtype = _setup(smoke)
-    from mpp import kernel_measure as measure
-    from mpp.kernels import RunShapes  # then the norms at the same model's shapes, forward and backward
-    from mpp.model import vit_config
-    from mpp.ops import IMPLEMENTATIONS
+    from mpp.model import kernel_measure as measure
+    from mpp.model.kernel_policy import RunShapes  # then the norms at the same model's shapes, forward and backward
+    from mpp.model.ops import IMPLEMENTATIONS
+    from mpp.model.vit import vit_config
     from triton_kernels import attention_ref
 
     ours, sdpa = IMPLEMENTATIONS["attention"]["triton"], IMPLEMENTATIONS["attention"]["torch"]  # what the ViT calls
@@ -210,10 +210,10 @@ def part_compiled_step(smoke: bool, out: dict, save) -> None:
     torch, device, dtype = _setup(smoke)
     from torch._inductor import config as inductor_config
 
-    from mpp.kernels import KernelPolicy, RunShapes, resolve
-    from mpp.model import ViT, vit_config
-    from mpp.objective import MPPConfig, MPPObjective, corrupted_count
-    from mpp.ops import TORCH
+    from mpp.model.kernel_policy import KernelPolicy, RunShapes, resolve
+    from mpp.model.objective import MPPConfig, MPPObjective, corrupted_count
+    from mpp.model.ops import TORCH
+    from mpp.model.vit import ViT, vit_config
 
     # Two blocks: a full one and the last (the corrupted patches' queries only): both attention shapes,
     # both LayerNorms, the fused add; compilation is what takes the time here, and it grows with depth.

@@ -10,7 +10,7 @@
 # is a last resort past the budget: its SIGTERM makes the check stop its running part and write the
 # JSON; SIGKILL follows 15 s later. Give the device call a timeout_s of about 560. The device machine
 # gets the tree without .git: before the call, write the commit it is (`git rev-parse HEAD > COMMIT`,
-# plus "+dirty" when the tree differs), which the results then record (mpp.provenance.sent_commit).
+# plus "+dirty" when the tree differs), which the results then record (mpp.core.provenance.sent_commit).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

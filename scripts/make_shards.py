@@ -1,6 +1,6 @@
 """Write an image folder (`train/<class>/<image>` plus `test/` or `val/`) as tar shards in the
 webdataset layout (`<key>.jpg` + `<key>.cls`), with the class names in classes.txt, for
-`--dataset shards:OUT`; an unlabelled folder (mpp.folders' layouts) gives shards of `<key>.jpg` only. Each split's images are shuffled once (by --seed) before sharding, so a
+`--dataset shards:OUT`; an unlabelled folder (mpp.data.folders' layouts) gives shards of `<key>.jpg` only. Each split's images are shuffled once (by --seed) before sharding, so a
 stream's shard order and buffer mix classes from the first step. The image files are copied as they
 are, not re-encoded. They are written into a hidden folder beside OUT, renamed to OUT when every
 shard and classes.txt are written: an interrupted run (Ctrl-C, SIGTERM, a full disk) leaves no
@@ -16,11 +16,11 @@ import signal
 import sys
 from pathlib import Path
 
-from mpp.config import AT_LEAST_1, Parser, Range, number_flag
-from mpp.errors import UsageError, cli_main
-from mpp.files import atomic_write, writable_dir
-from mpp.folders import folder_layout, folder_listing
-from mpp.shards import CLASS_FILES, write_shards
+from mpp.core.config import AT_LEAST_1, Parser, Range, number_flag
+from mpp.core.errors import UsageError, cli_main
+from mpp.core.files import atomic_write, writable_dir
+from mpp.data.folders import folder_layout, folder_listing
+from mpp.data.shards import CLASS_FILES, write_shards
 
 
 def build_parser() -> Parser:

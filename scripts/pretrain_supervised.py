@@ -6,8 +6,8 @@ test split, as every run is at the end) the from-scratch baseline.
 """
 from functools import partial
 
-from mpp.train import build_parser as _parser_of
-from mpp.train import main
+from mpp.train.pretrain import build_parser as _parser_of
+from mpp.train.pretrain import main
 
 build_parser = partial(_parser_of, "supervised")  # this entry point's flags (tests walk every entry point's)
 

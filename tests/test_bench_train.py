@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpp.benchmark import NUM_CLASSES, Case, choose_kernels, run_shapes
-from mpp.benchmark_costs import flops_per_image
-from mpp.benchmark_stats import median_interval, paired_ratios
-from mpp.model import vit_config
+from mpp.bench.cases import NUM_CLASSES, Case, choose_kernels, run_shapes
+from mpp.bench.costs import flops_per_image
+from mpp.bench.stats import median_interval, paired_ratios
+from mpp.model.vit import vit_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,10 +132,10 @@ def test_the_malloc_comparison_runs_both_settings(tmp_path):
 
 FLOPS = """
 import json, torch
-from mpp.benchmark import Case
-from mpp.benchmark_costs import flops_per_image
-from mpp.model import vit_config
-from mpp.ops import Kernels
+from mpp.bench.cases import Case
+from mpp.bench.costs import flops_per_image
+from mpp.model.vit import vit_config
+from mpp.model.ops import Kernels
 counted = {}
 for name in ("torch", "triton"):  # each case's own model, seeded alike
     torch.manual_seed(0)
@@ -173,7 +173,7 @@ def test_kernels_are_decided_at_each_objectives_shapes():
 
 def test_kernels_off_keeps_named_ops_on_pytorch(monkeypatch):
     """MPP_KERNELS_OFF still works through the policy: a named op is PyTorch's whatever the mode."""
-    from mpp.kernels import KernelPolicy
+    from mpp.model.kernel_policy import KernelPolicy
 
     monkeypatch.setenv("MPP_KERNELS_OFF", "add_layer_norm")
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU without the interpreter: nothing is measured
@@ -187,7 +187,7 @@ def test_kernels_off_keeps_named_ops_on_pytorch(monkeypatch):
 
 
 def test_results_name_their_commit_and_say_when_the_code_differs_from_it(tmp_path):
-    from mpp.provenance import git_commit
+    from mpp.core.provenance import git_commit
 
     assert git_commit(tmp_path) == "unknown"  # not a checkout
 
@@ -212,7 +212,7 @@ def test_results_name_their_commit_and_say_when_the_code_differs_from_it(tmp_pat
 
 def test_every_timed_round_is_handed_on_as_it_ends(monkeypatch):
     # bench_train rewrites its JSON after each round, so a part cut by gpu_check's budget keeps what it timed.
-    import mpp.benchmark as bench
+    import mpp.bench.cases as bench
 
     class Fake:
         def __init__(self, name):

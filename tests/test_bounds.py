@@ -21,11 +21,11 @@ from helpers.procs import PROMPT_S, finish, one_error_line, snapshot, start, wai
 from helpers.runs import ENV, FAST, LAUNCH_2, REPO, read_metrics, run_script
 from PIL import Image
 
-from mpp.checkpoint import load_checkpoint
-from mpp.errors import cli_main, disk_refused, loader_timed_out
-from mpp.rundir import list_checkpoints
-from mpp.stopping import WAIT_GRACE_S
-from mpp.train import main
+from mpp.core.errors import cli_main, disk_refused, loader_timed_out
+from mpp.core.stopping import WAIT_GRACE_S
+from mpp.run.checkpoint import load_checkpoint
+from mpp.run.rundir import list_checkpoints
+from mpp.train.pretrain import main
 
 IMAGES = 9  # per epoch one batch of all of them, so the first batch always holds the stuck file
 STUCK = ["--image-size", "16", "--batch-size", str(IMAGES), "--max-steps", "50", "--log-every", "1"]
@@ -57,7 +57,7 @@ def test_a_read_that_never_returns_ends_the_run_naming_the_file(stuck_data, tmp_
     _, err = finish(proc)
     line = one_error_line(err)
     assert proc.returncode == 2 and "pipe.png" in line and "did not finish within 3 s" in line, line
-    assert line.startswith("error: reading image"), line  # not "mpp.readlimit.StuckRead: ..." from a worker
+    assert line.startswith("error: reading image"), line  # not "mpp.data.readlimit.StuckRead: ..." from a worker
     assert time.monotonic() - started < PROMPT_S
     # the last whole step (0: the stuck read was in the first batch) is saved, so --resume continues
     assert [load_checkpoint(p)["step"] for p in list_checkpoints(run)] == [0]
@@ -255,7 +255,7 @@ def test_a_refused_write_anywhere_is_one_line(tmp_path, capsys):
 
 
 def test_the_stuck_read_bound_interrupts_a_blocked_open(stuck_data, monkeypatch):
-    from mpp.readlimit import StuckRead, read_limit
+    from mpp.data.readlimit import StuckRead, read_limit
 
     started = time.monotonic()
     with pytest.raises(StuckRead, match="pipe.png"):
@@ -298,8 +298,8 @@ def test_a_stuck_read_under_accelerate_launch_is_named_by_the_process_that_met_i
 
 
 def test_a_worker_s_error_is_its_own_line():
-    from mpp.errors import one_line
-    from mpp.readlimit import StuckRead
+    from mpp.core.errors import one_line
+    from mpp.data.readlimit import StuckRead
 
     reraised = StuckRead("Caught StuckRead in DataLoader worker process 0.\nOriginal Traceback (most recent call "
                          "last):\n  File ...\nmpp.readlimit.StuckRead: reading image 'x.png' did not finish: fix it")

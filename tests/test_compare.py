@@ -9,12 +9,12 @@ from helpers.runs import run_script, threads_kept
 from PIL import Image
 
 from eval.compare import main
-from mpp.checkpoint import save_checkpoint
-from mpp.comparison import compare
-from mpp.curves import read_curves
-from mpp.plots import curve_panels, mosaic
-from mpp.posembed import pos_embed_similarity
-from mpp.reports import Row
+from mpp.report.comparison import compare
+from mpp.report.curves import read_curves
+from mpp.report.plots import curve_panels, mosaic
+from mpp.report.posembed import pos_embed_similarity
+from mpp.report.reports import Row
+from mpp.run.checkpoint import save_checkpoint
 
 # Micro/4 at 16 px: the architecture the real tiny run trains, so its random-init row and the
 # hand-written runs' are the same baseline.
@@ -307,7 +307,7 @@ def test_real_tiny_run_end_to_end(runs, tmp_path):
     """A real 3-step MPP run, few-shot evaluated (every block, with the references) and with its random-init
     baseline, compared through the CLI with the hand-written supervised run of the same architecture."""
     from eval import fewshot
-    from mpp.train import main as pretrain
+    from mpp.train.pretrain import main as pretrain
 
     real = runs.parent / "real" / "mpp"
     # The run and its probes in this process (their command lines have subprocess tests of their own);
@@ -351,7 +351,7 @@ def test_real_tiny_run_end_to_end(runs, tmp_path):
 
 
 def test_main_fewshot_dataset_is_the_runs_own_not_a_transfer_check():
-    from mpp.tables import main_dataset
+    from mpp.report.tables import main_dataset
 
     # both runs probed on their own data and on a transfer set: the tie goes to the data they trained on,
     # even when the transfer report is read first

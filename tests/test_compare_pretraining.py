@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from helpers.runs import threads_kept
 
-from mpp.files import write_json
-from mpp.train import parse_args
+from mpp.core.files import write_json
+from mpp.train.pretrain import parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("compare_pretraining", REPO / "scripts" / "compare_pretraining.py")

@@ -1,5 +1,5 @@
-"""`--config FILE` (mpp.config.Parser) and what a run's config.json records of how it was started
-(mpp.provenance): a run repeated from its own config.json ends with bitwise its weights, flags given
+"""`--config FILE` (mpp.core.config.Parser) and what a run's config.json records of how it was started
+(mpp.core.provenance): a run repeated from its own config.json ends with bitwise its weights, flags given
 override the file, a bad file or value is one line with exit code 2, and config.json holds the file,
 the command line, the git commit and the library versions."""
 import importlib.metadata
@@ -16,10 +16,10 @@ from helpers.runs import ENV, FAST, REPO, final_weights, run_script, threads_kep
 
 from eval import fewshot
 from eval import finetune as finetune_entry
-from mpp import finetune as ft
-from mpp.config import Invocation, config_file_in
-from mpp.provenance import PACKAGES, git_commit, provenance
-from mpp.train import main, parse_args
+from mpp.core.config import Invocation, config_file_in
+from mpp.core.provenance import PACKAGES, git_commit, provenance
+from mpp.train import finetune as ft
+from mpp.train.pretrain import main, parse_args
 
 # A's settings differ from the defaults, so a repeat that fell back on them would differ.
 A_FLAGS = [*FAST, "--max-steps", "4", "--lr", "0.002", "--seed", "5", "--corrupt-rate", "0.25", "--no-hflip"]
@@ -274,7 +274,7 @@ def test_provenance_of_a_checkout(tmp_path):
 
 
 def test_a_required_flag_may_come_from_the_file(tmp_path, capsys):
-    from mpp.config import Parser
+    from mpp.core.config import Parser
 
     parser = Parser(prog="export.py")
     parser.add_argument("--run", required=True)

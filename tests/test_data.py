@@ -1,4 +1,4 @@
-"""Tests for mpp.data: the digits default, image folders, transforms, errors, and a slice of real CIFAR-10."""
+"""Tests for mpp.data.sources: the digits default, image folders, transforms, errors, and a slice of real CIFAR-10."""
 from __future__ import annotations
 
 import copy
@@ -16,8 +16,10 @@ from helpers.runs import run_script
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-import mpp.datasets
-from mpp.data import (
+import mpp.data.datasets
+from mpp.core.errors import UsageError, one_line
+from mpp.data.datasets import rgb_tensor
+from mpp.data.sources import (
     DEFAULT_DATASET,
     MEAN,
     STD,
@@ -27,8 +29,6 @@ from mpp.data import (
     normalize,
     train_transform,
 )
-from mpp.datasets import rgb_tensor
-from mpp.errors import UsageError, one_line
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -66,7 +66,7 @@ def test_digits_splits_are_fixed_stratified_and_three_channel() -> None:
 
 
 def test_digits_are_sklearns_images_and_split_read_without_importing_sklearn() -> None:
-    """mpp.digits reads sklearn's file and redraws its split: both must be sklearn's own, bitwise (the
+    """mpp.data.digits reads sklearn's file and redraws its split: both must be sklearn's own, bitwise (the
     README's tables were made on that split), and loading the digits must not import sklearn."""
     import subprocess
     import sys
@@ -75,7 +75,7 @@ def test_digits_are_sklearns_images_and_split_read_without_importing_sklearn() -
     from sklearn.datasets import load_digits as sklearn_digits
     from sklearn.model_selection import train_test_split
 
-    from mpp.digits import load_digits, stratified_split
+    from mpp.data.digits import load_digits, stratified_split
 
     images, target = load_digits()
     expected = sklearn_digits()
@@ -87,7 +87,7 @@ def test_digits_are_sklearns_images_and_split_read_without_importing_sklearn() -
         got = stratified_split(target, 0.3, seed)
         want = train_test_split(np.arange(len(target)), test_size=0.3, stratify=target, random_state=seed)
         assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
-    code = "import sys; from mpp.data import load_split; load_split('digits', 'train'); print('sklearn' in sys.modules)"
+    code = "import sys; from mpp.data.sources import load_split; load_split('digits', 'train'); print('sklearn' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.split()[-1] == "False", done.stderr[-2000:]
 
@@ -614,14 +614,14 @@ def test_an_unreadable_image_another_worker_met_first_is_neither_warned_nor_coun
 
     # The race itself: the mark appears while this process decodes the file.
     dataset.unreadable[bad] = False
-    decode = mpp.datasets.open_image
+    decode = mpp.data.datasets.open_image
 
     def decode_while_another_worker_marks(cell):
         if "torn" not in cell["path"]:
             return decode(cell)
         dataset.unreadable[bad] = True
         raise OSError("truncated")
-    monkeypatch.setattr(mpp.datasets, "open_image", decode_while_another_worker_marks)
+    monkeypatch.setattr(mpp.data.datasets, "open_image", decode_while_another_worker_marks)
     dataset.raw(bad)
     assert dataset.skipped_images() == 1 and "warning" not in capfd.readouterr().err
     assert copy.deepcopy(dataset).skipped_images() == 1  # a copy in this process gets a lock of its own

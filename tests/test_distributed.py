@@ -18,9 +18,9 @@ from helpers.runs import (
 )
 
 from eval import fewshot, linear_probe
-from mpp.checkpoint import load_checkpoint
-from mpp.rundir import list_checkpoints
-from mpp.train import parse_args, train
+from mpp.run.checkpoint import load_checkpoint
+from mpp.run.rundir import list_checkpoints
+from mpp.train.pretrain import parse_args, train
 
 pytestmark = pytest.mark.slow
 

@@ -11,14 +11,14 @@ from sklearn.linear_model import Ridge
 
 from eval import fewshot
 from eval.fewshot import main
-from mpp import probe_setup
-from mpp.checkpoint import save_checkpoint
-from mpp.data import dataset_name
-from mpp.errors import UsageError
-from mpp.features import extract_features
-from mpp.files import write_json
-from mpp.model import ViT, ViTConfig
-from mpp.probes import fewshot_probe, fewshot_probe_grid, lsr_predict, sample_shots
+from mpp.core.errors import UsageError
+from mpp.core.files import write_json
+from mpp.data.sources import dataset_name
+from mpp.eval import probe_setup
+from mpp.eval.features import extract_features
+from mpp.eval.probes import fewshot_probe, fewshot_probe_grid, lsr_predict, sample_shots
+from mpp.model.vit import ViT, ViTConfig
+from mpp.run.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(image_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, mlp_dim=64)
@@ -119,7 +119,7 @@ def test_sample_shots_too_few_examples():
 
 
 def test_extract_features_shape_and_determinism():
-    from mpp.data import build_dataset
+    from mpp.data.sources import build_dataset
 
     torch.manual_seed(0)
     vit = ViT(ViTConfig(**TINY)).train()
@@ -245,7 +245,7 @@ def test_dataset_name_for_tensorboard():
 
 
 def test_features_token_or_average_patch_token():
-    from mpp.features import headline_spec, vit_featurizer
+    from mpp.eval.features import headline_spec, vit_featurizer
 
     torch.manual_seed(0)
     vit = ViT(ViTConfig(**TINY)).eval()

@@ -9,9 +9,9 @@ import torch
 from helpers.runs import read_metrics, run_script, threads_kept
 
 from eval import fewshot
-from mpp.checkpoint import load_checkpoint
-from mpp.rundir import list_checkpoints
-from mpp.train import TrainConfig, train
+from mpp.run.checkpoint import load_checkpoint
+from mpp.run.rundir import list_checkpoints
+from mpp.train.pretrain import TrainConfig, train
 
 TINY = dict(max_steps=6, batch_size=32, num_workers=0, cpu_threads=2, warmup_steps=2, log_every=2, save_every=3)
 SHOTS = (1, 5, 10, 25)
@@ -128,7 +128,7 @@ def test_a_transfer_set_and_the_image_cap(tmp_path):
     (["--fewshot-every", "0", "--fewshot-dataset", "x"], "--fewshot-dataset x probes nothing without --fewshot-every"),
 ])
 def test_bad_settings_are_one_line(tmp_path, capsys, extra, message):
-    from mpp.train import main
+    from mpp.train.pretrain import main
 
     argv = ["--max-steps", "2", "--num-workers", "0", "--fewshot-every", "2", *extra, "--output-dir", str(tmp_path / "run")]
     if extra[0] == "--streaming":  # once through the real command line
@@ -152,8 +152,8 @@ def test_a_resume_may_add_the_probe(tmp_path):
 
 
 def test_images_too_large_to_hold_are_read_again_with_the_same_result(monkeypatch):
-    from mpp import fewshot_monitor
-    from mpp.model import ViT, vit_config
+    from mpp.eval import fewshot_monitor
+    from mpp.model.vit import ViT, vit_config
 
     torch.manual_seed(0)
     vit = ViT(vit_config("Micro/4"))
@@ -177,10 +177,10 @@ def test_a_class_too_small_for_25_shots_is_one_line(tmp_path):
 
 def test_the_in_run_knn_scores_the_draws_union_against_the_same_test_images(runs):
     """k-NN beside few-shot, from the same features: the draws' union is its training set."""
-    from mpp.features import extract_feature_sets, headline_spec, vit_featurizer
-    from mpp.fewshot_monitor import FewshotMonitor
-    from mpp.model import ViT, ViTConfig
-    from mpp.probes import knn_probe_grid
+    from mpp.eval.features import extract_feature_sets, headline_spec, vit_featurizer
+    from mpp.eval.fewshot_monitor import FewshotMonitor
+    from mpp.eval.probes import knn_probe_grid
+    from mpp.model.vit import ViT, ViTConfig
 
     _, probed = runs
     points = {m["step"]: m for m in read_metrics(probed) if "knn/digits/20nn" in m}

@@ -13,11 +13,11 @@ import torch
 from helpers.runs import launch_2, run_script
 
 from eval import finetune as finetune_entry
-from mpp import finetune as ft
-from mpp.checkpoint import load_checkpoint, load_run, save_checkpoint
-from mpp.files import write_json
-from mpp.finetune_start import check_same_start
-from mpp.model import ViT, ViTConfig, resample_pos_embed
+from mpp.core.files import write_json
+from mpp.model.vit import ViT, ViTConfig, resample_pos_embed
+from mpp.run.checkpoint import load_checkpoint, load_run, save_checkpoint
+from mpp.train import finetune as ft
+from mpp.train.finetune_start import check_same_start
 
 TINY = dict(image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_dim=64)
 # A few seconds per fine-tune: tiny model, small batches, no worker processes.

@@ -2,7 +2,7 @@
 values with one line, `error: <problem>: <fix>`, exit code 2.
 
 The entry points are found, not listed: every script under scripts/ and eval/ that runs as
-`__main__`. Each exposes `build_parser()`; every numeric flag must be an `mpp.config.Number` (its
+`__main__`. Each exposes `build_parser()`; every numeric flag must be an `mpp.core.config.Number` (its
 range declared once), so a flag added with a bare `type=float` fails here. The bad values are
 generated from each flag's declared range."""
 import dataclasses
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from helpers.runs import ENV, REPO
 
-from mpp.config import Number, Parser, Range, numeric_fields
-from mpp.errors import UsageError
+from mpp.core.config import Number, Parser, Range, numeric_fields
+from mpp.core.errors import UsageError
 
 
 def entry_points() -> list[Path]:
@@ -39,7 +39,7 @@ def load_parser(path: Path) -> Parser:
         sys.path.remove(str(path.parent))
     assert hasattr(module, "build_parser"), f"{path.relative_to(REPO)} has no build_parser()"
     parser = module.build_parser()
-    assert isinstance(parser, Parser), f"{path.relative_to(REPO)} does not parse with mpp.config.Parser"
+    assert isinstance(parser, Parser), f"{path.relative_to(REPO)} does not parse with mpp.core.config.Parser"
     return parser
 
 
@@ -102,7 +102,7 @@ def test_every_numeric_flag_is_range_checked(path, capsys):
 
 @pytest.mark.parametrize("path", CASES)
 def test_every_entry_point_takes_a_config_file_checked_like_its_flags(path, tmp_path, capsys):
-    """`--config FILE` on every entry point (mpp.config.Parser): a file's NaN for its first numeric flag,
+    """`--config FILE` on every entry point (mpp.core.config.Parser): a file's NaN for its first numeric flag,
     and a key that is none of its flags, are each one line naming the file and the key, exit code 2."""
     parser = load_parser(path)
     assert parser._option_string_actions["--config"].dest == "config"
@@ -128,9 +128,9 @@ def test_every_entry_point_takes_a_config_file_checked_like_its_flags(path, tmp_
 
 
 def config_classes():
-    from mpp.finetune import FinetuneConfig
-    from mpp.objective import MPPConfig
-    from mpp.train import TrainConfig
+    from mpp.model.objective import MPPConfig
+    from mpp.train.finetune import FinetuneConfig
+    from mpp.train.pretrain import TrainConfig
 
     return [TrainConfig, MPPConfig, FinetuneConfig]
 

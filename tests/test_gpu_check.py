@@ -140,7 +140,7 @@ def test_the_plan_puts_the_b16_training_ab_within_the_first_three_parts_and_its_
 
 
 def test_a_tree_sent_without_git_records_the_commit_it_was_sent_as(tmp_path):
-    from mpp.provenance import git_commit
+    from mpp.core.provenance import git_commit
 
     assert git_commit(tmp_path) == "unknown"  # no .git, no COMMIT: nothing to record
     (tmp_path / "COMMIT").write_text("0123456789abcdef0123456789abcdef01234567\n")
@@ -153,8 +153,8 @@ def test_a_tree_sent_without_git_records_the_commit_it_was_sent_as(tmp_path):
 def test_bench_train_weighs_kernels_against_compiled_pytorch_under_compile(monkeypatch):
     # The verdicts under --compile were measured against eager PyTorch (run_shapes never passed
     # `compiled`), so `auto` could put our LayerNorm where Inductor would have fused PyTorch's.
-    import mpp.benchmark as bench
-    from mpp.model import vit_config
+    import mpp.bench.cases as bench
+    from mpp.model.vit import vit_config
 
     seen = []
     monkeypatch.setattr(bench, "resolve", lambda policy, shapes, device: seen.append(shapes) or _Choice())

@@ -1,6 +1,6 @@
-"""The kernel policy (mpp/kernels.py): decided once, verified and timed, cached, shared by all processes.
+"""The kernel policy (mpp/model/kernel_policy.py): decided once, verified and timed, cached, shared by all processes.
 
-Faults are injected into the table the verification and the model both read (`mpp.ops.IMPLEMENTATIONS`):
+Faults are injected into the table the verification and the model both read (`mpp.model.ops.IMPLEMENTATIONS`):
 a kernel that gives wrong numbers, raises at launch, returns NaN or is slower. Without a GPU the
 kernels run under Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py), which is where
 `auto` measures on this machine.
@@ -18,11 +18,12 @@ import pytest
 import torch
 from helpers.runs import launch_2
 
-from mpp import kernel_cache, kernel_measure, kernels
-from mpp.errors import UsageError
-from mpp.kernels import KernelPolicy, RunShapes, resolve
-from mpp.model import ViT, vit_config
-from mpp.ops import IMPLEMENTATIONS, TORCH, Kernels, torch_layer_norm
+from mpp.core.errors import UsageError
+from mpp.model import kernel_cache, kernel_measure
+from mpp.model import kernel_policy as kernels
+from mpp.model.kernel_policy import KernelPolicy, RunShapes, resolve
+from mpp.model.ops import IMPLEMENTATIONS, TORCH, Kernels, torch_layer_norm
+from mpp.model.vit import ViT, vit_config
 from triton_kernels import gate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,7 +153,7 @@ def test_shapes_the_kernel_is_not_tried_at(monkeypatch):
 
 
 def test_padded_head_dim_is_timed_not_assumed(monkeypatch):
-    from mpp.ops import torch_attention
+    from mpp.model.ops import torch_attention
 
     monkeypatch.setitem(IMPLEMENTATIONS["attention"], "triton", torch_attention)
     monkeypatch.setitem(IMPLEMENTATIONS["attention"], "torch", slowed(torch_attention))
@@ -223,9 +224,9 @@ SHARE_SCRIPT = r'''
 import json, sys, time
 from pathlib import Path
 from accelerate import PartialState
-from mpp.kernels import KernelPolicy, RunShapes
-from mpp.ops import IMPLEMENTATIONS, torch_layer_norm
-from mpp.runtime import choose_kernels
+from mpp.model.kernel_policy import KernelPolicy, RunShapes
+from mpp.model.ops import IMPLEMENTATIONS, torch_layer_norm
+from mpp.run.runtime import choose_kernels
 
 state = PartialState(cpu=True)
 def slow(*a):

@@ -1,7 +1,7 @@
 """The ViT built on our Triton kernels against the same ViT on PyTorch's ops.
 
 Without a GPU the kernels run through Triton's interpreter (conftest sets TRITON_INTERPRET=1).
-Which kernels a run uses is decided by mpp.kernels (tests/test_kernel_policy.py); here the model
+Which kernels a run uses is decided by mpp.model.kernel_policy (tests/test_kernel_policy.py); here the model
 is built with a fixed `Kernels`, as a run's model is.
 """
 import importlib.util
@@ -9,9 +9,9 @@ import importlib.util
 import pytest
 import torch
 
-from mpp.model import ViT, vit_config
-from mpp.objective import MPPObjective
-from mpp.ops import TORCH, Kernels
+from mpp.model.objective import MPPObjective
+from mpp.model.ops import TORCH, Kernels
+from mpp.model.vit import ViT, vit_config
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -66,7 +66,7 @@ def test_mpp_step_on_triton_kernels():
 @needs_triton
 def test_attention_output_reshape_is_a_view():
     """Ours writes (B, N, H, hd) memory order: the block's transpose + reshape copies nothing."""
-    from mpp.ops import triton_attention
+    from mpp.model.ops import triton_attention
 
     q, k, v = torch.randn(3, 2, 2, 17, 32, device=DEVICE).unbind(0)  # (B, H, N, hd) each
     out = triton_attention(q, k, v)

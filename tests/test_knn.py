@@ -10,16 +10,16 @@ from helpers.runs import run_script
 from sklearn.neighbors import NearestNeighbors
 
 from eval import knn
-from mpp import probe_setup, probes
-from mpp.checkpoint import save_checkpoint
-from mpp.comparison import compare
-from mpp.curves import tensorboard_scalars
-from mpp.errors import UsageError
-from mpp.features import extract_features
-from mpp.files import write_json
-from mpp.model import ViT, ViTConfig
-from mpp.probe_runs import ProbeData
-from mpp.probes import knn_chunks, knn_predict, knn_probe, knn_probe_grid
+from mpp.core.errors import UsageError
+from mpp.core.files import write_json
+from mpp.eval import probe_setup, probes
+from mpp.eval.features import extract_features
+from mpp.eval.probe_runs import ProbeData
+from mpp.eval.probes import knn_chunks, knn_predict, knn_probe, knn_probe_grid
+from mpp.model.vit import ViT, ViTConfig
+from mpp.report.comparison import compare
+from mpp.report.curves import tensorboard_scalars
+from mpp.run.checkpoint import save_checkpoint
 
 TINY = dict(image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_dim=64)
 

@@ -1,4 +1,4 @@
-"""Labels read from files (mpp.labels): checked against the classes where a split is built, the
+"""Labels read from files (mpp.data.labels): checked against the classes where a split is built, the
 class count inferred without a class list bounded by the data before anything is sized by it, and
 the splits reconciled for whatever needs labels, refused in one line, writing nothing; MPP, which
 ignores labels, still trains on data whose images are partly labelled -1 (Hugging Face's "no label")."""
@@ -15,11 +15,11 @@ from helpers.refusals import label_needing, run_in_process
 from helpers.runs import run_script, threads_kept
 from helpers.shard_files import png, write_tar
 
-from mpp.data import load_split
-from mpp.datasets import NO_LABEL, DatasetInfo
-from mpp.errors import UsageError, one_line
-from mpp.labels import inferred_classes
-from mpp.train import main
+from mpp.core.errors import UsageError, one_line
+from mpp.data.datasets import NO_LABEL, DatasetInfo
+from mpp.data.labels import inferred_classes
+from mpp.data.sources import load_split
+from mpp.train.pretrain import main
 
 # A few steps of a 2-block Micro at 8 px on 24 to 27 images.
 TINY = ["--model", "Micro/4", "--image-size", "8", "--batch-size", "8", "--num-workers", "0", "--log-every", "1",

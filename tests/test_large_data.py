@@ -13,9 +13,9 @@ import pytest
 import torch
 from helpers.runs import ENV, FAST, REPO, final_weights, read_metrics
 
-from mpp.data import load_split
-from mpp.datasets import NO_LABEL
-from mpp.holdout import pretraining_splits
+from mpp.data.datasets import NO_LABEL
+from mpp.data.holdout import pretraining_splits
+from mpp.data.sources import load_split
 
 
 def image_folder(root, n_per_class: int, classes: int = 4, test_per_class: int = 2):
@@ -60,7 +60,7 @@ def test_an_unlabelled_folder_and_its_held_out_split_are_listed_not_read(tmp_pat
 MEASURE = textwrap.dedent("""
     import json, sys
     from torch.utils.data import DataLoader
-    from mpp.data import build_dataset
+    from mpp.data.sources import build_dataset
 
     def rss_mb():
         return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024

@@ -11,9 +11,9 @@ import pytest
 from helpers.runs import threads_kept
 
 from eval.linear_probe import main
-from mpp import probes
-from mpp.errors import UsageError
-from mpp.probes import (
+from mpp.core.errors import UsageError
+from mpp.eval import probes
+from mpp.eval.probes import (
     DEFAULT_L2S,
     fewshot_probe_grid,
     linear_probe,
@@ -131,7 +131,7 @@ def test_ties_go_to_the_larger_l2_in_any_order():
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
     """A real MPP run on digits: 2 steps of batch 32, a checkpoint at step 2."""
-    from mpp.train import TrainConfig, train
+    from mpp.train.pretrain import TrainConfig, train
 
     run = tmp_path_factory.mktemp("linear-probe") / "run"
     # module-scoped: the per-test MPP_KERNELS fixture is not set up yet

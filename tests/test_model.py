@@ -5,9 +5,9 @@ import pytest
 import timm.models.vision_transformer as timm_vit
 import torch
 
-from mpp.checkpoint import check_shapes, load_vit_weights
-from mpp.errors import UsageError
-from mpp.model import PRESETS, SIZES, ViT, resample_pos_embed, timm_kwargs, vit_config
+from mpp.core.errors import UsageError
+from mpp.model.vit import PRESETS, SIZES, ViT, resample_pos_embed, timm_kwargs, vit_config
+from mpp.run.checkpoint import check_shapes, load_vit_weights
 
 
 def small(name="Micro/4", **kw):

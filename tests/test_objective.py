@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 from helpers.runs import FAST, read_metrics
 
-from mpp.errors import UsageError
-from mpp.model import ViT, vit_config
-from mpp.objective import (
+from mpp.core.errors import UsageError
+from mpp.model.objective import (
     TARGETS,
     MPPConfig,
     MPPObjective,
@@ -22,6 +21,7 @@ from mpp.objective import (
     patchify,
     register_target,
 )
+from mpp.model.vit import ViT, vit_config
 
 
 def distinct_patches(B, N, D=4):
@@ -223,7 +223,7 @@ def toy_target():
 
 
 def test_a_target_added_in_one_place_trains(toy_target, tmp_path):
-    from mpp.train import build_parser, main
+    from mpp.train.pretrain import build_parser, main
 
     assert "toy: is the patch brighter than mid-grey" in build_parser("mpp").format_help()
     run = tmp_path / "toy"

@@ -13,9 +13,9 @@ from helpers.runs import run_script
 from PIL import Image
 
 from eval import knn
-from mpp.data import load_split
-from mpp.datasets import rgb_tensor
-from mpp.errors import UsageError
+from mpp.core.errors import UsageError
+from mpp.data.datasets import rgb_tensor
+from mpp.data.sources import load_split
 
 WIDE_MODES = ("F", "I;16", "I")
 
@@ -177,7 +177,7 @@ def test_the_command_lines_read_odd_folders_and_refuse_two_labels(tmp_path, hf_c
 
 def test_an_unreadable_subfolder_is_one_line(tmp_path, monkeypatch):
     # chmod 000 does not stop root (CI runs as root), so the refusal is made by os.scandir itself.
-    import mpp.folder_walk
+    import mpp.data.folder_walk
 
     for split in ("train", "test"):
         (tmp_path / "data" / split / "cat" / "locked").mkdir(parents=True)
@@ -189,6 +189,6 @@ def test_an_unreadable_subfolder_is_one_line(tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied", str(path))
         return scandir(path)
 
-    monkeypatch.setattr(mpp.folder_walk.os, "scandir", refusing)
+    monkeypatch.setattr(mpp.data.folder_walk.os, "scandir", refusing)
     with pytest.raises(UsageError, match=r"cannot read the dataset's folder '.*locked' \(Permission denied\)"):
         load_split(str(tmp_path / "data"), "train")

@@ -7,9 +7,9 @@ import torch
 from helpers.runs import run_script
 
 from eval import fewshot, linear_probe
-from mpp.errors import UsageError
-from mpp.features import FeatureSpec, layer_specs, pixel_featurizer, vit_featurizer
-from mpp.model import ViT, vit_config
+from mpp.core.errors import UsageError
+from mpp.eval.features import FeatureSpec, layer_specs, pixel_featurizer, vit_featurizer
+from mpp.model.vit import ViT, vit_config
 
 
 def test_layer_specs():

@@ -14,9 +14,9 @@ import pytest
 from helpers.procs import WORKERS, finish, one_error_line, snapshot, start, wait_until
 from helpers.runs import FAST, read_metrics, run_script
 
-from mpp.checkpoint import load_checkpoint
-from mpp.rundir import list_checkpoints
-from mpp.train import TrainConfig, main
+from mpp.run.checkpoint import load_checkpoint
+from mpp.run.rundir import list_checkpoints
+from mpp.train.pretrain import TrainConfig, main
 
 
 @pytest.mark.slow

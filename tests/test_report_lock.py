@@ -12,7 +12,7 @@ import pytest
 from helpers.runs import ENV, REPO, run_script
 
 from eval import fewshot, linear_probe
-from mpp.runlock import ReportLock
+from mpp.core.runlock import ReportLock
 
 # A random-init Micro/4 on a few hundred digits: seconds, without a run directory.
 QUICK = ["--model", "Micro/4", "--random-init", "--no-references", "--max-test", "50"]

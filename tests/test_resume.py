@@ -13,10 +13,10 @@ import pytest
 import torch
 from helpers.runs import ENV, FAST, REPO, final_weights, read_metrics, run_script
 
-from mpp.checkpoint import load_checkpoint, save_checkpoint
-from mpp.objective import MPPObjective
-from mpp.rundir import list_checkpoints
-from mpp.train import main
+from mpp.model.objective import MPPObjective
+from mpp.run.checkpoint import load_checkpoint, save_checkpoint
+from mpp.run.rundir import list_checkpoints
+from mpp.train.pretrain import main
 
 # 60 steps cross an epoch of digits (44 steps of 32), one loader worker process, a checkpoint every 7 steps.
 RUN = [*FAST, "--num-workers", "1", "--max-steps", "60", "--save-every", "7"]

@@ -1,4 +1,4 @@
-"""How runs run (mpp/runtime.py): the precision a GPU defaults to, and `--compile` against eager.
+"""How runs run (mpp/run/runtime.py): the precision a GPU defaults to, and `--compile` against eager.
 
 `--compile` compiles the ViT's blocks with fullgraph=True, so a graph break is an error here rather
 than a silent slowdown; on CPU these tests run PyTorch's ops through Inductor (a C++ compiler).
@@ -11,21 +11,21 @@ import json
 import pytest
 import torch
 
-import mpp.finetune as ft
+import mpp.train.finetune as ft
 from eval import fewshot
-from mpp import probe_setup
-from mpp.checkpoint import load_run
-from mpp.model import ViT, vit_config
-from mpp.objective import MPPObjective
-from mpp.runtime import compile_blocks, default_precision
-from mpp.train import TrainConfig, train
+from mpp.eval import probe_setup
+from mpp.model.objective import MPPObjective
+from mpp.model.vit import ViT, vit_config
+from mpp.run.checkpoint import load_run
+from mpp.run.runtime import compile_blocks, default_precision
+from mpp.train.pretrain import TrainConfig, train
 
 
 def test_bf16_is_the_gpu_default_and_the_user_or_accelerate_wins(monkeypatch):
     config_written = [False]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    monkeypatch.setattr("mpp.runtime._accelerate_config_exists", lambda: config_written[0])
+    monkeypatch.setattr("mpp.run.runtime._accelerate_config_exists", lambda: config_written[0])
     assert default_precision("", {}) == "bf16"  # python scripts/pretrain_mpp.py on a GPU
     assert default_precision("no", {}) == "no"  # --mixed-precision no wins
     assert default_precision("", {"ACCELERATE_MIXED_PRECISION": "no"}) == "bf16"  # launch's own default, not a choice
@@ -40,7 +40,7 @@ def test_bf16_is_the_gpu_default_and_the_user_or_accelerate_wins(monkeypatch):
 
 
 def test_help_says_the_precision_default(capsys):
-    from mpp.train import build_parser
+    from mpp.train.pretrain import build_parser
 
     help_text = build_parser("mpp").format_help()
     assert "bf16 on a CUDA GPU with bf16" in " ".join(help_text.split())

@@ -13,7 +13,9 @@ import pytest
 import torch
 from helpers.runs import run_script
 
-from mpp.checkpoint import (
+from mpp.core.errors import UsageError
+from mpp.eval.probe_setup import checkpoint_step
+from mpp.run.checkpoint import (
     BadCheckpoint,
     load_checkpoint,
     load_latest,
@@ -21,9 +23,7 @@ from mpp.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from mpp.errors import UsageError
-from mpp.probe_setup import checkpoint_step
-from mpp.rundir import list_checkpoints
+from mpp.run.rundir import list_checkpoints
 
 # 2 steps, a checkpoint at each: the smallest run whose checkpoint has every part a long run's has.
 RUN = ["--max-steps", "2", "--save-every", "1", "--batch-size", "32", "--num-workers", "0", "--log-every", "1",
@@ -102,7 +102,7 @@ def test_optimizer_scheduler_scaler_and_finetune_state_load_weights_only(tmp_pat
     """The parts a CPU run leaves out (an fp16 scaler) or builds elsewhere (eval/finetune.py's save)."""
     import dataclasses
 
-    from mpp.finetune import FinetuneConfig
+    from mpp.train.finetune import FinetuneConfig
 
     p = torch.nn.Parameter(torch.ones(2))
     opt = torch.optim.AdamW([p], lr=0.1)

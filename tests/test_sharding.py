@@ -6,8 +6,8 @@ refusal is tested where mpp decides it: the variable set on a plain run of each 
 import pytest
 from helpers.runs import FAST, run_script
 
-from mpp.errors import UsageError
-from mpp.runtime import refuse_sharding
+from mpp.core.errors import UsageError
+from mpp.run.runtime import refuse_sharding
 
 
 @pytest.mark.parametrize("name, flag", [("ACCELERATE_USE_FSDP", "--use_fsdp"),

@@ -9,10 +9,10 @@ import torch
 from helpers.runs import FAST, final_weights, run_script
 from helpers.shard_files import png, synthetic_shards, write_tar
 
-from mpp.data import load_split
-from mpp.errors import UsageError
-from mpp.rundir import list_checkpoints
-from mpp.shards import expand_braces
+from mpp.core.errors import UsageError
+from mpp.data.shards import expand_braces
+from mpp.data.sources import load_split
+from mpp.run.rundir import list_checkpoints
 
 
 @pytest.fixture(scope="module")

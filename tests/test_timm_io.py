@@ -13,9 +13,9 @@ import timm
 import torch
 
 from eval import compare, fewshot
-from mpp import timm_io
-from mpp.errors import UsageError
-from mpp.model import ViT, vit_config
+from mpp.core.errors import UsageError
+from mpp.eval import timm_io
+from mpp.model.vit import ViT, vit_config
 from tests.helpers.runs import ENV, REPO, run_script
 
 FEWSHOT = ["--dataset", "digits", "--shots", "1", "5", "--seeds", "2", "--max-test", "60", "--no-references",
@@ -50,7 +50,7 @@ def test_export_cli_writes_timm_hub_layout_that_timm_loads_strictly(checkpoint, 
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
     assert config["num_classes"] == 0 and config["model_args"]["depth"] == 2 and config["model_args"]["embed_dim"] == 128
-    assert config["pretrained_cfg"]["mean"] == config["pretrained_cfg"]["std"] == [0.5, 0.5, 0.5]  # mpp.data's
+    assert config["pretrained_cfg"]["mean"] == config["pretrained_cfg"]["std"] == [0.5, 0.5, 0.5]  # mpp.data.sources's
     x = torch.randn(3, 3, 16, 16)
     ours = checkpoint[1].forward_features(x)["pre_logits"]
     by_dir = timm.create_model(f"local-dir:{out}", pretrained=True).eval()  # timm loads strictly by default
@@ -100,12 +100,12 @@ def test_import_folder_and_state_dict_equal_ours(checkpoint, exported, tmp_path)
 
 
 def test_a_timm_models_own_normalisation_is_folded_into_its_patch_embedding(tmp_path):
-    """A model trained on ImageNet's mean and std, fed mpp.data's normalisation by our probes, computes
+    """A model trained on ImageNet's mean and std, fed mpp.data.sources's normalisation by our probes, computes
     what timm computes on its own input; saved in timm's Hub layout, the folder says the same."""
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     from timm.models import save_for_hf
 
-    from mpp.data import normalize
+    from mpp.data.sources import normalize
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
@@ -179,12 +179,12 @@ def test_fewshot_on_a_timm_model_equals_the_same_weights_as_our_run(checkpoint, 
 
 
 def test_finetune_starts_from_a_timm_model_identified_by_its_weights(checkpoint, exported, tmp_path):
-    """The fine-tune's start (mpp.finetune_start) from an exported folder and from the same weights as a
+    """The fine-tune's start (mpp.train.finetune_start) from an exported folder and from the same weights as a
     state dict: the same ViT, the same identity (so a --resume may name either), the import's record."""
     from safetensors.torch import save_file
 
-    from mpp.finetune import FinetuneConfig
-    from mpp.finetune_start import starting_model
+    from mpp.train.finetune import FinetuneConfig
+    from mpp.train.finetune_start import starting_model
 
     save_file(checkpoint[1].state_dict(), tmp_path / "same.safetensors")
     vit, record, dataset, start = starting_model(FinetuneConfig(run=str(exported[0])))
@@ -204,7 +204,7 @@ def test_finetune_from_an_exported_folder_runs_through_the_command_line(exported
     results = json.loads((out / "finetune.json").read_text())
     assert results["pretrained"] == str(exported[0]) and results["start"]["checkpoint"] == str(exported[0])
     assert 0 <= results["test_accuracy"]["mean"] <= 1 and results["dataset"]["spec"] == "digits"
-    from mpp.finetune_start import pretrained_source
+    from mpp.train.finetune_start import pretrained_source
 
     weights = exported[0] / "model.safetensors"  # a timm file names itself, not the folder holding it
     assert pretrained_source("timm:vit_tiny_patch16_224") == "timm:vit_tiny_patch16_224"
@@ -218,8 +218,8 @@ def test_the_hubs_retry_warnings_stay_out_of_the_one_line(monkeypatch, caplog):
 
     import timm
 
-    from mpp.errors import UsageError
-    from mpp.timm_io import create
+    from mpp.core.errors import UsageError
+    from mpp.eval.timm_io import create
 
     def unreachable(*args, **kwargs):
         logging.getLogger("huggingface_hub.utils._http").warning("'Connection refused' thrown while requesting HEAD")

@@ -1,4 +1,4 @@
-"""--report-to tensorboard|wandb|all (mpp.trackers): the curves reach each tracker asked for, and
+"""--report-to tensorboard|wandb|all (mpp.run.trackers): the curves reach each tracker asked for, and
 only those; W&B runs offline (WANDB_MODE=offline: no network, no account), its records read back
 from the run's binary .wandb file by the tags it holds and the images it saved."""
 import json
@@ -11,9 +11,9 @@ import pytest
 from helpers.runs import ENV, FAST, REPO, run_script
 from helpers.wandb_records import exit_code
 
-from mpp.curves import tensorboard_scalars
-from mpp.errors import UsageError
-from mpp.trackers import check_report_to
+from mpp.core.errors import UsageError
+from mpp.report.curves import tensorboard_scalars
+from mpp.run.trackers import check_report_to
 
 pytest.importorskip("wandb", reason="--report-to wandb needs the wandb package (pip install -e '.[wandb]')")
 

@@ -14,12 +14,12 @@ from helpers.runs import FAST, REPO, read_metrics, run_script
 from PIL import Image
 
 from eval import fewshot
-from mpp.checkpoint import load_checkpoint
-from mpp.model import ViT, vit_config
-from mpp.objective import MPPObjective
-from mpp.optim import param_groups
-from mpp.rundir import list_checkpoints
-from mpp.train import TrainConfig, main, parse_args, train
+from mpp.model.objective import MPPObjective
+from mpp.model.vit import ViT, vit_config
+from mpp.run.checkpoint import load_checkpoint
+from mpp.run.optim import param_groups
+from mpp.run.rundir import list_checkpoints
+from mpp.train.pretrain import TrainConfig, main, parse_args, train
 
 
 def test_lr_schedule_warmup_then_decay():
@@ -178,7 +178,7 @@ def test_short_run_on_real_cifar10_images(tmp_path, cifar10_slice, objective):
 
 FREED_MEMORY = """
 import sys, torch
-from mpp.runtime import reuse_freed_memory
+from mpp.run.runtime import reuse_freed_memory
 if sys.argv[1] == "reuse":
     assert reuse_freed_memory()
 def rss_mb():

@@ -19,14 +19,14 @@ from helpers.refusals import label_needing, run_in_process
 from helpers.runs import ENV, REPO, final_weights, run_script, threads_kept
 from helpers.shard_files import png
 
-from mpp.data import load_split
-from mpp.datasets import NO_LABEL, image_identity
-from mpp.errors import UsageError
-from mpp.folders import folder_listing
-from mpp.holdout import pretraining_splits
-from mpp.rundir import check_resume, check_run_dir
-from mpp.shards import write_shards
-from mpp.train import TrainConfig, main
+from mpp.core.errors import UsageError
+from mpp.data.datasets import NO_LABEL, image_identity
+from mpp.data.folders import folder_listing
+from mpp.data.holdout import pretraining_splits
+from mpp.data.shards import write_shards
+from mpp.data.sources import load_split
+from mpp.run.rundir import check_resume, check_run_dir
+from mpp.train.pretrain import TrainConfig, main
 
 IMAGES = 48  # per source: a tenth (4) is held out, 44 train, 5 steps of 8 per epoch
 SOURCES = ("flat", "nested", "train-only", "hf-disk", "shards")

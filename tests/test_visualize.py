@@ -10,17 +10,25 @@ import torch
 import torch.nn.functional as F
 from helpers.runs import FAST, REPO, run_script
 
-from mpp.attention_maps import (
+from mpp.core.errors import UsageError
+from mpp.data.sources import build_dataset, normalize
+from mpp.eval.attention_maps import (
     attention_mosaic,
     attention_pass,
     attention_weights,
     class_attention,
     rollout,
 )
-from mpp.data import build_dataset, normalize
-from mpp.errors import UsageError
-from mpp.model import ViT, vit_config
-from mpp.objective import (
+from mpp.eval.visualize import (
+    GAP,
+    GREY,
+    KEPT_BORDER,
+    RANDOM_BORDER,
+    held_out_images,
+    prediction_mosaic,
+    tile,
+)
+from mpp.model.objective import (
     KEPT,
     MASKED,
     RANDOM,
@@ -33,15 +41,7 @@ from mpp.objective import (
     patchify,
     register_target,
 )
-from mpp.visualize import (
-    GAP,
-    GREY,
-    KEPT_BORDER,
-    RANDOM_BORDER,
-    held_out_images,
-    prediction_mosaic,
-    tile,
-)
+from mpp.model.vit import ViT, vit_config
 
 
 def tiny_vit(depth=2, size=16):
@@ -292,7 +292,7 @@ def test_attention_mosaic_layout():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A 3-step MPP run and a 3-step supervised run of Micro/4 on the digits."""
-    from mpp.train import main
+    from mpp.train.pretrain import main
 
     root = tmp_path_factory.mktemp("visualize")
     for objective in ("mpp", "supervised"):

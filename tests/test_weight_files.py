@@ -2,7 +2,7 @@
 a bare timm state dict, a run's checkpoint and a folder in timm's Hub layout whose tensors have
 unexpected names, ranks, shapes, dtypes or values, or whose config.json has fields of the wrong
 type, not finite or out of range, are refused in one line naming the file and what is wrong
-(mpp/weights.py, mpp/hub_folder.py), through every entry point that takes --run."""
+(mpp/model/weights.py, mpp/eval/hub_folder.py), through every entry point that takes --run."""
 import dataclasses
 import json
 import shutil
@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mpp import timm_io
-from mpp.checkpoint import load_run
-from mpp.errors import UsageError
-from mpp.model import ViT, vit_config, vit_shapes
+from mpp.core.errors import UsageError
+from mpp.eval import timm_io
+from mpp.model.vit import ViT, vit_config, vit_shapes
+from mpp.run.checkpoint import load_run
 from tests.helpers.runs import run_script
 
 
@@ -250,9 +250,9 @@ def test_the_entry_points_refuse_such_files_in_one_line_writing_nothing(base, tm
 
 
 def test_finetuning_refuses_them_before_its_output_directory_exists(base, tmp_path):
-    """eval/finetune.py's start (mpp.finetune_start) reads a checkpoint file and a timm source its own way."""
-    from mpp.finetune import FinetuneConfig
-    from mpp.finetune_start import starting_model
+    """eval/finetune.py's start (mpp.train.finetune_start) reads a checkpoint file and a timm source its own way."""
+    from mpp.train.finetune import FinetuneConfig
+    from mpp.train.finetune_start import starting_model
 
     path = save_run_checkpoint(tmp_path / "int.pt", base[1], edited(base[1], to_dtype(torch.int32)))
     with pytest.raises(UsageError, match=r"int.pt' holds .* as int32, not floating point"):

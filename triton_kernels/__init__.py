@@ -9,7 +9,7 @@ registration, the functional API, the reference and a `*_supported` check of the
 takes; `_launch.py` holds what every kernel file does the same way (registration, launch device)
 and `gate.py` whether the kernels can run here at all. This package offers kernels and references
 only: it never picks between a kernel and PyTorch. That is decided once, by the caller
-(`mpp.kernels`), not per call here.
+(`mpp.model.kernel_policy`), not per call here.
 
 Importing the package imports neither triton nor the kernel files: each public name is loaded
 from its submodule on first access (module `__getattr__`), so `import triton_kernels` is cheap and

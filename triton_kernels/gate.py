@@ -1,7 +1,7 @@
 """Whether the Triton kernels can run at all here: the platform, the install and the limits of what
 they take, checked without importing triton until a kernel could be used.
 
-This module decides nothing per call. The caller (in this repository `mpp.kernels`) asks once,
+This module decides nothing per call. The caller (in this repository `mpp.model.kernel_policy`) asks once,
 before a model is built, then verifies and times each op at the run's shapes and hands the model
 fixed functions. The kernel files read the same checks and limits (the one copy of each), for their
 `*_supported` contracts and their interpreter launch settings. Nothing here imports from outside

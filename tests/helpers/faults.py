@@ -1,6 +1,6 @@
 """Run the pretraining entry point with one injected fault: `python tests/helpers/faults.py FAULT ARGS...`.
 
-The fault is patched into the real code, then the real `mpp.train.main("mpp", ARGS)` runs, so the
+The fault is patched into the real code, then the real `mpp.train.pretrain.main("mpp", ARGS)` runs, so the
 process (its loader workers, signal handlers, exit path) is exactly what a user starts.
 - step: a bug inside the second training step's forward pass;
 - worker: a bug inside a loader worker, on its fifth image;
@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-import mpp.checkpoint
-import mpp.data
-import mpp.objective
-from mpp.train import main
+import mpp.data.sources
+import mpp.model.objective
+import mpp.run.checkpoint
+from mpp.train.pretrain import main
 
 
 def step() -> None:
-    forward, calls = mpp.objective.MPPObjective.forward, [0]
+    forward, calls = mpp.model.objective.MPPObjective.forward, [0]
 
     def crashing(self, images, labels=None):
         calls[0] += self.training
@@ -37,11 +37,11 @@ def step() -> None:
             raise RuntimeError("injected fault in a training step")
         return forward(self, images, labels)
 
-    mpp.objective.MPPObjective.forward = crashing
+    mpp.model.objective.MPPObjective.forward = crashing
 
 
 def worker() -> None:
-    getitem, calls = mpp.data.TensorImages.__getitem__, [0]
+    getitem, calls = mpp.data.sources.TensorImages.__getitem__, [0]
 
     def crashing(self, index):
         if torch.utils.data.get_worker_info() is not None:  # in a worker process only: the main process
@@ -50,18 +50,18 @@ def worker() -> None:
                 raise RuntimeError("injected fault in a loader worker")
         return getitem(self, index)
 
-    mpp.data.TensorImages.__getitem__ = crashing
+    mpp.data.sources.TensorImages.__getitem__ = crashing
 
 
 def save() -> None:
     def crashing(*_args, **_kwargs):
         raise RuntimeError("injected fault in torch.save")
 
-    mpp.checkpoint.torch.save = crashing
+    mpp.run.checkpoint.torch.save = crashing
 
 
 def slow_eval() -> None:
-    forward = mpp.objective.MPPObjective.forward
+    forward = mpp.model.objective.MPPObjective.forward
     marker = Path(os.environ["FAULT_MARKER"])
 
     def slow(self, images, labels=None):
@@ -70,13 +70,13 @@ def slow_eval() -> None:
             time.sleep(0.5)
         return forward(self, images, labels)
 
-    mpp.objective.MPPObjective.forward = slow
+    mpp.model.objective.MPPObjective.forward = slow
 
 
 def sigterm_after() -> None:
-    import mpp.trainer
+    import mpp.train.trainer
 
-    after_step, at = mpp.trainer.Trainer._after_step, int(os.environ["FAULT_STEP"])
+    after_step, at = mpp.train.trainer.Trainer._after_step, int(os.environ["FAULT_STEP"])
 
     def signalling(self, bar, stopping):
         stopping = after_step(self, bar, stopping)
@@ -84,28 +84,28 @@ def sigterm_after() -> None:
             os.kill(os.getpid(), signal.SIGTERM)
         return stopping
 
-    mpp.trainer.Trainer._after_step = signalling
+    mpp.train.trainer.Trainer._after_step = signalling
 
 
 def read_limit() -> None:
-    import mpp.readlimit
+    import mpp.data.readlimit
 
-    mpp.readlimit.READ_LIMIT_S = float(os.environ["FAULT_READ_LIMIT"])
+    mpp.data.readlimit.READ_LIMIT_S = float(os.environ["FAULT_READ_LIMIT"])
 
 
 def eval_bug() -> None:
-    forward = mpp.objective.MPPObjective.forward
+    forward = mpp.model.objective.MPPObjective.forward
 
     def crashing(self, images, labels=None):
         if not self.training:
             raise RuntimeError("injected fault in an evaluation")
         return forward(self, images, labels)
 
-    mpp.objective.MPPObjective.forward = crashing
+    mpp.model.objective.MPPObjective.forward = crashing
 
 
 def oom() -> None:
-    forward, calls = mpp.objective.MPPObjective.forward, [0]
+    forward, calls = mpp.model.objective.MPPObjective.forward, [0]
 
     def failing(self, images, labels=None):
         calls[0] += self.training
@@ -113,7 +113,7 @@ def oom() -> None:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
         return forward(self, images, labels)
 
-    mpp.objective.MPPObjective.forward = failing
+    mpp.model.objective.MPPObjective.forward = failing
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """nn.Module forms of the Triton kernels, for the tests that check the kernels behave as PyTorch's
-modules do (the model itself calls the functions `mpp.ops.Kernels` hands it, not modules)."""
+modules do (the model itself calls the functions `mpp.model.ops.Kernels` hands it, not modules)."""
 from __future__ import annotations
 
 import torch

@@ -10,12 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-import mpp.probe_runs
+import mpp.eval.probe_runs
 from eval import fewshot, knn, linear_probe
 
 
 def slow() -> None:
-    embed = mpp.probe_runs.Embedder.__call__
+    embed = mpp.eval.probe_runs.Embedder.__call__
     marker, release = Path(os.environ["FAULT_MARKER"]), Path(os.environ["FAULT_RELEASE"])
 
     def waiting(self, *args, **kwargs):
@@ -25,7 +25,7 @@ def slow() -> None:
             time.sleep(0.05)
         return embed(self, *args, **kwargs)
 
-    mpp.probe_runs.Embedder.__call__ = waiting
+    mpp.eval.probe_runs.Embedder.__call__ = waiting
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def run_in_process(argv: list[str]) -> None:
     import eval.finetune
     import eval.knn
     import eval.linear_probe
-    from mpp.train import main
+    from mpp.train.pretrain import main
 
     entry = {"scripts/pretrain_supervised.py": lambda rest: main("supervised", rest),
              "scripts/pretrain_mpp.py": lambda rest: main("mpp", rest),

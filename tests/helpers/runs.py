@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from mpp.checkpoint import load_checkpoint
-from mpp.rundir import list_checkpoints
+from mpp.run.checkpoint import load_checkpoint
+from mpp.run.rundir import list_checkpoints
 
 REPO = Path(__file__).resolve().parents[2]
 # A few seconds per run: 2-block Micro at 16 px, small batches, no worker processes.

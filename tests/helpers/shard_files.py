@@ -1,4 +1,4 @@
-"""Tar shards for tests: tiny synthetic ones through mpp.shards.write_shards, and odd tars written member by member."""
+"""Tar shards for tests: tiny synthetic ones through mpp.data.shards.write_shards, and odd tars written member by member."""
 import io
 import tarfile
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
-from mpp.shards import write_shards
+from mpp.data.shards import write_shards
 
 
 def png(rng) -> bytes:

@@ -1,5 +1,5 @@
 """Run as one process or under `accelerate launch`: which items each process gets from the trainer's
-loaders (`mpp.loop.data_loaders`). Prints, on the main process, one JSON list with a record per
+loaders (`mpp.train.loop.data_loaders`). Prints, on the main process, one JSON list with a record per
 process: the training batches of each epoch and the evaluation items.
 
 Usage: shard_probe.py N_TRAIN N_EVAL MICRO_BATCH EPOCHS NUM_WORKERS
@@ -11,8 +11,8 @@ import torch
 from accelerate.utils import gather_object, set_seed
 from torch.utils.data import Dataset
 
-from mpp.loop import data_loaders
-from mpp.runtime import make_accelerator
+from mpp.run.runtime import make_accelerator
+from mpp.train.loop import data_loaders
 
 
 class Ids(Dataset):

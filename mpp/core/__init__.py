@@ -1,0 +1,2 @@
+"""The bottom layer: errors, atomic files, configuration from dataclasses, provenance, seeds, signals and
+locks. It imports nothing else of mpp."""

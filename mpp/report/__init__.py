@@ -1,0 +1,1 @@
+"""Reading what runs and probes wrote: rows, tables, plots, curves, comparisons. Evaluates nothing."""

@@ -1,0 +1,353 @@
+"""Fine-tuning a pretrained run, or training from scratch, on labelled images (the ViT paper's protocol).
+
+The pretrained head is replaced by a zero-initialised linear layer; SGD with momentum 0.9, no weight
+decay, linear warmup then cosine decay, gradient clipping at global norm 1. The learning rate is
+picked from a grid by accuracy on a dev split held out of the labelled training data (never the test
+split); then the model is trained on all the labelled data at that rate, once per seed, and scored
+once on the test split. The entry point is eval/finetune.py (its docstring shows the commands); the
+starting point and what a --resume may continue are mpp.train.finetune_start's.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from mpp.core.config import (
+    Invocation,
+    Parser,
+    add_dataclass_flags,
+    dataclass_from_args,
+)
+from mpp.core.errors import UsageError
+from mpp.core.files import writable_dir, write_json
+from mpp.core.provenance import provenance
+from mpp.core.runlock import RunLock
+from mpp.data.sources import LABELLED_FORMS, build_dataset, normalize
+from mpp.eval.probes import stratified_split
+from mpp.model.kernel_policy import KernelPolicy, RunShapes
+from mpp.model.ops import Kernels
+from mpp.model.vit import ViT
+from mpp.run import rundir
+from mpp.run.checkpoint import save_checkpoint
+from mpp.run.optim import Schedule
+from mpp.run.runtime import (
+    autocast_dtype,
+    choose_kernels,
+    compile_blocks,
+    loader_kwargs,
+    make_accelerator,
+)
+from mpp.run.trackers import Trackers, flat_config
+from mpp.train import loop
+from mpp.train.finetune_config import FinetuneConfig
+from mpp.train.finetune_start import (
+    SCRATCH_MODEL,
+    prepare_output,
+    pretrained_source,
+    recorded_results,
+    starting_model,
+)
+
+
+def split_labelled(labels: np.ndarray, config: FinetuneConfig) -> dict[str, np.ndarray]:
+    """Indices into the training split: the labelled subset ("train"), and its parts "fit" and "dev".
+
+    The lr grid trains on "fit" and scores on "dev"; the final trainings use all of "train"."""
+    def too_few(who, have, need):
+        return f"{who} has {have} training images, fewer than {need}: pass a smaller --train-per-class"
+
+    # Permutation draws (not the probes' choice draws): the labelled subsets fine-tunes were scored on.
+    if config.train_per_class or config.train_fraction < 1:
+        labelled, _ = stratified_split(labels, lambda n: config.train_per_class or max(1, round(config.train_fraction * n)),
+                                       config.subset_seed, too_few=too_few, draw="permutation")
+    else:
+        labelled = np.arange(len(labels))
+    dev_pos, fit_pos = stratified_split(labels[labelled], lambda n: max(1, round(config.dev_fraction * n)),
+                                        config.subset_seed + 1, too_few=too_few, draw="permutation")
+    if len(fit_pos) == 0:
+        raise UsageError(f"the labelled set ({len(labelled)} images) leaves nothing to train on after the dev split: "
+                         "pass a larger --train-fraction / --train-per-class or a smaller --dev-fraction")
+    return {"train": labelled, "fit": labelled[fit_pos], "dev": labelled[dev_pos]}
+
+
+def train_transform(config: FinetuneConfig, image_size: int):
+    """The training augmentation: timm's RandAugment (on PIL images) first, if asked, then crop + flip."""
+    from mpp.data.sources import train_transform as crop_flip
+
+    base = crop_flip(image_size, config.crop_scale, config.hflip)
+    if not config.randaugment:
+        return base
+    from timm.data.auto_augment import rand_augment_transform
+    from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
+
+    try:
+        augment = rand_augment_transform(config.randaugment, {"img_mean": (128, 128, 128)})
+    except Exception as e:  # timm asserts on a malformed spec
+        raise UsageError(f"--randaugment '{config.randaugment}' is not a timm RandAugment spec ({e}): "
+                         "pass e.g. rand-m9-mstd0.5-inc1") from e
+
+    def transform(image: torch.Tensor) -> torch.Tensor:  # uint8 [3, H, W] -> float32 [3, S, S]
+        return base(pil_to_tensor(augment(to_pil_image(image))))
+
+    return transform
+
+
+def optimizer_for(vit: ViT, config: FinetuneConfig, lr: float) -> torch.optim.Optimizer:
+    """SGD with momentum and no weight decay; with --layer-decay, timm's per-depth lr scales."""
+    if config.layer_decay < 1:
+        from timm.optim import param_groups_layer_decay
+
+        groups = param_groups_layer_decay(vit, weight_decay=0.0, layer_decay=config.layer_decay)
+        for g in groups:  # LambdaLR scales each group's starting lr, so the depth scale goes in here
+            g["lr"] = lr * g.pop("lr_scale", 1.0)
+    else:
+        groups = [{"params": [p for p in vit.parameters() if p.requires_grad], "lr": lr}]
+    return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, weight_decay=0.0)
+
+
+class Finetuner:
+    """Everything shared by the trainings of one fine-tune: data, the starting weights, the loss."""
+
+    def __init__(self, config: FinetuneConfig, accelerator, start: ViT, num_classes: int,
+                 train_set, eval_sets: dict, steps: int, out: Path, kernels: Kernels):
+        self.config, self.accelerator, self.num_classes, self.kernels = config, accelerator, num_classes, kernels
+        self.start_state = {k: v.clone() for k, v in start.state_dict().items()}  # every training starts here
+        self.vit_config = start.config
+        self.train_set, self.eval_sets, self.steps, self.out = train_set, eval_sets, steps, out
+        self.mixup = None
+        if config.mixup > 0 or config.cutmix > 0:
+            from timm.data import Mixup
+
+            self.mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix,
+                               label_smoothing=config.label_smoothing, num_classes=num_classes)
+
+    def accuracy(self, vit: ViT, loader: DataLoader) -> tuple[float, int]:
+        """(top-1 accuracy, images scored) over the loader: every image once, from every process."""
+        acc = self.accelerator
+
+        def batch_sums(images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+            with acc.autocast():
+                logits = vit(normalize(images))  # (B, K)
+            return {"correct": int((logits.argmax(-1) == labels.to(logits.device)).sum())}
+
+        sums, scored = loop.evaluate(vit, batch_sums, loader, acc)
+        return sums.get("correct", 0.0), scored
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if labels.ndim == 2:  # soft targets from Mixup/CutMix (label smoothing already folded in)
+            return torch.sum(-labels * torch.log_softmax(logits.float(), -1), -1).mean()
+        return torch.nn.functional.cross_entropy(logits.float(), labels, label_smoothing=self.config.label_smoothing)
+
+    def train(self, indices: np.ndarray, lr: float, seed: int, tag: str, score_on: str) -> tuple[float, ViT]:
+        """Train from the starting weights on `indices` of the training split; accuracy on `score_on`
+        (the number of images scored is kept in `self.scored`)."""
+        from accelerate.utils import set_seed
+        from tqdm.auto import tqdm
+
+        config, acc = self.config, self.accelerator
+        set_seed(seed, device_specific=False)  # the same initial head and data order on every process
+        vit = ViT(self.vit_config, self.kernels)
+        vit.load_state_dict(self.start_state)
+        if config.compile:
+            compile_blocks(vit)
+        if not config.run:  # from scratch: the seed draws the initial weights too
+            vit.init_weights()
+            vit.reset_head(self.num_classes)
+        kw = loader_kwargs(config.batch_size // acc.num_processes, config.num_workers)
+        train_loader = DataLoader(Subset(self.train_set, indices.tolist()), shuffle=True, drop_last=True, **kw)
+        optimizer = optimizer_for(vit, config, lr)
+        vit, optimizer, train_loader = acc.prepare(vit, optimizer, train_loader)
+        eval_loader = loop.eval_loader(self.eval_sets[score_on], acc, kw)
+        scheduler = Schedule(self.steps, config.warmup_steps, "cosine").scheduler(optimizer)
+        set_seed(seed, device_specific=True)  # each process its own augmentation and mixup draws
+        trackers = Trackers(config.report_to, self.out, f"{rundir.TENSORBOARD}/{tag}", f"{self.out.name}/{tag}",
+                            main=acc.is_main_process, job_type="finetune")
+        bar = tqdm(total=self.steps, desc=f"finetune {tag}", disable=not acc.is_local_main_process,
+                   dynamic_ncols=True, leave=False)
+        step, epoch, window = 0, 0, []
+        vit.train()
+        try:
+            while step < self.steps:
+                train_loader.set_epoch(epoch)
+                for images, labels in train_loader:
+                    images = normalize(images)  # (B, 3, S, S) in [-1, 1]
+                    if self.mixup is not None:
+                        images, labels = self.mixup(images, labels)  # labels -> soft (B, K)
+                    with acc.autocast():
+                        loss = self.loss(vit(images), labels)
+                    if loop.agree(acc, loss, False)[0]:  # every process stops together
+                        raise UsageError(f"fine-tuning {tag}: the loss is not finite at step {step + 1}: "
+                                         "try a smaller --lrs, --mixed-precision no (fp32) or --grad-clip 1")
+                    loop.optimizer_step(acc, vit, loss, optimizer, config.grad_clip)
+                    scheduler.step()
+                    step += 1
+                    window.append(loss.detach())
+                    bar.update(1)
+                    if step % config.log_every == 0 or step == self.steps:
+                        if trackers.active:
+                            trackers.log({"train/loss": torch.stack(window).mean().item(),
+                                          "train/lr": scheduler.get_last_lr()[0]}, step)
+                        window = []
+                    if step >= self.steps:
+                        break
+                epoch += 1
+            model = acc.unwrap_model(vit)
+            score, self.scored = self.accuracy(model, eval_loader)
+            trackers.log({f"{score_on}/accuracy": score}, step)
+        except BaseException as e:  # marked failed (unless a stop's SystemExit), then raised on
+            trackers.finish_on_exit(type(e), e, e.__traceback__)
+            raise
+        finally:
+            bar.close()  # ends the bar's line, so an error message starts on a line of its own
+            trackers.finish()
+        acc.free_memory()
+        return score, model
+
+
+def select_lr(grid: dict[str, dict]) -> float:
+    """The lr with the best dev accuracy; ties go to the smaller lr (the more conservative choice)."""
+    return min((-v["dev_accuracy"], float(lr)) for lr, v in grid.items())[1]
+
+
+def finetune(config: FinetuneConfig, invocation: Invocation | None = None) -> dict:
+    """Choose the lr on the dev split, train every seed on the labelled set, score on the test split.
+    The output directory is held (mpp.core.runlock) until the fine-tune ends, however it ends. `invocation`:
+    the command line that asked for it, which config.json records (None: called from Python)."""
+    with contextlib.ExitStack() as held:
+        return _finetune(config, held, invocation or Invocation(None, None))
+
+
+def _finetune(config: FinetuneConfig, held: contextlib.ExitStack, invocation: Invocation) -> dict:
+    # ---- config
+    config.validate()
+    policy = KernelPolicy.from_flags(config.kernels, config.kernel_cache)
+    default_out = (rundir.run_dir_of(Path(config.run)) / "finetune") if config.run else Path("runs/finetune-scratch")
+    out = Path(config.output_dir) if config.output_dir else default_out
+    config = dataclasses.replace(config, output_dir=str(out))
+
+    # ---- accelerator
+    accelerator = make_accelerator(config.mixed_precision, config.cpu_threads)
+    if config.batch_size % accelerator.num_processes:
+        raise UsageError(f"--batch-size {config.batch_size} is not divisible by {accelerator.num_processes} "
+                         f"processes: pass a multiple of {accelerator.num_processes}")
+    if (config.mixup or config.cutmix) and (config.batch_size // accelerator.num_processes) % 2:
+        raise UsageError("timm's Mixup/CutMix needs an even batch on every process: pass an even --batch-size")
+
+    # ---- model and data
+    start, pretrained_cfg, dataset, start_point = starting_model(config)
+    results = recorded_results(out, config, start_point)
+    image_size = start.config.image_size
+    train_set, info = build_dataset(dataset, "train", image_size, train=True, transform=train_transform(config, image_size))
+    fix = f"fine-tuning learns the labels: pass --dataset SPEC, a labelled dataset ({LABELLED_FORMS})"
+    train_set.require_labels(fix)
+    train_eval_set, _ = build_dataset(dataset, "train", image_size, train=False)  # the dev split, unaugmented
+    test_set, _ = build_dataset(dataset, "test", image_size, train=False)
+    test_set.require_labels(fix, train=info)  # every test image of a class the head learns
+    if accelerator.is_main_process:  # one fine-tune writes an output directory at a time; a refused dataset wrote none
+        held.enter_context(RunLock(writable_dir(out, "--output-dir")))
+    start.reset_head(info.num_classes)  # the paper's zero-initialised linear head
+    split = split_labelled(train_set.labels().numpy(), config)
+    steps = math.ceil(config.epochs * len(split["train"]) / config.batch_size) if config.epochs > 0 else config.steps
+    if len(split["fit"]) < config.batch_size:
+        raise UsageError(f"--batch-size {config.batch_size} is larger than the {len(split['fit'])} labelled images "
+                         "left for training after the dev split: pass a smaller --batch-size")
+    eval_sets = {"dev": Subset(train_eval_set, split["dev"].tolist()), "test": test_set}
+    # ---- kernels: decided once at the fine-tune's shapes (the head reads the class token: 1 query last)
+    shapes = RunShapes.of(start.config, config.batch_size // accelerator.num_processes, autocast_dtype(accelerator),
+                          last_queries=1, compiled=config.compile)
+    kernels = choose_kernels(policy, shapes, accelerator.device, accelerator)
+    tuner = Finetuner(config, accelerator, start, info.num_classes, train_set, eval_sets, steps, out, kernels.kernels)
+
+    # ---- results so far (--resume) and the run directory
+    settings = dataclasses.asdict(config)
+    run_cfg = {  # the shape of a pretraining run's config, so the probes and compare.py read this directory
+        "train": {"objective": "finetune", "init": "pretrained" if config.run else "scratch", "dataset": dataset,
+                  "model": config.model or (pretrained_cfg or {}).get("train", {}).get("model") or SCRATCH_MODEL,
+                  "image_size": image_size, "seed": 0},
+        "vit": dataclasses.asdict(start.config), "finetune": settings, "command": " ".join(sys.argv),
+        **invocation.record(), **provenance(),  # as a pretraining run's (mpp.run.rundir.RECORDED)
+    }
+    prepare_output(out, config, settings, run_cfg, accelerator, results)
+    results.update({
+        "start": start_point,  # what every recorded training started from: a --resume must start there too
+        "pretrained": pretrained_source(config.run),
+        "init": "pretrained" if config.run else "scratch",
+        "pretrained_objective": (pretrained_cfg or {}).get("train", {}).get("objective"),
+        "dataset": {"spec": dataset, "image_size": image_size, "num_classes": info.num_classes,
+                    "train_size": len(split["train"]), "fit_size": len(split["fit"]), "dev_size": len(split["dev"]),
+                    "test_size": len(test_set)},
+        "steps": steps, "vit": dataclasses.asdict(start.config), "config": settings, "kernels": kernels.record(),
+    })
+    trainings = results.setdefault("trainings", {})
+
+    def record(tag: str, entry: dict) -> None:
+        trainings[tag] = entry
+        if accelerator.is_main_process:
+            write_json(out / rundir.FINETUNE, results)
+
+    # ---- the lr grid: train on "fit", score on "dev" only
+    lrs = list(dict.fromkeys(float(lr) for lr in config.lrs))
+    grid = {}
+    for lr in lrs if len(lrs) > 1 else []:
+        tag = f"grid-lr{lr:g}"
+        if tag not in trainings:
+            started = time.perf_counter()
+            score, _ = tuner.train(split["fit"], lr, 0, tag, "dev")
+            record(tag, {"lr": lr, "seed": 0, "dev_accuracy": score, "scored": tuner.scored,
+                         "wall_time_s": time.perf_counter() - started})
+        grid[f"{lr:g}"] = {"dev_accuracy": trainings[tag]["dev_accuracy"]}
+    lr = select_lr(grid) if grid else lrs[0]
+    accelerator.print(f"lr {lr:g} chosen on the dev split ({len(split['dev'])} images): "
+                      + (", ".join(f"{k}: {100 * v['dev_accuracy']:.1f}%" for k, v in grid.items()) or "no grid"))
+
+    # ---- final trainings on all the labelled data, scored once on the test split
+    for seed in range(config.seeds):
+        tag = f"seed{seed}"
+        if tag not in trainings or trainings[tag]["lr"] != lr:
+            started = time.perf_counter()
+            score, model = tuner.train(split["train"], lr, seed, tag, "test")
+            if seed == 0 and accelerator.is_main_process:
+                save_checkpoint(out, steps, {"config": run_cfg, "model": model.state_dict(), "step": steps},
+                                        keep=1)  # seed 0's weights: the probes read this directory as a run
+            record(tag, {"lr": lr, "seed": seed, "test_accuracy": score, "scored": tuner.scored,
+                         "wall_time_s": time.perf_counter() - started})
+    per_seed = [trainings[f"seed{s}"]["test_accuracy"] for s in range(config.seeds)]
+    results.update({
+        "lr": lr, "grid": grid, "seeds": list(range(config.seeds)),
+        "test_accuracy": {"mean": float(np.mean(per_seed)), "std": float(np.std(per_seed)), "per_seed": per_seed},
+        "std": "population (ddof=0) over seeds",
+        "wall_time_s": sum(t.get("wall_time_s", 0.0) for t in trainings.values()),  # every training, resumed or not
+    })
+    if accelerator.is_main_process:
+        write_json(out / rundir.FINETUNE, results)
+        summary = Trackers(config.report_to, out, f"{rundir.TENSORBOARD}/summary", f"{out.name}/summary",
+                           main=True, job_type="finetune", config=flat_config(run_cfg, ("train", "vit", "finetune")))
+        summary.log({"finetune/test_accuracy": results["test_accuracy"]["mean"], "finetune/lr": lr}, steps)
+        summary.finish()
+        acc = results["test_accuracy"]
+        accelerator.print(f"test accuracy {100 * acc['mean']:.2f} ± {100 * acc['std']:.2f}% over {config.seeds} "
+                          f"seed(s) at lr {lr:g}; wrote {out / rundir.FINETUNE}")
+    accelerator.end_training()
+    return results
+
+
+def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
+
+    return dataclass_from_args(FinetuneConfig, build_parser().parse_args(argv))
+
+
+def build_parser() -> Parser:
+
+    parser = Parser(description=__doc__.split("\n\n")[0])
+    add_dataclass_flags(parser, FinetuneConfig, run_section="finetune")
+    return parser
+
+

@@ -1,0 +1,487 @@
+"""One pretraining run, MPP or supervised: the state a run carries from its first step to its last.
+
+`Trainer(config, mpp_config, held, invocation)` builds, top to bottom, what a run needs: the
+Accelerator and the run directory, the data, the kernels, the model and objective, the optimizer and
+schedule, and, with `--resume`, the state of the newest checkpoint. `run()` is the loop: steps, logging, held-out
+evaluation, checkpoints, and the stop a signal asks for. Where the run stands (`Progress`) is one
+object, saved whole in every checkpoint and restored whole on resume.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mpp.core.config import Invocation
+from mpp.core.errors import UsageError, loader_timed_out, out_of_memory
+from mpp.core.files import append_line, write_json
+from mpp.core.reproducible import seed_step
+from mpp.core.runlock import RunLock
+from mpp.core.stopping import WAIT_GRACE_S, StopRequest, StopWhileWaiting, end_loader_workers
+from mpp.data.holdout import pretraining_splits
+from mpp.data.readlimit import StuckRead
+from mpp.data.sources import LABELLED_FORMS
+from mpp.eval.fewshot_monitor import FewshotMonitor
+from mpp.eval.visualize import LEGEND, held_out_images, prediction_mosaic
+from mpp.model.kernel_policy import KernelPolicy, RunShapes
+from mpp.model.objective import MPPConfig, MPPObjective, SupervisedObjective, corrupted_count
+from mpp.model.vit import ViT, vit_config
+from mpp.run import checkpoint as ckpt_io
+from mpp.run import rundir
+from mpp.run.optim import param_groups
+from mpp.run.runtime import autocast_dtype, choose_kernels, compile_blocks, make_accelerator, out_of_memory_line
+from mpp.run.trackers import Trackers, flat_config
+from mpp.train.loop import agree, data_loaders, evaluate, optimizer_step
+
+PREVIEW_IMAGES = 8  # held-out images whose MPP predictions TensorBoard shows at each evaluation
+
+
+@dataclass
+class Progress:
+    """Where a run stands; a checkpoint holds it, a resume starts from it."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # passes over the training set begun
+    batch_in_epoch: int = 0  # micro-batches of this process into the epoch (a resume skips them)
+    elapsed: float = 0.0  # training seconds before this process started (earlier runs of a resumed run)
+
+
+class Trainer:
+    """Everything one run holds; `held` releases the lock, the stop handlers and the metrics file."""
+
+    def __init__(self, config, mpp_config: MPPConfig, held: contextlib.ExitStack, invocation: Invocation | None = None):
+        from accelerate.utils import set_seed
+
+        # ---- config
+        self.config, self.mpp_config, self.held = config.validate(), mpp_config.validate(), held
+        self.invocation = invocation or Invocation(None, None)  # None: a run started from Python, no command line
+        policy = KernelPolicy.from_flags(config.kernels, config.kernel_cache)  # the one decision's inputs
+        vit_cfg = vit_config(config.model, image_size=config.image_size or None, dropout=config.dropout)
+
+        # ---- accelerator
+        self.accelerator = acc = make_accelerator(
+            config.mixed_precision, config.cpu_threads, gradient_accumulation_steps=config.grad_accum_steps,
+        )
+        self._on_main(lambda: rundir.check_run_dir(config))  # a wrong --resume or --output-dir: before the data
+        set_seed(config.seed, device_specific=False)
+        world = acc.num_processes * config.grad_accum_steps
+        if config.batch_size % world:
+            raise UsageError(f"--batch-size {config.batch_size} is not divisible by processes × accumulation steps "
+                             f"= {world}: pass a multiple of {world}")
+        micro_batch = config.batch_size // world
+
+        # ---- data, then the run directory: a dataset this run cannot use leaves nothing written
+        self._build_data(vit_cfg.image_size, micro_batch)
+        self.total_steps = self._total_steps()  # a training set smaller than one batch is refused here too
+        self._on_main(lambda: self.held.enter_context(RunLock(rundir.prepare_run_dir(config))))  # one writer
+        self.run_dir = Path(config.output_dir)
+
+        # ---- kernels: decided once, at this run's shapes, by the main process for all of them
+        last_queries = corrupted_count(mpp_config.corrupt_rate, vit_cfg.num_patches) if config.objective == "mpp" else 1
+        shapes = RunShapes.of(vit_cfg, micro_batch, autocast_dtype(acc), last_queries=last_queries,
+                              compiled=config.compile)
+        kernels = choose_kernels(policy, shapes, acc.device, acc)
+
+        # ---- model and objective
+        if config.objective == "mpp":
+            vit = ViT(dataclasses.replace(vit_cfg, num_classes=0), kernels.kernels)  # MPP predicts from patch tokens
+            objective = MPPObjective(vit, mpp_config)
+        else:
+            vit = ViT(dataclasses.replace(vit_cfg, num_classes=self.info.num_classes), kernels.kernels)
+            objective = SupervisedObjective(vit, config.label_smoothing)
+        if config.compile:
+            compile_blocks(vit)
+        # MPP's predictions on a fixed batch of held-out images, drawn into TensorBoard at each evaluation
+        # when its target can be drawn (read by every process, so a data error stops them all alike;
+        # only the main one draws; held_out_images moves no generator)
+        drawable = config.objective == "mpp" and objective.entry.render is not None and objective.entry.decode is not None
+        self.preview = held_out_images(self.eval_set, PREVIEW_IMAGES) if drawable else None
+        self.run_cfg = rundir.run_config(config, mpp_config, vit, self.info, self.splits.holdout, self.invocation)
+        self.run_cfg["kernels"] = kernels.record()
+        self.run_cfg["precision"] = str(acc.mixed_precision)  # what ran, whatever chose it (flag, Accelerate, GPU default)
+        self.run_cfg["num_processes"] = acc.num_processes
+
+        # ---- optimizer and schedule
+        self.schedule = config.lr_schedule(self.total_steps)
+        optimizer = torch.optim.AdamW(param_groups(objective, config.weight_decay, objective.no_weight_decay()), lr=config.lr,
+                                      betas=(config.beta1, config.beta2))
+        self.objective, self.optimizer = acc.prepare(objective, optimizer)
+        self.scheduler = self.schedule.scheduler(self.optimizer)  # stepped by hand, once per optimizer step
+        self.model = acc.unwrap_model(self.objective)
+        # From here on each micro-batch reseeds every generator from (seed, step, micro-batch, process):
+        # corruption and dropout then repeat exactly after a resume (mpp/core/reproducible.py). The model was
+        # initialised identically everywhere; the data order is seeded by seed + epoch.
+
+        # ---- resume, then the run's records
+        self.progress = Progress()
+        self.last_save: int | None = None  # the step of the newest checkpoint this process took part in
+        saved = self._resume() if config.resume else None
+        self.last_save = self.progress.step if saved else None  # a resumed run's step is saved already
+        self._start_records(saved)
+
+    # ---- setup, in the order __init__ calls it
+
+    def _on_main(self, check) -> None:
+        """Run `check` on the main process (it may raise UsageError); every process learns the verdict,
+        so a refusal stops them all instead of leaving the others waiting."""
+        from accelerate.utils import broadcast_object_list
+
+        verdict = [None]
+        if self.accelerator.is_main_process:
+            try:
+                check()
+            except UsageError as e:
+                verdict[0] = str(e)
+        broadcast_object_list(verdict)
+        if verdict[0]:
+            raise UsageError(verdict[0])
+
+    def _build_data(self, image_size: int, micro_batch: int) -> None:
+        config, acc = self.config, self.accelerator
+        # The test split, or a held-out split carved from the training images (mpp.data.holdout).
+        self.splits = splits = pretraining_splits(
+            config.dataset, image_size, holdout_images=config.holdout_images, crop_scale=config.crop_scale,
+            hflip=config.hflip, streaming=config.streaming, shuffle_buffer=config.shuffle_buffer, seed=config.seed,
+            strict=config.strict_images)
+        self.train_set, self.eval_set, self.info = splits.train, splits.eval, splits.info
+        if config.objective == "supervised":  # learns train's labels and scores the held-out split's
+            fix = (f"supervised pretraining learns the labels: pretrain it by MPP (scripts/pretrain_mpp.py), or pass "
+                   f"a labelled dataset ({LABELLED_FORMS})")
+            self.train_set.require_labels(fix)
+            self.eval_set.require_labels(fix, train=self.info)
+        acc.print(f"dataset {config.dataset}: {self.info.describe()}")
+        if splits.note():
+            acc.print(splits.note())
+        # Each image's augmentation draws from (seed, epoch, index), or (seed, epoch, worker, k) for a
+        # stream: the same after a resume or on N processes (mpp.data.datasets).
+        self.streamed = self.train_set.streamed
+        self.train_loader, self.eval_loader = data_loaders(self.train_set, self.eval_set, micro_batch,
+                                                           config.num_workers, acc, self.streamed)
+        self.fewshot = None  # the in-run few-shot probe, with its draws fixed now (mpp.eval.fewshot_monitor)
+        if not config.fewshot_every:
+            return
+        if not self.info.labelled and not config.fewshot_dataset:
+            raise UsageError(f"--fewshot-every probes the run's dataset, which has no labels ({self.info.layout}): "
+                             f"pass --fewshot-dataset SPEC, a labelled dataset to probe instead ({LABELLED_FORMS})")
+        # A stream cannot be probed by index (TrainConfig.validate asked for a --fewshot-dataset), nor unlabelled data.
+        own = [config.dataset] if self.info.labelled and not self.streamed else []
+        self.fewshot = FewshotMonitor(own + ([config.fewshot_dataset] if config.fewshot_dataset else []), image_size,
+                                      config.fewshot_max_images, batch_size=micro_batch)
+        acc.print(f"few-shot probe every {config.fewshot_every} steps, at step 0 and at the end "
+                  f"(1/5/10/25 shots × 3 draws, l2 = 2^10; k-NN, k = 10 and 20, on the draws' images), "
+                  f"each embedding {self.fewshot.cost()}")
+
+    def _total_steps(self) -> int:
+        config = self.config
+        if self.streamed and config.epochs > 0:
+            raise UsageError("--epochs needs a dataset of known length: use --max-steps with --streaming")
+        # Optimizer steps per pass over this process's shard (a trailing partial accumulation also steps).
+        steps_per_epoch = 0 if self.streamed else math.ceil(len(self.train_loader) / config.grad_accum_steps)
+        images = self.splits.train_images()  # None: a stream of unknown length
+        # Map-style: not one full batch per process; a stream of known length: fewer images than one batch.
+        too_small = (images is not None and images < config.batch_size) if self.streamed else steps_per_epoch == 0
+        if too_small:
+            raise UsageError(f"the training set ({images} images) is smaller than one batch "
+                             f"({config.batch_size}): pass a smaller --batch-size")
+        return math.ceil(config.epochs * steps_per_epoch) if config.epochs > 0 else config.max_steps
+
+    def _resume(self) -> dict:
+        """Load the newest readable checkpoint into the model, optimizer, schedule, RNGs and progress,
+        after refusing one of another run; returns the checkpoint's run config."""
+        acc, run_dir = self.accelerator, self.run_dir
+        found = ckpt_io.load_latest(run_dir)
+        if found is None:
+            raise UsageError(f"--resume: no readable checkpoint in '{rundir.checkpoint_dir(run_dir)}': drop --resume")
+        state, path = found
+        saved = state["config"]
+        weights = {**state["objective"], **{f"vit.{k}": v for k, v in state["model"].items()}}
+        ckpt_io.check_shapes(self.model, weights, str(path), hint=(
+            f"resume with what the run was trained with (scripts/pretrain_{saved['train']['objective']}.py "
+            f"--model {saved['train']['model']} --image-size {saved['vit']['image_size']}) or pass a new --output-dir"))
+        rundir.check_resume(saved, self.run_cfg, acc.num_processes, str(path))  # after the shapes: names parameters
+        self.run_cfg["run_id"] = saved.get("run_id", self.run_cfg["run_id"])  # the run it continues
+        self.model.load_state_dict(weights)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["step"] > self.total_steps:
+            raise UsageError(f"{path} is at step {state['step']}, past the {self.total_steps} steps asked for: pass "
+                             f"a --max-steps (or --epochs) of at least {state['step']}, or a new --output-dir")
+        self.schedule.restart(self.optimizer, self.scheduler)  # this run's length from here on
+        if acc.scaler is not None and state.get("scaler"):
+            acc.scaler.load_state_dict(state["scaler"])
+        ckpt_io.set_rng_state(state["rng"][acc.process_index])
+        self.progress = Progress(state["step"], state["data"]["epoch"], state["data"]["batch_in_epoch"],
+                                 state["elapsed"])
+        acc.print(f"resumed {run_dir} at step {self.progress.step} from {path.name}")
+        return saved
+
+    def _start_records(self, saved: dict | None) -> None:
+        """config.json (a resume is recorded in the run's original one, and drops the metrics logged
+        after its checkpoint), TensorBoard, and metrics.jsonl open for appending."""
+        acc, run_dir, step = self.accelerator, self.run_dir, self.progress.step
+        # First: a tracker that cannot start (W&B not logged in...) stops the run before its records change.
+        self.trackers = Trackers(self.config.report_to, run_dir, rundir.TENSORBOARD,
+                                 run_dir.name if saved is None else f"{run_dir.name}@{step}",
+                                 main=acc.is_main_process, job_type=self.config.objective,
+                                 config=flat_config(self.run_cfg, ("train", "mpp", "vit")))
+        self.held.push(self.trackers.finish_on_exit)  # also when the run fails: then marked failed
+        if acc.is_main_process:
+            if saved is not None:
+                original = rundir.read_run_config(run_dir, saved)
+                rundir.check_same_run(run_dir, original, saved)  # the records are this run's own
+                original.setdefault("resumed", []).append({  # what resumed it, and the code that did
+                    "step": step, "command": self.run_cfg["command"], "max_steps": self.config.max_steps,
+                    "epochs": self.config.epochs, "kernels": self.run_cfg["kernels"],
+                    **{k: self.run_cfg[k] for k in rundir.RECORDED}})
+                write_json(run_dir / rundir.CONFIG, original)
+                rundir.trim_metrics(run_dir / rundir.METRICS, step)
+            else:
+                write_json(run_dir / rundir.CONFIG, self.run_cfg)
+        if self.preview is not None:  # what the prediction mosaic's columns show
+            self.trackers.text("mpp/predictions", LEGEND, step)
+        self.metrics_file = (self.held.enter_context(open(run_dir / rundir.METRICS, "ab", buffering=0))
+                             if acc.is_main_process else None)  # unbuffered: each line is written whole or not at all
+
+    # ---- records
+
+    def log(self, values: dict, at: int) -> None:
+        self.trackers.log(values, at)
+        if self.metrics_file:
+            append_line(self.metrics_file, json.dumps({"step": at, **values}))  # a full disk: one line, no torn line
+
+    def save(self, at: int) -> None:
+        """A checkpoint of step `at` (the main process writes it; every process learns whether it could)."""
+        from accelerate.utils import broadcast_object_list, gather_object
+
+        acc, model = self.accelerator, self.model
+        rngs = gather_object([ckpt_io.rng_state()])  # one per process: each resumes its own streams
+        problem = [None]
+        if acc.is_main_process and not all(torch.isfinite(p).all() for p in model.parameters()):
+            # A checkpoint must be a state worth resuming from: weights that blew up are not saved.
+            problem[0] = rundir.diverged(at, self.run_dir, self.optimizer.param_groups[0]["lr"], self.config.lr,
+                                         "the weights are not finite after")
+        elif acc.is_main_process:
+            state = {
+                "config": self.run_cfg,
+                "model": model.vit.state_dict(),
+                "objective": {k: v for k, v in model.state_dict().items() if not k.startswith("vit.")},
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "step": at,
+                "elapsed": self.progress.elapsed + time.perf_counter() - self.started,
+                "rng": rngs,
+                "data": {"epoch": self.progress.epoch, "batch_in_epoch": self.progress.batch_in_epoch},
+                "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+            }
+            try:
+                ckpt_io.save_checkpoint(self.run_dir, at, state, keep=self.config.keep_checkpoints)
+            except UsageError as e:  # a full disk...: every process stops, not just the one that failed to write
+                problem[0] = str(e)
+        broadcast_object_list(problem)
+        if problem[0]:
+            raise UsageError(problem[0])
+        self.last_save = at
+
+    def run_eval(self, at: int) -> dict | None:
+        """The held-out metrics at step `at`, logged; None when a stop signal cut the evaluation short
+        (in any process: they agree, so all of them go on to save and stop)."""
+        from accelerate.utils import gather_object
+
+        acc, model = self.accelerator, self.model
+
+        def batch_sums(images, labels) -> dict[str, float]:
+            with acc.autocast():
+                _, metrics = model(images, labels)
+            return {k: v.float().item() * len(images) for k, v in metrics.items()}
+
+        results, scored = evaluate(model, batch_sums, self.stop.waiting(self.eval_loader), acc, seed=self.config.seed,
+                                   stop=lambda: self.stop.requested)
+        if any(gather_object([self.stop.requested])):
+            return None
+        if scored == 0:
+            raise UsageError("the held-out split has no images: pass a dataset with images in its test or val split")
+        self.log({f"eval/{k}": v for k, v in results.items()}, at)
+        if acc.is_main_process and self.preview is not None and len(self.preview):
+            # Its own generator, eval mode, no gradients: the run goes on bitwise as without it (mpp.eval.visualize).
+            mosaic = prediction_mosaic(self.model, self.preview, seed=self.config.seed)  # (3, H', W') in [0, 1]
+            self.trackers.image("mpp/predictions", mosaic, at, caption=LEGEND)
+        return results
+
+    def run_fewshot(self, at: int) -> None:
+        """The in-run few-shot probe at step `at`, logged; its time is left out of the throughput."""
+        started = time.perf_counter()
+        values = self.fewshot(self.model.vit, self.accelerator.device)
+        seconds = time.perf_counter() - started
+        self.log({**values, "fewshot/seconds": seconds}, at)
+        self.window["t"] += seconds  # the throughput window counts training only
+
+    # ---- the loop
+
+    def run(self) -> Path:
+        from tqdm.auto import tqdm
+
+        config, acc, progress = self.config, self.accelerator, self.progress
+        bar = tqdm(total=self.total_steps, initial=progress.step, desc=f"{config.objective} {self.run_dir.name}",
+                   disable=not acc.is_local_main_process, dynamic_ncols=True)
+        self.started = time.perf_counter()
+        self.window = {"t": time.perf_counter(), "steps": 0, "sums": {}}
+        self.values: dict = {}  # the last logged training metrics
+        self.micro = 0  # micro-batches into the current optimizer step (checkpoints fall between steps: 0 on resume)
+        if self.fewshot is not None and progress.step == 0:  # the untrained model: the random-init level
+            self.run_fewshot(0)
+        self.objective.train()
+        self.stop = self.held.enter_context(StopRequest())  # from the first step to the final save, a stop saves first
+        stopping = False
+        try:
+            try:
+                while progress.step < self.total_steps and not stopping:
+                    stopping = self._epoch(bar)
+            except (StopWhileWaiting, StuckRead, RuntimeError, ValueError) as e:
+                stopping = self._interrupted(e)
+            finally:
+                bar.close()  # ends the bar's line, so an error message starts on a line of its own
+            return self._finish(stopping)
+        except RuntimeError as e:  # torch.OutOfMemoryError is one, and a CPU allocation's failure
+            if not out_of_memory(e):
+                raise
+            raise UsageError(out_of_memory_line(e, self.config, self.progress.step + 1)) from e
+
+    def _interrupted(self, error: BaseException) -> bool:
+        """The loop ended by an exception. A wait for data given up on (a stop that outlasted its grace,
+        a stuck read, a loader that sent nothing) keeps the last whole step: the micro-batches of an
+        unfinished step are read again on resume. Returns True (stop) or raises; anything else goes on."""
+        acc, progress = self.accelerator, self.progress
+        if isinstance(error, ValueError):  # Accelerate's word for a stream that ends before one batch
+            if not str(error).startswith("Batch does not contain any data"):
+                raise error
+            raise UsageError(f"the training stream of '{self.config.dataset}' ended before one whole batch of "
+                             f"{self.config.batch_size} images: pass a smaller --batch-size and a new --output-dir (or delete "
+                             f"'{self.run_dir}', which holds only this start's records)") from error
+        if isinstance(error, RuntimeError):
+            if out_of_memory(error) or loader_timed_out(error) is None:
+                raise error
+            error = loader_timed_out(error)
+        progress.batch_in_epoch -= self.micro
+        self.micro = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        end_loader_workers()  # one may be stuck in its read: the exit must not wait on it
+        if acc.num_processes > 1:  # the others wait for this one in a collective: no save can gather them now
+            if isinstance(error, StopWhileWaiting):
+                acc.print(f"stopped at step {progress.step} without saving: no data came within {WAIT_GRACE_S:g} s "
+                          "of the stop; rerun the same command with --resume to continue from the newest checkpoint")
+                sys.exit(self.stop.exit_code)
+            raise error
+        if self.last_save != progress.step:
+            self.save(progress.step)
+        if not isinstance(error, StopWhileWaiting):
+            raise error
+        acc.print(f"note: no data came within {WAIT_GRACE_S:g} s of the stop: saved step {progress.step}, the last "
+                  "whole step, without waiting for it")
+        return True
+
+    def _epoch(self, bar) -> bool:
+        """Train through the rest of the current epoch, or until the step budget or a stop; whether to stop."""
+        config, acc, progress = self.config, self.accelerator, self.progress
+        self.train_loader.set_epoch(progress.epoch)
+        self.train_set.set_epoch(progress.epoch)  # the augmentations' epoch, shared with the loader's workers
+        # A resumed run skips the batches of this epoch it has already trained on.
+        batches = (acc.skip_first_batches(self.train_loader, progress.batch_in_epoch) if progress.batch_in_epoch
+                   else self.train_loader)
+        stopping = False
+        for images, labels in self.stop.waiting(batches):  # a stop never waits long on data (mpp.core.stopping)
+            progress.batch_in_epoch += 1
+            with acc.accumulate(self.objective):
+                seed_step(config.seed, progress.step, self.micro, acc.process_index)
+                self.micro += 1
+                loss, metrics = self.objective(images, labels)
+                bad, stop = agree(acc, loss, self.stop.requested)
+                stopping = stopping or stop
+                if bad:
+                    raise UsageError(rundir.diverged(progress.step + 1, self.run_dir, self.optimizer.param_groups[0]["lr"],
+                                                     config.lr, "the loss is not finite at"))
+                norm = optimizer_step(acc, self.objective, loss, self.optimizer, config.grad_clip)
+                if norm is not None:
+                    metrics["grad_norm"] = norm
+            for k, v in metrics.items():
+                self.window["sums"][k] = self.window["sums"].get(k, 0) + v.detach().float()
+            if not acc.sync_gradients:
+                continue
+            self.micro = 0
+            stopping = self._after_step(bar, stopping)
+            if progress.step >= self.total_steps or stopping:
+                return stopping
+        progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0  # the next epoch starts from its first batch
+        return stopping
+
+    def _after_step(self, bar, stopping: bool) -> bool:
+        """Schedule, log, evaluate and checkpoint after one optimizer step; whether to stop (asked before,
+        or during the evaluation): then this step is saved."""
+        config, acc, progress = self.config, self.accelerator, self.progress
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used
+        if not acc.optimizer_step_was_skipped:  # fp16 overflow: the schedule waits too
+            self.scheduler.step()
+        progress.step += 1
+        step, window = progress.step, self.window
+        window["steps"] += 1
+        bar.update(1)
+        if step % config.log_every == 0 or step == self.total_steps:
+            now = time.perf_counter()
+            n_micro = window["steps"] * config.grad_accum_steps
+            values = {f"train/{k}": acc.reduce(v, "mean").item() / (n_micro if k != "grad_norm" else window["steps"])
+                      for k, v in window["sums"].items()}
+            values["train/lr"] = lr
+            values["train/images_per_s"] = window["steps"] * config.batch_size / (now - window["t"])
+            self.log(values, step)
+            self.values = values
+            bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}")
+            self.window = {"t": time.perf_counter(), "steps": 0, "sums": {}}
+        if step % config.save_every == 0 and step < self.total_steps:
+            self.save(step)  # first: a failure in what follows (an evaluation, a probe) cannot lose this step
+        if config.eval_every and step % config.eval_every == 0 and step < self.total_steps:
+            stopping = self.run_eval(step) is None or stopping
+        if self.fewshot is not None and not stopping and step % config.fewshot_every == 0 and step < self.total_steps:
+            self.run_fewshot(step)  # the last step's comes after its save and evaluation (_finish)
+        if stopping and self.last_save != step:
+            self.save(step)
+        return stopping
+
+    def _finish(self, stopping: bool) -> Path:
+        """The final checkpoint, then (so that no failure in them can lose the last step) the final
+        evaluation, the final few-shot probe and the summary. A stop during the evaluation stops."""
+        acc, step, run_dir = self.accelerator, self.progress.step, self.run_dir
+        if self.last_save != step:
+            self.save(step)
+        try:
+            results = None if stopping else self.run_eval(step)
+        except StopWhileWaiting:  # the evaluation's data did not come after a stop: the step is saved
+            results = None
+        if results is None:
+            self.trackers.finish()
+            acc.end_training()
+            acc.print(f"stopped at step {step} of {self.total_steps}; checkpoint saved in "
+                      f"{rundir.checkpoint_dir(run_dir)}: rerun the same command with --resume to continue")
+            sys.exit(self.stop.exit_code)
+        if self.fewshot is not None:
+            self.run_fewshot(step)
+        if acc.is_main_process:
+            summary = {
+                "objective": self.config.objective, "steps": step,
+                "wall_time_s": self.progress.elapsed + time.perf_counter() - self.started,
+                "eval": results, "last_train": self.values, "kernels": self.run_cfg["kernels"],
+                # this process's share of the unreadable images skipped (the warnings name them)
+                "skipped_images": {"train": self.train_set.skipped_images(), "eval": self.eval_set.skipped_images()},
+            }
+            write_json(run_dir / rundir.SUMMARY, summary)
+            acc.print(f"done: {run_dir} ({step} steps; eval {json.dumps({k: round(v, 4) for k, v in results.items()})})")
+        self.trackers.finish()
+        acc.end_training()
+        if self.stop.requested:  # it came during the final save: the run is complete, the scheduler still sees why it ended
+            sys.exit(self.stop.exit_code)
+        return run_dir
