@@ -44,10 +44,10 @@ def spy_trainings(monkeypatch) -> list[dict]:
     original = ft.Finetuner.train
 
     def train(self, indices, lr, seed, tag, score_on):
-        score, model = original(self, indices, lr, seed, tag, score_on)
+        trained = original(self, indices, lr, seed, tag, score_on)
         calls.append({"tag": tag, "lr": lr, "seed": seed, "indices": np.asarray(indices), "score_on": score_on,
-                      "score": score, "scored_set": self.eval_sets[score_on], "start": self.start_state})
-        return score, model
+                      "score": trained.score, "scored_set": self.eval_sets[score_on], "start": self.start_state})
+        return trained
 
     monkeypatch.setattr(ft.Finetuner, "train", train)
     return calls

@@ -35,7 +35,12 @@ from mpp.data.datasets import (
     TransformFn,
     image_identity,
 )
-from mpp.data.sources import build_dataset, eval_transform, split_source, train_transform
+from mpp.data.sources import (
+    build_dataset,
+    eval_transform,
+    split_source,
+    train_transform,
+)
 
 HOLDOUT_SEED = 0  # draws every carve: the same held-out images for every run on the same data
 MAX_SHARE = 10  # at most a tenth of the training images are held out

@@ -21,9 +21,17 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from mpp.data.sources import dataset_name
+from mpp.core.errors import UsageError
+from mpp.data.sources import LABELLED_FORMS, dataset_name
+from mpp.eval.evaluator import Evaluator, RunView, TrainState
 from mpp.eval.features import headline_spec, vit_featurizer
-from mpp.eval.probe_runs import KNN_KS, KNN_TEMPERATURE, Embedder, FewshotDraws, ProbeData
+from mpp.eval.probe_runs import (
+    KNN_KS,
+    KNN_TEMPERATURE,
+    Embedder,
+    FewshotDraws,
+    ProbeData,
+)
 from mpp.eval.probes import knn_probe_grid
 from mpp.run.checkpoint import rng_state, set_rng_state
 
@@ -115,3 +123,37 @@ class FewshotMonitor:
             return values
         finally:
             set_rng_state(saved)
+
+
+class FewshotEvaluator(Evaluator):
+    """The in-run few-shot and k-NN probe as a run's evaluator: every --fewshot-every steps, at step 0
+    (the random-init level on the same curve) and at the end; its time is logged ("fewshot/seconds")
+    and left out of the training throughput."""
+
+    name = "fewshot"
+    at_start = True
+    timed = True
+
+    def __init__(self, monitor: FewshotMonitor, every: int):
+        self.monitor, self.every = monitor, every
+
+    @classmethod
+    def build(cls, view: RunView) -> FewshotEvaluator | None:
+        config, info = view.config, view.info
+        if not config.fewshot_every:
+            return None
+        if not info.labelled and not config.fewshot_dataset:
+            raise UsageError(f"--fewshot-every probes the run's dataset, which has no labels ({info.layout}): "
+                             f"pass --fewshot-dataset SPEC, a labelled dataset to probe instead ({LABELLED_FORMS})")
+        # A stream cannot be probed by index (TrainConfig.validate asked for a --fewshot-dataset), nor unlabelled data.
+        own = [config.dataset] if info.labelled and not view.streamed else []
+        monitor = FewshotMonitor(own + ([config.fewshot_dataset] if config.fewshot_dataset else []), view.image_size,
+                                 config.fewshot_max_images, batch_size=view.micro_batch)
+        return cls(monitor, config.fewshot_every)
+
+    def describe(self) -> str:
+        return (f"few-shot probe every {self.every} steps, at step 0 and at the end (1/5/10/25 shots × 3 draws, "
+                f"l2 = 2^10; k-NN, k = 10 and 20, on the draws' images), each embedding {self.monitor.cost()}")
+
+    def run(self, state: TrainState) -> dict[str, float]:
+        return self.monitor(state.objective.vit, state.accelerator.device)

@@ -31,7 +31,7 @@ import uuid
 from pathlib import Path
 
 from mpp.core.errors import UsageError
-from mpp.core.files import atomic_write, writable_dir
+from mpp.core.files import atomic_write, writable_dir, write_json
 from mpp.core.layout import (  # noqa: F401  (the layout's names, read by the run's writers from here)
     CHECKPOINTS,
     CONFIG,
@@ -253,3 +253,16 @@ def run_config(config, mpp, vit, data_info, holdout: dict | None, invocation) ->
         **invocation.record(),  # config_file, command_line
         **provenance(),  # commit, versions
     }
+
+
+def record_resume(run_dir: Path, saved: dict, run_cfg: dict, step: int, config) -> None:
+    """A resume at `step`, recorded in the run's original config.json (what resumed it, and the code
+    that did), after checking the records are this run's own; the metrics logged after its checkpoint
+    are dropped. `saved`: the checkpoint's run config; `run_cfg`: the resuming process's."""
+    original = read_run_config(run_dir, saved)
+    check_same_run(run_dir, original, saved)
+    original.setdefault("resumed", []).append({
+        "step": step, "command": run_cfg["command"], "max_steps": config.max_steps, "epochs": config.epochs,
+        "kernels": run_cfg["kernels"], **{k: run_cfg[k] for k in RECORDED}})
+    write_json(run_dir / CONFIG, original)
+    trim_metrics(run_dir / METRICS, step)

@@ -168,3 +168,19 @@ def compile_blocks(vit: torch.nn.Module) -> torch.nn.Module:
     for block in vit.blocks:
         block.compile(fullgraph=True)
     return vit
+
+
+def on_main(accelerator, check) -> None:
+    """Run `check` on the main process (it may raise UsageError); every process learns the verdict,
+    so a refusal stops them all instead of leaving the others waiting."""
+    from accelerate.utils import broadcast_object_list
+
+    verdict = [None]
+    if accelerator.is_main_process:
+        try:
+            check()
+        except UsageError as e:
+            verdict[0] = str(e)
+    broadcast_object_list(verdict)
+    if verdict[0]:
+        raise UsageError(verdict[0])

@@ -14,6 +14,7 @@ import dataclasses
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from mpp.core.files import writable_dir, write_json
 from mpp.core.provenance import provenance
 from mpp.core.runlock import RunLock
 from mpp.data.sources import LABELLED_FORMS, build_dataset, normalize
+from mpp.eval.held_out import evaluate
 from mpp.eval.probes import stratified_split
 from mpp.model.kernel_policy import KernelPolicy, RunShapes
 from mpp.model.ops import Kernels
@@ -138,7 +140,7 @@ class Finetuner:
                 logits = vit(normalize(images))  # (B, K)
             return {"correct": int((logits.argmax(-1) == labels.to(logits.device)).sum())}
 
-        sums, scored = loop.evaluate(vit, batch_sums, loader, acc)
+        sums, scored = evaluate(vit, batch_sums, loader, acc)
         return sums.get("correct", 0.0), scored
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -146,11 +148,10 @@ class Finetuner:
             return torch.sum(-labels * torch.log_softmax(logits.float(), -1), -1).mean()
         return torch.nn.functional.cross_entropy(logits.float(), labels, label_smoothing=self.config.label_smoothing)
 
-    def train(self, indices: np.ndarray, lr: float, seed: int, tag: str, score_on: str) -> tuple[float, ViT]:
-        """Train from the starting weights on `indices` of the training split; accuracy on `score_on`
-        (the number of images scored is kept in `self.scored`)."""
+    def train(self, indices: np.ndarray, lr: float, seed: int, tag: str, score_on: str) -> Trained:
+        """Train from the starting weights on `indices` of the training split, in the one training loop
+        (mpp.train.loop); then its accuracy on `score_on` ("dev" or "test")."""
         from accelerate.utils import set_seed
-        from tqdm.auto import tqdm
 
         config, acc = self.config, self.accelerator
         set_seed(seed, device_specific=False)  # the same initial head and data order on every process
@@ -170,46 +171,53 @@ class Finetuner:
         set_seed(seed, device_specific=True)  # each process its own augmentation and mixup draws
         trackers = Trackers(config.report_to, self.out, f"{rundir.TENSORBOARD}/{tag}", f"{self.out.name}/{tag}",
                             main=acc.is_main_process, job_type="finetune")
-        bar = tqdm(total=self.steps, desc=f"finetune {tag}", disable=not acc.is_local_main_process,
-                   dynamic_ncols=True, leave=False)
-        step, epoch, window = 0, 0, []
-        vit.train()
+        built = loop.Built(acc, vit, optimizer, scheduler, train_loader, self.steps)
+        settings = loop.LoopSettings(config.grad_clip, config.log_every, config.batch_size, desc=f"finetune {tag}",
+                                     leave_bar=False)
         try:
-            while step < self.steps:
-                train_loader.set_epoch(epoch)
-                for images, labels in train_loader:
-                    images = normalize(images)  # (B, 3, S, S) in [-1, 1]
-                    if self.mixup is not None:
-                        images, labels = self.mixup(images, labels)  # labels -> soft (B, K)
-                    with acc.autocast():
-                        loss = self.loss(vit(images), labels)
-                    if loop.agree(acc, loss, False)[0]:  # every process stops together
-                        raise UsageError(f"fine-tuning {tag}: the loss is not finite at step {step + 1}: "
-                                         "try a smaller --lrs, --mixed-precision no (fp32) or --grad-clip 1")
-                    loop.optimizer_step(acc, vit, loss, optimizer, config.grad_clip)
-                    scheduler.step()
-                    step += 1
-                    window.append(loss.detach())
-                    bar.update(1)
-                    if step % config.log_every == 0 or step == self.steps:
-                        if trackers.active:
-                            trackers.log({"train/loss": torch.stack(window).mean().item(),
-                                          "train/lr": scheduler.get_last_lr()[0]}, step)
-                        window = []
-                    if step >= self.steps:
-                        break
-                epoch += 1
+            loop.TrainLoop(built, settings, _Hooks(self, vit, tag, trackers)).run()
             model = acc.unwrap_model(vit)
-            score, self.scored = self.accuracy(model, eval_loader)
-            trackers.log({f"{score_on}/accuracy": score}, step)
+            score, scored = self.accuracy(model, eval_loader)
+            trackers.log({f"{score_on}/accuracy": score}, self.steps)
         except BaseException as e:  # marked failed (unless a stop's SystemExit), then raised on
             trackers.finish_on_exit(type(e), e, e.__traceback__)
             raise
         finally:
-            bar.close()  # ends the bar's line, so an error message starts on a line of its own
             trackers.finish()
         acc.free_memory()
-        return score, model
+        return Trained(score, scored, model)
+
+
+@dataclass(frozen=True)
+class Trained:
+    """One fine-tuning training's outcome."""
+
+    score: float  # top-1 accuracy on the split it was scored on
+    scored: int  # images scored (every image of that split once, across processes)
+    model: ViT  # the trained ViT (unwrapped)
+
+
+class _Hooks(loop.Hooks):
+    """A fine-tune's part of the loop: the loss of a batch (normalised, Mixup/CutMix), its logging."""
+
+    def __init__(self, tuner: Finetuner, vit: torch.nn.Module, tag: str, trackers: Trackers):
+        self.tuner, self.vit, self.tag, self.trackers = tuner, vit, tag, trackers
+
+    def loss(self, images, labels):
+        images = normalize(images)  # (B, 3, S, S) in [-1, 1]
+        if self.tuner.mixup is not None:
+            images, labels = self.tuner.mixup(images, labels)  # labels -> soft (B, K)
+        with self.tuner.accelerator.autocast():
+            loss = self.tuner.loss(self.vit(images), labels)
+        return loss, {"loss": loss}
+
+    def diverged(self, step: int) -> str:
+        return (f"fine-tuning {self.tag}: the loss is not finite at step {step}: "
+                "try a smaller --lrs, --mixed-precision no (fp32) or --grad-clip 1")
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        if self.trackers.active:
+            self.trackers.log(values, step)
 
 
 def select_lr(grid: dict[str, dict]) -> float:
@@ -223,6 +231,17 @@ def finetune(config: FinetuneConfig, invocation: Invocation | None = None) -> di
     the command line that asked for it, which config.json records (None: called from Python)."""
     with contextlib.ExitStack() as held:
         return _finetune(config, held, invocation or Invocation(None, None))
+
+
+@dataclass
+class _Setup:
+    """What every training of one fine-tune shares, built once by `_setup`."""
+
+    tuner: Finetuner  # the data, the starting weights, the loss
+    split: dict  # indices into the training split: "train" (the labelled subset), its "fit" and "dev" parts
+    steps: int  # optimizer steps of every training
+    results: dict  # finetune.json as recorded so far (--resume keeps its trainings)
+    run_cfg: dict  # OUT/config.json
 
 
 def _finetune(config: FinetuneConfig, held: contextlib.ExitStack, invocation: Invocation) -> dict:
@@ -241,11 +260,22 @@ def _finetune(config: FinetuneConfig, held: contextlib.ExitStack, invocation: In
     if (config.mixup or config.cutmix) and (config.batch_size // accelerator.num_processes) % 2:
         raise UsageError("timm's Mixup/CutMix needs an even batch on every process: pass an even --batch-size")
 
+    # ---- data, model, kernels and records; then the trainings
+    setup = _setup(config, accelerator, held, policy, invocation)
+    lr, grid = _choose_lr(setup)
+    _final_trainings(setup, lr)
+    return _summarise(setup, lr, grid)
+
+
+def _setup(config: FinetuneConfig, accelerator, held: contextlib.ExitStack, policy: KernelPolicy,
+           invocation: Invocation) -> _Setup:
+    out = Path(config.output_dir)
     # ---- model and data
     start, pretrained_cfg, dataset, start_point = starting_model(config)
     results = recorded_results(out, config, start_point)
     image_size = start.config.image_size
-    train_set, info = build_dataset(dataset, "train", image_size, train=True, transform=train_transform(config, image_size))
+    transform = train_transform(config, image_size)
+    train_set, info = build_dataset(dataset, "train", image_size, train=True, transform=transform)
     fix = f"fine-tuning learns the labels: pass --dataset SPEC, a labelled dataset ({LABELLED_FORMS})"
     train_set.require_labels(fix)
     train_eval_set, _ = build_dataset(dataset, "train", image_size, train=False)  # the dev split, unaugmented
@@ -286,39 +316,56 @@ def _finetune(config: FinetuneConfig, held: contextlib.ExitStack, invocation: In
                     "test_size": len(test_set)},
         "steps": steps, "vit": dataclasses.asdict(start.config), "config": settings, "kernels": kernels.record(),
     })
-    trainings = results.setdefault("trainings", {})
+    results.setdefault("trainings", {})
+    return _Setup(tuner, split, steps, results, run_cfg)
 
-    def record(tag: str, entry: dict) -> None:
-        trainings[tag] = entry
-        if accelerator.is_main_process:
-            write_json(out / rundir.FINETUNE, results)
 
-    # ---- the lr grid: train on "fit", score on "dev" only
+def _record(setup: _Setup, tag: str, entry: dict) -> None:
+    """One training's outcome into finetune.json, written at once: a --resume keeps it."""
+    setup.results["trainings"][tag] = entry
+    if setup.tuner.accelerator.is_main_process:
+        write_json(setup.tuner.out / rundir.FINETUNE, setup.results)
+
+
+def _choose_lr(setup: _Setup) -> tuple[float, dict]:
+    """The lr grid: each rate trained on "fit" and scored on "dev" only; (the best rate, the grid)."""
+    config, trainings, split = setup.tuner.config, setup.results["trainings"], setup.split
     lrs = list(dict.fromkeys(float(lr) for lr in config.lrs))
     grid = {}
     for lr in lrs if len(lrs) > 1 else []:
         tag = f"grid-lr{lr:g}"
         if tag not in trainings:
             started = time.perf_counter()
-            score, _ = tuner.train(split["fit"], lr, 0, tag, "dev")
-            record(tag, {"lr": lr, "seed": 0, "dev_accuracy": score, "scored": tuner.scored,
-                         "wall_time_s": time.perf_counter() - started})
+            trained = setup.tuner.train(split["fit"], lr, 0, tag, "dev")
+            _record(setup, tag, {"lr": lr, "seed": 0, "dev_accuracy": trained.score, "scored": trained.scored,
+                                 "wall_time_s": time.perf_counter() - started})
         grid[f"{lr:g}"] = {"dev_accuracy": trainings[tag]["dev_accuracy"]}
     lr = select_lr(grid) if grid else lrs[0]
-    accelerator.print(f"lr {lr:g} chosen on the dev split ({len(split['dev'])} images): "
-                      + (", ".join(f"{k}: {100 * v['dev_accuracy']:.1f}%" for k, v in grid.items()) or "no grid"))
+    setup.tuner.accelerator.print(f"lr {lr:g} chosen on the dev split ({len(split['dev'])} images): " + (
+        ", ".join(f"{k}: {100 * v['dev_accuracy']:.1f}%" for k, v in grid.items()) or "no grid"))
+    return lr, grid
 
-    # ---- final trainings on all the labelled data, scored once on the test split
-    for seed in range(config.seeds):
+
+def _final_trainings(setup: _Setup, lr: float) -> None:
+    """Every seed trained on all the labelled data at `lr`, scored once on the test split."""
+    tuner, trainings = setup.tuner, setup.results["trainings"]
+    for seed in range(tuner.config.seeds):
         tag = f"seed{seed}"
         if tag not in trainings or trainings[tag]["lr"] != lr:
             started = time.perf_counter()
-            score, model = tuner.train(split["train"], lr, seed, tag, "test")
-            if seed == 0 and accelerator.is_main_process:
-                save_checkpoint(out, steps, {"config": run_cfg, "model": model.state_dict(), "step": steps},
-                                        keep=1)  # seed 0's weights: the probes read this directory as a run
-            record(tag, {"lr": lr, "seed": seed, "test_accuracy": score, "scored": tuner.scored,
-                         "wall_time_s": time.perf_counter() - started})
+            trained = tuner.train(setup.split["train"], lr, seed, tag, "test")
+            if seed == 0 and tuner.accelerator.is_main_process:
+                save_checkpoint(tuner.out, setup.steps, {"config": setup.run_cfg, "model": trained.model.state_dict(),
+                                                         "step": setup.steps},
+                                keep=1)  # seed 0's weights: the probes read this directory as a run
+            _record(setup, tag, {"lr": lr, "seed": seed, "test_accuracy": trained.score, "scored": trained.scored,
+                                 "wall_time_s": time.perf_counter() - started})
+
+
+def _summarise(setup: _Setup, lr: float, grid: dict) -> dict:
+    """finetune.json's totals, its TensorBoard summary and the line that reports them."""
+    config, accelerator, out, results = setup.tuner.config, setup.tuner.accelerator, setup.tuner.out, setup.results
+    trainings = results["trainings"]
     per_seed = [trainings[f"seed{s}"]["test_accuracy"] for s in range(config.seeds)]
     results.update({
         "lr": lr, "grid": grid, "seeds": list(range(config.seeds)),
@@ -328,9 +375,9 @@ def _finetune(config: FinetuneConfig, held: contextlib.ExitStack, invocation: In
     })
     if accelerator.is_main_process:
         write_json(out / rundir.FINETUNE, results)
-        summary = Trackers(config.report_to, out, f"{rundir.TENSORBOARD}/summary", f"{out.name}/summary",
-                           main=True, job_type="finetune", config=flat_config(run_cfg, ("train", "vit", "finetune")))
-        summary.log({"finetune/test_accuracy": results["test_accuracy"]["mean"], "finetune/lr": lr}, steps)
+        summary = Trackers(config.report_to, out, f"{rundir.TENSORBOARD}/summary", f"{out.name}/summary", main=True,
+                           job_type="finetune", config=flat_config(setup.run_cfg, ("train", "vit", "finetune")))
+        summary.log({"finetune/test_accuracy": results["test_accuracy"]["mean"], "finetune/lr": lr}, setup.steps)
         summary.finish()
         acc = results["test_accuracy"]
         accelerator.print(f"test accuracy {100 * acc['mean']:.2f} ± {100 * acc['std']:.2f}% over {config.seeds} "

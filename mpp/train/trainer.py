@@ -2,9 +2,11 @@
 
 `Trainer(config, mpp_config, held, invocation)` builds, top to bottom, what a run needs: the
 Accelerator and the run directory, the data, the kernels, the model and objective, the optimizer and
-schedule, and, with `--resume`, the state of the newest checkpoint. `run()` is the loop: steps, logging, held-out
-evaluation, checkpoints, and the stop a signal asks for. Where the run stands (`Progress`) is one
-object, saved whole in every checkpoint and restored whole on resume.
+schedule, and, with `--resume`, the state of the newest checkpoint. `run()` runs the one training loop
+(mpp.train.loop.TrainLoop) with this run's hooks: its checkpoints, its evaluators (mpp.eval.in_run:
+held-out metrics, the prediction mosaic, the in-run few-shot probe) and the stop a signal asks for.
+Where the run stands (`Progress`) is one object, saved whole in every checkpoint and restored whole on
+resume.
 """
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,39 +23,36 @@ import torch
 from mpp.core.config import Invocation
 from mpp.core.errors import UsageError, loader_timed_out, out_of_memory
 from mpp.core.files import append_line, write_json
-from mpp.core.reproducible import seed_step
 from mpp.core.runlock import RunLock
-from mpp.core.stopping import WAIT_GRACE_S, StopRequest, StopWhileWaiting, end_loader_workers
+from mpp.core.stopping import (
+    WAIT_GRACE_S,
+    StopRequest,
+    StopWhileWaiting,
+    end_loader_workers,
+)
 from mpp.data.holdout import pretraining_splits
 from mpp.data.readlimit import StuckRead
 from mpp.data.sources import LABELLED_FORMS
-from mpp.eval.fewshot_monitor import FewshotMonitor
-from mpp.eval.visualize import LEGEND, held_out_images, prediction_mosaic
+from mpp.eval.evaluator import Evaluator, RunView, TrainState
+from mpp.eval.in_run import HELD_OUT, build_evaluators
 from mpp.model.kernel_policy import KernelPolicy, RunShapes
-from mpp.model.objective import MPPConfig, MPPObjective, SupervisedObjective, corrupted_count
+from mpp.model.objective import (
+    MPPConfig,
+    MPPObjective,
+    SupervisedObjective,
+    corrupted_count,
+)
 from mpp.model.vit import ViT, vit_config
 from mpp.run import checkpoint as ckpt_io
-from mpp.run import rundir
+from mpp.run import rundir, runtime
 from mpp.run.optim import param_groups
-from mpp.run.runtime import autocast_dtype, choose_kernels, compile_blocks, make_accelerator, out_of_memory_line
 from mpp.run.trackers import Trackers, flat_config
-from mpp.train.loop import agree, data_loaders, evaluate, optimizer_step
-
-PREVIEW_IMAGES = 8  # held-out images whose MPP predictions TensorBoard shows at each evaluation
+from mpp.train.loop import Built, Hooks, LoopSettings, Progress, TrainLoop, data_loaders
 
 
-@dataclass
-class Progress:
-    """Where a run stands; a checkpoint holds it, a resume starts from it."""
-
-    step: int = 0  # optimizer steps done
-    epoch: int = 0  # passes over the training set begun
-    batch_in_epoch: int = 0  # micro-batches of this process into the epoch (a resume skips them)
-    elapsed: float = 0.0  # training seconds before this process started (earlier runs of a resumed run)
-
-
-class Trainer:
-    """Everything one run holds; `held` releases the lock, the stop handlers and the metrics file."""
+class Trainer(Hooks):
+    """Everything one run holds, and its hooks into the loop; `held` releases the lock, the stop
+    handlers and the metrics file."""
 
     def __init__(self, config, mpp_config: MPPConfig, held: contextlib.ExitStack, invocation: Invocation | None = None):
         from accelerate.utils import set_seed
@@ -66,10 +64,10 @@ class Trainer:
         vit_cfg = vit_config(config.model, image_size=config.image_size or None, dropout=config.dropout)
 
         # ---- accelerator
-        self.accelerator = acc = make_accelerator(
+        self.accelerator = acc = runtime.make_accelerator(
             config.mixed_precision, config.cpu_threads, gradient_accumulation_steps=config.grad_accum_steps,
         )
-        self._on_main(lambda: rundir.check_run_dir(config))  # a wrong --resume or --output-dir: before the data
+        runtime.on_main(self.accelerator, lambda: rundir.check_run_dir(config))  # a wrong --resume or --output-dir: before the data
         set_seed(config.seed, device_specific=False)
         world = acc.num_processes * config.grad_accum_steps
         if config.batch_size % world:
@@ -80,14 +78,14 @@ class Trainer:
         # ---- data, then the run directory: a dataset this run cannot use leaves nothing written
         self._build_data(vit_cfg.image_size, micro_batch)
         self.total_steps = self._total_steps()  # a training set smaller than one batch is refused here too
-        self._on_main(lambda: self.held.enter_context(RunLock(rundir.prepare_run_dir(config))))  # one writer
+        runtime.on_main(self.accelerator, lambda: self.held.enter_context(RunLock(rundir.prepare_run_dir(config))))  # one writer
         self.run_dir = Path(config.output_dir)
 
         # ---- kernels: decided once, at this run's shapes, by the main process for all of them
         last_queries = corrupted_count(mpp_config.corrupt_rate, vit_cfg.num_patches) if config.objective == "mpp" else 1
-        shapes = RunShapes.of(vit_cfg, micro_batch, autocast_dtype(acc), last_queries=last_queries,
+        shapes = RunShapes.of(vit_cfg, micro_batch, runtime.autocast_dtype(acc), last_queries=last_queries,
                               compiled=config.compile)
-        kernels = choose_kernels(policy, shapes, acc.device, acc)
+        kernels = runtime.choose_kernels(policy, shapes, acc.device, acc)
 
         # ---- model and objective
         if config.objective == "mpp":
@@ -97,12 +95,7 @@ class Trainer:
             vit = ViT(dataclasses.replace(vit_cfg, num_classes=self.info.num_classes), kernels.kernels)
             objective = SupervisedObjective(vit, config.label_smoothing)
         if config.compile:
-            compile_blocks(vit)
-        # MPP's predictions on a fixed batch of held-out images, drawn into TensorBoard at each evaluation
-        # when its target can be drawn (read by every process, so a data error stops them all alike;
-        # only the main one draws; held_out_images moves no generator)
-        drawable = config.objective == "mpp" and objective.entry.render is not None and objective.entry.decode is not None
-        self.preview = held_out_images(self.eval_set, PREVIEW_IMAGES) if drawable else None
+            runtime.compile_blocks(vit)
         self.run_cfg = rundir.run_config(config, mpp_config, vit, self.info, self.splits.holdout, self.invocation)
         self.run_cfg["kernels"] = kernels.record()
         self.run_cfg["precision"] = str(acc.mixed_precision)  # what ran, whatever chose it (flag, Accelerate, GPU default)
@@ -115,33 +108,19 @@ class Trainer:
         self.objective, self.optimizer = acc.prepare(objective, optimizer)
         self.scheduler = self.schedule.scheduler(self.optimizer)  # stepped by hand, once per optimizer step
         self.model = acc.unwrap_model(self.objective)
+        self.built = Built(acc, self.objective, self.optimizer, self.scheduler, self.train_loader, self.total_steps)
         # From here on each micro-batch reseeds every generator from (seed, step, micro-batch, process):
         # corruption and dropout then repeat exactly after a resume (mpp/core/reproducible.py). The model was
         # initialised identically everywhere; the data order is seeded by seed + epoch.
 
         # ---- resume, then the run's records
         self.progress = Progress()
-        self.last_save: int | None = None  # the step of the newest checkpoint this process took part in
         saved = self._resume() if config.resume else None
-        self.last_save = self.progress.step if saved else None  # a resumed run's step is saved already
+        # The step of the newest checkpoint this process took part in: a resumed run's step is saved already.
+        self.last_save: int | None = self.progress.step if saved else None
         self._start_records(saved)
 
     # ---- setup, in the order __init__ calls it
-
-    def _on_main(self, check) -> None:
-        """Run `check` on the main process (it may raise UsageError); every process learns the verdict,
-        so a refusal stops them all instead of leaving the others waiting."""
-        from accelerate.utils import broadcast_object_list
-
-        verdict = [None]
-        if self.accelerator.is_main_process:
-            try:
-                check()
-            except UsageError as e:
-                verdict[0] = str(e)
-        broadcast_object_list(verdict)
-        if verdict[0]:
-            raise UsageError(verdict[0])
 
     def _build_data(self, image_size: int, micro_batch: int) -> None:
         config, acc = self.config, self.accelerator
@@ -164,19 +143,12 @@ class Trainer:
         self.streamed = self.train_set.streamed
         self.train_loader, self.eval_loader = data_loaders(self.train_set, self.eval_set, micro_batch,
                                                            config.num_workers, acc, self.streamed)
-        self.fewshot = None  # the in-run few-shot probe, with its draws fixed now (mpp.eval.fewshot_monitor)
-        if not config.fewshot_every:
-            return
-        if not self.info.labelled and not config.fewshot_dataset:
-            raise UsageError(f"--fewshot-every probes the run's dataset, which has no labels ({self.info.layout}): "
-                             f"pass --fewshot-dataset SPEC, a labelled dataset to probe instead ({LABELLED_FORMS})")
-        # A stream cannot be probed by index (TrainConfig.validate asked for a --fewshot-dataset), nor unlabelled data.
-        own = [config.dataset] if self.info.labelled and not self.streamed else []
-        self.fewshot = FewshotMonitor(own + ([config.fewshot_dataset] if config.fewshot_dataset else []), image_size,
-                                      config.fewshot_max_images, batch_size=micro_batch)
-        acc.print(f"few-shot probe every {config.fewshot_every} steps, at step 0 and at the end "
-                  f"(1/5/10/25 shots × 3 draws, l2 = 2^10; k-NN, k = 10 and 20, on the draws' images), "
-                  f"each embedding {self.fewshot.cost()}")
+        # The run's evaluators (mpp.eval.in_run), built now: one that cannot run here refuses before anything is written.
+        view = RunView(config, self.mpp_config if config.objective == "mpp" else None, acc, self.eval_set,
+                       self.eval_loader, self.info, image_size, micro_batch, self.streamed)
+        self.evaluators: list[Evaluator] = build_evaluators(view)
+        for line in filter(None, (e.describe() for e in self.evaluators)):
+            acc.print(line)
 
     def _total_steps(self) -> int:
         config = self.config
@@ -234,18 +206,12 @@ class Trainer:
         self.held.push(self.trackers.finish_on_exit)  # also when the run fails: then marked failed
         if acc.is_main_process:
             if saved is not None:
-                original = rundir.read_run_config(run_dir, saved)
-                rundir.check_same_run(run_dir, original, saved)  # the records are this run's own
-                original.setdefault("resumed", []).append({  # what resumed it, and the code that did
-                    "step": step, "command": self.run_cfg["command"], "max_steps": self.config.max_steps,
-                    "epochs": self.config.epochs, "kernels": self.run_cfg["kernels"],
-                    **{k: self.run_cfg[k] for k in rundir.RECORDED}})
-                write_json(run_dir / rundir.CONFIG, original)
-                rundir.trim_metrics(run_dir / rundir.METRICS, step)
+                rundir.record_resume(run_dir, saved, self.run_cfg, step, self.config)
             else:
                 write_json(run_dir / rundir.CONFIG, self.run_cfg)
-        if self.preview is not None:  # what the prediction mosaic's columns show
-            self.trackers.text("mpp/predictions", LEGEND, step)
+        for evaluator in self.evaluators:  # e.g. what the prediction mosaic's columns show
+            for tag, text in evaluator.texts().items():
+                self.trackers.text(tag, text, step)
         self.metrics_file = (self.held.enter_context(open(run_dir / rundir.METRICS, "ab", buffering=0))
                              if acc.is_main_process else None)  # unbuffered: each line is written whole or not at all
 
@@ -289,69 +255,80 @@ class Trainer:
             raise UsageError(problem[0])
         self.last_save = at
 
-    def run_eval(self, at: int) -> dict | None:
-        """The held-out metrics at step `at`, logged; None when a stop signal cut the evaluation short
-        (in any process: they agree, so all of them go on to save and stop)."""
-        from accelerate.utils import gather_object
-
-        acc, model = self.accelerator, self.model
-
-        def batch_sums(images, labels) -> dict[str, float]:
-            with acc.autocast():
-                _, metrics = model(images, labels)
-            return {k: v.float().item() * len(images) for k, v in metrics.items()}
-
-        results, scored = evaluate(model, batch_sums, self.stop.waiting(self.eval_loader), acc, seed=self.config.seed,
-                                   stop=lambda: self.stop.requested)
-        if any(gather_object([self.stop.requested])):
-            return None
-        if scored == 0:
-            raise UsageError("the held-out split has no images: pass a dataset with images in its test or val split")
-        self.log({f"eval/{k}": v for k, v in results.items()}, at)
-        if acc.is_main_process and self.preview is not None and len(self.preview):
-            # Its own generator, eval mode, no gradients: the run goes on bitwise as without it (mpp.eval.visualize).
-            mosaic = prediction_mosaic(self.model, self.preview, seed=self.config.seed)  # (3, H', W') in [0, 1]
-            self.trackers.image("mpp/predictions", mosaic, at, caption=LEGEND)
-        return results
-
-    def run_fewshot(self, at: int) -> None:
-        """The in-run few-shot probe at step `at`, logged; its time is left out of the throughput."""
+    def run_evaluator(self, evaluator: Evaluator, at: int) -> dict | None:
+        """One evaluator at step `at`, its metrics logged; None: a stop cut it short (the processes agree)."""
         started = time.perf_counter()
-        values = self.fewshot(self.model.vit, self.accelerator.device)
-        seconds = time.perf_counter() - started
-        self.log({**values, "fewshot/seconds": seconds}, at)
-        self.window["t"] += seconds  # the throughput window counts training only
+        state = TrainState(at, self.model, self.accelerator, self.stop,
+                           image=lambda tag, image, caption: self.trackers.image(tag, image, at, caption=caption))
+        values = evaluator.run(state)
+        if values is None:
+            return None
+        if evaluator.timed:  # its time is logged, and left out of the throughput (the window counts training only)
+            seconds = time.perf_counter() - started
+            values = {**values, f"{evaluator.name}/seconds": seconds}
+            self.loop.exclude(seconds)
+        if values:
+            self.log(values, at)
+        return values
+
+    def evaluations(self, at: int, final: bool = False) -> dict | None:
+        """The evaluators due at step `at` (every one when `final`), in order; the held-out metrics
+        ({} when none ran), or None when a stop cut one short: the rest are then skipped."""
+        held_out = {}
+        for evaluator in self.evaluators:
+            if final or evaluator.due(at, self.total_steps):
+                values = self.run_evaluator(evaluator, at)
+                if values is None:
+                    return None
+                if evaluator.name == HELD_OUT:
+                    held_out = {k.removeprefix("eval/"): v for k, v in values.items()}
+        return held_out
+
+    # ---- the loop's hooks (mpp.train.loop.Hooks)
+
+    def loss(self, images, labels):
+        return self.objective(images, labels)
+
+    def diverged(self, step: int) -> str:
+        return rundir.diverged(step, self.run_dir, self.optimizer.param_groups[0]["lr"], self.config.lr,
+                               "the loss is not finite at")
+
+    def on_epoch(self, epoch: int) -> None:
+        self.train_set.set_epoch(epoch)  # the augmentations' epoch, shared with the loader's workers
+
+    def after_step(self, step: int, stopping: bool) -> bool:
+        """Checkpoint and evaluate after one optimizer step; whether to stop (asked before, or during
+        an evaluation): then this step is saved."""
+        if step % self.config.save_every == 0 and step < self.total_steps:
+            self.save(step)  # first: a failure in what follows (an evaluation, a probe) cannot lose this step
+        if not stopping:  # the last step's come after its save (_finish)
+            stopping = self.evaluations(step) is None
+        if stopping and self.last_save != step:
+            self.save(step)
+        return stopping
 
     # ---- the loop
 
     def run(self) -> Path:
-        from tqdm.auto import tqdm
-
-        config, acc, progress = self.config, self.accelerator, self.progress
-        bar = tqdm(total=self.total_steps, initial=progress.step, desc=f"{config.objective} {self.run_dir.name}",
-                   disable=not acc.is_local_main_process, dynamic_ncols=True)
+        config, progress = self.config, self.progress
+        settings = LoopSettings(config.grad_clip, config.log_every, config.batch_size, config.grad_accum_steps,
+                                step_seed=config.seed, desc=f"{config.objective} {self.run_dir.name}")
         self.started = time.perf_counter()
-        self.window = {"t": time.perf_counter(), "steps": 0, "sums": {}}
-        self.values: dict = {}  # the last logged training metrics
-        self.micro = 0  # micro-batches into the current optimizer step (checkpoints fall between steps: 0 on resume)
-        if self.fewshot is not None and progress.step == 0:  # the untrained model: the random-init level
-            self.run_fewshot(0)
-        self.objective.train()
         self.stop = self.held.enter_context(StopRequest())  # from the first step to the final save, a stop saves first
-        stopping = False
+        self.loop = TrainLoop(self.built, settings, self, progress, self.stop)
+        if progress.step == 0:  # the untrained model: e.g. the few-shot probe's random-init level
+            for evaluator in (e for e in self.evaluators if e.at_start):
+                self.run_evaluator(evaluator, 0)
         try:
             try:
-                while progress.step < self.total_steps and not stopping:
-                    stopping = self._epoch(bar)
+                stopping = self.loop.run()
             except (StopWhileWaiting, StuckRead, RuntimeError, ValueError) as e:
                 stopping = self._interrupted(e)
-            finally:
-                bar.close()  # ends the bar's line, so an error message starts on a line of its own
             return self._finish(stopping)
         except RuntimeError as e:  # torch.OutOfMemoryError is one, and a CPU allocation's failure
             if not out_of_memory(e):
                 raise
-            raise UsageError(out_of_memory_line(e, self.config, self.progress.step + 1)) from e
+            raise UsageError(runtime.out_of_memory_line(e, self.config, self.progress.step + 1)) from e
 
     def _interrupted(self, error: BaseException) -> bool:
         """The loop ended by an exception. A wait for data given up on (a stop that outlasted its grace,
@@ -368,8 +345,8 @@ class Trainer:
             if out_of_memory(error) or loader_timed_out(error) is None:
                 raise error
             error = loader_timed_out(error)
-        progress.batch_in_epoch -= self.micro
-        self.micro = 0
+        progress.batch_in_epoch -= self.loop.micro  # the unfinished step's micro-batches are read again
+        self.loop.micro = 0
         self.optimizer.zero_grad(set_to_none=True)
         end_loader_workers()  # one may be stuck in its read: the exit must not wait on it
         if acc.num_processes > 1:  # the others wait for this one in a collective: no save can gather them now
@@ -386,72 +363,6 @@ class Trainer:
                   "whole step, without waiting for it")
         return True
 
-    def _epoch(self, bar) -> bool:
-        """Train through the rest of the current epoch, or until the step budget or a stop; whether to stop."""
-        config, acc, progress = self.config, self.accelerator, self.progress
-        self.train_loader.set_epoch(progress.epoch)
-        self.train_set.set_epoch(progress.epoch)  # the augmentations' epoch, shared with the loader's workers
-        # A resumed run skips the batches of this epoch it has already trained on.
-        batches = (acc.skip_first_batches(self.train_loader, progress.batch_in_epoch) if progress.batch_in_epoch
-                   else self.train_loader)
-        stopping = False
-        for images, labels in self.stop.waiting(batches):  # a stop never waits long on data (mpp.core.stopping)
-            progress.batch_in_epoch += 1
-            with acc.accumulate(self.objective):
-                seed_step(config.seed, progress.step, self.micro, acc.process_index)
-                self.micro += 1
-                loss, metrics = self.objective(images, labels)
-                bad, stop = agree(acc, loss, self.stop.requested)
-                stopping = stopping or stop
-                if bad:
-                    raise UsageError(rundir.diverged(progress.step + 1, self.run_dir, self.optimizer.param_groups[0]["lr"],
-                                                     config.lr, "the loss is not finite at"))
-                norm = optimizer_step(acc, self.objective, loss, self.optimizer, config.grad_clip)
-                if norm is not None:
-                    metrics["grad_norm"] = norm
-            for k, v in metrics.items():
-                self.window["sums"][k] = self.window["sums"].get(k, 0) + v.detach().float()
-            if not acc.sync_gradients:
-                continue
-            self.micro = 0
-            stopping = self._after_step(bar, stopping)
-            if progress.step >= self.total_steps or stopping:
-                return stopping
-        progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0  # the next epoch starts from its first batch
-        return stopping
-
-    def _after_step(self, bar, stopping: bool) -> bool:
-        """Schedule, log, evaluate and checkpoint after one optimizer step; whether to stop (asked before,
-        or during the evaluation): then this step is saved."""
-        config, acc, progress = self.config, self.accelerator, self.progress
-        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used
-        if not acc.optimizer_step_was_skipped:  # fp16 overflow: the schedule waits too
-            self.scheduler.step()
-        progress.step += 1
-        step, window = progress.step, self.window
-        window["steps"] += 1
-        bar.update(1)
-        if step % config.log_every == 0 or step == self.total_steps:
-            now = time.perf_counter()
-            n_micro = window["steps"] * config.grad_accum_steps
-            values = {f"train/{k}": acc.reduce(v, "mean").item() / (n_micro if k != "grad_norm" else window["steps"])
-                      for k, v in window["sums"].items()}
-            values["train/lr"] = lr
-            values["train/images_per_s"] = window["steps"] * config.batch_size / (now - window["t"])
-            self.log(values, step)
-            self.values = values
-            bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}")
-            self.window = {"t": time.perf_counter(), "steps": 0, "sums": {}}
-        if step % config.save_every == 0 and step < self.total_steps:
-            self.save(step)  # first: a failure in what follows (an evaluation, a probe) cannot lose this step
-        if config.eval_every and step % config.eval_every == 0 and step < self.total_steps:
-            stopping = self.run_eval(step) is None or stopping
-        if self.fewshot is not None and not stopping and step % config.fewshot_every == 0 and step < self.total_steps:
-            self.run_fewshot(step)  # the last step's comes after its save and evaluation (_finish)
-        if stopping and self.last_save != step:
-            self.save(step)
-        return stopping
-
     def _finish(self, stopping: bool) -> Path:
         """The final checkpoint, then (so that no failure in them can lose the last step) the final
         evaluation, the final few-shot probe and the summary. A stop during the evaluation stops."""
@@ -459,7 +370,7 @@ class Trainer:
         if self.last_save != step:
             self.save(step)
         try:
-            results = None if stopping else self.run_eval(step)
+            results = None if stopping else self.evaluations(step, final=True)
         except StopWhileWaiting:  # the evaluation's data did not come after a stop: the step is saved
             results = None
         if results is None:
@@ -468,13 +379,11 @@ class Trainer:
             acc.print(f"stopped at step {step} of {self.total_steps}; checkpoint saved in "
                       f"{rundir.checkpoint_dir(run_dir)}: rerun the same command with --resume to continue")
             sys.exit(self.stop.exit_code)
-        if self.fewshot is not None:
-            self.run_fewshot(step)
         if acc.is_main_process:
             summary = {
                 "objective": self.config.objective, "steps": step,
                 "wall_time_s": self.progress.elapsed + time.perf_counter() - self.started,
-                "eval": results, "last_train": self.values, "kernels": self.run_cfg["kernels"],
+                "eval": results, "last_train": self.loop.values, "kernels": self.run_cfg["kernels"],
                 # this process's share of the unreadable images skipped (the warnings name them)
                 "skipped_images": {"train": self.train_set.skipped_images(), "eval": self.eval_set.skipped_images()},
             }
