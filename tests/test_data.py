@@ -16,9 +16,9 @@ from helpers.runs import run_script
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-import mpp.data.datasets
+import mpp.data.table_readers
 from mpp.core.errors import UsageError, one_line
-from mpp.data.datasets import rgb_tensor
+from mpp.data.decode import rgb_tensor
 from mpp.data.sources import (
     DEFAULT_DATASET,
     MEAN,
@@ -614,14 +614,14 @@ def test_an_unreadable_image_another_worker_met_first_is_neither_warned_nor_coun
 
     # The race itself: the mark appears while this process decodes the file.
     dataset.unreadable[bad] = False
-    decode = mpp.data.datasets.open_image
+    decode = mpp.data.table_readers.open_image
 
     def decode_while_another_worker_marks(cell):
         if "torn" not in cell["path"]:
             return decode(cell)
         dataset.unreadable[bad] = True
         raise OSError("truncated")
-    monkeypatch.setattr(mpp.data.datasets, "open_image", decode_while_another_worker_marks)
+    monkeypatch.setattr(mpp.data.table_readers, "open_image", decode_while_another_worker_marks)
     dataset.raw(bad)
     assert dataset.skipped_images() == 1 and "warning" not in capfd.readouterr().err
     assert copy.deepcopy(dataset).skipped_images() == 1  # a copy in this process gets a lock of its own

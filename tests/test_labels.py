@@ -16,8 +16,8 @@ from helpers.runs import run_script, threads_kept
 from helpers.shard_files import png, write_tar
 
 from mpp.core.errors import UsageError, one_line
-from mpp.data.datasets import NO_LABEL, DatasetInfo
-from mpp.data.labels import inferred_classes
+from mpp.data.datasets import DatasetInfo
+from mpp.data.labels import NO_LABEL, inferred_classes
 from mpp.data.sources import load_split
 from mpp.train.pretrain import main
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from helpers.runs import ENV, FAST, REPO, final_weights, read_metrics
 
-from mpp.data.datasets import NO_LABEL
 from mpp.data.holdout import pretraining_splits
+from mpp.data.labels import NO_LABEL
 from mpp.data.sources import load_split
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from eval import knn
 from mpp.core.errors import UsageError
-from mpp.data.datasets import rgb_tensor
+from mpp.data.decode import rgb_tensor
 from mpp.data.sources import load_split
 
 WIDE_MODES = ("F", "I;16", "I")

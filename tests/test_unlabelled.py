@@ -20,11 +20,12 @@ from helpers.runs import ENV, REPO, final_weights, run_script, threads_kept
 from helpers.shard_files import png
 
 from mpp.core.errors import UsageError
-from mpp.data.datasets import NO_LABEL, image_identity
 from mpp.data.folders import folder_listing
 from mpp.data.holdout import pretraining_splits
+from mpp.data.labels import NO_LABEL
 from mpp.data.shards import write_shards
 from mpp.data.sources import load_split
+from mpp.data.table_readers import image_identity
 from mpp.run.rundir import check_resume, check_run_dir
 from mpp.train.pretrain import TrainConfig, main
 

@@ -5,11 +5,12 @@ add before it), forward and backward.
 
 The public API is the ops and their pure-PyTorch references (what the tests check the kernels
 against). Each op's file holds the `@triton.jit` kernels, the launchers, the autograd
-registration, the functional API, the reference and a `*_supported` check of the inputs the kernel
-takes; `_launch.py` holds what every kernel file does the same way (registration, launch device)
-and `gate.py` whether the kernels can run here at all. This package offers kernels and references
-only: it never picks between a kernel and PyTorch. That is decided once, by the caller
-(`mpp.model.kernel_policy`), not per call here.
+registration, the functional API and the reference, and offers a `*_supported` check of the inputs
+the kernel takes (defined in `_contracts.py`, beside the other ops'); `_launch.py` holds what every
+kernel file does the same way (registration, launch device), `_configs.py` each kernel's launch
+configuration (tiles, warps, stages, programs) and `gate.py` whether the kernels can run here at
+all. This package offers kernels and references only: it never picks between a kernel and PyTorch.
+That is decided once, by the caller (`mpp.model.kernel_policy`), not per call here.
 
 Importing the package imports neither triton nor the kernel files: each public name is loaded
 from its submodule on first access (module `__getattr__`), so `import triton_kernels` is cheap and

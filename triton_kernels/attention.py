@@ -37,10 +37,11 @@ import torch
 import triton
 import triton.language as tl
 
+from triton_kernels._configs import attention_configs
 from triton_kernels._launch import as_op, launch_device, wrap_triton
-from triton_kernels.gate import MAX_GRID_Y, MAX_HEAD_DIM, interpreting, platform_problem
+from triton_kernels._contracts import attention_supported  # noqa: F401 - this op's input contract, public here
+from triton_kernels.gate import interpreting
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 
 
@@ -284,34 +285,10 @@ def _attn_bwd_dq_kernel(
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=mask_md)
 
 
-# Launch configurations (fixed heuristics, no autotuning), keyed on the padded head dim and dtype.
-# GPU (chosen for H100/H200, also fine on A100; checked by compiling for sm_90 and sm_80 with
-# ptxas -v: no register spills, shared memory <= 128 KB; speed not measured):
-#   forward: BLOCK_M=128 queries x BLOCK_N=64 keys (the FA2 / Triton-tutorial shape), 8 warps (two
-#     Hopper warpgroups of 64 rows each; ~120-180 registers/thread, where 4 warps need ~230 at D=64),
-#     3 stages to pipeline the K/V loads (128 KB of shared memory at D=128).
-#   backward: the looped-over operand is the small one (tutorial shape): dk/dv programs hold
-#     BLOCK_N=128 keys (64 at D=128) and step 32 queries, 8 warps; dq programs hold 128 queries
-#     (64 at D=128) and step 32 keys, 4 warps; 3 stages. D=128 halves the held block because the
-#     dk+dv fp32 accumulators plus k, v otherwise run out of registers.
-#   fp32 (the IEEE test path: FMA, not tensor cores): 64/32-row tiles, 8 warps, 2 stages; larger
-#     fp32 tiles spill.
-# Interpreter: 64 x 32 tiles (valid GPU shapes; fewer, larger numpy ops run faster there than
-#   small tiles), with BLOCK_M != BLOCK_N so a mix-up of the two shows up in the tests.
 def _configs(block_d: int, dtype: torch.dtype) -> dict[str, dict[str, int]]:
-    if interpreting():
-        return {"fwd": {"BLOCK_M": 64, "BLOCK_N": 32}, "dkdv": {"BLOCK_M": 32, "BLOCK_N": 64},
-                "dq": {"BLOCK_M": 64, "BLOCK_N": 32}, "pre": {"BLOCK_M": 64}}
-    if dtype == torch.float32:
-        return {"fwd": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
-                "dkdv": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
-                "dq": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
-                "pre": {"BLOCK_M": 64, "num_warps": 4}}
-    held = 128 if block_d <= 64 else 64
-    return {"fwd": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
-            "dkdv": {"BLOCK_M": 32, "BLOCK_N": held, "num_warps": 8, "num_stages": 3},
-            "dq": {"BLOCK_M": held, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3},
-            "pre": {"BLOCK_M": 128, "num_warps": 4}}
+    """Each kernel's launch keywords (the tables, and why: triton_kernels._configs), the interpreter's
+    under TRITON_INTERPRET=1."""
+    return attention_configs(block_d, dtype, interpreting())
 
 
 def _block_d(head_dim: int) -> int:
@@ -405,31 +382,6 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def attention_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
-    """None when the kernel handles (q, k, v), else a short reason (the caller then uses PyTorch)."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        return f"q, k, v must be 4-D [B, H, N, D], got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D"
-    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        return f"mismatched shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"dtype {q.dtype}/{k.dtype}/{v.dtype} (the kernel takes fp16, bf16 or fp32, all the same)"
-    if not (q.device == k.device == v.device):
-        return "q, k, v on different devices"
-    problem = platform_problem(q.device)
-    if problem:
-        return problem
-    if interpreting() and q.dtype == torch.bfloat16:
-        return "bfloat16 is not supported by the Triton interpreter (it runs on GPU)"
-    d = q.shape[3]
-    if not 1 <= d <= MAX_HEAD_DIM:
-        return f"head dim {d} (the kernel takes 1..{MAX_HEAD_DIM}; non-powers of two are padded)"
-    if q.shape[0] * q.shape[1] > MAX_GRID_Y:
-        return f"batch*heads {q.shape[0] * q.shape[1]} exceeds the grid limit {MAX_GRID_Y}"
-    if q.numel() == 0 or k.numel() == 0:
-        return "empty tensor"
-    return None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:

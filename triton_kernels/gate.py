@@ -3,9 +3,9 @@ they take, checked without importing triton until a kernel could be used.
 
 This module decides nothing per call. The caller (in this repository `mpp.model.kernel_policy`) asks once,
 before a model is built, then verifies and times each op at the run's shapes and hands the model
-fixed functions. The kernel files read the same checks and limits (the one copy of each), for their
-`*_supported` contracts and their interpreter launch settings. Nothing here imports from outside
-this package.
+fixed functions. The ops' `*_supported` contracts (triton_kernels._contracts) and the launch
+configurations (triton_kernels._configs) read the same checks and limits (the one copy of each).
+Nothing here imports from outside this package.
 """
 from __future__ import annotations
 

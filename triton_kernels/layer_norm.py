@@ -21,17 +21,18 @@ triton_ops (torch.compile traces into the kernels), or under TRITON_INTERPRET=1 
 with fake impls; each forward op carries its derivative (register_autograd).
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+# Warps and backward program counts (triton_kernels._configs), under the names the launchers call
+# (tests/test_kernels_compile.py replaces _bwd_num_programs here with an H100's count).
+from triton_kernels._configs import layer_norm_bwd_programs as _bwd_num_programs
+from triton_kernels._configs import layer_norm_warps as _num_warps
+# The ops' input contracts, public here.
+from triton_kernels._contracts import add_layer_norm_supported, layer_norm_supported  # noqa: F401
 from triton_kernels._launch import as_op, launch_device, wrap_triton
-from triton_kernels.gate import MAX_WIDTH, interpreting, platform_problem
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_INTERPRETER_PROGRAMS = 4  # backward programs under TRITON_INTERPRET=1: few, so each gets many rows
 
 
 @triton.jit
@@ -161,34 +162,6 @@ def _layer_norm_bwd_kernel(
     out = pid.to(tl.int64) * stride_partial + cols
     tl.store(DW_partial + out, dw_acc, mask=mask)
     tl.store(DB_partial + out, db_acc, mask=mask)
-
-
-def _num_warps(block_d: int) -> int:
-    # ~4-16 elements per thread: 16-byte vector loads, bounded registers, cheap tree reductions.
-    if block_d <= 1024:
-        return 4
-    if block_d <= 4096:
-        return 8
-    if block_d <= 16384:
-        return 16
-    return 32
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _bwd_num_programs(rows: int, device: torch.device, num_warps: int) -> int:
-    if device.type == "cuda" and not interpreting():
-        # 16 warps (512 threads) per SM: all programs are resident at once at <= 128 registers per
-        # thread, so no second wave runs a whole chunk after the first (each program loops over
-        # ~rows / programs rows); the partial buffer stays small (e.g. 528 x D fp32 on an H100).
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        target = _sm_count(index) * max(1, 16 // num_warps)
-    else:
-        target = _INTERPRETER_PROGRAMS
-    return min(rows, target)
 
 
 def _stats(x2d):
@@ -366,20 +339,6 @@ def add_layer_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     return s, layer_norm_ref(s, weight, bias, eps)
 
 
-def add_layer_norm_supported(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                             bias: torch.Tensor) -> str | None:
-    """None when `add_layer_norm` handles these inputs, else a short reason why not."""
-    if residual.shape != x.shape:
-        return f"residual shape {tuple(residual.shape)} is not x's {tuple(x.shape)} (no broadcasting)"
-    if residual.device != x.device:
-        return f"residual is on {residual.device}, x on {x.device}"
-    if residual.dtype not in _DTYPES:
-        return f"residual dtype {str(residual.dtype).removeprefix('torch.')} is not supported: fp32/fp16/bf16"
-    # The LayerNorm runs on s, whose dtype is the promoted one.
-    s_like = x if torch.promote_types(x.dtype, residual.dtype) == x.dtype else residual
-    return layer_norm_supported(s_like, weight, bias)
-
-
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """LayerNorm of x [..., D] over its last dim with weight, bias [D]; differentiable in all three.
     Inputs must pass `layer_norm_supported` (this function does not check)."""
@@ -394,26 +353,3 @@ def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
     var = (xf - mean).square().mean(-1, keepdim=True)
     y = (xf - mean) * torch.rsqrt(var + eps) * weight.float() + bias.float()
     return y.to(x.dtype)
-
-
-def layer_norm_supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> str | None:
-    """None when `layer_norm` handles these inputs, else a short reason why not."""
-    if x.dim() == 0:
-        return "x is a scalar: it needs a last dimension to normalize"
-    if x.dtype not in _DTYPES:
-        return f"dtype {str(x.dtype).removeprefix('torch.')} is not supported: fp32/fp16/bf16"
-    d = x.shape[-1]
-    if d == 0:
-        return "width 0: nothing to normalize"
-    if d > MAX_WIDTH:
-        return f"width {d} exceeds the {MAX_WIDTH} one-block limit"
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is None:
-            return f"{name} is required"
-        if tuple(p.shape) != (d,):
-            return f"{name} shape {tuple(p.shape)} is not ({d},)"
-        if p.dtype not in (x.dtype, torch.float32):
-            return f"{name} dtype {str(p.dtype).removeprefix('torch.')} is neither x's dtype nor float32"
-        if p.device != x.device:
-            return f"{name} is on {p.device}, x on {x.device}"
-    return platform_problem(x.device)

@@ -20,12 +20,7 @@ from torch import nn
 
 from mpp.core.errors import UsageError
 from mpp.model.kernel_policy import KernelChoice, KernelPolicy, RunShapes, resolve
-from mpp.model.objective import (
-    MPPConfig,
-    MPPObjective,
-    SupervisedObjective,
-    corrupted_count,
-)
+from mpp.model.objective import MPPConfig, MPPObjective, SupervisedObjective, corrupted_count
 from mpp.model.ops import TORCH, Kernels
 from mpp.model.vit import ViT, ViTConfig, gather_tokens, timm_kwargs
 from mpp.run.optim import param_groups

@@ -28,15 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mpp.core.errors import MissingSplit, UsageError
-from mpp.data.folder_walk import (
-    IMAGE_SUFFIXES,
-    Passed,
-    Walker,
-    is_image,
-    is_run_dir,
-    some,
-    split_entries,
-)
+from mpp.data.folder_walk import IMAGE_SUFFIXES, Passed, Walker, is_image, is_run_dir, some, split_entries
 
 TEST_FOLDERS = ("test", "val", "validation")  # an image folder's test split: the first of these it has
 # Folder names that mean a split without being one of ours (Train/, training/, val2017/, test_set/): refused

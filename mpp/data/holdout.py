@@ -12,7 +12,7 @@ never trained on.
   (its shards permuted, then mixed through the run's shuffle buffer). The stream is counted on, undecoded,
   up to ten times that many images: one that ends sooner holds out its first tenth. The held-out
   images are held in memory, undecoded, and read as a map-style set; the training stream skips
-  every image with the same bytes (or path) wherever it meets one (mpp.data.datasets.image_identity).
+  every image with the same bytes (or path) wherever it meets one (mpp.data.table_readers.image_identity).
 What was carved is written in the run's config.json (`data.holdout`: its count, seed, rule and a
 fingerprint of the images held out) and said in its log; a resume that would carve other images is
 refused (mpp.run.rundir.check_resume).
@@ -27,20 +27,9 @@ import numpy as np
 import torch
 
 from mpp.core.errors import MissingSplit, UsageError
-from mpp.data.datasets import (
-    DatasetInfo,
-    HubImages,
-    ImageDataset,
-    MapImages,
-    TransformFn,
-    image_identity,
-)
-from mpp.data.sources import (
-    build_dataset,
-    eval_transform,
-    split_source,
-    train_transform,
-)
+from mpp.data.datasets import DatasetInfo, ImageDataset, MapImages, TransformFn
+from mpp.data.sources import build_dataset, eval_transform, split_source, train_transform
+from mpp.data.table_readers import HubImages, image_identity
 
 HOLDOUT_SEED = 0  # draws every carve: the same held-out images for every run on the same data
 MAX_SHARE = 10  # at most a tenth of the training images are held out
@@ -80,7 +69,7 @@ class MapSubset(MapImages):
 
 
 def fingerprint(identities) -> str:
-    """One hash of a set of images (mpp.data.datasets.image_identity each): equal exactly when the sets are."""
+    """One hash of a set of images (mpp.data.table_readers.image_identity each): equal exactly when the sets are."""
     return hashlib.sha1("\n".join(sorted(identities)).encode()).hexdigest()
 
 

@@ -4,8 +4,8 @@ A shard is a plain tar whose samples are runs of members sharing a key: `<key>.j
 suffix `datasets` knows: png, webp, ...) and `<key>.cls` (the label as decimal text), the layout
 timm, webdataset and most clusters use. They are read through `datasets`' webdataset builder, so a
 stream's shards are the tar files: shuffled by seed + epoch, then mixed through the buffer, and
-split between DataLoader workers (mpp.data.datasets.HubImageStream); without `--streaming` they are
-loaded whole into an Arrow cache and read by index (mpp.data.datasets.HubImages).
+split between DataLoader workers (mpp.data.table_readers.HubImageStream); without `--streaming` they are
+loaded whole into an Arrow cache and read by index (mpp.data.table_readers.HubImages).
 
 LOCATION is
 - a folder: its `train-*.tar` are the train split, and the first of `test-*.tar`, `val-*.tar`,
@@ -43,8 +43,9 @@ from typing import Any, Callable, Iterable
 
 from mpp.core.errors import MissingSplit, UsageError, first_line
 from mpp.core.files import atomic_write
-from mpp.data.datasets import DatasetInfo, HubImages, HubImageStream, ImageDataset
+from mpp.data.datasets import DatasetInfo, ImageDataset
 from mpp.data.labels import class_counts, inferred_classes
+from mpp.data.table_readers import HubImages, HubImageStream
 
 PREFIX = "shards:"
 CLASS_FILES = ("classes.txt", "classes.json")
@@ -245,7 +246,7 @@ def load_shards(spec: str, split: str, streaming: bool) -> tuple[Callable[..., I
     label_column = LABEL if labelled else None
     # The first sample's members have been checked, so datasets has inferred an image column.
     image_column = _image_column(table)
-    # Undecoded from here: the check below must not decode images, and mpp.data.datasets decodes them itself.
+    # Undecoded from here: the check below must not decode images, and mpp.data.table_readers decodes them itself.
     table = table.select_columns(["__key__", "__url__", image_column, *([LABEL] if labelled else [])]).cast_column(
         image_column, datasets.Image(decode=False))
     num_classes = len(class_names) if labelled else 0
@@ -297,7 +298,7 @@ def _load(spec: str, files: list[Path], split: str, streaming: bool) -> Any:
 
 
 def stream_error(spec: str, files: list[Path], error: BaseException) -> str:
-    """The one line for a streamed shard that datasets failed to read (mpp.data.datasets.HubImageStream)."""
+    """The one line for a streamed shard that datasets failed to read (mpp.data.table_readers.HubImageStream)."""
     return bad_label(files) or (f"the shards of '{spec}' could not be read ({first_line(error)}): "
                                 "fix or remove the shard")
 

@@ -14,14 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mpp.core.config import (
-    AT_LEAST_1,
-    NON_NEGATIVE,
-    SEED,
-    Range,
-    device_flag,
-    number_flag,
-)
+from mpp.core.config import AT_LEAST_1, NON_NEGATIVE, SEED, Range, device_flag, number_flag
 from mpp.core.errors import UsageError, disk_refused
 from mpp.core.files import write_json
 from mpp.core.runlock import ReportLock

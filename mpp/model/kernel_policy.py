@@ -32,13 +32,7 @@ import torch
 
 from mpp.core.errors import UsageError
 from mpp.model.kernel_cache import cache_file, environment, read_cache, write_cache
-from mpp.model.kernel_measure import (  # noqa: F401  (RunShapes: the policy's input, named from here too)
-    BrokenContext,
-    NotOurs,
-    RunShapes,
-    check_op,
-    measure_op,
-)
+from mpp.model.kernel_measure import BrokenContext, NotOurs, RunShapes, check_op, measure_op  # noqa: F401  (RunShapes: the policy's input, named from here too)
 from mpp.model.ops import OPS, Kernels
 from triton_kernels.gate import (
     MAX_GRID_Y,

@@ -12,13 +12,7 @@ import numpy as np
 
 from mpp.report.curves import IN_RUN_PROBES, probe_tag
 from mpp.report.reports import Row
-from mpp.report.tables import (
-    LayerView,
-    accuracy,
-    reference_accuracy,
-    row_layers,
-    shot_counts,
-)
+from mpp.report.tables import LayerView, accuracy, reference_accuracy, row_layers, shot_counts
 
 
 def new_figure(width: float, height: float):

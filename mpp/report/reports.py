@@ -19,15 +19,7 @@ from functools import partial
 from pathlib import Path
 
 from mpp.core.errors import UsageError
-from mpp.core.layout import (
-    CHECKPOINTS,
-    CONFIG,
-    FEWSHOT_GLOB,
-    FINETUNE,
-    KNN_GLOB,
-    LINEAR_PROBE_GLOB,
-    SUMMARY,
-)
+from mpp.core.layout import CHECKPOINTS, CONFIG, FEWSHOT_GLOB, FINETUNE, KNN_GLOB, LINEAR_PROBE_GLOB, SUMMARY
 from mpp.data.sources import dataset_name
 from mpp.model.objective import TARGETS
 from mpp.run.rundir import run_dir_of

@@ -183,7 +183,7 @@ def check_resume(saved: dict, run_cfg: dict, num_processes: int, source: str) ->
         changed.append(f"processes {saved['num_processes']} → {num_processes}")
     if run_cfg["train"].get("streaming") and saved["train"].get("num_workers") != run_cfg["train"].get("num_workers"):
         # a stream's shards are split among the loader workers, each drawing its own augmentations
-        # (mpp.data.datasets.HubImageStream): another count reads other images in another order
+        # (mpp.data.table_readers.HubImageStream): another count reads other images in another order
         changed.append(f"--num-workers {saved['train'].get('num_workers')} → {run_cfg['train'].get('num_workers')} "
                        "(a streamed run's loader workers split its shards)")
     held, now = (saved.get("data") or {}).get("holdout"), run_cfg["data"]["holdout"]

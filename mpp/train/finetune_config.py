@@ -5,15 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mpp.core.config import (
-    AT_LEAST_1,
-    NON_NEGATIVE,
-    OPEN_FRACTION,
-    POSITIVE,
-    SEED,
-    Range,
-    check_ranges,
-)
+from mpp.core.config import AT_LEAST_1, NON_NEGATIVE, OPEN_FRACTION, POSITIVE, SEED, Range, check_ranges
 from mpp.core.errors import UsageError
 from mpp.run.trackers import check_report_to
 
