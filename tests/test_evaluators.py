@@ -25,7 +25,7 @@ class WeightNorm(Evaluator):
 
     def run(self, state: TrainState) -> dict[str, float]:
         WeightNorm.seen.append(state.step)
-        return {"toy/patch_embed_norm": float(state.objective.vit.patch_embed.proj.weight.norm())}
+        return {"toy/patch_embed_norm": float(state.objective.vit.patch_embed.proj.weight.detach().norm())}
 
 
 @pytest.fixture
