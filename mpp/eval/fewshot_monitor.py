@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from mpp.core.errors import TooFewShots
 from mpp.data.sources import dataset_name
 from mpp.eval.features import headline_spec, vit_featurizer
 from mpp.eval.probe_runs import KNN_KS, KNN_TEMPERATURE, Embedder, FewshotDraws, ProbeData
@@ -31,6 +32,10 @@ SHOTS = (1, 5, 10, 25)  # the paper's few-shot counts
 DRAWS = 3  # draws per shot count (seeds 0..2), as eval/fewshot.py's default
 L2 = 2.0**10  # the paper's fixed ridge penalty
 CACHE_BYTES = 512 * 2**20  # the probe's images are decoded once and held in memory when they fit in this
+# What to do about a class too small for the draws, in the pretraining CLI's flags (it has no --shots to
+# lower): worded here only until mpp.train.trainer, which builds the monitor from those flags, says it
+# where it catches TooFewShots; this module's fix is then None.
+IN_RUN_FIX = "drop --fewshot-every, or pass a --fewshot-dataset with more"
 
 
 @dataclass(frozen=True)
@@ -47,13 +52,12 @@ class ProbeSet:
     @classmethod
     def build(cls, spec: str, image_size: int, max_images: int) -> ProbeSet:
         data = ProbeData.load(spec, image_size)  # loaded whole: the draws pick images by index
-        def too_few(who: str, have: int, need: int) -> str:  # pretraining has no --shots to lower
-            return (f"the in-run few-shot probe of '{spec}' needs {max(SHOTS)} training images of every class "
-                    f"({who} has {have} training examples, fewer than {need} shots): drop --fewshot-every, "
-                    "or pass a --fewshot-dataset with more")
-
-        draws = FewshotDraws.draw(data.train.labels().numpy(), len(data.test), SHOTS, DRAWS, max_images,
-                                  data.num_classes, data.class_names, too_few)
+        try:
+            draws = FewshotDraws.draw(data.train.labels().numpy(), len(data.test), SHOTS, DRAWS, max_images,
+                                      data.num_classes, data.class_names)
+        except TooFewShots as e:  # the same facts, said as the in-run probe's
+            raise TooFewShots(e.who, e.have, e.need, IN_RUN_FIX, problem=f"the in-run few-shot probe of '{spec}' "
+                              f"needs {max(SHOTS)} training images of every class ({e.problem})") from None
         count = len(draws.union) + (len(data.test) if draws.test is None else len(draws.test))
         if count * 3 * image_size**2 * 4 > CACHE_BYTES:
             return cls(dataset_name(spec), data, draws, data.train, data.test, cached=False)
