@@ -34,6 +34,7 @@ from mpp.eval.probe_setup import (
     probe_target,
     random_init_like,
     save_report,
+    with_flag_advice,
 )
 from mpp.eval.probes import DEFAULT_L2S
 
@@ -56,6 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 @cli_main
+@with_flag_advice
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     target = probe_target(args, "linear_probe")

@@ -57,7 +57,7 @@ from mpp.bench.loader import loader_rate
 from mpp.bench.report import device_name, markdown, result_name
 from mpp.bench.stats import median_interval, paired_ratios
 from mpp.core.config import AT_LEAST_1, NON_NEGATIVE, Parser, Range, number_flag
-from mpp.core.errors import cli_main
+from mpp.core.errors import BadField, cli_main
 from mpp.core.files import write_json
 from mpp.core.provenance import git_commit, versions
 from mpp.model.kernel_policy import KernelPolicy
@@ -194,7 +194,12 @@ def main() -> None:
     # As the trainer does on CPU; process-wide, so it applies to both sides of every ratio.
     reused = device.type == "cpu" and not args.default_malloc and reuse_freed_memory()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    config = vit_config(args.model, image_size=args.image_size or None)
+    try:
+        config = vit_config(args.model, image_size=args.image_size or None)
+    except BadField as e:  # the model's own terms: said in this script's flag
+        if e.field != "image_size":
+            raise
+        raise e.flag_advised("--image-size") from e
     S = config.image_size
     torch.manual_seed(0)
     images = torch.rand(args.batch_size, 3, S, S, device=device)  # float32 [B, 3, S, S] in [0, 1], as the loader's

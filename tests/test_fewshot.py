@@ -219,6 +219,8 @@ def test_cli_random_init_from_config_only(run_dir):
     (["--model", "Micro/4", "--output", "x.json"], "--random-init"),
     (["--random-init", "--model", "Micro/4"], "--output"),
     (["--random-init", "--model", "Micro/4", "--output", "x.json", "--shots", "500"], "fewer than 500"),
+    (["--random-init", "--model", "Ti/16", "--output", "x.json", "--image-size", "100"],
+     "not divisible by the patch size 16: pass --image-size 96"),
 ])
 def test_cli_usage_errors(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -5,7 +5,7 @@ import pytest
 import timm.models.vision_transformer as timm_vit
 import torch
 
-from mpp.core.errors import UsageError
+from mpp.core.errors import BadField, UsageError
 from mpp.model.vit import PRESETS, SIZES, ViT, resample_pos_embed, timm_kwargs, vit_config
 from mpp.run.checkpoint import check_shapes, load_vit_weights
 
@@ -45,8 +45,12 @@ def test_unknown_preset_is_one_line_error(bad):
 
 
 def test_image_size_not_divisible_by_patch():
-    with pytest.raises(UsageError, match=r"not divisible by the patch size 16: pass --image-size 96"):
+    # The model names its field; the flag's words ("pass --image-size 96") are the CLI's, asserted where
+    # it parses them (tests/test_fewshot.py, tests/test_library_errors.py).
+    with pytest.raises(UsageError, match=r"not divisible by the patch size 16: use an image_size of 96") as e:
         vit_config("Ti/16", image_size=100)
+    assert isinstance(e.value, BadField) and (e.value.field, e.value.value) == ("image_size", 100)
+    assert e.value.suggestion.startswith("96 ") and "--" not in str(e.value)
     model = ViT(small())
     with pytest.raises(UsageError, match="not divisible"):
         model(torch.rand(1, 3, 30, 30))

@@ -11,8 +11,62 @@ from typing import Callable, TypeVar
 F = TypeVar("F", bound=Callable)
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """Bad input the user can fix. The message is one line: the problem, then what to do."""
+
+
+class BadInput(UsageError, ValueError):
+    """Input a library function cannot use, said in the library's terms: `problem` states what is
+    wrong with the values given, `fix` (or None) what would work, as fields and values, never as a
+    command-line flag. Uncaught, it is the one line "problem: fix" (a UsageError).
+
+    A command line knows which of its flags gave the value: it catches the error where it parses
+    them and says its own fix in its flags (`advised`), as mpp.eval.probe_setup.flag_advice does for
+    the probe CLIs. A ValueError, as a Python caller of the library expects of a bad argument."""
+
+    def __init__(self, problem: str, fix: str | None = None):
+        super().__init__(f"{problem}: {fix}" if fix else problem)
+        self.problem, self.fix = problem, fix
+
+    def advised(self, fix: str) -> UsageError:
+        """A command line's one-line error: this problem, then `fix` in that command's flags."""
+        return UsageError(f"{self.problem}: {fix}")
+
+
+class BadField(BadInput):
+    """A config field whose value cannot be used (a ViTConfig's image_size, ...): the `field`'s name,
+    its `value`, and `suggestion`, what would work as the value of the flag that set it ("96 or a
+    preset with another patch size"; None: no value alone would), for `flag_advised`."""
+
+    def __init__(self, problem: str, fix: str, *, field: str, value, suggestion: str | None = None):
+        super().__init__(problem, fix)
+        self.field, self.value, self.suggestion = field, value, suggestion
+
+    def flag_advised(self, flag: str) -> UsageError:
+        """The one line of the command line whose `flag` set the field: "problem: pass FLAG suggestion"."""
+        if self.suggestion is None:
+            return self.advised(self.fix)
+        return self.advised(f"pass {flag} {self.suggestion}")
+
+
+class TooFewImages(BadInput):
+    """A class with fewer images than a draw from it needs: `who` (how the class is named: "class 3",
+    "class 3 ('cat')") has `have` training images, the draw needs `need`. The problem is those facts
+    (`facts`) unless a caller that knows what the draw is for restates it (`problem`)."""
+
+    def __init__(self, who: str, have: int, need: int, fix: str | None = None, *, problem: str | None = None):
+        self.who, self.have, self.need = who, have, need
+        super().__init__(problem or self.facts(), fix)
+
+    def facts(self) -> str:
+        return f"{self.who} has {self.have} training images, fewer than {self.need}"
+
+
+class TooFewShots(TooFewImages):
+    """A class with fewer training images than a few-shot draw takes of it (`need` shots)."""
+
+    def facts(self) -> str:
+        return f"{self.who} has {self.have} training examples, fewer than {self.need} shots"
 
 
 class LocalError(UsageError):

@@ -61,6 +61,8 @@ class TableReader(ImageDataset):
         try:
             with read_limit(f"image '{name}'"):  # a file that never answers (a FIFO, a stalled mount) is named
                 return rgb_tensor(open_image(cell))
+        except UsageError:  # a StuckRead is no unreadable image (and a ValueError, should UsageError become one)
+            raise
         except UNREADABLE as e:
             reason = first_line(e)
             if self.strict:

@@ -21,17 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from mpp.core.errors import UsageError
+from mpp.core.errors import TooFewShots, UsageError
 from mpp.data.sources import LABELLED_FORMS, dataset_name
 from mpp.eval.evaluator import Evaluator, RunView, TrainState
 from mpp.eval.features import headline_spec, vit_featurizer
-from mpp.eval.probe_runs import (
-    KNN_KS,
-    KNN_TEMPERATURE,
-    Embedder,
-    FewshotDraws,
-    ProbeData,
-)
+from mpp.eval.probe_runs import KNN_KS, KNN_TEMPERATURE, Embedder, FewshotDraws, ProbeData
 from mpp.eval.probes import knn_probe_grid
 from mpp.run.checkpoint import rng_state, set_rng_state
 
@@ -55,13 +49,12 @@ class ProbeSet:
     @classmethod
     def build(cls, spec: str, image_size: int, max_images: int) -> ProbeSet:
         data = ProbeData.load(spec, image_size)  # loaded whole: the draws pick images by index
-        def too_few(who: str, have: int, need: int) -> str:  # pretraining has no --shots to lower
-            return (f"the in-run few-shot probe of '{spec}' needs {max(SHOTS)} training images of every class "
-                    f"({who} has {have} training examples, fewer than {need} shots): drop --fewshot-every, "
-                    "or pass a --fewshot-dataset with more")
-
-        draws = FewshotDraws.draw(data.train.labels().numpy(), len(data.test), SHOTS, DRAWS, max_images,
-                                  data.num_classes, data.class_names, too_few)
+        try:
+            draws = FewshotDraws.draw(data.train.labels().numpy(), len(data.test), SHOTS, DRAWS, max_images,
+                                      data.num_classes, data.class_names)
+        except TooFewShots as e:  # the same facts, said as the in-run probe's
+            raise TooFewShots(e.who, e.have, e.need, problem=f"the in-run few-shot probe of '{spec}' "
+                              f"needs {max(SHOTS)} training images of every class ({e.problem})") from None
         count = len(draws.union) + (len(data.test) if draws.test is None else len(draws.test))
         if count * 3 * image_size**2 * 4 > CACHE_BYTES:
             return cls(dataset_name(spec), data, draws, data.train, data.test, cached=False)
@@ -147,8 +140,11 @@ class FewshotEvaluator(Evaluator):
                              f"pass --fewshot-dataset SPEC, a labelled dataset to probe instead ({LABELLED_FORMS})")
         # A stream cannot be probed by index (TrainConfig.validate asked for a --fewshot-dataset), nor unlabelled data.
         own = [config.dataset] if info.labelled and not view.streamed else []
-        monitor = FewshotMonitor(own + ([config.fewshot_dataset] if config.fewshot_dataset else []), view.image_size,
-                                 config.fewshot_max_images, batch_size=view.micro_batch)
+        try:
+            monitor = FewshotMonitor(own + ([config.fewshot_dataset] if config.fewshot_dataset else []),
+                                     view.image_size, config.fewshot_max_images, batch_size=view.micro_batch)
+        except TooFewShots as e:  # said in pretraining's flags: it has no --shots to lower
+            raise e.advised("drop --fewshot-every, or pass a --fewshot-dataset with more") from e
         return cls(monitor, config.fewshot_every)
 
     def describe(self) -> str:

@@ -31,7 +31,6 @@ from mpp.eval.probes import (
     linear_probe,
     sample_shots,
     stratified_dev_split,
-    too_few_shots,
 )
 
 STD_KIND = "population (ddof=0) over seeds"
@@ -52,10 +51,11 @@ class FewshotDraws:
 
     @classmethod
     def draw(cls, train_labels, test_size: int, shots, seeds: int, max_test: int = 0, num_classes: int | None = None,
-             class_names=None, too_few=too_few_shots) -> FewshotDraws:
-        """`too_few`: the message for a class smaller than a shot count (mpp.eval.probes.sample_shots)."""
+             class_names=None) -> FewshotDraws:
+        """The draws of `shots` images per class, seeds 0..seeds-1; a class smaller than a shot count
+        raises TooFewShots (mpp.eval.probes.sample_shots), naming it by `class_names` when given."""
         shots = tuple(dict.fromkeys(int(k) for k in shots))  # dedupe, keep the order
-        picks = {(k, s): sample_shots(train_labels, k, s, num_classes, class_names, too_few)
+        picks = {(k, s): sample_shots(train_labels, k, s, num_classes, class_names)
                  for k in shots for s in range(seeds)}
         union = np.unique(np.concatenate(list(picks.values())))
         return cls(shots, seeds, picks, union, fixed_subset(test_size, max_test))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from mpp.core.config import AT_LEAST_1, NON_NEGATIVE, SEED, Range, device_flag, number_flag
-from mpp.core.errors import UsageError, disk_refused
+from mpp.core.errors import BadField, BadInput, TooFewImages, TooFewShots, UsageError, disk_refused
 from mpp.core.files import write_json
 from mpp.core.runlock import ReportLock
 from mpp.data.sources import DEFAULT_DATASET
@@ -79,6 +80,39 @@ def parse_probe_args(parser: argparse.ArgumentParser, argv: list[str] | None) ->
     args = parser.parse_args(argv)
     check_flags(args)
     return args
+
+
+# The probe CLIs' flag for each config field a library error names (mpp.core.errors.BadField).
+FIELD_FLAGS = {"image_size": "--image-size"}
+
+
+def flag_advice(error: BadInput) -> UsageError:
+    """The probe CLIs' one line for an error the library raised in its own terms: its problem, then
+    what to do in these CLIs' flags; `error` itself when they have nothing to add."""
+    if isinstance(error, TooFewShots):  # eval/fewshot.py's draws
+        return error.advised("pass smaller --shots or a dataset with more examples per class")
+    if isinstance(error, TooFewImages):  # eval/linear_probe.py's dev split; its fix says why a class needs 2
+        return error.advised("; ".join(filter(None, [error.fix, "pass a larger --max-train or a dataset with "
+                                                                  "more images"])))
+    if isinstance(error, BadField) and error.field in FIELD_FLAGS:  # --image-size
+        return error.flag_advised(FIELD_FLAGS[error.field])
+    return error
+
+
+def with_flag_advice(main):
+    """A probe CLI's `main` (under `cli_main`), whose library errors end in its flags (`flag_advice`)."""
+
+    @functools.wraps(main)
+    def advised(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except BadInput as e:
+            worded = flag_advice(e)
+            if worded is e:
+                raise
+            raise worded from e
+
+    return advised
 
 
 # How a probe CLI's printed table names a report's reference rows.

@@ -18,12 +18,13 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from mpp.core.errors import UsageError
+from mpp.core.errors import TooFewImages, TooFewShots, UsageError
 
 BIAS = 100.0  # the constant feature: large, so the bias weight is (almost) not regularised
 # Wide enough to span "almost unregularised" to "class-mean classifier" on standardised features.
 DEFAULT_L2S = tuple(2.0**k for k in range(-4, 16, 2))  # 2^-4 .. 2^14
 DEV_SEED = 0  # the dev split is fixed: every model is selected on the same held-out images
+DEV_SPLIT_NEEDS = "the dev split needs one to hold out and one to fit on"  # why a class needs 2 images
 # Two draws of the same law (a uniform subset without replacement) that consume the generator
 # differently. Both stay: committed results were drawn with each (few-shot and probe tables with
 # "choice", fine-tuning's labelled subsets with "permutation"), and a seed must keep naming its draw.
@@ -85,18 +86,16 @@ def class_label(c: int, class_names=None) -> str:
     return f"class {c}" + (f" ('{class_names[c]}')" if class_names is not None else "")
 
 
-def stratified_split(labels, count: int | Callable[[int], int], seed: int, *,
-                     too_few: Callable[[str, int, int], str], need: int | None = None,
-                     num_classes: int | None = None, class_names=None, draw: str = "choice",
-                     sort: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(labels, count: int | Callable[[int], int], seed: int, *, need: int | None = None,
+                     num_classes: int | None = None, class_names=None, draw: str = "choice", sort: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(picked, rest) int64 indices into `labels`: `count` images of every class drawn without
     replacement, and all the others. `count` is a number, or a function of the class's size.
 
     Classes are 0..num_classes-1 when it is given (so an absent class is an error), else those
     present, drawn in order from one generator seeded `seed` (`draw`: see DRAWS). A class with
-    fewer than `need` images (default: its count) is a UsageError whose message is
-    `too_few(class_label, images it has, need)`. `picked` is sorted, or with sort=False in draw
-    order class by class; `rest` is sorted and also holds labels outside the classes drawn."""
+    fewer than `need` images (default: its count) raises TooFewImages with the facts (the class, named
+    by `class_names` when given; the images it has; the need). `picked` is sorted, or with sort=False
+    in draw order class by class; `rest` is sorted and also holds labels outside the classes drawn."""
     labels = as_labels(labels)
     rng = np.random.default_rng(seed)
     classes = range(num_classes) if num_classes else np.unique(labels)
@@ -106,43 +105,37 @@ def stratified_split(labels, count: int | Callable[[int], int], seed: int, *,
         n = count(len(pool)) if callable(count) else count
         least = n if need is None else need
         if len(pool) < least:
-            raise UsageError(too_few(class_label(c, class_names), len(pool), least))
+            raise TooFewImages(class_label(c, class_names), len(pool), least)
         picked.append(DRAWS[draw](rng, pool, n))
     picked = np.concatenate(picked).astype(np.int64) if picked else np.zeros(0, dtype=np.int64)
     rest = np.setdiff1d(np.arange(len(labels)), picked)  # sorted
     return (np.sort(picked) if sort else picked), rest
 
 
-def too_few_shots(who: str, have: int, need: int) -> str:
-    """The message for a class with fewer images than the shots asked for (eval/fewshot.py's fix)."""
-    return (f"{who} has {have} training examples, fewer than {need} shots: "
-            "pass smaller --shots or a dataset with more examples per class")
-
-
-def sample_shots(labels, shots: int, seed: int, num_classes: int | None = None, class_names=None,
-                 too_few: Callable[[str, int, int], str] = too_few_shots) -> np.ndarray:
+def sample_shots(labels, shots: int, seed: int, num_classes: int | None = None, class_names=None) -> np.ndarray:
     """Indices of `shots` examples of every class, drawn without replacement (deterministic per seed),
-    in draw order class by class; a class with fewer is a UsageError whose message is
-    `too_few(class label, images it has, shots)`."""
-
-    picked, _ = stratified_split(labels, shots, seed, too_few=too_few, num_classes=num_classes,
-                                 class_names=class_names, sort=False)
+    in draw order class by class; a class with fewer raises TooFewShots (its facts: the class, the
+    images it has, the shots)."""
+    try:
+        picked, _ = stratified_split(labels, shots, seed, num_classes=num_classes, class_names=class_names,
+                                     sort=False)
+    except TooFewImages as e:
+        raise TooFewShots(e.who, e.have, e.need) from None
     return picked
 
 
 def stratified_dev_split(labels, dev_fraction: float, seed: int = DEV_SEED, num_classes: int | None = None,
                          class_names=None) -> tuple[np.ndarray, np.ndarray]:
     """(fit indices, dev indices), sorted: about `dev_fraction` of every class goes to dev, at least
-    one image, and at least one stays to fit on (so every class needs 2 or more images)."""
+    one image, and at least one stays to fit on (so every class needs 2 or more images: a class with
+    fewer raises TooFewImages, whose fix says why)."""
     if not 0 < dev_fraction <= 0.5:
         raise UsageError(f"--dev-fraction {dev_fraction} is out of range: pass a fraction in (0, 0.5], e.g. 0.1")
-
-    def too_few(who: str, have: int, need: int) -> str:  # one image can be fit on or held out, not both
-        return (f"{who} has {have} training images, fewer than {need}: the dev split needs one to hold out and "
-                "one to fit on; pass a larger --max-train or a dataset with more images")
-
-    dev, fit = stratified_split(labels, lambda n: min(n - 1, max(1, int(dev_fraction * n + 0.5))),  # half up
-                                seed, too_few=too_few, need=2, num_classes=num_classes, class_names=class_names)
+    try:
+        dev, fit = stratified_split(labels, lambda n: min(n - 1, max(1, int(dev_fraction * n + 0.5))),  # half up
+                                    seed, need=2, num_classes=num_classes, class_names=class_names)
+    except TooFewImages as e:  # one image can be fit on or held out, not both
+        raise TooFewImages(e.who, e.have, e.need, DEV_SPLIT_NEEDS) from None
     return fit, dev
 
 

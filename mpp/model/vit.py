@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpp.core.errors import UsageError
+from mpp.core.errors import BadField, BadInput, UsageError
 from mpp.model.ops import TORCH, Kernels
 
 
@@ -43,30 +43,35 @@ class ViTConfig:
         return self.grid_size**2
 
     def validate(self) -> ViTConfig:
+        """This config, once every field is usable; else BadField (BadInput for two fields that disagree),
+        in the fields' own names: a command line that set one by a flag words its fix in that flag."""
         for name in ("image_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_dim"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise UsageError(f"ViT {name} {getattr(self, name)!r} must be a whole number of at least 1: "
-                                 "pass a preset such as Ti/16 (the patch size after the slash is at least 1)")
+                raise BadField(f"ViT {name} {getattr(self, name)!r} must be a whole number of at least 1",
+                               "pass a preset such as Ti/16 (the patch size after the slash is at least 1)",
+                               field=name, value=getattr(self, name))
         if self.num_classes < 0:
-            raise UsageError(f"ViT num_classes {self.num_classes} is negative: pass 0 (no head) or more")
+            raise BadField(f"ViT num_classes {self.num_classes} is negative", "pass 0 (no head) or more",
+                           field="num_classes", value=self.num_classes)
         for name in ("dropout", "attn_dropout"):
             if not 0 <= getattr(self, name) < 1:  # also false for NaN
-                raise UsageError(f"ViT {name} {getattr(self, name)} is outside [0, 1): pass e.g. --dropout 0.1")
+                raise BadField(f"ViT {name} {getattr(self, name)} is outside [0, 1)", f"use {name} in [0, 1), e.g. 0.1",
+                               field=name, value=getattr(self, name))
         if not 0 < self.ln_eps < 1:
-            raise UsageError(f"ViT ln_eps {self.ln_eps} is outside (0, 1): keep the default 1e-6")
+            raise BadField(f"ViT ln_eps {self.ln_eps} is outside (0, 1)", "keep the default 1e-6", field="ln_eps",
+                           value=self.ln_eps)
         if self.image_size < self.patch_size:
-            raise UsageError(f"image size {self.image_size} is smaller than the patch size {self.patch_size}: "
-                             f"pass --image-size {self.patch_size} or more")
+            raise BadField(f"image size {self.image_size} is smaller than the patch size {self.patch_size}",
+                           f"use an image_size of {self.patch_size} or more", field="image_size",
+                           value=self.image_size, suggestion=f"{self.patch_size} or more")
         if self.image_size % self.patch_size:
-            raise UsageError(
-                f"image size {self.image_size} is not divisible by the patch size {self.patch_size}: "
-                f"pass --image-size {max(1, round(self.image_size / self.patch_size)) * self.patch_size} "
-                "or a preset with another patch size"
-            )
+            fits = max(1, round(self.image_size / self.patch_size)) * self.patch_size  # the nearest multiple
+            raise BadField(f"image size {self.image_size} is not divisible by the patch size {self.patch_size}",
+                           f"use an image_size of {fits} or a preset with another patch size", field="image_size",
+                           value=self.image_size, suggestion=f"{fits} or a preset with another patch size")
         if self.embed_dim % self.num_heads:
-            raise UsageError(
-                f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}: change one of them"
-            )
+            raise BadInput(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}",
+                           "change one of them")
         return self
 
 
@@ -94,10 +99,8 @@ def vit_config(name: str, **overrides) -> ViTConfig:
     """
     match = re.fullmatch(r"([A-Za-z]+)/(\d+)", name.strip())
     if not match or match.group(1) not in SIZES:
-        raise UsageError(
-            f"unknown model preset '{name}': use one of {', '.join(PRESETS)} "
-            f"(or SIZE/PATCH with SIZE in {', '.join(SIZES)})"
-        )
+        raise BadInput(f"unknown model preset '{name}'",
+                       f"use one of {', '.join(PRESETS)} (or SIZE/PATCH with SIZE in {', '.join(SIZES)})")
     depth, dim, mlp, heads = SIZES[match.group(1)]
     patch = int(match.group(2))
     config = ViTConfig(
@@ -110,7 +113,8 @@ def vit_config(name: str, **overrides) -> ViTConfig:
     )
     unknown = set(overrides) - set(ViTConfig.__dataclass_fields__)
     if unknown:
-        raise UsageError(f"unknown ViTConfig field(s) {sorted(unknown)}: valid ones are {list(ViTConfig.__dataclass_fields__)}")
+        raise BadInput(f"unknown ViTConfig field(s) {sorted(unknown)}",
+                       f"valid ones are {list(ViTConfig.__dataclass_fields__)}")
     return replace(config, **{k: v for k, v in overrides.items() if v is not None}).validate()
 
 
@@ -125,10 +129,8 @@ class PatchEmbed(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         B, C, H, W = images.shape
         if H % self.patch_size or W % self.patch_size:
-            raise UsageError(
-                f"image size {H}x{W} is not divisible by the patch size {self.patch_size}: "
-                "resize the images (--image-size) to a multiple of the patch size"
-            )
+            raise BadInput(f"image size {H}x{W} is not divisible by the patch size {self.patch_size}",
+                           "resize the images to a multiple of the patch size")
         x = self.proj(images)  # (B, D, H/P, W/P)
         return x.flatten(2).transpose(1, 2)  # (B, N, D), patches in row-major order
 

@@ -17,7 +17,7 @@ import re
 import torch
 
 from mpp.core.config import Range
-from mpp.core.errors import UsageError
+from mpp.core.errors import BadInput, UsageError
 from mpp.model.vit import ViTConfig, vit_shapes
 
 # Float parameters load these exactly (or by rounding); anything else would be cast: a quantized
@@ -127,5 +127,5 @@ def vit_config_of(fields, source: str, fix: str) -> ViTConfig:
     config = ViTConfig(**fields)
     try:
         return config.validate()
-    except UsageError as e:  # its sizes contradict each other: the file's fault, not a flag's
-        raise UsageError(f"{source} records a ViT that cannot be built ({str(e).split(': ')[0]}): {fix}") from e
+    except BadInput as e:  # its sizes contradict each other: the file's fault, not a flag's
+        raise UsageError(f"{source} records a ViT that cannot be built ({e.problem}): {fix}") from e

@@ -27,7 +27,7 @@ from mpp.core.config import (
     add_dataclass_flags,
     dataclass_from_args,
 )
-from mpp.core.errors import UsageError
+from mpp.core.errors import TooFewImages, UsageError
 from mpp.core.files import writable_dir, write_json
 from mpp.core.provenance import provenance
 from mpp.core.runlock import RunLock
@@ -63,17 +63,17 @@ def split_labelled(labels: np.ndarray, config: FinetuneConfig) -> dict[str, np.n
     """Indices into the training split: the labelled subset ("train"), and its parts "fit" and "dev".
 
     The lr grid trains on "fit" and scores on "dev"; the final trainings use all of "train"."""
-    def too_few(who, have, need):
-        return f"{who} has {have} training images, fewer than {need}: pass a smaller --train-per-class"
-
     # Permutation draws (not the probes' choice draws): the labelled subsets fine-tunes were scored on.
-    if config.train_per_class or config.train_fraction < 1:
-        labelled, _ = stratified_split(labels, lambda n: config.train_per_class or max(1, round(config.train_fraction * n)),
-                                       config.subset_seed, too_few=too_few, draw="permutation")
-    else:
-        labelled = np.arange(len(labels))
-    dev_pos, fit_pos = stratified_split(labels[labelled], lambda n: max(1, round(config.dev_fraction * n)),
-                                        config.subset_seed + 1, too_few=too_few, draw="permutation")
+    try:
+        if config.train_per_class or config.train_fraction < 1:
+            labelled, _ = stratified_split(labels, lambda n: config.train_per_class or max(1, round(config.train_fraction * n)),
+                                           config.subset_seed, draw="permutation")
+        else:
+            labelled = np.arange(len(labels))
+        dev_pos, fit_pos = stratified_split(labels[labelled], lambda n: max(1, round(config.dev_fraction * n)),
+                                            config.subset_seed + 1, draw="permutation")
+    except TooFewImages as e:  # said in fine-tuning's flags
+        raise e.advised("pass a smaller --train-per-class") from e
     if len(fit_pos) == 0:
         raise UsageError(f"the labelled set ({len(labelled)} images) leaves nothing to train on after the dev split: "
                          "pass a larger --train-fraction / --train-per-class or a smaller --dev-fraction")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mpp.core.errors import UsageError
+from mpp.core.errors import BadField, UsageError
 from mpp.core.files import writable_dir, write_json
 from mpp.data.sources import DEFAULT_DATASET
 from mpp.eval import timm_io
@@ -34,6 +34,15 @@ RESUMABLE = {"num_workers", "cpu_threads", "kernels", "kernel_cache", "compile",
 def starting_model(config: FinetuneConfig) -> tuple[ViT, dict | None, str, dict]:
     """(ViT with a fresh zero-initialised head still to size, the pretrained run's config or None, dataset,
     the starting point as finetune.json records it)."""
+    try:
+        return _starting_model(config)
+    except BadField as e:  # the model's own terms, said in the flag that set the field
+        if e.field != "image_size":
+            raise
+        raise e.flag_advised("--image-size") from e
+
+
+def _starting_model(config: FinetuneConfig) -> tuple[ViT, dict | None, str, dict]:
     overrides = {"dropout": config.dropout}
     if config.image_size:
         overrides["image_size"] = config.image_size

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from mpp.core.config import Invocation
-from mpp.core.errors import UsageError, loader_timed_out, out_of_memory
+from mpp.core.errors import BadField, UsageError, loader_timed_out, out_of_memory
 from mpp.core.files import append_line, write_json
 from mpp.core.runlock import RunLock
 from mpp.core.stopping import (
@@ -61,7 +61,12 @@ class Trainer(Hooks):
         self.config, self.mpp_config, self.held = config.validate(), mpp_config.validate(), held
         self.invocation = invocation or Invocation(None, None)  # None: a run started from Python, no command line
         policy = KernelPolicy.from_flags(config.kernels, config.kernel_cache)  # the one decision's inputs
-        vit_cfg = vit_config(config.model, image_size=config.image_size or None, dropout=config.dropout)
+        try:
+            vit_cfg = vit_config(config.model, image_size=config.image_size or None, dropout=config.dropout)
+        except BadField as e:  # the model's own terms, said in the flag that set the field
+            if e.field != "image_size":
+                raise
+            raise e.flag_advised("--image-size") from e
 
         # ---- accelerator
         self.accelerator = acc = runtime.make_accelerator(
@@ -323,6 +328,8 @@ class Trainer(Hooks):
             try:
                 stopping = self.loop.run()
             except (StopWhileWaiting, StuckRead, RuntimeError, ValueError) as e:
+                if isinstance(e, UsageError) and not isinstance(e, StuckRead):
+                    raise  # the loop's own one-line errors (a loss not finite, --strict-images): as they are
                 stopping = self._interrupted(e)
             return self._finish(stopping)
         except RuntimeError as e:  # torch.OutOfMemoryError is one, and a CPU allocation's failure
@@ -335,7 +342,7 @@ class Trainer(Hooks):
         a stuck read, a loader that sent nothing) keeps the last whole step: the micro-batches of an
         unfinished step are read again on resume. Returns True (stop) or raises; anything else goes on."""
         acc, progress = self.accelerator, self.progress
-        if isinstance(error, ValueError):  # Accelerate's word for a stream that ends before one batch
+        if isinstance(error, ValueError) and not isinstance(error, UsageError):  # Accelerate's: a stream shorter than a batch
             if not str(error).startswith("Batch does not contain any data"):
                 raise error
             raise UsageError(f"the training stream of '{self.config.dataset}' ended before one whole batch of "
