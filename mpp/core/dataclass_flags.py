@@ -92,7 +92,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, defaults: di
             nargs, kind = ("+" if args[-1] is Ellipsis else len(args)), args[0]
         if kind in (int, float):
             kind = Number(kind, ranges[f.name], flag)
-        group.add_argument(flag, dest=f.name, type=kind, nargs=nargs, help=help_, **{**given, **extras.get(f.name, {})})
+        group.add_argument(flag, dest=f.name, **{"type": kind, "nargs": nargs, "help": help_, **given,
+                                                 **extras.get(f.name, {})})
 
 
 def dataclass_from_args(cls: type, args: argparse.Namespace):
