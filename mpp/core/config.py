@@ -13,7 +13,7 @@ The work is split by job; this module is the one entry points import, and it re-
 - mpp.core.ranges: `Range`, the common ranges, `Number` (a numeric flag's argparse type), `check_ranges`;
 - mpp.core.config_file: reading `--config FILE`, and `Invocation` (how an entry point was called);
 - mpp.core.dataclass_flags: `add_dataclass_flags` and `dataclass_from_args`;
-- here: `Parser`, `number_flag` (a numeric flag outside a dataclass) and `device_flag`.
+- here: `Parser`, `number_flag` (a numeric flag outside a dataclass), `device_flag` and `check_device`.
 """
 from __future__ import annotations
 
@@ -49,9 +49,9 @@ from mpp.core.ranges import (
 
 __all__ = [  # what entry points and libraries import from here, wherever it is defined
     "AT_LEAST_1", "CONFIG_FLAG", "CONFIG_FORMATS", "FRACTION", "NON_NEGATIVE", "OPEN_FRACTION", "POSITIVE", "SEED",
-    "SEED_MAX", "Invocation", "Number", "Parser", "Range", "add_dataclass_flags", "check_ranges", "config_file_in",
-    "dataclass_from_args", "device_flag", "field_comments", "file_defaults", "number_flag", "numeric_fields",
-    "read_config_file",
+    "SEED_MAX", "Invocation", "Number", "Parser", "Range", "add_dataclass_flags", "check_device", "check_ranges",
+    "config_file_in", "dataclass_from_args", "device_flag", "field_comments", "file_defaults", "number_flag",
+    "numeric_fields", "read_config_file",
 ]
 
 
@@ -131,3 +131,11 @@ def device_flag(text: str) -> str:
     elif device.type != "cpu":
         raise argparse.ArgumentTypeError(f"--device {text} is not supported: pass cpu or cuda")
     return text
+
+
+def check_device(text: str) -> None:
+    """`device_flag`'s check for a config built in code: the same one line, as a UsageError."""
+    try:
+        device_flag(text)
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(str(e)) from None

@@ -21,6 +21,7 @@ from mpp.core.errors import UsageError
 from mpp.data.sources import normalize
 from mpp.run.runtime import LOADER_LIMIT_S
 
+DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the evaluation CLIs' --device
 FEATURES = ("token", "avg")  # the paper's class-token pre-logits | the mean of the final-norm patch tokens
 POOLS = FEATURES  # how one block's tokens become one vector: its class token | the mean of its patch tokens
 PIXEL_GRID = 32  # the raw-pixel reference: images area-averaged to at most 32×32 (3,072 numbers), so a probe stays solvable

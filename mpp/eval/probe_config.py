@@ -6,22 +6,18 @@ report goes) plus its own protocol's fields. Their fields are the CLIs' flags (m
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
-from mpp.core.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, SEED, Range, check_ranges, device_flag
+from mpp.core.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, SEED, Range, check_device, check_ranges, device_flag
 from mpp.core.errors import UsageError
 from mpp.eval import timm_io
-from mpp.eval.features import FEATURES
+from mpp.eval.features import DEFAULT_DEVICE, FEATURES
 from mpp.eval.probe_runs import KNN_KS, KNN_TEMPERATURE
 from mpp.eval.probes import DEFAULT_L2S
 from mpp.model.kernel_policy import MODES
 
 DEFAULT_RUN = "runs/mpp"  # where scripts/pretrain_mpp.py writes by default (TrainConfig.output_dir)
-DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclass(frozen=True)
@@ -73,10 +69,7 @@ class ProbeConfig:
             value, choices = getattr(self, name), self.FLAG_ARGS[name]["choices"]
             if value not in choices and not (empty_ok and value == ""):
                 raise UsageError(f"--{name} {value!r} is not one of {', '.join(choices)}: pass one of them")
-        try:
-            device_flag(self.device)
-        except argparse.ArgumentTypeError as e:
-            raise UsageError(str(e)) from None
+        check_device(self.device)
         if self.model and not self.output:
             raise UsageError("--model has no run directory to write to: pass --output PATH for the results JSON")
         if timm_io.is_timm_source(self.run):
