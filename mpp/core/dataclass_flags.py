@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import inspect
 import io
+import textwrap
 import tokenize
 import typing
 from functools import cache
@@ -30,7 +31,7 @@ def field_comments(cls: type) -> dict[str, str]:
         if klass is not cls and dataclasses.is_dataclass(klass):
             comments.update(field_comments(klass))
     try:
-        source = inspect.getsource(cls)
+        source = textwrap.dedent(inspect.getsource(cls))  # a class defined in a function is indented
     except (OSError, TypeError):  # no source (frozen app): flags still work, without help
         return comments
     last_name = continued = None  # the field of the line being read; the field whose comment may continue
