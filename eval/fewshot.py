@@ -8,22 +8,20 @@ test images also score two references (a random init of the same architecture, t
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
-from mpp.core.config import AT_LEAST_1, POSITIVE, Parser, Range, number_flag
+from mpp.core.config import Parser
 from mpp.core.errors import cli_main
 from mpp.data.sources import dataset_name
 from mpp.eval.features import is_main_process, layer_specs
-from mpp.eval.probe_runs import Embedder, ProbeData, run_fewshot
+from mpp.eval.probe_config import FewshotConfig
+from mpp.eval.probe_runs import ProbeData, run_fewshot
 from mpp.eval.probe_setup import (
     REFERENCE_NAMES,
     ProbeTarget,
-    add_model_flags,
-    add_output_flag,
-    add_runtime_flags,
-    add_subset_flags,
+    build_probe_parser,
     claim_report,
+    embedder,
     layer_lines,
     parse_probe_args,
     probe_target,
@@ -34,62 +32,55 @@ from mpp.eval.probe_setup import (
 
 
 def build_parser() -> Parser:
-    p = Parser(description=__doc__.split("\n\n")[0])
-    add_model_flags(p)
-    number_flag(p, "--shots", int, AT_LEAST_1, nargs="+", default=[1, 5, 10, 25], help="examples per class (1 5 10 25)")
-    number_flag(p, "--seeds", int, Range(1, 1000), default=3, help="few-shot draws per shot count, seeds 0..N-1 (3)")
-    number_flag(p, "--l2", float, POSITIVE, nargs="+", default=[2.0**10], help="ridge penalties, the first is the "
-                "headline (1024); the others are only reported: choosing by test accuracy would leak the test set")
-    add_subset_flags(p, train=False)
-    add_runtime_flags(p)
-    add_output_flag(p, "fewshot")
-    return p
+    return build_probe_parser(FewshotConfig, __doc__.split("\n\n")[0])
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    return parse_probe_args(build_parser(), argv)
+def parse_args(argv: list[str] | None) -> FewshotConfig:
+    return parse_probe_args(FewshotConfig, build_parser(), argv)
 
 
 @cli_main
 @with_flag_advice
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    target = probe_target(args, "fewshot")
+    config = parse_args(argv)
+    target = probe_target(config, "fewshot")
     # An unlabelled dataset is refused here, before anything is written; the report is claimed before the embedding.
     data = ProbeData.load(target.dataset, target.vit.config.image_size)
-    with claim_report(target.output(args)):  # until it is written: a second probe on it is refused
-        return probe(args, target, data)
+    with claim_report(target.output(config)):  # until it is written: a second probe on it is refused
+        return probe(config, target, data)
 
 
-def probe(args: argparse.Namespace, target: ProbeTarget, data: ProbeData) -> dict:
+def probe(config: FewshotConfig, target: ProbeTarget, data: ProbeData) -> dict:
     """Score the model and its references, print the table, write the report (main process only)."""
     vit, dataset, prefix = target.vit, target.dataset, target.prefix
     image_size = vit.config.image_size
-    layers = layer_specs(vit.config.depth, args.layers)
-    out = run_fewshot(vit, data, Embedder(args.batch_size, args.device, args.num_workers),
-                      tuple(args.shots), args.seeds, tuple(args.l2), args.max_test, args.features, layers,
-                      random_init_like(args, target), pixels=args.references)
+    layers = layer_specs(vit.config.depth, config.layers)
+    out = run_fewshot(vit, data, embedder(config), shots=config.shots, seeds=config.seeds, l2s=config.l2,
+                      max_test=config.max_test, features=config.features, layers=layers,
+                      random_init=random_init_like(config, target), pixels=config.references)
 
     if not is_main_process():  # every process helped embed; one reports
         return {}
     print(f"{prefix}: {dataset} at {image_size} px, {out['feature_dim']}-d features, "
-          f"l2={args.l2[0]:g}, {args.seeds} seed(s), {out['dataset']['test_used']} test images")
-    rows = [("model", out["results"])] + [(REFERENCE_NAMES[k], r["results"]) for k, r in out.get("references", {}).items()]
+          f"l2={config.l2[0]:g}, {config.seeds} seed(s), {out['dataset']['test_used']} test images")
+    references = out.get("references", {})
+    rows = [("model", out["results"])] + [(REFERENCE_NAMES[k], r["results"]) for k, r in references.items()]
     print(f"{'':>11} | " + " | ".join(f"{k + '-shot':>15}" for k in out["results"]))
     for name, results in rows:
-        print(f"{name:>11} | " + " | ".join(f"{100 * r['mean']:6.2f} ± {100 * r['std']:5.2f}" for r in results.values()))
+        cells = (f"{100 * r['mean']:6.2f} ± {100 * r['std']:5.2f}" for r in results.values())
+        print(f"{name:>11} | " + " | ".join(cells))
     if "layers" in out:
         top = str(max(out["shots"]))
-        pixels = out.get("references", {}).get("pixels", {}).get("results")
+        pixels = references.get("pixels", {}).get("results")
         print("\n".join(layer_lines(out["layers"], lambda r: r[top]["mean"], f"{top}-shot", pixels)))
 
     train_cfg = (target.config or {}).get("train", {})
-    report = {**target.report_head(args),
+    report = {**target.report_head(config),
               "run_config": {k: train_cfg.get(k) for k in ("objective", "model", "dataset", "image_size", "seed")}
               if target.config else None,
-              "model": args.model, "vit": dataclasses.asdict(vit.config), **out}
+              "model": config.model, "vit": dataclasses.asdict(vit.config), **out}
     scalars = {f"{prefix}/{dataset_name(dataset)}/{k}shot": r["mean"] for k, r in out["results"].items()}
-    save_report(target, target.output(args), report, scalars, "fewshot")
+    save_report(target, target.output(config), report, scalars, "fewshot")
     return report
 
 

@@ -11,22 +11,20 @@ scores a random init of the same architecture and the raw pixels on the same ima
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
-from mpp.core.config import AT_LEAST_1, POSITIVE, Parser, number_flag
+from mpp.core.config import Parser
 from mpp.core.errors import cli_main
 from mpp.data.sources import dataset_name
 from mpp.eval.features import is_main_process, layer_specs
-from mpp.eval.probe_runs import KNN_KS, KNN_TEMPERATURE, Embedder, ProbeData, knn_plan, run_knn
+from mpp.eval.probe_config import KnnConfig
+from mpp.eval.probe_runs import ProbeData, knn_plan, run_knn
 from mpp.eval.probe_setup import (
     REFERENCE_NAMES,
     ProbeTarget,
-    add_model_flags,
-    add_output_flag,
-    add_runtime_flags,
-    add_subset_flags,
+    build_probe_parser,
     claim_report,
+    embedder,
     layer_lines,
     parse_probe_args,
     probe_target,
@@ -37,43 +35,34 @@ from mpp.eval.probe_setup import (
 
 
 def build_parser() -> Parser:
-    p = Parser(description=__doc__.split("\n\n")[0])
-    add_model_flags(p)
-    number_flag(p, "--k", int, AT_LEAST_1, nargs="+", default=list(KNN_KS),
-                help="neighbours that vote, each at most the training images used (10 20)")
-    number_flag(p, "--temperature", float, POSITIVE, default=KNN_TEMPERATURE, metavar="T",
-                help="a neighbour's vote is exp(cosine similarity / T) (0.07)")
-    add_subset_flags(p)
-    add_runtime_flags(p)
-    add_output_flag(p, "knn")
-    return p
+    return build_probe_parser(KnnConfig, __doc__.split("\n\n")[0])
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    return parse_probe_args(build_parser(), argv)
+def parse_args(argv: list[str] | None) -> KnnConfig:
+    return parse_probe_args(KnnConfig, build_parser(), argv)
 
 
 @cli_main
 @with_flag_advice
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    target = probe_target(args, "knn")
+    config = parse_args(argv)
+    target = probe_target(config, "knn")
     # The data first: a dataset the probe refuses, or a --k it has too few training images for,
     # leaves nothing written (not even the output's folder); then the output, before the embedding.
     data = ProbeData.load(target.dataset, target.vit.config.image_size)
-    knn_plan(data, args.k, args.temperature, args.max_train, args.max_test)
-    with claim_report(target.output(args)):  # until it is written: a second probe on it is refused
-        return probe(args, target, data)
+    knn_plan(data, config.k, config.temperature, config.max_train, config.max_test)
+    with claim_report(target.output(config)):  # until it is written: a second probe on it is refused
+        return probe(config, target, data)
 
 
-def probe(args: argparse.Namespace, target: ProbeTarget, data: ProbeData) -> dict:
+def probe(config: KnnConfig, target: ProbeTarget, data: ProbeData) -> dict:
     """Score the model and its references, print the table, write the report (main process only)."""
     vit, dataset, prefix = target.vit, target.dataset, target.prefix
-    image_size, output = vit.config.image_size, target.output(args)
-    layers = layer_specs(vit.config.depth, args.layers)
-    out = run_knn(vit, data, Embedder(args.batch_size, args.device, args.num_workers), tuple(args.k),
-                  args.temperature, args.max_train, args.max_test, args.features, layers,
-                  random_init_like(args, target), pixels=args.references)
+    image_size, output = vit.config.image_size, target.output(config)
+    layers = layer_specs(vit.config.depth, config.layers)
+    out = run_knn(vit, data, embedder(config), ks=config.k, temperature=config.temperature,
+                  max_train=config.max_train, max_test=config.max_test, features=config.features, layers=layers,
+                  random_init=random_init_like(config, target), pixels=config.references)
 
     if not is_main_process():  # every process helped embed; one reports
         return {}
@@ -90,7 +79,7 @@ def probe(args: argparse.Namespace, target: ProbeTarget, data: ProbeData) -> dic
         pixels = references.get("pixels", {}).get("results")
         print("\n".join(layer_lines(out["layers"], lambda r: r[top]["accuracy"], f"{top}-NN", pixels)))
 
-    report = {**target.report_head(args), "model": args.model, "vit": dataclasses.asdict(vit.config), **out}
+    report = {**target.report_head(config), "model": config.model, "vit": dataclasses.asdict(vit.config), **out}
     scalars = {f"{prefix}/{dataset_name(dataset)}/{k}nn": r["accuracy"] for k, r in out["results"].items()}
     save_report(target, output, report, scalars, "knn")
     return report

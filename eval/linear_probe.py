@@ -13,22 +13,20 @@ The few-shot protocol, with its l2 fixed in advance, stays in eval/fewshot.py.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
-from mpp.core.config import POSITIVE, Parser, Range, number_flag
+from mpp.core.config import Parser
 from mpp.core.errors import cli_main
 from mpp.data.sources import dataset_name
 from mpp.eval.features import is_main_process, layer_specs
-from mpp.eval.probe_runs import Embedder, ProbeData, run_linear_probe
+from mpp.eval.probe_config import LinearProbeConfig
+from mpp.eval.probe_runs import ProbeData, run_linear_probe
 from mpp.eval.probe_setup import (
     REFERENCE_NAMES,
     ProbeTarget,
-    add_model_flags,
-    add_output_flag,
-    add_runtime_flags,
-    add_subset_flags,
+    build_probe_parser,
     claim_report,
+    embedder,
     layer_lines,
     parse_probe_args,
     probe_target,
@@ -36,46 +34,35 @@ from mpp.eval.probe_setup import (
     save_report,
     with_flag_advice,
 )
-from mpp.eval.probes import DEFAULT_L2S
 
 
 def build_parser() -> Parser:
-    p = Parser(description=__doc__.split("\n\n")[0])
-    add_model_flags(p)
-    number_flag(p, "--l2", float, POSITIVE, nargs="+", default=list(DEFAULT_L2S),
-                help="ridge penalties to choose from on the dev split (2^-4, 2^-2, ..., 2^14)")
-    number_flag(p, "--dev-fraction", float, Range(0, 0.5, low_open=True), default=0.1, metavar="F",
-                help="fraction of each class's training images held out to choose l2, in (0, 0.5] (0.1)")
-    add_subset_flags(p)
-    add_runtime_flags(p)
-    add_output_flag(p, "linear-probe")
-    return p
+    return build_probe_parser(LinearProbeConfig, __doc__.split("\n\n")[0])
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    return parse_probe_args(build_parser(), argv)
+def parse_args(argv: list[str] | None) -> LinearProbeConfig:
+    return parse_probe_args(LinearProbeConfig, build_parser(), argv)
 
 
 @cli_main
 @with_flag_advice
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    target = probe_target(args, "linear_probe")
+    config = parse_args(argv)
+    target = probe_target(config, "linear_probe")
     # An unlabelled dataset is refused here, before anything is written; the report is claimed before the embedding.
     data = ProbeData.load(target.dataset, target.vit.config.image_size)
-    with claim_report(target.output(args)):  # until it is written: a second probe on it is refused
-        return probe(args, target, data)
+    with claim_report(target.output(config)):  # until it is written: a second probe on it is refused
+        return probe(config, target, data)
 
 
-def probe(args: argparse.Namespace, target: ProbeTarget, data: ProbeData) -> dict:
+def probe(config: LinearProbeConfig, target: ProbeTarget, data: ProbeData) -> dict:
     """Score the model and its references, print the table, write the report (main process only)."""
     vit, dataset, prefix = target.vit, target.dataset, target.prefix
-    image_size, output = vit.config.image_size, target.output(args)
-    layers = layer_specs(vit.config.depth, args.layers)
-    out = run_linear_probe(vit, data,
-                           Embedder(args.batch_size, args.device, args.num_workers), tuple(args.l2), args.dev_fraction,
-                           args.max_train, args.max_test, args.features, layers, random_init_like(args, target),
-                           pixels=args.references)
+    image_size, output = vit.config.image_size, target.output(config)
+    layers = layer_specs(vit.config.depth, config.layers)
+    out = run_linear_probe(vit, data, embedder(config), l2s=config.l2, dev_fraction=config.dev_fraction,
+                           max_train=config.max_train, max_test=config.max_test, features=config.features,
+                           layers=layers, random_init=random_init_like(config, target), pixels=config.references)
 
     data = out["dataset"]
     if not is_main_process():  # every process helped embed; one reports
@@ -102,7 +89,7 @@ def probe(args: argparse.Namespace, target: ProbeTarget, data: ProbeData) -> dic
         pixels = out.get("references", {}).get("pixels")
         print("\n".join(layer_lines(out["layers"], lambda r: r["accuracy"], "test accuracy", pixels)))
 
-    report = {**target.report_head(args), **out, "vit": dataclasses.asdict(vit.config)}
+    report = {**target.report_head(config), **out, "vit": dataclasses.asdict(vit.config)}
     save_report(target, output, report, {f"{prefix}/{dataset_name(dataset)}": out["accuracy"]}, "linear_probe")
     return report
 

@@ -8,61 +8,54 @@ the checkpoint's step.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
-from mpp.core.config import AT_LEAST_1, SEED, Parser, device_flag, number_flag
+from mpp.core.config import Parser, add_dataclass_flags, dataclass_from_args
 from mpp.core.errors import UsageError, cli_main
 from mpp.data.holdout import pretraining_splits
 from mpp.eval import attention_maps, visualize
+from mpp.eval.visualize import WHAT, VisualizeConfig
 from mpp.run.checkpoint import load_checkpoint, load_run
 from mpp.run.rundir import TENSORBOARD, run_dir_of, step_of_name
 from mpp.train.pretrain import TrainConfig
 
-WHAT = ("predictions", "attention")
-
 
 def build_parser() -> Parser:
     p = Parser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", metavar="RUN_DIR", default="runs/mpp", help="run directory or checkpoint file (runs/mpp)")
-    p.add_argument("--what", nargs="+", choices=WHAT, help="which pictures (default: both; predictions only for an "
-                   "MPP run, skipped with a note otherwise)")
-    number_flag(p, "--images", int, AT_LEAST_1, default=8, metavar="N", help="held-out images, one row each (8)")
-    number_flag(p, "--seed", int, SEED, default=0, help="seed of the corruption drawn for the predictions (0)")
-    p.add_argument("--dataset", metavar="SPEC", help="dataset spec whose test split (or, without one, the split "
-                   "pretraining holds out) is drawn (default: the run's)")
-    p.add_argument("--output", metavar="DIR", help="folder for the PNGs (default: RUN_DIR/visualize)")
-    p.add_argument("--device", type=device_flag, default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda or cuda:N (default: cuda if there is one)")
+    add_dataclass_flags(p, VisualizeConfig)
     return p
 
 
-def pictures(args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], list[str], Path, int]:
-    """(name → CHW image, notes, run directory, checkpoint step) for the flags."""
-    config, vit, path = load_run(args.run)
+def parse_args(argv: list[str] | None) -> VisualizeConfig:
+    return dataclass_from_args(VisualizeConfig, build_parser().parse_args(argv)).validate()
+
+
+def pictures(config: VisualizeConfig) -> tuple[dict[str, torch.Tensor], list[str], Path, int]:
+    """(name → CHW image, notes, run directory, checkpoint step) for the config."""
+    run_config, vit, path = load_run(config.run)
     state = load_checkpoint(path, mmap=True)  # the objective's own weights and the step; mmap reads only those
     step = step_of_name(path) if step_of_name(path) is not None else int(state.get("step", 0))
-    objective = config["train"]["objective"]
-    what, notes = args.what or list(WHAT), []
+    objective = run_config["train"]["objective"]
+    what, notes = config.what or list(WHAT), []
     if "predictions" in what and objective != "mpp":
-        if args.what:
-            raise UsageError(f"{args.run} is a {objective} run, which predicts no patches: pass --what attention, "
+        if config.what:
+            raise UsageError(f"{config.run} is a {objective} run, which predicts no patches: pass --what attention, "
                              "or an MPP run (scripts/pretrain_mpp.py) for --what predictions")
-        notes.append(f"{args.run} is a {objective} run: no MPP predictions to draw, only attention")
+        notes.append(f"{config.run} is a {objective} run: no MPP predictions to draw, only attention")
         what = [w for w in what if w != "predictions"]
-    dataset, train = args.dataset or config["train"]["dataset"], config["train"]
+    dataset, train = config.dataset or run_config["train"]["dataset"], run_config["train"]
     # The run's held-out images: its test split, or (none) the split pretraining carved from train (mpp.data.holdout).
     held_out = pretraining_splits(dataset, vit.config.image_size, streaming=bool(train.get("streaming", False)),
                                   holdout_images=train.get("holdout_images", TrainConfig.holdout_images),
                                   shuffle_buffer=train.get("shuffle_buffer", TrainConfig.shuffle_buffer)).eval
-    images = visualize.held_out_images(held_out, args.images).to(args.device)  # (n, 3, S, S)
-    vit = vit.to(args.device)
+    images = visualize.held_out_images(held_out, config.images).to(config.device)  # (n, 3, S, S)
+    vit = vit.to(config.device)
     drawn = {}
     if "predictions" in what:
-        model = visualize.mpp_objective(config, vit, state["objective"], str(path)).to(args.device)
-        drawn["predictions"] = visualize.prediction_mosaic(model, images, seed=args.seed)
+        model = visualize.mpp_objective(run_config, vit, state["objective"], str(path)).to(config.device)
+        drawn["predictions"] = visualize.prediction_mosaic(model, images, seed=config.seed)
     if "attention" in what:
         drawn["attention"] = attention_maps.attention_mosaic(vit, images)
     return drawn, notes, run_dir_of(path), step
@@ -73,9 +66,9 @@ LEGENDS = {"predictions": visualize.LEGEND, "attention": attention_maps.LEGEND}
 
 @cli_main
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    drawn, notes, run_dir, step = pictures(args)
-    output = Path(args.output) if args.output else run_dir / "visualize"
+    config = parse_args(argv)
+    drawn, notes, run_dir, step = pictures(config)
+    output = Path(config.output) if config.output else run_dir / "visualize"
     for note in notes:
         print(f"note: {note}")
     written = {}

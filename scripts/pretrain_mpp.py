@@ -8,8 +8,10 @@ from functools import partial
 
 from mpp.train.pretrain import build_parser as _parser_of
 from mpp.train.pretrain import main
+from mpp.train.pretrain import parse_args as _parse_args_of
 
 build_parser = partial(_parser_of, "mpp")  # this entry point's flags (tests walk every entry point's)
+parse_args = partial(_parse_args_of, "mpp")  # (TrainConfig, MPPConfig) from a command line, or --config
 
 if __name__ == "__main__":
     main("mpp")

@@ -47,7 +47,7 @@ def _where(data, obj) -> str | None:
 def load_yaml(text: str):
     """yaml.safe_load(text) (plain data only), or RepeatedKey for the first mapping that repeats a key:
     YAML requires a mapping's keys to be unique, and PyYAML does not check it."""
-    import yaml  # PyYAML: imported where used, as mpp.core.config imports it
+    import yaml  # PyYAML: imported where used, as mpp.core.config_file imports it
 
     class UniqueKeys(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +21,7 @@ from mpp.core.errors import UsageError
 from mpp.data.sources import normalize
 from mpp.run.runtime import LOADER_LIMIT_S
 
+DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the evaluation CLIs' --device
 FEATURES = ("token", "avg")  # the paper's class-token pre-logits | the mean of the final-norm patch tokens
 POOLS = FEATURES  # how one block's tokens become one vector: its class token | the mean of its patch tokens
 PIXEL_GRID = 32  # the raw-pixel reference: images area-averaged to at most 32×32 (3,072 numbers), so a probe stays solvable
@@ -49,11 +50,12 @@ def headline_spec(depth: int, features: str = "token") -> FeatureSpec:
     return FeatureSpec(depth, features, True)
 
 
-def layer_specs(depth: int, layers: list[str] | None) -> list[FeatureSpec]:
+def layer_specs(depth: int, layers: Sequence[str] | None) -> list[FeatureSpec]:
     """`--layers all` or block numbers (1..depth, or negative from the end) → every (block, pool,
     norm) feature of those blocks, in block order."""
     if not layers:
         return []
+    layers = list(layers)  # a config's tuple or the command line's list
     if "all" in layers and layers != ["all"]:
         raise UsageError(f"--layers {' '.join(layers)}: 'all' stands alone: pass --layers all, or block numbers")
     if layers == ["all"]:

@@ -1,9 +1,10 @@
 """Weights out to timm and the Hub, and timm weights in as our ViT: the one place that talks to timm's hub code.
 
-Out: a run's ViT becomes a timm `VisionTransformer` (built from `timm_kwargs`, loaded strictly) and timm's own
-`save_for_hf` writes it, so the folder has timm's Hub layout by construction: `model.safetensors` and a
-`config.json` naming an architecture timm can build plus the `model_args` of our size (Micro too), so
-`timm.create_model("local-dir:DIR", pretrained=True)` or a Hub repo id loads it strictly.
+Out (scripts/export.py, asked by an `ExportConfig`): a run's ViT becomes a timm `VisionTransformer` (built
+from `timm_kwargs`, loaded strictly) and timm's own `save_for_hf` writes it, so the folder has timm's Hub
+layout by construction: `model.safetensors` and a `config.json` naming an architecture timm can build plus
+the `model_args` of our size (Micro too), so `timm.create_model("local-dir:DIR", pretrained=True)` or a
+Hub repo id loads it strictly.
 
 In: `--run` of the probe CLIs may name, besides our runs, `timm:NAME` (timm's registry, weights from the Hub),
 a folder with timm's Hub layout, or a bare timm state dict (`.safetensors`, or `.pth` / `.bin` read
@@ -19,10 +20,12 @@ import dataclasses
 import os
 import re
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from mpp.core.config import Range, check_ranges
 from mpp.core.errors import UsageError, disk_refused
 from mpp.core.files import recover_killed_folders, replace_folder
 from mpp.data.sources import MEAN, STD
@@ -84,6 +87,25 @@ def timm_twin(vit: ViT) -> nn.Module:
     model = timm.create_model(EXPORT_ARCHITECTURE, pretrained=False, **timm_kwargs(vit.config))
     model.load_state_dict(vit.state_dict(), strict=True)
     return model.eval()
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """What scripts/export.py is asked to do (its flags, mpp.core.config; --run and --output are required)."""
+    run: str  # run directory (its newest checkpoint) or checkpoint file
+    output: str  # the folder to write (refused if not empty)
+    overwrite: bool = False  # replace model.safetensors and config.json in a non-empty --output
+    push_to_hub: str | None = None  # also upload the folder to this Hub repo (needs network and a login)
+        # (default: none, the local export only)
+
+    RANGES: ClassVar[dict[str, Range]] = {}  # no numbers
+    FLAG_ARGS: ClassVar[dict[str, dict]] = {"run": {"metavar": "RUN"}, "output": {"metavar": "DIR"},
+                                            "push_to_hub": {"metavar": "REPO"}}
+
+    def validate(self) -> ExportConfig:
+        """As every config class's: its numbers' ranges (none here; the paths are checked by the export)."""
+        check_ranges(self)
+        return self
 
 
 def export(vit: ViT, output: Path, overwrite: bool = False) -> Path:

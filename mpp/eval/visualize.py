@@ -1,6 +1,7 @@
 """Pictures of what MPP predicts: for a few held-out images, the corrupted input as the model saw it,
 its predicted targets and the true ones (`prediction_mosaic`), as one CHW float image in [0, 1] for
-a PNG or TensorBoard's `add_image`. Where the ViT attends is mpp.eval.attention_maps'.
+a PNG or TensorBoard's `add_image`. Where the ViT attends is mpp.eval.attention_maps'. What
+eval/visualize.py is asked to draw is a `VisualizeConfig` (its flags, mpp.core.config).
 
 Nothing here changes what it is given: the corruption draws from its own seeded generator (torch's,
 numpy's and Python's global generators are untouched), the model runs in eval mode under no_grad
@@ -10,13 +11,16 @@ still end bitwise the same.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
+from mpp.core.config import AT_LEAST_1, SEED, Range, check_device, check_ranges, device_flag
 from mpp.core.errors import UsageError
 from mpp.data.datasets import ImageDataset
-from mpp.eval.features import evaluating
+from mpp.eval.features import DEFAULT_DEVICE, evaluating
 from mpp.eval.probes import fixed_subset
 from mpp.model.objective import KEPT, RANDOM, MPPConfig, MPPObjective, patchify
 from mpp.model.vit import ViT
@@ -32,6 +36,38 @@ PANELS = ("original", "input", "predicted", "target")
 LEGEND = ("columns: original | the input as the model saw it (grey: [mask]; orange border: a random other patch "
           "of the batch; cyan border: kept unchanged, still predicted) | the predicted target on the corrupted "
           "patches, the rest dimmed | the true target, drawn the same way")
+
+
+WHAT = ("predictions", "attention")  # the pictures eval/visualize.py draws
+
+
+@dataclass(frozen=True)
+class VisualizeConfig:
+    run: str = "runs/mpp"  # run directory or checkpoint file
+    what: tuple[str, ...] | None = None  # which pictures (default: both; predictions only for an MPP run,
+        # skipped with a note otherwise)
+    images: int = 8  # held-out images, one row each
+    seed: int = 0  # seed of the corruption drawn for the predictions
+    dataset: str | None = None  # dataset spec whose test split (or, without one, the split pretraining
+        # holds out) is drawn (default: the run's)
+    output: str | None = None  # folder for the PNGs (default: RUN_DIR/visualize)
+    device: str = DEFAULT_DEVICE  # cpu, cuda or cuda:N (default: cuda if there is one)
+
+    # What each numeric field accepts (checked at parse time and by validate(); mpp.core.config.Range).
+    RANGES: ClassVar[dict[str, Range]] = {"images": AT_LEAST_1, "seed": SEED}
+    FLAG_ARGS: ClassVar[dict[str, dict]] = {
+        "run": {"metavar": "RUN_DIR"}, "what": {"choices": WHAT}, "images": {"metavar": "N"},
+        "dataset": {"metavar": "SPEC"}, "output": {"metavar": "DIR"}, "device": {"type": device_flag},
+    }
+
+    def validate(self) -> VisualizeConfig:
+        """The flags' own checks, for a config built in code."""
+        check_ranges(self)
+        for what in self.what or ():
+            if what not in WHAT:
+                raise UsageError(f"--what {what!r} is not one of {', '.join(WHAT)}: pass one of them")
+        check_device(self.device)
+        return self
 
 
 def held_out_images(dataset: ImageDataset, n: int) -> torch.Tensor:
@@ -141,6 +177,7 @@ def mpp_objective(config: dict, vit: ViT, objective_state: dict, source: str) ->
     known = MPPConfig.__dataclass_fields__
     objective = MPPObjective(vit, MPPConfig(**{k: v for k, v in config["mpp"].items() if k in known}))
     weights = {**objective_state, **{f"vit.{k}": v for k, v in vit.state_dict().items()}}
-    check_shapes(objective, weights, source, "pass the run directory the checkpoint came from (its config builds the head)")
+    check_shapes(objective, weights, source,
+                 "pass the run directory the checkpoint came from (its config builds the head)")
     objective.load_state_dict(weights)
     return objective
