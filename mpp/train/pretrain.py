@@ -26,9 +26,10 @@ from mpp.core.config import (
     check_ranges,
     dataclass_from_args,
 )
-from mpp.core.errors import UsageError, cli_main
+from mpp.core.errors import BadField, UsageError, cli_main
 from mpp.data.sources import dataset_name
 from mpp.model.objective import MPPConfig
+from mpp.model.vit import ViTConfig, vit_config
 from mpp.run.optim import SCHEDULES, Schedule
 from mpp.run.trackers import check_report_to
 from mpp.train.trainer import Trainer
@@ -116,6 +117,15 @@ class TrainConfig:
                              f"({dataset_name(self.dataset)}) repeats the run's: the run's own data is already probed; "
                              "pass another dataset")
         return self
+
+    def vit(self) -> ViTConfig:
+        """The ViT these flags describe; a size the model refuses is said in the flag that set it."""
+        try:
+            return vit_config(self.model, image_size=self.image_size or None, dropout=self.dropout)
+        except BadField as e:  # the model's own terms, said in the flag that set the field
+            if e.field != "image_size":
+                raise
+            raise e.flag_advised("--image-size") from e
 
     def lr_schedule(self, total_steps: int) -> Schedule:
         """The learning-rate multiplier of a run of `total_steps` optimizer steps."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from mpp.core.config import Invocation
-from mpp.core.errors import BadField, UsageError, loader_timed_out, out_of_memory
+from mpp.core.errors import UsageError, loader_timed_out, out_of_memory
 from mpp.core.files import append_line, write_json
 from mpp.core.runlock import RunLock
 from mpp.core.stopping import (
@@ -36,13 +36,8 @@ from mpp.data.sources import LABELLED_FORMS
 from mpp.eval.evaluator import Evaluator, RunView, TrainState
 from mpp.eval.in_run import HELD_OUT, build_evaluators
 from mpp.model.kernel_policy import KernelPolicy, RunShapes
-from mpp.model.objective import (
-    MPPConfig,
-    MPPObjective,
-    SupervisedObjective,
-    corrupted_count,
-)
-from mpp.model.vit import ViT, vit_config
+from mpp.model.objective import MPPConfig, MPPObjective, SupervisedObjective, corrupted_count
+from mpp.model.vit import ViT
 from mpp.run import checkpoint as ckpt_io
 from mpp.run import rundir, runtime
 from mpp.run.optim import param_groups
@@ -61,12 +56,7 @@ class Trainer(Hooks):
         self.config, self.mpp_config, self.held = config.validate(), mpp_config.validate(), held
         self.invocation = invocation or Invocation(None, None)  # None: a run started from Python, no command line
         policy = KernelPolicy.from_flags(config.kernels, config.kernel_cache)  # the one decision's inputs
-        try:
-            vit_cfg = vit_config(config.model, image_size=config.image_size or None, dropout=config.dropout)
-        except BadField as e:  # the model's own terms, said in the flag that set the field
-            if e.field != "image_size":
-                raise
-            raise e.flag_advised("--image-size") from e
+        vit_cfg = config.vit()
 
         # ---- accelerator
         self.accelerator = acc = runtime.make_accelerator(
