@@ -145,7 +145,8 @@ def refuse_not_empty(folder: Path, flag: str, what: str) -> None:
     if user:
         raise UsageError(f"run directory '{folder}' is in use by {user}: wait for that run to end, stop it, "
                          f"or pass another {flag}")
-    shown = ", ".join(held[:4])  # one: a start that wrote records but no checkpoint (out of memory, a full disk) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+    # e.g. a start that wrote records but no checkpoint (out of memory, a full disk)
+    shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
     raise UsageError(f"{flag} '{folder}' is not empty ({shown}) and holds nothing to resume: a new {what} "
                      f"starts in an empty or new folder, so that no records but its own are written there: pass "
                      f"a new {flag}, or delete '{folder}' if nothing in it is needed")
