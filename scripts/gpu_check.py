@@ -15,16 +15,14 @@ JSON is rewritten after every part, so a run killed from outside keeps what was 
                     kernels off; MFU, peak memory, top ops; then, best effort in the time left:
   4 train_s16       the same at S/16
   5 kernel_timings  scripts/bench_kernels.py --quick: ours against every SDPA backend, eager and compiled
-  6 verdicts        the verified dispatch's verdicts (`resolve`, policy auto, cache off) at S/16 and
-                    B/16 training shapes, batch 128 bf16
+  6 verdicts        `resolve`'s verdicts (policy auto, cache off) at S/16 and B/16 training shapes, batch 128 bf16
   7 compiled_step   an MPP step of a 2-block S/16, torch.compile(fullgraph=True), bf16 autocast: our
                     kernels (policy triton) against PyTorch's, same init and data, losses over 3 steps
   8 tests           the kernel numerics tests, unfiltered, per test outcomes and failure messages
 The commit comes from git, or on a machine sent the tree without .git from the COMMIT file written
 before the call (mpp.core.provenance.sent_commit).
-Writes benchmarks/results/gpu-check-<gpu>.json and .log (and copies both to $OUT when it is set);
-exit status 0 only when every part passed (parts 4-8 may be cut short by the budget; --smoke: the
-parts that need CUDA are recorded as skipped).
+Writes benchmarks/results/gpu-check-<gpu>.json and .log (copies both to $OUT when it is set); exit status 0
+only when every part passed (parts 4-8 may be cut short by the budget; --smoke: CUDA-only parts recorded as skipped).
 """
 from __future__ import annotations
 
@@ -49,8 +47,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the check runs from a bare checkout: no install
+sys.path.insert(0, str(REPO := Path(__file__).resolve().parents[1]))  # the check runs from a bare checkout: no install
 
 from mpp.bench.pytest_record import TestRecorder, count_outcomes  # noqa: F401 - TestRecorder: tests use it from here
 from mpp.core.config import Parser, Range, number_flag
@@ -196,7 +193,7 @@ def part_attention(smoke: bool, out: dict, save) -> None:
               f"worst {worst[0]} error {worst[1]['error']:.3g} vs bound {worst[1]['bound']:.3g}", flush=True)
         save()
         del q, k, v, dout, args, grads, want, theirs, got, again
-    shapes = RunShapes.of(vit_config("Micro/4" if smoke else "B/16"), 2 if smoke else 128, str(dtype)[6:], backward=True)
+    shapes = RunShapes.of(vit_config("Micro/4" if smoke else "B/16"), 2 if smoke else 128, out["dtype"], backward=True)
     out["norms"] = {op: measure.check_op(op, shapes, device, mode="triton") for op in ("layer_norm", "add_layer_norm")}
     norms_ok = all("cause" not in r and r["error"] <= r["bound"] for r in out["norms"].values())
     passed = sum(c["passed"] for c in out["cases"])
@@ -254,8 +251,9 @@ def part_compiled_step(smoke: bool, out: dict, save) -> None:
     # bf16 tolerance: two bf16 ulps of the loss (autocast rounds attention and matmul outputs to bf16).
     tol = 2 * torch.finfo(dtype).eps if dtype != torch.float32 else 1e-4
     a, b = out["losses"]["triton"], out["losses"]["torch"]
-    out |= {"differences": [x - y for x, y in zip(a, b)], "relative_tolerance": tol}
-    out["passed"] = all(math.isfinite(x) and math.isfinite(y) and abs(x - y) <= tol * abs(y) for x, y in zip(a, b))
+    out |= {"differences": [x - y for x, y in zip(a, b, strict=True)], "relative_tolerance": tol}
+    out["passed"] = all(math.isfinite(x) and math.isfinite(y) and abs(x - y) <= tol * abs(y)
+                        for x, y in zip(a, b, strict=True))
     diffs = ", ".join(f"{d:+.2e}" for d in out["differences"])
     out["summary"] = f"loss differences {diffs} (tolerance {tol:.3g} relative)"
 
@@ -324,7 +322,8 @@ def judge(part: Part, result: dict) -> tuple[bool, str]:
             "" if result.get("complete") else " (incomplete: time limit)")
         return not broken, (f"our kernel failed at {', '.join(broken)}; " if broken else "") + note
     r, skipped = result.get("ratios", {}), result.get("legs_skipped", {})
-    note = "timm/ours step time: " + ", ".join(f"{k.replace('/timm', '')} {v:.3f}" for k, v in r.items() if "/timm" in k)
+    note = "timm/ours step time: " + ", ".join(
+        f"{k.replace('/timm', '')} {v:.3f}" for k, v in r.items() if "/timm" in k)
     return True, note + "".join(f"; {leg} not timed ({why[:80]})" for leg, why in skipped.items())
 
 
@@ -466,7 +465,8 @@ def build_parser() -> Parser:
 def plan(budget: float) -> str:
     """The parts in the order they run, each with its limit and the latest second it can end at (the
     budget cuts a limit to what is left): what a lease buys, read before one is spent."""
-    lines, end = [f"{'part':<16}{'limit s':>8}{'ends by s':>11}  (budget {budget:.0f} s, {RESERVE_S:.0f} s kept back)"], 0.0
+    lines = [f"{'part':<16}{'limit s':>8}{'ends by s':>11}  (budget {budget:.0f} s, {RESERVE_S:.0f} s kept back)"]
+    end = 0.0
     for part in PARTS:
         end = min(end + part.limit_s, budget - RESERVE_S)
         note = "best effort" if part.optional else "must pass"

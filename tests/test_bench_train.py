@@ -82,8 +82,10 @@ def test_a_tiny_run_writes_every_figure(tmp_path):
         "ours/timm mpp", "ours/timm supervised", "mpp/supervised step ours", "mpp/supervised step timm"}
     for key, ratio in result["ratios"].items():  # 2 rounds: one pair, so its ratio is the median
         (pair,) = result["ratios_per_pair"][key]
-        assert ratio == pair > 0 and result["ratio_intervals"][key]["low"] == ratio == result["ratio_intervals"][key]["high"]
-    assert result["flop_ratios"]["mpp/supervised step ours"] > 1  # the 512-way head and half the patches in the last block
+        interval = result["ratio_intervals"][key]
+        assert ratio == pair > 0 and interval["low"] == ratio == interval["high"]
+    # the 512-way head and half the patches in the last block
+    assert result["flop_ratios"]["mpp/supervised step ours"] > 1
     assert all(len(c["minor_faults_rounds"]) == 2 for c in result["cases"])
     assert result["loader"]["images"] == 16 and result["loader"]["images_per_s"] > 0
     assert "| ours mpp |" in proc.stdout and "wrote" in proc.stdout
@@ -133,7 +135,7 @@ def test_paired_ratios_cancel_a_steady_drift():
         for side in ("ab" if r % 2 == 0 else "ba"):
             t = 1.03 ** next(slot)
             (a if side == "a" else b).append(1.05 * t if side == "a" else t)
-    per_round = [x / y for x, y in zip(a, b)]
+    per_round = [x / y for x, y in zip(a, b, strict=True)]
     assert max(per_round) > 1.08 and min(per_round) < 1.02
     assert paired_ratios(a, b) == pytest.approx([1.05, 1.05], rel=1e-3)
     assert paired_ratios(a[:3], b[:3]) == pytest.approx([1.05], rel=1e-3)  # a last odd round is left out

@@ -110,7 +110,8 @@ def vit_config(name: str, **overrides) -> ViTConfig:
     )
     unknown = set(overrides) - set(ViTConfig.__dataclass_fields__)
     if unknown:
-        raise UsageError(f"unknown ViTConfig field(s) {sorted(unknown)}: valid ones are {list(ViTConfig.__dataclass_fields__)}")
+        raise UsageError(f"unknown ViTConfig field(s) {sorted(unknown)}: "
+                         f"valid ones are {list(ViTConfig.__dataclass_fields__)}")
     return replace(config, **{k: v for k, v in overrides.items() if v is not None}).validate()
 
 
@@ -258,7 +259,8 @@ class ViT(nn.Module):
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """Parameter groups by depth, as timm's ViT: lets timm's layer-wise lr decay read this model."""
-        return {"stem": r"^cls_token|pos_embed|patch_embed", "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))]}
+        return {"stem": r"^cls_token|pos_embed|patch_embed",
+                "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))]}
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
