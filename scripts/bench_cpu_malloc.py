@@ -86,7 +86,8 @@ def main() -> None:
     result = {"args": vars(args), "cores": len(os.sched_getaffinity(0)), "rounds_ms": rounds,
               "speedup_median": speedup, "kernels": kernels,
               "commit": git_commit(REPO)}
-    out = Path(args.output or REPO / "benchmarks" / "results" / f"cpu_malloc-{args.model.replace('/', '-').lower()}.json")
+    model = args.model.replace("/", "-").lower()
+    out = Path(args.output or REPO / "benchmarks" / "results" / f"cpu_malloc-{model}.json")
     write_json(out, result)
     print("kernels: " + ", ".join(f"{op} {v['impl']}" for op, v in kernels["verdicts"].items()))
     print(f"keeping freed memory: {speedup:.3f}x the steps/s of glibc's default (median of {args.rounds} rounds)")

@@ -33,8 +33,7 @@ from statistics import median
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from anywhere
+sys.path.insert(0, str(REPO := Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from mpp.bench.cases import (
     IMPLS,
@@ -71,21 +70,23 @@ def build_parser() -> Parser:
     p.add_argument("--model", default="Ti/4", help="ViT preset, e.g. Ti/4 (32 px), S/16, B/16 (224 px)")
     number_flag(p, "--image-size", int, NON_NEGATIVE, default=0, help="0: the preset's")
     number_flag(p, "--batch-size", int, AT_LEAST_1, default=128)
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast, as --mixed-precision bf16")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: autocast, as --mixed-precision bf16")
     p.add_argument("--compile", action="store_true", help="torch.compile each model")
     p.add_argument("--compile-scope", choices=("model", "blocks"), default="model",
                    help="with --compile: the whole objective (one graph), or each encoder block in place as "
                         "training's --compile does (one block's compilation serves all: seconds, not minutes)")
     p.add_argument("--kernels", choices=("auto", "triton", "torch"), default="",
                    help="ours: attention/LayerNorm, decided per objective at this benchmark's shapes "
-                        "(mpp.model.kernel_policy.resolve; default $MPP_KERNELS, else auto); MPP_KERNELS_OFF keeps named ops "
-                        "on PyTorch")
+                        "(mpp.model.kernel_policy.resolve; default $MPP_KERNELS, else auto); MPP_KERNELS_OFF keeps "
+                        "named ops on PyTorch")
     p.add_argument("--kernel-cache", default="", help="verdict cache folder; off: measure every run "
                                                       "(default $MPP_KERNEL_CACHE or ~/.cache/mpp/kernels)")
     number_flag(p, "--rounds", int, Range(2), default=8,
                 help="rounds of timing, each timing every case in turn; ratios pair them up, so even")
     number_flag(p, "--steps", int, AT_LEAST_1, default=3, help="steps per case per round")
-    number_flag(p, "--warmup", int, NON_NEGATIVE, default=2, help="untimed steps per case first (compilation happens here)")
+    number_flag(p, "--warmup", int, NON_NEGATIVE, default=2,
+                help="untimed steps per case first (compilation happens here)")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     p.add_argument("--legs", nargs="+", choices=list(LEGS), default=[],
                    help="MPP only, instead of --impls: timm (SDPA), ours-torch (PyTorch's ops), ours-triton (every "
@@ -96,7 +97,8 @@ def build_parser() -> Parser:
     number_flag(p, "--loader-batches", int, NON_NEGATIVE, default=20, help="batches timed from the loader; 0 skips it")
     number_flag(p, "--threads", int, Range(0, 4096), default=0, help="CPU: torch threads; 0: all cores")
     p.add_argument("--default-malloc", action="store_true",
-                   help="CPU: leave glibc's malloc as it is instead of what training does (mpp.run.runtime.reuse_freed_memory)")
+                   help="CPU: leave glibc's malloc as it is instead of what training does "
+                        "(mpp.run.runtime.reuse_freed_memory)")
     number_flag(p, "--profile", int, NON_NEGATIVE, default=0, metavar="TOP",
                    help="after the timing, profile one step of each case and report its TOP operators by self time")
     p.add_argument("--output", default="", help="JSON path; default benchmarks/results/train-<device>-<setup>.json")
@@ -108,8 +110,8 @@ def case_row(case: Case, batch: int, ceiling: float, flops: float) -> dict:
     """One case's figures: median step time over the rounds, throughput, memory, FLOPs and MFU."""
     step_ms = median(case.step_ms)
     images_per_s = batch / (step_ms * 1e-3)
-    return {"case": case.name, "impl": case.impl, "objective": case.objective, "step_ms": step_ms, "step_ms_rounds": case.step_ms,
-            "minor_faults_rounds": case.faults,
+    return {"case": case.name, "impl": case.impl, "objective": case.objective, "step_ms": step_ms,
+            "step_ms_rounds": case.step_ms, "minor_faults_rounds": case.faults,
             "images_per_s": images_per_s, "peak_mb": step_peak_bytes(case) / 2**20,
             "resident_mb": case.resident_bytes() / 2**20,
             "gflops_per_image": flops / 1e9, "mfu": flops * images_per_s / ceiling}
@@ -134,7 +136,7 @@ def summarize(args, device: torch.device, S: int, cases: list[Case], choices: di
         "ratio_intervals": {k: {"low": lo, "high": hi, "coverage": cov} for k, (lo, hi, cov) in intervals.items()},
         "ratios_per_pair": pairs,
         # The earlier estimator, kept for comparison with results before the pairs: median of per-round ratios.
-        "ratios_median_per_round": {k: median(x / y for x, y in zip(a.step_ms, b.step_ms))
+        "ratios_median_per_round": {k: median(x / y for x, y in zip(a.step_ms, b.step_ms, strict=True))
                                     for k, (a, b) in pairs_of.items()},
         "flop_ratios": {k: flops[a.name] / flops[b.name] for k, (a, b) in pairs_of.items()},
     }

@@ -277,7 +277,8 @@ class Pipeline:
             self.finetune(name)
         for run in (self.root / "mpp", self.root / "supervised", scratch):
             self.probe(run)  # the references (random init, raw pixels) come with every probe
-        ablations = [name for name in pretrainings() if name not in ("mpp", "supervised")] if self.args.ablations else []
+        ablations = ([name for name in pretrainings() if name not in ("mpp", "supervised")]
+                     if self.args.ablations else [])
         for name in ablations:
             self.pretrain(name)
             self.probe(self.root / name)
@@ -312,7 +313,8 @@ def check_same(run: Path, objective: str, flags: list[str]) -> None:
 
 def build_parser() -> Parser:
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="digits", help="digits | image folder (train/, test/) | .tar.gz of one | hf:NAME")
+    p.add_argument("--dataset", default="digits",
+                   help="digits | image folder (train/, test/) | .tar.gz of one | hf:NAME")
     p.add_argument("--transfer", default="", help="second dataset for a few-shot transfer check (folder or .tar.gz)")
     p.add_argument("--budget", default="cpu", choices=sorted(BUDGETS), help="model size and training lengths")
     number_flag(p, "--train-fraction", float, Range(0, 1, low_open=True), default=0.1,

@@ -15,16 +15,14 @@ JSON is rewritten after every part, so a run killed from outside keeps what was 
                     kernels off; MFU, peak memory, top ops; then, best effort in the time left:
   4 train_s16       the same at S/16
   5 kernel_timings  scripts/bench_kernels.py --quick: ours against every SDPA backend, eager and compiled
-  6 verdicts        the verified dispatch's verdicts (`resolve`, policy auto, cache off) at S/16 and
-                    B/16 training shapes, batch 128 bf16
+  6 verdicts        `resolve`'s verdicts (policy auto, cache off) at S/16 and B/16 training shapes, batch 128 bf16
   7 compiled_step   an MPP step of a 2-block S/16, torch.compile(fullgraph=True), bf16 autocast: our
                     kernels (policy triton) against PyTorch's, same init and data, losses over 3 steps
   8 tests           the kernel numerics tests, unfiltered, per test outcomes and failure messages
 The commit comes from git, or on a machine sent the tree without .git from the COMMIT file written
 before the call (mpp.core.provenance.sent_commit).
-Writes benchmarks/results/gpu-check-<gpu>.json and .log (and copies both to $OUT when it is set);
-exit status 0 only when every part passed (parts 4-8 may be cut short by the budget; --smoke: the
-parts that need CUDA are recorded as skipped).
+Writes benchmarks/results/gpu-check-<gpu>.json and .log (copies both to $OUT when it is set); exit status 0
+only when every part passed (parts 4-8 may be cut short by the budget; --smoke: CUDA-only parts recorded as skipped).
 """
 from __future__ import annotations
 
@@ -45,8 +43,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the check runs from a bare checkout: no install
+sys.path.insert(0, str(REPO := Path(__file__).resolve().parents[1]))  # the check runs from a bare checkout: no install
 
 # The parts that run the check's own code (each in a process of its own) are mpp.bench.gpu_check_parts'.
 from mpp.bench.gpu_check_parts import PART_FUNCS, run_part_here
@@ -123,7 +120,8 @@ def judge(part: Part, result: dict) -> tuple[bool, str]:
             "" if result.get("complete") else " (incomplete: time limit)")
         return not broken, (f"our kernel failed at {', '.join(broken)}; " if broken else "") + note
     r, skipped = result.get("ratios", {}), result.get("legs_skipped", {})
-    note = "timm/ours step time: " + ", ".join(f"{k.replace('/timm', '')} {v:.3f}" for k, v in r.items() if "/timm" in k)
+    note = "timm/ours step time: " + ", ".join(
+        f"{k.replace('/timm', '')} {v:.3f}" for k, v in r.items() if "/timm" in k)
     return True, note + "".join(f"; {leg} not timed ({why[:80]})" for leg, why in skipped.items())
 
 
@@ -265,7 +263,8 @@ def build_parser() -> Parser:
 def plan(budget: float) -> str:
     """The parts in the order they run, each with its limit and the latest second it can end at (the
     budget cuts a limit to what is left): what a lease buys, read before one is spent."""
-    lines, end = [f"{'part':<16}{'limit s':>8}{'ends by s':>11}  (budget {budget:.0f} s, {RESERVE_S:.0f} s kept back)"], 0.0
+    lines = [f"{'part':<16}{'limit s':>8}{'ends by s':>11}  (budget {budget:.0f} s, {RESERVE_S:.0f} s kept back)"]
+    end = 0.0
     for part in PARTS:
         end = min(end + part.limit_s, budget - RESERVE_S)
         note = "best effort" if part.optional else "must pass"

@@ -1,7 +1,8 @@
 """Write an image folder (`train/<class>/<image>` plus `test/` or `val/`) as tar shards in the
 webdataset layout (`<key>.jpg` + `<key>.cls`), with the class names in classes.txt, for
-`--dataset shards:OUT`; an unlabelled folder (mpp.data.folders' layouts) gives shards of `<key>.jpg` only. Each split's images are shuffled once (by --seed) before sharding, so a
-stream's shard order and buffer mix classes from the first step. The image files are copied as they
+`--dataset shards:OUT`; an unlabelled folder (mpp.data.folders' layouts) gives shards of `<key>.jpg`
+only. Each split's images are shuffled once (by --seed) before sharding, so a stream's shard order
+and buffer mix classes from the first step. The image files are copied as they
 are, not re-encoded. They are written into a hidden folder beside OUT, renamed to OUT when every
 shard and classes.txt are written: an interrupted run (Ctrl-C, SIGTERM, a full disk) leaves no
 partial OUT that would train on part of the data.
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, stopped)  # as Ctrl-C: the staging folder goes, OUT was never there
     try:
         for split, listing in listings.items():
-            order = list(zip(listing.paths, listing.labels or [None] * len(listing.paths)))
+            order = list(zip(listing.paths, listing.labels or [None] * len(listing.paths), strict=True))
             random.Random(args.seed).shuffle(order)
             samples = ((Path(p).read_bytes(), Path(p).suffix[1:].lower(), label) for p, label in order)
             shards = write_shards(samples, staging, split, args.per_shard)

@@ -68,7 +68,8 @@ def test_no_module_imports_an_entry_point():
         for name in sorted(imported_modules(tree)):
             if name in entries and entries[name] != path:
                 offenders.append(f"{path.relative_to(REPO)} imports {name} ({entries[name].relative_to(REPO)})")
-    assert not offenders, "entry points are imported by nothing (move what they share into mpp/):\n" + "\n".join(offenders)
+    assert not offenders, ("entry points are imported by nothing (move what they share into mpp/):\n"
+                           + "\n".join(offenders))
 
 
 def test_libraries_are_not_entry_points():

@@ -19,12 +19,6 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="triton is not installed: the attention kernel needs it")
 
-CUDA = torch.cuda.is_available()
-if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA GPU and TRITON_INTERPRET is not 1: the kernel cannot run here",
-                allow_module_level=True)
-
-attn = importlib.import_module("triton_kernels.attention")  # the module (the package exports the function)
 from helpers.kernel_modules import FlashAttention
 
 from triton_kernels.attention import (
@@ -34,6 +28,12 @@ from triton_kernels.attention import (
     attention_supported,
 )
 
+CUDA = torch.cuda.is_available()
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA GPU and TRITON_INTERPRET is not 1: the kernel cannot run here",
+                allow_module_level=True)
+
+attn = importlib.import_module("triton_kernels.attention")  # the module (the package exports the function)
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if CUDA else "cpu"
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -70,13 +70,13 @@ def run(fn, q, k, v, g):
 
 
 def assert_finite(tensors, names=("out", "dq", "dk", "dv")):
-    for name, t in zip(names, tensors):
+    for name, t in zip(names, tensors, strict=True):
         assert torch.isfinite(t).all(), f"{name} has NaN/inf"
 
 
 def assert_close_fp32(got, want, tol=2e-5, names=("out", "dq", "dk", "dv")):
     """max |got - want| <= tol * max(1, max |want|): fp32 IEEE kernels agree to a few ulps of the data."""
-    for name, a, b in zip(names, got, want):
+    for name, a, b in zip(names, got, want, strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype, (name, a.shape, b.shape, a.dtype, b.dtype)
         err, mag = (a - b).abs().max().item(), max(1.0, b.abs().max().item())
         assert err <= tol * mag, f"{name}: max error {err:.3g} > {tol * mag:.3g}"
@@ -153,7 +153,7 @@ def _half_check(B, H, n, d, dtype, layout="vit", q_mult=1.0):
     got = run(attention, *h)
     torch_same_dtype = run(F.scaled_dot_product_attention, *h)
     assert_finite(got)
-    for name, a, t, w in zip(("out", "dq", "dk", "dv"), got, torch_same_dtype, want):
+    for name, a, t, w in zip(("out", "dq", "dk", "dv"), got, torch_same_dtype, want, strict=True):
         assert a.dtype == dtype
         mag = max(1.0, w.abs().max().item())
         err = (a.float() - w).abs().max().item()
@@ -373,8 +373,9 @@ def test_triton_op_fake_path_without_cuda_calls():
 # ---- the package: lazy imports, and the function/submodule name clash ----
 
 def test_package_import_does_not_import_triton():
-    code = ("import sys, triton_kernels; bad = [m for m in ('triton', 'triton_kernels.gate', 'triton_kernels.attention') "
-            "if m in sys.modules]; assert not bad, bad")
+    code = ("import sys, triton_kernels; "
+            "bad = [m for m in ('triton', 'triton_kernels.gate', 'triton_kernels.attention') if m in sys.modules]; "
+            "assert not bad, bad")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -449,7 +450,7 @@ def test_gpu_backward_deterministic():
     q, k, v = make_qkv(2, 12, 197, 197, 64, "vit", dtype=torch.bfloat16)
     g = make_grad(2, 12, 197, 64, "vit", dtype=torch.bfloat16)
     a, b = run(attention, q, k, v, g), run(attention, q, k, v, g)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
 
 

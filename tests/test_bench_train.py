@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mpp.bench.cases import NUM_CLASSES, Case, choose_kernels, run_shapes
-from mpp.bench.costs import flops_per_image
+from mpp.bench.costs import flops_per_image, profile_step
 from mpp.bench.stats import median_interval, paired_ratios
 from mpp.model.vit import vit_config
 
@@ -82,18 +82,48 @@ def test_a_tiny_run_writes_every_figure(tmp_path):
         "ours/timm mpp", "ours/timm supervised", "mpp/supervised step ours", "mpp/supervised step timm"}
     for key, ratio in result["ratios"].items():  # 2 rounds: one pair, so its ratio is the median
         (pair,) = result["ratios_per_pair"][key]
-        assert ratio == pair > 0 and result["ratio_intervals"][key]["low"] == ratio == result["ratio_intervals"][key]["high"]
-    assert result["flop_ratios"]["mpp/supervised step ours"] > 1  # the 512-way head and half the patches in the last block
+        interval = result["ratio_intervals"][key]
+        assert ratio == pair > 0 and interval["low"] == ratio == interval["high"]
+    # the 512-way head and half the patches in the last block
+    assert result["flop_ratios"]["mpp/supervised step ours"] > 1
     assert all(len(c["minor_faults_rounds"]) == 2 for c in result["cases"])
     assert result["loader"]["images"] == 16 and result["loader"]["images_per_s"] > 0
     assert "| ours mpp |" in proc.stdout and "wrote" in proc.stdout
     assert set(result["profile"]) == {"ours mpp", "ours supervised", "timm mpp", "timm supervised"}
-    for ops in result["profile"].values():  # the 5 costliest operators of a step, costliest first
-        shares = [o["share"] for o in ops]
-        assert len(ops) == 5 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1
-        # A ViT is matmuls, or (under TRITON_INTERPRET=1, as in CI) our kernels run by the interpreter
-        assert any(o["op"] in ("aten::mm", "aten::addmm", "aten::bmm") or o["op"].startswith("mpp_kernels::")
-                   for o in ops), ops
+    for ops in result["profile"].values():
+        assert_ranked_by_own_times(ops, top=5)
+
+
+def assert_ranked_by_own_times(ops: list[dict], top: int) -> None:
+    """A profile's listing as profile_step makes it: `top` distinct operators, costliest first by the
+    self times it recorded, each share that time over the step's total.
+
+    Only what the code decides is asserted, not what the clock does: WHICH operators make the top of a
+    Micro/4 step at batch 8, and in what order, depends on the machine's load (a full run on a busy
+    machine once failed this listing's checks, which passed alone; of them, "the top 5 hold a matmul"
+    was the one that depends on timing: a preempted elementwise or optimizer op can outweigh every
+    matmul). That a step's matmuls are in its profile is checked with every operator listed, where it
+    does not depend on load (test_a_profile_lists_a_steps_matmuls)."""
+    assert len(ops) == top and len({o["op"] for o in ops}) == top, ops
+    times = [o["self_ms"] for o in ops]
+    assert times == sorted(times, reverse=True) and times[0] > 0, ops  # costliest first, by their own times
+    assert all(isinstance(o["op"], str) and o["op"] and o["calls"] >= 1 for o in ops), ops
+    # share = self time / the step's total: one factor for every operator listed
+    assert [o["share"] * times[0] for o in ops] == pytest.approx([t * ops[0]["share"] for t in times], rel=1e-9)
+    assert 0 < sum(o["share"] for o in ops) <= 1 + 1e-9, ops
+
+
+def test_a_profile_lists_a_steps_matmuls():
+    """With TOP above the number of operators, profile_step lists all of a step's operators: a ViT's
+    matmuls are among them, and the shares add up to the whole step, whatever the machine's load."""
+    config = vit_config("Micro/4")
+    case = Case("ours", "supervised", config, torch.rand(2, 3, 16, 16), torch.zeros(2, dtype=torch.long),
+                torch.float32, compile_model=False)
+    ops = profile_step(case, 10_000)
+    assert 5 < len(ops) < 10_000
+    assert_ranked_by_own_times(ops, top=len(ops))
+    assert sum(o["share"] for o in ops) == pytest.approx(1.0, rel=1e-9)
+    assert {"aten::mm", "aten::addmm", "aten::bmm"} & {o["op"] for o in ops}, [o["op"] for o in ops]
 
 
 def test_paired_ratios_cancel_a_steady_drift():
@@ -105,7 +135,7 @@ def test_paired_ratios_cancel_a_steady_drift():
         for side in ("ab" if r % 2 == 0 else "ba"):
             t = 1.03 ** next(slot)
             (a if side == "a" else b).append(1.05 * t if side == "a" else t)
-    per_round = [x / y for x, y in zip(a, b)]
+    per_round = [x / y for x, y in zip(a, b, strict=True)]
     assert max(per_round) > 1.08 and min(per_round) < 1.02
     assert paired_ratios(a, b) == pytest.approx([1.05, 1.05], rel=1e-3)
     assert paired_ratios(a[:3], b[:3]) == pytest.approx([1.05], rel=1e-3)  # a last odd round is left out

@@ -148,7 +148,8 @@ def test_a_new_run_never_writes_into_records_that_are_not_its_own(short_run, tmp
     with pytest.raises(SystemExit) as e:
         main("mpp", ["--output-dir", str(mine), *FAST, "--max-steps", "1"])
     assert e.value.code == 2 and "is not empty (metrics.jsonl)" in one_error_line(capsys.readouterr().err)
-    assert [p.name for p in mine.iterdir()] == ["metrics.jsonl"] and (mine / "metrics.jsonl").read_text() == "my notes\n"
+    assert [p.name for p in mine.iterdir()] == ["metrics.jsonl"]
+    assert (mine / "metrics.jsonl").read_text() == "my notes\n"
     # An empty folder is a new run's, and so is one holding only the empty lock of a start that wrote
     # no record (refused by its data, stopped before its first step): else no command could use it again.
     (tmp_path / "empty").mkdir()
@@ -161,7 +162,8 @@ def test_a_resume_never_joins_the_records_of_another_run(short_run, tmp_path, ca
     # Checkpoints of one run under another run's records (a copy into the wrong directory).
     mixed = _copy(short_run, tmp_path / "mixed")
     config = json.loads((mixed / "config.json").read_text())
-    assert len(config["run_id"]) == 32 and load_checkpoint(list_checkpoints(mixed)[-1])["config"]["run_id"] == config["run_id"]
+    assert len(config["run_id"]) == 32
+    assert load_checkpoint(list_checkpoints(mixed)[-1])["config"]["run_id"] == config["run_id"]
     config["run_id"] = "0" * 32
     (mixed / "config.json").write_text(json.dumps(config))
     before = snapshot(mixed)
@@ -175,7 +177,8 @@ def test_a_resume_never_joins_the_records_of_another_run(short_run, tmp_path, ca
 def test_a_crash_after_the_last_step_keeps_it(tmp_path):
     # A bug in the final evaluation used to leave only the checkpoint of the last --save-every.
     run = tmp_path / "run"
-    proc = start(["--output-dir", str(run), *FAST, "--max-steps", "3", "--save-every", "2", "--eval-every", "0"], "eval")
+    proc = start(["--output-dir", str(run), *FAST, "--max-steps", "3", "--save-every", "2", "--eval-every", "0"],
+                 "eval")
     _, err = finish(proc)
     assert proc.returncode == 1 and "injected fault in an evaluation" in err  # a bug: its traceback is kept
     assert load_checkpoint(list_checkpoints(run)[-1])["step"] == 3 and not (run / "summary.json").exists()

@@ -74,7 +74,8 @@ def runs(tmp_path_factory) -> Path:
                                       "l2": 1.0, "accuracy": 0.71, "dev_accuracy": {"1.0": 0.7}})
     write(mpp / "linear-probe-random-init.json", {"init": "random", "dataset": {"spec": "digits"}, "accuracy": 0.35})
     # Probes of the mean patch token (--features avg) stay out of the table, which compares class tokens.
-    write(mpp / "fewshot-avg.json", {**fewshot("digits", {1: (0.99, 0.0), 5: (0.99, 0.0)}, step=1500), "features": "avg"})
+    write(mpp / "fewshot-avg.json",
+          {**fewshot("digits", {1: (0.99, 0.0), 5: (0.99, 0.0)}, step=1500), "features": "avg"})
     write(mpp / "linear-probe-avg.json", {"init": "trained", "dataset": {"spec": "digits"}, "accuracy": 0.99,
                                           "features": "avg"})
     write(mpp / "finetune-cifar" / "finetune.json", finetune("hf:cifar10", 0.5, 0.0, 1e-4))
@@ -87,7 +88,8 @@ def runs(tmp_path_factory) -> Path:
     write(sup / "config.json", config("supervised"))
     write(sup / "summary.json", {"objective": "supervised", "steps": 200, "wall_time_s": 7300.0})
     write(sup / "fewshot.json", fewshot("digits", {1: (0.4, 0.01), 5: (0.6, 0.02), 25: (0.8, 0.005)}, step=100))
-    write(sup / "fewshot-random-init.json", fewshot("digits", {1: (0.9, 0.0)}, "random"))  # one row, not the same numbers
+    # one row, not the same numbers
+    write(sup / "fewshot-random-init.json", fewshot("digits", {1: (0.9, 0.0)}, "random"))
     write(sup / "metrics.jsonl", '{"step": 1, "train/loss": 9.0}\n')  # TensorBoard comes first
     from torch.utils.tensorboard import SummaryWriter
 
@@ -113,7 +115,7 @@ def compared(runs) -> dict:
 
 
 def rows_by_name(table: dict) -> dict[str, dict[str, str]]:
-    return {row[0]: dict(zip(table["columns"], row)) for row in table["rows"]}
+    return {row[0]: dict(zip(table["columns"], row, strict=True)) for row in table["rows"]}
 
 
 def check_png(path: Path, min_size=(200, 150)) -> tuple[int, int]:
@@ -255,7 +257,8 @@ def test_clashing_directory_names_become_paths(tmp_path):
         write(tmp_path / parent / "mpp" / "config.json", config("mpp"))
     report = compare([tmp_path / "a" / "mpp", tmp_path / "b" / "mpp"], tmp_path / "out")
     assert [r["name"] for r in report["runs"]] == ["a/mpp", "b/mpp"]
-    assert report["plots"] == {"fewshot": None, "layers": None, "curves": None, "fewshot_curves": None, "pos_embed": {}}  # no files
+    assert report["plots"] == {  # no files
+        "fewshot": None, "layers": None, "curves": None, "fewshot_curves": None, "pos_embed": {}}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["compare.json", "compare.md", "tensorboard"]
     assert "–" in report["tables"][0]["rows"][0]
 
@@ -337,7 +340,8 @@ def test_real_tiny_run_end_to_end(runs, tmp_path):
     assert rows["mpp"]["objective"] == "mpp (mean_color, 50%)" and rows["mpp"]["steps"] == "3"
     assert rows["mpp"]["25-shot"] == DASH and rows["mpp"]["linear probe"] == DASH  # sup has 25 shots, no run a probe
     baseline = json.loads((real / "fewshot-random-init.json").read_text())["results"]["1"]
-    assert rows["random init (Micro/4, 16 px)"]["1-shot"] == f"{100 * baseline['mean']:.1f} ± {100 * baseline['std']:.1f}"
+    assert rows["random init (Micro/4, 16 px)"]["1-shot"] == (
+        f"{100 * baseline['mean']:.1f} ± {100 * baseline['std']:.1f}")
     # Curves: the run's own TensorBoard events, one point per step.
     assert report["plots"]["curves"]["sources"]["mpp"] == "tensorboard"
     source, curves = read_curves(real)
@@ -378,7 +382,8 @@ def layer_sweep(value, probe: str = "fewshot", random=None, depth: int = 6, shot
         if probe == "knn":  # k-NN: at the largest k, 5 points less at the others
             return knn_results({k: accuracy - (0.0 if k == max(shots) else 0.05) for k in shots})
         means = {k: accuracy - (0.0 if k == max(shots) else 0.1) for k in shots}
-        return {str(k): {"shots": k, "mean": m, "std": 0.01, "per_seed": [m - 0.01, m + 0.01]} for k, m in means.items()}
+        return {str(k): {"shots": k, "mean": m, "std": 0.01, "per_seed": [m - 0.01, m + 0.01]}
+                for k, m in means.items()}
 
     def results(fn) -> dict:
         return {s["name"]: result(fn(s["layer"], s["name"].split("/")[1])) for s in specs}
@@ -421,7 +426,8 @@ def layered(tmp_path_factory) -> Path:
     sup = root / "sup"
     write(sup / "config.json", config("supervised"))
     write(sup / "fewshot.json", {**fewshot("digits", {1: (0.5, 0.0), 5: (0.6, 0.0)}),
-                                 "references": references("fewshot", 0.11, 0.20),  # pixels as mpp's, another random init
+                                 # pixels as mpp's, another random init
+                                 "references": references("fewshot", 0.11, 0.20),
                                  "layers": layer_sweep(lambda b, v: 0.2 + 0.05 * b + OFFSETS[v], depth=6)})
     old = root / "old"
     write(old / "config.json", config("supervised"))
@@ -476,7 +482,8 @@ def test_layer_tables_by_block_with_the_best_cell(layered_report, layered):
                                 "Reference: raw pixels (16 px) 25.0.")
     probe = tables[1]
     assert probe["names"] == ["mpp"] * 4 + ["mpp (random init)"] * 4
-    assert probe["best"]["mpp"] == {"block": 6, "features": "token", "accuracy": pytest.approx(0.62)}  # a tie: the first
+    # a tie: the first
+    assert probe["best"]["mpp"] == {"block": 6, "features": "token", "accuracy": pytest.approx(0.62)}
     assert probe["caption"].endswith("Reference: raw pixels (16 px) 39.0.")
     markdown = (layered / "out" / "compare.md").read_text()
     assert "### By block: 5-shot on digits\n\n| run | features | block 1 |" in markdown
@@ -692,5 +699,6 @@ def test_in_run_knn_curves_are_panels_beside_the_fewshot_ones(tmp_path):
     write(run / "metrics.jsonl", "\n".join(json.dumps(m) for m in lines) + "\n")
     report = compare([run], tmp_path / "out")
     assert report["plots"]["fewshot_curves"] == {
-        "file": "fewshot_curves.png", "panels": ["1-shot on digits", "10-NN on digits", "20-NN on digits"], "runs": ["mpp"]}
+        "file": "fewshot_curves.png", "panels": ["1-shot on digits", "10-NN on digits", "20-NN on digits"],
+        "runs": ["mpp"]}
     check_png(tmp_path / "out" / "fewshot_curves.png", (700, 300))

@@ -95,7 +95,8 @@ def test_resume_records_what_resumed_it_and_refuses_other_settings(repeated, tmp
     assert done.returncode == 0, done.stderr[-2000:]
     resumed = config_of(run)["resumed"]
     assert len(resumed) == 1 and resumed[0]["step"] == 4 and resumed[0]["max_steps"] == 6
-    assert resumed[0]["config_file"] == str(a / "config.json") and resumed[0]["command_line"][-2:] == ["--max-steps", "6"]
+    assert resumed[0]["config_file"] == str(a / "config.json")
+    assert resumed[0]["command_line"][-2:] == ["--max-steps", "6"]
     assert resumed[0]["commit"] == expected_commit()
     assert resumed[0]["versions"]["torch"] == importlib.metadata.version("torch")
 
@@ -121,7 +122,8 @@ def test_a_flat_file_of_flags_sets_the_defaults(tmp_path, name, text):
     path = tmp_path / name
     path.write_text(text)
     config, mpp = parse_args("mpp", ["--config", str(path)])
-    assert (config.lr, config.max_steps, config.crop_scale, config.hflip, mpp.target) == (0.003, 40, (0.3, 1.0), False, "l2")
+    assert (config.lr, config.max_steps, config.crop_scale, config.hflip, mpp.target) == (
+        0.003, 40, (0.3, 1.0), False, "l2")
     assert parse_args("mpp", ["--max-steps", "7", "--config", str(path)])[0].max_steps == 7  # wherever the flag stands
 
 
@@ -136,7 +138,8 @@ def one_line(capsys, argv, parse=lambda argv: parse_args("mpp", argv)) -> str:
 
 BAD_FILES = [  # file name, content (bytes: written as is), what the one line says besides the file's name
     ("nan.json", '{"lr": NaN}', "key 'lr': --lr nan is not finite: pass a number > 0"),
-    ("range.yaml", "corrupt-rate: 1.5\n", "key 'corrupt-rate': --corrupt-rate 1.5 is out of range: pass a number in (0, 1]"),
+    ("range.yaml", "corrupt-rate: 1.5\n",
+     "key 'corrupt-rate': --corrupt-rate 1.5 is out of range: pass a number in (0, 1]"),
     ("int.json", '{"max_steps": 2.5}', "key 'max_steps': --max-steps '2.5' is not a whole number"),
     ("text.yaml", "max-steps: many\n", "--max-steps 'many' is not a whole number"),
     ("bool.json", '{"hflip": 1}', "--hflip takes true or false"),

@@ -87,7 +87,8 @@ def test_digits_are_sklearns_images_and_split_read_without_importing_sklearn() -
         got = stratified_split(target, 0.3, seed)
         want = train_test_split(np.arange(len(target)), test_size=0.3, stratify=target, random_state=seed)
         assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
-    code = "import sys; from mpp.data.sources import load_split; load_split('digits', 'train'); print('sklearn' in sys.modules)"
+    code = ("import sys; from mpp.data.sources import load_split; load_split('digits', 'train'); "
+            "print('sklearn' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.split()[-1] == "False", done.stderr[-2000:]
 
@@ -259,7 +260,8 @@ def test_image_folder_mixed_modes_and_val_fallback(tmp_path: Path, hf_cache: Pat
     assert not hf_cache.exists()  # listed into memory: no Arrow copy of the folder is written
     dataset, _ = build_dataset(str(root), "train", 16, train=True)
     images, labels = next(iter(DataLoader(dataset, batch_size=8)))  # mixed sizes collate once transformed
-    assert images.shape == (8, 3, 16, 16) and images.dtype == torch.float32 and sorted(labels.tolist()) == [0] * 5 + [1] * 3
+    assert images.shape == (8, 3, 16, 16) and images.dtype == torch.float32
+    assert sorted(labels.tolist()) == [0] * 5 + [1] * 3
 
 
 def test_image_folder_labels_agree_across_splits(tmp_path: Path, hf_cache: Path) -> None:
@@ -458,11 +460,13 @@ def test_hub_format_columns_and_unlabelled_test_split(tmp_path: Path, hf_cache: 
     import datasets
 
     features = datasets.Features(
-        {"note": datasets.Value("string"), "img": datasets.Image(), "fine_label": datasets.ClassLabel(names=["a", "b", "c"])}
+        {"note": datasets.Value("string"), "img": datasets.Image(),
+         "fine_label": datasets.ClassLabel(names=["a", "b", "c"])}
     )
     for split, labels in {"train": [0, 1, 2, 2], "test": [-1, -1], "validation": [2, 0, 1]}.items():
         rows = {"note": ["x"] * len(labels), "img": [Image.new("L", (6, 4), 50)] * len(labels), "fine_label": labels}
-        datasets.Dataset.from_dict(rows, features=features).to_parquet(tmp_path / "hub" / "data" / f"{split}-00000-of-00001.parquet")
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(
+            tmp_path / "hub" / "data" / f"{split}-00000-of-00001.parquet")
     spec = f"hf:{tmp_path / 'hub'}"
     train, info = load_split(spec, "train")
     assert len(train) == 4 and info.class_names == ["a", "b", "c"] and info.num_classes == 3
@@ -526,7 +530,8 @@ def test_unknown_hub_dataset_fails_fast_offline(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(UsageError) as excinfo:
         load_split("hf:no-such-user/no-such-dataset", "train")
-    assert_usage_error(excinfo, "could not load hub dataset 'no-such-user/no-such-dataset'", "network", "local image folder")
+    assert_usage_error(excinfo, "could not load hub dataset 'no-such-user/no-such-dataset'", "network",
+                       "local image folder")
 
 
 # ---- real data (skipped without ../shared/data)
@@ -641,7 +646,8 @@ def test_strict_images_stop_at_the_first_unreadable_one(tmp_path, hf_cache):
     # Raised in a DataLoader worker, PyTorch wraps it in the worker's traceback; the CLI shows one line.
     with pytest.raises(UsageError) as caught:
         list(DataLoader(dataset, batch_size=9, num_workers=1))
-    assert "\n" in str(caught.value) and one_line(caught.value).startswith("image '") and "\n" not in one_line(caught.value)
+    assert "\n" in str(caught.value)
+    assert one_line(caught.value).startswith("image '") and "\n" not in one_line(caught.value)
 
 
 def test_a_split_of_only_unreadable_images_is_an_error_not_a_hang(tmp_path, hf_cache):

@@ -75,7 +75,8 @@ def test_two_processes_with_half_batches_match_one_process(tmp_path):
     # Adam divides by the gradients' own scale, so float-order noise in a near-zero gradient can move
     # a weight by up to one lr (1e-3) per step; other data would move them by many of those.
     assert difference < 5e-4
-    curve = {run: [m["train/loss"] for m in read_metrics(tmp_path / run) if "train/loss" in m] for run in ("one", "two")}
+    curve = {run: [m["train/loss"] for m in read_metrics(tmp_path / run) if "train/loss" in m]
+             for run in ("one", "two")}
     assert len(curve["one"]) == 4 and curve["one"] == pytest.approx(curve["two"], rel=1e-4, abs=1e-5)
     evals = [json.loads((tmp_path / run / "summary.json").read_text())["eval"] for run in ("one", "two")]
     assert evals[0]["accuracy"] == pytest.approx(evals[1]["accuracy"], abs=1 / 360)  # 360 test images, once each
@@ -88,7 +89,8 @@ def test_only_the_main_process_writes(launched):
     events = [f for f in files if "tfevents" in f]  # the scalars' file and the hparams' one
     assert len({f.rsplit(".", 2)[-2] for f in events}) == 1, files  # written by one process (the pid in the name)
     assert [f for f in files if not f.startswith("tensorboard/")] == [
-        "checkpoints/ckpt-00000005.pt", "checkpoints/ckpt-00000010.pt", "config.json", "metrics.jsonl", "run.lock", "summary.json"]
+        "checkpoints/ckpt-00000005.pt", "checkpoints/ckpt-00000010.pt", "config.json", "metrics.jsonl", "run.lock",
+        "summary.json"]
     steps = [m["step"] for m in read_metrics(run) if "fewshot/seconds" not in m]
     assert steps == sorted(steps) and len(steps) == len(set(steps)) + 1  # steps 5, 10 and the evaluation at 10
     probes = [m for m in read_metrics(run) if "fewshot/seconds" in m]
@@ -130,7 +132,8 @@ def test_probes_gather_features_from_every_process(launched, tmp_path):
         assert two.stdout.count("wrote ") == 1  # one report
         if name == "fewshot":
             for k in a["results"]:
-                assert a["results"][k]["per_seed"] == pytest.approx(b["results"][k]["per_seed"], abs=0.003)  # ≤ 1 of 360
+                # ≤ 1 of 360
+                assert a["results"][k]["per_seed"] == pytest.approx(b["results"][k]["per_seed"], abs=0.003)
         else:
             assert a["accuracy"] == pytest.approx(b["accuracy"], abs=0.003)
         assert a["layers"]["features"] == b["layers"]["features"] and set(a["references"]) == set(b["references"])

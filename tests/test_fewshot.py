@@ -256,7 +256,8 @@ def test_features_token_or_average_patch_token():
     token, avg = headline_spec(vit.config.depth, "token"), headline_spec(vit.config.depth, "avg")
     found = vit_featurizer(vit, [token, avg])(images)
     assert torch.equal(found[token.name], out["pre_logits"])
-    torch.testing.assert_close(found[avg.name], out["tokens"][:, 1:].mean(1))  # the 16 patch tokens, not the class token
+    # the 16 patch tokens, not the class token
+    torch.testing.assert_close(found[avg.name], out["tokens"][:, 1:].mean(1))
     with pytest.raises(UsageError, match="unknown --features"):
         headline_spec(vit.config.depth, "max")
 

@@ -44,10 +44,12 @@ def test_the_probe_changes_no_weight_and_no_training_metric(runs):
         assert all(torch.equal(exp_a[i]["exp_avg_sq"], exp_b[i]["exp_avg_sq"]) for i in exp_a)
 
     def training(run):  # every logged training value, without the timing
-        return [{k: v for k, v in m.items() if k != "train/images_per_s"} for m in read_metrics(run) if "train/loss" in m]
+        return [{k: v for k, v in m.items() if k != "train/images_per_s"}
+                for m in read_metrics(run) if "train/loss" in m]
 
     assert training(plain) == training(probed) and len(training(plain)) == 3
-    assert json.loads((plain / "summary.json").read_text())["eval"] == json.loads((probed / "summary.json").read_text())["eval"]
+    summaries = [json.loads((folder / "summary.json").read_text()) for folder in (plain, probed)]
+    assert summaries[0]["eval"] == summaries[1]["eval"]
 
 
 def test_the_curve_starts_at_step_0_and_matches_eval_fewshot(runs, tmp_path):
@@ -107,7 +109,8 @@ def test_a_transfer_set_and_the_image_cap(tmp_path):
                       "--warmup-steps", "1", "--fewshot-every", "2", "--fewshot-dataset", str(folder),
                       "--fewshot-max-images", "50", "--output-dir", str(tmp_path / "run"))
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "digits: 861 train + 50 test images (held in memory); tiles: 90 train + 18 test images (held in memory)" in done.stdout + done.stderr
+    assert ("digits: 861 train + 50 test images (held in memory); tiles: 90 train + 18 test images (held in memory)"
+            in done.stdout + done.stderr)
     points = [m for m in read_metrics(tmp_path / "run") if "fewshot/tiles/1shot" in m]
     assert [m["step"] for m in points] == [0, 2]
     assert all(set(tags("fewshot", "digits")) <= set(m) for m in points)
@@ -130,7 +133,8 @@ def test_a_transfer_set_and_the_image_cap(tmp_path):
 def test_bad_settings_are_one_line(tmp_path, capsys, extra, message):
     from mpp.train.pretrain import main
 
-    argv = ["--max-steps", "2", "--num-workers", "0", "--fewshot-every", "2", *extra, "--output-dir", str(tmp_path / "run")]
+    argv = ["--max-steps", "2", "--num-workers", "0", "--fewshot-every", "2", *extra,
+            "--output-dir", str(tmp_path / "run")]
     if extra[0] == "--streaming":  # once through the real command line
         done = run_script("scripts/pretrain_mpp.py", *argv)
         code, err = done.returncode, done.stderr
@@ -195,6 +199,6 @@ def test_the_in_run_knn_scores_the_draws_union_against_the_same_test_images(runs
     specs = [headline_spec(vit.config.depth, "token"), headline_spec(vit.config.depth, "avg")]
     train_x, train_y = extract_feature_sets(vit_featurizer(vit, specs), vit, probe.train, progress=False)
     test_x, test_y = extract_feature_sets(vit_featurizer(vit, specs), vit, probe.test, progress=False)
-    for spec, prefix in zip(specs, ("knn", "knn_avg")):
+    for spec, prefix in zip(specs, ("knn", "knn_avg"), strict=True):
         found = knn_probe_grid(train_x[spec.name], train_y, test_x[spec.name], test_y, (10, 20), 0.07, 10)
         assert [points[6][f"{prefix}/digits/{k}nn"] for k in (10, 20)] == [found[10], found[20]]

@@ -119,8 +119,8 @@ def test_every_entry_point_takes_a_config_file_checked_like_its_flags(path, tmp_
         parser.parse_args([*positionals(parser), "--config", str(file)])
     lines = capsys.readouterr().err.strip().splitlines()
     key = next(iter(bad))
-    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"error: --config {file}, key '{key}'" if
-                                                                         action else f"error: --config {file}: key '{key}'"), lines
+    start = f"error: --config {file}, key '{key}'" if action else f"error: --config {file}: key '{key}'"
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith(start), lines
     flag = action.option_strings[0] if action else None  # an int flag's NaN is "not a whole number", as typed
     assert (any(f"{flag} {nan} is not {what}: pass a number" in lines[0]
                 for nan, what in (("nan", "finite"), ("'nan'", "a whole number"))) if action

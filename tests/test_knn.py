@@ -40,9 +40,9 @@ def sklearn_votes(train_x, train_y, test_x, k, temperature, classes):
     found = NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(train_x.astype(np.float64))
     distances, neighbours = found.kneighbors(test_x.astype(np.float64))  # (m, k): 1 - cosine similarity
     predictions = []
-    for dist, idx in zip(distances, neighbours):
+    for dist, idx in zip(distances, neighbours, strict=True):
         votes = np.zeros(classes)
-        for d, j in zip(dist, idx):
+        for d, j in zip(dist, idx, strict=True):
             votes[train_y[j]] += math.exp((1.0 - d) / temperature)
         predictions.append(int(np.argmax(votes)))
     return np.array(predictions)
@@ -236,7 +236,7 @@ def test_compare_shows_the_knn_columns_and_reference_rows(trained, baseline, run
     table = found["tables"][0]
     assert table["columns"] == ["run", "objective", "data", "linear probe", "k-NN k=5 (digits)", "k-NN k=20 (digits)",
                                 "fine-tune", "steps", "wall time"]
-    rows = {row[0]: dict(zip(table["columns"], row)) for row in table["rows"]}
+    rows = {row[0]: dict(zip(table["columns"], row, strict=True)) for row in table["rows"]}
     assert list(rows) == ["run", "random init (tiny, 16 px)", "raw pixels (16 px)"]
 
     def cell(results, k):

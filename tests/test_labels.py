@@ -47,7 +47,8 @@ def specs(tmp_path_factory) -> dict[str, str]:
 
     hub("huge", [0, 1] * 10 + [HUGE], [0, 1] * 3)
     datasets.Dataset.from_dict({"image": [noise(rng) for _ in range(21)], "label": [0, 1] * 10 + [HUGE]}).cast(
-        datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})).to_parquet(root / "huge.parquet")
+        datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    ).to_parquet(root / "huge.parquet")
     found["huge-parquet"] = f"hf:{root / 'huge.parquet'}"
     hub("all-unlabelled", [-1] * 20, [-1] * 4)
     hub("partly-unlabelled", [0, 1, 2, 3] * 6 + [-1] * 3, [0, 1, 2, 3] * 2)
@@ -99,7 +100,8 @@ def test_hub_labels_outside_the_classes_are_refused_naming_the_row_label_and_cou
     with pytest.raises(UsageError) as e:
         load_split(specs["test-wider"], "test")
     assert str(e.value).startswith(f"row 4 of split 'test' of dataset '{specs['test-wider']}' has label 4, outside "
-                                   "the 4 classes the train split's labels give (0..3) (as are 7 more of its 16 labels)")
+                                   "the 4 classes the train split's labels give (0..3) "
+                                   "(as are 7 more of its 16 labels)")
     with pytest.raises(UsageError, match="row 20 of split 'train' .* has label 5, outside the 2 classes its ClassLabel "
                                          r"lists \(0..1\): fix the label"):
         load_split(specs["beyond-the-list"], "train")

@@ -26,7 +26,8 @@ from triton_kernels.layer_norm import (
 )
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
-_why_not = layer_norm_supported(torch.zeros(1, 8, device=device), torch.ones(8, device=device), torch.zeros(8, device=device))
+_why_not = layer_norm_supported(torch.zeros(1, 8, device=device), torch.ones(8, device=device),
+                                torch.zeros(8, device=device))
 if _why_not is not None:
     pytest.skip(f"Triton LayerNorm cannot run here: {_why_not}", allow_module_level=True)
 
@@ -72,7 +73,7 @@ def test_fp32_matches_reference(width, rows):
     args = make_inputs((rows, width))
     got = forward_backward(layer_norm, *args)
     ref = forward_backward(layer_norm_ref, *args)
-    for name, g, r in zip(NAMES, got, ref):
+    for name, g, r in zip(NAMES, got, ref, strict=True):
         assert g.dtype == r.dtype == torch.float32, name
         assert_close_scaled(g, r, 1e-5, name)
 
@@ -82,7 +83,7 @@ def test_fp32_batched_shapes(shape):
     args = make_inputs(shape, seed=1)
     got = forward_backward(layer_norm, *args)
     ref = forward_backward(layer_norm_ref, *args)
-    for name, g, r in zip(NAMES, got, ref):
+    for name, g, r in zip(NAMES, got, ref, strict=True):
         assert_close_scaled(g, r, 1e-5, name)
 
 
@@ -91,7 +92,7 @@ def test_edge_widths(width):
     args = make_inputs((3, width), seed=2)
     got = forward_backward(layer_norm, *args)
     ref = forward_backward(layer_norm_ref, *args)
-    for name, g, r in zip(NAMES, got, ref):
+    for name, g, r in zip(NAMES, got, ref, strict=True):
         assert_close_scaled(g, r, 1e-5, name)
 
 
@@ -106,7 +107,7 @@ def test_low_precision_within_twice_torch_error(dtype, width):
     got = forward_backward(layer_norm, *args)
     ours_torch = forward_backward(lambda x, w, b, eps: F.layer_norm(x, (width,), w, b, eps), *args)
     ref = forward_backward(layer_norm_ref, *(t.float() for t in args))
-    for name, g, t, r in zip(NAMES, got, ours_torch, ref):
+    for name, g, t, r in zip(NAMES, got, ours_torch, ref, strict=True):
         assert g.dtype == dtype, name
         atol = torch.finfo(dtype).eps * max(1.0, r.abs().max().item())
         assert max_err(g, r) <= 2 * max_err(t, r) + atol, (
@@ -119,7 +120,7 @@ def test_low_precision_input_with_fp32_params(dtype):
     y, dx, dw, db = forward_backward(layer_norm, *args)
     assert (y.dtype, dx.dtype, dw.dtype, db.dtype) == (dtype, dtype, torch.float32, torch.float32)
     ref = forward_backward(layer_norm_ref, *(t.float() for t in args))
-    for name, g, r in zip(NAMES, (y, dx, dw, db), ref):
+    for name, g, r in zip(NAMES, (y, dx, dw, db), ref, strict=True):
         assert_close_scaled(g, r, 2 * torch.finfo(dtype).eps, name)
 
 
@@ -132,10 +133,10 @@ def test_weight_bias_reduction_is_correct_and_deterministic(rows):
     y = layer_norm(x, w, b)
     first = torch.autograd.grad(y, (x, w, b), dy, retain_graph=True)
     second = torch.autograd.grad(y, (x, w, b), dy)
-    for name, g1, g2 in zip(NAMES[1:], first, second):
+    for name, g1, g2 in zip(NAMES[1:], first, second, strict=True):
         assert torch.equal(g1, g2), f"{name} differs between two identical backward passes"
     ref = forward_backward(layer_norm_ref, x, w, b, dy)
-    for name, g, r in zip(NAMES[1:], first, ref[1:]):
+    for name, g, r in zip(NAMES[1:], first, ref[1:], strict=True):
         assert_close_scaled(g, r, 1e-5, name)
 
 
@@ -150,7 +151,7 @@ def test_non_contiguous_input_and_broadcast_gradient():
         y = fn(xx, ww, bb, 1e-6)
         (y * torch.arange(40.0, device=device)).sum().backward()
         grads.append((y.detach(), xx.grad, ww.grad, bb.grad))
-    for name, g, r in zip(NAMES, *grads):
+    for name, g, r in zip(NAMES, *grads, strict=True):
         assert_close_scaled(g, r, 1e-5, name)
 
 
@@ -213,7 +214,7 @@ def test_module_matches_nn_layer_norm():
         y = m(xx)
         (y * y).sum().backward()
         outs.append((y.detach(), xx.grad, m.weight.grad, m.bias.grad))
-    for name, g, r in zip(NAMES, *outs):
+    for name, g, r in zip(NAMES, *outs, strict=True):
         assert_close_scaled(g, r, 1e-5, name)
 
 
@@ -243,7 +244,7 @@ def _compiled_matches_eager(backend):
     dz = torch.randn(2, 9, device=device)
     got = forward_backward(lambda x, w, b, eps: compiled(x, w, b), x, w, b, dz)
     want = forward_backward(lambda x, w, b, eps: fn(x, w, b), x, w, b, dz)
-    for name, g, r in zip(("out", "dx", "dweight", "dbias"), got, want):
+    for name, g, r in zip(("out", "dx", "dweight", "dbias"), got, want, strict=True):
         assert_close_scaled(g, r, 1e-5, name)
 
 
@@ -268,7 +269,7 @@ def test_gpu_second_device_without_set_device():
     assert torch.cuda.current_device() == 0
     x, w, b, dy = (t.to("cuda:1") for t in make_inputs((197, 768), seed=20))
     got, want = forward_backward(layer_norm, x, w, b, dy), forward_backward(layer_norm_ref, x, w, b, dy)
-    for name, g, r in zip(NAMES, got, want):
+    for name, g, r in zip(NAMES, got, want, strict=True):
         assert g.device == torch.device("cuda:1")
         assert_close_scaled(g, r, 1e-5, name)
     s, y = add_layer_norm(x, dy, w, b)
@@ -302,7 +303,7 @@ def test_add_layer_norm_fp32_matches_reference(width, rows):
     args = make_add_inputs((rows, width), seed=10)
     got = add_forward_backward(add_layer_norm, *args)
     want = add_forward_backward(add_layer_norm_ref, *args)
-    for name, g, r in zip(ADD_NAMES, got, want):
+    for name, g, r in zip(ADD_NAMES, got, want, strict=True):
         assert g.dtype == r.dtype, name
         assert_close_scaled(g, r, 1e-5, name)
 
@@ -318,7 +319,7 @@ def test_add_layer_norm_low_precision_and_mixed(dtype):
         x, r, w, b, ds, dy = args
         ref = add_forward_backward(add_layer_norm_ref, x.float(), r.float(), w, b, ds, dy)
         assert [t.dtype for t in got] == [x_dtype, x_dtype, x_dtype, dtype, torch.float32, torch.float32]
-        for name, g, t, rf in zip(ADD_NAMES, got, ours_torch, ref):
+        for name, g, t, rf in zip(ADD_NAMES, got, ours_torch, ref, strict=True):
             atol = torch.finfo(dtype).eps * max(1.0, rf.abs().max().item())
             assert max_err(g, rf) <= 2 * max_err(t, rf) + atol, (
                 f"{name} ({x_dtype} + {dtype}): kernel error {max_err(g, rf):.3g}, torch {max_err(t, rf):.3g}")
@@ -331,9 +332,9 @@ def test_add_layer_norm_one_output_unused_and_deterministic():
     s, y = add_layer_norm(x, r, w, b)
     first = torch.autograd.grad(y, (x, r, w, b), dy, retain_graph=True)
     second = torch.autograd.grad(y, (x, r, w, b), dy, retain_graph=True)
-    assert all(torch.equal(a, c) for a, c in zip(first, second))
+    assert all(torch.equal(a, c) for a, c in zip(first, second, strict=True))
     want = add_forward_backward(add_layer_norm_ref, x, r, w, b, torch.zeros_like(ds), dy)
-    for name, g, ref in zip(ADD_NAMES[2:], first, want[2:]):
+    for name, g, ref in zip(ADD_NAMES[2:], first, want[2:], strict=True):
         assert_close_scaled(g, ref, 1e-5, name)
     dx, dr = torch.autograd.grad(s, (x, r), ds)
     assert torch.equal(dx, ds) and torch.equal(dr, ds)  # d(x + r) = ds exactly, nothing from y

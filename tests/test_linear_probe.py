@@ -22,8 +22,8 @@ from mpp.eval.probes import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-REPORT_KEYS = {"init", "run", "checkpoint", "step", "features", "kernels", "dataset", "feature_dim", "l2_grid", "dev_accuracy", "l2",
-               "accuracy", "vit", "reference_seed"}
+REPORT_KEYS = {"init", "run", "checkpoint", "step", "features", "kernels", "dataset", "feature_dim", "l2_grid",
+               "dev_accuracy", "l2", "accuracy", "vit", "reference_seed"}
 OPTIONAL_KEYS = {"references", "layers"}  # the references (on by default) and --layers
 DATASET_KEYS = {"spec", "image_size", "num_classes", "train_size", "dev_size", "test_size"}
 

@@ -123,7 +123,8 @@ def test_resume_with_another_max_steps_keeps_the_schedule_consistent(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     lrs = {m["step"]: m["train/lr"] for m in read_metrics(run) if "train/lr" in m}
     cfg = TrainConfig(lr=lr, warmup_steps=2)
-    expected = {s: lr * cfg.lr_schedule(4 if s <= 4 else 9).factor(s - 1) for s in range(1, 10)}  # step s uses factor(s - 1)
+    # step s uses factor(s - 1)
+    expected = {s: lr * cfg.lr_schedule(4 if s <= 4 else 9).factor(s - 1) for s in range(1, 10)}
     assert lrs.keys() == expected.keys() and all(math.isclose(lrs[s], expected[s], rel_tol=1e-9) for s in lrs), lrs
     with pytest.raises(SystemExit) as e:  # shorter than where it stands: refused, nothing changed
         before = snapshot(run)

@@ -120,7 +120,8 @@ def test_make_shards_stopped_midway_leaves_no_output_folder(cifar10_slice, tmp_p
     kill = ("import os, pathlib, runpy, signal, sys; read, n = pathlib.Path.read_bytes, [0]\n"
             "def counted(self):\n    n[0] += 1\n    n[0] == 150 and os.kill(os.getpid(), signal.SIGTERM)\n"
             "    return read(self)\n"
-            "pathlib.Path.read_bytes = counted; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+            "pathlib.Path.read_bytes = counted; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
     stopped = run_script("-c", kill, "scripts/make_shards.py", str(cifar10_slice), str(out), "--per-shard", "64")
     assert stopped.returncode == 128 + 15 and "Traceback" not in stopped.stderr, stopped.stderr[-2000:]
     assert stopped.stderr.strip().splitlines() == ["stopped by signal 15: no shards written"]

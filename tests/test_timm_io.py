@@ -49,7 +49,8 @@ def test_export_cli_writes_timm_hub_layout_that_timm_loads_strictly(checkpoint, 
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
-    assert config["num_classes"] == 0 and config["model_args"]["depth"] == 2 and config["model_args"]["embed_dim"] == 128
+    assert config["num_classes"] == 0
+    assert config["model_args"]["depth"] == 2 and config["model_args"]["embed_dim"] == 128
     assert config["pretrained_cfg"]["mean"] == config["pretrained_cfg"]["std"] == [0.5, 0.5, 0.5]  # mpp.data.sources's
     x = torch.randn(3, 3, 16, 16)
     ours = checkpoint[1].forward_features(x)["pre_logits"]

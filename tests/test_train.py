@@ -26,7 +26,8 @@ def test_lr_schedule_warmup_then_decay():
     cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10)
     f = [cfg.lr_schedule(100).factor(s) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(f[9:], f[10:]))  # monotone decay after warmup
+    # monotone decay after warmup; strict=False: each factor beside the next, so f[9:] has one more
+    assert all(a >= b for a, b in zip(f[9:], f[10:], strict=False))
     assert cfg.lr_schedule(100).factor(100) == pytest.approx(0.1)  # ends at min_lr / lr
     assert cfg.lr_schedule(100).factor(55) == pytest.approx(0.1 + 0.9 * 0.5)  # cosine midpoint
     lin = TrainConfig(lr=1e-3, warmup_steps=0, schedule="linear")
@@ -38,9 +39,11 @@ def test_no_weight_decay_on_norms_biases_embeddings():
     decay, no_decay = param_groups(obj, 0.1, obj.no_weight_decay())
     names = {id(p): n for n, p in obj.named_parameters()}
     undecayed = {names[id(p)] for p in no_decay["params"]}
-    assert {"mask_token", "vit.cls_token", "vit.pos_embed", "vit.norm.weight", "vit.blocks.0.attn.qkv.bias"} <= undecayed
+    assert {"mask_token", "vit.cls_token", "vit.pos_embed", "vit.norm.weight",
+            "vit.blocks.0.attn.qkv.bias"} <= undecayed
     assert {names[id(p)] for p in decay["params"]} == {
-        n for n, p in obj.named_parameters() if p.ndim >= 2 and n not in ("vit.cls_token", "vit.pos_embed", "mask_token")}
+        n for n, p in obj.named_parameters()
+        if p.ndim >= 2 and n not in ("vit.cls_token", "vit.pos_embed", "mask_token")}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
 
 

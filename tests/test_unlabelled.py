@@ -140,7 +140,7 @@ def test_a_labelled_folder_keeps_its_classes_and_labels(tmp_path):
     walked = sorted((Path(d).relative_to(tmp_path / "train").parts[0], os.path.join(d, f))
                     for d, _, files in os.walk(tmp_path / "train") for f in files)
     assert listing.layout == "classes" and listing.class_names == ["cat", "dog"]
-    assert list(zip(listing.labels, listing.paths)) == [(["cat", "dog"].index(c), p) for c, p in walked]
+    assert list(zip(listing.labels, listing.paths, strict=True)) == [(["cat", "dog"].index(c), p) for c, p in walked]
     _, info = load_split(str(tmp_path), "test")
     assert info.labelled and info.class_names == ["cat", "dog"]
 
@@ -271,7 +271,8 @@ def test_a_training_set_smaller_than_one_batch_is_refused_before_anything_is_wri
     with threads_kept(), pytest.raises(SystemExit) as e:
         main("mpp", ["--dataset", str(tmp_path / "photos"), *TINY, "--batch-size", "16", "--output-dir",
                      str(tmp_path / "run"), *(["--streaming"] if streaming else [])])
-    assert e.value.code == 2 and "the training set (11 images) is smaller than one batch (16)" in capsys.readouterr().err
+    assert e.value.code == 2
+    assert "the training set (11 images) is smaller than one batch (16)" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
@@ -290,8 +291,8 @@ def test_hf_label_columns_that_are_not_class_numbers_are_one_line(tmp_path, hf_c
     rng = np.random.default_rng(0)
     images = [noise(rng) for _ in range(4)]
     for name, labels in (("text", ["0", "1", "0", "1"]), ("lists", [[0], [1], [0], [1]])):
-        datasets.Dataset.from_dict({"image": images, "label": labels},
-                                   features=None).cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / name))
+        datasets.Dataset.from_dict({"image": images, "label": labels}, features=None).cast_column(
+            "image", datasets.Image()).save_to_disk(str(tmp_path / name))
         with pytest.raises(UsageError, match="not class numbers") as e:
             load_split(f"hf:{tmp_path / name}", "train")
         assert "\n" not in str(e.value)
@@ -326,7 +327,8 @@ def test_mpp_trains_on_each_source_and_resumes_bitwise(sources, labelled, hf_cac
     probed = ["--fewshot-every", "6", "--fewshot-dataset", labelled]
     run = tmp_path / "run"
     stopped = stopped_at_step_3([*args, *probed, "--output-dir", str(run)])
-    assert stopped.returncode == 143 and "stopped at step 3 of 6" in stopped.stdout + stopped.stderr, stopped.stderr[-3000:]
+    assert stopped.returncode == 143 and "stopped at step 3 of 6" in stopped.stdout + stopped.stderr, (
+        stopped.stderr[-3000:])
     log = stopped.stdout + stopped.stderr
     assert f"dataset {sources[source]}: unlabelled (" in log and "held-out split: " in log
     resumed = run_script("scripts/pretrain_mpp.py", *args, *probed, "--output-dir", str(run), "--resume")

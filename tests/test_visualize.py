@@ -188,7 +188,7 @@ def test_drawing_changes_no_generator_parameter_or_mode():
     prediction_mosaic(objective, images, seed=7)
     attention_mosaic(objective.vit, images)
     assert torch.equal(torch.get_rng_state(), states[0])
-    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), states[1]))
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), states[1], strict=True))
     assert random.getstate() == states[2]
     assert [m.training for m in objective.modules()] == modes
     assert all(torch.equal(v, params[k]) for k, v in objective.state_dict().items())

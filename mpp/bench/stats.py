@@ -15,7 +15,7 @@ def paired_ratios(slow: list[float], fast: list[float]) -> list[float]:
     so both sides of a pair sit at the same mean time and a drift linear in time cancels. A last odd
     round is left out; a single round gives its own ratio."""
     if len(slow) < 2:
-        return [s / f for s, f in zip(slow, fast)]
+        return [s / f for s, f in zip(slow, fast, strict=True)]
     return [(slow[r] + slow[r + 1]) / (fast[r] + fast[r + 1]) for r in range(0, len(slow) - 1, 2)]
 
 

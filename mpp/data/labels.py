@@ -58,7 +58,8 @@ def check_labels(labels: np.ndarray, low: int, num_classes: int | None, name_row
     row = first_outside(labels, low, num_classes)
     if row is None:
         return
-    label, count = int(labels[row]), int((labels < low).sum()) + (int((labels >= num_classes).sum()) if num_classes else 0)
+    label = int(labels[row])
+    count = int((labels < low).sum()) + (int((labels >= num_classes).sum()) if num_classes else 0)
     also = f" (as are {count - 1:,} more of its {len(labels):,} labels)" if count > 1 else ""
     if label < low:
         number = "0 or more, or -1: no label" if low < 0 else "0 or more"

@@ -97,7 +97,8 @@ def shard_files(location: str, split: str) -> list[Path]:
         if found:
             return found
     tried = ", ".join(globbed.replace("train", w, 1) for w in TEST_WORDS)
-    raise MissingSplit(f"shard folder '{folder}' has no test split (no {tried})", "add test shards beside the train ones")
+    raise MissingSplit(f"shard folder '{folder}' has no test split (no {tried})",
+                       "add test shards beside the train ones")
 
 
 def _train_files(folder: Path, name: str) -> list[Path]:
@@ -362,7 +363,9 @@ def _write_tar(chunk: list[tuple[bytes, str, int | None]], split: str, first: in
     with tarfile.open(fileobj=f, mode="w") as tar:
         for index, (data, suffix, label) in enumerate(chunk, first):
             key = f"{split}-{index:08d}"
-            members = [(f"{key}.{suffix}", data)] + ([(f"{key}.{LABEL}", str(label).encode())] if label is not None else [])
+            members = [(f"{key}.{suffix}", data)]
+            if label is not None:
+                members.append((f"{key}.{LABEL}", str(label).encode()))
             for name, payload in members:
                 member = tarfile.TarInfo(name)
                 member.size = len(payload)

@@ -3,8 +3,8 @@ the cache files keyed by it, so that a run with the same shapes on the same setu
 
 An entry is one JSON file {"key": {"environment", "shapes"}, "measurements": {op: ...}}, named by a
 hash of its key, written whole (`mpp.core.files.write_json`); an entry for another key is a miss, and a
-torn one or one whose measurements break their schema is a miss with a warning. Any change of device, driver, torch, triton, the kernels' sources or the verification's
-measures again.
+torn one or one whose measurements break their schema is a miss with a warning. Any change of device,
+driver, torch, triton, the kernels' sources or the verification's measures again.
 """
 from __future__ import annotations
 

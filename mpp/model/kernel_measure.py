@@ -239,8 +239,8 @@ def run_op(spec: Measured, fn: Callable, args: dict, grads: list, backward: bool
         outs = fn(*leaves.values(), *spec.constants)
         outs = outs if isinstance(outs, tuple) else (outs,)
         if backward:
-            torch.autograd.backward(outs, [g.to(o.dtype) for o, g in zip(outs, grads)])
-    named = dict(zip(spec.outputs, (o.detach() for o in outs)))
+            torch.autograd.backward(outs, [g.to(o.dtype) for o, g in zip(outs, grads, strict=True)])
+    named = dict(zip(spec.outputs, (o.detach() for o in outs), strict=True))
     if backward:
         named.update({f"d{k}": leaf.grad for k, leaf in leaves.items()})
     return named

@@ -104,7 +104,8 @@ class KernelChoice:
     def record(self) -> dict:
         """For config.json / summary.json."""
         return {"mode": self.mode, "source": self.source, "environment": self.environment, "shapes": self.shapes,
-                "cache": self.cache, "verdicts": {v.op: {"impl": v.impl, "reason": v.reason, **v.figures} for v in self.verdicts}}
+                "cache": self.cache,
+                "verdicts": {v.op: {"impl": v.impl, "reason": v.reason, **v.figures} for v in self.verdicts}}
 
     def lines(self) -> list[str]:
         """One line per op, printed above the progress bar."""
@@ -154,7 +155,8 @@ def _decide(policy: KernelPolicy, shapes: RunShapes, device: torch.device, warn)
     if problem is None and len(reasons) < len(OPS):
         problem = import_problem()  # the first import of triton, and only where a kernel could run
         if problem and policy.mode == "auto":  # a GPU that could run them: worth one line
-            warn(f"warning: kernels: {', '.join(op for op in OPS if op not in reasons)} fall back to PyTorch: {problem}")
+            falling = ", ".join(op for op in OPS if op not in reasons)
+            warn(f"warning: kernels: {falling} fall back to PyTorch: {problem}")
     for op in OPS:
         reasons.setdefault(op, problem or _static_problem(op, shapes, device, policy.mode))
     if policy.mode == "triton":

@@ -105,17 +105,21 @@ class Target:
     rows `target` (M, ...) to `loss` and `metrics`. `decode` and `render` are for pictures only
     (mpp.eval.visualize): the head's outputs in the target's form, and that form as pixels."""
     name: str  # --target's value, recorded in the run's config.json
-    label: str  # its name in comparison tables, "mpp (<label>, 50%)"; the built-ins' is their name, as committed tables show
+    # its name in comparison tables, "mpp (<label>, 50%)"; the built-ins' is their name, as committed tables show
+    label: str
     help: str  # what is predicted, for --target's help: "3-bit mean colour, 512 classes"
     head_width: Callable[[ViTConfig, MPPConfig], int]  # the linear head's outputs per patch
     target: Callable[[torch.Tensor, int, MPPConfig], torch.Tensor]  # (images (B, C, H, W) in [0, 1], P) → (B, N, ...)
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (pred, target) → scalar loss
-    metrics: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict]  # (pred, target, loss) → detached, besides "loss"
+    # (pred, target, loss) → detached metrics, besides "loss"
+    metrics: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict]
     check: Callable[[ViTConfig, MPPConfig], None] | None = None  # raises UsageError for a setting it cannot train
     arm: str | None = None  # its run in scripts/compare_pretraining.py's ablations ("mpp-4x4"); None: no run
     # How mpp.eval.visualize shows it; None: the target trains but cannot be drawn.
-    decode: Callable[[torch.Tensor, MPPConfig], torch.Tensor] | None = None  # pred (M, head_width) → (M, ...) in target form
-    render: Callable[[torch.Tensor, int, MPPConfig], torch.Tensor] | None = None  # ((M, ...) target form, P) → (M, P, P, 3) in [0, 1]
+    # pred (M, head_width) → (M, ...) in target form
+    decode: Callable[[torch.Tensor, MPPConfig], torch.Tensor] | None = None
+    # ((M, ...) target form, P) → (M, P, P, 3) in [0, 1]
+    render: Callable[[torch.Tensor, int, MPPConfig], torch.Tensor] | None = None
 
 
 TARGETS: dict[str, Target] = {}  # name → Target, in registration order (the order --help and the ablations use)
@@ -222,7 +226,8 @@ class Corruption:
     """What `corrupt_patches` did to a batch of B images of N patch embeddings, n of them corrupted each."""
     patches: torch.Tensor  # (B, N, D) the corrupted embeddings, what the ViT sees
     chosen: torch.Tensor  # (B, n) long: each image's corrupted patch indices, sorted
-    kind: torch.Tensor  # (B, N) int8: UNTOUCHED 0, MASKED 1 ([mask]), RANDOM 2 (another patch's), KEPT 3 (corrupted, unchanged)
+    # (B, N) int8: UNTOUCHED 0, MASKED 1 ([mask]), RANDOM 2 (another patch's), KEPT 3 (corrupted, unchanged)
+    kind: torch.Tensor
     source: torch.Tensor  # (B, N) long: flat index b·N + i of the patch each embedding came from; B·N for [mask]
 
 
@@ -236,7 +241,8 @@ def corrupt_patches(
     """
     B, N, D = patches.shape
     if B * N < 2:
-        raise UsageError("MPP needs at least two patches per batch to pick random replacements: use a larger batch or image")
+        raise UsageError("MPP needs at least two patches per batch to pick random replacements: "
+                         "use a larger batch or image")
     dev = patches.device
     n_corrupt = corrupted_count(config.corrupt_rate, N)
     # Exactly n_corrupt per image: the n smallest of N uniform draws (as MAE's random_masking).

@@ -260,7 +260,8 @@ class ViT(nn.Module):
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """Parameter groups by depth, as timm's ViT: lets timm's layer-wise lr decay read this model."""
-        return {"stem": r"^cls_token|pos_embed|patch_embed", "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))]}
+        return {"stem": r"^cls_token|pos_embed|patch_embed",
+                "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))]}
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}

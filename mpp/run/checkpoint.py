@@ -1,7 +1,8 @@
 """Checkpoints: written atomically (mpp.core.files), the last K kept, loaded weights-only and shape-checked.
 
-Where they live in a run directory is mpp.run.rundir's (`checkpoints/ckpt-<step>.pt`). Each checkpoint carries the full run config, so a model can be rebuilt from the file alone, and
-the ViT's weights under timm's names (`"model"`), so they load into timm as they are.
+Where they live in a run directory is mpp.run.rundir's (`checkpoints/ckpt-<step>.pt`). Each checkpoint
+carries the full run config, so a model can be rebuilt from the file alone, and the ViT's weights under
+timm's names (`"model"`), so they load into timm as they are.
 """
 from __future__ import annotations
 
@@ -113,7 +114,8 @@ def unreadable(path: Path, reason: str) -> BadCheckpoint:
 def unsafe(path: Path, name: str) -> BadCheckpoint:
     reason = f"it needs the global '{name}'"
     return BadCheckpoint(f"checkpoint '{path}' is not a safe checkpoint ({reason}, which weights-only loading "
-                         "refuses): load only checkpoints written by this repository, or re-save it from a trusted copy",
+                         "refuses): load only checkpoints written by this repository, or re-save it from a "
+                         "trusted copy",
                          "unsafe", reason)
 
 

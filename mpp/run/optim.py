@@ -38,7 +38,7 @@ class Schedule:
     def restart(self, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
         """After loading a scheduler saved under another run length: the optimizer's rates follow this
         schedule from the step the scheduler stands at (the saved rates were computed for the old one)."""
-        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
             group["lr"] = base * self.factor(scheduler.last_epoch)
 
 

@@ -2,17 +2,18 @@
 resume in one, and repairs of what a kill can leave torn in it.
 
     RUN/
-      config.json        the run config (`train`, `mpp`, `model`, `kernels`, ...), plus `resumed[]`: one entry per resume;
-                         how it started: `config_file` (the --config FILE, absolute, or null), `command_line`
-                         (the arguments given, or null from Python), `commit` (git HEAD of the checkout holding
-                         mpp, "+dirty" when a tracked file differs, "unknown" outside git) and `versions`
-                         (python, torch, triton, timm, accelerate, datasets; null: not installed); each
+      config.json        the run config (`train`, `mpp`, `model`, `kernels`, ...), plus `resumed[]`: one
+                         entry per resume; how it started: `config_file` (the --config FILE, absolute, or null),
+                         `command_line` (the arguments given, or null from Python), `commit` (git HEAD of the
+                         checkout holding mpp, "+dirty" when a tracked file differs, "unknown" outside git) and
+                         `versions` (python, torch, triton, timm, accelerate, datasets; null: not installed); each
                          resumed[] entry records the same four of what resumed it. A resume compares only
                          `train`/`mpp` (and precision, processes): these records may differ
                          (a fine-tune's OUT/config.json has the same records and resumed[] entries)
       metrics.jsonl      one JSON line per logged step ({"step": int, "<tag>": float, ...})
       summary.json       written once, at the end: final metrics, steps, wall time
-      tensorboard/       TensorBoard events (the run's own with --report-to tensorboard|all; probes add tensorboard/<probe>/)
+      tensorboard/       TensorBoard events (the run's own with --report-to tensorboard|all; probes add
+                         tensorboard/<probe>/)
       wandb/             W&B's files with --report-to wandb|all: one W&B run per process start (mpp.run.trackers)
       checkpoints/       ckpt-<step:08d>.pt (see mpp.run.checkpoint), the newest K kept
       run.lock           who holds the run (see mpp.core.runlock)
@@ -145,7 +146,8 @@ def refuse_not_empty(folder: Path, flag: str, what: str) -> None:
     if user:
         raise UsageError(f"run directory '{folder}' is in use by {user}: wait for that run to end, stop it, "
                          f"or pass another {flag}")
-    shown = ", ".join(held[:4])  # one: a start that wrote records but no checkpoint (out of memory, a full disk) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+    # e.g. a start that wrote records but no checkpoint (out of memory, a full disk)
+    shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
     raise UsageError(f"{flag} '{folder}' is not empty ({shown}) and holds nothing to resume: a new {what} "
                      f"starts in an empty or new folder, so that no records but its own are written there: pass "
                      f"a new {flag}, or delete '{folder}' if nothing in it is needed")
@@ -188,7 +190,8 @@ def check_resume(saved: dict, run_cfg: dict, num_processes: int, source: str) ->
                        "(a streamed run's loader workers split its shards)")
     held, now = (saved.get("data") or {}).get("holdout"), run_cfg["data"]["holdout"]
     same = ("images", "seed", "fingerprint")  # which images are held out (mpp.data.holdout), not how the log words it
-    if "holdout" in (saved.get("data") or {}) and [(held or {}).get(k) for k in same] != [(now or {}).get(k) for k in same]:
+    held_images, now_images = ([(h or {}).get(k) for k in same] for h in (held, now))
+    if "holdout" in (saved.get("data") or {}) and held_images != now_images:
         # other held-out images: the run would train on images it evaluated on, or evaluate on others
         changed.append(f"held-out split '{(held or {}).get('rule', 'the test split')}' → "
                        f"'{(now or {}).get('rule', 'the test split')}' (the dataset changed)")
@@ -248,7 +251,8 @@ def run_config(config, mpp, vit, data_info, holdout: dict | None, invocation) ->
         "vit": dataclasses.asdict(vit.config),
         "data": {"num_classes": data_info.num_classes, "labelled": data_info.labelled, "layout": data_info.layout,
                  "class_names": None if data_info.class_names is None else list(data_info.class_names),
-                 "holdout": holdout},  # how the held-out split was carved from train (mpp.data.holdout); None: a test split
+                 # how the held-out split was carved from train (mpp.data.holdout); None: a test split
+                 "holdout": holdout},
         "command": " ".join(sys.argv),
         **invocation.record(),  # config_file, command_line
         **provenance(),  # commit, versions

@@ -1,4 +1,5 @@
-"""Tar shards for tests: tiny synthetic ones through mpp.data.shards.write_shards, and odd tars written member by member."""
+"""Tar shards for tests: tiny synthetic ones through mpp.data.shards.write_shards, and odd tars written
+member by member."""
 import io
 import tarfile
 from pathlib import Path
