@@ -9,7 +9,6 @@ test images also score two references (a random init of the same architecture, t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from mpp.core.config import AT_LEAST_1, POSITIVE, Parser, Range, number_flag
 from mpp.core.errors import cli_main
@@ -30,6 +29,7 @@ from mpp.eval.probe_setup import (
     random_init_like,
     save_report,
 )
+from mpp.run.records import RunBrief
 
 
 def build_parser() -> Parser:
@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def probe(args: argparse.Namespace, target: ProbeTarget, data: ProbeData) -> dict:
-    """Score the model and its references, print the table, write the report (main process only)."""
+    """Score the model and its references, print the table, write the report (main process only);
+    the report as written."""
     vit, dataset, prefix = target.vit, target.dataset, target.prefix
     image_size = vit.config.image_size
     layers = layer_specs(vit.config.depth, args.layers)
@@ -70,25 +71,25 @@ def probe(args: argparse.Namespace, target: ProbeTarget, data: ProbeData) -> dic
 
     if not is_main_process():  # every process helped embed; one reports
         return {}
-    print(f"{prefix}: {dataset} at {image_size} px, {out['feature_dim']}-d features, "
-          f"l2={args.l2[0]:g}, {args.seeds} seed(s), {out['dataset']['test_used']} test images")
-    rows = [("model", out["results"])] + [(REFERENCE_NAMES[k], r["results"]) for k, r in out.get("references", {}).items()]
-    print(f"{'':>11} | " + " | ".join(f"{k + '-shot':>15}" for k in out["results"]))
+    print(f"{prefix}: {dataset} at {image_size} px, {out.feature_dim}-d features, "
+          f"l2={args.l2[0]:g}, {args.seeds} seed(s), {out.dataset.test_used} test images")
+    references = out.references.items() if out.references else []
+    rows = [("model", out.results)] + [(REFERENCE_NAMES[k], r.results) for k, r in references]
+    print(f"{'':>11} | " + " | ".join(f"{k + '-shot':>15}" for k in out.results))
     for name, results in rows:
-        print(f"{name:>11} | " + " | ".join(f"{100 * r['mean']:6.2f} ± {100 * r['std']:5.2f}" for r in results.values()))
-    if "layers" in out:
-        top = str(max(out["shots"]))
-        pixels = out.get("references", {}).get("pixels", {}).get("results")
-        print("\n".join(layer_lines(out["layers"], lambda r: r[top]["mean"], f"{top}-shot", pixels)))
+        print(f"{name:>11} | " + " | ".join(f"{100 * r.mean:6.2f} ± {100 * r.std:5.2f}" for r in results.values()))
+    if out.layers is not None:
+        top = str(max(out.shots))
+        pixels = out.references.pixels.results if out.references and out.references.pixels else None
+        print("\n".join(layer_lines(out.layers, lambda r: r[top].mean, f"{top}-shot", pixels)))
 
     train_cfg = (target.config or {}).get("train", {})
-    report = {**target.report_head(args),
-              "run_config": {k: train_cfg.get(k) for k in ("objective", "model", "dataset", "image_size", "seed")}
-              if target.config else None,
-              "model": args.model, "vit": dataclasses.asdict(vit.config), **out}
-    scalars = {f"{prefix}/{dataset_name(dataset)}/{k}shot": r["mean"] for k, r in out["results"].items()}
+    run_config = RunBrief(**{k: train_cfg.get(k) for k in ("objective", "model", "dataset", "image_size", "seed")}) \
+        if target.config else None
+    report = out.with_head(target.report_head(args), run_config=run_config, model=args.model)
+    scalars = {f"{prefix}/{dataset_name(dataset)}/{k}shot": r.mean for k, r in out.results.items()}
     save_report(target, target.output(args), report, scalars, "fewshot")
-    return report
+    return report.to_json()
 
 
 if __name__ == "__main__":
