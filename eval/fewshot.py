@@ -8,8 +8,6 @@ test images also score two references (a random init of the same architecture, t
 """
 from __future__ import annotations
 
-import dataclasses
-
 from mpp.core.config import Parser
 from mpp.core.errors import cli_main
 from mpp.data.sources import dataset_name
@@ -29,6 +27,7 @@ from mpp.eval.probe_setup import (
     save_report,
     with_flag_advice,
 )
+from mpp.run.records import RunBrief
 
 
 def build_parser() -> Parser:
@@ -51,7 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def probe(config: FewshotConfig, target: ProbeTarget, data: ProbeData) -> dict:
-    """Score the model and its references, print the table, write the report (main process only)."""
+    """Score the model and its references, print the table, write the report (main process only);
+    the report as written."""
     vit, dataset, prefix = target.vit, target.dataset, target.prefix
     image_size = vit.config.image_size
     layers = layer_specs(vit.config.depth, config.layers)
@@ -61,27 +61,25 @@ def probe(config: FewshotConfig, target: ProbeTarget, data: ProbeData) -> dict:
 
     if not is_main_process():  # every process helped embed; one reports
         return {}
-    print(f"{prefix}: {dataset} at {image_size} px, {out['feature_dim']}-d features, "
-          f"l2={config.l2[0]:g}, {config.seeds} seed(s), {out['dataset']['test_used']} test images")
-    references = out.get("references", {})
-    rows = [("model", out["results"])] + [(REFERENCE_NAMES[k], r["results"]) for k, r in references.items()]
-    print(f"{'':>11} | " + " | ".join(f"{k + '-shot':>15}" for k in out["results"]))
+    print(f"{prefix}: {dataset} at {image_size} px, {out.feature_dim}-d features, "
+          f"l2={config.l2[0]:g}, {config.seeds} seed(s), {out.dataset.test_used} test images")
+    references = out.references.items() if out.references else []
+    rows = [("model", out.results)] + [(REFERENCE_NAMES[k], r.results) for k, r in references]
+    print(f"{'':>11} | " + " | ".join(f"{k + '-shot':>15}" for k in out.results))
     for name, results in rows:
-        cells = (f"{100 * r['mean']:6.2f} ± {100 * r['std']:5.2f}" for r in results.values())
-        print(f"{name:>11} | " + " | ".join(cells))
-    if "layers" in out:
-        top = str(max(out["shots"]))
-        pixels = references.get("pixels", {}).get("results")
-        print("\n".join(layer_lines(out["layers"], lambda r: r[top]["mean"], f"{top}-shot", pixels)))
+        print(f"{name:>11} | " + " | ".join(f"{100 * r.mean:6.2f} ± {100 * r.std:5.2f}" for r in results.values()))
+    if out.layers is not None:
+        top = str(max(out.shots))
+        pixels = out.references.pixels.results if out.references and out.references.pixels else None
+        print("\n".join(layer_lines(out.layers, lambda r: r[top].mean, f"{top}-shot", pixels)))
 
     train_cfg = (target.config or {}).get("train", {})
-    report = {**target.report_head(config),
-              "run_config": {k: train_cfg.get(k) for k in ("objective", "model", "dataset", "image_size", "seed")}
-              if target.config else None,
-              "model": config.model, "vit": dataclasses.asdict(vit.config), **out}
-    scalars = {f"{prefix}/{dataset_name(dataset)}/{k}shot": r["mean"] for k, r in out["results"].items()}
+    run_config = RunBrief(**{k: train_cfg.get(k) for k in ("objective", "model", "dataset", "image_size", "seed")}) \
+        if target.config else None
+    report = out.with_head(target.report_head(config), run_config=run_config, model=config.model)
+    scalars = {f"{prefix}/{dataset_name(dataset)}/{k}shot": r.mean for k, r in out.results.items()}
     save_report(target, target.output(config), report, scalars, "fewshot")
-    return report
+    return report.to_json()
 
 
 if __name__ == "__main__":

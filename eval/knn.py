@@ -11,8 +11,6 @@ scores a random init of the same architecture and the raw pixels on the same ima
 """
 from __future__ import annotations
 
-import dataclasses
-
 from mpp.core.config import Parser
 from mpp.core.errors import cli_main
 from mpp.data.sources import dataset_name
@@ -56,7 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def probe(config: KnnConfig, target: ProbeTarget, data: ProbeData) -> dict:
-    """Score the model and its references, print the table, write the report (main process only)."""
+    """Score the model and its references, print the table, write the report (main process only);
+    the report as written."""
     vit, dataset, prefix = target.vit, target.dataset, target.prefix
     image_size, output = vit.config.image_size, target.output(config)
     layers = layer_specs(vit.config.depth, config.layers)
@@ -66,23 +65,22 @@ def probe(config: KnnConfig, target: ProbeTarget, data: ProbeData) -> dict:
 
     if not is_main_process():  # every process helped embed; one reports
         return {}
-    data_used = out["dataset"]
-    print(f"{prefix}: {dataset} at {image_size} px, {out['feature_dim']}-d features, T = {out['temperature']:g}, "
-          f"{data_used['train_used']} training images, {data_used['test_used']} test images")
-    references = out.get("references", {})
-    rows = [("model", out["results"])] + [(REFERENCE_NAMES[k], r["results"]) for k, r in references.items()]
-    print(f"{'':>11} | " + " | ".join(f"{k + '-NN':>7}" for k in out["results"]) + "   (test accuracy, %)")
+    print(f"{prefix}: {dataset} at {image_size} px, {out.feature_dim}-d features, T = {out.temperature:g}, "
+          f"{out.dataset.train_used} training images, {out.dataset.test_used} test images")
+    references = out.references.items() if out.references else []
+    rows = [("model", out.results)] + [(REFERENCE_NAMES[k], r.results) for k, r in references]
+    print(f"{'':>11} | " + " | ".join(f"{k + '-NN':>7}" for k in out.results) + "   (test accuracy, %)")
     for name, results in rows:
-        print(f"{name:>11} | " + " | ".join(f"{100 * r['accuracy']:7.2f}" for r in results.values()))
-    if "layers" in out:
-        top = str(max(out["k"]))
-        pixels = references.get("pixels", {}).get("results")
-        print("\n".join(layer_lines(out["layers"], lambda r: r[top]["accuracy"], f"{top}-NN", pixels)))
+        print(f"{name:>11} | " + " | ".join(f"{100 * r.accuracy:7.2f}" for r in results.values()))
+    if out.layers is not None:
+        top = str(max(out.k))
+        pixels = out.references.pixels.results if out.references and out.references.pixels else None
+        print("\n".join(layer_lines(out.layers, lambda r: r[top].accuracy, f"{top}-NN", pixels)))
 
-    report = {**target.report_head(config), "model": config.model, "vit": dataclasses.asdict(vit.config), **out}
-    scalars = {f"{prefix}/{dataset_name(dataset)}/{k}nn": r["accuracy"] for k, r in out["results"].items()}
+    report = out.with_head(target.report_head(config), model=config.model)
+    scalars = {f"{prefix}/{dataset_name(dataset)}/{k}nn": r.accuracy for k, r in out.results.items()}
     save_report(target, output, report, scalars, "knn")
-    return report
+    return report.to_json()
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ The few-shot protocol, with its l2 fixed in advance, stays in eval/fewshot.py.
 """
 from __future__ import annotations
 
-import dataclasses
-
 from mpp.core.config import Parser
 from mpp.core.errors import cli_main
 from mpp.data.sources import dataset_name
@@ -56,7 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def probe(config: LinearProbeConfig, target: ProbeTarget, data: ProbeData) -> dict:
-    """Score the model and its references, print the table, write the report (main process only)."""
+    """Score the model and its references, print the table, write the report (main process only);
+    the report as written."""
     vit, dataset, prefix = target.vit, target.dataset, target.prefix
     image_size, output = vit.config.image_size, target.output(config)
     layers = layer_specs(vit.config.depth, config.layers)
@@ -64,34 +63,35 @@ def probe(config: LinearProbeConfig, target: ProbeTarget, data: ProbeData) -> di
                            max_train=config.max_train, max_test=config.max_test, features=config.features,
                            layers=layers, random_init=random_init_like(config, target), pixels=config.references)
 
-    data = out["dataset"]
+    used = out.dataset
     if not is_main_process():  # every process helped embed; one reports
         return {}
-    print(f"{prefix}: {dataset} at {image_size} px, {out['feature_dim']}-d features, "
-          f"{data['train_size'] - data['dev_size']} fit + {data['dev_size']} dev training images, "
-          f"{data['test_size']} test images")
+    print(f"{prefix}: {dataset} at {image_size} px, {out.feature_dim}-d features, "
+          f"{used.train_size - used.dev_size} fit + {used.dev_size} dev training images, "
+          f"{used.test_size} test images")
     print(f"{'l2':>10} | dev accuracy (%)")
-    for l2 in out["l2_grid"]:
-        mark = "  <- chosen" if l2 == out["l2"] else ""
-        print(f"{l2:>10.6g} | {100 * out['dev_accuracy'][f'{l2:.12g}']:6.2f}{mark}")
-    print(f"l2 = {out['l2']:.12g} (best on dev), refit on all {data['train_size']} training images: "
-          f"test accuracy {100 * out['accuracy']:.2f}%")
-    if len(out["l2_grid"]) > 1 and out["l2"] in (min(out["l2_grid"]), max(out["l2_grid"])):
+    for l2 in out.l2_grid:
+        mark = "  <- chosen" if l2 == out.l2 else ""
+        print(f"{l2:>10.6g} | {100 * out.dev_accuracy[f'{l2:.12g}']:6.2f}{mark}")
+    print(f"l2 = {out.l2:.12g} (best on dev), refit on all {used.train_size} training images: "
+          f"test accuracy {100 * out.accuracy:.2f}%")
+    if len(out.l2_grid) > 1 and out.l2 in (min(out.l2_grid), max(out.l2_grid)):
         # The dev optimum may lie beyond the grid: say so rather than silently report a clipped choice.
-        edge = "smallest" if out["l2"] == min(out["l2_grid"]) else "largest"
+        edge = "smallest" if out.l2 == min(out.l2_grid) else "largest"
         print(f"note: the chosen l2 is the grid's {edge}; a wider --l2 grid may do better on dev")
-    rows = [("model", out)] + [(REFERENCE_NAMES[key] + (f" ({ref.get('grid')} px)" if key == "pixels" else ""), ref)
-                               for key, ref in out.get("references", {}).items()]
+    references = out.references.items() if out.references else []
+    rows = [("model", out)] + [(REFERENCE_NAMES[key] + (f" ({ref.grid} px)" if key == "pixels" else ""), ref)
+                               for key, ref in references]
     print(f"{'':>18} | test accuracy (%) | l2")
     for name, r in rows:
-        print(f"{name:>18} | {100 * r['accuracy']:17.2f} | {r['l2']:.12g}")
-    if "layers" in out:
-        pixels = out.get("references", {}).get("pixels")
-        print("\n".join(layer_lines(out["layers"], lambda r: r["accuracy"], "test accuracy", pixels)))
+        print(f"{name:>18} | {100 * r.accuracy:17.2f} | {r.l2:.12g}")
+    if out.layers is not None:
+        pixels = out.references.pixels if out.references else None
+        print("\n".join(layer_lines(out.layers, lambda r: r.accuracy, "test accuracy", pixels)))
 
-    report = {**target.report_head(config), **out, "vit": dataclasses.asdict(vit.config)}
-    save_report(target, output, report, {f"{prefix}/{dataset_name(dataset)}": out["accuracy"]}, "linear_probe")
-    return report
+    report = out.with_head(target.report_head(config))
+    save_report(target, output, report, {f"{prefix}/{dataset_name(dataset)}": out.accuracy}, "linear_probe")
+    return report.to_json()
 
 
 if __name__ == "__main__":

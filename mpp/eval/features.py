@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from mpp.core.errors import UsageError
 from mpp.data.sources import normalize
+from mpp.run.records import LayerSpec
 from mpp.run.runtime import LOADER_LIMIT_S
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the evaluation CLIs' --device
@@ -39,8 +40,9 @@ class FeatureSpec:
     def name(self) -> str:  # "6/token+norm": how reports, tables and plots name it
         return f"{self.layer}/{self.pool}{'+norm' if self.norm else ''}"
 
-    def record(self) -> dict:
-        return {"name": self.name, "layer": self.layer, "pool": self.pool, "norm": self.norm}
+    def record(self) -> LayerSpec:
+        """As a report's "layers" lists it."""
+        return LayerSpec(name=self.name, layer=self.layer, pool=self.pool, norm=self.norm)
 
 
 def headline_spec(depth: int, features: str = "token") -> FeatureSpec:

@@ -109,7 +109,7 @@ class FewshotMonitor:
                 for spec, suffix in zip(specs, ("", "_avg")):
                     scored = s.draws.score(train_x[spec.name], train_y, test_x[spec.name], test_y, [L2],
                                            s.data.num_classes)
-                    values.update({f"fewshot{suffix}/{s.name}/{k}shot": r["mean"] for k, r in scored.items()})
+                    values.update({f"fewshot{suffix}/{s.name}/{k}shot": r.mean for k, r in scored.items()})
                     nearest = knn_probe_grid(train_x[spec.name], train_y, test_x[spec.name], test_y, KNN_KS,
                                              KNN_TEMPERATURE, s.data.num_classes)
                     values.update({f"knn{suffix}/{s.name}/{k}nn": accuracy for k, accuracy in nearest.items()})

@@ -1,8 +1,8 @@
 """What the probe CLIs (eval/fewshot.py, eval/linear_probe.py, eval/knn.py) share: their flags (from
 their config classes, mpp.eval.probe_config), the model they evaluate (a run's newest checkpoint, a
-named checkpoint, or a random init of a run's architecture or of a preset), and where their report
-goes (a JSON file beside the run, and its headline scalars in the run's TensorBoard at the
-checkpoint's step).
+named checkpoint, or a random init of a run's architecture or of a preset), the head of their report
+(what was probed: mpp.run.records.ProbeHead), and where the report goes (a JSON file beside the run,
+and its headline scalars in the run's TensorBoard at the checkpoint's step).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from mpp.eval.probe_runs import Embedder
 from mpp.model.kernel_policy import KernelPolicy, RunShapes
 from mpp.model.vit import ViT, ViTConfig, vit_config
 from mpp.run.checkpoint import KernelsFor, load_checkpoint, load_run
+from mpp.run.records import ImportedModel, LayerSweep, ProbeHead, Report
 from mpp.run.rundir import CONFIG, TENSORBOARD, run_dir_of, step_of_name
 from mpp.run.runtime import choose_kernels, compile_blocks
 
@@ -164,15 +165,16 @@ class ProbeTarget:
     dataset: str  # --dataset, else the run's training dataset
     prefix: str  # e.g. "fewshot" or "fewshot_random_init": TensorBoard tag and default file name
     step: int  # the checkpoint's step (0 for a random init)
-    imported: dict | None = None  # a timm --run's record (mpp.eval.timm_io.Imported.record), else None
+    imported: ImportedModel | None = None  # a timm --run's record (mpp.eval.timm_io.Imported.record), else None
 
-    def report_head(self, config: ProbeConfig) -> dict:
-        return {"init": "random" if config.random_init else "trained",
-                "run": str(self.run_dir) if self.run_dir else None,
-                "checkpoint": str(self.checkpoint) if self.checkpoint else None, "step": self.step,
-                "features": config.features, "kernels": self.vit.kernels.names(),  # which ops computed the features
-                "reference_seed": reference_seed(config, self.config) if config.references and not config.random_init
-                else None, **({"imported": self.imported} if self.imported else {})}  # only for a timm --run
+    def report_head(self, config: ProbeConfig) -> ProbeHead:
+        return ProbeHead(init="random" if config.random_init else "trained",
+                         run=str(self.run_dir) if self.run_dir else None,
+                         checkpoint=str(self.checkpoint) if self.checkpoint else None, step=self.step,
+                         features=config.features, kernels=self.vit.kernels.names(),  # which ops computed the features
+                         reference_seed=reference_seed(config, self.config)
+                         if config.references and not config.random_init else None,
+                         imported=self.imported)  # written for a timm --run only
 
     def output(self, config: ProbeConfig) -> Path:  # RUN_DIR/<prefix with dashes>.json unless --output
         return Path(config.output) if config.output else self.run_dir / f"{self.prefix.replace('_', '-')}.json"
@@ -200,7 +202,8 @@ def timm_target(config: ProbeConfig, name: str) -> ProbeTarget:
     if config.compile:
         compile_blocks(vit)
     prefix = name + ("_avg" if config.features == "avg" else "")
-    return ProbeTarget(None, vit.eval(), None, None, config.dataset or DEFAULT_DATASET, prefix, 0, imported.record())
+    return ProbeTarget(None, vit.eval(), None, None, config.dataset or DEFAULT_DATASET, prefix, 0,
+                       ImportedModel(**imported.record()))
 
 
 def claim_report(output: Path) -> contextlib.AbstractContextManager:
@@ -222,12 +225,12 @@ def check_writable(output: Path) -> None:
         raise UsageError(f"cannot write '{output}' ({problem}): pass a writable --output")
 
 
-def save_report(target: ProbeTarget, output: Path, report: dict, scalars: dict[str, float], folder: str) -> None:
-    """Write the JSON report, and its headline scalars to TensorBoard beside the run's own curves
+def save_report(target: ProbeTarget, output: Path, report: Report, scalars: dict[str, float], folder: str) -> None:
+    """Write the JSON report (`report.to_json()`), and its headline scalars to TensorBoard beside the run's own curves
     (RUN/tensorboard/<folder>), at the checkpoint's step so probes of successive checkpoints line up."""
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        write_json(output, report)
+        write_json(output, report.to_json())
     except OSError as e:
         raise UsageError(disk_refused(e) or f"cannot write '{output}' ({e.strerror}): pass a writable --output") from e
     from torch.utils.tensorboard import SummaryWriter
@@ -238,24 +241,22 @@ def save_report(target: ProbeTarget, output: Path, report: dict, scalars: dict[s
     print(f"wrote {output}")
 
 
-def layer_lines(layers: dict, value, what: str, pixels: dict | None = None) -> list[str]:
+def layer_lines(layers: LayerSweep, value, what: str, pixels=None) -> list[str]:
     """A printed table of a layer sweep: one row per feature variant (pool, norm), one column per
     block, `value(result)` in % in each cell; the same rows for the random init when the sweep has
     them, the raw `pixels` reference's result as a row, then the model's best cell; `what` names the
     number shown."""
-    specs = layers["specs"]
-    blocks = sorted({s["layer"] for s in specs})
-    variants = list(dict.fromkeys(s["name"].split("/", 1)[1] for s in specs))
+    blocks = layers.blocks
     lines = [f"by block ({what}, %):", f"{'feature':>24} | " + " ".join(f"{b:>6}" for b in blocks)]
-    for source, label in (("results", ""), ("random_init", " (random init)")):
-        for variant in variants if source in layers else []:
+    for results, label in ((layers.results, ""), (layers.random_init, " (random init)")):
+        for variant in layers.variants if results is not None else []:
             cells = []
             for b in blocks:
-                result = layers[source].get(f"{b}/{variant}")
+                result = results.get(f"{b}/{variant}")
                 cells.append(f"{100 * value(result):6.1f}" if result is not None else f"{'–':>6}")
             lines.append(f"{variant + label:>24} | " + " ".join(cells))
     if pixels is not None:
         lines.append(f"{'raw pixels':>24} | " + " ".join(f"{100 * value(pixels):6.1f}" for _ in blocks))
-    best = max(layers["results"], key=lambda n: value(layers["results"][n]))
-    lines.append(f"best: block {best} ({100 * value(layers['results'][best]):.1f}%)")
+    best = max(layers.results, key=lambda n: value(layers.results[n]))
+    lines.append(f"best: block {best} ({100 * value(layers.results[best]):.1f}%)")
     return lines

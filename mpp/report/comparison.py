@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict
 from pathlib import Path
 
 from mpp.core.errors import UsageError
 from mpp.core.files import atomic_write, writable_dir, write_json
 from mpp.report.curves import read_curves, read_probe_curves
+from mpp.report.entries import as_json
 from mpp.report.plots import (
     plot_curves,
     plot_fewshot,
@@ -202,9 +202,9 @@ def compare(run_dirs: list[str | Path], output_dir: str | Path | None = None, na
     files = [output / MARKDOWN, output / REPORT, *drawn]
     markdown = render(tables, notes, by_block)
     command = tensorboard_command(parent, output, runs)
-    report = {"runs": [asdict(r) for r in runs],
-              "random_init": [asdict(r) for r in baselines if r.kind == "random-init"],
-              "pixels": [asdict(r) for r in baselines if r.kind == "pixels"],
+    report = {"runs": [as_json(r) for r in runs],
+              "random_init": [as_json(r) for r in baselines if r.kind == "random-init"],
+              "pixels": [as_json(r) for r in baselines if r.kind == "pixels"],
               "main_dataset": tables[0]["dataset"], "tables": tables, "layer_tables": by_block,
               "notes": notes, "plots": plots,
               "markdown": markdown, "output": str(output),

@@ -37,9 +37,9 @@ def plot_fewshot(rows: list[Row], datasets: list[str], path: Path, colors: dict[
     for ax, dataset in zip(fig.subplots(1, len(datasets), squeeze=False)[0], datasets):
         shots = shot_counts(rows, dataset)
         for row in (r for r in rows if dataset in r.fewshot):
-            results = row.fewshot[dataset]["results"]
+            results = row.fewshot[dataset].results
             ks = sorted(results)
-            ax.errorbar(ks, [100 * results[k]["mean"] for k in ks], yerr=[100 * results[k]["std"] for k in ks],
+            ax.errorbar(ks, [100 * results[k].mean for k in ks], yerr=[100 * results[k].std for k in ks],
                         marker="o", capsize=3, label=row.name, color=colors[row.name + row.kind],
                         linestyle=BASELINE_STYLES.get(row.kind, "-"))
         ax.set_xscale("log")
@@ -62,7 +62,7 @@ def plot_layers(runs: list[Row], baselines: list[Row], views: list[LayerView], p
     from matplotlib.ticker import MaxNLocator
 
     variants = list(dict.fromkeys(v for r in runs for view in views if (layers := row_layers(r, view))
-                                  for v in layers["variants"]))
+                                  for v in layers.variants))
     markers = {v: VARIANT_MARKERS[i % len(VARIANT_MARKERS)] for i, v in enumerate(variants)}
     cols = min(3, len(views))
     rows_n = -(-len(views) // cols)
@@ -73,9 +73,9 @@ def plot_layers(runs: list[Row], baselines: list[Row], views: list[LayerView], p
             layers = row_layers(run, view)
             if layers is None:
                 continue
-            for results, style in (layers["results"], "-"), (layers["random_init"] or {}, BASELINE_STYLES["random-init"]):
-                for var in layers["variants"]:
-                    points = [(b, a) for b in layers["blocks"]
+            for results, style in (layers.results, "-"), (layers.random_init or {}, BASELINE_STYLES["random-init"]):
+                for var in layers.variants:
+                    points = [(b, a) for b in layers.blocks
                               if (a := accuracy(results.get(f"{b}/{var}"), view)) is not None]
                     if points:
                         xs, ys = zip(*points)

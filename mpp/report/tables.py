@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from mpp.report.entries import Entry, FinetuneEntry, Sweep
 from mpp.report.reports import DASH, Row
 
 
@@ -40,33 +41,33 @@ def main_dataset(rows: list[Row]) -> str | None:
 
 
 def shot_counts(rows: list[Row], dataset: str) -> list[int]:
-    return sorted({k for row in rows if dataset in row.fewshot for k in row.fewshot[dataset]["results"]})
+    return sorted({k for row in rows if dataset in row.fewshot for k in row.fewshot[dataset].results})
 
 
 def fewshot_cells(row: Row, dataset: str | None, shots: list[int]) -> list[str]:
-    results = row.fewshot[dataset]["results"] if dataset in row.fewshot else {}
-    return [pct(results[k]["mean"], results[k]["std"]) if k in results else DASH for k in shots]
+    results = row.fewshot[dataset].results if dataset in row.fewshot else {}
+    return [pct(results[k].mean, results[k].std) if k in results else DASH for k in shots]
 
 
-def shared_dataset(entries: list[dict | None]) -> str | None:
+def shared_dataset(entries: list[Entry | FinetuneEntry | None]) -> str | None:
     """The one dataset of a column's results, or None when they differ (each cell then names its own)."""
-    found = {e["dataset"] for e in entries if e}
+    found = {e.dataset for e in entries if e}
     return found.pop() if len(found) == 1 else None
 
 
-def result_cell(entry: dict | None, shared: str | None, text: str) -> str:
+def result_cell(entry: Entry | FinetuneEntry | None, shared: str | None, text: str) -> str:
     if entry is None:
         return DASH
-    return text if shared else f"{text} ({entry['dataset']})"
+    return text if shared else f"{text} ({entry.dataset})"
 
 
-def finetune_text(entry: dict) -> str:
-    lr = f", lr {entry['lr']:g}" if isinstance(entry.get("lr"), (int, float)) else ""
-    return pct(entry["mean"], entry["std"]) + lr
+def finetune_text(entry: FinetuneEntry) -> str:
+    lr = f", lr {entry.lr:g}" if isinstance(entry.lr, (int, float)) else ""
+    return pct(entry.mean, entry.std) + lr
 
 
 def knn_cells(row: Row, shared: str | None, ks: list[int]) -> list[str]:
-    results = row.knn["results"] if row.knn else {}
+    results = row.knn.results if row.knn else {}
     return [result_cell(row.knn, shared, pct(results[k])) if k in results else DASH for k in ks]
 
 
@@ -77,14 +78,14 @@ def main_table(runs: list[Row], baselines: list[Row], dataset: str | None) -> di
     shots = shot_counts(rows, dataset) if dataset else []
     probe_ds = shared_dataset([r.linear_probe for r in rows])
     knn_ds = shared_dataset([r.knn for r in rows])
-    ks = sorted({k for r in rows if r.knn for k in r.knn["results"]})
+    ks = sorted({k for r in rows if r.knn for k in r.knn.results})
     tune_ds = shared_dataset([r.finetune for r in rows])
     columns = ["run", "objective", "data", *[f"{k}-shot" for k in shots],
                f"linear probe ({probe_ds})" if probe_ds else "linear probe",
                *[f"k-NN k={k}" + (f" ({knn_ds})" if knn_ds else "") for k in ks],
                f"fine-tune ({tune_ds})" if tune_ds else "fine-tune", "steps", "wall time"]
     cells = [[r.name, r.label, r.dataset or DASH, *fewshot_cells(r, dataset, shots),
-              result_cell(r.linear_probe, probe_ds, pct(r.linear_probe["accuracy"]) if r.linear_probe else ""),
+              result_cell(r.linear_probe, probe_ds, pct(r.linear_probe.accuracy) if r.linear_probe else ""),
               *knn_cells(r, knn_ds, ks),
               result_cell(r.finetune, tune_ds, finetune_text(r.finetune) if r.finetune else ""),
               f"{r.steps:,}" if isinstance(r.steps, int) else DASH, duration(r.wall_time_s)] for r in rows]
@@ -124,29 +125,29 @@ class LayerView:
         return f"{self.k}-NN on {self.dataset}" if self.probe == "knn" else f"linear probe on {self.dataset}"
 
 
-def view_entry(row: Row, view: LayerView) -> dict | None:
+def view_entry(row: Row, view: LayerView) -> Entry | None:
     """The row's shown report entry for this evaluation, or None."""
     if view.probe == "fewshot":
         entry = row.fewshot.get(view.dataset)
     else:
         entry = row.knn if view.probe == "knn" else row.linear_probe
-    return entry if entry and entry["dataset"] == view.dataset else None
+    return entry if entry and entry.dataset == view.dataset else None
 
 
-def row_layers(row: Row, view: LayerView) -> dict | None:
-    """The row's per-block sweep (mpp.report.reports.parse_layers) for this evaluation, or None."""
+def row_layers(row: Row, view: LayerView) -> Sweep | None:
+    """The row's per-block sweep (mpp.report.entries.Sweep) for this evaluation, or None."""
     entry = view_entry(row, view)
-    return entry["layers"] if entry else None
+    return entry.layers if entry else None
 
 
-def accuracy(result: dict | None, view: LayerView) -> float | None:
-    """A result's accuracy in this evaluation: a few-shot {shots: {mean, std}} at the view's shots,
-    a k-NN {k: accuracy} at its k, or a probe's."""
+def accuracy(result, view: LayerView) -> float | None:
+    """A result's accuracy in this evaluation: a few-shot {shots: Score} at the view's shots, a k-NN
+    {k: accuracy} at its k, or a probe's ProbeScore (mpp.report.entries)."""
     if result is None:
         return None
     if view.probe == "fewshot":
-        return result[view.shots]["mean"] if view.shots in result else None
-    return result.get(view.k) if view.probe == "knn" else result["accuracy"]
+        return result[view.shots].mean if view.shots in result else None
+    return result.get(view.k) if view.probe == "knn" else result.accuracy
 
 
 def reference_accuracy(row: Row, view: LayerView) -> float | None:
@@ -154,7 +155,7 @@ def reference_accuracy(row: Row, view: LayerView) -> float | None:
     entry = view_entry(row, view)
     if entry is None:
         return None
-    return entry["accuracy"] if view.probe == "linear_probe" else accuracy(entry["results"], view)
+    return entry.accuracy if view.probe == "linear_probe" else accuracy(entry.results, view)
 
 
 def layer_views(runs: list[Row], datasets: list[str | None]) -> list[LayerView]:
@@ -164,46 +165,46 @@ def layer_views(runs: list[Row], datasets: list[str | None]) -> list[LayerView]:
     shots: dict[str, set] = {}
     for row in runs:
         for ds, entry in row.fewshot.items():
-            if entry["layers"]:
-                shots.setdefault(ds, set()).update(k for r in entry["layers"]["results"].values() for k in r)
+            if entry.layers:
+                shots.setdefault(ds, set()).update(k for r in entry.layers.results.values() for k in r)
     order = [d for d in datasets if d in shots] + [d for d in shots if d not in datasets]
     views = [LayerView("fewshot", ds, k) for ds in order for k in sorted(shots[ds])]
-    probed = dict.fromkeys(r.linear_probe["dataset"] for r in runs if r.linear_probe and r.linear_probe["layers"])
+    probed = dict.fromkeys(r.linear_probe.dataset for r in runs if r.linear_probe and r.linear_probe.layers)
     ks: dict[str, set] = {}
     for row in runs:
-        if row.knn and row.knn["layers"]:
-            ks.setdefault(row.knn["dataset"], set()).update(k for r in row.knn["layers"]["results"].values() for k in r)
+        if row.knn and row.knn.layers:
+            ks.setdefault(row.knn.dataset, set()).update(k for r in row.knn.layers.results.values() for k in r)
     return (views + [LayerView("linear_probe", ds) for ds in probed]
             + [LayerView("knn", ds, k=k) for ds, found in ks.items() for k in sorted(found)])
 
 
-def best_layer(layers: dict, view: LayerView) -> dict | None:
+def best_layer(layers: Sweep, view: LayerView) -> dict | None:
     """{"block", "features", "accuracy"} of the sweep's best feature (the first in spec order on a tie)."""
-    scored = [(accuracy(layers["results"].get(s["name"]), view), s) for s in layers["specs"]]
+    scored = [(accuracy(layers.results.get(s.name), view), s) for s in layers.specs]
     scored = [(a, s) for a, s in scored if a is not None]
     if not scored:
         return None
     best, spec = max(scored, key=lambda found: found[0])
-    return {"block": spec["layer"], "features": spec["name"].split("/", 1)[1], "accuracy": best}
+    return {"block": spec.layer, "features": spec.variant, "accuracy": best}
 
 
 def layer_table(runs: list[Row], baselines: list[Row], view: LayerView) -> dict:
     """Rows (run × feature variant, then the run's random init) by block; each run's best cell in bold."""
     swept = [(r, layers) for r in runs if (layers := row_layers(r, view))]
-    blocks = sorted({b for _, layers in swept for b in layers["blocks"]})
+    blocks = sorted({b for _, layers in swept for b in layers.blocks})
     cells, best = [], {}
     for row, layers in swept:
         best[row.name] = best_layer(layers, view)
         top = best[row.name]
-        for name, results in ((row.name, layers["results"]), (f"{row.name} (random init)", layers["random_init"])):
+        for name, results in ((row.name, layers.results), (f"{row.name} (random init)", layers.random_init)):
             if results is None:
                 continue
-            for var in layers["variants"]:
+            for var in layers.variants:
                 line = [name, var]
                 for b in blocks:
                     found = accuracy(results.get(f"{b}/{var}"), view)
                     text = pct(found) if found is not None else DASH
-                    bold = top and results is layers["results"] and (b, var) == (top["block"], top["features"])
+                    bold = top and results is layers.results and (b, var) == (top["block"], top["features"])
                     line.append(f"**{text}**" if bold else text)
                 cells.append(line)
     tops = [f"{name} block {b['block']}, {b['features']} ({pct(b['accuracy'])})" for name, b in best.items() if b]
