@@ -40,6 +40,7 @@ from mpp.model.vit import ViT
 from mpp.run import rundir
 from mpp.run.checkpoint import save_checkpoint
 from mpp.run.optim import Schedule
+from mpp.run.records import AccuracyOverSeeds, DatasetUsed, FinetuneReport, FinetuneStart, GridPoint, Training
 from mpp.run.runtime import (
     autocast_dtype,
     choose_kernels,
@@ -240,7 +241,7 @@ class _Setup:
     tuner: Finetuner  # the data, the starting weights, the loss
     split: dict  # indices into the training split: "train" (the labelled subset), its "fit" and "dev" parts
     steps: int  # optimizer steps of every training
-    results: dict  # finetune.json as recorded so far (--resume keeps its trainings)
+    report: FinetuneReport  # finetune.json so far (a --resume keeps its trainings)
     run_cfg: dict  # OUT/config.json
 
 
@@ -272,7 +273,7 @@ def _setup(config: FinetuneConfig, accelerator, held: contextlib.ExitStack, poli
     out = Path(config.output_dir)
     # ---- model and data
     start, pretrained_cfg, dataset, start_point = starting_model(config)
-    results = recorded_results(out, config, start_point)
+    recorded = recorded_results(out, config, start_point)
     image_size = start.config.image_size
     transform = train_transform(config, image_size)
     train_set, info = build_dataset(dataset, "train", image_size, train=True, transform=transform)
@@ -305,31 +306,29 @@ def _setup(config: FinetuneConfig, accelerator, held: contextlib.ExitStack, poli
         "vit": dataclasses.asdict(start.config), "finetune": settings, "command": " ".join(sys.argv),
         **invocation.record(), **provenance(),  # as a pretraining run's (mpp.run.rundir.RECORDED)
     }
-    prepare_output(out, config, settings, run_cfg, accelerator, results)
-    results.update({
-        "start": start_point,  # what every recorded training started from: a --resume must start there too
-        "pretrained": pretrained_source(config.run),
-        "init": "pretrained" if config.run else "scratch",
-        "pretrained_objective": (pretrained_cfg or {}).get("train", {}).get("objective"),
-        "dataset": {"spec": dataset, "image_size": image_size, "num_classes": info.num_classes,
-                    "train_size": len(split["train"]), "fit_size": len(split["fit"]), "dev_size": len(split["dev"]),
-                    "test_size": len(test_set)},
-        "steps": steps, "vit": dataclasses.asdict(start.config), "config": settings, "kernels": kernels.record(),
-    })
-    results.setdefault("trainings", {})
-    return _Setup(tuner, split, steps, results, run_cfg)
+    prepare_output(out, config, settings, run_cfg, accelerator, recorded)
+    report = FinetuneReport(
+        start=FinetuneStart.from_json(start_point),  # what every recorded training started from: a --resume's too
+        pretrained=pretrained_source(config.run), init="pretrained" if config.run else "scratch",
+        pretrained_objective=(pretrained_cfg or {}).get("train", {}).get("objective"),
+        dataset=DatasetUsed(spec=dataset, image_size=image_size, num_classes=info.num_classes,
+                            train_size=len(split["train"]), fit_size=len(split["fit"]), dev_size=len(split["dev"]),
+                            test_size=len(test_set)),
+        steps=steps, vit=dataclasses.asdict(start.config), config=settings, kernels=kernels.record(),
+        trainings=dict(recorded.trainings or {}) if recorded else {})
+    return _Setup(tuner, split, steps, report, run_cfg)
 
 
-def _record(setup: _Setup, tag: str, entry: dict) -> None:
+def _record(setup: _Setup, tag: str, training: Training) -> None:
     """One training's outcome into finetune.json, written at once: a --resume keeps it."""
-    setup.results["trainings"][tag] = entry
+    setup.report.trainings[tag] = training
     if setup.tuner.accelerator.is_main_process:
-        write_json(setup.tuner.out / rundir.FINETUNE, setup.results)
+        write_json(setup.tuner.out / rundir.FINETUNE, setup.report.to_json())
 
 
 def _choose_lr(setup: _Setup) -> tuple[float, dict]:
     """The lr grid: each rate trained on "fit" and scored on "dev" only; (the best rate, the grid)."""
-    config, trainings, split = setup.tuner.config, setup.results["trainings"], setup.split
+    config, trainings, split = setup.tuner.config, setup.report.trainings, setup.split
     lrs = list(dict.fromkeys(float(lr) for lr in config.lrs))
     grid = {}
     for lr in lrs if len(lrs) > 1 else []:
@@ -337,53 +336,50 @@ def _choose_lr(setup: _Setup) -> tuple[float, dict]:
         if tag not in trainings:
             started = time.perf_counter()
             trained = setup.tuner.train(split["fit"], lr, 0, tag, "dev")
-            _record(setup, tag, {"lr": lr, "seed": 0, "dev_accuracy": trained.score, "scored": trained.scored,
-                                 "wall_time_s": time.perf_counter() - started})
-        grid[f"{lr:g}"] = {"dev_accuracy": trainings[tag]["dev_accuracy"]}
+            _record(setup, tag, Training(lr=lr, seed=0, dev_accuracy=trained.score, scored=trained.scored,
+                                         wall_time_s=time.perf_counter() - started))
+        grid[f"{lr:g}"] = GridPoint(dev_accuracy=trainings[tag].dev_accuracy)
     lr = select_lr(grid) if grid else lrs[0]
     setup.tuner.accelerator.print(f"lr {lr:g} chosen on the dev split ({len(split['dev'])} images): " + (
-        ", ".join(f"{k}: {100 * v['dev_accuracy']:.1f}%" for k, v in grid.items()) or "no grid"))
+        ", ".join(f"{k}: {100 * v.dev_accuracy:.1f}%" for k, v in grid.items()) or "no grid"))
     return lr, grid
 
 
 def _final_trainings(setup: _Setup, lr: float) -> None:
     """Every seed trained on all the labelled data at `lr`, scored once on the test split."""
-    tuner, trainings = setup.tuner, setup.results["trainings"]
+    tuner, trainings = setup.tuner, setup.report.trainings
     for seed in range(tuner.config.seeds):
         tag = f"seed{seed}"
-        if tag not in trainings or trainings[tag]["lr"] != lr:
+        if tag not in trainings or trainings[tag].lr != lr:
             started = time.perf_counter()
             trained = tuner.train(setup.split["train"], lr, seed, tag, "test")
             if seed == 0 and tuner.accelerator.is_main_process:
                 save_checkpoint(tuner.out, setup.steps, {"config": setup.run_cfg, "model": trained.model.state_dict(),
                                                          "step": setup.steps},
                                 keep=1)  # seed 0's weights: the probes read this directory as a run
-            _record(setup, tag, {"lr": lr, "seed": seed, "test_accuracy": trained.score, "scored": trained.scored,
-                                 "wall_time_s": time.perf_counter() - started})
+            _record(setup, tag, Training(lr=lr, seed=seed, test_accuracy=trained.score, scored=trained.scored,
+                                         wall_time_s=time.perf_counter() - started))
 
 
-def _summarise(setup: _Setup, lr: float, grid: dict) -> dict:
-    """finetune.json's totals, its TensorBoard summary and the line that reports them."""
-    config, accelerator, out, results = setup.tuner.config, setup.tuner.accelerator, setup.tuner.out, setup.results
-    trainings = results["trainings"]
-    per_seed = [trainings[f"seed{s}"]["test_accuracy"] for s in range(config.seeds)]
-    results.update({
-        "lr": lr, "grid": grid, "seeds": list(range(config.seeds)),
-        "test_accuracy": {"mean": float(np.mean(per_seed)), "std": float(np.std(per_seed)), "per_seed": per_seed},
-        "std": "population (ddof=0) over seeds",
-        "wall_time_s": sum(t.get("wall_time_s", 0.0) for t in trainings.values()),  # every training, resumed or not
-    })
+def _summarise(setup: _Setup, lr: float, grid: dict[str, GridPoint]) -> dict:
+    """finetune.json's totals, its TensorBoard summary and the line that reports them; the report as written."""
+    config, accelerator, out = setup.tuner.config, setup.tuner.accelerator, setup.tuner.out
+    per_seed = [setup.report.trainings[f"seed{s}"].test_accuracy for s in range(config.seeds)]
+    accuracy = AccuracyOverSeeds(mean=float(np.mean(per_seed)), std=float(np.std(per_seed)), per_seed=per_seed)
+    report = setup.report = dataclasses.replace(
+        setup.report, lr=lr, grid=grid, seeds=list(range(config.seeds)), test_accuracy=accuracy,
+        std="population (ddof=0) over seeds",
+        wall_time_s=sum(t.wall_time_s or 0.0 for t in setup.report.trainings.values()))  # every training, resumed or not
     if accelerator.is_main_process:
-        write_json(out / rundir.FINETUNE, results)
+        write_json(out / rundir.FINETUNE, report.to_json())
         summary = Trackers(config.report_to, out, f"{rundir.TENSORBOARD}/summary", f"{out.name}/summary", main=True,
                            job_type="finetune", config=flat_config(setup.run_cfg, ("train", "vit", "finetune")))
-        summary.log({"finetune/test_accuracy": results["test_accuracy"]["mean"], "finetune/lr": lr}, setup.steps)
+        summary.log({"finetune/test_accuracy": accuracy.mean, "finetune/lr": lr}, setup.steps)
         summary.finish()
-        acc = results["test_accuracy"]
-        accelerator.print(f"test accuracy {100 * acc['mean']:.2f} ± {100 * acc['std']:.2f}% over {config.seeds} "
+        accelerator.print(f"test accuracy {100 * accuracy.mean:.2f} ± {100 * accuracy.std:.2f}% over {config.seeds} "
                           f"seed(s) at lr {lr:g}; wrote {out / rundir.FINETUNE}")
     accelerator.end_training()
-    return results
+    return report.to_json()
 
 
 def parse_args(argv: list[str] | None = None) -> FinetuneConfig:

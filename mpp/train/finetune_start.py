@@ -21,6 +21,7 @@ from mpp.eval import timm_io
 from mpp.model.vit import ViT, vit_config
 from mpp.run import checkpoint as ckpt_io
 from mpp.run import rundir
+from mpp.run.records import FinetuneReport, read_record
 from mpp.train.finetune_config import FinetuneConfig
 
 SCRATCH_MODEL = "Micro/4"
@@ -136,7 +137,7 @@ def still_there(start: dict) -> bool:
     return path.is_file() and file_sha256(path) == start["sha256"]
 
 
-def recorded_results(out: Path, config: FinetuneConfig, start: dict) -> dict:
+def recorded_results(out: Path, config: FinetuneConfig, start: dict) -> FinetuneReport | None:
     """The results recorded so far (with --resume), after refusing to overwrite them or to resume them
     from another starting point; checked before the data is loaded, so a refusal comes at once."""
     path = out / rundir.FINETUNE
@@ -147,18 +148,19 @@ def recorded_results(out: Path, config: FinetuneConfig, start: dict) -> dict:
         raise UsageError(f"--resume: no {rundir.FINETUNE} in '{out}': drop --resume to start this fine-tune")
     if not config.resume:
         rundir.refuse_not_empty(out, "--output-dir", "fine-tune")
-    results = json.loads(path.read_text()) if config.resume else {}
-    if results:
-        check_same_start(out, results.get("start"), start)
-    return results
+    if not config.resume:
+        return None
+    recorded = read_record(path, FinetuneReport)  # a malformed file: one line naming it
+    check_same_start(out, recorded.start.to_json() if recorded.start else None, start)
+    return recorded
 
 
 def prepare_output(out: Path, config: FinetuneConfig, settings: dict, run_cfg: dict, accelerator,
-                   results: dict) -> None:
+                   recorded: FinetuneReport | None) -> None:
     """Refuse to mix settings with the recorded results; a new fine-tune's config.json, or a resume's
     entry in its resumed[] (as a pretraining run records one)."""
-    if results:
-        saved = results.get("config", {})
+    if recorded is not None:
+        saved = recorded.config or {}
         as_saved = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}  # JSON has no tuples
         changed = rundir.changed_settings(saved, as_saved, RESUMABLE)
         if changed:
@@ -176,6 +178,6 @@ def prepare_output(out: Path, config: FinetuneConfig, settings: dict, run_cfg: d
     if not isinstance(recorded, dict):
         recorded = dict(run_cfg)
     recorded.setdefault("resumed", []).append({  # what resumed it, and the code that did
-        "trainings_done": len(results.get("trainings", {})), "command": run_cfg["command"],
+        "trainings_done": len(recorded.trainings or {}) if recorded else 0, "command": run_cfg["command"],
         **{k: run_cfg[k] for k in rundir.RECORDED}})
     write_json(out / rundir.CONFIG, recorded)

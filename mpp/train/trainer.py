@@ -41,6 +41,7 @@ from mpp.model.vit import ViT
 from mpp.run import checkpoint as ckpt_io
 from mpp.run import rundir, runtime
 from mpp.run.optim import param_groups
+from mpp.run.records import SkippedImages, Summary
 from mpp.run.trackers import Trackers, flat_config
 from mpp.train.loop import Built, Hooks, LoopSettings, Progress, TrainLoop, data_loaders
 
@@ -377,14 +378,11 @@ class Trainer(Hooks):
                       f"{rundir.checkpoint_dir(run_dir)}: rerun the same command with --resume to continue")
             sys.exit(self.stop.exit_code)
         if acc.is_main_process:
-            summary = {
-                "objective": self.config.objective, "steps": step,
-                "wall_time_s": self.progress.elapsed + time.perf_counter() - self.started,
-                "eval": results, "last_train": self.loop.values, "kernels": self.run_cfg["kernels"],
-                # this process's share of the unreadable images skipped (the warnings name them)
-                "skipped_images": {"train": self.train_set.skipped_images(), "eval": self.eval_set.skipped_images()},
-            }
-            write_json(run_dir / rundir.SUMMARY, summary)
+            summary = Summary(  # this process's share of the unreadable images skipped (the warnings name them)
+                objective=self.config.objective, steps=step, eval=results, last_train=self.loop.values,
+                wall_time_s=self.progress.elapsed + time.perf_counter() - self.started, kernels=self.run_cfg["kernels"],
+                skipped_images=SkippedImages(train=self.train_set.skipped_images(), eval=self.eval_set.skipped_images()))
+            write_json(run_dir / rundir.SUMMARY, summary.to_json())
             acc.print(f"done: {run_dir} ({step} steps; eval {json.dumps({k: round(v, 4) for k, v in results.items()})})")
         self.trackers.finish()
         acc.end_training()
