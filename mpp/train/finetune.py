@@ -222,7 +222,8 @@ class _Hooks(loop.Hooks):
 
 
 def select_lr(grid: dict[str, dict]) -> float:
-    """The lr with the best dev accuracy; ties go to the smaller lr (the more conservative choice)."""
+    """The lr with the best dev accuracy (finetune.json's grid: lr → {"dev_accuracy": ...}); ties go to
+    the smaller lr (the more conservative choice)."""
     return min((-v["dev_accuracy"], float(lr)) for lr, v in grid.items())[1]
 
 
@@ -339,7 +340,7 @@ def _choose_lr(setup: _Setup) -> tuple[float, dict]:
             _record(setup, tag, Training(lr=lr, seed=0, dev_accuracy=trained.score, scored=trained.scored,
                                          wall_time_s=time.perf_counter() - started))
         grid[f"{lr:g}"] = GridPoint(dev_accuracy=trainings[tag].dev_accuracy)
-    lr = select_lr(grid) if grid else lrs[0]
+    lr = select_lr({k: point.to_json() for k, point in grid.items()}) if grid else lrs[0]
     setup.tuner.accelerator.print(f"lr {lr:g} chosen on the dev split ({len(split['dev'])} images): " + (
         ", ".join(f"{k}: {100 * v.dev_accuracy:.1f}%" for k, v in grid.items()) or "no grid"))
     return lr, grid

@@ -171,13 +171,13 @@ def prepare_output(out: Path, config: FinetuneConfig, settings: dict, run_cfg: d
     if not config.resume:
         write_json(writable_dir(out, "--output-dir") / rundir.CONFIG, run_cfg)
         return
+    done = len(recorded.trainings or {}) if recorded else 0
     try:
-        recorded = json.loads((out / rundir.CONFIG).read_text())
+        written = json.loads((out / rundir.CONFIG).read_text())
     except (OSError, ValueError):  # missing or torn (a kill as it was written): the record starts again here
-        recorded = None
-    if not isinstance(recorded, dict):
-        recorded = dict(run_cfg)
-    recorded.setdefault("resumed", []).append({  # what resumed it, and the code that did
-        "trainings_done": len(recorded.trainings or {}) if recorded else 0, "command": run_cfg["command"],
-        **{k: run_cfg[k] for k in rundir.RECORDED}})
-    write_json(out / rundir.CONFIG, recorded)
+        written = None
+    if not isinstance(written, dict):
+        written = dict(run_cfg)
+    written.setdefault("resumed", []).append({  # what resumed it, and the code that did
+        "trainings_done": done, "command": run_cfg["command"], **{k: run_cfg[k] for k in rundir.RECORDED}})
+    write_json(out / rundir.CONFIG, written)
