@@ -47,8 +47,9 @@ Output (DIR, default `<common parent of the runs>/compare`, so that one `tensorb
 - `tensorboard/`: the markdown table as TensorBoard text.
 
 Plots are drawn on matplotlib `Figure`s (Agg), never through pyplot, so calling `compare` from
-another program leaves its matplotlib backend alone. Where each piece is read or drawn: mpp.report.reports
-(rows), mpp.report.tables, mpp.report.curves, mpp.report.posembed, mpp.report.plots; mpp.report.comparison puts them together.
+another program leaves its matplotlib backend alone. Where each piece is read or drawn:
+mpp.report.reports (rows), mpp.report.tables, mpp.report.curves, mpp.report.posembed, mpp.report.plots;
+mpp.report.comparison puts them together.
 """
 from __future__ import annotations
 

@@ -305,7 +305,8 @@ def test_a_worker_s_error_is_its_own_line():
     from mpp.data.readlimit import StuckRead
 
     reraised = StuckRead("Caught StuckRead in DataLoader worker process 0.\nOriginal Traceback (most recent call "
-                         "last):\n  File ...\nmpp.data.readlimit.StuckRead: reading image 'x.png' did not finish: fix it")
+                         "last):\n  File ...\nmpp.data.readlimit.StuckRead: "
+                         "reading image 'x.png' did not finish: fix it")
     assert one_line(reraised) == "reading image 'x.png' did not finish: fix it"
 
 

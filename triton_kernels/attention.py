@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 
 from triton_kernels._configs import attention_configs
-from triton_kernels._launch import as_op, launch_device, wrap_triton
 from triton_kernels._contracts import attention_supported  # noqa: F401 - this op's input contract, public here
+from triton_kernels._launch import as_op, launch_device, wrap_triton
 from triton_kernels.gate import interpreting
 
 _LOG2E = 1.4426950408889634

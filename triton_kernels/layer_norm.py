@@ -29,10 +29,10 @@ import triton.language as tl
 # (tests/test_kernels_compile.py replaces _bwd_num_programs here with an H100's count).
 from triton_kernels._configs import layer_norm_bwd_programs as _bwd_num_programs
 from triton_kernels._configs import layer_norm_warps as _num_warps
+
 # The ops' input contracts, public here.
 from triton_kernels._contracts import add_layer_norm_supported, layer_norm_supported  # noqa: F401
 from triton_kernels._launch import as_op, launch_device, wrap_triton
-
 
 
 @triton.jit

@@ -140,7 +140,8 @@ def part_attention(smoke: bool, out: dict, save) -> None:
               f"worst {worst[0]} error {worst[1]['error']:.3g} vs bound {worst[1]['bound']:.3g}", flush=True)
         save()
         del q, k, v, dout, args, grads, want, theirs, got, again
-    shapes = RunShapes.of(vit_config("Micro/4" if smoke else "B/16"), 2 if smoke else 128, str(dtype)[6:], backward=True)
+    shapes = RunShapes.of(vit_config("Micro/4" if smoke else "B/16"), 2 if smoke else 128, str(dtype)[6:],
+                          backward=True)
     out["norms"] = {op: measure.check_op(op, shapes, device, mode="triton") for op in ("layer_norm", "add_layer_norm")}
     norms_ok = all("cause" not in r and r["error"] <= r["bound"] for r in out["norms"].values())
     passed = sum(c["passed"] for c in out["cases"])
@@ -198,8 +199,9 @@ def part_compiled_step(smoke: bool, out: dict, save) -> None:
     # bf16 tolerance: two bf16 ulps of the loss (autocast rounds attention and matmul outputs to bf16).
     tol = 2 * torch.finfo(dtype).eps if dtype != torch.float32 else 1e-4
     a, b = out["losses"]["triton"], out["losses"]["torch"]
-    out |= {"differences": [x - y for x, y in zip(a, b)], "relative_tolerance": tol}
-    out["passed"] = all(math.isfinite(x) and math.isfinite(y) and abs(x - y) <= tol * abs(y) for x, y in zip(a, b))
+    out |= {"differences": [x - y for x, y in zip(a, b, strict=True)], "relative_tolerance": tol}
+    out["passed"] = all(math.isfinite(x) and math.isfinite(y) and abs(x - y) <= tol * abs(y)
+                        for x, y in zip(a, b, strict=True))
     diffs = ", ".join(f"{d:+.2e}" for d in out["differences"])
     out["summary"] = f"loss differences {diffs} (tolerance {tol:.3g} relative)"
 

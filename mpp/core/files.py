@@ -74,7 +74,8 @@ def writable_dir(path: Path, flag: str) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise UsageError(f"cannot write to output directory '{path}' ({e.strerror or e}): pass a writable {flag}") from e
+        raise UsageError(f"cannot write to output directory '{path}' ({e.strerror or e}): "
+                         f"pass a writable {flag}") from e
     return path
 
 

@@ -25,7 +25,8 @@ from mpp.run.runtime import LOADER_LIMIT_S
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the evaluation CLIs' --device
 FEATURES = ("token", "avg")  # the paper's class-token pre-logits | the mean of the final-norm patch tokens
 POOLS = FEATURES  # how one block's tokens become one vector: its class token | the mean of its patch tokens
-PIXEL_GRID = 32  # the raw-pixel reference: images area-averaged to at most 32×32 (3,072 numbers), so a probe stays solvable
+# The raw-pixel reference: images area-averaged to at most 32×32 (3,072 numbers), so a probe stays solvable.
+PIXEL_GRID = 32
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ def layer_specs(depth: int, layers: Sequence[str] | None) -> list[FeatureSpec]:
                                  "(negative counts from the last)") from None
             k = depth + 1 + k if k < 0 else k
             if not 1 <= k <= depth:
-                raise UsageError(f"--layers {text} is outside the model's {depth} blocks: pass 1..{depth} or -1..-{depth}")
+                raise UsageError(f"--layers {text} is outside the model's {depth} blocks: "
+                                 f"pass 1..{depth} or -1..-{depth}")
             chosen.append(k)
         chosen = sorted(set(chosen))
     return [FeatureSpec(k, pool, norm) for k in chosen for pool in POOLS for norm in (False, True)]
@@ -169,7 +171,8 @@ def extract_feature_sets(featurize, module, dataset, batch_size: int = 256, devi
     state = process_group()
     device = process_device(device, state)
     if state is not None:
-        order = [int(i) for i in np.array_split(np.asarray(order, dtype=np.int64), state.num_processes)[state.process_index]]
+        shares = np.array_split(np.asarray(order, dtype=np.int64), state.num_processes)
+        order = [int(i) for i in shares[state.process_index]]
         progress = progress and state.is_main_process
     loader = DataLoader(Subset(dataset, order), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         timeout=LOADER_LIMIT_S if num_workers else 0)  # bounded: a stuck read is one line

@@ -69,7 +69,7 @@ class ProbeSet:
 def held(dataset, indices) -> TensorDataset:
     """The items `indices` of `dataset`, decoded once (float32 images exactly as the dataset gives them)."""
     loader = DataLoader(Subset(dataset, [int(i) for i in indices]), batch_size=256, shuffle=False, num_workers=0)
-    images, labels = zip(*[(x, torch.as_tensor(y).reshape(-1)) for x, y in loader])
+    images, labels = zip(*[(x, torch.as_tensor(y).reshape(-1)) for x, y in loader], strict=True)
     return TensorDataset(torch.cat(images), torch.cat(labels))  # (n, 3, S, S), (n,)
 
 
@@ -90,7 +90,8 @@ class FewshotMonitor:
 
     def cost(self) -> str:
         """What each probe embeds, for the run's log."""
-        parts = [f"{s.name}: {len(s.draws.union)} train + {len(s.data.test) if s.draws.test is None else len(s.draws.test)}"
+        parts = [f"{s.name}: {len(s.draws.union)} train + "
+                 f"{len(s.data.test) if s.draws.test is None else len(s.draws.test)}"
                  f" test images{' (held in memory)' if s.cached else ''}" for s in self.sets]
         return "; ".join(parts)
 
@@ -106,7 +107,7 @@ class FewshotMonitor:
                 train_idx, test_idx = s.indices()
                 train_x, train_y = embed(featurize, vit, s.train, train_idx, "fewshot train")
                 test_x, test_y = embed(featurize, vit, s.test, test_idx, "fewshot test")
-                for spec, suffix in zip(specs, ("", "_avg")):
+                for spec, suffix in zip(specs, ("", "_avg"), strict=True):
                     scored = s.draws.score(train_x[spec.name], train_y, test_x[spec.name], test_y, [L2],
                                            s.data.num_classes)
                     values.update({f"fewshot{suffix}/{s.name}/{k}shot": r.mean for k, r in scored.items()})

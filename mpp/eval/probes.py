@@ -87,7 +87,8 @@ def class_label(c: int, class_names=None) -> str:
 
 
 def stratified_split(labels, count: int | Callable[[int], int], seed: int, *, need: int | None = None,
-                     num_classes: int | None = None, class_names=None, draw: str = "choice", sort: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                     num_classes: int | None = None, class_names=None, draw: str = "choice",
+                     sort: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(picked, rest) int64 indices into `labels`: `count` images of every class drawn without
     replacement, and all the others. `count` is a number, or a function of the class's size.
 

@@ -259,7 +259,8 @@ def representable(model: nn.Module) -> None:
         (model.global_pool != "token", f"global pool '{model.global_pool}' (ours: the class token)"),
         (not isinstance(model.norm_pre, nn.Identity), "a LayerNorm before the blocks"),
         (not isinstance(model.fc_norm, nn.Identity), "a norm on the pooled features (fc_norm)"),
-        (getattr(model.patch_embed, "norm", nn.Identity()).__class__ is not nn.Identity, "a norm in the patch embedding"),
+        (getattr(model.patch_embed, "norm", nn.Identity()).__class__ is not nn.Identity,
+         "a norm in the patch embedding"),
         (block is not None and type(block).__name__ != "Block", f"blocks of type {type(block).__name__}"),
         (block is not None and not isinstance(block.mlp.act, nn.GELU), "an MLP activation other than GELU"),
         (block is not None and getattr(block.mlp.act, "approximate", "none") != "none", "tanh-approximated GELU"),
@@ -303,8 +304,8 @@ def fold_normalization(vit: ViT, mean: tuple[float, ...], std: tuple[float, ...]
     if tuple(mean) == MEAN and tuple(std) == STD:
         return
     proj = vit.patch_embed.proj
-    scale = torch.tensor([a / s for a, s in zip(STD, std)], dtype=proj.weight.dtype)  # [3]
-    shift = torch.tensor([(a - m) / s for a, m, s in zip(MEAN, mean, std)], dtype=proj.weight.dtype)  # [3]
+    scale = torch.tensor([a / s for a, s in zip(STD, std, strict=True)], dtype=proj.weight.dtype)  # [3]
+    shift = torch.tensor([(a - m) / s for a, m, s in zip(MEAN, mean, std, strict=True)], dtype=proj.weight.dtype)  # [3]
     proj.bias += (proj.weight * shift.view(1, -1, 1, 1)).sum(dim=(1, 2, 3))  # [D]
     proj.weight *= scale.view(1, -1, 1, 1)  # [D, 3, P, P]
 

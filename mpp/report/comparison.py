@@ -165,7 +165,7 @@ def draw(runs: list[Row], baselines: list[Row], tables: list[dict], views: list[
     if probed:  # the in-run probe (--fewshot-every: few-shot and k-NN) against images seen
         panels = plot_fewshot_curves(runs, probed, output / "fewshot_curves.png", colors)
         plots["fewshot_curves"] = {"file": "fewshot_curves.png", "panels": panels, "runs": list(probed)}
-    for run, found in zip(runs, pos_embeds):
+    for run, found in zip(runs, pos_embeds, strict=True):
         if found:
             file = f"pos_embed-{safe_name(run.name)}.png"
             plot_pos_embed(run.name, found, output / file)
@@ -185,7 +185,7 @@ def compare(run_dirs: list[str | Path], output_dir: str | Path | None = None, na
     output = writable_dir(Path(output_dir) if output_dir else parent / "compare", "--output")
 
     runs, randoms = [], []
-    for path, name in zip(paths, names):
+    for path, name in zip(paths, names, strict=True):
         row, found = read_run(path, name, notes)
         runs.append(row)
         randoms += found

@@ -34,7 +34,7 @@ def plot_fewshot(rows: list[Row], datasets: list[str], path: Path, colors: dict[
     from matplotlib.ticker import NullFormatter
 
     fig = new_figure(5.5 * len(datasets), 4.2)
-    for ax, dataset in zip(fig.subplots(1, len(datasets), squeeze=False)[0], datasets):
+    for ax, dataset in zip(fig.subplots(1, len(datasets), squeeze=False)[0], datasets, strict=True):
         shots = shot_counts(rows, dataset)
         for row in (r for r in rows if dataset in r.fewshot):
             results = row.fewshot[dataset].results
@@ -68,7 +68,7 @@ def plot_layers(runs: list[Row], baselines: list[Row], views: list[LayerView], p
     rows_n = -(-len(views) // cols)
     fig = new_figure(5.2 * cols, 3.8 * rows_n + 0.9)  # the shared legend below
     axes = fig.subplots(rows_n, cols, squeeze=False).ravel()
-    for ax, view in zip(axes, views):
+    for ax, view in zip(axes, views, strict=False):  # the grid's spare axes are hidden below
         for run in runs:
             layers = row_layers(run, view)
             if layers is None:
@@ -78,12 +78,13 @@ def plot_layers(runs: list[Row], baselines: list[Row], views: list[LayerView], p
                     points = [(b, a) for b in layers.blocks
                               if (a := accuracy(results.get(f"{b}/{var}"), view)) is not None]
                     if points:
-                        xs, ys = zip(*points)
+                        xs, ys = zip(*points, strict=True)
                         ax.plot(xs, [100 * y for y in ys], linestyle=style, marker=markers[var], markersize=4,
                                 color=colors[run.name + run.kind], alpha=1.0 if style == "-" else 0.6)
         for row in (b for b in baselines if b.kind == "pixels"):
             if (found := reference_accuracy(row, view)) is not None:
-                ax.axhline(100 * found, linestyle=BASELINE_STYLES["pixels"], color=colors[row.name + row.kind], linewidth=1.5)
+                ax.axhline(100 * found, linestyle=BASELINE_STYLES["pixels"], color=colors[row.name + row.kind],
+                           linewidth=1.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # blocks: no 2.5
         ax.set(title=view.title(), xlabel="block", ylabel="test accuracy (%)")
         ax.grid(alpha=0.3)
@@ -94,7 +95,8 @@ def plot_layers(runs: list[Row], baselines: list[Row], views: list[LayerView], p
     handles = [Line2D([], [], color=colors[r.name + r.kind], label=r.name) for r in runs
                if any(row_layers(r, v) for v in views)]
     handles += [Line2D([], [], color="black", marker=markers[v], linestyle="none", label=v) for v in variants]
-    handles += [Line2D([], [], color="gray", linestyle=BASELINE_STYLES["random-init"], label="random init (same run's colour)")]
+    handles += [Line2D([], [], color="gray", linestyle=BASELINE_STYLES["random-init"],
+                       label="random init (same run's colour)")]
     # a pixels row per dataset, but one name (and colour) per resolution: one legend entry each
     shown = {b.name: b for b in pixels if any(reference_accuracy(b, v) is not None for v in views)}
     handles += [Line2D([], [], color=colors[b.name + b.kind], linestyle=BASELINE_STYLES["pixels"], label=name)
@@ -129,10 +131,10 @@ def plot_curves(runs: list[Row], curves: dict[str, dict], path: Path, colors: di
     rows_n = -(-len(panels) // cols)
     fig = new_figure(5 * cols, 3.6 * rows_n)
     axes = fig.subplots(rows_n, cols, squeeze=False).ravel()
-    for ax, (tag, scale) in zip(axes, panels):
+    for ax, (tag, scale) in zip(axes, panels, strict=False):  # the grid's spare axes are hidden below
         values = []
         for run in (r for r in runs if (r.loss_scale or "unknown") == scale and tag in curves.get(r.name, {})):
-            steps, ys = zip(*curves[run.name][tag])
+            steps, ys = zip(*curves[run.name][tag], strict=True)
             ax.plot(steps, ys, marker="." if len(ys) < 30 else None, label=run.name, color=colors[run.name + run.kind])
             values += ys
         if tag.endswith("loss") and min(values) > 0:  # losses fall over orders of magnitude
@@ -204,7 +206,7 @@ def plot_fewshot_curves(runs: list[Row], curves: dict[str, tuple[int | None, dic
     fig = new_figure(4.2 * cols, 3.4 * rows_n + 0.7)
     axes = fig.subplots(rows_n, cols, squeeze=False).ravel()
     by_images = all(batch for batch, _ in curves.values())  # else every run in steps: one x axis for all
-    for ax, view in zip(axes, panels):
+    for ax, view in zip(axes, panels, strict=False):  # the grid's spare axes are hidden below
         n = view.shots if view.probe == "fewshot" else view.k
         for run in runs:
             batch, tags = curves.get(run.name, (None, {}))
@@ -213,7 +215,7 @@ def plot_fewshot_curves(runs: list[Row], curves: dict[str, tuple[int | None, dic
                 points = tags.get(f"{prefix}/{view.dataset}/{n}{IN_RUN_PROBES[view.probe]}")
                 if not points:
                     continue
-                steps, values = zip(*sorted(points))
+                steps, values = zip(*sorted(points), strict=True)
                 color = colors[run.name + run.kind]
                 ax.plot([s * scale for s in steps], [100 * v for v in values], linestyle=style, marker="o",
                         markersize=3, color=color, alpha=1.0 if style == "-" else 0.6)
@@ -223,7 +225,8 @@ def plot_fewshot_curves(runs: list[Row], curves: dict[str, tuple[int | None, dic
         ax.grid(alpha=0.3)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    handles = [Line2D([], [], color=colors[r.name + r.kind], label=r.name) for r in runs if curves.get(r.name, (0, {}))[1]]
+    handles = [Line2D([], [], color=colors[r.name + r.kind], label=r.name) for r in runs
+               if curves.get(r.name, (0, {}))[1]]
     handles += [Line2D([], [], color="gray", linestyle="-", label="class token (the paper's)"),
                 Line2D([], [], color="gray", linestyle="--", label="mean patch token"),
                 Line2D([], [], color="gray", linestyle=":", label="step 0: the untrained model")]

@@ -96,8 +96,10 @@ def main_table(runs: list[Row], baselines: list[Row], dataset: str | None) -> di
 def fewshot_table(rows: list[Row], dataset: str) -> dict:
     rows = [r for r in rows if dataset in r.fewshot]
     shots = shot_counts(rows, dataset)
-    return {"title": f"Few-shot on {dataset}", "dataset": dataset, "columns": ["run", "objective", *[f"{k}-shot" for k in shots]],
-            "rows": [[r.name, r.label, *fewshot_cells(r, dataset, shots)] for r in rows], "names": [r.name for r in rows]}
+    return {"title": f"Few-shot on {dataset}", "dataset": dataset,
+            "columns": ["run", "objective", *[f"{k}-shot" for k in shots]],
+            "rows": [[r.name, r.label, *fewshot_cells(r, dataset, shots)] for r in rows],
+            "names": [r.name for r in rows]}
 
 
 def build_tables(runs: list[Row], baselines: list[Row]) -> list[dict]:

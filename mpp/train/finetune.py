@@ -67,8 +67,9 @@ def split_labelled(labels: np.ndarray, config: FinetuneConfig) -> dict[str, np.n
     # Permutation draws (not the probes' choice draws): the labelled subsets fine-tunes were scored on.
     try:
         if config.train_per_class or config.train_fraction < 1:
-            labelled, _ = stratified_split(labels, lambda n: config.train_per_class or max(1, round(config.train_fraction * n)),
-                                           config.subset_seed, draw="permutation")
+            labelled, _ = stratified_split(
+                labels, lambda n: config.train_per_class or max(1, round(config.train_fraction * n)),
+                config.subset_seed, draw="permutation")
         else:
             labelled = np.arange(len(labels))
         dev_pos, fit_pos = stratified_split(labels[labelled], lambda n: max(1, round(config.dev_fraction * n)),
@@ -370,7 +371,8 @@ def _summarise(setup: _Setup, lr: float, grid: dict[str, GridPoint]) -> dict:
     report = setup.report = dataclasses.replace(
         setup.report, lr=lr, grid=grid, seeds=list(range(config.seeds)), test_accuracy=accuracy,
         std="population (ddof=0) over seeds",
-        wall_time_s=sum(t.wall_time_s or 0.0 for t in setup.report.trainings.values()))  # every training, resumed or not
+        # every training's wall time, resumed or not
+        wall_time_s=sum(t.wall_time_s or 0.0 for t in setup.report.trainings.values()))
     if accelerator.is_main_process:
         write_json(out / rundir.FINETUNE, report.to_json())
         summary = Trackers(config.report_to, out, f"{rundir.TENSORBOARD}/summary", f"{out.name}/summary", main=True,

@@ -14,13 +14,16 @@ from mpp.run.trackers import check_report_to
 class FinetuneConfig:
     run: str = ""  # pretrained run directory or checkpoint file; empty: train from scratch (a random --model)
     model: str = ""  # ViT preset when training from scratch; empty: Micro/4 (a --run brings its own)
-    dataset: str = ""  # a labelled dataset: digits | PATH (train/<class>/...) | shards:PATH | hf:NAME; empty: the run's pretraining dataset (digits from scratch)
-    image_size: int = 0  # fine-tuning resolution; 0: the pretrained one (another size resamples the position embeddings)
+    dataset: str = ""  # a labelled dataset: digits | PATH (train/<class>/...) | shards:PATH | hf:NAME;
+        # empty: the run's pretraining dataset (digits from scratch)
+    image_size: int = 0  # fine-tuning resolution; 0: the pretrained one (another size resamples the position
+        # embeddings)
     train_fraction: float = 1.0  # labelled subset: this fraction of each class of the training split
     train_per_class: int = 0  # labelled subset: this many images of each class instead (0: use --train-fraction)
     subset_seed: int = 0  # draws the labelled subset and the dev split: fixed, so every model sees the same labels
     dev_fraction: float = 0.1  # of the labelled data, held out (stratified) to choose the lr (the paper: 2% of CIFAR)
-    lrs: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03)  # learning-rate grid (the paper's CIFAR grid); one value: no grid
+    lrs: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03)  # learning-rate grid (the paper's CIFAR grid);
+        # one value: no grid
     seeds: int = 3  # final trainings at the chosen lr, seeds 0..N-1 (the grid trains with seed 0)
     batch_size: int = 512  # global batch, across processes (the paper's)
     steps: int = 500  # optimizer steps of every training (grid and final), unless --epochs is set
@@ -38,9 +41,12 @@ class FinetuneConfig:
     dropout: float = 0.0  # ViT dropout during fine-tuning
     num_workers: int = 2  # DataLoader worker processes per training process
     cpu_threads: int = 0  # torch threads per process on CPU; 0: available cores / local processes
-    mixed_precision: str = ""  # no | fp16 | bf16; empty: Accelerate's config if any, else bf16 on a CUDA GPU with bf16, fp32 elsewhere
-    kernels: str = ""  # attention/LayerNorm: auto (ours where verified and faster) | triton | torch; empty: $MPP_KERNELS or auto
-    kernel_cache: str = ""  # folder caching the kernels' verdicts; off: measure every run; empty: $MPP_KERNEL_CACHE or ~/.cache/mpp/kernels
+    mixed_precision: str = ""  # no | fp16 | bf16; empty: Accelerate's config if any, else bf16 on a CUDA GPU
+        # with bf16, fp32 elsewhere
+    kernels: str = ""  # attention/LayerNorm: auto (ours where verified and faster) | triton | torch;
+        # empty: $MPP_KERNELS or auto
+    kernel_cache: str = ""  # folder caching the kernels' verdicts; off: measure every run;
+        # empty: $MPP_KERNEL_CACHE or ~/.cache/mpp/kernels
     compile: bool = False  # torch.compile the ViT's blocks
     output_dir: str = ""  # results, TensorBoard, fine-tuned weights; empty: RUN/finetune or runs/finetune-scratch
     resume: bool = False  # keep the trainings already recorded in OUTPUT_DIR/finetune.json, run the rest

@@ -28,8 +28,8 @@ SCRATCH_MODEL = "Micro/4"
 # Settings that do not change what a fine-tune computes: a --resume may differ in them. --run is
 # among them because the starting checkpoint is compared by content instead (check_same_start): a
 # resume may name the same checkpoint by its file rather than by its run, but not a newer one.
-RESUMABLE = {"num_workers", "cpu_threads", "kernels", "kernel_cache", "compile", "output_dir", "resume", "log_every", "seeds", "run",
-             "report_to"}
+RESUMABLE = {"num_workers", "cpu_threads", "kernels", "kernel_cache", "compile", "output_dir", "resume", "log_every",
+             "seeds", "run", "report_to"}
 
 
 def starting_model(config: FinetuneConfig) -> tuple[ViT, dict | None, str, dict]:

@@ -100,7 +100,8 @@ class LoopSettings:
     log_every: int  # optimizer steps between logged training metrics (and at the last step)
     images_per_step: int  # the global batch: images per optimizer step, for the throughput
     accum_steps: int = 1  # micro-batches per optimizer step
-    step_seed: int | None = None  # reseed every generator per micro-batch from (this, step, micro, process): bitwise resume; None: don't
+    step_seed: int | None = None  # reseed every generator per micro-batch from (this, step, micro, process):
+        # bitwise resume; None: don't
     desc: str = ""  # the progress bar's label
     leave_bar: bool = True  # keep the finished bar on screen
 

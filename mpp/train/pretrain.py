@@ -40,9 +40,11 @@ OBJECTIVES = ("mpp", "supervised")
 @dataclass(frozen=True)
 class TrainConfig:
     objective: str = "mpp"  # mpp (self-supervised, no labels) | supervised (labels; also the from-scratch baseline)
-    dataset: str = "digits"  # digits (offline default) | PATH: a folder of images (train/<class>/... for classes, else unlabelled) | shards:PATH | hf:NAME or hf:PATH
+    dataset: str = "digits"  # digits (offline default) | PATH: a folder of images (train/<class>/... for classes,
+        # else unlabelled) | shards:PATH | hf:NAME or hf:PATH
     model: str = "Micro/4"  # ViT preset: Micro/4, Ti/4, S/4 (32 px), Ti/16, S/16, B/16, L/16, H/14, or SIZE/PATCH
-    image_size: int = 0  # training resolution in pixels, divisible by the patch size; 0: the preset's (Micro 16, /4 32, else 224)
+    image_size: int = 0  # training resolution in pixels, divisible by the patch size; 0: the preset's
+        # (Micro 16, /4 32, else 224)
     dropout: float = 0.0  # ViT dropout (the paper used 0.1 for supervised training on smaller datasets)
     crop_scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area range (inception crop)
     hflip: bool = True  # random horizontal flips
@@ -64,21 +66,27 @@ class TrainConfig:
     beta2: float = 0.999  # Adam β2 (the paper's)
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables
     label_smoothing: float = 0.0  # supervised objective only
-    kernels: str = ""  # attention/LayerNorm: auto (ours where verified and faster at the run's shapes) | triton | torch; empty: $MPP_KERNELS or auto
-    kernel_cache: str = ""  # folder caching the kernels' verdicts; off: measure every run; empty: $MPP_KERNEL_CACHE or ~/.cache/mpp/kernels
+    kernels: str = ""  # attention/LayerNorm: auto (ours where verified and faster at the run's shapes) | triton
+        # | torch; empty: $MPP_KERNELS or auto
+    kernel_cache: str = ""  # folder caching the kernels' verdicts; off: measure every run;
+        # empty: $MPP_KERNEL_CACHE or ~/.cache/mpp/kernels
     compile: bool = False  # torch.compile the ViT's blocks (regional: compiled once, reused by every block)
-    mixed_precision: str = ""  # no | fp16 | bf16; empty: Accelerate's config if any, else bf16 on a CUDA GPU with bf16, fp32 elsewhere
+    mixed_precision: str = ""  # no | fp16 | bf16; empty: Accelerate's config if any, else bf16 on a CUDA GPU
+        # with bf16, fp32 elsewhere
     output_dir: str = "runs/mpp"  # the run directory: config, TensorBoard events, metrics, checkpoints
     seed: int = 0  # seeds initialisation, data order, augmentation and corruption
     resume: bool = False  # continue the run in --output-dir from its newest checkpoint
     log_every: int = 25  # steps between logged metrics
-    report_to: str = "tensorboard"  # where the curves go besides metrics.jsonl: tensorboard | wandb | all (mpp.run.trackers)
+    report_to: str = "tensorboard"  # where the curves go besides metrics.jsonl: tensorboard | wandb | all
+        # (mpp.run.trackers)
     save_every: int = 500  # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 3  # the newest K checkpoints are kept
     eval_every: int = 0  # steps between held-out evaluations; 0: only at the end
-    holdout_images: int = 1000  # a dataset without a test split: training images held out for the held-out evaluation (at most a tenth of them; never trained on)
+    holdout_images: int = 1000  # a dataset without a test split: training images held out for the held-out
+        # evaluation (at most a tenth of them; never trained on)
     fewshot_every: int = 0  # steps between in-run few-shot probes (also at step 0 and the end); 0: off
-    fewshot_max_images: int = 2000  # test images each in-run probe scores (a fixed random subset; 0: all); the 1/5/10/25-shot draws add at most 123 images per class
+    fewshot_max_images: int = 2000  # test images each in-run probe scores (a fixed random subset; 0: all);
+        # the 1/5/10/25-shot draws add at most 123 images per class
     fewshot_dataset: str = ""  # a second dataset the in-run probe scores (transfer), besides the run's own
 
     # What each numeric field accepts (checked at parse time and by validate(); mpp.core.config.Range).
@@ -89,7 +97,8 @@ class TrainConfig:
         "lr": POSITIVE, "min_lr": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
         "beta1": OPEN_FRACTION, "beta2": OPEN_FRACTION, "grad_clip": NON_NEGATIVE, "label_smoothing": OPEN_FRACTION,
         "seed": SEED, "log_every": AT_LEAST_1, "save_every": AT_LEAST_1, "keep_checkpoints": AT_LEAST_1,
-        "eval_every": NON_NEGATIVE, "holdout_images": Range(1, 100_000), "fewshot_every": NON_NEGATIVE, "fewshot_max_images": NON_NEGATIVE,
+        "eval_every": NON_NEGATIVE, "holdout_images": Range(1, 100_000), "fewshot_every": NON_NEGATIVE,
+        "fewshot_max_images": NON_NEGATIVE,
     }
 
     def validate(self) -> TrainConfig:
@@ -132,12 +141,15 @@ class TrainConfig:
         return Schedule(total_steps, self.warmup_steps, self.schedule, self.min_lr / self.lr)
 
 
-def train(config: TrainConfig, mpp_config: MPPConfig = MPPConfig(), invocation: Invocation | None = None) -> Path:
-    """Train, log and checkpoint one run; returns its directory. `invocation`: the command line that
-    asked for it, which config.json records (None: called from Python).
+def train(config: TrainConfig, mpp_config: MPPConfig | None = None, invocation: Invocation | None = None) -> Path:
+    """Train, log and checkpoint one run; returns its directory. `mpp_config`: the MPP objective's
+    settings (None: MPPConfig's defaults). `invocation`: the command line that asked for it, which
+    config.json records (None: called from Python).
 
     What the run holds (the run directory's lock, the stop-signal handlers) is released however it
     ends: finished, stopped by a signal, refused, or crashed."""
+    if mpp_config is None:
+        mpp_config = MPPConfig()
     with contextlib.ExitStack() as held:
         return Trainer(config, mpp_config, held, invocation).run()
 

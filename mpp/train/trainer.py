@@ -63,7 +63,7 @@ class Trainer(Hooks):
         self.accelerator = acc = runtime.make_accelerator(
             config.mixed_precision, config.cpu_threads, gradient_accumulation_steps=config.grad_accum_steps,
         )
-        runtime.on_main(self.accelerator, lambda: rundir.check_run_dir(config))  # a wrong --resume or --output-dir: before the data
+        runtime.on_main(acc, lambda: rundir.check_run_dir(config))  # a wrong --resume or --output-dir: before the data
         set_seed(config.seed, device_specific=False)
         world = acc.num_processes * config.grad_accum_steps
         if config.batch_size % world:
@@ -74,7 +74,7 @@ class Trainer(Hooks):
         # ---- data, then the run directory: a dataset this run cannot use leaves nothing written
         self._build_data(vit_cfg.image_size, micro_batch)
         self.total_steps = self._total_steps()  # a training set smaller than one batch is refused here too
-        runtime.on_main(self.accelerator, lambda: self.held.enter_context(RunLock(rundir.prepare_run_dir(config))))  # one writer
+        runtime.on_main(acc, lambda: self.held.enter_context(RunLock(rundir.prepare_run_dir(config))))  # one writer
         self.run_dir = Path(config.output_dir)
 
         # ---- kernels: decided once, at this run's shapes, by the main process for all of them
@@ -94,13 +94,14 @@ class Trainer(Hooks):
             runtime.compile_blocks(vit)
         self.run_cfg = rundir.run_config(config, mpp_config, vit, self.info, self.splits.holdout, self.invocation)
         self.run_cfg["kernels"] = kernels.record()
-        self.run_cfg["precision"] = str(acc.mixed_precision)  # what ran, whatever chose it (flag, Accelerate, GPU default)
+        # what ran, whatever chose it (flag, Accelerate, GPU default)
+        self.run_cfg["precision"] = str(acc.mixed_precision)
         self.run_cfg["num_processes"] = acc.num_processes
 
         # ---- optimizer and schedule
         self.schedule = config.lr_schedule(self.total_steps)
-        optimizer = torch.optim.AdamW(param_groups(objective, config.weight_decay, objective.no_weight_decay()), lr=config.lr,
-                                      betas=(config.beta1, config.beta2))
+        optimizer = torch.optim.AdamW(param_groups(objective, config.weight_decay, objective.no_weight_decay()),
+                                      lr=config.lr, betas=(config.beta1, config.beta2))
         self.objective, self.optimizer = acc.prepare(objective, optimizer)
         self.scheduler = self.schedule.scheduler(self.optimizer)  # stepped by hand, once per optimizer step
         self.model = acc.unwrap_model(self.objective)
@@ -139,7 +140,7 @@ class Trainer(Hooks):
         self.streamed = self.train_set.streamed
         self.train_loader, self.eval_loader = data_loaders(self.train_set, self.eval_set, micro_batch,
                                                            config.num_workers, acc, self.streamed)
-        # The run's evaluators (mpp.eval.in_run), built now: one that cannot run here refuses before anything is written.
+        # The run's evaluators (mpp.eval.in_run), built now: one unable to run here refuses before anything is written.
         view = RunView(config, self.mpp_config if config.objective == "mpp" else None, acc, self.eval_set,
                        self.eval_loader, self.info, image_size, micro_batch, self.streamed)
         self.evaluators: list[Evaluator] = build_evaluators(view)
@@ -333,12 +334,13 @@ class Trainer(Hooks):
         a stuck read, a loader that sent nothing) keeps the last whole step: the micro-batches of an
         unfinished step are read again on resume. Returns True (stop) or raises; anything else goes on."""
         acc, progress = self.accelerator, self.progress
-        if isinstance(error, ValueError) and not isinstance(error, UsageError):  # Accelerate's: a stream shorter than a batch
+        # Accelerate's ValueError: a stream shorter than a batch
+        if isinstance(error, ValueError) and not isinstance(error, UsageError):
             if not str(error).startswith("Batch does not contain any data"):
                 raise error
             raise UsageError(f"the training stream of '{self.config.dataset}' ended before one whole batch of "
-                             f"{self.config.batch_size} images: pass a smaller --batch-size and a new --output-dir (or delete "
-                             f"'{self.run_dir}', which holds only this start's records)") from error
+                             f"{self.config.batch_size} images: pass a smaller --batch-size and a new --output-dir "
+                             f"(or delete '{self.run_dir}', which holds only this start's records)") from error
         if isinstance(error, RuntimeError):
             if out_of_memory(error) or loader_timed_out(error) is None:
                 raise error
@@ -380,12 +382,15 @@ class Trainer(Hooks):
         if acc.is_main_process:
             summary = Summary(  # this process's share of the unreadable images skipped (the warnings name them)
                 objective=self.config.objective, steps=step, eval=results, last_train=self.loop.values,
-                wall_time_s=self.progress.elapsed + time.perf_counter() - self.started, kernels=self.run_cfg["kernels"],
-                skipped_images=SkippedImages(train=self.train_set.skipped_images(), eval=self.eval_set.skipped_images()))
+                wall_time_s=self.progress.elapsed + time.perf_counter() - self.started,
+                kernels=self.run_cfg["kernels"], skipped_images=SkippedImages(
+                    train=self.train_set.skipped_images(), eval=self.eval_set.skipped_images()))
             write_json(run_dir / rundir.SUMMARY, summary.to_json())
-            acc.print(f"done: {run_dir} ({step} steps; eval {json.dumps({k: round(v, 4) for k, v in results.items()})})")
+            shown = json.dumps({k: round(v, 4) for k, v in results.items()})
+            acc.print(f"done: {run_dir} ({step} steps; eval {shown})")
         self.trackers.finish()
         acc.end_training()
-        if self.stop.requested:  # it came during the final save: the run is complete, the scheduler still sees why it ended
+        # A stop that came during the final save: the run is complete, the scheduler still sees why it ended.
+        if self.stop.requested:
             sys.exit(self.stop.exit_code)
         return run_dir
