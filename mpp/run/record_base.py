@@ -1,13 +1,12 @@
-"""What every report dataclass of mpp.run.records shares: `Record` (to_json, a checked from_json),
-`Report` (a whole file, whose problems name its kind), `part` (a field and the reader that checks its
-JSON value), the readers, and the one-line `MalformedReport`.
+"""What every report dataclass (mpp.run.records, mpp.run.probe_records) shares: `Record` (to_json, a checked
+from_json), `Report` (a whole file, whose problems name its kind), `part` (a field and the reader that
+checks its JSON value), the readers, and the one-line `MalformedReport`.
 
 A field's name is its JSON key; the fields' order is the order its writer writes the keys, so
 `to_json()` of what a writer builds is its file, byte for byte. A field left None is not written,
 except those marked `null=True`: for them null is what the writers record ("no checkpoint"), and a
-file without the key reads as None and is written back with it, null. Keys a class does not know (an
-older or a newer writer's) are kept in its `extra` field (`kept()`) and written back after the known
-ones, so reading and rewriting a report loses nothing; a class without one drops them.
+file without the key reads as None and is written back with it, null. Keys a class does not know are
+kept in its `extra` field (`kept()`) and written back after the known ones; a class without one drops them.
 """
 from __future__ import annotations
 
@@ -31,8 +30,7 @@ class MalformedReport(UsageError):
     line reads as the readers' always have: "'<file>' is not a few-shot report (<problem>): <fix>"."""
 
     def __init__(self, problem: str, *, out_of_range: bool = False, what: str | None = None, fix: str = REDO,
-                 path: Path | None = None):
-        # out_of_range: a number of the right type outside its range (else: missing, or not a finite number)
+                 path: Path | None = None):  # out_of_range: a number of the right type outside its range
         self.problem, self.out_of_range, self.what, self.fix, self.path = problem, out_of_range, what, fix, path
         super().__init__(self.line())
 
