@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers.imports import imported_modules
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY_DIRS = ("scripts", "eval")
@@ -42,19 +43,6 @@ def entry_points() -> dict[str, Path]:
                 found[f"{folder}.{path.stem}"] = path
                 found[path.stem] = path
     return found
-
-
-def imported_modules(tree: ast.AST) -> set[str]:
-    """Every module an import statement names, with each `from X import y` also as `X.y` (y may be a
-    module)."""
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return names
 
 
 def has_main_guard(tree: ast.AST) -> bool:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from helpers.imports import imported_modules
+
 REPO = Path(__file__).resolve().parents[1]
 # Lowest first: each may import from those before it, never from those after it.
 LAYERS = ("core", "data", "model", "run", "eval", "train", "report", "bench")
@@ -100,18 +102,8 @@ def test_no_import_cycles():
 def test_triton_kernels_import_nothing_of_mpp():
     """The kernels are the bottom of everything: mpp.model.ops uses them, never the other way round."""
     bad = [str(p.relative_to(REPO)) for p in (REPO / "triton_kernels").rglob("*.py")
-           if "mpp" in {n.split(".")[0] for n in _all_imports(ast.parse(p.read_text()))}]
+           if "mpp" in {n.split(".")[0] for n in imported_modules(ast.parse(p.read_text()))}]
     assert not bad, f"triton_kernels modules importing mpp: {bad}"
-
-
-def _all_imports(tree: ast.AST) -> set[str]:
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names.add(node.module)
-    return names
 
 
 def test_the_checks_see_a_violation():
