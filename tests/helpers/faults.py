@@ -76,15 +76,15 @@ def slow_eval() -> None:
 def sigterm_after() -> None:
     import mpp.train.trainer
 
-    after_step, at = mpp.train.trainer.Trainer._after_step, int(os.environ["FAULT_STEP"])
+    after_step, at = mpp.train.trainer.Trainer.after_step, int(os.environ["FAULT_STEP"])
 
-    def signalling(self, bar, stopping):
-        stopping = after_step(self, bar, stopping)
+    def signalling(self, step, stopping):  # the loop's hook after each optimizer step (mpp.train.loop.Hooks)
+        stopping = after_step(self, step, stopping)
         if self.progress.step == at:
             os.kill(os.getpid(), signal.SIGTERM)
         return stopping
 
-    mpp.train.trainer.Trainer._after_step = signalling
+    mpp.train.trainer.Trainer.after_step = signalling
 
 
 def read_limit() -> None:
