@@ -48,6 +48,9 @@ def test_an_evaluator_added_by_one_registration_runs_when_due(toy_evaluator, tmp
     assert logged[0] != logged[5]  # it saw the weights move
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 5 and "loss" in summary["eval"]  # the held-out metrics still end the run
+    # beside the held-out accuracy, what no learning scores on the same images and draws (mpp.model.floor)
+    assert 0 <= summary["eval"]["floor_accuracy"] <= 1 and 0 <= summary["eval"]["accuracy"] <= 1
+    assert any("eval/floor_accuracy" in m and "eval/accuracy" in m for m in read_metrics(run))
     with pytest.raises(ValueError, match="registered already"):
         in_run.register_evaluator(WeightNorm.name, WeightNorm)
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from mpp.core.config import FRACTION, Range, check_ranges
 from mpp.core.errors import UsageError
 from mpp.data.sources import normalize
+from mpp.model.floor import neighbour_fill, unpatchify
 from mpp.model.vit import ViT, ViTConfig, gather_tokens
 
 
@@ -120,6 +121,9 @@ class Target:
     decode: Callable[[torch.Tensor, MPPConfig], torch.Tensor] | None = None
     # ((M, ...) target form, P) → (M, P, P, 3) in [0, 1]
     render: Callable[[torch.Tensor, int, MPPConfig], torch.Tensor] | None = None
+    # (guess, target), both (M, ...) in target form → {metric: value}: how the no-learning guess scores
+    # (mpp.model.floor), under `metrics`' names; None: no floor is reported
+    floor: Callable[[torch.Tensor, torch.Tensor], dict] | None = None
 
 
 TARGETS: dict[str, Target] = {}  # name → Target, in registration order (the order --help and the ablations use)
@@ -150,6 +154,10 @@ def class_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def class_metrics(pred: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> dict:
     return {"accuracy": (as_classes(pred, target).argmax(-1) == target).float().mean().detach()}
+
+
+def class_floor(guess: torch.Tensor, target: torch.Tensor) -> dict:
+    return {"accuracy": (guess == target).float().mean()}
 
 
 def check_cells(vit: ViTConfig, config: MPPConfig) -> None:
@@ -189,7 +197,7 @@ register_target(Target(
     target=lambda images, P, c: mean_color_target(images, P, c.bits),  # (B, N)
     loss=class_loss, metrics=class_metrics,
     decode=lambda pred, c: pred.argmax(-1),  # (M,)
-    render=render_mean_color,
+    render=render_mean_color, floor=class_floor,
 ))
 register_target(Target(
     "downsample", "downsample", "4×4 cells × 512 classes",
@@ -197,7 +205,7 @@ register_target(Target(
     target=lambda images, P, c: downsample_target(images, P, c.cells, c.bits),  # (B, N, cells²)
     loss=class_loss, metrics=class_metrics, check=check_cells, arm="mpp-4x4",
     decode=decode_classes,  # (M, cells²)
-    render=render_cells,
+    render=render_cells, floor=class_floor,
 ))
 register_target(Target(
     "l2", "l2", "regress the pixels",
@@ -206,6 +214,7 @@ register_target(Target(
     loss=F.mse_loss, metrics=lambda pred, target, loss: {"mse": loss.detach()}, arm="mpp-l2",
     decode=lambda pred, c: pred,  # (M, P·P·3): the pixels themselves
     render=lambda pixels, P, c: pixels.reshape(-1, P, P, 3).clamp(0, 1),  # patchify's (row, col, channel) order
+    floor=lambda guess, target: {"mse": F.mse_loss(guess, target)},
 ))
 
 
@@ -314,10 +323,22 @@ class MPPObjective(nn.Module):
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """images: (B, 3, H, W) in [0, 1]; labels unused (MPP needs none). → (loss, metrics), the loss
         over the corrupted patches only."""
-        pred, target, _ = self.predict(images)
+        pred, target, corruption = self.predict(images)
         pred, target = pred.flatten(0, 1), target.flatten(0, 1)  # (M, head_width), (M, ...): M = B·n
         loss = self.entry.loss(pred, target)
-        return loss, {"loss": loss.detach(), **self.entry.metrics(pred, target, loss)}
+        metrics = {"loss": loss.detach(), **self.entry.metrics(pred, target, loss)}
+        if not self.training and self.entry.floor is not None:  # evaluating: what no learning scores, beside it
+            metrics |= {f"floor_{k}": v.detach() for k, v in self.floor(images, corruption, target).items()}
+        return loss, metrics
+
+    def floor(self, images: torch.Tensor, corruption: Corruption, target: torch.Tensor) -> dict:
+        """The no-learning guess's metrics (mpp.model.floor) on these images and this corruption;
+        `target`: the corrupted patches' targets, (M, ...)."""
+        P = self.vit.config.patch_size
+        grid = (images.shape[-2] // P, images.shape[-1] // P)
+        filled = neighbour_fill(patchify(images.float(), P), corruption.kind != UNTOUCHED, grid)  # (B, N, P·P·C)
+        guess = gather_tokens(self.targets(unpatchify(filled, P, grid)), corruption.chosen)  # (B, n, ...)
+        return self.entry.floor(guess.flatten(0, 1), target)
 
 
 class SupervisedObjective(nn.Module):

@@ -105,13 +105,18 @@ def plot_layers(runs: list[Row], baselines: list[Row], views: list[LayerView], p
     fig.savefig(path, dpi=100)
 
 
+FLOOR = "eval/floor_"  # the no-learning floor's tags, "eval/floor_<metric>" beside "eval/<metric>"
+
+
 def curve_panels(runs: list[Row], curves: dict[str, dict]) -> list[tuple[str, str]]:
     """(tag, loss scale) pairs: train/loss first, then the eval tags, each per loss scale.
 
     An eval tag whose every run logged one point (the end-of-training evaluation, which the table
     already gives) is a lone dot, not a curve: it gets no panel.
     """
-    tags = sorted({t for c in curves.values() for t in c}, key=lambda t: (t != "train/loss", t))
+    # A floor (eval/floor_<metric>: what no learning scores, mpp.model.floor) is drawn in its metric's panel.
+    tags = sorted({t for c in curves.values() for t in c if not t.startswith(FLOOR)},
+                  key=lambda t: (t != "train/loss", t))
     scales = list(dict.fromkeys(r.loss_scale or "unknown" for r in runs))
 
     def series(tag: str, scale: str) -> list[list]:
@@ -137,6 +142,10 @@ def plot_curves(runs: list[Row], curves: dict[str, dict], path: Path, colors: di
             steps, ys = zip(*curves[run.name][tag], strict=True)
             ax.plot(steps, ys, marker="." if len(ys) < 30 else None, label=run.name, color=colors[run.name + run.kind])
             values += ys
+            floor = curves[run.name].get(tag.replace("eval/", FLOOR, 1)) if tag.startswith("eval/") else None
+            if floor:  # the same images and corruption draws, scored without learning: the line to beat
+                steps, ys = zip(*floor, strict=True)
+                ax.plot(steps, ys, linestyle="--", label=f"{run.name}: no learning", color=colors[run.name + run.kind])
         if tag.endswith("loss") and min(values) > 0:  # losses fall over orders of magnitude
             ax.set_yscale("log")
             plain = FuncFormatter(lambda v, _: f"{v:g}")  # 2, 3, 0.5 rather than 2×10⁰
