@@ -46,6 +46,18 @@ stage() {  # objective run_name extra-flags...: restore or pretrain, probe, keep
   restore "$2"; pretrain "$@"; probe "$2"; keep "$2"
 }
 
+# REPORT.md section 7, pre-registered before it ran: one new seed, 40 epochs, the four probes the
+# criterion reads (few-shot, linear probe and k-NN, every block, with their references). ONLY=mpp-prereg
+# runs this stage and nothing else.
+if [[ ${ONLY:-} == mpp-prereg ]]; then
+  restore mpp-prereg
+  pretrain mpp mpp-prereg --epochs 40 --save-every 195 --seed 7
+  probe mpp-prereg
+  [[ -f $ROOT/mpp-prereg/knn.json ]] || python eval/knn.py --run "$ROOT/mpp-prereg" --dataset data/cifar10 --layers all
+  keep mpp-prereg
+  exit 0
+fi
+
 # Study 1 (which feature) and 3 (which seed): the report's models at the report's budget.
 stage mpp mpp --epochs 4 --save-every 200 --seed 0
 # What MPP predicts and where it attends, from the seed-0 model (needs its checkpoint).
