@@ -58,10 +58,6 @@ class HeldOutMetrics(Evaluator):
     def __init__(self, view: RunView):
         self.every, self.seed, self.loader = view.config.eval_every, view.config.seed, view.eval_loader
 
-    @classmethod
-    def build(cls, view: RunView) -> HeldOutMetrics:
-        return cls(view)
-
     def run(self, state: TrainState) -> dict[str, float] | None:
         from accelerate.utils import gather_object
 

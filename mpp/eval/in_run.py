@@ -1,6 +1,7 @@
 """The evaluators a pretraining run runs (mpp.eval.evaluator's interface), in the order they run at a
 step. A new evaluator is one module (an `Evaluator` subclass with a factory) and one registration:
-`register_evaluator("name", Factory.build)`, or a line in the table below."""
+`register_evaluator("name", factory)` (the class itself, or a classmethod that may decline), or a line in
+the table below."""
 from __future__ import annotations
 
 from mpp.eval.evaluator import Evaluator, EvaluatorFactory, RunView
@@ -10,7 +11,7 @@ from mpp.eval.held_out import HeldOutMetrics, PredictionMosaic
 HELD_OUT = HeldOutMetrics.name  # the evaluator whose final metrics summary.json records as "eval"
 
 EVALUATORS: dict[str, EvaluatorFactory] = {
-    HELD_OUT: HeldOutMetrics.build,  # first: a stop during it ends the step's evaluations
+    HELD_OUT: HeldOutMetrics,  # first: a stop during it ends the step's evaluations; it never declines
     PredictionMosaic.name: PredictionMosaic.build,
     FewshotEvaluator.name: FewshotEvaluator.build,
 }

@@ -152,12 +152,13 @@ def class_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(as_classes(pred, target).flatten(0, -2), target.flatten())  # (M·K, classes), (M·K,)
 
 
-def class_metrics(pred: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> dict:
-    return {"accuracy": (as_classes(pred, target).argmax(-1) == target).float().mean().detach()}
-
-
 def class_floor(guess: torch.Tensor, target: torch.Tensor) -> dict:
+    """The accuracy of guessed classes, (M, ...) like `target`: the head's argmax, or no learning's guess."""
     return {"accuracy": (guess == target).float().mean()}
+
+
+def class_metrics(pred: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> dict:
+    return {k: v.detach() for k, v in class_floor(as_classes(pred, target).argmax(-1), target).items()}
 
 
 def check_cells(vit: ViTConfig, config: MPPConfig) -> None:
