@@ -6,7 +6,6 @@ The entry points are found, not listed: every script under scripts/ and eval/ th
 range declared once), so a flag added with a bare `type=float` fails here. The bad values are
 generated from each flag's declared range."""
 import dataclasses
-import importlib.util
 import json
 import math
 import re
@@ -15,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.entry_points import load_entry_point
 from helpers.runs import ENV, REPO
 
 from mpp.core.config import Number, Parser, Range, numeric_fields
@@ -29,14 +29,7 @@ def entry_points() -> list[Path]:
 
 
 def load_parser(path: Path) -> Parser:
-    spec = importlib.util.spec_from_file_location(f"entry_{path.parent.name}_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
-    sys.path.insert(0, str(path.parent))  # scripts import their neighbours as a script would
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent))
+    module = load_entry_point(path, "entry")
     assert hasattr(module, "build_parser"), f"{path.relative_to(REPO)} has no build_parser()"
     parser = module.build_parser()
     assert isinstance(parser, Parser), f"{path.relative_to(REPO)} does not parse with mpp.core.config.Parser"

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers.entry_points import load_entry_point
 from helpers.runs import REPO
 
 from mpp.core.config import CONFIG_FORMATS, Number
@@ -57,14 +56,7 @@ def entry_point(path: Path) -> Path:
 
 def load(script: Path):
     """The entry point as a module (its `main` not run), as tests/test_flags.py loads them."""
-    spec = importlib.util.spec_from_file_location(f"recipe_{script.parent.name}_{script.stem}", script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
-    sys.path.insert(0, str(script.parent))  # scripts import their neighbours as a script would
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(script.parent))
+    module = load_entry_point(script, "recipe")
     assert hasattr(module, "build_parser") and hasattr(module, "parse_args"), f"{script.name}: no parse_args()"
     return module
 
