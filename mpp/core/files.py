@@ -15,10 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mpp.core.errors import UsageError
+from mpp.core.layout import CHECKPOINTS, TENSORBOARD
 
 TMP_MARK = ".tmp-"  # atomic_write's temporary files: .<name>.tmp-<pid of the writer>
 PARTIAL_MARK = ".partial-"  # replace_folder's folder being written: .<name>.partial-<pid of the writer>
 ASIDE_MARK = ".replaced-"  # the folder it replaces, moved aside until the new one is in: .<name>.replaced-<pid>
+RECORD_SUFFIXES = (".json", ".jsonl", ".md")  # a run's small records (copy_records): configs, metrics, reports
 
 
 class _WriteErrors:
@@ -182,12 +184,6 @@ def remove(path: Path) -> None:
 def carry_over(old: Path, new: Path) -> None:
     """Every entry of `old` that `new` lacks, into `new`: hard links, or copies where links fail
     (another file system, a file system without them); symbolic links as links."""
-    def link_or_copy(src, dst):
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
     for entry in old.iterdir():
         target = new / entry.name
         if os.path.lexists(target):
@@ -198,6 +194,39 @@ def carry_over(old: Path, new: Path) -> None:
             shutil.copytree(entry, target, symlinks=True, copy_function=link_or_copy)
         else:
             link_or_copy(entry, target)
+
+
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """`dst` as a hard link to `src` (no space taken), or a copy where links fail (another file system,
+    a file system without them). A link `src` is followed: `dst` holds the file it names."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def copy_records(folder: Path, dest: Path) -> list[Path]:
+    """Copy the small records of the run directory `folder` (RECORD_SUFFIXES, at any depth, sub-folders
+    kept) into `dest`, each written whole, and return the copies. Never what lies under checkpoints/,
+    tensorboard/ or wandb/ (large, or a tracker's own files), nor hidden entries (locks, temporary files):
+    what a study commits, its records without its weights."""
+    copied = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in (CHECKPOINTS, TENSORBOARD, "wandb"))
+        for name in sorted(names):
+            if name.startswith(".") or not name.endswith(RECORD_SUFFIXES):
+                continue
+            source = Path(root, name)
+            copied.append(copy_file(source, dest / source.relative_to(folder)))
+    return copied
+
+
+def copy_file(source: Path, target: Path) -> Path:
+    """`source` copied to `target` (its folders made) through atomic_write: whole or not at all."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(source, "rb") as f:
+        atomic_write(target, lambda out: shutil.copyfileobj(f, out))
+    return target
 
 
 def sync_tree(folder: Path, files: bool = True) -> None:
