@@ -4,17 +4,22 @@ Stages, each one command of this repository (printed, and saved to ROOT/commands
 can be rerun by hand):
   1. pretrain on the training images: MPP without labels, supervised with labels; with --ablations
      also the other MPP targets (those of mpp.model.objective.TARGETS with an ablation run: 4×4 downsample,
-     L2 pixels) and a 15% corruption rate (the paper's);
+     L2 pixels) and a 15% corruption rate (the paper's). With --unlabelled every MPP run pretrains on an
+     unlabelled view of the dataset (mpp.data.unlabelled_view: <dataset>-unlabelled, built once), so no
+     label is ever within its reach, and its in-run probe scores the labelled dataset;
   2. fine-tune on a labelled subset (--train-fraction) from MPP, from supervised, and from scratch;
      lr from a grid on a dev split of that subset, then --seeds trainings scored on the test split;
-  3. few-shot probes (1/5/10/25 shots × --fewshot-seeds draws) and full linear probes of every model,
-     of every block's features, and of the two references (a random init, the raw pixels), on the
-     dataset and, with --transfer, on another dataset (also probed inside pretraining, every epoch);
-  4. eval/compare.py: one table and the plots, in --output.
+  3. few-shot probes (1/5/10/25 shots × --fewshot-seeds draws), full linear probes and k-NN (k = 10, 20)
+     of every model, of every block's features, and of the two references (a random init, the raw
+     pixels), on the labelled dataset and, with --transfer, few-shot on another dataset (also probed
+     inside pretraining, about every epoch);
+  4. eval/compare.py: one table and the plots, in --output; with --keep, every run's small records
+     (JSON, JSONL, markdown; no checkpoint) and commands.sh copied into a folder to commit.
 
 A stage whose result is already in ROOT is skipped (an interrupted stage resumes), so rerunning the
 command after a crash finishes the comparison. `--budget` picks model size and lengths:
-smoke (seconds, for tests), cpu (the CIFAR-10 run on 2 CPU cores in results/cifar10), gpu (larger).
+smoke (seconds, for tests), cpu (the CIFAR-10 run on 2 CPU cores in results/cifar10), cpu64 (Imagenette
+at 64 px on 2 CPU cores), gpu (larger).
 
     python scripts/compare_pretraining.py --dataset data/cifar10 --transfer data/imagenette --budget cpu
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gzip
 import json
 import os
@@ -72,6 +78,11 @@ BUDGETS = {
     "smoke": Budget("Micro/4", 16, 0.5, 64, 1e-3, 2, (0.35, 1.0), 1, 32, (0.01, 0.03), 1, 0, 100),
     # CIFAR-10 on 2 CPU cores in about an hour and a half: 17 tokens per image (8×8 patches at 32 px).
     "cpu": Budget("Micro/8", 32, 4, 256, 1e-3, 100, (0.35, 1.0), 8, 128, (0.01, 0.03, 0.1), 20, 0, 195),
+    # Imagenette (9,469 train / 3,925 val images, 10 classes) at 64 px on 2 CPU cores: 65 tokens per image
+    # (8×8 patches). MPP pretraining runs ~230 images/s here, so each pretraining's 30 epochs (2,220 steps
+    # of batch 128, 74 a epoch) take about 20 minutes; the comparison without ablations about 1 h 15.
+    # Probed in the run about every 5 epochs (370 steps): each probe embeds the whole val split.
+    "cpu64": Budget("Micro/8", 64, 30, 128, 1e-3, 100, (0.35, 1.0), 20, 64, (0.01, 0.03, 0.1), 20, 0, 370),
     # One GPU: the paper's small-image model (Ti/4, 65 tokens) for far longer.
     "gpu": Budget("Ti/4", 32, 100, 512, 1e-3, 2000, (0.35, 1.0), 30, 256, (0.003, 0.01, 0.03, 0.1), 100, 0, 980),
 }
@@ -197,6 +208,12 @@ class Pipeline:
         self.root = Path(args.root)
         self.launch = shlex.split(args.launch) if args.launch else [sys.executable]
         self.commands: list[str] = []
+        from mpp.data.unlabelled_view import unlabelled_view  # imports torch, which --help does without
+
+        # MPP's data: with --unlabelled the view, checked here (a dataset that has none is refused before
+        # anything is written) and built when the pipeline runs, never by a dry run.
+        self.view = functools.partial(unlabelled_view, args.dataset) if args.unlabelled else None
+        self.mpp_data = self.view(build=False) if self.view else args.dataset
 
     def run(self, argv: list[str], launched: bool = False) -> None:
         """Run one stage command (printed and recorded); its failure stops the pipeline."""
@@ -213,14 +230,19 @@ class Pipeline:
                              "then rerun this command; finished stages are kept")
 
     def pretrain_flags(self, name: str) -> list[str]:
-        b, script_flags = self.budget, pretrainings()[name][1]
-        return ["--dataset", self.args.dataset, "--model", b.model, "--image-size", str(b.image_size),
+        (script, script_flags), b, a = pretrainings()[name], self.budget, self.args
+        if script == "mpp" and a.unlabelled:  # its own data has no labels: the in-run probe scores the labelled set
+            probed = ["--fewshot-dataset", a.dataset]
+        elif a.transfer and transfer_name(a.transfer) != transfer_name(a.dataset):
+            probed = ["--fewshot-dataset", a.transfer]
+        else:
+            probed = []
+        return ["--dataset", self.mpp_data if script == "mpp" else a.dataset, "--model", b.model,
+                "--image-size", str(b.image_size),
                 "--batch-size", str(b.pretrain_batch), "--epochs", f"{b.pretrain_epochs:g}",
                 "--lr", f"{b.pretrain_lr:g}", "--warmup-steps", str(b.pretrain_warmup),
                 "--crop-scale", *(f"{c:g}" for c in b.crop_scale), "--log-every", "20", "--save-every", "200",
-                "--seed", "0", "--fewshot-every", str(b.fewshot_every),
-                *(["--fewshot-dataset", self.args.transfer] if self.args.transfer
-                  and transfer_name(self.args.transfer) != transfer_name(self.args.dataset) else []),
+                "--seed", "0", "--fewshot-every", str(b.fewshot_every), *probed,
                 *script_flags, "--output-dir", str(self.root / name)]
 
     def pretrain(self, name: str) -> None:
@@ -251,12 +273,13 @@ class Pipeline:
         return out
 
     def probe(self, run: Path) -> None:
-        """Few-shot and a linear probe of `run`'s model on the dataset, every block's features too, and
-        few-shot on --transfer; each with its random-init and raw-pixel references (on by default)."""
+        """Few-shot, a linear probe and k-NN of `run`'s model on the labelled dataset, every block's features
+        too, and few-shot on --transfer; each with its random-init and raw-pixel references (on by default)."""
         b = self.budget
         jobs = [("eval/fewshot.py", run / "fewshot.json", self.args.dataset,
                  ["--seeds", str(self.args.fewshot_seeds), "--max-test", str(b.fewshot_max_test), "--layers", "all"]),
-                ("eval/linear_probe.py", run / "linear-probe.json", self.args.dataset, ["--layers", "all"])]
+                ("eval/linear_probe.py", run / "linear-probe.json", self.args.dataset, ["--layers", "all"]),
+                ("eval/knn.py", run / "knn.json", self.args.dataset, ["--layers", "all"])]
         if self.args.transfer:
             jobs.append(("eval/fewshot.py", run / f"fewshot-{transfer_name(self.args.transfer)}.json",
                          self.args.transfer, ["--seeds", str(self.args.fewshot_seeds), "--image-size",
@@ -268,6 +291,8 @@ class Pipeline:
             self.run([script, "--run", str(run), "--dataset", dataset, *extra, "--output", str(output)])
 
     def __call__(self) -> None:
+        if self.view and not self.args.dry_run:
+            self.view()  # once, whole; a complete one is reused
         # The comparison first (pretrain, fine-tune, probe), the ablations after it: a run cut short
         # still answers the main question.
         for name in ("mpp", "supervised"):
@@ -287,6 +312,17 @@ class Pipeline:
         if not self.args.dry_run:
             (self.root / "commands.sh").write_text("# written by scripts/compare_pretraining.py\n"
                                                    + "\n".join(self.commands) + "\n")
+            if self.args.keep:
+                keep(runs, self.root, Path(self.args.keep))
+
+
+def keep(runs: list[Path], root: Path, folder: Path) -> None:
+    """Each run's small records into FOLDER/runs/<run>/ and ROOT/commands.sh into FOLDER, each written whole."""
+    from mpp.core.files import copy_file, copy_records
+
+    copied = sum(len(copy_records(run, folder / "runs" / run.name)) for run in runs if run.is_dir())
+    copy_file(root / "commands.sh", folder / "commands.sh")
+    print(f"kept {copied} records of {len(runs)} runs and commands.sh in {folder}")
 
 
 def transfer_name(spec: str) -> str:
@@ -326,10 +362,18 @@ def build_parser() -> Parser:
     p.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True,
                    help="also the other MPP targets (4×4 and L2: mpp.model.objective.TARGETS' ablation runs) and 15%% "
                    "corruption (few-shot and linear probes)")
-    p.add_argument("--root", default="", help="run directories (default: runs/compare-<dataset>-<budget>)")
+    p.add_argument("--unlabelled", action=argparse.BooleanOptionalAction, default=False,
+                   help="MPP runs pretrain on <dataset>-unlabelled, built once beside --dataset (a labelled image "
+                   "folder): its images without class folders, named by hashes; the rest keep the labels. Their "
+                   "in-run probe scores --dataset (one --fewshot-dataset: it wins over --transfer)")
+    p.add_argument("--root", default="", help="run directories (default: runs/compare-<dataset>[-unlabelled]-<budget>)")
     p.add_argument("--output", default="", help="table and plots (default: ROOT/compare)")
     p.add_argument("--launch", default="", help="prefix for training stages, e.g. 'accelerate launch' "
                    "(default: this Python)")
+    p.add_argument("--keep", default="", metavar="DIR", help="after the comparison, copy each run's records "
+                   "(*.json, *.jsonl, *.md at any depth; nothing under checkpoints/, tensorboard/ or wandb/) into "
+                   "DIR/runs/<run>/ and ROOT/commands.sh into DIR, each file written whole: records to commit "
+                   "(default: off)")
     p.add_argument("--dry-run", action="store_true", help="print the commands without running them")
     return p
 
@@ -341,7 +385,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.transfer = dataset_folder(args.transfer)
     from mpp.data.sources import dataset_name
 
-    args.root = args.root or f"runs/compare-{dataset_name(args.dataset)}-{args.budget}"
+    args.root = args.root or f"runs/compare-{dataset_name(args.dataset)}{'-unlabelled' * args.unlabelled}-{args.budget}"
     args.output = args.output or str(Path(args.root) / "compare")
     return args
 
