@@ -91,7 +91,7 @@ def no_data(tmp_path, monkeypatch):
 def test_there_are_recipes_and_every_file_is_one():
     names = {p.name for p in RECIPES}
     assert {"imagenet1k-b16-mpp.yaml", "imagenet1k-b16-finetune-384.yaml", "cifar10-ti4-mpp.yaml",
-            "compare-cifar10-cpu.yaml", "compare-cifar10-gpu.yaml"} <= names, names
+            "compare-cifar10-cpu.yaml", "compare-cifar10-gpu.yaml", "compare-imagenette-cpu.yaml"} <= names, names
     for path in RECIPES:
         assert path.suffix in CONFIG_FORMATS, f"{path.name}: --config reads {', '.join(CONFIG_FORMATS)} files"
         assert isinstance(yaml.safe_load(path.read_text()), dict), f"{path.name} is no mapping of flags"
