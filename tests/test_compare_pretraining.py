@@ -197,7 +197,7 @@ def test_smoke_comparison_end_to_end_then_everything_is_skipped(tmp_path, monkey
     with threads_kept():  # the pretraining stages set this process's threads
         cp.main(argv[2:])
     for run in ("mpp", "supervised", "scratch"):
-        assert (root / run / "fewshot.json").is_file() and (root / run / "linear-probe.json").is_file()
+        assert all((root / run / name).is_file() for name in ("fewshot.json", "linear-probe.json", "knn.json"))
     assert set(json.loads((root / "mpp" / "fewshot.json").read_text())["references"]) == {"random_init", "pixels"}
     records = [json.loads(line) for line in (root / "mpp" / "metrics.jsonl").read_text().splitlines()]
     probed = [r["step"] for r in records if "fewshot/digits/1shot" in r]
