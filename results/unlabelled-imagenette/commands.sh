@@ -16,3 +16,7 @@ python eval/compare.py runs/photos --output /tmp/compare-photos
 out=results/unlabelled-imagenette
 cp runs/photos/{config,summary,knn,knn-avg,fewshot,fewshot-avg}.json runs/photos/metrics.jsonl /tmp/compare-photos/compare.md "$out"/
 cp /tmp/compare-photos/fewshot_curves.png docs/img/unlabelled-imagenette-curves.png
+# The no-learning floor of the held-out MPP accuracy (REPORT.md): the run's config replayed for one step.
+python scripts/pretrain_mpp.py --config "$out"/config.json --epochs 0 --max-steps 1 --fewshot-every 0 --fewshot-dataset "" --eval-every 0 \
+    --output-dir runs/photos-floor
+mkdir -p "$out"/floor && cp runs/photos-floor/{config,summary}.json "$out"/floor/
