@@ -14,11 +14,12 @@ decimal; every ± is the population standard deviation (ddof=0), as the probes a
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from mpp.report.report_tables import pct, pm, signed, sync, table
 
 HERE = Path(__file__).resolve().parent
 RUNS = HERE / "runs"
@@ -29,26 +30,6 @@ HEADLINE = "6/token+norm"  # the paper's feature: the last block's class token a
 
 def load(run: str, name: str) -> dict:
     return json.loads((RUNS / run / name).read_text())
-
-
-def pct(x: float) -> str:
-    return f"{100 * x:.1f}"
-
-
-def pm(values) -> str:
-    """mean ± population std of accuracies (fractions), in %."""
-    v = np.asarray(values, dtype=float)
-    return f"{pct(v.mean())} ± {pct(v.std())}"
-
-
-def signed(x: float) -> str:
-    text = f"{100 * x:+.1f}"
-    return "0.0" if text in ("+0.0", "-0.0") else text.replace("-", "−")
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 # ---- the first pipeline run (sections 1-5): compare.json only ----
@@ -314,34 +295,11 @@ TABLES = {
     "study3": study3, "study1": study1, "ablations": ablations, "in-run": in_run_table, "study2": study2,
     "study2-block1": study2_block1, "prereg": prereg,
 }
-MARKER = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(\n<!-- /table -->)", re.S)
-
-
-def render() -> dict[str, str]:
-    return {name: make() for name, make in TABLES.items()}
-
-
 def main(argv: list[str]) -> int:
-    tables = render()
-    report = Path(argv[argv.index("--report") + 1]) if "--report" in argv else HERE / "REPORT.md"
     if not argv:
-        for name, text in tables.items():
-            print(f"<!-- table: {name} -->\n{text}\n<!-- /table -->\n")
         for run in (*SEEDS, "mpp-4x4", "mpp-l2", "mpp-15pct", "mpp-long"):
             print(f"{run}: above both the random init's best feature and the pixels: {beats(run) or 'none'}")
-        return 0
-    text = report.read_text()
-    found = {m["name"] for m in MARKER.finditer(text)}
-    missing = set(tables) - found
-    if "--check" in argv:
-        stale = [m["name"] for m in MARKER.finditer(text) if m["body"] != tables.get(m["name"])]
-        for name in stale + sorted(missing):
-            print(f"REPORT.md table '{name}' differs from the files: run python results/cifar10/tables.py --write")
-        return 1 if stale or missing else 0
-    new = MARKER.sub(lambda m: m[1] + tables[m["name"]] + m[4], text)
-    report.write_text(new)
-    print(f"wrote {len(found)} tables into {report}" + (f"; not in the report: {sorted(missing)}" if missing else ""))
-    return 0
+    return sync(TABLES, HERE / "REPORT.md", argv, "python results/cifar10/tables.py")
 
 
 if __name__ == "__main__":
