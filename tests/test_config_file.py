@@ -111,6 +111,21 @@ def test_flags_given_override_the_file(repeated):
     assert (sup.objective, sup.lr, sup.seed) == ("supervised", 0.002, 5)
 
 
+def test_a_length_given_on_the_command_line_wins_over_the_files_other_length(tmp_path):
+    """A run's config.json records both --max-steps and --epochs; the one typed is obeyed, whichever it is."""
+    by_epochs = tmp_path / "epochs.yaml"
+    by_epochs.write_text("epochs: 4\nmax-steps: 1500\n")
+    config, _ = parse_args("mpp", ["--config", str(by_epochs), "--max-steps", "1"])
+    assert (config.epochs, config.max_steps) == (0.0, 1)  # was 4 epochs: --max-steps silently ignored
+    config, _ = parse_args("mpp", ["--config", str(by_epochs), "--epochs=2"])
+    assert (config.epochs, config.max_steps) == (2.0, 1500)
+    assert parse_args("mpp", ["--config", str(by_epochs)])[0].epochs == 4.0  # neither typed: the file's
+    by_steps = tmp_path / "steps.yaml"
+    by_steps.write_text("steps: 30\nepochs: 3\n")
+    tuned = ft.parse_args(["--config", str(by_steps), "--steps", "7"])
+    assert (tuned.epochs, tuned.steps) == (0.0, 7)
+
+
 @pytest.mark.parametrize("name, text", [
     ("flags.json", '{"lr": 0.003, "max-steps": 40, "crop_scale": [0.3, 1.0], "hflip": false, "target": "l2"}'),
     ("flags.yaml", 'lr: 0.003\nmax-steps: 40\ncrop_scale: [0.3, 1.0]\nhflip: false\ntarget: l2\n'),

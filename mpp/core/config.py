@@ -64,6 +64,10 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         # The sections of a run's config.json that record this parser's flags (add_dataclass_flags adds them).
         self.run_sections: dict[str, set[str]] = {}  # section -> the fields its dataclass records
+        # Settings that say one thing two ways (a length as --max-steps or as --epochs): when the command
+        # line gives one of a group, a --config file's values for the others are dropped, so the flag
+        # given is the one obeyed (a run's config.json records every member of the group).
+        self.alternatives: list[tuple[str, ...]] = []  # groups of dests
         self.add_argument(CONFIG_FLAG, metavar="FILE", default=None,
                           help="defaults from a file, overridden by the flags given: a run's config.json "
                           "(its settings) or a JSON/YAML mapping of flags, e.g. {\"lr\": 0.001, \"max-steps\": 40}")
@@ -77,6 +81,10 @@ class Parser(argparse.ArgumentParser):
                 values = file_defaults(self, path)
             except UsageError as e:  # its own fix, whatever its words
                 self.exit_with(str(e))
+            typed = self.dests_given(argv)
+            for group in self.alternatives:
+                if typed & set(group):
+                    values = {dest: v for dest, v in values.items() if dest not in set(group) - typed}
             for dest, value in values.items():  # argparse fills in only what the namespace lacks
                 if not hasattr(namespace, dest):
                     setattr(namespace, dest, value)
@@ -93,6 +101,17 @@ class Parser(argparse.ArgumentParser):
         if namespace.config != path:  # argparse resolved --config otherwise than config_file_in (an abbreviation)
             self.error(f"{CONFIG_FLAG} was not understood as given: pass {CONFIG_FLAG} FILE in full")
         return namespace, extras
+
+    def dests_given(self, argv: list[str]) -> set[str]:
+        """The dests of the optional flags named in `argv` (as --flag or --flag=value)."""
+        flags = {option: a.dest for a in self._actions for option in a.option_strings}
+        named = set()
+        for token in argv:
+            if token == "--":
+                break
+            if (dest := flags.get(token.split("=", 1)[0])) is not None:
+                named.add(dest)
+        return named
 
     def error(self, message: str) -> typing.NoReturn:
         # "argument --lr: --lr nan is not finite: ..." (a Number's message names its flag) → "--lr nan ..."

@@ -391,9 +391,9 @@ def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
 
 
 def build_parser() -> Parser:
-
     parser = Parser(description=__doc__.split("\n\n")[0])
     add_dataclass_flags(parser, FinetuneConfig, run_section="finetune")
+    parser.alternatives.append(("steps", "epochs"))  # each training's length, in steps or in passes
     return parser
 
 

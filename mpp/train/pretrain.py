@@ -163,6 +163,7 @@ def build_parser(objective: str):
                         run_section="train")
     if objective == "mpp":
         add_dataclass_flags(parser, MPPConfig, run_section="mpp")
+    parser.alternatives.append(("max_steps", "epochs"))  # the run's length, in steps or in passes
     return parser
 
 
