@@ -1,22 +1,25 @@
-"""results/cifar10/REPORT.md's tables are the committed files' numbers (results/cifar10/tables.py)."""
+"""The results reports' tables are the committed files' numbers (results/<study>/tables.py --check)."""
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "results" / "cifar10" / "tables.py"
 REPORT = REPO / "results" / "cifar10" / "REPORT.md"
 
 
-def check(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), "--check", *args], capture_output=True, text=True,
+def check(*args: str, script: Path = SCRIPT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(script), "--check", *args], capture_output=True, text=True,
                           timeout=120)
 
 
-def test_every_table_of_the_report_is_what_the_committed_files_say():
-    done = check()
+@pytest.mark.parametrize("study", ["cifar10", "imagenette"])
+def test_every_table_of_the_report_is_what_the_committed_files_say(study):
+    done = check(script=REPO / "results" / study / "tables.py")
     assert done.returncode == 0, done.stdout + done.stderr
 
 

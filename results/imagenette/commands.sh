@@ -1,0 +1,16 @@
+# written by scripts/compare_pretraining.py
+python scripts/pretrain_mpp.py --dataset data/imagenette-unlabelled --model Micro/8 --image-size 64 --batch-size 128 --epochs 30 --lr 0.001 --warmup-steps 100 --crop-scale 0.35 1 --log-every 20 --save-every 200 --seed 0 --fewshot-every 370 --fewshot-dataset data/imagenette --output-dir runs/imagenette-unlabelled-cpu64/mpp
+python scripts/pretrain_supervised.py --dataset data/imagenette --model Micro/8 --image-size 64 --batch-size 128 --epochs 30 --lr 0.001 --warmup-steps 100 --crop-scale 0.35 1 --log-every 20 --save-every 200 --seed 0 --fewshot-every 370 --output-dir runs/imagenette-unlabelled-cpu64/supervised
+python eval/finetune.py --model Micro/8 --image-size 64 --dataset data/imagenette --train-fraction 0.1 --dev-fraction 0.1 --lrs 0.01 0.03 0.1 --seeds 3 --batch-size 64 --epochs 20 --warmup-steps 20 --crop-scale 0.35 1 --output-dir runs/imagenette-unlabelled-cpu64/scratch
+python eval/finetune.py --run runs/imagenette-unlabelled-cpu64/mpp --dataset data/imagenette --train-fraction 0.1 --dev-fraction 0.1 --lrs 0.01 0.03 0.1 --seeds 3 --batch-size 64 --epochs 20 --warmup-steps 20 --crop-scale 0.35 1 --output-dir runs/imagenette-unlabelled-cpu64/mpp/finetune
+python eval/finetune.py --run runs/imagenette-unlabelled-cpu64/supervised --dataset data/imagenette --train-fraction 0.1 --dev-fraction 0.1 --lrs 0.01 0.03 0.1 --seeds 3 --batch-size 64 --epochs 20 --warmup-steps 20 --crop-scale 0.35 1 --output-dir runs/imagenette-unlabelled-cpu64/supervised/finetune
+python eval/fewshot.py --run runs/imagenette-unlabelled-cpu64/mpp --dataset data/imagenette --seeds 3 --max-test 0 --layers all --output runs/imagenette-unlabelled-cpu64/mpp/fewshot.json
+python eval/linear_probe.py --run runs/imagenette-unlabelled-cpu64/mpp --dataset data/imagenette --layers all --output runs/imagenette-unlabelled-cpu64/mpp/linear-probe.json
+python eval/knn.py --run runs/imagenette-unlabelled-cpu64/mpp --dataset data/imagenette --layers all --output runs/imagenette-unlabelled-cpu64/mpp/knn.json
+python eval/fewshot.py --run runs/imagenette-unlabelled-cpu64/supervised --dataset data/imagenette --seeds 3 --max-test 0 --layers all --output runs/imagenette-unlabelled-cpu64/supervised/fewshot.json
+python eval/linear_probe.py --run runs/imagenette-unlabelled-cpu64/supervised --dataset data/imagenette --layers all --output runs/imagenette-unlabelled-cpu64/supervised/linear-probe.json
+python eval/knn.py --run runs/imagenette-unlabelled-cpu64/supervised --dataset data/imagenette --layers all --output runs/imagenette-unlabelled-cpu64/supervised/knn.json
+python eval/fewshot.py --run runs/imagenette-unlabelled-cpu64/scratch --dataset data/imagenette --seeds 3 --max-test 0 --layers all --output runs/imagenette-unlabelled-cpu64/scratch/fewshot.json
+python eval/linear_probe.py --run runs/imagenette-unlabelled-cpu64/scratch --dataset data/imagenette --layers all --output runs/imagenette-unlabelled-cpu64/scratch/linear-probe.json
+python eval/knn.py --run runs/imagenette-unlabelled-cpu64/scratch --dataset data/imagenette --layers all --output runs/imagenette-unlabelled-cpu64/scratch/knn.json
+python eval/compare.py runs/imagenette-unlabelled-cpu64/mpp runs/imagenette-unlabelled-cpu64/supervised runs/imagenette-unlabelled-cpu64/scratch --output results/imagenette
