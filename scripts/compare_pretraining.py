@@ -215,14 +215,15 @@ class Pipeline:
         self.view = functools.partial(unlabelled_view, args.dataset) if args.unlabelled else None
         self.mpp_data = self.view(build=False) if self.view else args.dataset
 
-    def run(self, argv: list[str], launched: bool = False) -> None:
-        """Run one stage command (printed and recorded); its failure stops the pipeline."""
+    def run(self, argv: list[str], launched: bool = False, skip: str = "") -> None:
+        """Run one stage command (printed and recorded; its failure stops the pipeline), or with `skip`
+        (why) only record it: commands.sh lists every stage, run by this pass or found finished."""
         script = argv[0] if Path.cwd() == REPO else str(REPO / argv[0])  # stages run where this was started
         cmd = (self.launch if launched else [sys.executable]) + [script, *argv[1:]]
         text = shlex.join(cmd).replace(shlex.quote(sys.executable), "python", 1)
         self.commands.append(text)
-        print(f"\n$ {text}", flush=True)
-        if self.args.dry_run:
+        print(f"[skip] {skip}" if skip else f"\n$ {text}", flush=True)
+        if self.args.dry_run or skip:
             return
         done = subprocess.run(cmd)
         if done.returncode:
@@ -248,12 +249,11 @@ class Pipeline:
     def pretrain(self, name: str) -> None:
         run = self.root / name
         script, flags = pretrainings()[name][0], self.pretrain_flags(name)
-        if (run / SUMMARY).is_file():
-            check_same(run, script, flags)
-            print(f"[skip] {run} is trained")
-            return
-        resume = ["--resume"] if list_checkpoints(run) else []
-        self.run([f"scripts/pretrain_{script}.py", *flags, *resume], launched=True)
+        trained = (run / SUMMARY).is_file()
+        if trained:
+            check_same(run, script, flags)  # a finished run of other settings is refused, not reused
+        resume = ["--resume"] if list_checkpoints(run) and not trained else []
+        self.run([f"scripts/pretrain_{script}.py", *flags, *resume], True, f"{run} is trained" if trained else "")
 
     def finetune(self, name: str) -> Path:
         b = self.budget
@@ -266,10 +266,9 @@ class Pipeline:
                  "--epochs", f"{b.finetune_epochs:g}", "--warmup-steps", str(b.finetune_warmup),
                  "--crop-scale", *(f"{c:g}" for c in b.crop_scale), "--output-dir", str(out)]
         results = out / FINETUNE
-        if results.is_file() and "test_accuracy" in json.loads(results.read_text()):
-            print(f"[skip] {out} is fine-tuned")
-            return out
-        self.run(["eval/finetune.py", *flags, *(["--resume"] if results.is_file() else [])], launched=True)
+        done = results.is_file() and "test_accuracy" in json.loads(results.read_text())
+        resume = ["--resume"] if results.is_file() and not done else []
+        self.run(["eval/finetune.py", *flags, *resume], True, f"{out} is fine-tuned" if done else "")
         return out
 
     def probe(self, run: Path) -> None:
@@ -285,10 +284,8 @@ class Pipeline:
                          self.args.transfer, ["--seeds", str(self.args.fewshot_seeds), "--image-size",
                                               str(b.image_size), "--max-test", str(b.fewshot_max_test)]))
         for script, output, dataset, extra in jobs:
-            if output.is_file():
-                print(f"[skip] {output} exists")
-                continue
-            self.run([script, "--run", str(run), "--dataset", dataset, *extra, "--output", str(output)])
+            self.run([script, "--run", str(run), "--dataset", dataset, *extra, "--output", str(output)],
+                     skip=f"{output} exists" if output.is_file() else "")
 
     def __call__(self) -> None:
         if self.view and not self.args.dry_run:

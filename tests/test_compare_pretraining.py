@@ -214,6 +214,8 @@ def test_smoke_comparison_end_to_end_then_everything_is_skipped(tmp_path, monkey
     assert again.returncode == 0, again.stderr[-3000:]
     ran = [line for line in again.stdout.splitlines() if line.startswith("$ ")]
     assert len(ran) == 1 and "eval/compare.py" in ran[0]
+    # ... and commands.sh still lists every stage: the ones found finished are recorded, not dropped
+    assert (root / "commands.sh").read_text() == recorded
 
 
 def labelled_folder(root: Path, per_class: int = 5, held_out: int = 2, size: int = 8) -> Path:
