@@ -13,13 +13,49 @@ shown in % with one decimal; ± is the population standard deviation (ddof=0), a
 """
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 
 MARKER = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(\n<!-- /table -->)", re.S)
+
+
+@cache
+def read(path: Path) -> dict:
+    """A committed JSON record, read once however many cells a tables script takes from it."""
+    return json.loads(Path(path).read_text())
+
+
+def _cell(entry: dict, key: str | None) -> float:
+    """An accuracy from one entry of a probe report: a few-shot shot count's mean or a k-NN k's
+    accuracy (`key`: shots or k), or the linear probe's accuracy (no key)."""
+    if key is None:
+        return entry["accuracy"]
+    cell = entry[key]
+    return cell["mean"] if "mean" in cell else cell["accuracy"]
+
+
+def score(report: Path, feature: str | None = None, key: str | None = None) -> float:
+    """The probed model's accuracy in a probe report (fewshot*.json, knn*.json with `key`: shots or k;
+    linear-probe*.json without): its headline feature (None) or one feature of its --layers sweep."""
+    data = read(report)
+    if feature is not None:
+        return _cell(data["layers"]["results"][feature], key)
+    return _cell(data["results"] if key is not None else data, key)
+
+
+def reference(report: Path, which: str, feature: str | None = None, key: str | None = None) -> float:
+    """A reference's accuracy in a probe report: "pixels" or "random_init" (with `feature`: the random
+    init's feature of the --layers sweep)."""
+    data = read(report)
+    if feature is not None:
+        return _cell(data["layers"][which][feature], key)
+    ref = data["references"][which]
+    return _cell(ref["results"] if key is not None else ref, key)
 
 
 def pct(x: float) -> str:

@@ -13,13 +13,14 @@ decimal; every ± is the population standard deviation (ddof=0), as the probes a
 """
 from __future__ import annotations
 
-import json
 import sys
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 
-from mpp.report.report_tables import pct, pm, signed, sync, table
+from mpp.report.curves import metrics_scalars
+from mpp.report.report_tables import pct, pm, read, reference, score, signed, sync, table
 
 HERE = Path(__file__).resolve().parent
 RUNS = HERE / "runs"
@@ -29,13 +30,13 @@ HEADLINE = "6/token+norm"  # the paper's feature: the last block's class token a
 
 
 def load(run: str, name: str) -> dict:
-    return json.loads((RUNS / run / name).read_text())
+    return read(RUNS / run / name)
 
 
 # ---- the first pipeline run (sections 1-5): compare.json only ----
 
 def first_run() -> dict:
-    data = json.loads((HERE / "compare.json").read_text())
+    data = read(HERE / "compare.json")
     runs = {r["name"]: r for r in data["runs"]}
     merged = {"fewshot": {}, "linear_probe": None}  # one entry per probe report of the random init
     for entry in data["random_init"]:
@@ -51,6 +52,7 @@ def shot_cells(entry: dict | None) -> list[str]:
     return [f"{pct(entry['results'][k]['mean'])} ± {pct(entry['results'][k]['std'])}" for k in SHOTS]
 
 
+@cache
 def first_run_tables() -> dict[str, str]:
     runs = first_run()
     names = {"mpp": "MPP (no labels)", "supervised": "supervised (50k labels)",
@@ -83,34 +85,34 @@ def first_run_tables() -> dict[str, str]:
 
 # ---- the reruns with the current code (sections 6-7): runs/<name>/ ----
 
+def report(run: str, name: str) -> Path:
+    return RUNS / run / name
+
+
+def layer(feature: str) -> str | None:
+    return None if feature == HEADLINE else feature  # the headline is the report's own result
+
+
 def fewshot(run: str, feature: str = HEADLINE, shots: str = "25", file: str = "fewshot.json") -> float:
-    report = load(run, file)
-    results = report["results"] if feature == HEADLINE else report["layers"]["results"][feature]
-    return results[shots]["mean"]
+    return score(report(run, file), layer(feature), shots)
 
 
 def random_fewshot(run: str, feature: str = HEADLINE, shots: str = "25", file: str = "fewshot.json") -> float:
-    report = load(run, file)
-    if feature == HEADLINE:
-        return report["references"]["random_init"]["results"][shots]["mean"]
-    return report["layers"]["random_init"][feature][shots]["mean"]
+    return reference(report(run, file), "random_init", layer(feature), shots)
 
 
 def linear(run: str, feature: str = HEADLINE) -> float:
-    report = load(run, "linear-probe.json")
-    return report["accuracy"] if feature == HEADLINE else report["layers"]["results"][feature]["accuracy"]
+    return score(report(run, "linear-probe.json"), layer(feature))
 
 
 def random_linear(run: str, feature: str = HEADLINE) -> float:
-    report = load(run, "linear-probe.json")
-    if feature == HEADLINE:
-        return report["references"]["random_init"]["accuracy"]
-    return report["layers"]["random_init"][feature]["accuracy"]
+    return reference(report(run, "linear-probe.json"), "random_init", layer(feature))
 
 
 def pixels(run: str, probe: str, shots: str = "25", file: str = "fewshot.json") -> float:
-    ref = load(run, file if probe == "fewshot" else "linear-probe.json")["references"]["pixels"]
-    return ref["results"][shots]["mean"] if probe == "fewshot" else ref["accuracy"]
+    if probe == "fewshot":
+        return reference(report(run, file), "pixels", key=shots)
+    return reference(report(run, "linear-probe.json"), "pixels")
 
 
 def headline_row(run: str) -> list[float]:
@@ -193,7 +195,7 @@ def held_out(run: str) -> str:
     metrics = load(run, "summary.json")["eval"]
     name = "mse" if "mse" in metrics else "accuracy"
     floor_file = FLOOR_FILE / run / "summary.json"
-    floor = json.loads(floor_file.read_text())["eval"].get(f"floor_{name}") if floor_file.is_file() else None
+    floor = read(floor_file)["eval"].get(f"floor_{name}") if floor_file.is_file() else None
     if name == "mse":
         return f"mse {metrics['mse']:.4f} (floor {floor:.4f})" if floor is not None else f"mse {metrics['mse']:.4f}"
     return f"{pct(metrics['accuracy'])} (floor {pct(floor)})" if floor is not None else pct(metrics["accuracy"])
@@ -216,8 +218,7 @@ def ablations() -> str:
 
 
 def in_run(run: str, tag: str) -> list[tuple[int, float]]:
-    records = [json.loads(line) for line in (RUNS / run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r[tag]) for r in records if tag in r]
+    return metrics_scalars(RUNS / run / "metrics.jsonl")[tag]
 
 
 def in_run_table() -> str:
@@ -255,23 +256,18 @@ def study2_block1() -> str:
 PREREG, PREREG_FEATURE, MARGIN = "mpp-prereg", "1/avg", 0.02  # REPORT.md section 7, fixed before the run
 
 
+PREREG_PROBES = {"10": ("fewshot.json", "10"), "25": ("fewshot.json", "25"), "linear": ("linear-probe.json", None),
+                 "knn": ("knn.json", "20")}  # the criterion's four: (report, shots or k)
+
+
 def prereg_scores(probe: str) -> tuple[float, float, str, float, str]:
     """(the fixed feature's score, the random init's best, its feature, the pixels, the draws' spread)."""
-    if probe in ("10", "25"):
-        report = load(PREREG, "fewshot.json")
-        cell = report["layers"]["results"][PREREG_FEATURE][probe]
-        rand = {f: r[probe]["mean"] for f, r in report["layers"]["random_init"].items()}
-        return (cell["mean"], *max(((v, f) for f, v in rand.items())), report["references"]["pixels"]["results"]
-                [probe]["mean"], f"± {pct(cell['std'])}")
-    if probe == "linear":
-        report = load(PREREG, "linear-probe.json")
-        rand = {f: r["accuracy"] for f, r in report["layers"]["random_init"].items()}
-        return (report["layers"]["results"][PREREG_FEATURE]["accuracy"], *max(((v, f) for f, v in rand.items())),
-                report["references"]["pixels"]["accuracy"], "–")
-    report = load(PREREG, "knn.json")  # k = 20
-    rand = {f: r["20"]["accuracy"] for f, r in report["layers"]["random_init"].items()}
-    return (report["layers"]["results"][PREREG_FEATURE]["20"]["accuracy"], *max(((v, f) for f, v in rand.items())),
-            report["references"]["pixels"]["results"]["20"]["accuracy"], "–")
+    name, key = PREREG_PROBES[probe]
+    path = report(PREREG, name)
+    rand = {f: reference(path, "random_init", f, key) for f in read(path)["layers"]["random_init"]}
+    spread = f"± {pct(read(path)['layers']['results'][PREREG_FEATURE][key]['std'])}" if name == "fewshot.json" else "–"
+    return (score(path, PREREG_FEATURE, key), *max((v, f) for f, v in rand.items()),
+            reference(path, "pixels", key=key), spread)
 
 
 def prereg() -> str:

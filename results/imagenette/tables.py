@@ -10,13 +10,13 @@ and scratch/). Accuracies in % on Imagenette's 3,925 val images; ± is the popul
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from mpp.report.report_tables import pct, signed, sync, table
+from mpp.report.curves import metrics_scalars
+from mpp.report.report_tables import pct, read, reference, score, signed, sync, table
 
 HERE = Path(__file__).resolve().parent
 RUNS = HERE / "runs"
@@ -29,7 +29,7 @@ PAPER = {"mpp-scratch": 2.0, "supervised-mpp": 4.0}  # points, ViT-B/16 on Image
 
 
 def load(path: str) -> dict:
-    return json.loads((RUNS / path).read_text())
+    return read(RUNS / path)
 
 
 def finetune(model: str) -> dict:
@@ -68,22 +68,18 @@ def claims_table() -> str:
                   "reading (the plan's rule)"], rows)
 
 
+PROBES = [*(("fewshot.json", k) for k in SHOTS), ("linear-probe.json", None), ("knn.json", "10"), ("knn.json", "20")]
+
+
 def probe_scores(model: str, feature: str | None = None) -> list[float]:
     """[1/5/10/25-shot, linear probe, 10-NN, 20-NN] of `model`'s headline (None) or one feature."""
-    fs, lp, knn = (load(f"{model}/{name}") for name in ("fewshot.json", "linear-probe.json", "knn.json"))
-    if feature is None:
-        return [*(fs["results"][k]["mean"] for k in SHOTS), lp["accuracy"],
-                *(knn["results"][k]["accuracy"] for k in ("10", "20"))]
-    return [*(fs["layers"]["results"][feature][k]["mean"] for k in SHOTS),
-            lp["layers"]["results"][feature]["accuracy"],
-            *(knn["layers"]["results"][feature][k]["accuracy"] for k in ("10", "20"))]
+    return [score(RUNS / model / name, feature, key) for name, key in PROBES]
 
 
-def reference_scores(model: str, which: str) -> list[float]:
-    """The same columns for a reference of `model`'s reports: "random_init" or "pixels"."""
-    fs, lp, knn = (load(f"{model}/{name}") for name in ("fewshot.json", "linear-probe.json", "knn.json"))
-    return [*(fs["references"][which]["results"][k]["mean"] for k in SHOTS), lp["references"][which]["accuracy"],
-            *(knn["references"][which]["results"][k]["accuracy"] for k in ("10", "20"))]
+def reference_scores(model: str, which: str, feature: str | None = None) -> list[float]:
+    """The same columns for a reference of `model`'s reports: "random_init" (or one of its features) or
+    "pixels"."""
+    return [reference(RUNS / model / name, which, feature, key) for name, key in PROBES]
 
 
 def draws_std(model: str) -> list[str]:
@@ -106,13 +102,6 @@ def features(model: str) -> list[str]:
     return load(f"{model}/fewshot.json")["layers"]["features"]
 
 
-def random_feature_scores(model: str, feature: str) -> list[float]:
-    fs, lp, knn = (load(f"{model}/{name}") for name in ("fewshot.json", "linear-probe.json", "knn.json"))
-    return [*(fs["layers"]["random_init"][feature][k]["mean"] for k in SHOTS),
-            lp["layers"]["random_init"][feature]["accuracy"],
-            *(knn["layers"]["random_init"][feature][k]["accuracy"] for k in ("10", "20"))]
-
-
 def best_cells(scores: dict[str, list[float]]) -> list[str]:
     """Per column, the best feature's score and name."""
     cells = []
@@ -124,7 +113,8 @@ def best_cells(scores: dict[str, list[float]]) -> list[str]:
 
 def best_table() -> str:
     rows = [[label, *best_cells({f: probe_scores(m, f) for f in features(m)})] for m, label in MODELS.items()]
-    rows.append(["random init, its best", *best_cells({f: random_feature_scores("mpp", f) for f in features("mpp")})])
+    randoms = {f: reference_scores("mpp", "random_init", f) for f in features("mpp")}
+    rows.append(["random init, its best", *best_cells(randoms)])
     rows.append(["raw pixels", *map(pct, reference_scores("mpp", "pixels"))])
     return table(["model (best of its 24 features, chosen on val)", *COLUMNS], rows)
 
@@ -146,9 +136,7 @@ def pretraining_table() -> str:
 def in_run_table() -> str:
     rows = []
     for model in ("mpp", "supervised"):
-        records = [json.loads(line) for line in (RUNS / model / "metrics.jsonl").read_text().splitlines()]
-        tag = "fewshot/imagenette/25shot"
-        points = [(r["step"], r[tag]) for r in records if tag in r]
+        points = metrics_scalars(RUNS / model / "metrics.jsonl")["fewshot/imagenette/25shot"]
         rows.append([MODELS[model], " / ".join(f"{pct(v)}" for _, v in points), " / ".join(str(s) for s, _ in points)])
     return table(["in-run 25-shot (class token, 2,000 val images)", "accuracy", "at steps"], rows)
 
